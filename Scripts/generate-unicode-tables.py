@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Generates Sources/XMPPCore/JID/UnicodeTables.swift.
+
+The JID code (PRECIS, RFC 8264/8265, and IDNA2008, RFC 5891-5893) needs a few Unicode
+properties that Swift's `Unicode.Scalar.Properties` does not expose: Bidi_Class,
+Joining_Type, Script (for a handful of scripts), Hangul_Syllable_Type, whether a code point
+changes under NFKC, and the <wide>/<narrow> decomposition mappings. This script derives
+them and writes compact range tables.
+
+The data must be for the same Unicode version as the Swift standard library in use
+(Swift 6.3 ships Unicode 16.0.0): the Swift code treats code points newer than the tables
+as unassigned. The Python standard library's `unicodedata` on this machine is older
+(14.0.0), so the script uses two PyPI packages pinned to Unicode 16.0.0:
+
+    python3 -m venv /tmp/ucd
+    /tmp/ucd/bin/pip install unicodedata2==16.0.0 regex==2025.7.34
+    /tmp/ucd/bin/python Scripts/generate-unicode-tables.py > Sources/XMPPCore/JID/UnicodeTables.swift
+
+unicodedata2 gives General_Category, Bidi_Class, decompositions and NFKC; the `regex`
+module gives Joining_Type, Script and Hangul_Syllable_Type through `\\p{...}`.
+"""
+
+import sys
+
+import regex
+import unicodedata2 as ucd
+
+UNICODE_VERSION = "16.0.0"
+
+# Values stored in the tables; keep in step with UnicodeProperties.swift.
+BIDI_CLASSES = ["L", "R", "AL", "EN", "ES", "ET", "AN", "CS", "NSM", "BN", "ON"]
+BIDI_OTHER = len(BIDI_CLASSES)  # B, S, WS and the explicit embedding/isolate controls
+JOINING_TYPES = ["U", "L", "R", "D", "T", "C"]
+SCRIPTS = ["Other", "Greek", "Hebrew", "Hiragana", "Katakana", "Han"]
+
+
+def check_versions():
+    if ucd.unidata_version != UNICODE_VERSION:
+        sys.exit(f"unicodedata2 has Unicode {ucd.unidata_version}, want {UNICODE_VERSION}")
+    # regex has no version attribute for its Unicode data: probe a code point assigned in
+    # 16.0 (U+1C89 CYRILLIC CAPITAL LETTER TJE) and one assigned in 17.0 (U+10940).
+    if regex.match(r"\p{Cn}", "\u1c89") or not regex.match(r"\p{Cn}", "\U00010940"):
+        sys.exit(f"the regex module's Unicode data is not {UNICODE_VERSION}")
+
+
+def assigned(cp):
+    return ucd.category(chr(cp)) != "Cn"
+
+
+def runs(value_of):
+    """Runs of equal values over all assigned code points, as (start, value) pairs.
+
+    Unassigned code points take the value of the run they fall in: the Swift code rejects
+    them before it looks at any of these properties, so their value does not matter and
+    leaving them out keeps the tables small.
+    """
+    result = []
+    previous = None
+    for cp in range(0x110000):
+        if not assigned(cp):
+            continue
+        value = value_of(cp)
+        if value != previous:
+            result.append((cp, value))
+            previous = value
+    return result
+
+
+def bidi_class(cp):
+    name = ucd.bidirectional(chr(cp))
+    return BIDI_CLASSES.index(name) if name in BIDI_CLASSES else BIDI_OTHER
+
+
+JOINING_PATTERNS = [regex.compile(r"\p{Joining_Type=%s}" % name) for name in JOINING_TYPES]
+
+
+def joining_type(cp):
+    for index, pattern in enumerate(JOINING_PATTERNS):
+        if pattern.match(chr(cp)):
+            return index
+    sys.exit(f"no Joining_Type for U+{cp:04X}")
+
+
+SCRIPT_PATTERNS = [(index, regex.compile(r"\p{Script=%s}" % name)) for index, name in enumerate(SCRIPTS) if index > 0]
+
+
+def script(cp):
+    for index, pattern in SCRIPT_PATTERNS:
+        if pattern.match(chr(cp)):
+            return index
+    return 0
+
+
+def has_compat(cp):
+    # RFC 8264 §9.13 (HasCompat, category Q): toNFKC(cp) != cp.
+    return 1 if ucd.normalize("NFKC", chr(cp)) != chr(cp) else 0
+
+
+OLD_HANGUL_JAMO = regex.compile(r"\p{Hangul_Syllable_Type=L}|\p{Hangul_Syllable_Type=V}|\p{Hangul_Syllable_Type=T}")
+
+
+def old_hangul_jamo(cp):
+    # RFC 5892 §2.9 / RFC 8264 §9.5 (OldHangulJamo, category I): Hangul_Syllable_Type L, V or T.
+    return 1 if OLD_HANGUL_JAMO.match(chr(cp)) else 0
+
+
+def width_mappings():
+    """<wide> and <narrow> code points and their mappings (width mapping: RFC 8264, RFC 5895 §2)."""
+    result = []
+    for cp in range(0x110000):
+        decomposition = ucd.decomposition(chr(cp))
+        if decomposition.startswith(("<wide> ", "<narrow> ")):
+            fields = decomposition.split()
+            if len(fields) != 2:
+                sys.exit(f"unexpected width decomposition for U+{cp:04X}: {decomposition}")
+            result.append((cp, int(fields[1], 16)))
+    return result
+
+
+def emit_array(out, name, doc, values):
+    for line in doc:
+        out.append(f"    /// {line}")
+    out.append(f"    static let {name}: [UInt32] = [")
+    for i in range(0, len(values), 8):
+        out.append("        " + ", ".join(f"0x{v:06X}" for v in values[i:i + 8]) + ",")
+    out.append("    ]")
+    out.append("")
+
+
+def packed_runs(pairs, bits):
+    return [(start << bits) | value for start, value in pairs]
+
+
+def main():
+    check_versions()
+    out = [
+        "// GENERATED FILE: do not edit by hand.",
+        f"// Unicode {UNICODE_VERSION} data, generated by Scripts/generate-unicode-tables.py",
+        "// (Python packages unicodedata2==16.0.0 and regex==2025.7.34; see the script for the",
+        "// exact commands). Lookups are in UnicodeProperties.swift.",
+        "",
+        "enum UnicodeTables {",
+        "    /// The Unicode version of these tables. Code points assigned in a later version are",
+        "    /// treated as unassigned, so a newer standard library cannot pair new code points",
+        "    /// with missing table data.",
+        f"    static let version = (major: {UNICODE_VERSION.split('.')[0]}, minor: {UNICODE_VERSION.split('.')[1]})",
+        "",
+    ]
+    bidi = runs(bidi_class)
+    emit_array(out, "bidiClassRuns", [
+        "Bidi_Class runs: each entry is `start << 4 | class`, and the class holds up to the next",
+        "entry's start. Classes: " + ", ".join(f"{i} {n}" for i, n in enumerate(BIDI_CLASSES)) + f", {BIDI_OTHER} any other.",
+    ], packed_runs(bidi, 4))
+    joining = runs(joining_type)
+    emit_array(out, "joiningTypeRuns", [
+        "Joining_Type runs, `start << 4 | type`: " + ", ".join(f"{i} {n}" for i, n in enumerate(JOINING_TYPES)) + ".",
+    ], packed_runs(joining, 4))
+    scripts = runs(script)
+    emit_array(out, "scriptRuns", [
+        "Script runs, `start << 4 | script`, for the scripts the RFC 5892 contextual rules name:",
+        ", ".join(f"{i} {n}" for i, n in enumerate(SCRIPTS)) + ".",
+    ], packed_runs(scripts, 4))
+    compat = runs(has_compat)
+    emit_array(out, "hasCompatRuns", [
+        "Runs of code points that change under NFKC (RFC 8264 §9.13 HasCompat), `start << 4 | flag`.",
+    ], packed_runs(compat, 4))
+    jamo = runs(old_hangul_jamo)
+    emit_array(out, "oldHangulJamoRuns", [
+        "Runs of conjoining Hangul jamo (Hangul_Syllable_Type L, V or T), `start << 4 | flag`.",
+    ], packed_runs(jamo, 4))
+    width = width_mappings()
+    flat = [v for pair in width for v in pair]
+    emit_array(out, "widthMappings", [
+        "Pairs `from, to` sorted by `from`: each <wide> or <narrow> code point and its",
+        "decomposition mapping (the PRECIS width mapping rule, RFC 5895 §2 step 2).",
+    ], flat)
+    if out[-1] == "":
+        out.pop()
+    out.append("}")
+    sys.stdout.write("\n".join(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+/// A destination for serialized XML bytes.
+///
+/// `XMPPStream` makes NIO's `ByteBuffer` conform, so stanzas are written straight into the
+/// outgoing buffer; ``XMLStringOutput`` serves logs and tests. The writer is generic over the
+/// output, so each conformance gets a specialised copy with no dynamic dispatch per byte run.
+public protocol XMLOutput {
+    /// Appends bytes that are already valid, escaped XML.
+    mutating func writeRaw(_ bytes: UnsafeRawBufferPointer)
+}
+
+extension XMLOutput {
+    @inlinable
+    public mutating func writeRaw(_ string: StaticString) {
+        string.withUTF8Buffer { self.writeRaw(UnsafeRawBufferPointer($0)) }
+    }
+
+    @inlinable
+    public mutating func writeRaw(_ string: String) {
+        var string = string
+        string.withUTF8 { self.writeRaw(UnsafeRawBufferPointer($0)) }
+    }
+}
+
+/// Collects serialized XML in memory.
+public struct XMLStringOutput: XMLOutput {
+    public private(set) var bytes: [UInt8] = []
+
+    public init() {}
+
+    public mutating func writeRaw(_ bytes: UnsafeRawBufferPointer) {
+        self.bytes.append(contentsOf: bytes)
+    }
+
+    public var string: String { String(decoding: bytes, as: UTF8.self) }
+}
+
+/// Serializes element trees.
+///
+/// Rules it keeps:
+/// - Stanza content (`jabber:client` / `jabber:server`) is written with no prefix and no
+///   `xmlns` when it sits where the stream's content namespace is the default, which re-scopes
+///   a stanza between client and server streams (RFC 6120 §4.8.3, §4.8.5).
+/// - Every other namespace an element uses is declared on it, so a forwarded stanza carries
+///   all the declarations it needs and none from the stream it came from (§4.8.5).
+/// - Text escapes `&`, `<`, `>` and CR; attribute values also escape quotes, tab and newline,
+///   so values survive XML attribute-value normalisation unchanged.
+public enum XMLWriter {
+    /// Writes `element`, assuming `inheritedNamespace` is the default namespace in scope.
+    ///
+    /// For a stanza written on a stream, pass the stream's content namespace.
+    @inlinable
+    public static func write<Output: XMLOutput>(_ element: XMLElement, inheritedNamespace: String, to output: inout Output) {
+        var scope = PrefixScope()
+        writeElement(element, inherited: inheritedNamespace, scope: &scope, to: &output)
+    }
+
+    /// Prefixes declared for namespaced attributes on the path from the root to the element
+    /// being written. Namespaced attributes other than `xml:lang` are rare in XMPP, so a small
+    /// array beats a dictionary here.
+    @usableFromInline
+    struct PrefixScope {
+        @usableFromInline var bindings: [(prefix: String, namespace: String)] = []
+        @usableFromInline var counter = 0
+
+        @usableFromInline init() {}
+
+        @usableFromInline
+        func prefix(for namespace: String) -> String? {
+            for binding in bindings.reversed() where binding.namespace == namespace {
+                return binding.prefix
+            }
+            return nil
+        }
+    }
+
+    @usableFromInline
+    static func writeElement<Output: XMLOutput>(
+        _ element: XMLElement, inherited: String, scope: inout PrefixScope, to output: inout Output
+    ) {
+        output.writeRaw("<")
+        output.writeRaw(element.name)
+
+        let sameDefault = element.namespace == inherited
+            || (XMLNamespace.isContent(element.namespace) && XMLNamespace.isContent(inherited))
+        let childDefault: String
+        if sameDefault {
+            childDefault = inherited
+        } else {
+            childDefault = element.namespace
+            output.writeRaw(" xmlns='")
+            writeEscaped(element.namespace, inAttribute: true, to: &output)
+            output.writeRaw("'")
+        }
+
+        let savedBindings = scope.bindings.count
+        for attribute in element.attributes {
+            output.writeRaw(" ")
+            if attribute.namespace.isEmpty {
+                // Unqualified: nothing to declare.
+            } else if attribute.namespace == XMLNamespace.xml {
+                output.writeRaw("xml:")
+            } else if let prefix = scope.prefix(for: attribute.namespace) {
+                output.writeRaw(prefix)
+                output.writeRaw(":")
+            } else {
+                let prefix = "ns\(scope.counter)"
+                scope.counter += 1
+                scope.bindings.append((prefix, attribute.namespace))
+                output.writeRaw("xmlns:")
+                output.writeRaw(prefix)
+                output.writeRaw("='")
+                writeEscaped(attribute.namespace, inAttribute: true, to: &output)
+                output.writeRaw("' ")
+                output.writeRaw(prefix)
+                output.writeRaw(":")
+            }
+            output.writeRaw(attribute.name)
+            output.writeRaw("='")
+            writeEscaped(attribute.value, inAttribute: true, to: &output)
+            output.writeRaw("'")
+        }
+
+        if element.children.isEmpty {
+            output.writeRaw("/>")
+        } else {
+            output.writeRaw(">")
+            for child in element.children {
+                switch child {
+                case .element(let childElement):
+                    writeElement(childElement, inherited: childDefault, scope: &scope, to: &output)
+                case .text(let text):
+                    writeEscaped(text, inAttribute: false, to: &output)
+                }
+            }
+            output.writeRaw("</")
+            output.writeRaw(element.name)
+            output.writeRaw(">")
+        }
+        scope.bindings.removeSubrange(savedBindings...)
+    }
+
+    /// Writes `string` escaped for character data or for a single-quoted attribute value.
+    ///
+    /// Runs of bytes that need no escaping are copied in one call.
+    @inlinable
+    public static func writeEscaped<Output: XMLOutput>(_ string: String, inAttribute: Bool, to output: inout Output) {
+        var string = string
+        string.withUTF8 { bytes in
+            guard let base = bytes.baseAddress else { return }
+            var runStart = 0
+            var index = 0
+            let count = bytes.count
+            while index < count {
+                let byte = bytes[index]
+                let replacement: StaticString
+                switch byte {
+                case UInt8(ascii: "&"): replacement = "&amp;"
+                case UInt8(ascii: "<"): replacement = "&lt;"
+                case UInt8(ascii: ">"): replacement = "&gt;"
+                case UInt8(ascii: "\r"): replacement = "&#13;"
+                case UInt8(ascii: "'") where inAttribute: replacement = "&apos;"
+                case UInt8(ascii: "\"") where inAttribute: replacement = "&quot;"
+                case UInt8(ascii: "\n") where inAttribute: replacement = "&#10;"
+                case UInt8(ascii: "\t") where inAttribute: replacement = "&#9;"
+                default:
+                    index += 1
+                    continue
+                }
+                if index > runStart {
+                    output.writeRaw(UnsafeRawBufferPointer(start: base + runStart, count: index - runStart))
+                }
+                output.writeRaw(replacement)
+                index += 1
+                runStart = index
+            }
+            if count > runStart {
+                output.writeRaw(UnsafeRawBufferPointer(start: base + runStart, count: count - runStart))
+            }
+        }
+    }
+}
