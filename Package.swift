@@ -13,6 +13,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "braid", targets: ["braid"]),
+        .executable(name: "braid-bench", targets: ["BraidBench"]),
         .library(name: "XMPPCore", targets: ["XMPPCore"]),
         .library(name: "XMPPStream", targets: ["XMPPStream"]),
     ],
@@ -44,6 +45,17 @@ let package = Package(
             dependencies: [
                 "XMPPCore",
                 "XMPPStream",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        .executableTarget(
+            name: "BraidBench",
+            dependencies: [
+                "XMPPCore",
+                "XMPPStream",
+                "CExpat",
+                .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strictSettings

@@ -12,9 +12,23 @@ extension ByteBuffer: XMLOutput {
 public enum XMLSerializer {
     /// Writes `element` as a first-level element of a stream whose content namespace is
     /// `contentNamespace`. Stanzas are re-scoped to that namespace (RFC 6120 §4.8.3).
+    ///
+    /// First-level elements in the streams namespace are written as `<stream:…>`, and on
+    /// server streams dialback elements as `<db:…>`, using the prefixes our header declares.
     @inlinable
     public static func write(_ element: XMLElement, contentNamespace: String, into buffer: inout ByteBuffer) {
-        XMLWriter.write(element, inheritedNamespace: contentNamespace, to: &buffer)
+        if element.namespace == XMLNamespace.streams {
+            XMLWriter.write(element, inheritedNamespace: contentNamespace, streamPrefix: ("stream", XMLNamespace.streams), to: &buffer)
+        } else if element.namespace == XMLNamespace.dialback && contentNamespace == XMLNamespace.server {
+            XMLWriter.write(element, inheritedNamespace: contentNamespace, streamPrefix: ("db", XMLNamespace.dialback), to: &buffer)
+        } else {
+            XMLWriter.write(element, inheritedNamespace: contentNamespace, to: &buffer)
+        }
+    }
+
+    /// The header prefixes a stream of this content namespace declares.
+    public static func headerPrefixes(contentNamespace: String) -> [String: String] {
+        contentNamespace == XMLNamespace.server ? ["db": XMLNamespace.dialback] : [:]
     }
 
     /// Writes the XML declaration and the opening `<stream:stream>` tag.

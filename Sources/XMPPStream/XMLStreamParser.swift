@@ -2,45 +2,56 @@ import CExpat
 import NIOCore
 import XMPPCore
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// An incremental, namespace-aware XMPP stream parser over libexpat.
 ///
 /// Feed it bytes as they arrive, split anywhere, then pull events with ``nextEvent()``. It
 /// yields the stream header, each complete first-level element as a tree, and the stream end.
 ///
-/// The parser suspends expat after every event, so the layer above can act on an element
-/// before a single further byte is interpreted. That is what a stream restart needs: after
-/// `<proceed/>` (STARTTLS) or `<success/>` (SASL), ``reset()`` hands back the bytes that
-/// followed the element, unparsed, so the caller can reject them (plaintext after STARTTLS is
-/// an injection attempt) or feed them to the new stream (RFC 6120 §4.3.3).
+/// Every event remembers where in the input it ended. That is what a stream restart needs:
+/// after `<proceed/>` (STARTTLS) or `<success/>` (SASL), ``reset()`` hands back the bytes that
+/// followed the last event the caller took, so the caller can reject them (cleartext after
+/// STARTTLS is an injection attempt) or feed them to the new stream (RFC 6120 §4.3.3). Events
+/// the old parser had already built beyond that point are discarded with it.
 ///
 /// Everything RFC 6120 §11 restricts is refused with a typed ``XMLStreamError`` naming the
 /// exact stream condition; the limits in ``XMLStreamLimits`` are enforced while input is still
-/// arriving. After an error the parser stays failed.
+/// arriving. Events that precede an error are delivered first. After an error the parser
+/// stays failed until ``reset()``.
 public final class XMLStreamParser {
     /// The content namespace the stream must declare: `jabber:client` or `jabber:server`.
     public let contentNamespace: String
     public let limits: XMLStreamLimits
 
-    private var parser: XML_Parser
-    private var state = State()
-    private var failure: XMLStreamError?
+    private let parser: XML_Parser
+    /// Everything expat's callbacks touch. It lives behind a pointer so the per-element hot
+    /// path runs without dynamic exclusivity checks on class properties.
+    private let core: UnsafeMutablePointer<ParseCore>
 
     /// Input queued but not yet handed to expat.
     private var queued: [ByteBuffer] = []
-    /// The slice expat is working on while suspended, and where it starts in expat's count.
-    private var currentSlice: ByteBuffer?
-    private var currentSliceStart: Int = 0
+    /// Slices handed to expat that still hold bytes after the last delivered event, and the
+    /// expat byte index where the first of them starts.
+    private var retained: [ByteBuffer] = []
+    private var retainedStart = 0
+    /// Expat's byte index just after the last event handed to the caller.
+    private var lastDeliveredEnd = 0
     /// Total bytes handed to expat since the last reset.
-    private var bytesFed: Int = 0
-    private var suspended = false
-    /// The last bytes handed to expat before the current slice, for encoding diagnosis.
-    private var recentTail: [UInt8] = []
+    private var bytesFed = 0
+    /// An error found while parsing the current slice, reported after the slice's events.
+    private var pendingError: XMLStreamError?
+    private var failure: XMLStreamError?
 
     /// Expat is fed in slices of at most this size, so the size limit is checked while a
     /// large read is still being parsed.
     private static let sliceSize = 16 * 1024
-
-    private let names = NameTable()
 
     /// Creates a parser for a stream whose content namespace is `contentNamespace`.
     public init(contentNamespace: String, limits: XMLStreamLimits) {
@@ -54,20 +65,25 @@ public final class XMLStreamParser {
         }
         self.parser = parser
         XML_SetReturnNSTriplet(parser, 1)
+        core = .allocate(capacity: 1)
+        core.initialize(to: ParseCore(parser: parser, contentNamespace: contentNamespace, limits: limits))
         configure()
     }
 
     deinit {
         XML_ParserFree(parser)
+        core.pointee.destroy()
+        core.deinitialize(count: 1)
+        core.deallocate()
     }
 
-    /// The number of bytes fed since the last reset that expat has not turned into events yet.
+    /// Bytes received since the last delivered event that no event has covered yet.
     public var pendingByteCount: Int {
-        (bytesFed - state.boundary) + queued.reduce(0) { $0 + $1.readableBytes }
+        (bytesFed - lastDeliveredEnd) + queued.reduce(0) { $0 + $1.readableBytes }
     }
 
-    /// True once the closing stream tag has been seen.
-    public var hasEnded: Bool { state.ended }
+    /// True once the closing stream tag has been delivered.
+    public var hasEnded: Bool { core.pointee.ended && core.pointee.eventIndex >= core.pointee.events.count }
 
     // MARK: Feeding and pulling
 
@@ -85,46 +101,24 @@ public final class XMLStreamParser {
     /// Parses until the next event, or returns nil when the queued input is used up.
     public func nextEvent() throws(XMLStreamError) -> StreamEvent? {
         if let failure { throw failure }
-        do {
-            return try advance()
-        } catch {
-            failure = error
-            queued.removeAll()
-            currentSlice = nil
-            throw error
-        }
-    }
-
-    private func advance() throws(XMLStreamError) -> StreamEvent? {
         while true {
-            if let event = state.takeEvent() { return event }
-            if state.ended { return nil }
-            let status: XML_Status
-            if suspended {
-                suspended = false
-                status = XML_ResumeParser(parser)
-            } else if let slice = nextSlice() {
-                if bytesFed < 2 { try sniffEncoding(slice) }
-                if let previous = currentSlice { rememberTail(of: previous) }
-                currentSlice = slice
-                currentSliceStart = bytesFed
-                bytesFed += Int(slice.readableBytes)
-                status = slice.withUnsafeReadableBytes { raw in
-                    XML_Parse(parser, raw.baseAddress?.assumingMemoryBound(to: CChar.self), Int32(raw.count), 0)
-                }
-            } else {
-                return nil
+            if let (event, end) = core.pointee.takeEvent() {
+                lastDeliveredEnd = end
+                trimRetained()
+                return event
             }
-            switch status {
-            case XML_STATUS_SUSPENDED:
-                suspended = true
-            case XML_STATUS_OK:
-                if let finished = currentSlice { rememberTail(of: finished) }
-                currentSlice = nil
-                try checkPendingSize()
-            default:
-                throw translateError()
+            if core.pointee.ended { return nil }
+            if let error = pendingError {
+                failure = error
+                queued.removeAll()
+                retained.removeAll()
+                throw error
             }
+            // The encoding sniff needs the first two bytes together; until both are here,
+            // parse nothing, so the verdict does not depend on how the input was split.
+            if bytesFed == 0 && queued.reduce(0, { $0 + $1.readableBytes }) < 2 { return nil }
+            guard let slice = nextSlice() else { return nil }
+            parseSlice(slice)
         }
     }
 
@@ -136,65 +130,97 @@ public final class XMLStreamParser {
         return queued[0].readSlice(length: Self.sliceSize)
     }
 
+    private func parseSlice(_ slice: ByteBuffer) {
+        var slice = slice
+        if bytesFed == 0 && slice.readableBytes < 2, !queued.isEmpty {
+            // Join the first byte with what follows so the sniff sees both.
+            var next = queued.removeFirst()
+            slice.writeBuffer(&next)
+        }
+        if bytesFed == 0, let error = sniffEncoding(slice) {
+            pendingError = error
+            return
+        }
+        if retained.isEmpty { retainedStart = bytesFed }
+        retained.append(slice)
+        bytesFed += slice.readableBytes
+        let status = slice.withUnsafeReadableBytes { raw in
+            XML_Parse(parser, raw.baseAddress?.assumingMemoryBound(to: CChar.self), Int32(raw.count), 0)
+        }
+        if status != XML_STATUS_OK {
+            pendingError = translateError()
+        } else if bytesFed - core.pointee.boundary > limits.maximumStanzaBytes {
+            pendingError = XMLStreamError(.policyViolation, "element exceeds \(limits.maximumStanzaBytes) bytes while arriving")
+        }
+    }
+
+    /// Drops retained slices that end before the last delivered event.
+    private func trimRetained() {
+        while let first = retained.first, retainedStart + first.readableBytes <= lastDeliveredEnd {
+            retainedStart += first.readableBytes
+            retained.removeFirst()
+        }
+    }
+
     /// Resets for a stream restart (RFC 6120 §4.3.3): a new parser state with handlers set
-    /// again. Returns the input that followed the last event and was never parsed.
+    /// again. Returns the input that followed the last delivered event, unparsed.
     @discardableResult
     public func reset() -> ByteBuffer {
         var leftover = ByteBuffer()
-        if suspended, var slice = currentSlice {
-            let consumed = Int(state.lastEventEnd - currentSliceStart)
-            if consumed >= 0 && consumed <= slice.readableBytes {
-                slice.moveReaderIndex(forwardBy: consumed)
-                leftover.writeImmutableBuffer(slice)
-            }
+        var position = retainedStart
+        for var slice in retained {
+            let skip = max(0, min(slice.readableBytes, lastDeliveredEnd - position))
+            position += slice.readableBytes
+            slice.moveReaderIndex(forwardBy: skip)
+            leftover.writeBuffer(&slice)
         }
         for var buffer in queued { leftover.writeBuffer(&buffer) }
         queued.removeAll()
-        currentSlice = nil
-        suspended = false
-        recentTail = []
+        retained.removeAll()
+        retainedStart = 0
+        lastDeliveredEnd = 0
         bytesFed = 0
-        currentSliceStart = 0
+        pendingError = nil
         failure = nil
-        state = State()
         XML_ParserReset(parser, "UTF-8")
+        core.pointee.clear()
         configure()
         return leftover
     }
 
-    private func rememberTail(of slice: ByteBuffer) {
-        let bytes = slice.readableBytesView
-        if bytes.count >= 3 {
-            recentTail = Array(bytes.suffix(3))
-        } else {
-            recentTail = Array((recentTail + bytes).suffix(3))
-        }
-    }
+    // MARK: Encoding and errors
 
     /// RFC 6120 §11.6: UTF-16 and UTF-32 streams are refused with `unsupported-encoding`.
     /// Their first two bytes give them away: a byte-order mark (FE or FF, never valid in
     /// UTF-8), or a zero byte beside the '<'.
-    private func sniffEncoding(_ slice: ByteBuffer) throws(XMLStreamError) {
-        let bytes = slice.readableBytesView
-        for (offset, byte) in bytes.prefix(2 - bytesFed).enumerated() {
-            let position = bytesFed + offset
+    private func sniffEncoding(_ slice: ByteBuffer) -> XMLStreamError? {
+        for (position, byte) in slice.readableBytesView.prefix(2).enumerated() {
             if byte == 0x00 || (position == 0 && (byte == 0xFE || byte == 0xFF)) {
-                throw XMLStreamError(.unsupportedEncoding, "input is UTF-16 or UTF-32, not UTF-8")
+                return XMLStreamError(.unsupportedEncoding, "input is UTF-16 or UTF-32, not UTF-8")
             }
         }
+        return nil
     }
 
-    // MARK: Limits and errors
-
-    private func checkPendingSize() throws(XMLStreamError) {
-        if bytesFed - state.boundary > Int(limits.maximumStanzaBytes) {
-            throw XMLStreamError(.policyViolation, "element exceeds \(limits.maximumStanzaBytes) bytes while arriving")
+    /// The fed bytes in `[from, to)` that are still retained, in order.
+    private func retainedBytes(from: Int, to: Int) -> [UInt8] {
+        var result: [UInt8] = []
+        var position = retainedStart
+        for slice in retained {
+            let sliceEnd = position + slice.readableBytes
+            let low = max(from, position)
+            let high = min(to, sliceEnd)
+            if low < high, let bytes = slice.getBytes(at: slice.readerIndex + low - position, length: high - low) {
+                result += bytes
+            }
+            position = sliceEnd
         }
+        return result
     }
 
     private func translateError() -> XMLStreamError {
         let code = XML_GetErrorCode(parser)
-        if code == XML_ERROR_ABORTED, let recorded = state.error {
+        if code == XML_ERROR_ABORTED, let recorded = core.pointee.error {
             return recorded
         }
         let message = XML_ErrorString(code).map { String(cString: $0) } ?? "unknown expat error"
@@ -210,8 +236,12 @@ public final class XMLStreamParser {
             return XMLStreamError(.unsupportedEncoding, message)
         case XML_ERROR_INVALID_TOKEN, XML_ERROR_PARTIAL_CHAR:
             // Bytes that are not UTF-8 surface as invalid tokens; RFC 6120 §11.6 names them
-            // `unsupported-encoding`. Valid UTF-8 that is not XML stays `not-well-formed`.
-            if inputAtErrorIsNotUTF8() {
+            // `unsupported-encoding`. Expat points at the offending character, so only that
+            // one character is examined: invalid UTF-8 further on must not change the
+            // verdict, or the answer would depend on how the input was split. Valid UTF-8 that
+            // is not XML stays `not-well-formed`.
+            let position = XML_GetCurrentByteIndex(parser)
+            if UTF8Validation.firstCharacterIsInvalid(retainedBytes(from: position, to: position + 4)) {
                 return XMLStreamError(.unsupportedEncoding, "input is not UTF-8")
             }
             return XMLStreamError(.notWellFormed, message)
@@ -222,85 +252,160 @@ public final class XMLStreamParser {
         }
     }
 
-    /// Checks whether the input that made expat fail is not UTF-8.
-    ///
-    /// Expat reports an invalid token as soon as the bytes that make it invalid arrive, so
-    /// the culprit lies in the slice just fed, or straddles it and the few bytes before it.
-    private func inputAtErrorIsNotUTF8() -> Bool {
-        var window = recentTail
-        if let currentSlice { window.append(contentsOf: currentSlice.readableBytesView) }
-        return UTF8Validation.check(window) == .invalid
-    }
-
-    // MARK: expat wiring
     // MARK: expat wiring
 
     private func configure() {
-        XML_SetUserData(parser, Unmanaged.passUnretained(self).toOpaque())
+        XML_SetUserData(parser, UnsafeMutableRawPointer(core))
         XML_SetElementHandler(parser, { userData, name, attributes in
             guard let userData, let name else { return }
-            Unmanaged<XMLStreamParser>.fromOpaque(userData).takeUnretainedValue().startElement(name, attributes)
-        }, { userData, name in
+            userData.assumingMemoryBound(to: ParseCore.self).pointee.startElement(name, attributes)
+        }, { userData, _ in
             guard let userData else { return }
-            Unmanaged<XMLStreamParser>.fromOpaque(userData).takeUnretainedValue().endElement()
-            _ = name
+            userData.assumingMemoryBound(to: ParseCore.self).pointee.endElement()
         })
         XML_SetCharacterDataHandler(parser, { userData, text, length in
             guard let userData, let text else { return }
-            Unmanaged<XMLStreamParser>.fromOpaque(userData).takeUnretainedValue().characters(text, Int(length))
+            userData.assumingMemoryBound(to: ParseCore.self).pointee.characters(text, Int(length))
         })
         XML_SetNamespaceDeclHandler(parser, { userData, prefix, uri in
             guard let userData else { return }
-            Unmanaged<XMLStreamParser>.fromOpaque(userData).takeUnretainedValue().namespaceDeclaration(prefix, uri)
+            userData.assumingMemoryBound(to: ParseCore.self).pointee.namespaceDeclaration(prefix, uri)
         }, nil)
         XML_SetXmlDeclHandler(parser, { userData, _, encoding, _ in
             guard let userData else { return }
-            Unmanaged<XMLStreamParser>.fromOpaque(userData).takeUnretainedValue().xmlDeclaration(encoding)
+            userData.assumingMemoryBound(to: ParseCore.self).pointee.xmlDeclaration(encoding)
         })
         // RFC 6120 §11.1: comments, processing instructions, DTDs and entity declarations are
         // never allowed. Each handler aborts the parse at once, so a billion-laughs document
         // stops at its DOCTYPE before any entity is expanded.
         XML_SetCommentHandler(parser, { userData, _ in
-            guard let userData else { return }
-            Unmanaged<XMLStreamParser>.fromOpaque(userData).takeUnretainedValue().restricted("comment")
+            userData?.assumingMemoryBound(to: ParseCore.self).pointee.restricted("comment")
         })
         XML_SetProcessingInstructionHandler(parser, { userData, _, _ in
-            guard let userData else { return }
-            Unmanaged<XMLStreamParser>.fromOpaque(userData).takeUnretainedValue().restricted("processing instruction")
+            userData?.assumingMemoryBound(to: ParseCore.self).pointee.restricted("processing instruction")
         })
         XML_SetStartDoctypeDeclHandler(parser, { userData, _, _, _, _ in
-            guard let userData else { return }
-            Unmanaged<XMLStreamParser>.fromOpaque(userData).takeUnretainedValue().restricted("document type declaration")
+            userData?.assumingMemoryBound(to: ParseCore.self).pointee.restricted("document type declaration")
         })
         XML_SetEntityDeclHandler(parser, { userData, _, _, _, _, _, _, _, _ in
-            guard let userData else { return }
-            Unmanaged<XMLStreamParser>.fromOpaque(userData).takeUnretainedValue().restricted("entity declaration")
+            userData?.assumingMemoryBound(to: ParseCore.self).pointee.restricted("entity declaration")
         })
         XML_SetSkippedEntityHandler(parser, { userData, _, _ in
-            guard let userData else { return }
-            Unmanaged<XMLStreamParser>.fromOpaque(userData).takeUnretainedValue().restricted("entity reference")
+            userData?.assumingMemoryBound(to: ParseCore.self).pointee.restricted("entity reference")
         })
         XML_SetParamEntityParsing(parser, XML_PARAM_ENTITY_PARSING_NEVER)
         _ = braid_expat_disable_reparse_deferral(parser)
     }
+}
 
-    private func fail(_ error: XMLStreamError) {
-        guard state.error == nil else { return }
-        state.error = error
+@available(*, unavailable)
+extension XMLStreamParser: Sendable {}
+
+// MARK: - The callback side
+
+/// The state expat's callbacks build, reached through the parser's user-data pointer.
+struct ParseCore {
+    struct OpenElement {
+        var name: String
+        var namespace: String
+        var attributes: [XMLAttribute]
+        /// Where this element's children start in ``ParseCore/childScratch``.
+        var firstChild: Int
+    }
+
+    let parser: XML_Parser
+    let contentNamespace: String
+    let limits: XMLStreamLimits
+
+    /// 0 before the header, 1 inside the stream, 2 inside a first-level element, ...
+    var depth = 0
+    var open: [OpenElement] = []
+    /// The children of every open element, innermost last. An element's children become
+    /// one exactly-sized array when it closes.
+    var childScratch = NodeStack()
+    /// Character data not yet attached to the innermost open element.
+    var pendingText: String?
+    var events: [(StreamEvent, Int)] = []
+    var eventIndex = 0
+    var error: XMLStreamError?
+    var ended = false
+    var headerDefaultNamespace: String?
+    var headerPrefixes: [String: String] = [:]
+    /// Expat's byte index just after the last event or stream-level whitespace; the size
+    /// limit counts from here.
+    var boundary = 0
+    let names = NameCache()
+
+    init(parser: XML_Parser, contentNamespace: String, limits: XMLStreamLimits) {
+        self.parser = parser
+        self.contentNamespace = contentNamespace
+        self.limits = limits
+        open.reserveCapacity(16)
+    }
+
+    /// Returns to the state before the stream header, keeping buffers and the name cache.
+    mutating func clear() {
+        depth = 0
+        open.removeAll(keepingCapacity: true)
+        childScratch.removeAll()
+        pendingText = nil
+        events.removeAll(keepingCapacity: true)
+        eventIndex = 0
+        error = nil
+        ended = false
+        headerDefaultNamespace = nil
+        headerPrefixes = [:]
+        boundary = 0
+    }
+
+    /// Frees the manually managed memory. Called once, when the parser goes away.
+    mutating func destroy() {
+        childScratch.deallocate()
+    }
+
+    mutating func takeEvent() -> (StreamEvent, Int)? {
+        guard eventIndex < events.count else {
+            if !events.isEmpty {
+                events.removeAll(keepingCapacity: true)
+                eventIndex = 0
+            }
+            return nil
+        }
+        defer { eventIndex += 1 }
+        return events[eventIndex]
+    }
+
+    // MARK: Failures
+
+    mutating func fail(_ error: XMLStreamError) {
+        guard self.error == nil else { return }
+        self.error = error
         XML_StopParser(parser, 0)
     }
 
-    private func restricted(_ what: String) {
+    mutating func restricted(_ what: String) {
         fail(XMLStreamError(.restrictedXML, "\(what) is not allowed in an XMPP stream"))
     }
 
-    private func suspendAfterEvent() {
-        state.lastEventEnd = XML_GetCurrentByteIndex(parser) + Int(XML_GetCurrentByteCount(parser))
-        state.boundary = state.lastEventEnd
-        XML_StopParser(parser, 1)
+    private var currentEnd: Int {
+        XML_GetCurrentByteIndex(parser) + Int(XML_GetCurrentByteCount(parser))
     }
 
-    private func xmlDeclaration(_ encoding: UnsafePointer<XML_Char>?) {
+    private mutating func emit(_ event: StreamEvent) {
+        let end = currentEnd
+        events.append((event, end))
+        boundary = end
+    }
+
+    private mutating func checkSize() {
+        if currentEnd - boundary > limits.maximumStanzaBytes {
+            fail(XMLStreamError(.policyViolation, "element exceeds \(limits.maximumStanzaBytes) bytes"))
+        }
+    }
+
+    // MARK: Callbacks
+
+    mutating func xmlDeclaration(_ encoding: UnsafePointer<XML_Char>?) {
         guard let encoding else { return }
         let name = String(cString: encoding).lowercased()
         if name != "utf-8" && name != "utf8" {
@@ -308,76 +413,69 @@ public final class XMLStreamParser {
         }
     }
 
-    private func namespaceDeclaration(_ prefix: UnsafePointer<XML_Char>?, _ uri: UnsafePointer<XML_Char>?) {
-        guard state.depth == 0 else { return }
+    mutating func namespaceDeclaration(_ prefix: UnsafePointer<XML_Char>?, _ uri: UnsafePointer<XML_Char>?) {
+        guard depth == 0 else { return }
         let uriString = uri.map { String(cString: $0) } ?? ""
         if let prefix {
-            state.headerPrefixes[String(cString: prefix)] = uriString
+            headerPrefixes[String(cString: prefix)] = uriString
         } else {
-            state.headerDefaultNamespace = uriString
+            headerDefaultNamespace = uriString
         }
     }
 
-    private func checkSizeInsideElement() {
-        let position = XML_GetCurrentByteIndex(parser) + Int(XML_GetCurrentByteCount(parser))
-        if position - state.boundary > Int(limits.maximumStanzaBytes) {
-            fail(XMLStreamError(.policyViolation, "element exceeds \(limits.maximumStanzaBytes) bytes"))
-        }
-    }
-
-    private func startElement(_ rawName: UnsafePointer<XML_Char>, _ rawAttributes: UnsafeMutablePointer<UnsafePointer<XML_Char>?>?) {
-        guard state.error == nil else { return }
+    mutating func startElement(_ rawName: UnsafePointer<XML_Char>, _ rawAttributes: UnsafeMutablePointer<UnsafePointer<XML_Char>?>?) {
+        guard error == nil else { return }
         let qname = names.lookup(rawName)
-        if state.depth == 0 {
+        if depth == 0 {
             startStream(qname, rawAttributes)
             return
         }
-        checkSizeInsideElement()
-        guard state.error == nil else { return }
-
-        if XMLNamespace.isContent(qname.namespace) {
+        if qname.isContent {
             // RFC 6120 §4.8.5: stanza content is never prefixed.
-            if qname.hasPrefix {
-                fail(XMLStreamError(.badNamespacePrefix, "prefixed element <\(qname.prefix ?? ""):\(qname.local)> in \(qname.namespace)"))
+            if let prefix = qname.prefix {
+                fail(XMLStreamError(.badNamespacePrefix, "prefixed element <\(prefix):\(qname.local)> in \(qname.namespace)"))
                 return
             }
             // A first-level element in the other content namespace is a wrong content namespace.
-            if state.depth == 1 && qname.namespace != contentNamespace {
+            if depth == 1 && qname.namespace != contentNamespace {
                 fail(XMLStreamError(.invalidNamespace, "first-level element in \(qname.namespace) on a \(contentNamespace) stream"))
                 return
             }
         }
-        if state.depth > limits.maximumDepth {
+        if depth > limits.maximumDepth {
             fail(XMLStreamError(.policyViolation, "element nesting deeper than \(limits.maximumDepth)"))
             return
         }
 
         var attributes: [XMLAttribute] = []
-        if let rawAttributes {
-            var index = 0
-            while let attributeName = rawAttributes[index], let attributeValue = rawAttributes[index + 1] {
-                if attributes.count >= limits.maximumAttributesPerElement {
-                    fail(XMLStreamError(.policyViolation, "more than \(limits.maximumAttributesPerElement) attributes on <\(qname.local)>"))
-                    return
-                }
-                let valueLength = cStringLength(attributeValue)
+        if let rawAttributes, rawAttributes[0] != nil {
+            var count = 0
+            while rawAttributes[count] != nil { count += 2 }
+            count /= 2
+            if count > limits.maximumAttributesPerElement {
+                fail(XMLStreamError(.policyViolation, "more than \(limits.maximumAttributesPerElement) attributes on <\(qname.local)>"))
+                return
+            }
+            attributes.reserveCapacity(count)
+            for index in 0..<count {
+                guard let attributeName = rawAttributes[2 * index], let attributeValue = rawAttributes[2 * index + 1] else { break }
+                let valueLength = strlen(attributeValue)
                 if valueLength > limits.maximumAttributeValueBytes {
                     fail(XMLStreamError(.policyViolation, "attribute value over \(limits.maximumAttributeValueBytes) bytes"))
                     return
                 }
                 let attributeQName = names.lookup(attributeName)
-                let value = UnsafeRawBufferPointer(start: attributeValue, count: valueLength)
-                attributes.append(XMLAttribute(attributeQName.local, String(decoding: value, as: UTF8.self), namespace: attributeQName.namespace))
-                index += 2
+                let value = String(decoding: UnsafeRawBufferPointer(start: attributeValue, count: valueLength), as: UTF8.self)
+                attributes.append(XMLAttribute(attributeQName.local, value, namespace: attributeQName.namespace))
             }
         }
 
-        state.flushText()
-        state.stack.append(ElementBuilder(name: qname.local, namespace: qname.namespace, attributes: attributes))
-        state.depth += 1
+        flushText()
+        open.append(OpenElement(name: qname.local, namespace: qname.namespace, attributes: attributes, firstChild: childScratch.count))
+        depth += 1
     }
 
-    private func startStream(_ qname: QualifiedName, _ rawAttributes: UnsafeMutablePointer<UnsafePointer<XML_Char>?>?) {
+    private mutating func startStream(_ qname: QualifiedName, _ rawAttributes: UnsafeMutablePointer<UnsafePointer<XML_Char>?>?) {
         // RFC 6120 §4.8.1: the root must be <stream> in the streams namespace.
         guard qname.namespace == XMLNamespace.streams else {
             fail(XMLStreamError(.invalidNamespace, "stream element in namespace '\(qname.namespace)'"))
@@ -388,15 +486,15 @@ public final class XMLStreamParser {
             return
         }
         // RFC 6120 §4.8.2, §4.8.3: the default namespace is the content namespace.
-        guard let declared = state.headerDefaultNamespace, declared == contentNamespace else {
-            fail(XMLStreamError(.invalidNamespace, "content namespace '\(state.headerDefaultNamespace ?? "")', expected \(contentNamespace)"))
+        guard let declared = headerDefaultNamespace, declared == contentNamespace else {
+            fail(XMLStreamError(.invalidNamespace, "content namespace '\(headerDefaultNamespace ?? "")', expected \(contentNamespace)"))
             return
         }
         // RFC 6120 §4.8.5: only the stream and dialback prefixes belong on the header;
         // extension namespaces declared there would leak into every stanza. A prefix for a
         // content namespace is let through here so that using it gets the precise
         // `bad-namespace-prefix`.
-        for (prefix, uri) in state.headerPrefixes {
+        for (prefix, uri) in headerPrefixes {
             let allowed = uri == XMLNamespace.streams || (uri == XMLNamespace.dialback && prefix == "db")
                 || XMLNamespace.isContent(uri)
             if !allowed {
@@ -404,7 +502,7 @@ public final class XMLStreamParser {
                 return
             }
         }
-        var header = StreamHeader(version: nil, language: nil, contentNamespace: declared, prefixes: state.headerPrefixes)
+        var header = StreamHeader(version: nil, language: nil, contentNamespace: declared, prefixes: headerPrefixes)
         if let rawAttributes {
             var index = 0
             while let attributeName = rawAttributes[index], let attributeValue = rawAttributes[index + 1] {
@@ -421,104 +519,58 @@ public final class XMLStreamParser {
                 index += 2
             }
         }
-        state.depth = 1
-        state.events.append(.streamStart(header))
-        suspendAfterEvent()
+        depth = 1
+        emit(.streamStart(header))
     }
 
-    private func endElement() {
-        guard state.error == nil else { return }
-        state.depth -= 1
-        if state.depth == 0 {
-            state.ended = true
-            state.events.append(.streamEnd)
-            suspendAfterEvent()
+    mutating func endElement() {
+        guard error == nil else { return }
+        depth -= 1
+        if depth == 0 {
+            ended = true
+            emit(.streamEnd)
             return
         }
-        state.flushText()
-        guard let builder = state.stack.popLast() else { return }
-        let element = XMLElement(name: builder.name, namespace: builder.namespace, attributes: builder.attributes, children: builder.children)
-        if state.depth == 1 {
-            checkSizeInsideElement()
-            guard state.error == nil else { return }
-            state.events.append(.element(element))
-            suspendAfterEvent()
+        flushText()
+        guard let element = open.popLast() else { return }
+        let children = childScratch.take(from: element.firstChild)
+        let built = XMLElement(name: element.name, namespace: element.namespace, attributes: element.attributes, children: children)
+        if depth == 1 {
+            checkSize()
+            guard error == nil else { return }
+            emit(.element(built))
         } else {
-            state.stack[state.stack.count - 1].children.append(.element(element))
+            childScratch.append(.element(built))
         }
     }
 
-    private func characters(_ text: UnsafePointer<XML_Char>, _ length: Int) {
-        guard state.error == nil else { return }
+    mutating func characters(_ text: UnsafePointer<XML_Char>, _ length: Int) {
+        guard error == nil else { return }
         let bytes = UnsafeRawBufferPointer(start: text, count: length)
-        if state.depth <= 1 {
+        if depth <= 1 {
             // Between first-level elements only whitespace is allowed (RFC 6120 §11.7);
             // it is a keepalive, and it moves the size-limit boundary forward.
             if bytes.allSatisfy({ $0 == 0x20 || $0 == 0x09 || $0 == 0x0A || $0 == 0x0D }) {
-                state.boundary = XML_GetCurrentByteIndex(parser) + Int(XML_GetCurrentByteCount(parser))
+                boundary = currentEnd
             } else {
                 fail(XMLStreamError(.badFormat, "character data between first-level elements"))
             }
             return
         }
-        checkSizeInsideElement()
-        state.text.append(contentsOf: bytes)
-    }
-}
-
-@available(*, unavailable)
-extension XMLStreamParser: Sendable {}
-
-// MARK: - Parse state
-
-extension XMLStreamParser {
-    struct ElementBuilder {
-        var name: String
-        var namespace: String
-        var attributes: [XMLAttribute]
-        var children: [XMLNode] = []
+        // The size limit is checked per slice fed and when the stanza closes, so text held
+        // here never exceeds the limit by more than one slice.
+        let piece = String(decoding: bytes, as: UTF8.self)
+        if pendingText == nil {
+            pendingText = piece
+        } else {
+            pendingText? += piece
+        }
     }
 
-    /// Everything that a reset discards.
-    struct State {
-        /// 0 before the header, 1 inside the stream, 2 inside a first-level element, ...
-        var depth = 0
-        var stack: [ElementBuilder] = []
-        /// Character data not yet attached to the innermost open element.
-        var text: [UInt8] = []
-        var events: [StreamEvent] = []
-        var eventIndex = 0
-        var error: XMLStreamError?
-        var ended = false
-        var headerDefaultNamespace: String?
-        var headerPrefixes: [String: String] = [:]
-        /// Expat's byte index just after the last event or stream-level whitespace; the size
-        /// limit counts from here.
-        var boundary: Int = 0
-        /// Expat's byte index just after the last delivered event.
-        var lastEventEnd: Int = 0
-
-        init() {
-            text.reserveCapacity(1024)
-        }
-
-        mutating func flushText() {
-            guard !text.isEmpty, !stack.isEmpty else { return }
-            stack[stack.count - 1].children.append(.text(String(decoding: text, as: UTF8.self)))
-            text.removeAll(keepingCapacity: true)
-        }
-
-        mutating func takeEvent() -> StreamEvent? {
-            guard eventIndex < events.count else {
-                if !events.isEmpty {
-                    events.removeAll(keepingCapacity: true)
-                    eventIndex = 0
-                }
-                return nil
-            }
-            defer { eventIndex += 1 }
-            return events[eventIndex]
-        }
+    private mutating func flushText() {
+        guard let text = pendingText else { return }
+        pendingText = nil
+        if !open.isEmpty { childScratch.append(.text(text)) }
     }
 }
 
@@ -529,44 +581,73 @@ struct QualifiedName {
     var namespace: String
     var local: String
     var prefix: String?
+    /// Whether `namespace` is `jabber:client` or `jabber:server`, worked out once per name.
+    var isContent: Bool
 
-    var hasPrefix: Bool { prefix != nil }
+    init(namespace: String, local: String, prefix: String?) {
+        self.namespace = namespace
+        self.local = local
+        self.prefix = prefix
+        isContent = XMLNamespace.isContent(namespace)
+    }
 }
 
 /// Interns the names expat reports, so the same `jabber:client message` does not allocate
-/// new strings for every stanza. A direct-mapped cache: a miss only costs the allocation the
-/// parser would have made anyway.
-final class NameTable {
-    private struct Entry {
-        var key: [UInt8]
-        var name: QualifiedName
+/// new strings for every stanza. A direct-mapped cache keyed by a cheap hash of the length
+/// and the first and last bytes. Keys and values live in manually managed storage so a hit
+/// copies nothing but the returned name; a miss costs only the allocation the parser would
+/// have made anyway.
+final class NameCache {
+    private static let slots = 512
+    private static let slotBytes = 96
+
+    private let keys: UnsafeMutableRawPointer
+    /// Key length per slot, or -1 for an empty slot (whose value is uninitialized).
+    private let lengths: UnsafeMutablePointer<Int>
+    private let values: UnsafeMutablePointer<QualifiedName>
+
+    init() {
+        keys = .allocate(byteCount: Self.slots * Self.slotBytes, alignment: 8)
+        lengths = .allocate(capacity: Self.slots)
+        lengths.initialize(repeating: -1, count: Self.slots)
+        values = .allocate(capacity: Self.slots)
     }
 
-    private var entries: [Entry?]
-    private let mask: Int
-
-    init(capacity: Int = 512) {
-        entries = Array(repeating: nil, count: capacity)
-        mask = capacity - 1
+    deinit {
+        for slot in 0..<Self.slots where lengths[slot] >= 0 {
+            (values + slot).deinitialize(count: 1)
+        }
+        values.deallocate()
+        lengths.deallocate()
+        keys.deallocate()
     }
 
     func lookup(_ raw: UnsafePointer<XML_Char>) -> QualifiedName {
-        // FNV-1a over the C string, measuring its length on the way.
-        var hash: UInt = 0xcbf2_9ce4_8422_2325
-        var length = 0
-        raw.withMemoryRebound(to: UInt8.self, capacity: 1) { bytes in
-            while bytes[length] != 0 {
-                hash = (hash ^ UInt(bytes[length])) &* 0x0000_0100_0000_01b3
-                length += 1
-            }
-        }
+        let length = strlen(raw)
         let bytes = UnsafeRawBufferPointer(start: raw, count: length)
-        let slot = Int(truncatingIfNeeded: hash) & mask
-        if let entry = entries[slot], entry.key.count == length, entry.key.withUnsafeBytes({ $0.elementsEqual(bytes) }) {
-            return entry.name
+        var hash = UInt64(truncatingIfNeeded: length) &* 0x9E37_79B9_7F4A_7C15
+        if length >= 8 {
+            hash ^= bytes.loadUnaligned(as: UInt64.self)
+            hash = (hash ^ (hash >> 29)) &* 0xBF58_476D_1CE4_E5B9
+            hash ^= bytes.loadUnaligned(fromByteOffset: length - 8, as: UInt64.self)
+        } else {
+            for byte in bytes { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01B3 }
+        }
+        hash = (hash ^ (hash >> 31)) &* 0x94D0_49BB_1331_11EB
+        let slot = Int(truncatingIfNeeded: hash >> 40) & (Self.slots - 1)
+        let key = keys + slot * Self.slotBytes
+        if lengths[slot] == length && memcmp(key, raw, length) == 0 {
+            return values[slot]
         }
         let name = Self.split(bytes)
-        entries[slot] = Entry(key: Array(bytes), name: name)
+        guard length <= Self.slotBytes else { return name }
+        if lengths[slot] >= 0 {
+            values[slot] = name
+        } else {
+            (values + slot).initialize(to: name)
+        }
+        key.copyMemory(from: raw, byteCount: length)
+        lengths[slot] = length
         return name
     }
 
@@ -588,12 +669,51 @@ final class NameTable {
     }
 }
 
-/// The length of a NUL-terminated string from expat.
-@inline(__always)
-func cStringLength(_ pointer: UnsafePointer<XML_Char>) -> Int {
-    pointer.withMemoryRebound(to: UInt8.self, capacity: 1) { bytes in
-        var length = 0
-        while bytes[length] != 0 { length += 1 }
-        return length
+/// A growable stack of nodes in manually managed memory. Closing an element moves its
+/// children out into an exactly-sized array, with no retain or release per node.
+struct NodeStack {
+    private(set) var base: UnsafeMutablePointer<XMLNode>
+    private(set) var count = 0
+    private var capacity: Int
+
+    init(capacity: Int = 64) {
+        self.capacity = capacity
+        base = .allocate(capacity: capacity)
+    }
+
+    mutating func append(_ node: XMLNode) {
+        if count == capacity {
+            let grown = UnsafeMutablePointer<XMLNode>.allocate(capacity: capacity * 2)
+            grown.moveInitialize(from: base, count: count)
+            base.deallocate()
+            base = grown
+            capacity *= 2
+        }
+        (base + count).initialize(to: node)
+        count += 1
+    }
+
+    /// Moves the nodes from `start` to the top into a new array.
+    mutating func take(from start: Int) -> [XMLNode] {
+        let taken = count - start
+        guard taken > 0 else { return [] }
+        let source = base + start
+        count = start
+        return Array(unsafeUninitializedCapacity: taken) { buffer, initialized in
+            buffer.baseAddress?.moveInitialize(from: source, count: taken)
+            initialized = taken
+        }
+    }
+
+    /// Destroys every node, keeping the memory.
+    mutating func removeAll() {
+        base.deinitialize(count: count)
+        count = 0
+    }
+
+    /// Destroys every node and frees the memory. The stack must not be used afterwards.
+    mutating func deallocate() {
+        removeAll()
+        base.deallocate()
     }
 }

@@ -104,6 +104,32 @@ struct BadInputTests {
         #expect(outcome.condition == testCase.expected, "\(testCase.name): got \(String(describing: outcome.error))")
     }
 
+    @Test("Each bad input yields the same condition at every split point", arguments: cases.filter { $0.input.count <= 2048 })
+    func badInputEverySplit(_ testCase: Case) {
+        for offset in 0...testCase.input.count {
+            let outcome = parse(chunks: split(testCase.input, at: offset), contentNamespace: testCase.contentNamespace, limits: testCase.limits)
+            if outcome.condition != testCase.expected {
+                Issue.record("\(testCase.name): split at \(offset) gave \(String(describing: outcome.error))")
+                return
+            }
+        }
+    }
+
+    /// Inputs the fuzzer found whose verdict once depended on where they were split.
+    static let splitRegressions: [(String, [UInt8], StreamError.Condition)] = [
+        ("a zero second byte arriving alone", [0x21, 0x00, 0x6F, 0xF0, 0xA5, 0xA5], .unsupportedEncoding),
+        ("continuation bytes at the start", [0xA6, 0xA6, 0xA6, 0xA6, 0xB5, 0xB5, 0x3C, 0x61], .unsupportedEncoding),
+        ("a syntax error before invalid UTF-8", Array("<db:result mo= rf'a.example'>".utf8) + [0x93, 0x8F], .notWellFormed),
+    ]
+
+    @Test("Inputs whose verdict once depended on the split now agree at every split", arguments: splitRegressions)
+    func splitRegression(name: String, input: [UInt8], expected: StreamError.Condition) {
+        for offset in 0...input.count {
+            let outcome = parse(chunks: split(input, at: offset), contentNamespace: XMLNamespace.server)
+            #expect(outcome.condition == expected, "\(name): split at \(offset)")
+        }
+    }
+
     @Test("An oversized stanza is refused while it is still arriving, before its end")
     func oversizedWhileArriving() {
         let limit = 10_000

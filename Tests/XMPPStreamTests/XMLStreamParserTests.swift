@@ -30,6 +30,8 @@ struct XMLStreamParserTests {
         #expect(elements.map(\.name) == ["auth", "response", "iq", "iq", "presence", "message", "message", "iq", "r"])
         #expect(elements[0].namespace == XMLNamespace.sasl)
         #expect(elements[0].attribute("mechanism") == "SCRAM-SHA-256")
+        // Text directly inside a first-level element (SASL payloads, dialback keys).
+        #expect(elements[0].text == "biwsbj1qdWxpZXQscj1vTXNUQUF3QUFBQU1BQUFBTlAwVEFBQUFBQUJQVTBBQQ==")
         #expect(elements[2].firstChild(name: "bind", namespace: XMLNamespace.bind)?.firstChild(name: "resource", namespace: XMLNamespace.bind)?.text == "Gajim.Ω")
         #expect(elements[4].firstChild(name: "status", namespace: XMLNamespace.client)?.text == "Ich bin heute in München 🎉 — ça va?")
 

@@ -77,7 +77,7 @@ public struct StreamError: Error, Sendable, Hashable {
                 text = child.text
             } else {
                 condition = Condition(elementName: child.name)
-                if condition == .seeOtherHost { otherHost = child.text }
+                if condition == .seeOtherHost, !child.text.isEmpty { otherHost = child.text }
             }
         }
         self.init(condition, text: text, otherHost: otherHost)

@@ -167,6 +167,9 @@ public struct JID: Sendable, Hashable {
     /// converted to U-labels, RFC 7622 §3.2), IPv6 literals, or anything invalid, so that the
     /// slow path produces the precise error.
     static func asciiHostnameFastPath(_ input: Substring) -> String? {
+        // DNS limits the whole name to 253 octets; longer names take the slow path, which
+        // reports the precise error.
+        guard input.utf8.count <= 253 else { return nil }
         var needsLowercasing = false
         var labelLength = 0
         var labelStart = true

@@ -48,10 +48,22 @@ public enum XMLWriter {
     /// Writes `element`, assuming `inheritedNamespace` is the default namespace in scope.
     ///
     /// For a stanza written on a stream, pass the stream's content namespace.
+    ///
+    /// `streamPrefix` names a prefix declared on the stream header (`stream` for the streams
+    /// namespace, `db` for dialback): a first-level element in that namespace is written with
+    /// the prefix, as `<stream:features>` or `<db:result>`, which is what deployed servers and
+    /// clients expect to see.
     @inlinable
-    public static func write<Output: XMLOutput>(_ element: XMLElement, inheritedNamespace: String, to output: inout Output) {
+    public static func write<Output: XMLOutput>(
+        _ element: XMLElement, inheritedNamespace: String, streamPrefix: (prefix: StaticString, namespace: String)? = nil,
+        to output: inout Output
+    ) {
         var scope = PrefixScope()
-        writeElement(element, inherited: inheritedNamespace, scope: &scope, to: &output)
+        if let streamPrefix, element.namespace == streamPrefix.namespace {
+            writeElement(element, inherited: inheritedNamespace, prefix: streamPrefix.prefix, scope: &scope, to: &output)
+        } else {
+            writeElement(element, inherited: inheritedNamespace, prefix: nil, scope: &scope, to: &output)
+        }
     }
 
     /// Prefixes declared for namespaced attributes on the path from the root to the element
@@ -75,15 +87,20 @@ public enum XMLWriter {
 
     @usableFromInline
     static func writeElement<Output: XMLOutput>(
-        _ element: XMLElement, inherited: String, scope: inout PrefixScope, to output: inout Output
+        _ element: XMLElement, inherited: String, prefix: StaticString?, scope: inout PrefixScope, to output: inout Output
     ) {
         output.writeRaw("<")
+        if let prefix {
+            output.writeRaw(prefix)
+            output.writeRaw(":")
+        }
         output.writeRaw(element.name)
 
         let sameDefault = element.namespace == inherited
             || (XMLNamespace.isContent(element.namespace) && XMLNamespace.isContent(inherited))
         let childDefault: String
-        if sameDefault {
+        if sameDefault || prefix != nil {
+            // A prefixed element leaves the default namespace as it was.
             childDefault = inherited
         } else {
             childDefault = element.namespace
@@ -127,12 +144,16 @@ public enum XMLWriter {
             for child in element.children {
                 switch child {
                 case .element(let childElement):
-                    writeElement(childElement, inherited: childDefault, scope: &scope, to: &output)
+                    writeElement(childElement, inherited: childDefault, prefix: nil, scope: &scope, to: &output)
                 case .text(let text):
                     writeEscaped(text, inAttribute: false, to: &output)
                 }
             }
             output.writeRaw("</")
+            if let prefix {
+                output.writeRaw(prefix)
+                output.writeRaw(":")
+            }
             output.writeRaw(element.name)
             output.writeRaw(">")
         }
