@@ -331,6 +331,8 @@ struct ParseCore {
     var ended = false
     var headerDefaultNamespace: String?
     var headerPrefixes: [String: String] = [:]
+    /// Non-whitespace text seen between first-level elements, reported at the next markup.
+    var strayText = false
     /// Expat's byte index just after the last event or stream-level whitespace; the size
     /// limit counts from here.
     var boundary = 0
@@ -355,6 +357,7 @@ struct ParseCore {
         ended = false
         headerDefaultNamespace = nil
         headerPrefixes = [:]
+        strayText = false
         boundary = 0
     }
 
@@ -384,7 +387,15 @@ struct ParseCore {
     }
 
     mutating func restricted(_ what: String) {
+        if rejectStrayText() { return }
         fail(XMLStreamError(.restrictedXML, "\(what) is not allowed in an XMPP stream"))
+    }
+
+    /// Fails for text seen between first-level elements; true if it did.
+    mutating func rejectStrayText() -> Bool {
+        guard strayText else { return false }
+        fail(XMLStreamError(.badFormat, "character data between first-level elements"))
+        return true
     }
 
     private var currentEnd: Int {
@@ -424,7 +435,7 @@ struct ParseCore {
     }
 
     mutating func startElement(_ rawName: UnsafePointer<XML_Char>, _ rawAttributes: UnsafeMutablePointer<UnsafePointer<XML_Char>?>?) {
-        guard error == nil else { return }
+        guard error == nil, !rejectStrayText() else { return }
         let qname = names.lookup(rawName)
         if depth == 0 {
             startStream(qname, rawAttributes)
@@ -524,7 +535,7 @@ struct ParseCore {
     }
 
     mutating func endElement() {
-        guard error == nil else { return }
+        guard error == nil, !rejectStrayText() else { return }
         depth -= 1
         if depth == 0 {
             ended = true
@@ -551,9 +562,12 @@ struct ParseCore {
             // Between first-level elements only whitespace is allowed (RFC 6120 §11.7);
             // it is a keepalive, and it moves the size-limit boundary forward.
             if bytes.allSatisfy({ $0 == 0x20 || $0 == 0x09 || $0 == 0x0A || $0 == 0x0D }) {
-                boundary = currentEnd
+                if !strayText { boundary = currentEnd }
             } else {
-                fail(XMLStreamError(.badFormat, "character data between first-level elements"))
+                // Reported at the next markup, not here: expat hands over text in pieces that
+                // depend on how input arrived, and a well-formedness error later in the same
+                // run of text must win however the input was split (found by the fuzzer).
+                strayText = true
             }
             return
         }

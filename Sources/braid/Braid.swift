@@ -1,16 +1,282 @@
 import ArgumentParser
+import Foundation
+import Logging
+import Server
+import ServiceLifecycle
+import Storage
+import Trust
 import XMPPCore
 import XMPPStream
 
 @main
-struct Braid: ParsableCommand {
+struct Braid: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "braid",
         abstract: "An XMPP server for hosting providers.",
-        version: BraidVersion.string
+        discussion: """
+            With no configuration file, every command uses the embedded defaults: data in \
+            ./braid-data, the domain 'localhost' with a self-signed certificate, and client \
+            listeners on ports 5222 (STARTTLS) and 5223 (direct TLS).
+            """,
+        version: BraidInfo.version,
+        subcommands: [Serve.self, DomainCommand.self, UserCommand.self, CertCommand.self]
     )
 }
 
-enum BraidVersion {
-    static let string = "0.1.0-dev"
+/// The `--config` option every command takes.
+struct ConfigOptions: ParsableArguments {
+    @Option(name: .long, help: ArgumentHelp("Configuration file (YAML). Default: $BRAID_CONFIG, then ./braid.yaml if present.", valueName: "path"))
+    var config: String?
+
+    func load() throws -> BraidConfiguration {
+        do {
+            return try BraidConfiguration.load(path: BraidConfiguration.locateFile(explicit: config))
+        } catch let error as ConfigurationError {
+            throw ValidationError(error.description)
+        }
+    }
+
+    func openStorage(_ configuration: BraidConfiguration) throws -> SQLiteStorage {
+        try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
+        var logger = Logger(label: "braid")
+        logger.logLevel = .warning
+        return try SQLiteStorage(path: "\(configuration.dataDirectory)/braid.sqlite", logger: logger)
+    }
+}
+
+// MARK: - serve
+
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the server until SIGTERM or SIGINT.",
+        discussion: "On SIGTERM every stream is closed with <system-shutdown/>; stanzas in flight are delivered, stored or bounced.")
+
+    @OptionGroup var options: ConfigOptions
+
+    func run() async throws {
+        let configuration = try options.load()
+        let level = Logger.Level(rawValue: configuration.logLevel.lowercased()) ?? .info
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: "braid")
+        let server = try BraidServer(configuration: configuration, logger: logger)
+        let group = ServiceGroup(configuration: .init(services: [server], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        try await group.run()
+    }
+}
+
+// MARK: - domain
+
+struct DomainCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "domain",
+        abstract: "Manage hosted domains. Changes reach a running server within a second.",
+        subcommands: [Add.self, Remove.self, List.self])
+
+    struct Add: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Host a domain.")
+        @OptionGroup var options: ConfigOptions
+        @Argument(help: "The domain, e.g. example.com (an IDN may be given in either form).") var domain: String
+
+        func run() async throws {
+            let storage = try options.openStorage(try options.load())
+            let name = try canonicalDomain(domain)
+            if try await storage.addDomain(name) {
+                print("added \(name)")
+            } else {
+                print("\(name) is already hosted")
+            }
+        }
+    }
+
+    struct Remove: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Stop hosting a domain and delete its accounts, rosters and stored messages. Its sessions are closed with <host-gone/>.")
+        @OptionGroup var options: ConfigOptions
+        @Argument(help: "The domain.") var domain: String
+
+        func run() async throws {
+            let storage = try options.openStorage(try options.load())
+            let name = try canonicalDomain(domain)
+            guard try await storage.removeDomain(name) else {
+                throw ValidationError("\(name) is not hosted")
+            }
+            print("removed \(name)")
+        }
+    }
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List hosted domains.")
+        @OptionGroup var options: ConfigOptions
+
+        func run() async throws {
+            let storage = try options.openStorage(try options.load())
+            for domain in try await storage.domains() {
+                print(domain.name)
+            }
+        }
+    }
+}
+
+// MARK: - user
+
+struct UserCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "user",
+        abstract: "Manage accounts. Passwords are stored only as SCRAM keys.",
+        subcommands: [Add.self, Passwd.self, Remove.self, List.self])
+
+    struct Add: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Create an account.", discussion: "Without --password, the password is read from standard input (first line).")
+        @OptionGroup var options: ConfigOptions
+        @Argument(help: "The account, e.g. juliet@example.com.") var jid: String
+        @Option(help: "The password (visible to other local users in the process list; prefer standard input).") var password: String?
+
+        func run() async throws {
+            let configuration = try options.load()
+            let storage = try options.openStorage(configuration)
+            let account = try accountJID(jid)
+            let credentials = try makeCredentials(password: try readPassword(password), iterations: configuration.auth.scramIterations)
+            do {
+                try await storage.createUser(account, credentials: credentials)
+            } catch StorageError.userExists {
+                throw ValidationError("\(account) already exists")
+            } catch StorageError.unknownDomain {
+                throw ValidationError("\(account.domainpart) is not hosted; run 'braid domain add \(account.domainpart)' first")
+            }
+            print("created \(account)")
+        }
+    }
+
+    struct Passwd: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Set an account's password.", discussion: "Without --password, the password is read from standard input.")
+        @OptionGroup var options: ConfigOptions
+        @Argument(help: "The account.") var jid: String
+        @Option(help: "The new password.") var password: String?
+
+        func run() async throws {
+            let configuration = try options.load()
+            let storage = try options.openStorage(configuration)
+            let account = try accountJID(jid)
+            let credentials = try makeCredentials(password: try readPassword(password), iterations: configuration.auth.scramIterations)
+            do {
+                try await storage.setCredentials(account, credentials: credentials)
+            } catch StorageError.userNotFound {
+                throw ValidationError("\(account) does not exist")
+            }
+            print("password changed for \(account)")
+        }
+    }
+
+    struct Remove: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Delete an account with its roster and stored messages.")
+        @OptionGroup var options: ConfigOptions
+        @Argument(help: "The account.") var jid: String
+
+        func run() async throws {
+            let storage = try options.openStorage(try options.load())
+            let account = try accountJID(jid)
+            guard try await storage.removeUser(account) else { throw ValidationError("\(account) does not exist") }
+            print("removed \(account)")
+        }
+    }
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List accounts, of one domain or of all.")
+        @OptionGroup var options: ConfigOptions
+        @Option(help: "Only this domain.") var domain: String?
+
+        func run() async throws {
+            let storage = try options.openStorage(try options.load())
+            let domains: [String]
+            if let domain {
+                domains = [try canonicalDomain(domain)]
+            } else {
+                domains = try await storage.domains().map(\.name)
+            }
+            for name in domains {
+                for user in try await storage.users(in: name) {
+                    print(user)
+                }
+            }
+        }
+    }
+}
+
+// MARK: - cert
+
+struct CertCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "cert",
+        abstract: "Certificates.",
+        subcommands: [SelfSign.self])
+
+    struct SelfSign: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "selfsign",
+            abstract: "Create a self-signed certificate for development.",
+            discussion: "Written to <data>/certs/DOMAIN.crt and .key, where a server picks it up at start. Peers cannot validate it: use a CA-issued certificate in production.")
+        @OptionGroup var options: ConfigOptions
+        @Argument(help: "The domain; more may follow, all named in one certificate.") var domains: [String]
+        @Option(help: "Validity in days.") var days: Int = 365
+        @Option(help: "Directory to write to instead of <data>/certs.") var out: String?
+
+        func run() async throws {
+            let configuration = try options.load()
+            let names = try domains.map(canonicalDomain)
+            guard let first = names.first else { throw ValidationError("name at least one domain") }
+            let directory = out ?? "\(configuration.dataDirectory)/certs"
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            let credentials = try SelfSignedCertificate.generate(domains: names, validityDays: days)
+            let (certificate, key) = CertificateManager.paths(for: first, in: directory)
+            try credentials.write(certificatePath: certificate, keyPath: key)
+            print("wrote \(certificate) and \(key)")
+        }
+    }
+}
+
+// MARK: - Helpers
+
+func canonicalDomain(_ text: String) throws -> String {
+    do {
+        return try JID(domain: text).domainpart
+    } catch {
+        throw ValidationError("'\(text)' is not a valid domain: \(error)")
+    }
+}
+
+func accountJID(_ text: String) throws -> JID {
+    let jid: JID
+    do {
+        jid = try JID(text)
+    } catch {
+        throw ValidationError("'\(text)' is not a valid JID: \(error)")
+    }
+    guard jid.localpart != nil, jid.resourcepart == nil else {
+        throw ValidationError("'\(text)' is not an account: give user@domain")
+    }
+    return jid
+}
+
+func readPassword(_ given: String?) throws -> String {
+    if let given { return given }
+    guard let line = readLine(strippingNewline: true), !line.isEmpty else {
+        throw ValidationError("no password given: pass --password or write it to standard input")
+    }
+    return line
+}
+
+func makeCredentials(password: String, iterations: Int) throws -> StoredCredentials {
+    func convert(_ keys: SCRAMServerKeys) -> ScramCredentials {
+        ScramCredentials(salt: keys.salt, iterations: keys.iterations, storedKey: keys.storedKey, serverKey: keys.serverKey)
+    }
+    do {
+        return StoredCredentials(
+            sha1: convert(try SCRAMKeyDerivation.newKeys(password: password, iterations: iterations, hash: .sha1)),
+            sha256: convert(try SCRAMKeyDerivation.newKeys(password: password, iterations: iterations, hash: .sha256)))
+    } catch {
+        throw ValidationError("unusable password: \(error)")
+    }
 }

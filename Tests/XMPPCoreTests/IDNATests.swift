@@ -130,6 +130,17 @@ struct IDNATests {
         #expect(throws: JIDError(.domainpart, reason)) { try IDNA.toUnicode(input[...]) }
     }
 
+    @Test("An A-label that decodes to a label the mapping would change is rejected")
+    func aLabelMustDecodeToCanonicalForm() throws {
+        // Found by FuzzJID: uppercase Cherokee is PVALID, but lower-casing maps it to
+        // DISALLOWED small letters, so accepting it would give a canonical form that does not
+        // parse again.
+        #expect(throws: JIDError.self) { try IDNA.toUnicode("xn--Bmr-Sequencet") }
+        #expect(throws: JIDError.self) { try JID("3er@xn--Bmr-Sequencet.") }
+        // An ordinary A-label still decodes.
+        #expect(try IDNA.toUnicode("xn--mnchen-3ya.de") == "münchen.de")
+    }
+
     @Test func labelLengthIsMeasuredOnTheALabel() throws {
         let ascii63 = String(repeating: "a", count: 63)
         #expect(try IDNA.toUnicode("\(ascii63).example"[...]) == "\(ascii63).example")

@@ -120,6 +120,8 @@ struct BadInputTests {
         ("a zero second byte arriving alone", [0x21, 0x00, 0x6F, 0xF0, 0xA5, 0xA5], .unsupportedEncoding),
         ("continuation bytes at the start", [0xA6, 0xA6, 0xA6, 0xA6, 0xB5, 0xB5, 0x3C, 0x61], .unsupportedEncoding),
         ("a syntax error before invalid UTF-8", Array("<db:result mo= rf'a.example'>".utf8) + [0x93, 0x8F], .notWellFormed),
+        ("stray text ending in ']]>'", Array((serverHeader + "\t)\t\t\t]]>NTITY <message/>").utf8), .notWellFormed),
+        ("stray text then a comment", Array((serverHeader + " x <!-- c --><message/>").utf8), .badFormat),
     ]
 
     @Test("Inputs whose verdict once depended on the split now agree at every split", arguments: splitRegressions)

@@ -1,0 +1,187 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import NIOSSL
+import ServiceLifecycle
+import Storage
+import Synchronization
+import XMPPCore
+import XMPPStream
+
+/// A running Braid server: storage, hosted domains, certificates, client listeners and the
+/// router, as one swift-service-lifecycle `Service`.
+///
+/// On graceful shutdown (SIGTERM) every stream gets `<system-shutdown/>`; stanzas still in
+/// flight are processed to the end, so each is delivered, stored offline or bounced, and
+/// never dropped.
+public final class BraidServer: Service {
+    public let configuration: BraidConfiguration
+    public let context: ServerContext
+    public let metricsRegistry: MetricsRegistry
+    let group: MultiThreadedEventLoopGroup
+    private let ownsGroup: Bool
+    private let logger: Logger
+    private let listeners = Mutex<[ListenerKind: any Channel]>([:])
+    private let poller = Mutex<Task<Void, Never>?>(nil)
+
+    /// How often the hosted-domain list is re-read; `braid domain add|remove` takes effect
+    /// within this interval.
+    public static let domainPollInterval: Duration = .milliseconds(250)
+
+    /// Opens storage and loads certificates; nothing listens until ``start()``.
+    public init(configuration: BraidConfiguration, logger: Logger, eventLoopGroup: MultiThreadedEventLoopGroup? = nil) throws {
+        let started = ContinuousClock.now
+        self.configuration = configuration
+        self.logger = logger
+        let dataDirectory = configuration.dataDirectory
+        try FileManager.default.createDirectory(atPath: dataDirectory, withIntermediateDirectories: true)
+        let storage = try SQLiteStorage(path: "\(dataDirectory)/braid.sqlite", logger: logger)
+        metricsRegistry = MetricsRegistry()
+        let metrics = ServerMetrics(registry: metricsRegistry)
+        let domains = DomainRegistry()
+        let certificates = CertificateManager(directory: "\(dataDirectory)/certs", selfSignMissing: configuration.tls.selfSignMissing, domains: domains, logger: logger)
+        try certificates.loadConfigured(configuration.tls.certificates)
+        try certificates.loadDirectory()
+        context = ServerContext(configuration: configuration, storage: storage, domains: domains, certificates: certificates, metrics: metrics, logger: logger)
+        context.install(router: Router(server: context, remote: NoFederation()))
+        if let eventLoopGroup {
+            group = eventLoopGroup
+            ownsGroup = false
+        } else {
+            group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
+            ownsGroup = true
+        }
+        metrics.startupSeconds.set(Self.seconds(ContinuousClock.now - started))
+    }
+
+    /// The ports the listeners are bound to (useful when the configuration asks for port 0).
+    public var boundPorts: [ListenerKind: Int] {
+        listeners.withLock { $0.compactMapValues { $0.localAddress?.port } }
+    }
+
+    // MARK: Lifecycle
+
+    public func run() async throws {
+        try await start()
+        // Returns when a graceful shutdown is requested (SIGTERM) or the task is cancelled.
+        try? await gracefulShutdown()
+        await shutdown()
+    }
+
+    /// Makes sure a domain is hosted, loads the domains, and binds the listeners.
+    public func start() async throws {
+        let started = ContinuousClock.now
+        if try await context.storage.domains().isEmpty {
+            let domain = try JID(domain: configuration.defaultDomain).domainpart
+            try await context.storage.addDomain(domain)
+            logger.notice("no domain hosted yet; added the default domain", metadata: ["domain": "\(domain)"])
+        }
+        try await context.domains.synchronize(from: context.storage)
+        context.metrics.hostedDomains.set(Int64(context.domains.count))
+        let defaultDomain = try JID(domain: configuration.defaultDomain).domainpart
+        if context.domains.isHosted(defaultDomain) {
+            context.certificates.ensureCertificate(for: defaultDomain)
+        }
+
+        let c2s = configuration.c2s
+        if let port = c2s.starttlsPort {
+            try await bind(.c2sStartTLS, host: c2s.address, port: port, tls: nil)
+        }
+        if let port = c2s.directTLSPort {
+            let tlsDefault = context.certificates.covers(defaultDomain) ? defaultDomain : (context.domains.all.sorted().first ?? defaultDomain)
+            let tls = try NIOSSLContext(configuration: context.certificates.directTLSConfiguration(defaultDomain: tlsDefault, alpn: ["xmpp-client"]))
+            try await bind(.c2sDirectTLS, host: c2s.address, port: port, tls: tls)
+        }
+        startDomainPolling()
+        context.metrics.startupSeconds.set(Self.seconds(ContinuousClock.now - started) + (context.metrics.registry.gaugeValue("braid_startup_seconds") ?? 0))
+        logger.info("Braid is serving", metadata: [
+            "domains": "\(context.domains.count)",
+            "ports": "\(boundPorts.map { "\($0.key.rawValue)=\($0.value)" }.sorted().joined(separator: ","))",
+        ])
+    }
+
+    private func bind(_ kind: ListenerKind, host: String, port: Int, tls: NIOSSLContext?) async throws {
+        let server = context
+        let limits = XMLStreamLimits(maximumStanzaBytes: configuration.c2s.maxStanzaBytes)
+        let outboundLimit = configuration.c2s.maxOutboundBytes
+        let logger = self.logger
+        let channel = try await ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 1024)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: outboundLimit / 2, high: outboundLimit))
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let decoder = XMLStreamDecoder(contentNamespace: XMLNamespace.client, limits: limits)
+                    if let tls {
+                        try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls))
+                    }
+                    try channel.pipeline.syncOperations.addHandler(decoder)
+                    try channel.pipeline.syncOperations.addHandler(XMLStreamEncoder(contentNamespace: XMLNamespace.client))
+                    try channel.pipeline.syncOperations.addHandler(ClientConnectionHandler(server: server, decoder: decoder, listener: kind, logger: logger))
+                }
+            }
+            .bind(host: host, port: port)
+            .get()
+        listeners.withLock { $0[kind] = channel }
+    }
+
+    private func startDomainPolling() {
+        let context = self.context
+        let logger = self.logger
+        let task = Task {
+            while !Task.isCancelled {
+                try? await Task.sleep(for: Self.domainPollInterval)
+                do {
+                    let change = try await context.domains.synchronize(from: context.storage)
+                    guard !change.isEmpty else { continue }
+                    context.metrics.hostedDomains.set(Int64(context.domains.count))
+                    for domain in change.added.sorted() {
+                        logger.notice("now hosting domain", metadata: ["domain": "\(domain)"])
+                    }
+                    for domain in change.removed.sorted() {
+                        let sessions = context.sessions.allSessions(inDomain: domain)
+                        logger.notice("no longer hosting domain", metadata: ["domain": "\(domain)", "sessions": "\(sessions.count)"])
+                        for session in sessions {
+                            session.closeWithError(StreamError(.hostGone, text: "this domain is no longer served here"))
+                        }
+                    }
+                } catch {
+                    logger.error("reading hosted domains failed", metadata: ["error": "\(error)"])
+                }
+            }
+        }
+        poller.withLock { $0 = task }
+    }
+
+    /// Stops listening, closes every stream with `<system-shutdown/>`, and waits (up to ten
+    /// seconds) for every session to finish processing what it had received.
+    public func shutdown() async {
+        poller.withLock { $0?.cancel() }
+        let channels = listeners.withLock { listeners in
+            defer { listeners = [:] }
+            return Array(listeners.values)
+        }
+        for channel in channels {
+            try? await channel.close()
+        }
+        let sessions = context.sessions.allSessions()
+        logger.notice("shutting down", metadata: ["sessions": "\(sessions.count)"])
+        for session in sessions {
+            session.closeWithError(StreamError(.systemShutdown))
+        }
+        let deadline = ContinuousClock.now + .seconds(10)
+        while (context.sessions.count > 0 || context.activeProcessing.load(ordering: .relaxed) > 0) && ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+        if ownsGroup {
+            try? await group.shutdownGracefully()
+        }
+        logger.notice("stopped")
+    }
+
+    static func seconds(_ duration: Duration) -> Double {
+        Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
+    }
+}

@@ -1,0 +1,138 @@
+import Foundation
+import Logging
+import NIOSSL
+import Synchronization
+import Trust
+import XMPPCore
+import XMPPStream
+
+/// The certificates Braid presents, one per hosted domain or shared.
+///
+/// Sources, in order: the certificate files named in the configuration; certificates in
+/// `<data>/certs/` (which `braid cert selfsign` writes); and, when `tls.self_sign_missing` is
+/// on, a self-signed certificate made on first use for a hosted domain nothing else covers.
+/// Generation is lazy so that ten thousand domains start without ten thousand key pairs.
+public final class CertificateManager: Sendable {
+    public let store: TLSContextStore
+    let directory: String
+    let selfSignMissing: Bool
+    let domains: DomainRegistry
+    let logger: Logger
+    /// Domains a certificate is being made for, so concurrent handshakes make one.
+    private let generating = Mutex<Set<String>>([])
+
+    init(directory: String, selfSignMissing: Bool, domains: DomainRegistry, logger: Logger) {
+        self.store = TLSContextStore(logger: logger)
+        self.directory = directory
+        self.selfSignMissing = selfSignMissing
+        self.domains = domains
+        self.logger = logger
+    }
+
+    /// Where generated certificates for `domain` live (A-label file names).
+    public static func paths(for domain: String, in directory: String) -> (certificate: String, key: String) {
+        let name = (try? JID(domain: domain).asciiDomain) ?? domain
+        return ("\(directory)/\(name).crt", "\(directory)/\(name).key")
+    }
+
+    /// Installs the configured certificate files. Each covers the domains listed, or every
+    /// name its certificate covers.
+    func loadConfigured(_ files: [BraidConfiguration.CertificateFiles]) throws {
+        for file in files {
+            let credentials: PEMCredentials
+            do {
+                credentials = try PEMCredentials.load(certificatePath: file.certificate, keyPath: file.key)
+                try credentials.validate()
+            } catch {
+                throw ConfigurationError("certificate \(file.certificate): \(error)")
+            }
+            let names: [String]
+            if let listed = file.domains {
+                names = listed
+            } else {
+                let leaf = try credentials.leafCertificate()
+                names = Array(try CertificateIdentity(certificate: leaf).allDomains)
+            }
+            guard !names.isEmpty else { throw ConfigurationError("certificate \(file.certificate) names no domain; list them under 'domains'") }
+            try store.install(credentials, for: names)
+            logger.info("certificate loaded", metadata: ["file": "\(file.certificate)", "domains": "\(names.sorted().joined(separator: ","))"])
+        }
+    }
+
+    /// Installs every `NAME.crt`/`NAME.key` pair in the certificates directory.
+    func loadDirectory() throws {
+        let manager = FileManager.default
+        guard let names = try? manager.contentsOfDirectory(atPath: directory) else { return }
+        for file in names where file.hasSuffix(".crt") {
+            let domain = String(file.dropLast(4))
+            let (certificate, key) = Self.paths(for: domain, in: directory)
+            guard manager.fileExists(atPath: key) else { continue }
+            do {
+                let credentials = try PEMCredentials.load(certificatePath: certificate, keyPath: key)
+                let leaf = try credentials.leafCertificate()
+                let covered = try CertificateIdentity(certificate: leaf).allDomains
+                try store.install(credentials, for: covered.isEmpty ? [domain] : Array(covered))
+            } catch {
+                logger.warning("skipping unreadable certificate", metadata: ["file": "\(certificate)", "error": "\(error)"])
+            }
+        }
+    }
+
+    /// True when some certificate covers `domain`.
+    public func covers(_ domain: String) -> Bool {
+        store.certificateDER(for: domain) != nil
+    }
+
+    /// Makes (and saves) a self-signed certificate for a hosted domain nothing covers.
+    @discardableResult
+    func ensureCertificate(for domain: String) -> Bool {
+        if covers(domain) { return true }
+        guard selfSignMissing, domains.isHosted(domain) else { return false }
+        let claimed = generating.withLock { $0.insert(domain).inserted }
+        guard claimed else { return covers(domain) }
+        defer { generating.withLock { _ = $0.remove(domain) } }
+        do {
+            let credentials = try SelfSignedCertificate.generate(domains: [domain])
+            let (certificate, key) = Self.paths(for: domain, in: directory)
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            try credentials.write(certificatePath: certificate, keyPath: key)
+            try store.install(credentials, for: [domain])
+            logger.notice("created a self-signed certificate", metadata: ["domain": "\(domain)", "file": "\(certificate)"])
+            return true
+        } catch {
+            logger.error("cannot create a certificate", metadata: ["domain": "\(domain)", "error": "\(error)"])
+            return false
+        }
+    }
+
+    /// The context for STARTTLS on a stream to `domain` (RFC 6120 §5.4.3.1).
+    func serverContext(for domain: String) -> NIOSSLContext? {
+        ensureCertificate(for: domain)
+        return store.serverContext(for: domain)
+    }
+
+    /// `tls-server-end-point` channel binding (RFC 5929) for the certificate presented for
+    /// `domain`, for SCRAM-*-PLUS. (swift-nio-ssl exposes no keying-material exporter, so
+    /// `tls-exporter` is not available.)
+    func channelBinding(for domain: String) -> ChannelBinding? {
+        guard let der = store.certificateDER(for: domain), let hash = TLSContextStore.tlsServerEndPointHash(certificateDER: der) else { return nil }
+        return ChannelBinding(type: "tls-server-end-point", data: hash)
+    }
+
+    /// Direct TLS (XEP-0368): the certificate is chosen by SNI, made on first use if needed.
+    func directTLSConfiguration(defaultDomain: String, alpn: [String]) -> TLSConfiguration {
+        var configuration = store.makeServerConfiguration(defaultDomain: defaultDomain, alpn: alpn)
+        let choose = configuration.sslContextCallback
+        configuration.sslContextCallback = { [self] values, promise in
+            if let name = values.serverHostname, let domain = try? JID(domain: name) {
+                self.ensureCertificate(for: domain.domainpart)
+            }
+            if let choose {
+                choose(values, promise)
+            } else {
+                promise.succeed(.noChanges)
+            }
+        }
+        return configuration
+    }
+}

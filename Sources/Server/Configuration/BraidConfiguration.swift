@@ -1,0 +1,286 @@
+import Foundation
+import Yams
+
+/// Braid's configuration. Every field has a default, so an empty file (or none at all) gives
+/// the embedded default: data under `./braid-data`, the domain `localhost` with a
+/// self-signed certificate, and client listeners on 5222 (STARTTLS) and 5223 (direct TLS).
+///
+/// Loaded from YAML (`braid.yaml`); every leaf can be overridden by an environment variable
+/// named after its path, e.g. `BRAID_C2S_MAX_STANZA_BYTES` or `BRAID_DATA_DIRECTORY`.
+/// `docs/braid.example.yaml` documents every key.
+public struct BraidConfiguration: Codable, Sendable, Equatable {
+    /// Where the database and generated certificates live. Relative paths are resolved
+    /// against the working directory.
+    public var dataDirectory: String = "braid-data"
+    /// The domain created on first start, when no domain is hosted yet.
+    public var defaultDomain: String = "localhost"
+    /// trace, debug, info, notice, warning, error or critical.
+    public var logLevel: String = "info"
+    public var c2s = ClientSettings()
+    public var auth = AuthSettings()
+    public var tls = TLSSettings()
+    public var offline = OfflineSettings()
+    public var streamManagement = StreamManagementSettings()
+
+    public init() {}
+
+    enum CodingKeys: String, CodingKey {
+        case dataDirectory = "data_directory"
+        case defaultDomain = "default_domain"
+        case logLevel = "log_level"
+        case c2s, auth, tls, offline
+        case streamManagement = "stream_management"
+    }
+
+    public struct ClientSettings: Codable, Sendable, Equatable {
+        /// The address listeners bind to.
+        public var address: String = "0.0.0.0"
+        /// STARTTLS listener (RFC 6120); null disables it, 0 picks a free port (tests).
+        public var starttlsPort: Int? = 5222
+        /// Direct TLS listener (XEP-0368, ALPN `xmpp-client`); null disables it.
+        public var directTLSPort: Int? = 5223
+        /// Require STARTTLS before anything else (RFC 6120 §5.3.1).
+        public var requireTLS: Bool = true
+        /// Offer SASL PLAIN (only ever inside TLS).
+        public var allowPlain: Bool = true
+        /// Largest stanza accepted from a client, in bytes (at least 10,000; RFC 6120 §13.12).
+        public var maxStanzaBytes: Int = 256 * 1024
+        /// Sustained stanzas per second per session; above it the stream is closed with
+        /// `policy-violation`.
+        public var stanzasPerSecond: Double = 200
+        /// Burst allowance on top of the sustained rate.
+        public var stanzaBurst: Double = 1000
+        /// Bytes waiting to be written to a slow client before its stream is closed with
+        /// `resource-constraint`.
+        public var maxOutboundBytes: Int = 4 * 1024 * 1024
+        /// Seconds a client may take to authenticate and bind.
+        public var negotiationTimeoutSeconds: Int = 60
+        /// Seconds without any data from the client before `connection-timeout`.
+        public var idleTimeoutSeconds: Int = 600
+        /// Seconds of outbound silence after which a whitespace keepalive is sent.
+        public var keepaliveSeconds: Int = 60
+        /// What happens when a client binds a resource already in use: `replace` (the old
+        /// session gets `<conflict/>`), `refuse` (the new bind fails), or `rename` (the server
+        /// picks another resource).
+        public var resourceConflict: ResourceConflictPolicy = .replace
+
+        public init() {}
+
+        enum CodingKeys: String, CodingKey {
+            case address
+            case starttlsPort = "starttls_port"
+            case directTLSPort = "direct_tls_port"
+            case requireTLS = "require_tls"
+            case allowPlain = "allow_plain"
+            case maxStanzaBytes = "max_stanza_bytes"
+            case stanzasPerSecond = "stanzas_per_second"
+            case stanzaBurst = "stanza_burst"
+            case maxOutboundBytes = "max_outbound_bytes"
+            case negotiationTimeoutSeconds = "negotiation_timeout_seconds"
+            case idleTimeoutSeconds = "idle_timeout_seconds"
+            case keepaliveSeconds = "keepalive_seconds"
+            case resourceConflict = "resource_conflict"
+        }
+    }
+
+    public enum ResourceConflictPolicy: String, Codable, Sendable, Equatable {
+        case replace, refuse, rename
+    }
+
+    public struct AuthSettings: Codable, Sendable, Equatable {
+        /// PBKDF2 iterations for new SCRAM credentials (RFC 7677 asks for at least 4096).
+        public var scramIterations: Int = 10_000
+
+        public init() {}
+
+        enum CodingKeys: String, CodingKey {
+            case scramIterations = "scram_iterations"
+        }
+    }
+
+    public struct TLSSettings: Codable, Sendable, Equatable {
+        /// Create a self-signed certificate, on first use, for a hosted domain that no
+        /// configured certificate covers. Convenient for development; turn it off in
+        /// production so a missing certificate is an error you notice.
+        public var selfSignMissing: Bool = true
+        /// Certificate files. Each covers the domains its certificate names (or those listed).
+        public var certificates: [CertificateFiles] = []
+
+        public init() {}
+
+        enum CodingKeys: String, CodingKey {
+            case selfSignMissing = "self_sign_missing"
+            case certificates
+        }
+    }
+
+    public struct CertificateFiles: Codable, Sendable, Equatable {
+        /// PEM file with the certificate chain, leaf first.
+        public var certificate: String
+        /// PEM file with the private key.
+        public var key: String
+        /// The domains to use it for; when absent, every name the certificate covers.
+        public var domains: [String]?
+
+        public init(certificate: String, key: String, domains: [String]? = nil) {
+            self.certificate = certificate
+            self.key = key
+            self.domains = domains
+        }
+    }
+
+    public struct OfflineSettings: Codable, Sendable, Equatable {
+        /// Messages kept per account while it is offline; beyond that, senders get
+        /// `service-unavailable`.
+        public var maxMessagesPerUser: Int = 500
+
+        public init() {}
+
+        enum CodingKeys: String, CodingKey {
+            case maxMessagesPerUser = "max_messages_per_user"
+        }
+    }
+
+    public struct StreamManagementSettings: Codable, Sendable, Equatable {
+        /// Offer XEP-0198.
+        public var enabled: Bool = true
+        /// Seconds a dropped session waits to be resumed.
+        public var resumeTimeoutSeconds: Int = 300
+        /// Unacknowledged stanzas kept per session; beyond that the stream is closed with
+        /// `resource-constraint` rather than losing any.
+        public var maxUnackedStanzas: Int = 5000
+
+        public init() {}
+
+        enum CodingKeys: String, CodingKey {
+            case enabled
+            case resumeTimeoutSeconds = "resume_timeout_seconds"
+            case maxUnackedStanzas = "max_unacked_stanzas"
+        }
+    }
+}
+
+// MARK: - Loading
+
+/// A configuration problem, reported before anything starts.
+public struct ConfigurationError: Error, CustomStringConvertible, Sendable {
+    public var description: String
+
+    public init(_ description: String) {
+        self.description = description
+    }
+}
+
+extension BraidConfiguration {
+    /// Where the configuration comes from, in order: `--config PATH`, `BRAID_CONFIG`, then
+    /// `./braid.yaml` (or `./braid.yml`) if present. Nil means none: the defaults.
+    public static func locateFile(explicit: String?, environment: [String: String] = ProcessInfo.processInfo.environment) -> String? {
+        if let explicit { return explicit }
+        if let fromEnvironment = environment["BRAID_CONFIG"], !fromEnvironment.isEmpty { return fromEnvironment }
+        for candidate in ["braid.yaml", "braid.yml"] where FileManager.default.fileExists(atPath: candidate) {
+            return candidate
+        }
+        return nil
+    }
+
+    /// Loads the configuration from `path` (nil: defaults only), then applies environment
+    /// overrides. Unknown keys are errors, so a typo is reported instead of ignored.
+    public static func load(path: String?, environment: [String: String] = ProcessInfo.processInfo.environment) throws -> BraidConfiguration {
+        var text = ""
+        if let path {
+            do {
+                text = try String(contentsOfFile: path, encoding: .utf8)
+            } catch {
+                throw ConfigurationError("cannot read configuration file \(path): \(error.localizedDescription)")
+            }
+        }
+        return try parse(yaml: text, environment: environment, source: path ?? "defaults")
+    }
+
+    /// Parses YAML text over the defaults, then applies environment overrides.
+    public static func parse(yaml: String, environment: [String: String] = [:], source: String = "configuration") throws -> BraidConfiguration {
+        let defaultsNode = try Yams.compose(yaml: YAMLEncoder().encode(BraidConfiguration())) ?? Node.Mapping([]).node
+        var userNode: Node
+        do {
+            userNode = try Yams.compose(yaml: yaml) ?? Node.Mapping([]).node
+        } catch {
+            throw ConfigurationError("\(source): not valid YAML: \(error)")
+        }
+        if case .scalar(let scalar) = userNode, ["", "~", "null", "Null", "NULL"].contains(scalar.string) {
+            userNode = Node.Mapping([]).node
+        }
+        guard userNode.mapping != nil else {
+            throw ConfigurationError("\(source): the top level must be a mapping of keys to values")
+        }
+        try checkKeys(userNode, against: defaultsNode, path: [], source: source)
+
+        var merged = merge(defaultsNode, userNode)
+        for path in leafPaths(of: defaultsNode) {
+            let variable = "BRAID_" + path.joined(separator: "_").uppercased()
+            guard let value = environment[variable] else { continue }
+            let valueNode: Node
+            do {
+                valueNode = try Yams.compose(yaml: value) ?? Node("")
+            } catch {
+                throw ConfigurationError("\(variable): not a valid value: \(error)")
+            }
+            merged = setting(valueNode, at: path, in: merged)
+        }
+        do {
+            return try YAMLDecoder().decode(BraidConfiguration.self, from: merged)
+        } catch let DecodingError.typeMismatch(_, context), let DecodingError.dataCorrupted(context) {
+            throw ConfigurationError("\(source): bad value at \(context.codingPath.map(\.stringValue).joined(separator: ".")): \(context.debugDescription)")
+        } catch {
+            throw ConfigurationError("\(source): \(error)")
+        }
+    }
+
+    /// Rejects keys the defaults do not have. Lists (like `tls.certificates`) are checked by
+    /// decoding instead.
+    private static func checkKeys(_ node: Node, against defaults: Node, path: [String], source: String) throws {
+        guard let mapping = node.mapping, let defaultMapping = defaults.mapping else { return }
+        for (key, value) in mapping {
+            guard let name = key.string else { throw ConfigurationError("\(source): keys must be strings") }
+            guard let defaultValue = defaultMapping[name] else {
+                let location = (path + [name]).joined(separator: ".")
+                throw ConfigurationError("\(source): unknown key '\(location)'")
+            }
+            try checkKeys(value, against: defaultValue, path: path + [name], source: source)
+        }
+    }
+
+    /// `override` laid over `base`, mapping by mapping.
+    private static func merge(_ base: Node, _ override: Node) -> Node {
+        guard var baseMapping = base.mapping, let overrideMapping = override.mapping else { return override }
+        for (key, value) in overrideMapping {
+            if let existing = baseMapping[key] {
+                baseMapping[key] = merge(existing, value)
+            } else {
+                baseMapping[key] = value
+            }
+        }
+        return baseMapping.node
+    }
+
+    private static func leafPaths(of node: Node, prefix: [String] = []) -> [[String]] {
+        guard let mapping = node.mapping else { return [prefix] }
+        var paths: [[String]] = []
+        for (key, value) in mapping {
+            guard let name = key.string else { continue }
+            paths += leafPaths(of: value, prefix: prefix + [name])
+        }
+        return paths
+    }
+
+    private static func setting(_ value: Node, at path: [String], in node: Node) -> Node {
+        guard let first = path.first else { return value }
+        var mapping = node.mapping ?? Node.Mapping([])
+        let child = mapping[first] ?? Node.Mapping([]).node
+        mapping[first] = setting(value, at: Array(path.dropFirst()), in: child)
+        return mapping.node
+    }
+}
+
+extension Node.Mapping {
+    fileprivate var node: Node { .mapping(self) }
+}

@@ -1,0 +1,218 @@
+import Foundation
+import Storage
+import XMPPCore
+import XMPPStream
+
+/// Message delivery (RFC 6121 §8.5), offline storage, and message carbons (XEP-0280).
+final class MessageService: Sendable {
+    static let carbons = "urn:xmpp:carbons:2"
+    static let forward = "urn:xmpp:forward:0"
+    static let delay = "urn:xmpp:delay"
+    static let hints = "urn:xmpp:hints"
+
+    let server: ServerContext
+
+    init(server: ServerContext) {
+        self.server = server
+    }
+
+    // MARK: From the user's own client
+
+    func outbound(_ stanza: Stanza, to target: JID?, from session: ClientSession, router: Router) async {
+        guard let target else {
+            // A message with no `to` is for the account itself (RFC 6120 §10.3.1).
+            await inbound(stanza.setting(attribute: "to", to: session.jid.bare.description), to: session.jid.bare, router: router)
+            return
+        }
+        if let message = Message(stanza), isCarbonEligible(message) {
+            // XEP-0280 §7: the sender's other resources get a <sent/> copy.
+            sendCarbons(of: stanza.element, wrapper: "sent", account: session.jid.bare, except: session.jid)
+        }
+        await router.route(stanza.addressed(to: target, from: session.jid))
+    }
+
+    // MARK: To a local user
+
+    func inbound(_ stanza: Stanza, to target: JID, router: Router) async {
+        guard let message = Message(stanza) else { return }
+        let account = target.bare
+        if !target.isBare {
+            if let entry = server.sessions.entry(for: target) {
+                // §8.5.3.1: the resource exists.
+                entry.session.deliver(stanza.element)
+                if isCarbonEligible(message) {
+                    sendCarbons(of: stanza.element, wrapper: "received", account: account, except: target)
+                }
+                return
+            }
+            // §8.5.3.2.1: no such resource.
+            switch message.type {
+            case .normal, .chat:
+                break  // treated as addressed to the bare JID, below
+            case .groupchat:
+                await router.bounce(stanza, with: StanzaError(.serviceUnavailable))
+                return
+            case .headline, .error:
+                return
+            }
+        }
+        await deliverToBare(stanza, message: message, account: account, router: router)
+    }
+
+    /// §8.5.2: a message for the account as a whole.
+    private func deliverToBare(_ stanza: Stanza, message: Message, account: JID, router: Router) async {
+        let candidates = server.sessions.entries(of: account).filter { $0.isAvailable && $0.priority >= 0 }
+        if !candidates.isEmpty {
+            switch message.type {
+            case .normal, .chat:
+                // §8.5.2.1.1: the most available resources: those with the highest priority.
+                let top = candidates.map(\.priority).max() ?? 0
+                let chosen = candidates.filter { $0.priority == top }
+                for entry in chosen { entry.session.deliver(stanza.element) }
+                if isCarbonEligible(message) {
+                    let delivered = Set(chosen.map { $0.session.jid })
+                    for entry in server.sessions.entries(of: account) where entry.carbons && !delivered.contains(entry.session.jid) {
+                        entry.session.deliver(Self.carbonCopy(of: stanza.element, wrapper: "received", account: account, to: entry.session.jid))
+                    }
+                }
+            case .headline:
+                for entry in candidates { entry.session.deliver(stanza.element) }
+            case .groupchat:
+                await router.bounce(stanza, with: StanzaError(.serviceUnavailable))
+            case .error:
+                break  // §8.5.2.1.1: silently ignored
+            }
+            return
+        }
+        // §8.5.2.2: no available resource.
+        switch message.type {
+        case .normal, .chat:
+            await storeOffline(stanza, account: account, router: router)
+        case .groupchat:
+            await router.bounce(stanza, with: StanzaError(.serviceUnavailable))
+        case .headline, .error:
+            break
+        }
+    }
+
+    /// Stores a message for an offline account. A missing account, a full store and a
+    /// storage failure all get the same `service-unavailable`, so the answer never tells
+    /// whether the account exists (RFC 6120 §13, RFC 6121 §8.5.1).
+    private func storeOffline(_ stanza: Stanza, account: JID, router: Router) async {
+        do {
+            if try await server.storage.userExists(account) {
+                let stored = try await server.storage.storeOfflineMessage(
+                    for: account, stanza: XMLFragment.serialize(stanza.element), limit: server.configuration.offline.maxMessagesPerUser)
+                if stored {
+                    server.metrics.offlineStored.increment()
+                    return
+                }
+                server.logger.info("offline store full", metadata: ["account": "\(account)"])
+            }
+        } catch {
+            server.logger.error("offline store failed", metadata: ["account": "\(account)", "error": "\(error)"])
+        }
+        server.metrics.offlineRefused.increment()
+        await router.bounce(stanza, with: StanzaError(.serviceUnavailable))
+    }
+
+    /// Delivers stored messages at the account's next available presence, oldest first,
+    /// each stamped with when it was stored (XEP-0203).
+    func deliverOffline(to session: ClientSession, router: Router) async {
+        let account = session.jid.bare
+        do {
+            let stored = try await server.storage.takeOfflineMessages(for: account)
+            for message in stored {
+                guard let element = try? XMLFragment.parse(message.stanza) else {
+                    server.logger.error("unreadable offline message dropped", metadata: ["account": "\(account)"])
+                    continue
+                }
+                let delay = XMLElement(name: "delay", namespace: Self.delay, attributes: [
+                    XMLAttribute("from", account.domainpart),
+                    XMLAttribute("stamp", Self.timestamp(millisecondsSince1970: message.storedAt)),
+                ], text: "Offline storage")
+                session.deliver(element.appending(delay))
+                server.metrics.offlineDelivered.increment()
+            }
+        } catch {
+            server.logger.error("offline delivery failed", metadata: ["account": "\(account)", "error": "\(error)"])
+        }
+    }
+
+    /// A stanza that reached a session which then ended before the client acknowledged it.
+    /// Messages go back through delivery (another resource, or offline storage); IQ
+    /// requests get an error; presence is state and is not replayed.
+    func handleUndelivered(_ element: XMLElement, to session: ClientSession, router: Router) async {
+        guard let stanza = Stanza(element) else { return }
+        switch stanza.kind {
+        case .message:
+            guard let message = Message(stanza), message.type != .error, message.type != .groupchat, message.type != .headline else { return }
+            // Carbon copies are copies; the original went elsewhere already.
+            if element.firstChild(namespace: Self.carbons) != nil { return }
+            await deliverToBare(stanza, message: message, account: session.jid.bare, router: router)
+        case .iq:
+            if IQ(stanza)?.type?.isRequest == true {
+                await router.bounce(stanza, with: StanzaError(.recipientUnavailable))
+            }
+        case .presence:
+            break
+        }
+    }
+
+    // MARK: Carbons (XEP-0280)
+
+    /// §6: chat messages, and normal messages with a body, unless marked private or
+    /// no-copy; never copies of copies.
+    func isCarbonEligible(_ message: Message) -> Bool {
+        let element = message.element
+        if element.firstChild(name: "private", namespace: Self.carbons) != nil { return false }
+        if element.firstChild(name: "no-copy", namespace: Self.hints) != nil { return false }
+        if element.firstChild(name: "received", namespace: Self.carbons) != nil || element.firstChild(name: "sent", namespace: Self.carbons) != nil { return false }
+        switch message.type {
+        case .chat: return true
+        case .normal: return message.body != nil
+        case .error, .groupchat, .headline: return false
+        }
+    }
+
+    private func sendCarbons(of element: XMLElement, wrapper: String, account: JID, except: JID) {
+        for entry in server.sessions.entries(of: account) where entry.carbons && entry.session.jid != except {
+            entry.session.deliver(Self.carbonCopy(of: element, wrapper: wrapper, account: account, to: entry.session.jid))
+        }
+    }
+
+    static func carbonCopy(of element: XMLElement, wrapper: String, account: JID, to resource: JID) -> XMLElement {
+        let forwarded = XMLElement(name: "forwarded", namespace: forward, children: [.element(element.rescopingContent(to: XMLNamespace.client))])
+        return XMLElement(name: "message", namespace: XMLNamespace.client, attributes: [
+            XMLAttribute("from", account.description), XMLAttribute("to", resource.description), XMLAttribute("type", Message(element)?.type.rawValue ?? "chat"),
+        ], children: [.element(XMLElement(name: wrapper, namespace: carbons, children: [.element(forwarded)]))])
+    }
+
+    // MARK: Helpers
+
+    /// XEP-0082 date-time in UTC with milliseconds.
+    static func timestamp(millisecondsSince1970: Int64) -> String {
+        let date = Date(timeIntervalSince1970: Double(millisecondsSince1970) / 1000)
+        var calendar = Calendar(identifier: .gregorian)
+        calendar.timeZone = TimeZone(identifier: "UTC") ?? calendar.timeZone
+        let c = calendar.dateComponents([.year, .month, .day, .hour, .minute, .second, .nanosecond], from: date)
+        func pad(_ value: Int?, _ width: Int) -> String {
+            let text = String(value ?? 0)
+            return String(repeating: "0", count: max(0, width - text.count)) + text
+        }
+        return "\(pad(c.year, 4))-\(pad(c.month, 2))-\(pad(c.day, 2))T\(pad(c.hour, 2)):\(pad(c.minute, 2)):\(pad(c.second, 2)).\(pad((c.nanosecond ?? 0) / 1_000_000, 3))Z"
+    }
+}
+
+extension XMLElement {
+    /// A copy whose content-namespace elements (`jabber:client`/`jabber:server`) are all in
+    /// `namespace`, for stanzas embedded in another (RFC 6120 §4.8.3; XEP-0297 wants
+    /// `jabber:client` inside `<forwarded/>`).
+    func rescopingContent(to namespace: String) -> XMLElement {
+        let children = self.children.map { node -> XMLNode in
+            if case .element(let child) = node { return .element(child.rescopingContent(to: namespace)) }
+            return node
+        }
+        return XMLElement(name: name, namespace: XMLNamespace.isContent(self.namespace) ? namespace : self.namespace, attributes: attributes, children: children)
+    }
+}

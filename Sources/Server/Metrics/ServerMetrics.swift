@@ -1,0 +1,62 @@
+import CoreMetrics
+import XMPPCore
+
+/// The metrics Braid reports, created once per server against its registry.
+///
+/// Names follow Prometheus conventions. Every bad input is counted here by the condition it
+/// got, next to the log line that names the peer.
+public struct ServerMetrics: Sendable {
+    public let registry: MetricsRegistry
+
+    let connectionsAccepted: [ListenerKind: Counter]
+    let sessionsActive: Meter
+    let stanzasIn: [StanzaKind: Counter]
+    let stanzasOut: [StanzaKind: Counter]
+    let hostedDomains: Meter
+    let offlineStored: Counter
+    let offlineDelivered: Counter
+    let offlineRefused: Counter
+    let smResumed: Counter
+    let startupSeconds: Meter
+
+    public init(registry: MetricsRegistry) {
+        self.registry = registry
+        connectionsAccepted = Dictionary(uniqueKeysWithValues: ListenerKind.allCases.map {
+            ($0, Counter(label: "braid_connections_accepted_total", dimensions: [("listener", $0.rawValue)], factory: registry))
+        })
+        sessionsActive = Meter(label: "braid_c2s_sessions", factory: registry)
+        stanzasIn = Dictionary(uniqueKeysWithValues: StanzaKind.allCases.map {
+            ($0, Counter(label: "braid_stanzas_in_total", dimensions: [("kind", $0.rawValue)], factory: registry))
+        })
+        stanzasOut = Dictionary(uniqueKeysWithValues: StanzaKind.allCases.map {
+            ($0, Counter(label: "braid_stanzas_out_total", dimensions: [("kind", $0.rawValue)], factory: registry))
+        })
+        hostedDomains = Meter(label: "braid_hosted_domains", factory: registry)
+        offlineStored = Counter(label: "braid_offline_stored_total", factory: registry)
+        offlineDelivered = Counter(label: "braid_offline_delivered_total", factory: registry)
+        offlineRefused = Counter(label: "braid_offline_refused_total", factory: registry)
+        smResumed = Counter(label: "braid_sm_resumed_total", factory: registry)
+        startupSeconds = Meter(label: "braid_startup_seconds", factory: registry)
+    }
+
+    func authentication(mechanism: String, succeeded: Bool) {
+        Counter(label: succeeded ? "braid_auth_successes_total" : "braid_auth_failures_total",
+                dimensions: [("mechanism", mechanism)], factory: registry).increment()
+    }
+
+    /// A stream error we sent, by condition.
+    func streamErrorSent(_ condition: StreamError.Condition, listener: String) {
+        Counter(label: "braid_stream_errors_sent_total", dimensions: [("condition", condition.rawValue), ("stream", listener)], factory: registry).increment()
+    }
+
+    /// A stanza error we generated, by condition.
+    func stanzaErrorSent(_ condition: StanzaError.Condition) {
+        Counter(label: "braid_stanza_errors_sent_total", dimensions: [("condition", condition.rawValue)], factory: registry).increment()
+    }
+}
+
+/// The listeners whose connections are counted.
+public enum ListenerKind: String, Sendable, CaseIterable {
+    case c2sStartTLS = "c2s_starttls"
+    case c2sDirectTLS = "c2s_direct_tls"
+}

@@ -1,0 +1,191 @@
+import Logging
+import Synchronization
+import XMPPCore
+import XMPPStream
+
+/// Decides where every stanza goes (RFC 6120 §10, RFC 6121 §8).
+///
+/// A stanza from a local client is stamped with the session's JID first; from then on its
+/// `from` is trusted. A stanza for a hosted domain is handled here and never forwarded
+/// (§10.5); one for any other domain goes to the ``RemoteRoute``. Feature logic lives in the
+/// services and modules this router holds; the router only applies addressing rules.
+public final class Router: SessionOwner {
+    let server: ServerContext
+    let presence: PresenceService
+    let roster: RosterService
+    let messages: MessageService
+    let modules: ModuleRegistry
+    private let remoteRoute: Mutex<any RemoteRoute>
+    var logger: Logger { server.logger }
+
+    init(server: ServerContext, remote: any RemoteRoute) {
+        self.server = server
+        remoteRoute = Mutex(remote)
+        roster = RosterService(server: server)
+        presence = PresenceService(server: server, roster: roster)
+        messages = MessageService(server: server)
+        modules = ModuleRegistry()
+    }
+
+    /// Replaces the remote route (federation installs itself here).
+    public func setRemoteRoute(_ route: any RemoteRoute) {
+        remoteRoute.withLock { $0 = route }
+    }
+
+    // MARK: From local clients
+
+    public func process(_ element: XMLElement, from session: ClientSession) async {
+        guard let stanza = Stanza(element) else { return }
+        // RFC 6120 §8.1.2.1: the server stamps `from` with the sender's full JID, whatever
+        // the client put there.
+        let stamped = stanza.stamped(from: session.jid)
+        let target: JID?
+        do {
+            target = try stamped.to()
+        } catch {
+            // RFC 7622 §4: a malformed address in a stanza gets a stanza error.
+            await deliverError(to: session, replyingTo: stamped, StanzaError(.jidMalformed))
+            return
+        }
+        switch stamped.kind {
+        case .presence:
+            await presence.outbound(stamped, to: target, from: session, router: self)
+        case .message:
+            await messages.outbound(stamped, to: target, from: session, router: self)
+        case .iq:
+            if target == nil || target == session.jid.bare {
+                // No `to`, or the account itself: the server answers on the account's behalf.
+                await handleAccountIQ(stamped, account: session.jid.bare, requester: session.jid, session: session)
+            } else {
+                await route(stamped)
+            }
+        }
+    }
+
+    // MARK: General routing
+
+    /// Routes a stanza whose `from` is already authenticated.
+    public func route(_ stanza: Stanza) async {
+        let target: JID?
+        do {
+            target = try stanza.to()
+        } catch {
+            await bounce(stanza, with: StanzaError(.jidMalformed))
+            return
+        }
+        guard let target else {
+            // Only clients may omit `to` (handled in `process`); elsewhere there is nowhere to go.
+            logger.debug("dropping stanza without 'to'", metadata: ["kind": "\(stanza.kind.rawValue)"])
+            return
+        }
+        if server.domains.isHosted(target.domainpart) {
+            await deliverLocally(stanza, to: target)
+        } else {
+            await remoteRoute.withLock { $0 }.send(stanza, router: self)
+        }
+    }
+
+    /// RFC 6121 §8.5: a stanza for a hosted domain.
+    func deliverLocally(_ stanza: Stanza, to target: JID) async {
+        if target.localpart == nil {
+            await handleDomainStanza(stanza, domain: target.domain)
+            return
+        }
+        switch stanza.kind {
+        case .message:
+            await messages.inbound(stanza, to: target, router: self)
+        case .presence:
+            await presence.inbound(stanza, to: target, router: self)
+        case .iq:
+            if target.isBare {
+                let requester = (try? stanza.from()) ?? target.domain
+                await handleAccountIQ(stanza, account: target, requester: requester, session: nil)
+            } else if let entry = server.sessions.entry(for: target) {
+                entry.session.deliver(stanza.element)
+            } else if IQ(stanza)?.type?.isRequest == true {
+                // §8.5.3.2.1: no such resource.
+                await bounce(stanza, with: StanzaError(.serviceUnavailable))
+            }
+        }
+    }
+
+    /// A stanza to the server's own domain (or a resource of it).
+    private func handleDomainStanza(_ stanza: Stanza, domain: JID) async {
+        switch stanza.kind {
+        case .iq:
+            guard let iq = IQ(stanza) else { return }
+            guard let type = iq.type else {
+                await bounce(stanza, with: StanzaError(.badRequest))
+                return
+            }
+            guard type.isRequest else { return }
+            let requester = (try? stanza.from()) ?? domain
+            let response = await modules.handleServerIQ(iq, domain: domain, requester: requester, router: self)
+            await respond(to: iq, with: response)
+        case .message:
+            // Nothing on the server consumes messages; tell the sender rather than drop.
+            if Message(stanza)?.type != .error && Message(stanza)?.type != .headline {
+                await bounce(stanza, with: StanzaError(.serviceUnavailable))
+            }
+        case .presence:
+            // Presence to the server itself (probes, directed presence) needs no answer.
+            break
+        }
+    }
+
+    /// An IQ the server answers on behalf of an account (RFC 6121 §8.5.2.1.3, §8.5.1).
+    func handleAccountIQ(_ stanza: Stanza, account: JID, requester: JID, session: ClientSession?) async {
+        guard let iq = IQ(stanza) else { return }
+        guard let type = iq.type else {
+            await bounce(stanza, with: StanzaError(.badRequest))
+            return
+        }
+        guard type.isRequest else { return }
+        let response = await modules.handleAccountIQ(iq, account: account, requester: requester, session: session, router: self)
+        await respond(to: iq, with: response)
+    }
+
+    private func respond(to iq: IQ, with response: IQResponse) async {
+        switch response {
+        case .result(let payload):
+            await route(iq.result(payload: payload).stanza)
+        case .error(let error):
+            await bounce(iq.stanza, with: error)
+        case .handled:
+            break
+        }
+    }
+
+    // MARK: Errors
+
+    /// Sends the error reply for `stanza` back to its sender (RFC 6120 §8.3). Error stanzas
+    /// are never answered with errors.
+    public func bounce(_ stanza: Stanza, with error: StanzaError) async {
+        guard let reply = stanza.errorReply(error) else { return }
+        server.metrics.stanzaErrorSent(error.condition)
+        await route(reply)
+    }
+
+    /// An error straight back to a local session (for stanzas whose `to` cannot be parsed).
+    func deliverError(to session: ClientSession, replyingTo stanza: Stanza, _ error: StanzaError) async {
+        guard let reply = stanza.errorReply(error, from: session.jid.domainpart) else { return }
+        server.metrics.stanzaErrorSent(error.condition)
+        session.deliver(reply.setting(attribute: "to", to: session.jid.description).element)
+    }
+
+    // MARK: Session lifecycle
+
+    public func sessionEnded(_ session: ClientSession, undelivered: [XMLElement]) async {
+        server.resumption.remove(session)
+        if let entry = server.sessions.unbind(session) {
+            server.metrics.sessionsActive.set(Int64(server.sessions.count))
+            logger.debug("session ended", metadata: ["jid": "\(session.jid)"])
+            if entry.isAvailable || !entry.directedPresence.isEmpty {
+                await presence.broadcastUnavailable(of: session, entry: entry, router: self)
+            }
+        }
+        for element in undelivered {
+            await messages.handleUndelivered(element, to: session, router: self)
+        }
+    }
+}

@@ -1,0 +1,1 @@
+// The Server module: hosted domains, sessions, the router and feature modules.

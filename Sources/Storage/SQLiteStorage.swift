@@ -1,0 +1,486 @@
+import Foundation
+import GRDB
+import Logging
+import XMPPCore
+
+/// ``Storage`` in one SQLite file, through GRDB.
+///
+/// The file may be shared with other processes (the `braid domain` commands write to it
+/// while the server runs): SQLite's file locks serialise the writers, WAL mode lets readers
+/// go on meanwhile, and every read starts a fresh transaction, so changes committed by
+/// another process are seen by the next call.
+///
+/// Conventions for calls about a user that has no account: reads return nothing (an empty
+/// roster at version 0, no item, no requests, no messages); calls that would store
+/// something for the user throw ``StorageError/userNotFound``.
+///
+/// Sendable without `@unchecked`: its only stored properties are immutable and Sendable
+/// (GRDB's `DatabasePool` is thread-safe and declared Sendable).
+public final class SQLiteStorage: Storage {
+    /// Internal rather than private only so that the test hooks in SQLiteStorage+Testing.swift
+    /// can reach it.
+    let pool: DatabasePool
+    private let logger: Logger
+    /// The database file, as given.
+    public let path: String
+
+    private typealias SQL = SQLiteStatements
+
+    /// Opens the database at `path`, creating the file if needed, and brings its schema up
+    /// to date. The directory must exist already.
+    public init(path: String, logger: Logger = Logger(label: "braid.storage")) throws {
+        self.path = path
+        self.logger = logger
+
+        // SQLite only says "unable to open database file" when the directory is missing;
+        // say what is wrong.
+        let directory = URL(fileURLWithPath: path).deletingLastPathComponent().path
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: directory, isDirectory: &isDirectory), isDirectory.boolValue else {
+            throw SQLiteStorageError.directoryNotFound(directory)
+        }
+
+        var configuration = Configuration()
+        configuration.foreignKeysEnabled = true
+        // Another process (the CLI) may hold the write lock for a moment: wait for it rather
+        // than fail at once.
+        configuration.busyMode = .timeout(5)
+        configuration.label = "braid.storage"
+        // DatabasePool always uses WAL mode. With synchronous=NORMAL a WAL commit is not
+        // fsynced, so it survives a killed process but can be rolled back by a power cut or
+        // OS crash. A server acknowledges what it stored (a roster push, a message accepted
+        // for offline delivery), so every commit must be on disk before the call returns:
+        // FULL fsyncs the WAL at each commit (and around checkpoints, which any connection,
+        // reader or writer, may run).
+        configuration.prepareDatabase { db in
+            try db.execute(sql: SQL.fullSynchronous)
+        }
+        pool = try DatabasePool(path: path, configuration: configuration)
+        // GRDB sets synchronous=NORMAL on the writer when it switches the file to WAL,
+        // after prepareDatabase ran; the writer connection lives as long as the pool, so
+        // setting it back once is enough.
+        try pool.writeWithoutTransaction { db in
+            try db.execute(sql: SQL.fullSynchronous)
+        }
+
+        logger.info("Opened database", metadata: ["path": "\(path)"])
+        try Self.migrate(pool, logger: logger, path: path)
+    }
+
+    private static func migrate(_ pool: DatabasePool, logger: Logger, path: String) throws {
+        var migrator = DatabaseMigrator()
+        migrator.registerMigration("v1") { db in
+            for statement in SQL.schemaV1 {
+                try db.execute(sql: statement)
+            }
+        }
+        let before = try pool.read { db in try migrator.appliedIdentifiers(db) }
+        // A file written by a newer Braid has migrations this one does not know; running
+        // on it could corrupt data it does not understand.
+        if try pool.read({ db in try migrator.hasBeenSuperseded(db) }) {
+            throw SQLiteStorageError.schemaTooNew(applied: before.sorted())
+        }
+        do {
+            try migrator.migrate(pool)
+        } catch {
+            // Another process opening the same new file can apply a migration between GRDB's
+            // check and its own attempt, which then fails on CREATE TABLE. That is fine as
+            // long as the schema ended up complete.
+            guard try pool.read({ db in try migrator.hasCompletedMigrations(db) }) else { throw error }
+            logger.debug("Migrations were applied concurrently by another connection", metadata: ["path": "\(path)", "error": "\(error)"])
+        }
+        let after = try pool.read { db in try migrator.appliedMigrations(db) }
+        let applied = after.filter { !before.contains($0) }
+        if applied.isEmpty {
+            logger.debug("Database schema up to date", metadata: ["path": "\(path)", "migrations": "\(after)"])
+        } else {
+            logger.info("Applied database migrations", metadata: ["path": "\(path)", "applied": "\(applied)"])
+        }
+    }
+
+    // MARK: Hosted domains
+
+    public func domains() async throws -> [HostedDomain] {
+        let domains = try await pool.read { db in
+            try Row.fetchAll(db, sql: SQL.selectDomains).map { row in
+                HostedDomain(
+                    name: try Self.column(row, "name", in: "domains"),
+                    addedAt: try Self.column(row, "added_at", in: "domains"))
+            }
+        }
+        return domains.sorted { $0.name < $1.name }
+    }
+
+    @discardableResult
+    public func addDomain(_ name: String) async throws -> Bool {
+        let name = try JID(domain: name).domainpart
+        let now = Self.nowSeconds()
+        let added = try await pool.write { db in
+            try db.execute(sql: SQL.insertDomain, arguments: [name, now])
+            guard db.changesCount > 0 else { return false }
+            try db.execute(sql: SQL.incrementMeta, arguments: [SQL.domainsGenerationKey])
+            return true
+        }
+        if added { logger.info("Added hosted domain", metadata: ["domain": "\(name)"]) }
+        return added
+    }
+
+    @discardableResult
+    public func removeDomain(_ name: String) async throws -> Bool {
+        // A name that is not a valid domain cannot be hosted.
+        guard let name = try? JID(domain: name).domainpart else { return false }
+        let removed = try await pool.write { db in
+            try db.execute(sql: SQL.deleteDomain, arguments: [name])
+            guard db.changesCount > 0 else { return false }
+            try db.execute(sql: SQL.incrementMeta, arguments: [SQL.domainsGenerationKey])
+            return true
+        }
+        if removed { logger.info("Removed hosted domain", metadata: ["domain": "\(name)"]) }
+        return removed
+    }
+
+    public func domainsGeneration() async throws -> Int64 {
+        try await pool.read { db in
+            guard let row = try Row.fetchOne(db, sql: SQL.selectMeta, arguments: [SQL.domainsGenerationKey]) else {
+                throw SQLiteStorageError.corruptRow(table: "meta", detail: "no \(SQL.domainsGenerationKey) row")
+            }
+            return try Self.column(row, "value", in: "meta")
+        }
+    }
+
+    // MARK: Accounts
+
+    public func createUser(_ user: JID, credentials: StoredCredentials) async throws {
+        let key = try Self.accountKey(user)
+        let domain = user.domainpart
+        let now = Self.nowSeconds()
+        var arguments: StatementArguments = [key, domain]
+        arguments += Self.credentialArguments(credentials)
+        arguments += [now]
+        try await pool.write { [arguments] db in
+            guard try Row.fetchOne(db, sql: SQL.domainExists, arguments: [domain]) != nil else {
+                throw StorageError.unknownDomain
+            }
+            try db.execute(sql: SQL.insertUser, arguments: arguments)
+            guard db.changesCount > 0 else { throw StorageError.userExists }
+        }
+        logger.debug("Created account", metadata: ["user": "\(key)"])
+    }
+
+    public func setCredentials(_ user: JID, credentials: StoredCredentials) async throws {
+        let key = try Self.accountKey(user)
+        var arguments = Self.credentialArguments(credentials)
+        arguments += [key]
+        try await pool.write { [arguments] db in
+            try db.execute(sql: SQL.updateCredentials, arguments: arguments)
+            guard db.changesCount > 0 else { throw StorageError.userNotFound }
+        }
+    }
+
+    @discardableResult
+    public func removeUser(_ user: JID) async throws -> Bool {
+        let key = try Self.accountKey(user)
+        // The foreign keys cascade to the roster, requests and offline messages.
+        let removed = try await pool.write { db in
+            try db.execute(sql: SQL.deleteUser, arguments: [key])
+            return db.changesCount > 0
+        }
+        if removed { logger.debug("Removed account", metadata: ["user": "\(key)"]) }
+        return removed
+    }
+
+    public func credentials(for user: JID) async throws -> StoredCredentials? {
+        let key = try Self.accountKey(user)
+        return try await pool.read { db in
+            guard let row = try Row.fetchOne(db, sql: SQL.selectCredentials, arguments: [key]) else { return nil }
+            return StoredCredentials(
+                sha1: try Self.scram(row, prefix: "sha1"),
+                sha256: try Self.scram(row, prefix: "sha256"))
+        }
+    }
+
+    public func userExists(_ user: JID) async throws -> Bool {
+        let key = try Self.accountKey(user)
+        return try await pool.read { db in
+            try Row.fetchOne(db, sql: SQL.userExists, arguments: [key]) != nil
+        }
+    }
+
+    public func users(in domain: String) async throws -> [JID] {
+        guard let domain = try? JID(domain: domain).domainpart else { return [] }
+        let users = try await pool.read { db in
+            try Row.fetchAll(db, sql: SQL.selectUsersInDomain, arguments: [domain]).map { row in
+                try Self.jidColumn(row, "jid", in: "users")
+            }
+        }
+        return users.sorted()
+    }
+
+    // MARK: Rosters
+
+    public func roster(of user: JID) async throws -> Roster {
+        let key = try Self.accountKey(user)
+        return try await pool.read { db in
+            guard let version = try Self.rosterVersion(db, key) else { return Roster(version: 0, items: []) }
+            let items = try Row.fetchAll(db, sql: SQL.selectRosterItems, arguments: [key]).map(Self.rosterItem)
+            return Roster(version: version, items: items)
+        }
+    }
+
+    public func rosterItem(of user: JID, contact: JID) async throws -> RosterItem? {
+        let key = try Self.accountKey(user)
+        let contactKey = try Self.contactKey(contact)
+        return try await pool.read { db in
+            try Row.fetchOne(db, sql: SQL.selectRosterItem, arguments: [key, contactKey]).map(Self.rosterItem)
+        }
+    }
+
+    @discardableResult
+    public func putRosterItem(_ item: RosterItem, of user: JID) async throws -> Int64 {
+        let key = try Self.accountKey(user)
+        let contactKey = try Self.contactKey(item.jid)
+        let groups = try Self.encodeGroups(item.groups)
+        return try await pool.write { db in
+            guard let version = try Self.rosterVersion(db, key) else { throw StorageError.userNotFound }
+            // RFC 6121 §2.6: the version changes only when the roster does.
+            if let row = try Row.fetchOne(db, sql: SQL.selectRosterItem, arguments: [key, contactKey]),
+               try Self.rosterItem(row) == item {
+                return version
+            }
+            try db.execute(sql: SQL.upsertRosterItem, arguments: [
+                key, contactKey, item.name, item.subscription.rawValue,
+                item.pendingOut, item.pendingIn, item.approved, groups,
+            ])
+            return try Self.incrementRosterVersion(db, key, from: version)
+        }
+    }
+
+    @discardableResult
+    public func removeRosterItem(of user: JID, contact: JID) async throws -> Int64? {
+        let key = try Self.accountKey(user)
+        let contactKey = try Self.contactKey(contact)
+        return try await pool.write { db in
+            guard let version = try Self.rosterVersion(db, key) else { return nil }
+            try db.execute(sql: SQL.deleteRosterItem, arguments: [key, contactKey])
+            guard db.changesCount > 0 else { return nil }
+            return try Self.incrementRosterVersion(db, key, from: version)
+        }
+    }
+
+    // MARK: Inbound subscription requests
+
+    public func putSubscriptionRequest(of user: JID, from contact: JID, stanza: String) async throws {
+        let key = try Self.accountKey(user)
+        let contactKey = try Self.contactKey(contact)
+        let now = Self.nowMilliseconds()
+        try await pool.write { db in
+            guard try Row.fetchOne(db, sql: SQL.userExists, arguments: [key]) != nil else {
+                throw StorageError.userNotFound
+            }
+            guard let seqRow = try Row.fetchOne(db, sql: SQL.nextSubscriptionRequestSeq, arguments: [key]) else {
+                throw SQLiteStorageError.corruptRow(table: "subscription_requests", detail: "no next sequence number")
+            }
+            let seq: Int64 = try Self.column(seqRow, atIndex: 0, in: "subscription_requests")
+            try db.execute(sql: SQL.upsertSubscriptionRequest, arguments: [key, contactKey, stanza, now, seq])
+        }
+    }
+
+    public func removeSubscriptionRequest(of user: JID, from contact: JID) async throws {
+        let key = try Self.accountKey(user)
+        let contactKey = try Self.contactKey(contact)
+        try await pool.write { db in
+            try db.execute(sql: SQL.deleteSubscriptionRequest, arguments: [key, contactKey])
+        }
+    }
+
+    public func subscriptionRequests(of user: JID) async throws -> [StoredStanza] {
+        let key = try Self.accountKey(user)
+        return try await pool.read { db in
+            try Row.fetchAll(db, sql: SQL.selectSubscriptionRequests, arguments: [key]).map { row in
+                try Self.storedStanza(row, in: "subscription_requests")
+            }
+        }
+    }
+
+    // MARK: Offline messages
+
+    public func storeOfflineMessage(for user: JID, stanza: String, limit: Int) async throws -> Bool {
+        let key = try Self.accountKey(user)
+        let now = Self.nowMilliseconds()
+        // Count and insert in one write transaction, so concurrent calls cannot overshoot.
+        return try await pool.write { db in
+            guard try Row.fetchOne(db, sql: SQL.userExists, arguments: [key]) != nil else {
+                throw StorageError.userNotFound
+            }
+            guard let countRow = try Row.fetchOne(db, sql: SQL.countOfflineMessages, arguments: [key]) else {
+                throw SQLiteStorageError.corruptRow(table: "offline_messages", detail: "no count")
+            }
+            let count: Int = try Self.column(countRow, atIndex: 0, in: "offline_messages")
+            guard count < limit else { return false }
+            try db.execute(sql: SQL.insertOfflineMessage, arguments: [key, stanza, now])
+            return true
+        }
+    }
+
+    public func takeOfflineMessages(for user: JID) async throws -> [StoredStanza] {
+        let key = try Self.accountKey(user)
+        return try await pool.write { db in
+            let messages = try Row.fetchAll(db, sql: SQL.selectOfflineMessages, arguments: [key]).map { row in
+                try Self.storedStanza(row, in: "offline_messages")
+            }
+            if !messages.isEmpty {
+                try db.execute(sql: SQL.deleteOfflineMessages, arguments: [key])
+            }
+            return messages
+        }
+    }
+
+    public func offlineMessageCount(for user: JID) async throws -> Int {
+        let key = try Self.accountKey(user)
+        return try await pool.read { db in
+            guard let row = try Row.fetchOne(db, sql: SQL.countOfflineMessages, arguments: [key]) else { return 0 }
+            return try Self.column(row, atIndex: 0, in: "offline_messages")
+        }
+    }
+
+    // MARK: Keys
+
+    /// The stored key of an account JID: its canonical string.
+    private static func accountKey(_ jid: JID) throws(StorageError) -> String {
+        guard jid.localpart != nil, jid.resourcepart == nil else { throw .notAnAccount }
+        return jid.description
+    }
+
+    /// The stored key of a contact. Contacts may be servers or components (no localpart),
+    /// but are always bare.
+    private static func contactKey(_ jid: JID) throws(StorageError) -> String {
+        guard jid.resourcepart == nil else { throw .notAnAccount }
+        return jid.description
+    }
+
+    // MARK: Clock
+
+    private static func nowSeconds() -> Int64 {
+        Int64(Date().timeIntervalSince1970.rounded(.down))
+    }
+
+    private static func nowMilliseconds() -> Int64 {
+        Int64((Date().timeIntervalSince1970 * 1000).rounded(.down))
+    }
+
+    // MARK: Rows
+
+    private static func rosterVersion(_ db: Database, _ key: String) throws -> Int64? {
+        guard let row = try Row.fetchOne(db, sql: SQL.selectRosterVersion, arguments: [key]) else { return nil }
+        return try column(row, "roster_version", in: "users") as Int64
+    }
+
+    /// Bumps the version inside the caller's write transaction, which no other writer can
+    /// interleave with, so the new value is the old one plus one.
+    private static func incrementRosterVersion(_ db: Database, _ key: String, from version: Int64) throws -> Int64 {
+        try db.execute(sql: SQL.incrementRosterVersion, arguments: [key])
+        return version + 1
+    }
+
+    private static func credentialArguments(_ credentials: StoredCredentials) -> StatementArguments {
+        var arguments = StatementArguments()
+        for scram in [credentials.sha1, credentials.sha256] {
+            arguments += [Data(scram.salt), Int64(scram.iterations), Data(scram.storedKey), Data(scram.serverKey)]
+        }
+        return arguments
+    }
+
+    private static func scram(_ row: Row, prefix: String) throws -> ScramCredentials {
+        let salt: Data = try column(row, "\(prefix)_salt", in: "users")
+        let iterations: Int64 = try column(row, "\(prefix)_iterations", in: "users")
+        let storedKey: Data = try column(row, "\(prefix)_stored_key", in: "users")
+        let serverKey: Data = try column(row, "\(prefix)_server_key", in: "users")
+        guard let iterationCount = Int(exactly: iterations), iterationCount > 0 else {
+            throw SQLiteStorageError.corruptRow(table: "users", detail: "\(prefix)_iterations is \(iterations)")
+        }
+        return ScramCredentials(salt: [UInt8](salt), iterations: iterationCount, storedKey: [UInt8](storedKey), serverKey: [UInt8](serverKey))
+    }
+
+    private static func rosterItem(_ row: Row) throws -> RosterItem {
+        let table = "roster_items"
+        let subscriptionText: String = try column(row, "subscription", in: table)
+        guard let subscription = Subscription(rawValue: subscriptionText) else {
+            throw SQLiteStorageError.corruptRow(table: table, detail: "unknown subscription \(subscriptionText)")
+        }
+        return RosterItem(
+            jid: try jidColumn(row, "contact_jid", in: table),
+            name: try column(row, "name", in: table),
+            subscription: subscription,
+            pendingOut: try column(row, "pending_out", in: table),
+            pendingIn: try column(row, "pending_in", in: table),
+            approved: try column(row, "approved", in: table),
+            groups: try decodeGroups(try column(row, "groups_json", in: table)))
+    }
+
+    private static func storedStanza(_ row: Row, in table: String) throws -> StoredStanza {
+        StoredStanza(stanza: try column(row, "stanza", in: table), storedAt: try column(row, "stored_at", in: table))
+    }
+
+    private static func encodeGroups(_ groups: [String]) throws -> String {
+        String(decoding: try JSONEncoder().encode(groups), as: UTF8.self)
+    }
+
+    private static func decodeGroups(_ json: String) throws -> [String] {
+        do {
+            return try JSONDecoder().decode([String].self, from: Data(json.utf8))
+        } catch {
+            throw SQLiteStorageError.corruptRow(table: "roster_items", detail: "groups_json is not a JSON array of strings")
+        }
+    }
+
+    /// Decodes a column, turning NULL where a value is required, or a value of the wrong
+    /// type, into ``SQLiteStorageError/corruptRow(table:detail:)`` instead of a trap.
+    private static func column<Value: DatabaseValueConvertible>(_ row: Row, _ name: String, in table: String) throws -> Value {
+        do {
+            return try row.decode(Value.self, forColumn: name)
+        } catch {
+            throw SQLiteStorageError.corruptRow(table: table, detail: "column \(name): \(error)")
+        }
+    }
+
+    private static func column<Value: DatabaseValueConvertible>(_ row: Row, atIndex index: Int, in table: String) throws -> Value {
+        guard index < row.count else {
+            throw SQLiteStorageError.corruptRow(table: table, detail: "missing column \(index)")
+        }
+        do {
+            return try row.decode(Value.self, atIndex: index)
+        } catch {
+            throw SQLiteStorageError.corruptRow(table: table, detail: "column \(index): \(error)")
+        }
+    }
+
+    private static func jidColumn(_ row: Row, _ name: String, in table: String) throws -> JID {
+        let text: String = try column(row, name, in: table)
+        do {
+            return try JID(text)
+        } catch {
+            throw SQLiteStorageError.corruptRow(table: table, detail: "column \(name) is not a JID (\(error))")
+        }
+    }
+}
+
+/// Failures specific to the SQLite backend, beyond ``StorageError``.
+public enum SQLiteStorageError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// The directory that should hold the database file does not exist.
+    case directoryNotFound(String)
+    /// The file was written by a newer version of Braid, with migrations this one lacks.
+    case schemaTooNew(applied: [String])
+    /// A stored row does not hold what the schema promises.
+    case corruptRow(table: String, detail: String)
+
+    public var description: String {
+        switch self {
+        case .directoryNotFound(let directory):
+            "database directory \(directory) does not exist"
+        case .schemaTooNew(let applied):
+            "database schema is newer than this version of Braid understands (migrations: \(applied.joined(separator: ", ")))"
+        case .corruptRow(let table, let detail):
+            "corrupt row in \(table): \(detail)"
+        }
+    }
+}

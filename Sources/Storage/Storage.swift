@@ -1,0 +1,191 @@
+import XMPPCore
+
+/// Everything Braid persists, behind one protocol.
+///
+/// SQLite (``SQLiteStorage``) is the embedded default; PostgreSQL will sit behind the same
+/// protocol, so implementations keep their SQL portable or isolated. Every method may be
+/// called from any task; none blocks an event loop (implementations do their I/O on their
+/// own threads and are awaited).
+///
+/// Users are identified by bare JIDs (`localpart@domainpart`), already canonical.
+public protocol Storage: Sendable {
+    // MARK: Hosted domains
+
+    /// All hosted domains, sorted by name.
+    func domains() async throws -> [HostedDomain]
+
+    /// Adds a hosted domain. Returns false if it was already hosted.
+    @discardableResult
+    func addDomain(_ name: String) async throws -> Bool
+
+    /// Removes a hosted domain and everything stored for its users (accounts, rosters,
+    /// offline messages, subscription requests). Returns false if it was not hosted.
+    @discardableResult
+    func removeDomain(_ name: String) async throws -> Bool
+
+    /// A number that changes whenever the set of hosted domains changes, whichever process
+    /// made the change. A running server polls it to pick up `braid domain add|remove`.
+    func domainsGeneration() async throws -> Int64
+
+    // MARK: Accounts
+
+    /// Creates an account. Throws ``StorageError/userExists`` if there already is one, and
+    /// ``StorageError/unknownDomain`` if the domain is not hosted.
+    func createUser(_ user: JID, credentials: StoredCredentials) async throws
+
+    /// Replaces an account's credentials. Throws ``StorageError/userNotFound``.
+    func setCredentials(_ user: JID, credentials: StoredCredentials) async throws
+
+    /// Removes an account and everything stored for it. Returns false if there was none.
+    @discardableResult
+    func removeUser(_ user: JID) async throws -> Bool
+
+    /// The stored credentials, or nil when the account does not exist.
+    func credentials(for user: JID) async throws -> StoredCredentials?
+
+    func userExists(_ user: JID) async throws -> Bool
+
+    /// The accounts of one domain, sorted.
+    func users(in domain: String) async throws -> [JID]
+
+    // MARK: Rosters (RFC 6121 §2) with versioning (RFC 6121 §2.6)
+
+    /// The whole roster and its current version.
+    func roster(of user: JID) async throws -> Roster
+
+    /// One roster item, or nil.
+    func rosterItem(of user: JID, contact: JID) async throws -> RosterItem?
+
+    /// Inserts or replaces the item for `item.jid`. Returns the new roster version.
+    @discardableResult
+    func putRosterItem(_ item: RosterItem, of user: JID) async throws -> Int64
+
+    /// Removes the item for `contact`. Returns the new roster version, or nil if there was
+    /// no such item (and the version did not change).
+    @discardableResult
+    func removeRosterItem(of user: JID, contact: JID) async throws -> Int64?
+
+    // MARK: Inbound subscription requests (RFC 6121 §3.1.3)
+
+    /// Stores an inbound `subscribe` the user has not answered yet, replacing any earlier one
+    /// from the same contact. `stanza` is the serialized presence.
+    func putSubscriptionRequest(of user: JID, from contact: JID, stanza: String) async throws
+
+    /// Removes the stored request from `contact`, if any.
+    func removeSubscriptionRequest(of user: JID, from contact: JID) async throws
+
+    /// The stored requests, oldest first.
+    func subscriptionRequests(of user: JID) async throws -> [StoredStanza]
+
+    // MARK: Offline messages
+
+    /// Stores a message for a user who is offline. Returns false, storing nothing, when the
+    /// user already has `limit` messages waiting.
+    func storeOfflineMessage(for user: JID, stanza: String, limit: Int) async throws -> Bool
+
+    /// Removes and returns the waiting messages, oldest first.
+    func takeOfflineMessages(for user: JID) async throws -> [StoredStanza]
+
+    func offlineMessageCount(for user: JID) async throws -> Int
+}
+
+/// A hosted domain.
+public struct HostedDomain: Sendable, Hashable {
+    public var name: String
+    /// Seconds since 1970 when the domain was added.
+    public var addedAt: Int64
+
+    public init(name: String, addedAt: Int64) {
+        self.name = name
+        self.addedAt = addedAt
+    }
+}
+
+/// SCRAM credentials for one hash function (RFC 5802 §3). The password itself is never
+/// stored; PLAIN logins are checked by deriving the same keys.
+public struct ScramCredentials: Sendable, Hashable, Codable {
+    public var salt: [UInt8]
+    public var iterations: Int
+    public var storedKey: [UInt8]
+    public var serverKey: [UInt8]
+
+    public init(salt: [UInt8], iterations: Int, storedKey: [UInt8], serverKey: [UInt8]) {
+        self.salt = salt
+        self.iterations = iterations
+        self.storedKey = storedKey
+        self.serverKey = serverKey
+    }
+}
+
+/// What an account stores to authenticate: SCRAM keys for SHA-1 and SHA-256.
+public struct StoredCredentials: Sendable, Hashable, Codable {
+    public var sha1: ScramCredentials
+    public var sha256: ScramCredentials
+
+    public init(sha1: ScramCredentials, sha256: ScramCredentials) {
+        self.sha1 = sha1
+        self.sha256 = sha256
+    }
+}
+
+/// RFC 6121 §2.1.2.5 subscription states as stored on a roster item.
+public enum Subscription: String, Sendable, Hashable, Codable, CaseIterable {
+    case none, to, from, both
+}
+
+/// A roster item (RFC 6121 §2.1.2) plus the subscription flags RFC 6121 Appendix A needs.
+public struct RosterItem: Sendable, Hashable {
+    /// The contact's bare JID.
+    public var jid: JID
+    public var name: String?
+    public var subscription: Subscription
+    /// "Pending Out": the user asked to subscribe and the contact has not answered (`ask='subscribe'`).
+    public var pendingOut: Bool
+    /// "Pending In": the contact asked to subscribe and the user has not answered.
+    public var pendingIn: Bool
+    /// The user pre-approved a subscription request from the contact (RFC 6121 §3.4).
+    public var approved: Bool
+    public var groups: [String]
+
+    public init(jid: JID, name: String? = nil, subscription: Subscription = .none, pendingOut: Bool = false, pendingIn: Bool = false, approved: Bool = false, groups: [String] = []) {
+        self.jid = jid
+        self.name = name
+        self.subscription = subscription
+        self.pendingOut = pendingOut
+        self.pendingIn = pendingIn
+        self.approved = approved
+        self.groups = groups
+    }
+}
+
+/// A roster and its version (RFC 6121 §2.6).
+public struct Roster: Sendable, Hashable {
+    public var version: Int64
+    public var items: [RosterItem]
+
+    public init(version: Int64, items: [RosterItem]) {
+        self.version = version
+        self.items = items
+    }
+}
+
+/// A stanza stored for later delivery, with when it was stored (for XEP-0203 delay stamps).
+public struct StoredStanza: Sendable, Hashable {
+    public var stanza: String
+    /// Milliseconds since 1970.
+    public var storedAt: Int64
+
+    public init(stanza: String, storedAt: Int64) {
+        self.stanza = stanza
+        self.storedAt = storedAt
+    }
+}
+
+/// Failures a caller can act on. Anything else is an internal error of the backend.
+public enum StorageError: Error, Sendable, Hashable {
+    case userExists
+    case userNotFound
+    case unknownDomain
+    /// The JID given where a bare account JID is expected has a resource or no localpart.
+    case notAnAccount
+}

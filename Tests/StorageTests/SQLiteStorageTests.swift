@@ -1,0 +1,780 @@
+import Foundation
+import Testing
+import XMPPCore
+@testable import Storage
+
+// MARK: Fixtures
+
+/// A fresh directory under the system temporary directory, removed when `body` returns.
+private func withTemporaryDirectory<T>(_ body: (URL) async throws -> T) async throws -> T {
+    let directory = FileManager.default.temporaryDirectory
+        .appendingPathComponent("braid-storage-tests-\(UUID().uuidString)", isDirectory: true)
+    try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(at: directory) }
+    return try await body(directory)
+}
+
+private func databasePath(in directory: URL) -> String {
+    directory.appendingPathComponent("braid.sqlite").path
+}
+
+/// Opens a database with a logger that stays quiet unless something is wrong.
+private func openStorage(_ path: String) throws -> SQLiteStorage {
+    try SQLiteStorage(quietlyAt: path)
+}
+
+/// A new database in a temporary directory, with `example.com` hosted.
+private func withStorage(_ body: (SQLiteStorage) async throws -> Void) async throws {
+    try await withTemporaryDirectory { directory in
+        let storage = try openStorage(databasePath(in: directory))
+        #expect(try await storage.addDomain("example.com"))
+        try await body(storage)
+    }
+}
+
+private func jid(_ string: String) throws -> JID {
+    try JID(string)
+}
+
+/// Distinct, recognisable credentials for each seed.
+private func credentials(_ seed: UInt8) -> StoredCredentials {
+    StoredCredentials(
+        sha1: ScramCredentials(salt: [seed, 1, 2, 3], iterations: 4096 + Int(seed), storedKey: Array(repeating: seed, count: 20), serverKey: Array(repeating: seed &+ 1, count: 20)),
+        sha256: ScramCredentials(salt: [seed, 0, 0xFF, 9, 8], iterations: 10_000 + Int(seed), storedKey: Array(repeating: seed &+ 2, count: 32), serverKey: Array(repeating: seed &+ 3, count: 32)))
+}
+
+private func nowMilliseconds() -> Int64 {
+    Int64((Date().timeIntervalSince1970 * 1000).rounded(.down))
+}
+
+private func nowSeconds() -> Int64 {
+    Int64(Date().timeIntervalSince1970.rounded(.down))
+}
+
+// MARK: Opening
+
+@Suite("SQLiteStorage: opening")
+struct SQLiteStorageOpeningTests {
+    @Test func missingDirectoryIsAClearError() async throws {
+        try await withTemporaryDirectory { directory in
+            let missing = directory.appendingPathComponent("no-such-dir")
+            let path = missing.appendingPathComponent("braid.sqlite").path
+            #expect(throws: SQLiteStorageError.directoryNotFound(missing.path)) {
+                try openStorage(path)
+            }
+            #expect(!FileManager.default.fileExists(atPath: path))
+        }
+    }
+
+    @Test func createsFileWithDurableSettings() async throws {
+        try await withTemporaryDirectory { directory in
+            let path = databasePath(in: directory)
+            let storage = try openStorage(path)
+            #expect(FileManager.default.fileExists(atPath: path))
+            #expect(storage.path == path)
+            let settings = try await storage.writerConnectionSettings()
+            #expect(settings == .init(journalMode: "wal", synchronous: 2, foreignKeys: true, busyTimeoutMilliseconds: 5000))
+        }
+    }
+
+    @Test func reopeningKeepsSchemaAndData() async throws {
+        try await withTemporaryDirectory { directory in
+            let path = databasePath(in: directory)
+            do {
+                let first = try openStorage(path)
+                #expect(try await first.addDomain("example.com"))
+            }
+            // Migrations already applied must not run again (they would fail on CREATE TABLE).
+            let second = try openStorage(path)
+            #expect(try await second.domains().map(\.name) == ["example.com"])
+            #expect(try await second.domainsGeneration() == 1)
+        }
+    }
+
+    @Test func concurrentFirstOpensOfOneFile() async throws {
+        try await withTemporaryDirectory { directory in
+            let path = databasePath(in: directory)
+            // Server and CLI may both be the first to open a new file.
+            let opened = try await withThrowingTaskGroup(of: SQLiteStorage.self) { group in
+                for _ in 0..<4 {
+                    group.addTask { try openStorage(path) }
+                }
+                return try await group.reduce(into: [SQLiteStorage]()) { $0.append($1) }
+            }
+            #expect(opened.count == 4)
+            #expect(try await opened[0].addDomain("example.com"))
+            for storage in opened {
+                #expect(try await storage.domains().map(\.name) == ["example.com"])
+                #expect(try await storage.domainsGeneration() == 1)
+            }
+        }
+    }
+
+    @Test func refusesDatabaseFromNewerVersion() async throws {
+        try await withTemporaryDirectory { directory in
+            let path = databasePath(in: directory)
+            do {
+                let storage = try openStorage(path)
+                #expect(try await storage.executeRawSQLForTesting("INSERT INTO grdb_migrations (identifier) VALUES ('v99')") == 1)
+            }
+            #expect(throws: SQLiteStorageError.schemaTooNew(applied: ["v1", "v99"])) {
+                try openStorage(path)
+            }
+        }
+    }
+}
+
+// MARK: Domains
+
+@Suite("SQLiteStorage: domains")
+struct SQLiteStorageDomainTests {
+    @Test func addListRemoveAndGeneration() async throws {
+        try await withTemporaryDirectory { directory in
+            let storage = try openStorage(databasePath(in: directory))
+            #expect(try await storage.domains() == [])
+            #expect(try await storage.domainsGeneration() == 0)
+
+            let before = nowSeconds()
+            #expect(try await storage.addDomain("example.org"))
+            #expect(try await storage.domainsGeneration() == 1)
+            #expect(try await storage.addDomain("example.com"))
+            #expect(try await storage.domainsGeneration() == 2)
+            let after = nowSeconds()
+
+            // A duplicate changes nothing, not even the generation.
+            #expect(try await storage.addDomain("example.com") == false)
+            #expect(try await storage.domainsGeneration() == 2)
+
+            let domains = try await storage.domains()
+            #expect(domains.map(\.name) == ["example.com", "example.org"])
+            for domain in domains {
+                #expect(domain.addedAt >= before && domain.addedAt <= after)
+            }
+
+            #expect(try await storage.removeDomain("example.org"))
+            #expect(try await storage.domainsGeneration() == 3)
+            #expect(try await storage.removeDomain("example.org") == false)
+            #expect(try await storage.removeDomain("not a domain!") == false)
+            #expect(try await storage.domainsGeneration() == 3)
+            #expect(try await storage.domains().map(\.name) == ["example.com"])
+        }
+    }
+
+    @Test func domainNamesAreCanonicalised() async throws {
+        try await withTemporaryDirectory { directory in
+            let storage = try openStorage(databasePath(in: directory))
+            #expect(try await storage.addDomain("Example.COM."))
+            #expect(try await storage.addDomain("example.com") == false)
+            // An A-label is stored as its U-label, as JIDs carry it.
+            #expect(try await storage.addDomain("xn--bcher-kva.example"))
+            #expect(try await storage.domains().map(\.name) == ["bücher.example", "example.com"])
+            try await storage.createUser(jid("Anna@BÜCHER.example"), credentials: credentials(1))
+            #expect(try await storage.users(in: "XN--BCHER-KVA.EXAMPLE") == [jid("anna@bücher.example")])
+            #expect(try await storage.removeDomain("EXAMPLE.com"))
+            #expect(try await storage.domains().map(\.name) == ["bücher.example"])
+        }
+    }
+
+    @Test func invalidDomainNameIsRejected() async throws {
+        try await withTemporaryDirectory { directory in
+            let storage = try openStorage(databasePath(in: directory))
+            await #expect(throws: JIDError.self) { try await storage.addDomain("bad domain") }
+            #expect(try await storage.domains() == [])
+            #expect(try await storage.domainsGeneration() == 0)
+        }
+    }
+
+    @Test func generationIsVisibleAcrossInstances() async throws {
+        try await withTemporaryDirectory { directory in
+            let path = databasePath(in: directory)
+            // Two instances on one file behave like the server and the CLI process.
+            let server = try openStorage(path)
+            let cli = try openStorage(path)
+            #expect(try await server.domainsGeneration() == 0)
+
+            #expect(try await cli.addDomain("example.net"))
+            #expect(try await server.domainsGeneration() == 1)
+            #expect(try await server.domains().map(\.name) == ["example.net"])
+
+            #expect(try await cli.addDomain("example.org"))
+            #expect(try await server.domainsGeneration() == 2)
+
+            #expect(try await server.removeDomain("example.net"))
+            #expect(try await cli.domainsGeneration() == 3)
+            #expect(try await cli.domains().map(\.name) == ["example.org"])
+            #expect(try await cli.addDomain("example.org") == false)
+            #expect(try await server.domainsGeneration() == 3)
+        }
+    }
+
+    @Test func removeDomainCascadesToItsUsers() async throws {
+        try await withStorage { storage in
+            #expect(try await storage.addDomain("example.org"))
+            let alice = try jid("alice@example.com")
+            let bob = try jid("bob@example.com")
+            let carol = try jid("carol@example.org")
+            for (user, seed) in [(alice, UInt8(1)), (bob, 2), (carol, 3)] {
+                try await storage.createUser(user, credentials: credentials(seed))
+                try await storage.putRosterItem(RosterItem(jid: jid("friend@elsewhere.example"), subscription: .both), of: user)
+                #expect(try await storage.storeOfflineMessage(for: user, stanza: "<message/>", limit: 10))
+                try await storage.putSubscriptionRequest(of: user, from: jid("stranger@elsewhere.example"), stanza: "<presence type='subscribe'/>")
+            }
+
+            #expect(try await storage.removeDomain("example.com"))
+
+            #expect(try await storage.users(in: "example.com") == [])
+            for user in [alice, bob] {
+                #expect(try await storage.userExists(user) == false)
+                #expect(try await storage.credentials(for: user) == nil)
+                #expect(try await storage.roster(of: user) == Roster(version: 0, items: []))
+                #expect(try await storage.offlineMessageCount(for: user) == 0)
+                #expect(try await storage.subscriptionRequests(of: user) == [])
+            }
+            // The other domain is untouched.
+            #expect(try await storage.users(in: "example.org") == [carol])
+            #expect(try await storage.credentials(for: carol) == credentials(3))
+            #expect(try await storage.roster(of: carol).items.count == 1)
+            #expect(try await storage.offlineMessageCount(for: carol) == 1)
+            #expect(try await storage.subscriptionRequests(of: carol).count == 1)
+
+            // Hosting the domain again does not bring anything back.
+            #expect(try await storage.addDomain("example.com"))
+            #expect(try await storage.users(in: "example.com") == [])
+            try await storage.createUser(alice, credentials: credentials(9))
+            #expect(try await storage.roster(of: alice) == Roster(version: 0, items: []))
+            #expect(try await storage.offlineMessageCount(for: alice) == 0)
+            #expect(try await storage.subscriptionRequests(of: alice) == [])
+        }
+    }
+}
+
+// MARK: Accounts
+
+@Suite("SQLiteStorage: accounts")
+struct SQLiteStorageAccountTests {
+    @Test func createAndReadBackCredentials() async throws {
+        try await withStorage { storage in
+            let alice = try jid("alice@example.com")
+            #expect(try await storage.userExists(alice) == false)
+            #expect(try await storage.credentials(for: alice) == nil)
+
+            try await storage.createUser(alice, credentials: credentials(7))
+            #expect(try await storage.userExists(alice))
+            let stored = try #require(try await storage.credentials(for: alice))
+            #expect(stored == credentials(7))
+            #expect(stored.sha1.iterations == 4103)
+            #expect(stored.sha256.salt == [7, 0, 0xFF, 9, 8])
+            #expect(stored.sha256.storedKey == Array(repeating: 9, count: 32))
+        }
+    }
+
+    @Test func duplicateUserIsRejected() async throws {
+        try await withStorage { storage in
+            let alice = try jid("alice@example.com")
+            try await storage.createUser(alice, credentials: credentials(1))
+            await #expect(throws: StorageError.userExists) {
+                try await storage.createUser(jid("ALICE@Example.com"), credentials: credentials(2))
+            }
+            // The first credentials survive.
+            #expect(try await storage.credentials(for: alice) == credentials(1))
+        }
+    }
+
+    @Test func unknownDomainIsRejected() async throws {
+        try await withStorage { storage in
+            let dave = try jid("dave@example.net")
+            await #expect(throws: StorageError.unknownDomain) {
+                try await storage.createUser(dave, credentials: credentials(1))
+            }
+            #expect(try await storage.userExists(dave) == false)
+            #expect(try await storage.users(in: "example.net") == [])
+        }
+    }
+
+    @Test func setCredentialsReplaces() async throws {
+        try await withStorage { storage in
+            let alice = try jid("alice@example.com")
+            try await storage.createUser(alice, credentials: credentials(1))
+            try await storage.setCredentials(alice, credentials: credentials(200))
+            #expect(try await storage.credentials(for: alice) == credentials(200))
+            await #expect(throws: StorageError.userNotFound) {
+                try await storage.setCredentials(jid("nobody@example.com"), credentials: credentials(3))
+            }
+            #expect(try await storage.userExists(jid("nobody@example.com")) == false)
+        }
+    }
+
+    @Test func usersAreListedPerDomainSorted() async throws {
+        try await withStorage { storage in
+            #expect(try await storage.addDomain("example.org"))
+            for name in ["zoe@example.com", "bob@example.com", "alice@example.com", "carol@example.org"] {
+                try await storage.createUser(jid(name), credentials: credentials(1))
+            }
+            #expect(try await storage.users(in: "example.com") == [jid("alice@example.com"), jid("bob@example.com"), jid("zoe@example.com")])
+            #expect(try await storage.users(in: "example.org") == [jid("carol@example.org")])
+            #expect(try await storage.users(in: "example.net") == [])
+            #expect(try await storage.users(in: "not a domain") == [])
+        }
+    }
+
+    @Test func unicodeLocalpartRoundTrips() async throws {
+        try await withStorage { storage in
+            let user = try jid("Zoë.Ünïcode@example.com")
+            #expect(user.localpart == "zoë.ünïcode")
+            try await storage.createUser(user, credentials: credentials(5))
+            #expect(try await storage.users(in: "example.com") == [user])
+            #expect(try await storage.credentials(for: jid("zoë.ünïcode@example.com")) == credentials(5))
+        }
+    }
+
+    @Test func removeUserCascades() async throws {
+        try await withStorage { storage in
+            let alice = try jid("alice@example.com")
+            let bob = try jid("bob@example.com")
+            for user in [alice, bob] {
+                try await storage.createUser(user, credentials: credentials(1))
+                try await storage.putRosterItem(RosterItem(jid: jid("friend@example.org"), name: "Friend", subscription: .both, groups: ["Friends"]), of: user)
+                #expect(try await storage.storeOfflineMessage(for: user, stanza: "<message>hi</message>", limit: 10))
+                try await storage.putSubscriptionRequest(of: user, from: jid("stranger@example.org"), stanza: "<presence type='subscribe'/>")
+            }
+
+            #expect(try await storage.removeUser(alice))
+            #expect(try await storage.removeUser(alice) == false)
+
+            #expect(try await storage.userExists(alice) == false)
+            #expect(try await storage.credentials(for: alice) == nil)
+            #expect(try await storage.users(in: "example.com") == [bob])
+            #expect(try await storage.roster(of: alice) == Roster(version: 0, items: []))
+            #expect(try await storage.rosterItem(of: alice, contact: jid("friend@example.org")) == nil)
+            #expect(try await storage.offlineMessageCount(for: alice) == 0)
+            #expect(try await storage.takeOfflineMessages(for: alice) == [])
+            #expect(try await storage.subscriptionRequests(of: alice) == [])
+
+            // A new account with the same name starts empty: the rows are gone, not hidden.
+            try await storage.createUser(alice, credentials: credentials(2))
+            #expect(try await storage.roster(of: alice) == Roster(version: 0, items: []))
+            #expect(try await storage.offlineMessageCount(for: alice) == 0)
+            #expect(try await storage.subscriptionRequests(of: alice) == [])
+
+            // Bob keeps everything.
+            #expect(try await storage.roster(of: bob).version == 1)
+            #expect(try await storage.roster(of: bob).items.map(\.name) == ["Friend"])
+            #expect(try await storage.offlineMessageCount(for: bob) == 1)
+            #expect(try await storage.subscriptionRequests(of: bob).map(\.stanza) == ["<presence type='subscribe'/>"])
+        }
+    }
+
+    @Test(arguments: ["alice@example.com/phone", "example.com", "example.com/res"])
+    func nonAccountJIDsAreRejected(_ string: String) async throws {
+        try await withStorage { storage in
+            let bad = try jid(string)
+            let contact = try jid("friend@example.org")
+            await #expect(throws: StorageError.notAnAccount) { try await storage.createUser(bad, credentials: credentials(1)) }
+            await #expect(throws: StorageError.notAnAccount) { try await storage.setCredentials(bad, credentials: credentials(1)) }
+            await #expect(throws: StorageError.notAnAccount) { try await storage.removeUser(bad) }
+            await #expect(throws: StorageError.notAnAccount) { try await storage.credentials(for: bad) }
+            await #expect(throws: StorageError.notAnAccount) { try await storage.userExists(bad) }
+            await #expect(throws: StorageError.notAnAccount) { try await storage.roster(of: bad) }
+            await #expect(throws: StorageError.notAnAccount) { try await storage.rosterItem(of: bad, contact: contact) }
+            await #expect(throws: StorageError.notAnAccount) { try await storage.putRosterItem(RosterItem(jid: contact), of: bad) }
+            await #expect(throws: StorageError.notAnAccount) { try await storage.removeRosterItem(of: bad, contact: contact) }
+            await #expect(throws: StorageError.notAnAccount) { try await storage.putSubscriptionRequest(of: bad, from: contact, stanza: "<presence/>") }
+            await #expect(throws: StorageError.notAnAccount) { try await storage.removeSubscriptionRequest(of: bad, from: contact) }
+            await #expect(throws: StorageError.notAnAccount) { try await storage.subscriptionRequests(of: bad) }
+            await #expect(throws: StorageError.notAnAccount) { try await storage.storeOfflineMessage(for: bad, stanza: "<message/>", limit: 10) }
+            await #expect(throws: StorageError.notAnAccount) { try await storage.takeOfflineMessages(for: bad) }
+            await #expect(throws: StorageError.notAnAccount) { try await storage.offlineMessageCount(for: bad) }
+            #expect(try await storage.users(in: "example.com") == [])
+        }
+    }
+
+    @Test func corruptUserRowIsAnErrorNotACrash() async throws {
+        try await withStorage { storage in
+            try await storage.createUser(jid("alice@example.com"), credentials: credentials(1))
+            #expect(try await storage.executeRawSQLForTesting("UPDATE users SET jid = 'a@b@c@example.com' WHERE jid = 'alice@example.com'") == 1)
+            let error = await #expect(throws: SQLiteStorageError.self) { try await storage.users(in: "example.com") }
+            guard case .corruptRow(table: "users", _) = error else {
+                Issue.record("unexpected error \(String(describing: error))")
+                return
+            }
+
+            let bob = try jid("bob@example.com")
+            try await storage.createUser(bob, credentials: credentials(2))
+            #expect(try await storage.executeRawSQLForTesting("UPDATE users SET sha1_iterations = 0 WHERE jid = 'bob@example.com'") == 1)
+            let zero = await #expect(throws: SQLiteStorageError.self) { try await storage.credentials(for: bob) }
+            #expect(zero == .corruptRow(table: "users", detail: "sha1_iterations is 0"))
+
+            #expect(try await storage.executeRawSQLForTesting("UPDATE users SET sha1_iterations = 4096, sha256_iterations = 'many' WHERE jid = 'bob@example.com'") == 1)
+            let text = await #expect(throws: SQLiteStorageError.self) { try await storage.credentials(for: bob) }
+            guard case .corruptRow(table: "users", let detail) = text else {
+                Issue.record("unexpected error \(String(describing: text))")
+                return
+            }
+            #expect(detail.hasPrefix("column sha256_iterations"))
+        }
+    }
+}
+
+// MARK: Rosters
+
+@Suite("SQLiteStorage: rosters")
+struct SQLiteStorageRosterTests {
+    @Test func versionsCountChanges() async throws {
+        try await withStorage { storage in
+            let alice = try jid("alice@example.com")
+            try await storage.createUser(alice, credentials: credentials(1))
+            #expect(try await storage.roster(of: alice) == Roster(version: 0, items: []))
+
+            let bob = try jid("bob@example.org")
+            var item = RosterItem(jid: bob, name: "Bob", subscription: .none, pendingOut: true)
+            #expect(try await storage.putRosterItem(item, of: alice) == 1)
+            #expect(try await storage.rosterItem(of: alice, contact: bob) == item)
+
+            // Replacing changes the item and the version.
+            item.subscription = .to
+            item.pendingOut = false
+            item.name = "Bobby"
+            #expect(try await storage.putRosterItem(item, of: alice) == 2)
+            #expect(try await storage.roster(of: alice) == Roster(version: 2, items: [item]))
+
+            // Writing the same item again is not a change (RFC 6121 §2.6).
+            #expect(try await storage.putRosterItem(item, of: alice) == 2)
+            #expect(try await storage.roster(of: alice).version == 2)
+
+            let carol = RosterItem(jid: try jid("carol@example.org"), subscription: .both, groups: ["Work"])
+            #expect(try await storage.putRosterItem(carol, of: alice) == 3)
+            let aaron = RosterItem(jid: try jid("aaron@example.org"), subscription: .from, pendingIn: true)
+            #expect(try await storage.putRosterItem(aaron, of: alice) == 4)
+            #expect(try await storage.roster(of: alice) == Roster(version: 4, items: [aaron, item, carol]))
+
+            #expect(try await storage.removeRosterItem(of: alice, contact: bob) == 5)
+            #expect(try await storage.rosterItem(of: alice, contact: bob) == nil)
+            #expect(try await storage.removeRosterItem(of: alice, contact: bob) == nil)
+            #expect(try await storage.roster(of: alice) == Roster(version: 5, items: [aaron, carol]))
+        }
+    }
+
+    @Test func versionsArePerUser() async throws {
+        try await withStorage { storage in
+            let alice = try jid("alice@example.com")
+            let bob = try jid("bob@example.com")
+            try await storage.createUser(alice, credentials: credentials(1))
+            try await storage.createUser(bob, credentials: credentials(2))
+            for index in 1...3 {
+                #expect(try await storage.putRosterItem(RosterItem(jid: jid("c\(index)@example.org")), of: alice) == Int64(index))
+            }
+            #expect(try await storage.putRosterItem(RosterItem(jid: jid("c1@example.org")), of: bob) == 1)
+            #expect(try await storage.roster(of: alice).version == 3)
+            #expect(try await storage.roster(of: bob).version == 1)
+            #expect(try await storage.roster(of: bob).items.map(\.jid) == [jid("c1@example.org")])
+        }
+    }
+
+    @Test func everyFieldRoundTrips() async throws {
+        try await withStorage { storage in
+            let alice = try jid("alice@example.com")
+            try await storage.createUser(alice, credentials: credentials(1))
+            var expected: [RosterItem] = []
+            var index = 0
+            for subscription in Subscription.allCases {
+                for flags in 0..<8 {
+                    let item = RosterItem(
+                        jid: try jid("contact\(String(format: "%02d", index))@example.org"),
+                        name: flags % 2 == 0 ? nil : "Name \(index)",
+                        subscription: subscription,
+                        pendingOut: flags & 1 != 0,
+                        pendingIn: flags & 2 != 0,
+                        approved: flags & 4 != 0,
+                        groups: Array(repeating: "g", count: flags % 3).enumerated().map { "\($1)\($0)" })
+                    expected.append(item)
+                    #expect(try await storage.putRosterItem(item, of: alice) == Int64(index + 1))
+                    #expect(try await storage.rosterItem(of: alice, contact: item.jid) == item)
+                    index += 1
+                }
+            }
+            let roster = try await storage.roster(of: alice)
+            #expect(roster.version == 32)
+            #expect(roster.items == expected)
+        }
+    }
+
+    @Test func unicodeNamesAndGroups() async throws {
+        try await withStorage { storage in
+            let alice = try jid("alice@example.com")
+            try await storage.createUser(alice, credentials: credentials(1))
+            let groups = ["Família", "友達", "🎉 party", "quote \" slash / backslash \\", "", "Ünïcödé"]
+            let item = RosterItem(jid: try jid("jürgen@münchen.example"), name: "Zoë 🐱 \u{202E}rtl", subscription: .both, groups: groups)
+            #expect(try await storage.putRosterItem(item, of: alice) == 1)
+            let stored = try #require(try await storage.rosterItem(of: alice, contact: jid("JÜRGEN@MÜNCHEN.example")))
+            #expect(stored.groups == groups)
+            #expect(stored.name == "Zoë 🐱 \u{202E}rtl")
+            #expect(stored.jid.description == "jürgen@münchen.example")
+
+            // Changing only the order of groups is a change.
+            var reordered = item
+            reordered.groups = groups.reversed()
+            #expect(try await storage.putRosterItem(reordered, of: alice) == 2)
+            #expect(try await storage.roster(of: alice).items.first?.groups == groups.reversed())
+        }
+    }
+
+    @Test func contactsMayBeDomainsButNotFullJIDs() async throws {
+        try await withStorage { storage in
+            let alice = try jid("alice@example.com")
+            try await storage.createUser(alice, credentials: credentials(1))
+            let gateway = RosterItem(jid: try jid("gateway.example.org"), subscription: .both)
+            #expect(try await storage.putRosterItem(gateway, of: alice) == 1)
+            #expect(try await storage.rosterItem(of: alice, contact: jid("gateway.example.org")) == gateway)
+            await #expect(throws: StorageError.notAnAccount) {
+                try await storage.putRosterItem(RosterItem(jid: jid("bob@example.org/phone")), of: alice)
+            }
+            #expect(try await storage.roster(of: alice) == Roster(version: 1, items: [gateway]))
+        }
+    }
+
+    @Test func unknownUser() async throws {
+        try await withStorage { storage in
+            let ghost = try jid("ghost@example.com")
+            let contact = try jid("bob@example.org")
+            await #expect(throws: StorageError.userNotFound) {
+                try await storage.putRosterItem(RosterItem(jid: contact), of: ghost)
+            }
+            #expect(try await storage.removeRosterItem(of: ghost, contact: contact) == nil)
+            #expect(try await storage.rosterItem(of: ghost, contact: contact) == nil)
+            #expect(try await storage.roster(of: ghost) == Roster(version: 0, items: []))
+        }
+    }
+
+    @Test func corruptGroupsAreAnErrorNotACrash() async throws {
+        try await withStorage { storage in
+            let alice = try jid("alice@example.com")
+            try await storage.createUser(alice, credentials: credentials(1))
+            try await storage.putRosterItem(RosterItem(jid: jid("bob@example.org"), groups: ["A"]), of: alice)
+            #expect(try await storage.executeRawSQLForTesting("UPDATE roster_items SET groups_json = '{not json'") == 1)
+            let error = await #expect(throws: SQLiteStorageError.self) { try await storage.roster(of: alice) }
+            #expect(error == .corruptRow(table: "roster_items", detail: "groups_json is not a JSON array of strings"))
+        }
+    }
+}
+
+// MARK: Subscription requests
+
+@Suite("SQLiteStorage: subscription requests")
+struct SQLiteStorageSubscriptionRequestTests {
+    @Test func replaceRemoveAndOrder() async throws {
+        try await withStorage { storage in
+            let alice = try jid("alice@example.com")
+            try await storage.createUser(alice, credentials: credentials(1))
+            #expect(try await storage.subscriptionRequests(of: alice) == [])
+
+            let before = nowMilliseconds()
+            for name in ["carol", "bob", "dave"] {
+                try await storage.putSubscriptionRequest(of: alice, from: jid("\(name)@example.org"), stanza: "<presence from='\(name)' type='subscribe'/>")
+            }
+            var requests = try await storage.subscriptionRequests(of: alice)
+            #expect(requests.map(\.stanza) == [
+                "<presence from='carol' type='subscribe'/>",
+                "<presence from='bob' type='subscribe'/>",
+                "<presence from='dave' type='subscribe'/>",
+            ])
+            let after = nowMilliseconds()
+            for request in requests {
+                #expect(request.storedAt >= before && request.storedAt <= after)
+            }
+
+            // A new request from carol replaces hers and is now the newest.
+            try await storage.putSubscriptionRequest(of: alice, from: jid("carol@example.org"), stanza: "<presence from='carol' type='subscribe'><status>again</status></presence>")
+            requests = try await storage.subscriptionRequests(of: alice)
+            #expect(requests.map(\.stanza) == [
+                "<presence from='bob' type='subscribe'/>",
+                "<presence from='dave' type='subscribe'/>",
+                "<presence from='carol' type='subscribe'><status>again</status></presence>",
+            ])
+
+            try await storage.removeSubscriptionRequest(of: alice, from: jid("bob@example.org"))
+            try await storage.removeSubscriptionRequest(of: alice, from: jid("nobody@example.org"))
+            #expect(try await storage.subscriptionRequests(of: alice).map(\.stanza) == [
+                "<presence from='dave' type='subscribe'/>",
+                "<presence from='carol' type='subscribe'><status>again</status></presence>",
+            ])
+
+            // Requests are per user.
+            let bob = try jid("bob@example.com")
+            try await storage.createUser(bob, credentials: credentials(2))
+            #expect(try await storage.subscriptionRequests(of: bob) == [])
+        }
+    }
+
+    @Test func unknownUser() async throws {
+        try await withStorage { storage in
+            let ghost = try jid("ghost@example.com")
+            await #expect(throws: StorageError.userNotFound) {
+                try await storage.putSubscriptionRequest(of: ghost, from: jid("bob@example.org"), stanza: "<presence/>")
+            }
+            #expect(try await storage.subscriptionRequests(of: ghost) == [])
+            try await storage.removeSubscriptionRequest(of: ghost, from: jid("bob@example.org"))
+        }
+    }
+}
+
+// MARK: Offline messages
+
+@Suite("SQLiteStorage: offline messages")
+struct SQLiteStorageOfflineMessageTests {
+    @Test func limitIsEnforced() async throws {
+        try await withStorage { storage in
+            let alice = try jid("alice@example.com")
+            try await storage.createUser(alice, credentials: credentials(1))
+            for index in 1...3 {
+                #expect(try await storage.storeOfflineMessage(for: alice, stanza: "<message>\(index)</message>", limit: 3))
+            }
+            #expect(try await storage.storeOfflineMessage(for: alice, stanza: "<message>4</message>", limit: 3) == false)
+            #expect(try await storage.offlineMessageCount(for: alice) == 3)
+            #expect(try await storage.takeOfflineMessages(for: alice).map(\.stanza) == ["<message>1</message>", "<message>2</message>", "<message>3</message>"])
+
+            #expect(try await storage.storeOfflineMessage(for: alice, stanza: "<message>x</message>", limit: 0) == false)
+            #expect(try await storage.offlineMessageCount(for: alice) == 0)
+        }
+    }
+
+    @Test func takeReturnsOldestFirstAndDeletes() async throws {
+        try await withStorage { storage in
+            let alice = try jid("alice@example.com")
+            let bob = try jid("bob@example.com")
+            try await storage.createUser(alice, credentials: credentials(1))
+            try await storage.createUser(bob, credentials: credentials(2))
+            #expect(try await storage.takeOfflineMessages(for: alice) == [])
+
+            let before = nowMilliseconds()
+            for index in 0..<10 {
+                #expect(try await storage.storeOfflineMessage(for: alice, stanza: "<message id='\(index)'>ü</message>", limit: 100))
+            }
+            #expect(try await storage.storeOfflineMessage(for: bob, stanza: "<message>bob</message>", limit: 100))
+            let after = nowMilliseconds()
+            #expect(try await storage.offlineMessageCount(for: alice) == 10)
+
+            let messages = try await storage.takeOfflineMessages(for: alice)
+            #expect(messages.map(\.stanza) == (0..<10).map { "<message id='\($0)'>ü</message>" })
+            #expect(messages.allSatisfy { $0.storedAt >= before && $0.storedAt <= after })
+            #expect(messages.map(\.storedAt) == messages.map(\.storedAt).sorted())
+
+            #expect(try await storage.offlineMessageCount(for: alice) == 0)
+            #expect(try await storage.takeOfflineMessages(for: alice) == [])
+            // Bob's are not touched.
+            #expect(try await storage.offlineMessageCount(for: bob) == 1)
+
+            // Storing works again after taking.
+            #expect(try await storage.storeOfflineMessage(for: alice, stanza: "<message>later</message>", limit: 1))
+            #expect(try await storage.takeOfflineMessages(for: alice).map(\.stanza) == ["<message>later</message>"])
+        }
+    }
+
+    @Test func unknownUser() async throws {
+        try await withStorage { storage in
+            let ghost = try jid("ghost@example.com")
+            await #expect(throws: StorageError.userNotFound) {
+                try await storage.storeOfflineMessage(for: ghost, stanza: "<message/>", limit: 10)
+            }
+            #expect(try await storage.offlineMessageCount(for: ghost) == 0)
+            #expect(try await storage.takeOfflineMessages(for: ghost) == [])
+        }
+    }
+
+    @Test func concurrentStoresAreAllKept() async throws {
+        try await withStorage { storage in
+            let alice = try jid("alice@example.com")
+            try await storage.createUser(alice, credentials: credentials(1))
+            let results = try await withThrowingTaskGroup(of: Bool.self) { group in
+                for index in 0..<200 {
+                    group.addTask { try await storage.storeOfflineMessage(for: alice, stanza: "<message>\(index)</message>", limit: 1000) }
+                }
+                return try await group.reduce(into: [Bool]()) { $0.append($1) }
+            }
+            #expect(results.count == 200)
+            #expect(results.allSatisfy { $0 })
+            #expect(try await storage.offlineMessageCount(for: alice) == 200)
+            let stanzas = try await storage.takeOfflineMessages(for: alice).map(\.stanza)
+            #expect(stanzas.count == 200)
+            #expect(Set(stanzas) == Set((0..<200).map { "<message>\($0)</message>" }))
+        }
+    }
+
+    @Test func concurrentStoresNeverExceedTheLimit() async throws {
+        try await withStorage { storage in
+            let alice = try jid("alice@example.com")
+            try await storage.createUser(alice, credentials: credentials(1))
+            let accepted = try await withThrowingTaskGroup(of: Bool.self) { group in
+                for index in 0..<60 {
+                    group.addTask { try await storage.storeOfflineMessage(for: alice, stanza: "<message>\(index)</message>", limit: 10) }
+                }
+                return try await group.reduce(0) { $0 + ($1 ? 1 : 0) }
+            }
+            #expect(accepted == 10)
+            #expect(try await storage.offlineMessageCount(for: alice) == 10)
+        }
+    }
+
+    @Test func concurrentStoresFromTwoInstances() async throws {
+        try await withTemporaryDirectory { directory in
+            let path = databasePath(in: directory)
+            let first = try openStorage(path)
+            let second = try openStorage(path)
+            #expect(try await first.addDomain("example.com"))
+            let alice = try jid("alice@example.com")
+            try await second.createUser(alice, credentials: credentials(1))
+            // Two pools on one file contend for SQLite's write lock; the busy timeout makes
+            // them wait for each other instead of failing.
+            let accepted = try await withThrowingTaskGroup(of: Bool.self) { group in
+                for index in 0..<100 {
+                    let storage = index % 2 == 0 ? first : second
+                    group.addTask { try await storage.storeOfflineMessage(for: alice, stanza: "<message>\(index)</message>", limit: 1000) }
+                }
+                return try await group.reduce(0) { $0 + ($1 ? 1 : 0) }
+            }
+            #expect(accepted == 100)
+            #expect(try await first.offlineMessageCount(for: alice) == 100)
+            #expect(try await second.takeOfflineMessages(for: alice).count == 100)
+            #expect(try await first.offlineMessageCount(for: alice) == 0)
+        }
+    }
+}
+
+// MARK: Durability
+
+@Suite("SQLiteStorage: durability")
+struct SQLiteStorageDurabilityTests {
+    @Test func everythingSurvivesReopening() async throws {
+        try await withTemporaryDirectory { directory in
+            let path = databasePath(in: directory)
+            let alice = try jid("alice@example.com")
+            let item = RosterItem(jid: try jid("bob@example.org"), name: "Bob", subscription: .from, pendingOut: true, approved: true, groups: ["Friends", "友達"])
+            weak var closed: SQLiteStorage?
+            do {
+                let storage = try openStorage(path)
+                closed = storage
+                #expect(try await storage.addDomain("example.com"))
+                #expect(try await storage.addDomain("example.org"))
+                #expect(try await storage.removeDomain("example.org"))
+                try await storage.createUser(alice, credentials: credentials(42))
+                #expect(try await storage.putRosterItem(item, of: alice) == 1)
+                #expect(try await storage.putRosterItem(RosterItem(jid: jid("temp@example.org")), of: alice) == 2)
+                #expect(try await storage.removeRosterItem(of: alice, contact: jid("temp@example.org")) == 3)
+                try await storage.putSubscriptionRequest(of: alice, from: jid("carol@example.org"), stanza: "<presence type='subscribe'/>")
+                #expect(try await storage.storeOfflineMessage(for: alice, stanza: "<message>one</message>", limit: 10))
+                #expect(try await storage.storeOfflineMessage(for: alice, stanza: "<message>two</message>", limit: 10))
+            }
+            // The first instance is gone (its connections closed); a new one reads the file.
+            #expect(closed == nil)
+            let reopened = try openStorage(path)
+            #expect(try await reopened.domains().map(\.name) == ["example.com"])
+            #expect(try await reopened.domainsGeneration() == 3)
+            #expect(try await reopened.users(in: "example.com") == [alice])
+            #expect(try await reopened.credentials(for: alice) == credentials(42))
+            #expect(try await reopened.roster(of: alice) == Roster(version: 3, items: [item]))
+            #expect(try await reopened.subscriptionRequests(of: alice).map(\.stanza) == ["<presence type='subscribe'/>"])
+            #expect(try await reopened.takeOfflineMessages(for: alice).map(\.stanza) == ["<message>one</message>", "<message>two</message>"])
+            // The version goes on from where it was.
+            #expect(try await reopened.putRosterItem(RosterItem(jid: jid("dave@example.org")), of: alice) == 4)
+        }
+    }
+}
