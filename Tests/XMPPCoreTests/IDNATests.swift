@@ -103,8 +103,8 @@ struct IDNATests {
         ("xn--abc-.example", JIDError.Reason.invalidLabel("A-label does not encode a U-label")),
         ("xn--.example", .invalidLabel("A-label does not encode a U-label")),
         ("xn--a-b!.example", .invalidLabel("invalid Punycode digit")),
-        ("xn--y-xbb.example", .invalidLabel("A-label does not decode to NFC")),  // "y" + COMBINING ACUTE
-        ("xn--wca.example", .disallowedCharacter("Ü")),  // an A-label for an upper-case U-label
+        ("xn--y-xbb.example", .invalidLabel("A-label does not decode to a canonical U-label")),  // "y" + COMBINING ACUTE
+        ("xn--wca.example", .invalidLabel("A-label does not decode to a canonical U-label")),  // an A-label for an upper-case U-label
         ("xn--ls8h.example", .disallowedCharacter("\u{1F4A9}")),
         ("-abc.example", .invalidLabel("label begins or ends with a hyphen")),
         ("abc-.example", .invalidLabel("label begins or ends with a hyphen")),

@@ -160,6 +160,10 @@ final class ClientConnectionHandler: ChannelInboundHandler {
                 }
             }
         case .send(let element):
+            if element.name == "failure", element.namespace == XMLNamespace.sasl {
+                server.metrics.authentication(mechanism: negotiation.mechanismInUse ?? "unknown", succeeded: false)
+                logger.notice("authentication failed", metadata: ["condition": "\(element.firstElement?.name ?? "")"])
+            }
             write(.element(element), context: context)
             context.flush()
         case .authenticated(let username, let element):
@@ -248,12 +252,9 @@ final class ClientConnectionHandler: ChannelInboundHandler {
         }
     }
 
-    /// Runs the action that follows an asynchronous SASL step, counting failures.
+    /// Runs the action that follows an asynchronous SASL step, unless the stream closed meanwhile.
     private func afterAuthenticationStep(_ action: ClientNegotiation.Action, context: ChannelHandlerContext) {
-        if case .send(let element) = action, element.name == "failure", element.namespace == XMLNamespace.sasl {
-            server.metrics.authentication(mechanism: negotiation.mechanismInUse ?? "unknown", succeeded: false)
-            logger.notice("authentication failed", metadata: ["condition": "\(element.firstElement?.name ?? "")"])
-        }
+        guard !closing else { return }
         run(action, context: context)
     }
 

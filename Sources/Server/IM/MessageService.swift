@@ -131,8 +131,8 @@ final class MessageService: Sendable {
                     XMLAttribute("from", account.domainpart),
                     XMLAttribute("stamp", Self.timestamp(millisecondsSince1970: message.storedAt)),
                 ], text: "Offline storage")
-                session.deliver(element.appending(delay))
                 server.metrics.offlineDelivered.increment()
+                session.deliver(element.appending(delay))
             }
         } catch {
             server.logger.error("offline delivery failed", metadata: ["account": "\(account)", "error": "\(error)"])

@@ -49,9 +49,10 @@ final class PresenceService: Sendable {
             let requestStored = try await hasStoredRequest(account: account, contact: contact)
             let decision = try await roster.update(account: account, contact: contact) { item in
                 let result = SubscriptionRules.outbound(type, SubscriptionState(item: item, requestStored: requestStored))
-                // An approval of a contact not yet on the roster creates the item (§3.1.5);
-                // a mere pre-approval or denial of a stranger does not.
-                if item == nil && !result.state.to && !result.state.from && !result.state.pendingOut { return (nil, result) }
+                // An approval or pre-approval of a contact not yet on the roster creates the item
+                // (§3.1.5, §3.4); denying a stranger's request does not.
+                let state = result.state
+                if item == nil && !state.to && !state.from && !state.pendingOut && !state.approved { return (nil, result) }
                 return (result.state.applied(to: item, contact: contact), result)
             }
             if type == .subscribed || type == .unsubscribed {
