@@ -1,0 +1,314 @@
+"""Shared harness for Braid's interop suites.
+
+It starts a real `braid serve` on 127.0.0.1 with a fresh data directory and free ports,
+manages domains and accounts through the CLI, stops the server by PID, and runs tests
+(plain or async functions) each under a timeout, printing `PASS name` / `FAIL name: reason`
+and a closing `N passed, M failed` line.
+
+The server binary comes from $BRAID_BINARY (default: /work/main/.build/debug/braid).
+Only the standard library is used here, so both suites can import it.
+"""
+
+import asyncio
+import inspect
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+DEFAULT_BINARY = "/work/main/.build/debug/braid"
+HOST = "127.0.0.1"
+
+# Bounds for everything the harness waits for.
+STARTUP_TIMEOUT = 20.0      # until both listeners accept connections
+CLI_TIMEOUT = 30.0          # one `braid domain|user` command (PBKDF2 runs there)
+STOP_GRACE = 10.0           # after SIGTERM, before SIGKILL
+LOG_TAIL_LINES = 40         # server log lines printed with a failing test
+
+
+class HarnessError(Exception):
+    """The harness itself could not do its job (server did not start, CLI failed...)."""
+
+
+class TestTimeout(Exception):
+    """A test ran past its time limit."""
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nobody listens on right now.
+
+    Binding port 0 lets the kernel choose; the port is released at once, so a tiny race
+    with other programs remains, which is acceptable for tests.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_port(port, deadline, process=None):
+    """Waits until something accepts TCP connections on `port`, or raises at `deadline`."""
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise HarnessError(f"server exited with code {process.returncode} during start-up")
+        try:
+            with socket.create_connection((HOST, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise HarnessError(f"port {port} did not accept connections in time")
+
+
+class BraidServer:
+    """One `braid serve` process with its own data directory, ports and log file.
+
+    `env` adds configuration overrides (BRAID_* variables); `domains` are hosted before
+    the server starts.
+    """
+
+    def __init__(self, env=None, domains=("localhost",), binary=None):
+        self.binary = binary or os.environ.get("BRAID_BINARY", DEFAULT_BINARY)
+        self.extra_env = dict(env or {})
+        self.initial_domains = list(domains)
+        self.data_dir = None
+        self.log_path = None
+        self.process = None
+        self.starttls_port = None
+        self.direct_tls_port = None
+        self._log_file = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self):
+        if not os.access(self.binary, os.X_OK):
+            raise HarnessError(f"server binary {self.binary} is missing or not executable (set BRAID_BINARY)")
+        self.data_dir = tempfile.mkdtemp(prefix="braid-interop-")
+        self.log_path = os.path.join(self.data_dir, "server.log")
+        self.starttls_port = free_port()
+        self.direct_tls_port = free_port()
+        for domain in self.initial_domains:
+            self.add_domain(domain)
+        self._log_file = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [self.binary, "serve"], env=self._env(), cwd=self.data_dir,
+            stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        wait_for_port(self.starttls_port, deadline, self.process)
+        wait_for_port(self.direct_tls_port, deadline, self.process)
+
+    def stop(self):
+        """SIGTERM, then SIGKILL after a bounded wait. Returns the exit code (None if never started)."""
+        code = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout=STOP_GRACE)
+                except subprocess.TimeoutExpired:
+                    print(f"server pid {self.process.pid} ignored SIGTERM for {STOP_GRACE}s; killing it", file=sys.stderr)
+                    self.process.kill()
+                    self.process.wait(timeout=STOP_GRACE)
+            code = self.process.returncode
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        return code
+
+    def cleanup(self):
+        """Removes the data directory (database, certificates, log)."""
+        if self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.data_dir = None
+
+    def is_running(self):
+        return self.process is not None and self.process.poll() is None
+
+    # -- CLI ---------------------------------------------------------------------------
+
+    def _env(self):
+        # Start from a clean slate: stray BRAID_* variables from the caller's shell must
+        # not change the server under test.
+        env = {key: value for key, value in os.environ.items() if not key.startswith("BRAID_")}
+        env.update({
+            "BRAID_DATA_DIRECTORY": self.data_dir,
+            "BRAID_C2S_ADDRESS": HOST,
+            "BRAID_C2S_STARTTLS_PORT": str(self.starttls_port),
+            "BRAID_C2S_DIRECT_TLS_PORT": str(self.direct_tls_port),
+            "BRAID_LOG_LEVEL": "debug",
+        })
+        env.update(self.extra_env)
+        return env
+
+    def cli(self, *args, stdin_text=None):
+        """Runs `braid ARGS` against this server's data; returns stdout, raises on failure."""
+        # cwd is the data directory so that no ./braid.yaml from elsewhere is picked up.
+        result = subprocess.run(
+            [self.binary, *args], env=self._env(), cwd=self.data_dir,
+            input=stdin_text, capture_output=True, text=True, timeout=CLI_TIMEOUT)
+        if result.returncode != 0:
+            raise HarnessError(f"braid {' '.join(args)} exited with {result.returncode}: "
+                               f"{result.stderr.strip() or result.stdout.strip()}")
+        return result.stdout
+
+    def add_domain(self, domain):
+        return self.cli("domain", "add", domain)
+
+    def remove_domain(self, domain):
+        return self.cli("domain", "remove", domain)
+
+    def add_user(self, jid, password):
+        # The password goes through stdin, as the CLI recommends.
+        return self.cli("user", "add", jid, stdin_text=password + "\n")
+
+    # -- log ---------------------------------------------------------------------------
+
+    def log_size(self):
+        try:
+            return os.path.getsize(self.log_path)
+        except (OSError, TypeError):
+            return 0
+
+    def log_since(self, offset):
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(offset)
+                return log.read().decode("utf-8", "replace")
+        except (OSError, TypeError):
+            return ""
+
+
+# -- test runner -----------------------------------------------------------------------
+
+class Test:
+    def __init__(self, function, timeout):
+        self.function = function
+        self.timeout = timeout
+        self.name = function.__name__
+
+
+def test(timeout=30):
+    """Decorator: marks a function `f(ctx)` (plain or async) as a test with a time limit."""
+    def mark(function):
+        function.interop_test = Test(function, timeout)
+        return function
+    return mark
+
+
+def collect_tests(namespace):
+    """The functions marked with @test in a module namespace, in definition order."""
+    return [value.interop_test for value in namespace.values() if hasattr(value, "interop_test")]
+
+
+class Context:
+    """What tests receive: the server, plus whatever the suite's setup adds."""
+
+    def __init__(self, server):
+        self.server = server
+
+
+def _on_alarm(signum, frame):
+    raise TestTimeout("timed out")
+
+
+def _run_one(test_case, ctx):
+    """Runs one test under its timeout; returns None on success or a failure reason."""
+    # SIGALRM interrupts blocking socket calls in the main thread; async tests also get an
+    # asyncio timeout so their clients are cancelled cleanly. The alarm is the backstop.
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    is_async = inspect.iscoroutinefunction(test_case.function)
+    signal.setitimer(signal.ITIMER_REAL, test_case.timeout + (5 if is_async else 0))
+    try:
+        if is_async:
+            asyncio.run(asyncio.wait_for(test_case.function(ctx), test_case.timeout))
+        else:
+            test_case.function(ctx)
+        return None
+    except (TestTimeout, asyncio.TimeoutError):
+        return f"timed out after {test_case.timeout}s"
+    except AssertionError as error:
+        return str(error) or "assertion failed: " + _last_frame(error)
+    except Exception as error:  # noqa: BLE001 - any error is a test failure, reported by name
+        return f"{type(error).__name__}: {error} ({_last_frame(error)})"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _last_frame(error):
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return "?"
+    frame = frames[-1]
+    return f"{os.path.basename(frame.filename)}:{frame.lineno}"
+
+
+def _print_log_tail(text):
+    lines = text.rstrip("\n").splitlines()[-LOG_TAIL_LINES:]
+    if lines:
+        print(f"    --- server log (last {len(lines)} lines during the test) ---", flush=True)
+        for line in lines:
+            print("    | " + line, flush=True)
+
+
+def run_suite(tests, env=None, domains=("localhost",), setup=None, teardown=None):
+    """Starts a server, runs `setup(ctx)`, every test, `teardown(ctx)`, stops the server.
+
+    Prints one line per test and the closing `N passed, M failed`; returns the process exit
+    status (0 only if every test passed).
+    """
+    server = BraidServer(env=env, domains=domains)
+    ctx = Context(server)
+    passed = failed = 0
+    started = time.monotonic()
+    try:
+        setup_error = None
+        try:
+            server.start()
+            if setup is not None:
+                setup(ctx)
+        except Exception as error:  # noqa: BLE001
+            setup_error = f"suite setup failed: {type(error).__name__}: {error}"
+            print(setup_error, flush=True)
+            _print_log_tail(server.log_since(0))
+        for test_case in tests:
+            if setup_error is not None:
+                print(f"FAIL {test_case.name}: {setup_error}", flush=True)
+                failed += 1
+                continue
+            offset = server.log_size()
+            reason = _run_one(test_case, ctx)
+            if reason is None and not server.is_running():
+                reason = f"server exited with code {server.process.returncode}"
+            if reason is None:
+                print(f"PASS {test_case.name}", flush=True)
+                passed += 1
+            else:
+                print(f"FAIL {test_case.name}: {reason}", flush=True)
+                _print_log_tail(server.log_since(offset))
+                failed += 1
+        if teardown is not None and setup_error is None:
+            try:
+                teardown(ctx)
+            except Exception as error:  # noqa: BLE001
+                print(f"suite teardown failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+    finally:
+        code = server.stop()
+        if code not in (None, 0):
+            print(f"note: server exit code after SIGTERM was {code}", file=sys.stderr, flush=True)
+        server.cleanup()
+    print(f"({time.monotonic() - started:.1f}s)", file=sys.stderr, flush=True)
+    print(f"{passed} passed, {failed} failed", flush=True)
+    return 0 if failed == 0 else 1
+
+
+def unique(prefix):
+    """A short name unique within this run, for accounts and message bodies."""
+    unique.counter += 1
+    return f"{prefix}{os.getpid() % 10000}x{unique.counter}"
+
+
+unique.counter = 0

@@ -1,0 +1,82 @@
+import Foundation
+import Testing
+@testable import Server
+
+@Suite("Configuration")
+struct ConfigurationTests {
+    @Test("No file at all gives the embedded defaults")
+    func defaults() throws {
+        let configuration = try BraidConfiguration.parse(yaml: "")
+        #expect(configuration == BraidConfiguration())
+        #expect(configuration.dataDirectory == "braid-data")
+        #expect(configuration.defaultDomain == "localhost")
+        #expect(configuration.c2s.starttlsPort == 5222)
+        #expect(configuration.c2s.directTLSPort == 5223)
+        #expect(configuration.c2s.requireTLS)
+        #expect(configuration.c2s.maxStanzaBytes == 262_144)
+        #expect(configuration.c2s.resourceConflict == .replace)
+    }
+
+    @Test("A file overrides only what it names")
+    func partialFile() throws {
+        let configuration = try BraidConfiguration.parse(yaml: """
+            data_directory: /var/lib/braid
+            c2s:
+              starttls_port: 15222
+              direct_tls_port: null
+              resource_conflict: refuse
+            offline:
+              max_messages_per_user: 10
+            tls:
+              certificates:
+                - certificate: /etc/braid/example.pem
+                  key: /etc/braid/example.key
+                  domains: [example.com, chat.example.com]
+            """)
+        #expect(configuration.dataDirectory == "/var/lib/braid")
+        #expect(configuration.c2s.starttlsPort == 15222)
+        #expect(configuration.c2s.directTLSPort == nil)
+        #expect(configuration.c2s.resourceConflict == .refuse)
+        #expect(configuration.c2s.maxStanzaBytes == 262_144)
+        #expect(configuration.offline.maxMessagesPerUser == 10)
+        #expect(configuration.tls.certificates == [.init(certificate: "/etc/braid/example.pem", key: "/etc/braid/example.key", domains: ["example.com", "chat.example.com"])])
+    }
+
+    @Test("Environment variables override the file, by key path")
+    func environment() throws {
+        let configuration = try BraidConfiguration.parse(
+            yaml: "c2s:\n  max_stanza_bytes: 20000\n",
+            environment: ["BRAID_C2S_MAX_STANZA_BYTES": "30000", "BRAID_DATA_DIRECTORY": "/tmp/b", "BRAID_C2S_REQUIRE_TLS": "false", "BRAID_LOG_LEVEL": "debug", "UNRELATED": "x"])
+        #expect(configuration.c2s.maxStanzaBytes == 30000)
+        #expect(configuration.dataDirectory == "/tmp/b")
+        #expect(configuration.c2s.requireTLS == false)
+        #expect(configuration.logLevel == "debug")
+    }
+
+    @Test("Unknown keys and bad values are reported with their path")
+    func errors() {
+        #expect(throws: ConfigurationError.self) { try BraidConfiguration.parse(yaml: "c2s:\n  max_stanza_byte: 1\n") }
+        do {
+            _ = try BraidConfiguration.parse(yaml: "c2s:\n  max_stanza_byte: 1\n")
+        } catch {
+            #expect("\(error)".contains("c2s.max_stanza_byte"))
+        }
+        #expect(throws: ConfigurationError.self) { try BraidConfiguration.parse(yaml: "c2s:\n  starttls_port: many\n") }
+        #expect(throws: ConfigurationError.self) { try BraidConfiguration.parse(yaml: "c2s:\n  resource_conflict: sometimes\n") }
+        #expect(throws: ConfigurationError.self) { try BraidConfiguration.parse(yaml: "- a list\n") }
+        #expect(throws: ConfigurationError.self) { try BraidConfiguration.parse(yaml: "x: [unclosed\n") }
+    }
+
+    @Test("The shipped example configuration parses and matches the defaults")
+    func shippedExample() throws {
+        let path = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("docs/braid.example.yaml").path
+        let text = try String(contentsOfFile: path, encoding: .utf8)
+        #expect(try BraidConfiguration.parse(yaml: text) == BraidConfiguration())
+    }
+
+    @Test("The config file is found by --config, then BRAID_CONFIG")
+    func location() {
+        #expect(BraidConfiguration.locateFile(explicit: "/x.yaml", environment: ["BRAID_CONFIG": "/y.yaml"]) == "/x.yaml")
+        #expect(BraidConfiguration.locateFile(explicit: nil, environment: ["BRAID_CONFIG": "/y.yaml"]) == "/y.yaml")
+    }
+}

@@ -1,0 +1,178 @@
+import Testing
+import XMPPCore
+@testable import XMPPStream
+
+/// The client negotiation state machine on its own: inputs in, actions out, no channel.
+@Suite("Client negotiation state machine")
+struct ClientNegotiationTests {
+    static let secret = [UInt8](repeating: 7, count: 32)
+
+    func machine(requireTLS: Bool = true) -> ClientNegotiation {
+        ClientNegotiation(configuration: .init(requireTLS: requireTLS, scramIterations: 4096, serverSecret: Self.secret), makeStreamID: { "sid" })
+    }
+
+    func header(to: String? = "example.com", version: String? = "1.0") -> StreamHeader {
+        StreamHeader(to: to, version: version, contentNamespace: XMLNamespace.client)
+    }
+
+    func features(of action: ClientNegotiation.Action) -> XMLElement? {
+        if case .sendHeaderAndFeatures(_, let features) = action { return features }
+        return nil
+    }
+
+    func streamError(of action: ClientNegotiation.Action) -> StreamError.Condition? {
+        if case .closeWithStreamError(let error) = action { return error.condition }
+        return nil
+    }
+
+    /// A machine that has reached the secured phase, features sent.
+    func securedMachine(binding: ChannelBinding? = nil) -> ClientNegotiation {
+        var negotiation = machine()
+        _ = negotiation.headerReceived(header(), isHosted: true)
+        _ = negotiation.elementReceived(XMLElement(name: "starttls", namespace: XMLNamespace.tls))
+        negotiation.tlsEstablished(channelBinding: binding)
+        _ = negotiation.headerReceived(header(), isHosted: true)
+        return negotiation
+    }
+
+    @Test("The reply header comes from the domain with a fresh id, and TLS is the only feature")
+    func firstHeader() {
+        var negotiation = machine()
+        let action = negotiation.headerReceived(header(to: "Example.COM"), isHosted: true)
+        guard case .sendHeaderAndFeatures(let reply, let features) = action else {
+            Issue.record("got \(action)")
+            return
+        }
+        #expect(reply.from == "example.com" && reply.id == "sid" && reply.version == "1.0")
+        #expect(features.elements.map(\.name) == ["starttls"])
+        #expect(negotiation.domain == "example.com")
+    }
+
+    @Test("Header errors: unhosted domain, missing to, old version")
+    func headerErrors() {
+        var unhosted = machine()
+        #expect(streamError(of: unhosted.headerReceived(header(), isHosted: false)) == .hostUnknown)
+        var noTo = machine()
+        #expect(streamError(of: noTo.headerReceived(header(to: nil), isHosted: true)) == .hostUnknown)
+        var old = machine()
+        #expect(streamError(of: old.headerReceived(header(version: nil), isHosted: true)) == .unsupportedVersion)
+        var older = machine()
+        #expect(streamError(of: older.headerReceived(header(version: "0.9"), isHosted: true)) == .unsupportedVersion)
+    }
+
+    @Test("Stanzas before negotiation get not-authorized; other elements unsupported-stanza-type")
+    func beforeNegotiation() {
+        var negotiation = machine()
+        _ = negotiation.headerReceived(header(), isHosted: true)
+        #expect(streamError(of: negotiation.elementReceived(XMLElement(name: "message", namespace: XMLNamespace.client))) == .notAuthorized)
+        var other = machine()
+        _ = other.headerReceived(header(), isHosted: true)
+        #expect(streamError(of: other.elementReceived(XMLElement(name: "auth", namespace: XMLNamespace.sasl))) == .unsupportedStanzaType)
+    }
+
+    @Test("STARTTLS, then mechanisms with -PLUS only when binding data exists")
+    func starttlsThenMechanisms() {
+        var negotiation = machine()
+        _ = negotiation.headerReceived(header(), isHosted: true)
+        #expect(negotiation.elementReceived(XMLElement(name: "starttls", namespace: XMLNamespace.tls)) == .startTLS(domain: "example.com"))
+        negotiation.tlsEstablished(channelBinding: ChannelBinding(type: "tls-server-end-point", data: [1, 2, 3]))
+        let offered = features(of: negotiation.headerReceived(header(), isHosted: true))?
+            .firstChild(name: "mechanisms", namespace: XMLNamespace.sasl)?.children(name: "mechanism", namespace: XMLNamespace.sasl).map(\.text)
+        #expect(offered == ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"])
+        let plain = securedMachine()
+        #expect(plain.offeredMechanisms(secured: true) == ["SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"])
+    }
+
+    @Test("A restart must address the same domain")
+    func sameDomainAfterRestart() {
+        var negotiation = machine()
+        _ = negotiation.headerReceived(header(), isHosted: true)
+        _ = negotiation.elementReceived(XMLElement(name: "starttls", namespace: XMLNamespace.tls))
+        negotiation.tlsEstablished(channelBinding: nil)
+        #expect(streamError(of: negotiation.headerReceived(header(to: "other.example"), isHosted: true)) == .hostUnknown)
+    }
+
+    @Test("SASL failures leave the client free to try again")
+    func saslFailures() {
+        var negotiation = securedMachine()
+        let unknown = negotiation.elementReceived(XMLElement(name: "auth", namespace: XMLNamespace.sasl, attributes: [XMLAttribute("mechanism", "DIGEST-MD5")]))
+        #expect(unknown == .send(XMLElement(name: "failure", namespace: XMLNamespace.sasl, children: [.element(XMLElement(name: "invalid-mechanism", namespace: XMLNamespace.sasl))])))
+        let notPlus = negotiation.elementReceived(XMLElement(name: "auth", namespace: XMLNamespace.sasl, attributes: [XMLAttribute("mechanism", "SCRAM-SHA-256-PLUS")], text: "biws"))
+        #expect(notPlus == .send(XMLElement(name: "failure", namespace: XMLNamespace.sasl, children: [.element(XMLElement(name: "invalid-mechanism", namespace: XMLNamespace.sasl))])))
+        let badBase64 = negotiation.elementReceived(XMLElement(name: "auth", namespace: XMLNamespace.sasl, attributes: [XMLAttribute("mechanism", "PLAIN")], text: "not base64!"))
+        #expect(badBase64 == .send(XMLElement(name: "failure", namespace: XMLNamespace.sasl, children: [.element(XMLElement(name: "incorrect-encoding", namespace: XMLNamespace.sasl))])))
+        // Still accepting a new attempt.
+        let plain = negotiation.elementReceived(XMLElement(name: "auth", namespace: XMLNamespace.sasl, attributes: [XMLAttribute("mechanism", "PLAIN")], text: Base64.encode(Array("\0juliet\0secret".utf8))))
+        #expect(plain == .verifyPassword(username: "juliet", password: "secret"))
+        #expect(negotiation.passwordChecked(false) == .send(XMLElement(name: "failure", namespace: XMLNamespace.sasl, children: [.element(XMLElement(name: "not-authorized", namespace: XMLNamespace.sasl))])))
+    }
+
+    @Test("A full SCRAM-SHA-256 exchange ends in authenticated and a restart")
+    func scramExchange() throws {
+        var negotiation = securedMachine()
+        let keys = try SCRAMKeyDerivation.newKeys(password: "pencil", iterations: 4096, hash: .sha256)
+        var client = SCRAMClient(hash: .sha256, username: "juliet", password: "pencil")
+        let auth = XMLElement(name: "auth", namespace: XMLNamespace.sasl, attributes: [XMLAttribute("mechanism", "SCRAM-SHA-256")], text: Base64.encode(try client.clientFirstMessage()))
+        #expect(negotiation.elementReceived(auth) == .lookUpSCRAMKeys(username: "juliet", hash: .sha256))
+        guard case .send(let challenge) = negotiation.scramKeysReceived(keys), challenge.name == "challenge", let serverFirst = Base64.decode(challenge.text) else {
+            Issue.record("no challenge")
+            return
+        }
+        let response = XMLElement(name: "response", namespace: XMLNamespace.sasl, text: Base64.encode(try client.serverFirstReceived(serverFirst)))
+        guard case .authenticated(let username, let success) = negotiation.elementReceived(response) else {
+            Issue.record("not authenticated")
+            return
+        }
+        #expect(username == "juliet")
+        try client.serverFinalReceived(Base64.decode(success.text) ?? [])
+        #expect(client.isServerAuthenticated)
+        #expect(negotiation.username == "juliet")
+        // The restarted stream offers binding and stream management.
+        let offered = features(of: negotiation.headerReceived(header(), isHosted: true))?.elements.map(\.name)
+        #expect(offered == ["bind", "session", "ver", "sm"])
+    }
+
+    @Test("An authorization identity other than the account is refused")
+    func foreignAuthzid() {
+        var negotiation = securedMachine()
+        let plain = XMLElement(name: "auth", namespace: XMLNamespace.sasl, attributes: [XMLAttribute("mechanism", "PLAIN")], text: Base64.encode(Array("romeo@example.com\0juliet\0secret".utf8)))
+        #expect(negotiation.elementReceived(plain) == .verifyPassword(username: "juliet", password: "secret"))
+        #expect(negotiation.passwordChecked(true) == .send(XMLElement(name: "failure", namespace: XMLNamespace.sasl, children: [.element(XMLElement(name: "invalid-authzid", namespace: XMLNamespace.sasl))])))
+    }
+
+    @Test("Before binding only the bind IQ is accepted; then stanzas are delivered")
+    func binding() throws {
+        var negotiation = securedMachine()
+        _ = negotiation.elementReceived(XMLElement(name: "auth", namespace: XMLNamespace.sasl, attributes: [XMLAttribute("mechanism", "PLAIN")], text: Base64.encode(Array("\0juliet\0secret".utf8))))
+        guard case .authenticated = negotiation.passwordChecked(true) else {
+            Issue.record("not authenticated")
+            return
+        }
+        _ = negotiation.headerReceived(header(), isHosted: true)
+        let roster = XMLElement(name: "iq", namespace: XMLNamespace.client, attributes: [XMLAttribute("type", "get"), XMLAttribute("id", "r1")], children: [.element(XMLElement(name: "query", namespace: "jabber:iq:roster"))])
+        guard case .send(let refused) = negotiation.elementReceived(roster) else {
+            Issue.record("roster before bind not refused")
+            return
+        }
+        #expect(refused.attribute("type") == "error" && refused.attribute("id") == "r1")
+        #expect(streamError(of: negotiation.elementReceived(XMLElement(name: "message", namespace: XMLNamespace.client))) == .notAuthorized)
+    }
+
+    @Test("Bind, then delivery")
+    func bindThenDeliver() throws {
+        var negotiation = securedMachine()
+        _ = negotiation.elementReceived(XMLElement(name: "auth", namespace: XMLNamespace.sasl, attributes: [XMLAttribute("mechanism", "PLAIN")], text: Base64.encode(Array("\0juliet\0secret".utf8))))
+        _ = negotiation.passwordChecked(true)
+        _ = negotiation.headerReceived(header(), isHosted: true)
+        let bind = XMLElement(name: "iq", namespace: XMLNamespace.client, attributes: [XMLAttribute("type", "set"), XMLAttribute("id", "b")], children: [
+            .element(XMLElement(name: "bind", namespace: XMLNamespace.bind, children: [.element(XMLElement(name: "resource", namespace: XMLNamespace.bind, text: "balcony"))])),
+        ])
+        #expect(negotiation.elementReceived(bind) == .bind(requestedResource: "balcony", iqID: "b"))
+        let jid = try JID("juliet@example.com/balcony")
+        let actions = negotiation.bindSucceeded(jid, iqID: "b")
+        #expect(actions.count == 2)
+        #expect(actions.last == .established(jid))
+        let message = XMLElement(name: "message", namespace: XMLNamespace.client)
+        #expect(negotiation.elementReceived(message) == .deliver(message))
+    }
+}
