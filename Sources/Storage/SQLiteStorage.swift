@@ -126,6 +126,24 @@ public final class SQLiteStorage: Storage {
     }
 
     @discardableResult
+    public func addDomains(_ names: [String]) async throws -> Int {
+        // Validate everything first, so a bad name adds nothing.
+        let prepared = try names.map { try JID(domain: $0).domainpart }
+        let now = Self.nowSeconds()
+        let added = try await pool.write { db in
+            var added = 0
+            for name in prepared {
+                try db.execute(sql: SQL.insertDomain, arguments: [name, now])
+                added += db.changesCount
+            }
+            if added > 0 { try db.execute(sql: SQL.incrementMeta, arguments: [SQL.domainsGenerationKey]) }
+            return added
+        }
+        if added > 0 { logger.info("Added hosted domains", metadata: ["count": "\(added)"]) }
+        return added
+    }
+
+    @discardableResult
     public func removeDomain(_ name: String) async throws -> Bool {
         // A name that is not a valid domain cannot be hosted.
         guard let name = try? JID(domain: name).domainpart else { return false }

@@ -8,6 +8,10 @@ import XMPPCore
 /// own threads and are awaited).
 ///
 /// Users are identified by bare JIDs (`localpart@domainpart`), already canonical.
+///
+/// For an account that does not exist, reads return empty results (a version-0 roster, no
+/// item, no requests, no messages) and writes throw ``StorageError/userNotFound``; removing
+/// something that is not there does nothing. A roster contact is a bare or domain JID.
 public protocol Storage: Sendable {
     // MARK: Hosted domains
 
@@ -17,6 +21,12 @@ public protocol Storage: Sendable {
     /// Adds a hosted domain. Returns false if it was already hosted.
     @discardableResult
     func addDomain(_ name: String) async throws -> Bool
+
+    /// Adds many hosted domains in one transaction (provisioning thousands of customer
+    /// domains one transaction each would cost one disk sync each). Returns how many were new.
+    /// Throws, adding nothing, if any name is not a valid domain.
+    @discardableResult
+    func addDomains(_ names: [String]) async throws -> Int
 
     /// Removes a hosted domain and everything stored for its users (accounts, rosters,
     /// offline messages, subscription requests). Returns false if it was not hosted.

@@ -77,18 +77,33 @@ struct DomainCommand: AsyncParsableCommand {
         subcommands: [Add.self, Remove.self, List.self])
 
     struct Add: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Host a domain.")
+        static let configuration = CommandConfiguration(
+            abstract: "Host one or more domains.",
+            discussion: "Many domains (thousands) are best given with --file, one per line: they are added in one transaction.")
         @OptionGroup var options: ConfigOptions
-        @Argument(help: "The domain, e.g. example.com (an IDN may be given in either form).") var domain: String
+        @Argument(help: "Domains, e.g. example.com (an IDN may be given in either form).") var domains: [String] = []
+        @Option(help: "A file with one domain per line ('-' for standard input).") var file: String?
 
         func run() async throws {
-            let storage = try options.openStorage(try options.load())
-            let name = try canonicalDomain(domain)
-            if try await storage.addDomain(name) {
-                print("added \(name)")
-            } else {
-                print("\(name) is already hosted")
+            var names = try domains.map(canonicalDomain)
+            if let file {
+                let text = file == "-" ? readAll() : try String(contentsOfFile: file, encoding: .utf8)
+                names += try text.split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }.map(canonicalDomain)
             }
+            guard !names.isEmpty else { throw ValidationError("name at least one domain, or give --file") }
+            let storage = try options.openStorage(try options.load())
+            if names.count == 1, let name = names.first {
+                print(try await storage.addDomain(name) ? "added \(name)" : "\(name) is already hosted")
+            } else {
+                let added = try await storage.addDomains(names)
+                print("added \(added) of \(names.count) domains (the rest were already hosted)")
+            }
+        }
+
+        private func readAll() -> String {
+            var lines: [String] = []
+            while let line = readLine() { lines.append(line) }
+            return lines.joined(separator: "\n")
         }
     }
 

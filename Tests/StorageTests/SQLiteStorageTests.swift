@@ -160,6 +160,23 @@ struct SQLiteStorageDomainTests {
         }
     }
 
+    @Test func addDomainsInOneTransaction() async throws {
+        try await withTemporaryDirectory { directory in
+            let storage = try openStorage(databasePath(in: directory))
+            #expect(try await storage.addDomain("b.example"))
+            let names = (0..<1000).map { "customer\($0).example" } + ["B.EXAMPLE"]
+            #expect(try await storage.addDomains(names) == 1000)
+            // One generation step for the whole batch.
+            #expect(try await storage.domainsGeneration() == 2)
+            #expect(try await storage.domains().count == 1001)
+            // A bad name anywhere adds nothing.
+            await #expect(throws: (any Error).self) { try await storage.addDomains(["fine.example", "not a domain!"]) }
+            #expect(try await storage.domains().contains { $0.name == "fine.example" } == false)
+            #expect(try await storage.addDomains([]) == 0)
+            #expect(try await storage.domainsGeneration() == 2)
+        }
+    }
+
     @Test func domainNamesAreCanonicalised() async throws {
         try await withTemporaryDirectory { directory in
             let storage = try openStorage(databasePath(in: directory))
