@@ -81,7 +81,7 @@ public final class BraidServer: Service {
         context.metrics.hostedDomains.set(Int64(context.domains.count))
         let defaultDomain = try JID(domain: configuration.defaultDomain).domainpart
         if context.domains.isHosted(defaultDomain) {
-            context.certificates.ensureCertificate(for: defaultDomain)
+            await context.certificates.prepareCertificate(for: defaultDomain)
         }
 
         let c2s = configuration.c2s

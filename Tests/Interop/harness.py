@@ -300,7 +300,7 @@ def run_suite(tests, env=None, domains=("localhost",), setup=None, teardown=None
         if code not in (None, 0):
             print(f"note: server exit code after SIGTERM was {code}", file=sys.stderr, flush=True)
         server.cleanup()
-    print(f"({time.monotonic() - started:.1f}s)", file=sys.stderr, flush=True)
+    print(f"run time {time.monotonic() - started:.1f}s", flush=True)
     print(f"{passed} passed, {failed} failed", flush=True)
     return 0 if failed == 0 else 1
 

@@ -141,22 +141,23 @@ final class ClientConnectionHandler: ChannelInboundHandler {
             write(.element(features), context: context)
             context.flush()
         case .startTLS(let domain):
-            guard let sslContext = server.certificates.serverContext(for: domain) else {
-                logger.error("no certificate for hosted domain", metadata: ["domain": "\(domain)"])
-                failStream(StreamError(.internalServerError), reason: "no certificate for \(domain)")
-                return
-            }
             // Cleartext after <starttls/> in the same read is an injection attempt (RFC 6120
             // §5.4.3.3, and the STARTTLS command-injection class of bugs).
             decoder.restart(leftover: .reject, context: context)
-            let proceed = XMLElement(name: "proceed", namespace: XMLNamespace.tls)
-            let channel = context.channel
-            context.writeAndFlush(wrapOutboundOut(.element(proceed))).whenSuccess {
-                // Added once <proceed/> is on the wire, so it goes out in the clear.
-                do {
-                    try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: sslContext), position: .first)
-                } catch {
-                    channel.close(promise: nil)
+            if let sslContext = server.certificates.serverContext(for: domain) {
+                proceed(with: sslContext, context: context)
+            } else {
+                // No certificate yet: one may be made (off the event loop) for a hosted domain.
+                let certificates = server.certificates
+                let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+                context.eventLoop.makeFutureWithTask { await certificates.prepareCertificate(for: domain) }.whenComplete { _ in
+                    let (handler, context) = bound.value
+                    guard let sslContext = certificates.serverContext(for: domain) else {
+                        handler.logger.error("no certificate for hosted domain", metadata: ["domain": "\(domain)"])
+                        handler.failStream(StreamError(.internalServerError), reason: "no certificate for \(domain)")
+                        return
+                    }
+                    handler.proceed(with: sslContext, context: context)
                 }
             }
         case .send(let element):
@@ -195,6 +196,21 @@ final class ClientConnectionHandler: ChannelInboundHandler {
                 // A clean close is final: no resumption (XEP-0198 §5).
                 self.session = nil
                 session.end()
+            }
+        }
+    }
+
+    /// Sends `<proceed/>`, then puts TLS in front of the pipeline once it is on the wire, so
+    /// it goes out in the clear.
+    private func proceed(with sslContext: NIOSSLContext, context: ChannelHandlerContext) {
+        guard !closing else { return }
+        let proceed = XMLElement(name: "proceed", namespace: XMLNamespace.tls)
+        let channel = context.channel
+        context.writeAndFlush(wrapOutboundOut(.element(proceed))).whenSuccess {
+            do {
+                try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: sslContext), position: .first)
+            } catch {
+                channel.close(promise: nil)
             }
         }
     }

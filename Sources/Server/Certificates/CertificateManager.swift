@@ -18,8 +18,8 @@ public final class CertificateManager: Sendable {
     let selfSignMissing: Bool
     let domains: DomainRegistry
     let logger: Logger
-    /// Domains a certificate is being made for, so concurrent handshakes make one.
-    private let generating = Mutex<Set<String>>([])
+    /// Certificates being made, by domain, so concurrent handshakes wait for one.
+    private let generating = Mutex<[String: Task<Bool, Never>]>([:])
 
     init(directory: String, selfSignMissing: Bool, domains: DomainRegistry, logger: Logger) {
         self.store = TLSContextStore(logger: logger)
@@ -83,14 +83,25 @@ public final class CertificateManager: Sendable {
         store.certificateDER(for: domain) != nil
     }
 
-    /// Makes (and saves) a self-signed certificate for a hosted domain nothing covers.
+    /// Makes (and saves) a self-signed certificate for a hosted domain nothing covers. Key
+    /// generation and file writes run off the event loops; concurrent callers share one task.
     @discardableResult
-    func ensureCertificate(for domain: String) -> Bool {
+    func prepareCertificate(for domain: String) async -> Bool {
         if covers(domain) { return true }
         guard selfSignMissing, domains.isHosted(domain) else { return false }
-        let claimed = generating.withLock { $0.insert(domain).inserted }
-        guard claimed else { return covers(domain) }
-        defer { generating.withLock { _ = $0.remove(domain) } }
+        let task = generating.withLock { running -> Task<Bool, Never> in
+            if let existing = running[domain] { return existing }
+            let task = Task.detached { [self] in self.generate(domain) }
+            running[domain] = task
+            return task
+        }
+        let made = await task.value
+        generating.withLock { _ = $0.removeValue(forKey: domain) }
+        return made
+    }
+
+    private func generate(_ domain: String) -> Bool {
+        if covers(domain) { return true }
         do {
             let credentials = try SelfSignedCertificate.generate(domains: [domain])
             let (certificate, key) = Self.paths(for: domain, in: directory)
@@ -105,10 +116,10 @@ public final class CertificateManager: Sendable {
         }
     }
 
-    /// The context for STARTTLS on a stream to `domain` (RFC 6120 §5.4.3.1).
+    /// The context for STARTTLS on a stream to `domain` (RFC 6120 §5.4.3.1), once a
+    /// certificate covers it.
     func serverContext(for domain: String) -> NIOSSLContext? {
-        ensureCertificate(for: domain)
-        return store.serverContext(for: domain)
+        store.serverContext(for: domain)
     }
 
     /// `tls-server-end-point` channel binding (RFC 5929) for the certificate presented for
@@ -124,13 +135,19 @@ public final class CertificateManager: Sendable {
         var configuration = store.makeServerConfiguration(defaultDomain: defaultDomain, alpn: alpn)
         let choose = configuration.sslContextCallback
         configuration.sslContextCallback = { [self] values, promise in
-            if let name = values.serverHostname, let domain = try? JID(domain: name) {
-                self.ensureCertificate(for: domain.domainpart)
+            let choice = { @Sendable in
+                if let choose { choose(values, promise) } else { promise.succeed(.noChanges) }
             }
-            if let choose {
-                choose(values, promise)
+            // A hosted name no certificate covers yet gets one first, made off the event
+            // loop; the handshake waits on the promise meanwhile.
+            if let name = values.serverHostname, let domain = try? JID(domain: name),
+               !self.covers(domain.domainpart), self.selfSignMissing, self.domains.isHosted(domain.domainpart) {
+                Task {
+                    await self.prepareCertificate(for: domain.domainpart)
+                    choice()
+                }
             } else {
-                promise.succeed(.noChanges)
+                choice()
             }
         }
         return configuration
