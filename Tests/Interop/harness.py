@@ -10,6 +10,7 @@ Only the standard library is used here, so both suites can import it.
 """
 
 import asyncio
+import ctypes
 import inspect
 import os
 import shutil
@@ -22,6 +23,7 @@ import time
 import traceback
 
 DEFAULT_BINARY = "/work/main/.build/debug/braid"
+HERE = os.path.dirname(os.path.abspath(__file__))
 HOST = "127.0.0.1"
 
 # Bounds for everything the harness waits for.
@@ -48,6 +50,15 @@ def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((HOST, 0))
         return probe.getsockname()[1]
+
+
+def _terminate_with_parent():
+    """In the server's child process: ask Linux for SIGTERM if the harness dies, so a
+    killed test run never leaves a server behind (PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def wait_for_port(port, deadline, process=None):
@@ -95,7 +106,8 @@ class BraidServer:
         self._log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [self.binary, "serve"], env=self._env(), cwd=self.data_dir,
-            stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT)
+            stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
+            preexec_fn=_terminate_with_parent)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         wait_for_port(self.starttls_port, deadline, self.process)
         wait_for_port(self.direct_tls_port, deadline, self.process)
@@ -214,6 +226,18 @@ def _on_alarm(signum, frame):
     raise TestTimeout("timed out")
 
 
+async def _async_with_timeout(coroutine, timeout):
+    # asyncio.wait_for cancels the test, so its `finally` and `async with` blocks close the
+    # clients. Its TimeoutError is told apart from one raised inside the test by the clock.
+    started = time.monotonic()
+    try:
+        return await asyncio.wait_for(coroutine, timeout)
+    except asyncio.TimeoutError:
+        if time.monotonic() - started >= timeout * 0.99:
+            raise TestTimeout("timed out") from None
+        raise
+
+
 def _run_one(test_case, ctx):
     """Runs one test under its timeout; returns None on success or a failure reason."""
     # SIGALRM interrupts blocking socket calls in the main thread; async tests also get an
@@ -223,11 +247,11 @@ def _run_one(test_case, ctx):
     signal.setitimer(signal.ITIMER_REAL, test_case.timeout + (5 if is_async else 0))
     try:
         if is_async:
-            asyncio.run(asyncio.wait_for(test_case.function(ctx), test_case.timeout))
+            asyncio.run(_async_with_timeout(test_case.function(ctx), test_case.timeout))
         else:
             test_case.function(ctx)
         return None
-    except (TestTimeout, asyncio.TimeoutError):
+    except TestTimeout:
         return f"timed out after {test_case.timeout}s"
     except AssertionError as error:
         return str(error) or "assertion failed: " + _last_frame(error)
@@ -238,11 +262,18 @@ def _run_one(test_case, ctx):
         signal.signal(signal.SIGALRM, previous)
 
 
+def _on_terminate(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def _last_frame(error):
+    """Where the error left the suite's own code (not asyncio's or slixmpp's)."""
     frames = traceback.extract_tb(error.__traceback__)
-    if not frames:
+    suite = [frame for frame in frames if os.path.abspath(frame.filename) != os.path.abspath(__file__)
+             and os.path.dirname(os.path.abspath(frame.filename)) == HERE]
+    frame = (suite or frames or [None])[-1]
+    if frame is None:
         return "?"
-    frame = frames[-1]
     return f"{os.path.basename(frame.filename)}:{frame.lineno}"
 
 
@@ -260,9 +291,12 @@ def run_suite(tests, env=None, domains=("localhost",), setup=None, teardown=None
     Prints one line per test and the closing `N passed, M failed`; returns the process exit
     status (0 only if every test passed).
     """
+    # SIGTERM (e.g. from a CI timeout) unwinds like Ctrl-C, so `finally` stops the server.
+    signal.signal(signal.SIGTERM, _on_terminate)
     server = BraidServer(env=env, domains=domains)
     ctx = Context(server)
     passed = failed = 0
+    interrupted = False
     started = time.monotonic()
     try:
         setup_error = None
@@ -274,13 +308,22 @@ def run_suite(tests, env=None, domains=("localhost",), setup=None, teardown=None
             setup_error = f"suite setup failed: {type(error).__name__}: {error}"
             print(setup_error, flush=True)
             _print_log_tail(server.log_since(0))
-        for test_case in tests:
+        for index, test_case in enumerate(tests):
+            if interrupted:
+                break
             if setup_error is not None:
                 print(f"FAIL {test_case.name}: {setup_error}", flush=True)
                 failed += 1
                 continue
             offset = server.log_size()
-            reason = _run_one(test_case, ctx)
+            try:
+                reason = _run_one(test_case, ctx)
+            except KeyboardInterrupt:
+                # Ctrl-C or SIGTERM: report, skip the rest, still stop the server below.
+                interrupted = True
+                failed += len(tests) - index
+                print(f"FAIL {test_case.name}: interrupted; {len(tests) - index - 1} tests not run", flush=True)
+                continue
             if reason is None and not server.is_running():
                 reason = f"server exited with code {server.process.returncode}"
             if reason is None:
@@ -290,7 +333,7 @@ def run_suite(tests, env=None, domains=("localhost",), setup=None, teardown=None
                 print(f"FAIL {test_case.name}: {reason}", flush=True)
                 _print_log_tail(server.log_since(offset))
                 failed += 1
-        if teardown is not None and setup_error is None:
+        if teardown is not None and setup_error is None and not interrupted:
             try:
                 teardown(ctx)
             except Exception as error:  # noqa: BLE001
@@ -302,6 +345,8 @@ def run_suite(tests, env=None, domains=("localhost",), setup=None, teardown=None
         server.cleanup()
     print(f"run time {time.monotonic() - started:.1f}s", flush=True)
     print(f"{passed} passed, {failed} failed", flush=True)
+    if interrupted:
+        return 130
     return 0 if failed == 0 else 1
 
 

@@ -274,30 +274,49 @@ def finish_with_error(stream, condition):
     assert_stream_error(bytes(stream.received) + data, closed, condition)
 
 
+def with_observer_check(ctx, case):
+    """Runs `case()`, then always checks the observers, reporting both failures if both fail."""
+    failure = None
+    try:
+        case()
+    except (AssertionError, OSError, StreamClosed) as error:
+        failure = error
+    try:
+        ctx.observers.check()
+    except AssertionError as observer_failure:
+        if failure is not None:
+            raise AssertionError(f"{failure}; also: {observer_failure}") from None
+        raise
+    if failure is not None:
+        raise failure
+
+
 def bad_input_case(ctx, bad_input, condition, header=True, sni=DOMAIN):
     """Connects, optionally negotiates up to the features, sends `bad_input`, checks the error."""
-    stream = RawStream(connect_direct_tls(ctx.server.direct_tls_port, sni))
-    try:
-        if header:
-            stream.send(stream_header())
-            features = stream.next_element()
-            assert features.tag == f"{{{NS_STREAMS}}}features", f"expected features, got {features.tag}"
-        stream.send(bad_input)
-        finish_with_error(stream, condition)
-    finally:
-        stream.close()
-    ctx.observers.check()
+    def case():
+        stream = RawStream(connect_direct_tls(ctx.server.direct_tls_port, sni))
+        try:
+            if header:
+                stream.send(stream_header())
+                features = stream.next_element()
+                assert features.tag == f"{{{NS_STREAMS}}}features", f"expected features, got {features.tag}"
+            stream.send(bad_input)
+            finish_with_error(stream, condition)
+        finally:
+            stream.close()
+    with_observer_check(ctx, case)
 
 
 def authenticated_case(ctx, bad_input, condition):
     """Like bad_input_case, but the bad input comes from a logged-in, bound session."""
-    session = Session(ctx.server.direct_tls_port, "sender", uuid.uuid4().hex[:8])
-    try:
-        session.stream.send(bad_input)
-        finish_with_error(session.stream, condition)
-    finally:
-        session.stream.close()
-    ctx.observers.check()
+    def case():
+        session = Session(ctx.server.direct_tls_port, "sender", uuid.uuid4().hex[:8])
+        try:
+            session.stream.send(bad_input)
+            finish_with_error(session.stream, condition)
+        finally:
+            session.stream.close()
+    with_observer_check(ctx, case)
 
 
 # -- the cases ----------------------------------------------------------------------------
@@ -369,12 +388,20 @@ def unsupported_encoding_raw_ff_byte(ctx):
     bad_input_case(ctx, b"\xff", "unsupported-encoding")
 
 
+def oversized_message(to):
+    return f"<message type='chat' to='{to}'><body>{'x' * (MAX_STANZA_BYTES + 1000)}</body></message>".encode()
+
+
 @test(timeout=30)
-def policy_violation_oversized_stanza(ctx):
+def policy_violation_oversized_stanza_before_auth(ctx):
+    # RFC 6120 §13.12: the limit applies to the raw stanza, refused while it is arriving.
+    bad_input_case(ctx, oversized_message(ctx.observers.bob.jid), "policy-violation")
+
+
+@test(timeout=30)
+def policy_violation_oversized_stanza_after_bind(ctx):
     # From an authenticated session, addressed to an observer: the observer must not get it.
-    body = "x" * (MAX_STANZA_BYTES + 1000)
-    stanza = f"<message type='chat' to='{ctx.observers.bob.jid}'><body>{body}</body></message>"
-    authenticated_case(ctx, stanza.encode(), "policy-violation")
+    authenticated_case(ctx, oversized_message(ctx.observers.bob.jid), "policy-violation")
 
 
 @test(timeout=30)
@@ -414,7 +441,11 @@ def starttls_injection_is_not_processed(ctx):
     After <proceed/> the test completes the handshake and opens a new stream, as a client
     whose injected bytes were buffered would, and reads until the server closes.
     """
-    raw = socket.create_connection((harness.HOST, ctx.server.starttls_port), timeout=IO_TIMEOUT)
+    with_observer_check(ctx, lambda: starttls_injection(ctx.server.starttls_port))
+
+
+def starttls_injection(port):
+    raw = socket.create_connection((harness.HOST, port), timeout=IO_TIMEOUT)
     received = bytearray()
     try:
         stream = RawStream(raw)
@@ -440,11 +471,12 @@ def starttls_injection_is_not_processed(ctx):
         else:
             data, closed = read_until_closed(raw)
             received += ET.tostring(reply) + data
-        assert b"injected-iq" not in received, f"the injected iq was answered: {bytes(received)[-400:]!r}"
+        # Everything, including cleartext that came in with or after <proceed/>.
+        received = bytes(stream.received) + bytes(received)
+        assert b"injected-iq" not in received, f"the injected iq was answered: {received[-400:]!r}"
         assert closed, f"connection still open {CLOSE_TIMEOUT}s after the injection"
     finally:
         raw.close()
-    ctx.observers.check()
 
 
 # -- suite --------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+// The DNS module: SRV, A/AAAA and TLSA with DNSSEC status, over libunbound.

@@ -1,0 +1,214 @@
+import Foundation
+import SwiftASN1
+import X509
+import XMPPCore
+
+/// The certificate authorities an s2s peer's certificate may chain to.
+///
+/// RFC 6120 §13.6: per-peer trust anchors can be configured, and for such a peer the general
+/// store is not used at all.
+public struct PeerTrustAnchors: Sendable {
+    /// Roots for every peer without its own anchors: the system store plus configured extras.
+    public var defaultRoots: [Certificate]
+    /// Peers (by canonical domain) that chain only to these roots.
+    public var peerRoots: [String: [Certificate]]
+
+    public init(defaultRoots: [Certificate], peerRoots: [String: [Certificate]] = [:]) {
+        self.defaultRoots = defaultRoots
+        self.peerRoots = peerRoots
+    }
+
+    /// The roots for `domain`.
+    public func roots(for domain: String) -> [Certificate] {
+        if let canonical = try? JID(domain: domain).domainpart, let specific = peerRoots[canonical] {
+            return specific
+        }
+        return defaultRoots
+    }
+
+    /// The system's trusted CAs (Debian: /etc/ssl/certs/ca-certificates.crt). Unreadable
+    /// entries are skipped; a missing bundle gives none.
+    public static func systemRoots(bundle: String = "/etc/ssl/certs/ca-certificates.crt") -> [Certificate] {
+        guard let text = try? String(contentsOfFile: bundle, encoding: .utf8) else { return [] }
+        return certificates(inPEM: text)
+    }
+
+    /// Every certificate in a PEM file.
+    public static func load(pemFile path: String) throws(TrustError) -> [Certificate] {
+        let text: String
+        do {
+            text = try String(contentsOfFile: path, encoding: .utf8)
+        } catch {
+            throw TrustError(.fileSystem, "cannot read \(path): \(error)")
+        }
+        let found = certificates(inPEM: text)
+        guard !found.isEmpty else { throw TrustError(.invalidCertificate, "no certificate in \(path)") }
+        return found
+    }
+
+    static func certificates(inPEM text: String) -> [Certificate] {
+        guard let documents = try? PEMDocument.parseMultiple(pemString: text) else { return [] }
+        return documents.compactMap { document in
+            guard document.discriminator == "CERTIFICATE" else { return nil }
+            return try? Certificate(derEncoded: document.derBytes)
+        }
+    }
+}
+
+/// A peer certificate that chains to a trusted root and names the domain asked about.
+public struct ValidatedPeerCertificate: Sendable, Hashable {
+    /// The chain as verified, leaf first, ending in the root.
+    public var chain: [Certificate]
+    /// How the domain matched (RFC 6125 / RFC 6120 §13.7.1).
+    public var match: CertificateIdentity.Match
+    /// The earliest expiry in the chain: the proof lapses then (RFC 6120 §13.7.2.3).
+    public var expires: Date
+
+    public var leaf: Certificate? { chain.first }
+}
+
+/// Why a peer certificate does not prove a domain.
+public enum PeerCertificateFailure: Error, Sendable, Hashable, CustomStringConvertible {
+    case noCertificate
+    case untrusted(String)
+    case nameMismatch(String)
+
+    public var description: String {
+        switch self {
+        case .noCertificate: "the peer presented no certificate"
+        case .untrusted(let reason): "certificate not trusted: \(reason)"
+        case .nameMismatch(let domain): "certificate does not name \(domain)"
+        }
+    }
+}
+
+/// PKIX validation of an s2s peer (RFC 6120 §13.7.2, RFC 6125, XEP-0178).
+///
+/// The chain is built and checked with swift-certificates (RFC 5280 path validation and
+/// expiry); the name is checked separately against the reference identifiers for an XMPP
+/// server: SRV-ID `_xmpp-server.DOMAIN`, DNS-ID `DOMAIN` and XmppAddr `DOMAIN`.
+///
+/// Extended key usage: a server-auth-only certificate is accepted from a peer acting as a
+/// client, because public CAs no longer issue clientAuth (2026) and the certificate names a
+/// server domain either way (XEP-0178 trap in the digest).
+public struct PeerCertificateValidator: Sendable {
+    public var anchors: PeerTrustAnchors
+
+    public init(anchors: PeerTrustAnchors) {
+        self.anchors = anchors
+    }
+
+    /// Validates `chain` (leaf first, as presented) for `domain` at `time`.
+    public func validate(chain: [Certificate], for domain: String, at time: Date = Date()) async -> Result<ValidatedPeerCertificate, PeerCertificateFailure> {
+        guard let leaf = chain.first else { return .failure(.noCertificate) }
+        let identity: CertificateIdentity
+        do {
+            identity = try CertificateIdentity(certificate: leaf)
+        } catch {
+            return .failure(.untrusted("unreadable certificate: \(error)"))
+        }
+        guard let match = identity.matches(domain: domain, service: .xmppServer) else {
+            return .failure(.nameMismatch(domain))
+        }
+        var verifier = Verifier(rootCertificates: CertificateStore(anchors.roots(for: domain))) {
+            RFC5280Policy(validationTime: time)
+            XMPPPeerKeyUsagePolicy()
+        }
+        let result = await verifier.validate(leaf: leaf, intermediates: CertificateStore(chain.dropFirst()))
+        switch result {
+        case .validCertificate(let validated):
+            let verified = Array(validated)
+            let expires = verified.map(\.notValidAfter).min() ?? leaf.notValidAfter
+            return .success(ValidatedPeerCertificate(chain: verified, match: match, expires: expires))
+        case .couldNotValidate(let failures):
+            let reason = failures.first.map { "\($0.policyFailureReason)" } ?? "no path to a trusted root"
+            return .failure(.untrusted(reason))
+        }
+    }
+}
+
+/// Accepts a leaf whose extended key usage allows server or client authentication, or that
+/// has none; refuses one restricted to other purposes (code signing, e-mail, ...).
+struct XMPPPeerKeyUsagePolicy: VerifierPolicy {
+    let verifyingCriticalExtensions: [ASN1ObjectIdentifier] = [.X509ExtensionID.extendedKeyUsage]
+
+    mutating func chainMeetsPolicyRequirements(chain: UnverifiedCertificateChain) async -> PolicyEvaluationResult {
+        let leaf = chain.leaf
+        let usage: ExtendedKeyUsage?
+        do {
+            usage = try leaf.extensions.extendedKeyUsage
+        } catch {
+            return .failsToMeetPolicy(reason: "unreadable extended key usage")
+        }
+        guard let usage else { return .meetsPolicy }
+        if usage.contains(.serverAuth) || usage.contains(.clientAuth) || usage.contains(.any) {
+            return .meetsPolicy
+        }
+        return .failsToMeetPolicy(reason: "extended key usage allows neither server nor client authentication")
+    }
+}
+
+// MARK: - Proofs
+
+/// How a domain was proven on a link (RFC 7712 §7 prooftypes, plus dialback).
+public enum ProofMethod: String, Sendable, Hashable, CaseIterable, Codable {
+    /// A certificate chaining to a trusted root and naming the domain (RFC 6125).
+    case pkix
+    /// A certificate matched by a DNSSEC-secure TLSA record (RFC 7673).
+    case dane
+    /// A certificate whose fingerprint the domain publishes over HTTPS (RFC 7711).
+    case posh
+    /// A dialback key confirmed by the domain's authoritative server (XEP-0220).
+    case dialback
+}
+
+/// What a link knows about its peer when a domain must be proven.
+public struct PeerEvidence: Sendable {
+    /// The certificate chain the peer presented on this connection, leaf first.
+    public var certificateChain: [Certificate]
+    /// When the proof is being decided.
+    public var time: Date
+
+    public init(certificateChain: [Certificate], time: Date = Date()) {
+        self.certificateChain = certificateChain
+        self.time = time
+    }
+}
+
+/// The outcome of one proof attempt.
+public enum ProofOutcome: Sendable, Hashable {
+    /// The peer is proven for the domain until `expires` (nil: for the life of the link).
+    case proven(ProofMethod, expires: Date?)
+    /// This method cannot say (no certificate, no record, ...); another may.
+    case notApplicable(String)
+    /// This method positively failed (a mismatch, a bogus answer): do not accept the domain.
+    case refuted(String)
+}
+
+/// One way of proving that the peer on a link speaks for a domain. Each prooftype is a small
+/// type behind this protocol; the federation layer tries them strongest first.
+public protocol DomainProof: Sendable {
+    var method: ProofMethod { get }
+    func prove(_ domain: String, evidence: PeerEvidence) async -> ProofOutcome
+}
+
+/// PKIX: the certificate on this connection chains to a trusted root and names the domain.
+public struct PKIXProof: DomainProof {
+    public let validator: PeerCertificateValidator
+
+    public init(validator: PeerCertificateValidator) {
+        self.validator = validator
+    }
+
+    public var method: ProofMethod { .pkix }
+
+    public func prove(_ domain: String, evidence: PeerEvidence) async -> ProofOutcome {
+        guard !evidence.certificateChain.isEmpty else { return .notApplicable("no certificate") }
+        switch await validator.validate(chain: evidence.certificateChain, for: domain, at: evidence.time) {
+        case .success(let validated):
+            return .proven(.pkix, expires: validated.expires)
+        case .failure(let failure):
+            return .notApplicable(failure.description)
+        }
+    }
+}

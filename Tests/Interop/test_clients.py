@@ -1,0 +1,604 @@
+#!/usr/bin/python3
+"""Client interop: Debian's slixmpp 1.8.3 against a real Braid server.
+
+Covers SCRAM-SHA-256 logins on two hosted domains (STARTTLS and direct TLS), SASL failures,
+cross-domain presence subscriptions, Unicode messages, offline delivery with XEP-0203 delay,
+XEP-0198 resumption after a dropped TCP connection, domains added at run time, directed
+messages and roster pushes.
+
+Run with Debian's Python (the one that has slixmpp):
+    /usr/bin/python3 Tests/Interop/test_clients.py
+Set INTEROP_DEBUG=1 to see slixmpp's own log.
+"""
+
+import asyncio
+import base64
+import datetime
+import logging
+import os
+import socket
+import ssl
+import struct
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import test, unique  # noqa: E402
+
+from slixmpp import ClientXMPP, JID  # noqa: E402
+
+DOMAIN_A = "alpha.test"
+DOMAIN_B = "beta.test"
+PASSWORD = "correct horse ✓"
+OFFLINE_LIMIT = 3
+
+LOGIN_TIMEOUT = 15.0    # connect, TLS, SASL, bind
+WAIT = 5.0              # any single expected event
+QUIET = 1.0             # how long "nothing more arrives" is watched
+
+if not os.environ.get("INTEROP_DEBUG"):
+    # slixmpp logs expected failures (wrong passwords, dropped sockets) as errors.
+    logging.getLogger("slixmpp").setLevel(logging.CRITICAL)
+else:
+    logging.basicConfig(level=logging.DEBUG)
+
+
+class LoginFailed(Exception):
+    pass
+
+
+class Client(ClientXMPP):
+    """A slixmpp client set up for tests: no certificate checks, no automatic subscription
+    handling, and queues of what it receives."""
+
+    def __init__(self, jid, password, mechanism="SCRAM-SHA-256", stream_management=False):
+        super().__init__(jid, password, sasl_mech=mechanism)
+        # Self-signed certificates: verification off; ALPN for direct TLS (XEP-0368).
+        self.ssl_context.check_hostname = False
+        self.ssl_context.verify_mode = ssl.CERT_NONE
+        self.ssl_context.set_alpn_protocols(["xmpp-client"])
+        self.register_plugin("xep_0203")  # delayed delivery
+        if stream_management:
+            self.register_plugin("xep_0198")
+            self["xep_0198"].window = 1  # ack after each stanza: keeps the test's counts exact
+        # Tests decide themselves how to answer subscription requests.
+        self.auto_authorize = None
+        self.auto_subscribe = False
+        self._skip_plus_downgrade_flag()
+
+        self.messages = asyncio.Queue()
+        self.message_errors = asyncio.Queue()
+        self.available = asyncio.Queue()
+        self.subscribe_requests = asyncio.Queue()
+        self.roster_pushes = asyncio.Queue()
+        self.sasl_failures = []      # serialized <failure/> elements
+        self.sasl_challenges = []    # decoded SCRAM server-first messages
+        self.events = []             # names of lifecycle events seen, in order
+
+        self.add_event_handler("message", self.messages.put_nowait)
+        self.add_event_handler("message_error", self.message_errors.put_nowait)
+        self.add_event_handler("presence_available", self.available.put_nowait)
+        self.add_event_handler("presence_subscribe", self.subscribe_requests.put_nowait)
+        self.add_event_handler("roster_update", self._on_roster_update)
+        self.add_event_handler("failed_auth", lambda failure: self.sasl_failures.append(str(failure)))
+        for name in ("auth_success", "session_start", "sm_enabled", "session_resumed", "disconnected", "sm_failed"):
+            self.add_event_handler(name, lambda _event, name=name: self.events.append(name))
+        self.add_filter("in", self._record_challenge)
+
+    def _skip_plus_downgrade_flag(self):
+        """Make SCRAM send the gs2 flag 'n' rather than 'y'.
+
+        slixmpp sends 'y' ("I support channel binding but think the server does not")
+        whenever TLS gives it binding data, even when the server offers -PLUS and the test
+        deliberately picks plain SCRAM-SHA-256. RFC 5802 §6 requires a server that offers
+        -PLUS to reject 'y' as a downgrade, so for a non-PLUS login the honest flag is 'n'.
+        """
+        mechanisms = self["feature_mechanisms"]
+        default_callback = mechanisms.sasl_callback
+
+        def callback(required, optional):
+            values = default_callback(required, optional)
+            if "channel_binding" in values and not (mechanisms.use_mech or "").endswith("-PLUS"):
+                values["channel_binding"] = None
+            return values
+        mechanisms.sasl_callback = callback
+
+    def _on_roster_update(self, iq):
+        # Results of our own roster gets also raise roster_update; only pushes are sets.
+        if iq["type"] == "set":
+            self.roster_pushes.put_nowait(iq)
+
+    def _record_challenge(self, stanza):
+        # Match on the element itself: slixmpp's SASL stanza classes report jabber:client.
+        if stanza.xml.tag == "{urn:ietf:params:xml:ns:xmpp-sasl}challenge":
+            self.sasl_challenges.append(base64.b64decode(stanza.xml.text or "").decode("utf-8", "replace"))
+        return stanza
+
+    @property
+    def mechanism_used(self):
+        mech = self["feature_mechanisms"].mech
+        return mech.name if mech is not None else None
+
+
+async def wait_event(client, name, timeout=WAIT):
+    """Waits for the next `name` event of `client` and returns its payload."""
+    future = asyncio.get_running_loop().create_future()
+
+    def done(payload):
+        if not future.done():
+            future.set_result(payload)
+    client.add_event_handler(name, done, disposable=True)
+    try:
+        return await asyncio.wait_for(future, timeout)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"{client.boundjid}: no '{name}' event within {timeout}s (events: {client.events})") from None
+
+
+def start_connect(client, server, direct_tls):
+    if direct_tls:
+        client.connect((harness.HOST, server.direct_tls_port), use_ssl=True)
+    else:
+        client.connect((harness.HOST, server.starttls_port))
+
+
+async def login(server, jid, password=PASSWORD, direct_tls=False, stream_management=False,
+                presence=True, timeout=LOGIN_TIMEOUT):
+    """Connects and authenticates with SCRAM-SHA-256; returns the client once the session
+    (and, if asked for, XEP-0198) is up. Raises LoginFailed with the reason otherwise."""
+    client = Client(jid, password, stream_management=stream_management)
+    loop = asyncio.get_running_loop()
+    outcome = loop.create_future()
+
+    def settle(error=None):
+        if not outcome.done():
+            outcome.set_result(error)
+    client.add_event_handler("session_start", lambda _: settle())
+    client.add_event_handler("failed_all_auth", lambda _: settle(LoginFailed(f"SASL failed: {client.sasl_failures}")))
+    client.add_event_handler("stream_error", lambda error: settle(LoginFailed(f"stream error <{error['condition']}/>")))
+    client.add_event_handler("disconnected", lambda reason: settle(LoginFailed(f"disconnected ({reason})")))
+    client.add_event_handler("connection_failed", lambda error: settle(LoginFailed(f"connection failed: {error}")))
+    sm_enabled = None
+    if stream_management:
+        sm_enabled = loop.create_future()
+        client.add_event_handler("sm_enabled", lambda stanza: sm_enabled.done() or sm_enabled.set_result(stanza))
+    start_connect(client, server, direct_tls)
+    try:
+        error = await asyncio.wait_for(outcome, timeout)
+        if error is not None:
+            raise error
+        if sm_enabled is not None:
+            await asyncio.wait_for(sm_enabled, WAIT)
+    except BaseException:
+        await close(client)
+        raise
+    if presence:
+        client.send_presence()
+    return client
+
+
+async def close(client):
+    """Closes the stream (bounded wait for the server's answer), then the socket, then
+    slixmpp's background send task (left running, it outlives the test's event loop)."""
+    client.cancel_connection_attempt()
+    if client.transport is not None:
+        try:
+            await asyncio.wait_for(client.disconnect(wait=2.0), 4.0)
+        except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - closing is best effort
+            client.abort()
+    sender = client._run_out_filters
+    if sender is not None and not sender.done():
+        sender.cancel()
+        await asyncio.wait({sender}, timeout=1.0)
+
+
+class Clients:
+    """Closes every client a test logged in, whatever happens in the test."""
+
+    def __init__(self, server):
+        self.server = server
+        self.clients = []
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await asyncio.gather(*(close(client) for client in self.clients), return_exceptions=True)
+
+    async def login(self, jid, **options):
+        client = await login(self.server, jid, **options)
+        self.clients.append(client)
+        return client
+
+    def adopt(self, client):
+        self.clients.append(client)
+        return client
+
+
+def new_account(server, domain, prefix="user"):
+    jid = f"{unique(prefix)}@{domain}"
+    server.add_user(jid, PASSWORD)
+    return jid
+
+
+async def next_item(queue, what, timeout=WAIT):
+    try:
+        return await asyncio.wait_for(queue.get(), timeout)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"no {what} within {timeout}s") from None
+
+
+async def expect_nothing(queue, what, timeout=QUIET):
+    """Asserts that nothing arrives on `queue` for `timeout` seconds."""
+    try:
+        item = await asyncio.wait_for(queue.get(), timeout)
+    except asyncio.TimeoutError:
+        return
+    raise AssertionError(f"unexpected {what}: {item}")
+
+
+async def roster_items(client):
+    """The roster as the server has it now (a fresh roster get, not slixmpp's cache)."""
+    iq = client.Iq()
+    iq["type"] = "get"
+    iq.enable("roster")
+    result = await iq.send(timeout=WAIT)
+    return {str(jid): dict(item) for jid, item in result["roster"]["items"].items()}
+
+
+async def roster_set(client, jid, **item):
+    iq = client.Iq()
+    iq["type"] = "set"
+    iq["roster"]["items"] = {jid: item}
+    return await iq.send(timeout=WAIT)
+
+
+# -- tests -------------------------------------------------------------------------------
+
+@test(timeout=45)
+async def scram_sha_256_login_on_two_domains(ctx):
+    for domain, direct_tls in ((DOMAIN_A, False), (DOMAIN_B, True)):
+        jid = new_account(ctx.server, domain)
+        async with Clients(ctx.server) as clients:
+            client = await clients.login(jid, direct_tls=direct_tls, presence=False)
+            how = "direct TLS" if direct_tls else "STARTTLS"
+            assert client.mechanism_used == "SCRAM-SHA-256", f"{jid} ({how}) used {client.mechanism_used}"
+            # slixmpp checked the server signature (v=) before raising auth_success.
+            assert client["feature_mechanisms"].mech._mutual_auth, f"{jid}: server signature not verified"
+            assert client.events[:2] == ["auth_success", "session_start"], client.events
+            assert client.boundjid.bare == jid, f"bound {client.boundjid}, expected {jid}/..."
+            assert client.boundjid.resource, f"{jid}: no resource bound"
+            tls = client.transport.get_extra_info("ssl_object")
+            assert tls is not None, f"{jid} ({how}): not encrypted"
+            if direct_tls:
+                assert tls.selected_alpn_protocol() == "xmpp-client", f"ALPN {tls.selected_alpn_protocol()!r}"
+            # The session works: the server answers a roster get for this account.
+            assert await roster_items(client) == {}, f"{jid}: new account has a non-empty roster"
+
+
+@test(timeout=45)
+async def wrong_password_and_unknown_user_fail_alike(ctx):
+    jid = new_account(ctx.server, DOMAIN_A)
+    outcomes = {}
+    for label, login_jid, password in (("wrong password", jid, "not the password"),
+                                       ("unknown user", f"nobody-{unique('x')}@{DOMAIN_A}", PASSWORD)):
+        client = Client(login_jid, password)
+        try:
+            start_connect(client, ctx.server, direct_tls=False)
+            await wait_event(client, "failed_all_auth", timeout=LOGIN_TIMEOUT)
+        finally:
+            await close(client)
+        assert "session_start" not in client.events, f"{label}: a session started"
+        assert len(client.sasl_failures) == 1, f"{label}: failures {client.sasl_failures}"
+        assert client.mechanism_used == "SCRAM-SHA-256", f"{label}: used {client.mechanism_used}"
+        outcomes[label] = client
+    wrong, unknown = outcomes["wrong password"], outcomes["unknown user"]
+    condition = "<not-authorized />"
+    for label, client in outcomes.items():
+        assert condition in client.sasl_failures[0], f"{label}: {client.sasl_failures[0]} is not not-authorized"
+    assert wrong.sasl_failures == unknown.sasl_failures, (
+        f"failures differ: wrong password {wrong.sasl_failures} vs unknown user {unknown.sasl_failures}")
+    # The unknown account also got a full SCRAM challenge with the same iteration count and
+    # salt size, so the exchange does not reveal which accounts exist.
+    assert len(wrong.sasl_challenges) == len(unknown.sasl_challenges) == 1, (wrong.sasl_challenges, unknown.sasl_challenges)
+
+    def fields(challenge):
+        return dict(part.split("=", 1) for part in challenge.split(","))
+    real, fake = fields(wrong.sasl_challenges[0]), fields(unknown.sasl_challenges[0])
+    assert real["i"] == fake["i"], f"iteration counts differ: {real['i']} vs {fake['i']}"
+    assert len(base64.b64decode(real["s"])) == len(base64.b64decode(fake["s"])), "salt sizes differ"
+
+
+async def answer_subscription(client, expected_from, subscribe_back):
+    """Approves the next subscription request (which must come from `expected_from`)."""
+    request = await next_item(client.subscribe_requests, f"subscription request at {client.boundjid}")
+    assert request["from"].bare == expected_from, f"subscription request from {request['from']}, expected {expected_from}"
+    client.send_presence(pto=expected_from, ptype="subscribed")
+    if subscribe_back:
+        client.send_presence(pto=expected_from, ptype="subscribe")
+
+
+async def wait_for_roster_item(client, jid, subscription, timeout=WAIT):
+    """Polls the server roster until `jid` has `subscription` and no pending ask."""
+    deadline = time.monotonic() + timeout
+    while True:
+        item = (await roster_items(client)).get(jid)
+        if item is not None and item.get("subscription") == subscription and not item.get("ask"):
+            return item
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{client.boundjid.bare}'s roster item for {jid} is {item}, expected subscription '{subscription}'")
+        await asyncio.sleep(0.1)
+
+
+async def expect_available_from(client, full_jid, timeout=WAIT):
+    deadline = time.monotonic() + timeout
+    while True:
+        presence = await next_item(client.available, f"available presence from {full_jid} at {client.boundjid}",
+                                   max(0.01, deadline - time.monotonic()))
+        if presence["from"] == full_jid:
+            return presence
+
+
+@test(timeout=45)
+async def mutual_subscription_across_domains(ctx):
+    alice_jid = new_account(ctx.server, DOMAIN_A, "alice")
+    bob_jid = new_account(ctx.server, DOMAIN_B, "bob")
+    async with Clients(ctx.server) as clients:
+        alice = await clients.login(alice_jid)
+        bob = await clients.login(bob_jid)
+        alice.send_presence(pto=bob_jid, ptype="subscribe")
+        await answer_subscription(bob, alice_jid, subscribe_back=True)
+        await answer_subscription(alice, bob_jid, subscribe_back=False)
+
+        alice_item = await wait_for_roster_item(alice, bob_jid, "both")
+        bob_item = await wait_for_roster_item(bob, alice_jid, "both")
+        assert alice_item.get("ask") in (None, ""), alice_item
+        assert bob_item.get("ask") in (None, ""), bob_item
+        # Approving a subscription makes the server send the contact's current presence.
+        await expect_available_from(alice, bob.boundjid.full)
+        await expect_available_from(bob, alice.boundjid.full)
+
+
+UNICODE_BODIES = [
+    "Grüße aus Köln, ça va? ¿Qué tal?",
+    "日本語のメッセージ、中文消息、한국어 메시지",
+    "astral plane: 🎉 👩‍💻 𝄞 🇫🇷",
+    "right to left: שלום עולם — مرحبا بالعالم",
+    "markup must survive: <b>&amp;</b> \"double\" 'single' ]]>",
+    "combining e\u0301 vs precomposed é, zero-width\u200bspace",
+    "lines\nand\ttabs",
+]
+
+
+@test(timeout=45)
+async def unicode_messages_both_ways(ctx):
+    alice_jid = new_account(ctx.server, DOMAIN_A, "alice")
+    bob_jid = new_account(ctx.server, DOMAIN_B, "bob")
+    async with Clients(ctx.server) as clients:
+        alice = await clients.login(alice_jid)
+        bob = await clients.login(bob_jid)
+        for sender, receiver in ((alice, bob), (bob, alice)):
+            for body in UNICODE_BODIES:
+                sender.send_message(mto=receiver.boundjid.bare, mbody=body, mtype="chat")
+            for body in UNICODE_BODIES:
+                message = await next_item(receiver.messages, f"message {body!r} at {receiver.boundjid}")
+                assert message["body"] == body, f"{receiver.boundjid} got {message['body']!r}, expected {body!r}"
+                assert message["from"] == sender.boundjid.full, f"from {message['from']}, expected {sender.boundjid.full}"
+                assert message["to"].bare == receiver.boundjid.bare, f"to {message['to']}"
+                assert message["type"] == "chat", f"type {message['type']}"
+            await expect_nothing(receiver.messages, f"extra message at {receiver.boundjid}", timeout=0.3)
+        assert alice.message_errors.empty() and bob.message_errors.empty(), "a message bounced"
+
+
+@test(timeout=45)
+async def offline_message_delivered_with_delay(ctx):
+    alice_jid = new_account(ctx.server, DOMAIN_A, "alice")
+    bob_jid = new_account(ctx.server, DOMAIN_B, "bob")
+    body = "stored while you were away — ✉"
+    async with Clients(ctx.server) as clients:
+        alice = await clients.login(alice_jid)
+        sent_at = datetime.datetime.now(datetime.timezone.utc)
+        alice.send_message(mto=bob_jid, mbody=body, mtype="chat")
+        await expect_nothing(alice.message_errors, "error bounce for the offline message", timeout=QUIET)
+
+        bob = await clients.login(bob_jid)  # sends initial presence: offline messages follow
+        message = await next_item(bob.messages, "the offline message")
+        received_at = datetime.datetime.now(datetime.timezone.utc)
+        assert message["body"] == body, f"body {message['body']!r}"
+        assert message["from"] == alice.boundjid.full, f"from {message['from']}, expected {alice.boundjid.full}"
+        assert message["type"] == "chat", f"type {message['type']}"
+        delay = message.xml.find("{urn:xmpp:delay}delay")
+        assert delay is not None, f"no XEP-0203 <delay/> on the offline message: {message}"
+        stamp = message["delay"]["stamp"]
+        assert stamp is not None and stamp.tzinfo is not None, f"bad delay stamp {delay.get('stamp')!r}"
+        slack = datetime.timedelta(seconds=2)
+        assert sent_at - slack <= stamp <= received_at + slack, f"stamp {stamp} not between {sent_at} and {received_at}"
+        assert delay.get("from") == DOMAIN_B, f"delay from={delay.get('from')!r}, expected the storing server {DOMAIN_B}"
+        await expect_nothing(bob.messages, "second copy of the offline message")
+
+    # Delivered means removed from storage: a new login gets nothing.
+    async with Clients(ctx.server) as clients:
+        bob = await clients.login(bob_jid)
+        await expect_nothing(bob.messages, "offline message delivered again on the next login")
+
+
+@test(timeout=45)
+async def offline_storage_limit_bounces_the_excess(ctx):
+    alice_jid = new_account(ctx.server, DOMAIN_A, "alice")
+    bob_jid = new_account(ctx.server, DOMAIN_B, "bob")
+    bodies = [f"offline {index}" for index in range(OFFLINE_LIMIT + 1)]
+    async with Clients(ctx.server) as clients:
+        alice = await clients.login(alice_jid)
+        for body in bodies:
+            alice.send_message(mto=bob_jid, mbody=body, mtype="chat")
+        bounce = await next_item(alice.message_errors, f"error for message {OFFLINE_LIMIT + 1} over the offline limit")
+        # RFC 6120 §8.3.1: the error carries the original payload, so this names the 4th one.
+        assert bounce["body"] == bodies[-1], f"bounced {bounce['body']!r}, expected {bodies[-1]!r}"
+        assert bounce["error"]["condition"] == "service-unavailable", f"condition {bounce['error']['condition']}"
+        assert bounce["from"].bare == bob_jid, f"bounce from {bounce['from']}"
+        await expect_nothing(alice.message_errors, "more than one bounce")
+
+        bob = await clients.login(bob_jid)
+        got = [(await next_item(bob.messages, "stored message"))["body"] for _ in range(OFFLINE_LIMIT)]
+        assert got == bodies[:OFFLINE_LIMIT], f"stored {got}, expected {bodies[:OFFLINE_LIMIT]}"
+        await expect_nothing(bob.messages, "message beyond the limit")
+
+
+def cut_connection(client):
+    """Drops the TCP connection with a RST: no </stream:stream>, no TLS close_notify."""
+    sock = client.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.transport.abort()
+
+
+@test(timeout=60)
+async def stream_management_resumes_without_loss(ctx):
+    alice_jid = new_account(ctx.server, DOMAIN_A, "alice")
+    bob_jid = new_account(ctx.server, DOMAIN_B, "bob")
+    async with Clients(ctx.server) as clients:
+        alice = await clients.login(alice_jid, stream_management=True)
+        bob = await clients.login(bob_jid)
+        sm = alice["xep_0198"]
+        assert sm.sm_id, "sm_enabled without an id: resumption not offered"
+        bound_before = alice.boundjid.full
+
+        # One message before the cut, handled by Alice: it must not come back after resuming.
+        bob.send_message(mto=bound_before, mbody="before the cut", mtype="chat")
+        first = await next_item(alice.messages, "message before the cut")
+        assert first["body"] == "before the cut", first["body"]
+
+        cut_connection(alice)
+        await wait_event(alice, "disconnected")
+        # Give the server a moment to notice the reset, so the following messages meet a
+        # detached session (the case XEP-0198 resumption exists for).
+        await asyncio.sleep(0.3)
+        # Three to the full JID, two to the bare JID: a detached session is still an
+        # available resource, so both kinds must wait for it (RFC 6121 §8.5.2.1.1).
+        bodies = [f"while away {index} ⏳" for index in range(1, 6)]
+        for index, body in enumerate(bodies):
+            bob.send_message(mto=bound_before if index < 3 else alice_jid, mbody=body, mtype="chat")
+        await asyncio.sleep(0.3)
+
+        resumed = asyncio.ensure_future(wait_event(alice, "session_resumed", timeout=LOGIN_TIMEOUT))
+        start_connect(alice, ctx.server, direct_tls=False)
+        await resumed
+        assert "session_start" not in alice.events[alice.events.index("disconnected"):], (
+            f"a new session was bound instead of resuming: {alice.events}")
+        assert alice.boundjid.full == bound_before, f"resumed as {alice.boundjid}, was {bound_before}"
+
+        got = []
+        for _ in bodies:
+            message = await next_item(alice.messages, f"message {len(got) + 1} of {len(bodies)} after resumption")
+            got.append(message["body"])
+            assert message["from"] == bob.boundjid.full, f"from {message['from']}"
+        assert got == bodies, f"after resumption got {got}, expected {bodies}"
+        await expect_nothing(alice.messages, "duplicate after resumption", timeout=1.5)
+        assert bob.message_errors.empty(), f"Bob got a bounce: {bob.message_errors.get_nowait()}"
+
+        # The resumed stream carries traffic both ways.
+        alice.send_message(mto=bob.boundjid.full, mbody="back again", mtype="chat")
+        reply = await next_item(bob.messages, "message from the resumed session")
+        assert reply["body"] == "back again" and reply["from"] == bound_before, f"{reply['from']}: {reply['body']!r}"
+
+
+@test(timeout=45)
+async def domain_added_at_runtime_is_usable(ctx):
+    domain = f"{unique('runtime')}.test"
+    ctx.server.add_domain(domain)
+    added = time.monotonic()
+    jid = new_account(ctx.server, domain)
+    failures = []
+    # Braid polls the database every 250 ms; retry logins that come too early, but only
+    # for two seconds after the domain was added.
+    while True:
+        attempt_started = time.monotonic()
+        try:
+            client = await login(ctx.server, jid, presence=False)
+            break
+        except LoginFailed as failure:
+            failures.append(str(failure))
+            if attempt_started - added > 2.0:
+                raise AssertionError(f"{domain} still unusable 2s after 'braid domain add': {failures}") from None
+            await asyncio.sleep(0.1)
+    try:
+        assert client.boundjid.bare == jid, f"bound {client.boundjid}"
+        assert client.mechanism_used == "SCRAM-SHA-256", client.mechanism_used
+        assert all("host-unknown" in failure for failure in failures), f"unexpected failures before success: {failures}"
+    finally:
+        await close(client)
+
+
+@test(timeout=45)
+async def directed_message_reaches_only_that_resource(ctx):
+    alice_jid = new_account(ctx.server, DOMAIN_A, "alice")
+    bob_jid = new_account(ctx.server, DOMAIN_B, "bob")
+    async with Clients(ctx.server) as clients:
+        alice = await clients.login(alice_jid)
+        phone = await clients.login(bob_jid + "/phone")
+        laptop = await clients.login(bob_jid + "/laptop")
+        assert (phone.boundjid.full, laptop.boundjid.full) == (bob_jid + "/phone", bob_jid + "/laptop"), (
+            phone.boundjid, laptop.boundjid)
+        for target, other in ((laptop, phone), (phone, laptop)):
+            body = f"only for {target.boundjid.resource} 📱"
+            alice.send_message(mto=target.boundjid.full, mbody=body, mtype="chat")
+            message = await next_item(target.messages, f"directed message at {target.boundjid}")
+            assert message["body"] == body, f"{target.boundjid} got {message['body']!r}"
+            assert message["to"] == target.boundjid.full, f"to {message['to']}"
+            assert message["from"] == alice.boundjid.full, f"from {message['from']}"
+            await expect_nothing(other.messages, f"copy of a message for {target.boundjid} at {other.boundjid}")
+
+
+async def expect_push(client, jid, what):
+    push = await next_item(client.roster_pushes, f"roster push ({what}) at {client.boundjid}")
+    # RFC 6121 §2.1.6: a push comes from the account itself (or carries no 'from').
+    assert push["from"] in (JID(""), JID(client.boundjid.bare)), f"push from {push['from']}"
+    items = {str(key): dict(value) for key, value in push["roster"]["items"].items()}
+    assert list(items) == [jid], f"push at {client.boundjid} names {list(items)}, expected [{jid}]"
+    return items[jid]
+
+
+@test(timeout=45)
+async def roster_get_set_remove_with_pushes(ctx):
+    alice_jid = new_account(ctx.server, DOMAIN_A, "alice")
+    carol_jid = f"{unique('carol')}@{DOMAIN_B}"
+    async with Clients(ctx.server) as clients:
+        first = await clients.login(alice_jid + "/first")
+        second = await clients.login(alice_jid + "/second")
+        # Pushes go to "interested" resources: those that asked for the roster (§2.1.6).
+        assert await roster_items(first) == {}
+        assert await roster_items(second) == {}
+
+        result = await roster_set(first, carol_jid, name="Carol ✿", groups=["Friends", "Café"])
+        assert result["type"] == "result", f"roster set answered {result['type']}"
+        for client in (first, second):
+            item = await expect_push(client, carol_jid, "add")
+            assert item["name"] == "Carol ✿", item
+            assert sorted(item["groups"]) == ["Café", "Friends"], item
+            assert item["subscription"] == "none", item
+        items = await roster_items(second)
+        assert list(items) == [carol_jid], items
+        assert items[carol_jid]["name"] == "Carol ✿" and sorted(items[carol_jid]["groups"]) == ["Café", "Friends"], items
+        assert items[carol_jid]["subscription"] == "none", items
+
+        await roster_set(second, carol_jid, name="Caroline", groups=[])
+        for client in (first, second):
+            item = await expect_push(client, carol_jid, "update")
+            assert item["name"] == "Caroline" and item["groups"] == [], item
+
+        await roster_set(first, carol_jid, subscription="remove")
+        for client in (first, second):
+            item = await expect_push(client, carol_jid, "remove")
+            assert item["subscription"] == "remove", item
+        assert await roster_items(first) == {}, "item still there after remove"
+        for client in (first, second):
+            await expect_nothing(client.roster_pushes, f"extra roster push at {client.boundjid}", timeout=0.3)
+
+
+def main():
+    env = {"BRAID_OFFLINE_MAX_MESSAGES_PER_USER": str(OFFLINE_LIMIT),
+           "BRAID_STREAM_MANAGEMENT_RESUME_TIMEOUT_SECONDS": "60"}
+    return harness.run_suite(harness.collect_tests(globals()), env=env, domains=[DOMAIN_A, DOMAIN_B])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
