@@ -74,6 +74,23 @@ let package = Package(
             swiftSettings: strictSettings
         ),
         .target(
+            name: "Federation",
+            dependencies: [
+                "XMPPCore",
+                "XMPPStream",
+                "Trust",
+                "DNS",
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        .target(
             name: "Storage",
             dependencies: [
                 "XMPPCore",

@@ -132,7 +132,11 @@ public final class BraidServer: Service {
         let logger = self.logger
         let task = Task {
             while !Task.isCancelled {
-                try? await Task.sleep(for: Self.domainPollInterval)
+                do {
+                    try await Task.sleep(for: Self.domainPollInterval)
+                } catch {
+                    return  // cancelled: the server is stopping
+                }
                 do {
                     let change = try await context.domains.synchronize(from: context.storage)
                     guard !change.isEmpty else { continue }

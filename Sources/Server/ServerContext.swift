@@ -23,6 +23,9 @@ public final class ServerContext: Sendable {
     /// Set once the router exists; the router needs the context, so it is wired after.
     private let routerBox = Mutex<Router?>(nil)
 
+    /// Serializes, per account, the operations whose order matters: roster changes, and
+    /// the choice between live delivery and offline storage against presence changes.
+    let accounts = AccountSerializer()
     /// Session tasks still processing inbound stanzas; shutdown waits for them.
     let activeProcessing = Atomic<Int>(0)
 
@@ -81,5 +84,27 @@ public final class ResumptionTable: Sendable {
 
     func replace(_ session: ClientSession) {
         sessions.withLock { $0[session.id] = session }
+    }
+}
+
+/// Runs operations one at a time per account, in arrival order.
+actor AccountSerializer {
+    private var tails: [JID: Task<Void, Never>] = [:]
+
+    func run<T: Sendable>(_ account: JID, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
+        let previous = tails[account]
+        let task = Task<Result<T, any Error>, Never> {
+            await previous?.value
+            do {
+                return .success(try await body())
+            } catch {
+                return .failure(error)
+            }
+        }
+        let tail = Task<Void, Never> { _ = await task.value }
+        tails[account] = tail
+        let result = await task.value
+        if tails[account] == tail { tails[account] = nil }
+        return try result.get()
     }
 }

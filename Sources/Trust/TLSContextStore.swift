@@ -195,6 +195,14 @@ public final class TLSContextStore: Sendable {
         entry(for: domain)?.leafDER
     }
 
+    /// The chain and key to present for `domain` when Braid is the TLS client (outgoing
+    /// s2s, where the peer requests a client certificate; XEP-0178 §3 step 1), resolved like
+    /// ``serverContext(for:)``, with the identity of that certificate.
+    public func clientCredentials(for domain: String) -> (chain: [NIOSSLCertificate], key: NIOSSLPrivateKey, identity: CertificateIdentity)? {
+        guard let entry = entry(for: domain) else { return nil }
+        return (entry.certificateChain, entry.privateKey, entry.identity)
+    }
+
     /// The identity of the certificate presented for `domain`, resolved like
     /// ``serverContext(for:)``.
     public func certificateIdentity(for domain: String) -> CertificateIdentity? {

@@ -331,6 +331,7 @@ def run_suite(tests, env=None, domains=("localhost",), setup=None, teardown=None
                 passed += 1
             else:
                 print(f"FAIL {test_case.name}: {reason}", flush=True)
+                time.sleep(0.2)  # let the server finish writing what the failure caused
                 _print_log_tail(server.log_since(offset))
                 failed += 1
         if teardown is not None and setup_error is None and not interrupted:

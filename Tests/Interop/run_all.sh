@@ -5,6 +5,7 @@
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 python=/usr/bin/python3
+export PYTHONDONTWRITEBYTECODE=1  # keep the source tree free of __pycache__
 output=$(mktemp)
 trap 'rm -f "$output"' EXIT
 

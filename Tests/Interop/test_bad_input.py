@@ -410,6 +410,12 @@ def host_unknown(ctx):
 
 
 @test(timeout=30)
+def host_unknown_with_unhosted_sni(ctx):
+    # No certificate matches the SNI; the stream must still get its RFC answer.
+    bad_input_case(ctx, stream_header(to=UNHOSTED), "host-unknown", header=False, sni=UNHOSTED)
+
+
+@test(timeout=30)
 def unsupported_version(ctx):
     bad_input_case(ctx, stream_header(version="0.9"), "unsupported-version", header=False)
 

@@ -2,9 +2,9 @@
 """Client interop: Debian's slixmpp 1.8.3 against a real Braid server.
 
 Covers SCRAM-SHA-256 logins on two hosted domains (STARTTLS and direct TLS), SASL failures,
-cross-domain presence subscriptions, Unicode messages, offline delivery with XEP-0203 delay,
-XEP-0198 resumption after a dropped TCP connection, domains added at run time, directed
-messages and roster pushes.
+cross-domain presence subscriptions, Unicode messages, offline delivery with XEP-0203 delay
+(its order relative to live messages, and the per-account limit), XEP-0198 resumption after
+a dropped TCP connection, domains added at run time, directed messages and roster pushes.
 
 Run with Debian's Python (the one that has slixmpp):
     /usr/bin/python3 Tests/Interop/test_clients.py
@@ -61,7 +61,8 @@ class Client(ClientXMPP):
         self.register_plugin("xep_0203")  # delayed delivery
         if stream_management:
             self.register_plugin("xep_0198")
-            self["xep_0198"].window = 1  # ack after each stanza: keeps the test's counts exact
+            # Request an ack after every stanza sent, so acknowledgements never lag behind.
+            self["xep_0198"].window = 1
         # Tests decide themselves how to answer subscription requests.
         self.auto_authorize = None
         self.auto_subscribe = False
@@ -73,6 +74,7 @@ class Client(ClientXMPP):
         self.subscribe_requests = asyncio.Queue()
         self.roster_pushes = asyncio.Queue()
         self.sasl_failures = []      # serialized <failure/> elements
+        self.sasl_conditions = []    # their condition names
         self.sasl_challenges = []    # decoded SCRAM server-first messages
         self.events = []             # names of lifecycle events seen, in order
 
@@ -81,7 +83,7 @@ class Client(ClientXMPP):
         self.add_event_handler("presence_available", self.available.put_nowait)
         self.add_event_handler("presence_subscribe", self.subscribe_requests.put_nowait)
         self.add_event_handler("roster_update", self._on_roster_update)
-        self.add_event_handler("failed_auth", lambda failure: self.sasl_failures.append(str(failure)))
+        self.add_event_handler("failed_auth", self._on_sasl_failure)
         for name in ("auth_success", "session_start", "sm_enabled", "session_resumed", "disconnected", "sm_failed"):
             self.add_event_handler(name, lambda _event, name=name: self.events.append(name))
         self.add_filter("in", self._record_challenge)
@@ -103,6 +105,10 @@ class Client(ClientXMPP):
                 values["channel_binding"] = None
             return values
         mechanisms.sasl_callback = callback
+
+    def _on_sasl_failure(self, failure):
+        self.sasl_failures.append(str(failure))
+        self.sasl_conditions.append(failure["condition"])
 
     def _on_roster_update(self, iq):
         # Results of our own roster gets also raise roster_update; only pushes are sets.
@@ -169,12 +175,23 @@ async def login(server, jid, password=PASSWORD, direct_tls=False, stream_managem
             raise error
         if sm_enabled is not None:
             await asyncio.wait_for(sm_enabled, WAIT)
+        if presence:
+            await become_available(client)
     except BaseException:
         await close(client)
         raise
-    if presence:
-        client.send_presence()
     return client
+
+
+async def become_available(client):
+    """Sends initial presence and returns once the server has processed it.
+
+    Braid handles one session's stanzas in order, so the answer to a roster get sent after
+    the presence proves the presence was handled: the account is available before the test
+    goes on, and a message sent next cannot race it into offline storage.
+    """
+    client.send_presence()
+    await roster_items(client)
 
 
 async def close(client):
@@ -207,10 +224,6 @@ class Clients:
 
     async def login(self, jid, **options):
         client = await login(self.server, jid, **options)
-        self.clients.append(client)
-        return client
-
-    def adopt(self, client):
         self.clients.append(client)
         return client
 
@@ -293,9 +306,9 @@ async def wrong_password_and_unknown_user_fail_alike(ctx):
         assert client.mechanism_used == "SCRAM-SHA-256", f"{label}: used {client.mechanism_used}"
         outcomes[label] = client
     wrong, unknown = outcomes["wrong password"], outcomes["unknown user"]
-    condition = "<not-authorized />"
     for label, client in outcomes.items():
-        assert condition in client.sasl_failures[0], f"{label}: {client.sasl_failures[0]} is not not-authorized"
+        # RFC 6120 §6.5.10: bad credentials, whichever part was wrong.
+        assert client.sasl_conditions == ["not-authorized"], f"{label}: {client.sasl_failures}"
     assert wrong.sasl_failures == unknown.sasl_failures, (
         f"failures differ: wrong password {wrong.sasl_failures} vs unknown user {unknown.sasl_failures}")
     # The unknown account also got a full SCRAM challenge with the same iteration count and
@@ -420,6 +433,37 @@ async def offline_message_delivered_with_delay(ctx):
     async with Clients(ctx.server) as clients:
         bob = await clients.login(bob_jid)
         await expect_nothing(bob.messages, "offline message delivered again on the next login")
+
+
+@test(timeout=45)
+async def offline_messages_stay_ahead_of_later_live_ones(ctx):
+    """RFC 6120 §10.1: messages from one sender reach the recipient in the order sent.
+
+    Bob is connected but not yet available, so Alice's first message is stored offline.
+    Then Bob sends initial presence while Alice keeps writing: the stored message must
+    still come first, followed by the live ones in order.
+    """
+    alice_jid = new_account(ctx.server, DOMAIN_A, "alice")
+    bob_jid = new_account(ctx.server, DOMAIN_B, "bob")
+    bodies = [f"in order {index}" for index in range(11)]
+    async with Clients(ctx.server) as clients:
+        alice = await clients.login(alice_jid)
+        bob = await clients.login(bob_jid, presence=False)
+        alice.send_message(mto=bob_jid, mbody=bodies[0], mtype="chat")
+        await asyncio.sleep(0.5)  # stored by now (no bounce expected, none arrives)
+        assert alice.message_errors.empty(), f"first message bounced: {alice.message_errors.get_nowait()}"
+        bob.send_presence()
+        for body in bodies[1:]:
+            alice.send_message(mto=bob_jid, mbody=body, mtype="chat")
+            await asyncio.sleep(0.002)  # spread the live messages over the presence handling
+        got = []
+        for _ in bodies:
+            message = await next_item(bob.messages, f"message {len(got) + 1} of {len(bodies)} (got so far: {got})")
+            got.append(message["body"])
+            if message["body"] == bodies[0]:
+                assert message.xml.find("{urn:xmpp:delay}delay") is not None, "stored message without <delay/>"
+        assert got == bodies, f"delivery order {[bodies.index(b) if b in bodies else b for b in got]}, expected 0..{len(bodies) - 1}"
+        await expect_nothing(bob.messages, "duplicate message", timeout=0.3)
 
 
 @test(timeout=45)

@@ -60,52 +60,69 @@ final class MessageService: Sendable {
     }
 
     /// §8.5.2: a message for the account as a whole.
+    ///
+    /// Whether the account has an available resource, and so whether the message is
+    /// delivered now or stored, is decided under the account's serializer, the same one the
+    /// initial presence runs under while it delivers stored messages: so a live message can
+    /// neither overtake the stored ones nor be stored after they were taken (RFC 6120 §10.1).
     private func deliverToBare(_ stanza: Stanza, message: Message, account: JID, router: Router) async {
-        let candidates = server.sessions.entries(of: account).filter { $0.isAvailable && $0.priority >= 0 }
-        if !candidates.isEmpty {
+        enum Outcome: Sendable {
+            case done
+            case bounce(StanzaError)
+        }
+        let server = self.server
+        let outcome: Outcome = (try? await server.accounts.run(account) { () async -> Outcome in
+            let candidates = server.sessions.entries(of: account).filter { $0.isAvailable && $0.priority >= 0 }
+            if !candidates.isEmpty {
+                switch message.type {
+                case .normal, .chat:
+                    // §8.5.2.1.1: the most available resources: those with the highest priority.
+                    let top = candidates.map(\.priority).max() ?? 0
+                    let chosen = candidates.filter { $0.priority == top }
+                    for entry in chosen { entry.session.deliver(stanza.element) }
+                    if self.isCarbonEligible(message) {
+                        let delivered = Set(chosen.map { $0.session.jid })
+                        for entry in server.sessions.entries(of: account) where entry.carbons && !delivered.contains(entry.session.jid) {
+                            entry.session.deliver(Self.carbonCopy(of: stanza.element, wrapper: "received", account: account, to: entry.session.jid))
+                        }
+                    }
+                    return .done
+                case .headline:
+                    for entry in candidates { entry.session.deliver(stanza.element) }
+                    return .done
+                case .groupchat:
+                    return .bounce(StanzaError(.serviceUnavailable))
+                case .error:
+                    return .done  // §8.5.2.1.1: silently ignored
+                }
+            }
+            // §8.5.2.2: no available resource.
             switch message.type {
             case .normal, .chat:
-                // §8.5.2.1.1: the most available resources: those with the highest priority.
-                let top = candidates.map(\.priority).max() ?? 0
-                let chosen = candidates.filter { $0.priority == top }
-                for entry in chosen { entry.session.deliver(stanza.element) }
-                if isCarbonEligible(message) {
-                    let delivered = Set(chosen.map { $0.session.jid })
-                    for entry in server.sessions.entries(of: account) where entry.carbons && !delivered.contains(entry.session.jid) {
-                        entry.session.deliver(Self.carbonCopy(of: stanza.element, wrapper: "received", account: account, to: entry.session.jid))
-                    }
-                }
-            case .headline:
-                for entry in candidates { entry.session.deliver(stanza.element) }
+                return await self.storeOffline(stanza, account: account) ? .done : .bounce(StanzaError(.serviceUnavailable))
             case .groupchat:
-                await router.bounce(stanza, with: StanzaError(.serviceUnavailable))
-            case .error:
-                break  // §8.5.2.1.1: silently ignored
+                return .bounce(StanzaError(.serviceUnavailable))
+            case .headline, .error:
+                return .done
             }
-            return
-        }
-        // §8.5.2.2: no available resource.
-        switch message.type {
-        case .normal, .chat:
-            await storeOffline(stanza, account: account, router: router)
-        case .groupchat:
-            await router.bounce(stanza, with: StanzaError(.serviceUnavailable))
-        case .headline, .error:
-            break
+        }) ?? .bounce(StanzaError(.internalServerError))
+        if case .bounce(let error) = outcome {
+            await router.bounce(stanza, with: error)
         }
     }
 
-    /// Stores a message for an offline account. A missing account, a full store and a
-    /// storage failure all get the same `service-unavailable`, so the answer never tells
-    /// whether the account exists (RFC 6120 §13, RFC 6121 §8.5.1).
-    private func storeOffline(_ stanza: Stanza, account: JID, router: Router) async {
+    /// Stores a message for an offline account; false when it cannot be stored. A missing
+    /// account, a full store and a storage failure all end in the same
+    /// `service-unavailable`, so the answer never tells whether the account exists (RFC 6120
+    /// §13, RFC 6121 §8.5.1).
+    private func storeOffline(_ stanza: Stanza, account: JID) async -> Bool {
         do {
             if try await server.storage.userExists(account) {
                 let stored = try await server.storage.storeOfflineMessage(
                     for: account, stanza: XMLFragment.serialize(stanza.element), limit: server.configuration.offline.maxMessagesPerUser)
                 if stored {
                     server.metrics.offlineStored.increment()
-                    return
+                    return true
                 }
                 server.logger.info("offline store full", metadata: ["account": "\(account)"])
             }
@@ -113,7 +130,7 @@ final class MessageService: Sendable {
             server.logger.error("offline store failed", metadata: ["account": "\(account)", "error": "\(error)"])
         }
         server.metrics.offlineRefused.increment()
-        await router.bounce(stanza, with: StanzaError(.serviceUnavailable))
+        return false
     }
 
     /// Delivers stored messages at the account's next available presence, oldest first,

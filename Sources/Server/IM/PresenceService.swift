@@ -91,13 +91,22 @@ final class PresenceService: Sendable {
         let account = session.jid.bare
         let isAvailable = presence.type == nil
         let element = presence.element.setting(attribute: "to", to: nil)
-        let previous = server.sessions.update(session) { entry -> (wasAvailable: Bool, directed: Set<JID>) in
-            let before = (entry.isAvailable, entry.directedPresence)
-            entry.presence = isAvailable ? element : nil
-            entry.priority = presence.priority
-            if !isAvailable { entry.directedPresence = [] }
-            return before
-        }
+        let server = self.server
+        // Becoming available and receiving the stored messages happen as one step for the
+        // account, so no live message slips in between (see MessageService.deliverToBare).
+        let previous = try? await server.accounts.run(account) { () async -> (wasAvailable: Bool, directed: Set<JID>)? in
+            let previous = server.sessions.update(session) { entry -> (wasAvailable: Bool, directed: Set<JID>) in
+                let before = (entry.isAvailable, entry.directedPresence)
+                entry.presence = isAvailable ? element : nil
+                entry.priority = presence.priority
+                if !isAvailable { entry.directedPresence = [] }
+                return before
+            }
+            if let previous, isAvailable, !previous.wasAvailable, presence.priority >= 0 {
+                await router.messages.deliverOffline(to: session, router: router)
+            }
+            return previous
+        } ?? nil
         guard let previous else { return }
         if !isAvailable && !previous.wasAvailable && previous.directed.isEmpty { return }
         let initial = isAvailable && !previous.wasAvailable
@@ -132,9 +141,6 @@ final class PresenceService: Sendable {
             }
         } catch {
             server.logger.error("reading subscription requests failed", metadata: ["account": "\(account)", "error": "\(error)"])
-        }
-        if presence.priority >= 0 {
-            await router.messages.deliverOffline(to: session, router: router)
         }
     }
 

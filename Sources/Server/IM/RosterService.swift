@@ -13,7 +13,7 @@ enum RosterNamespace {
 /// time cannot overwrite each other.
 final class RosterService: Sendable {
     let server: ServerContext
-    let serializer = AccountSerializer()
+    var serializer: AccountSerializer { server.accounts }
 
     init(server: ServerContext) {
         self.server = server
@@ -175,27 +175,5 @@ final class RosterService: Sendable {
         return XMLElement(name: "item", namespace: RosterNamespace.roster, attributes: attributes, children: item.groups.map {
             .element(XMLElement(name: "group", namespace: RosterNamespace.roster, text: $0))
         })
-    }
-}
-
-/// Runs operations one at a time per account, in arrival order.
-actor AccountSerializer {
-    private var tails: [JID: Task<Void, Never>] = [:]
-
-    func run<T: Sendable>(_ account: JID, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
-        let previous = tails[account]
-        let task = Task<Result<T, any Error>, Never> {
-            await previous?.value
-            do {
-                return .success(try await body())
-            } catch {
-                return .failure(error)
-            }
-        }
-        let tail = Task<Void, Never> { _ = await task.value }
-        tails[account] = tail
-        let result = await task.value
-        if tails[account] == tail { tails[account] = nil }
-        return try result.get()
     }
 }

@@ -1,0 +1,183 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import NIOSSL
+import NIOTLS
+import XMPPCore
+import XMPPStream
+
+/// The answer of an Authoritative Server to `db:verify`.
+enum VerificationOutcome: Sendable, Equatable {
+    case valid
+    case invalid
+    case error(StanzaError)
+}
+
+extension FederationManager {
+    /// XEP-0220 Step 2–3: asks `originating`'s authoritative server, over a separate,
+    /// short-lived connection, whether it issued `key` for `receiving` on stream `streamID`.
+    /// The connection is never the one the key arrived on (XEP-0288 §2.2). A failure to reach
+    /// the authoritative server is `remote-server-not-found` (XEP-0220 §2.5).
+    func verifyDialback(receiving: String, originating: String, streamID: String, key: String) async -> VerificationOutcome {
+        let location: PeerLocation
+        if let settings = configuration.peers[originating], let staticHost = settings.host {
+            location = .targets([PeerTarget(host: staticHost, port: settings.port ?? ((settings.directTLS ?? false) ? 5270 : 5269), directTLS: settings.directTLS ?? false)])
+        } else {
+            location = await locator.locate(originating)
+        }
+        guard case .targets(let targets) = location, !targets.isEmpty else {
+            return .error(StanzaError(.remoteServerNotFound, text: "cannot locate \(originating)"))
+        }
+        let request = DialbackElement(kind: .verify, from: receiving, to: originating, id: streamID, key: key)
+        for target in targets {
+            do {
+                return try await verify(request, at: target)
+            } catch {
+                logger.info("dialback verification target failed", metadata: ["originating": "\(originating)", "target": "\(target)", "error": "\(error)"])
+            }
+        }
+        return .error(StanzaError(.remoteServerNotFound, text: "cannot reach the authoritative server of \(originating)"))
+    }
+
+    private func verify(_ request: DialbackElement, at target: PeerTarget) async throws -> VerificationOutcome {
+        let answered = group.next().makePromise(of: VerificationOutcome.self)
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.minimumTLSVersion = .tlsv12
+        // This stream only carries db:verify; the answer binds a key to a stream id, so the
+        // peer's identity here matters no more than DNS does (XEP-0220 §3). It is still
+        // encrypted (RFC 6120 §13.14).
+        tls.certificateVerification = .none
+        if target.directTLS { tls.applicationProtocols = ["xmpp-server"] }
+        let sslContext = try NIOSSLContext(configuration: tls)
+        let serverName = (try? JID(domain: request.to).asciiDomain) ?? request.to
+        let limits = XMLStreamLimits(maximumStanzaBytes: configuration.maxStanzaBytes)
+        let channel = try await ClientBootstrap(group: group)
+            .connectTimeout(.seconds(Int64(configuration.connectTimeoutSeconds)))
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let decoder = XMLStreamDecoder(contentNamespace: XMLNamespace.server, limits: limits)
+                    let handler = VerificationHandler(request: request, decoder: decoder, sslContext: sslContext, serverName: serverName, directTLS: target.directTLS, answered: answered)
+                    if target.directTLS {
+                        try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: sslContext, serverHostname: serverName))
+                    }
+                    try channel.pipeline.syncOperations.addHandler(decoder)
+                    try channel.pipeline.syncOperations.addHandler(XMLStreamEncoder(contentNamespace: XMLNamespace.server))
+                    try channel.pipeline.syncOperations.addHandler(handler)
+                }
+            }
+            .connect(host: target.host, port: target.port)
+            .get()
+        let timeout = channel.eventLoop.scheduleTask(in: .seconds(Int64(configuration.negotiationTimeoutSeconds))) {
+            answered.fail(VerificationTimeout())
+            channel.close(promise: nil)
+        }
+        defer { timeout.cancel() }
+        return try await answered.futureResult.get()
+    }
+}
+
+struct VerificationTimeout: Error {}
+struct VerificationFailed: Error {
+    var reason: String
+}
+
+/// One `db:verify` exchange: header, STARTTLS, header, then the request, with no
+/// authentication of its own.
+final class VerificationHandler: ChannelInboundHandler {
+    typealias InboundIn = StreamEvent
+    typealias OutboundOut = StreamOutput
+
+    private let request: DialbackElement
+    private let decoder: XMLStreamDecoder
+    private let sslContext: NIOSSLContext
+    private let serverName: String
+    private let answered: EventLoopPromise<VerificationOutcome>
+    private var secured: Bool
+    private var sent = false
+    private var done = false
+
+    init(request: DialbackElement, decoder: XMLStreamDecoder, sslContext: NIOSSLContext, serverName: String, directTLS: Bool, answered: EventLoopPromise<VerificationOutcome>) {
+        self.request = request
+        self.decoder = decoder
+        self.sslContext = sslContext
+        self.serverName = serverName
+        self.secured = directTLS
+        self.answered = answered
+    }
+
+    private var header: StreamHeader {
+        StreamHeader(to: request.to, from: request.from, version: "1.0", contentNamespace: XMLNamespace.server, prefixes: ["db": XMLNamespace.dialback])
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        if !secured {
+            context.writeAndFlush(wrapOutboundOut(.header(header)), promise: nil)
+        }
+        context.fireChannelActive()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case TLSUserEvent.handshakeCompleted = event {
+            secured = true
+            context.writeAndFlush(wrapOutboundOut(.header(header)), promise: nil)
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard case .element(let element) = unwrapInboundIn(data) else { return }
+        if element.name == "features" && element.namespace == XMLNamespace.streams {
+            if !secured {
+                // Never in the clear: STARTTLS whether advertised or not (RFC 7590 §3.1).
+                context.writeAndFlush(wrapOutboundOut(.element(XMLElement(name: "starttls", namespace: XMLNamespace.tls))), promise: nil)
+            } else if !sent {
+                sent = true
+                context.writeAndFlush(wrapOutboundOut(.element(request.element)), promise: nil)
+            }
+        } else if element.name == "proceed" && element.namespace == XMLNamespace.tls {
+            decoder.restart(leftover: .reject, context: context)
+            do {
+                try context.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: sslContext, serverHostname: serverName), position: .first)
+            } catch {
+                finish(.failure(error), context: context)
+            }
+        } else if let answer = DialbackElement(element), answer.kind == .verify, let outcome = answer.outcome {
+            // The answer must match the request exactly (XEP-0220 §2.1.2, §3.1).
+            guard answer.from == request.to, answer.to == request.from, answer.id == request.id else {
+                finish(.failure(VerificationFailed(reason: "answer does not match the request")), context: context)
+                return
+            }
+            switch outcome {
+            case .valid: finish(.success(.valid), context: context)
+            case .invalid: finish(.success(.invalid), context: context)
+            case .error: finish(.success(.error(answer.error ?? StanzaError(.remoteServerNotFound))), context: context)
+            }
+        } else if element.name == "failure" || (element.name == "error" && element.namespace == XMLNamespace.streams) {
+            finish(.failure(VerificationFailed(reason: "the authoritative server refused: \(element)")), context: context)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if !done {
+            done = true
+            answered.fail(VerificationFailed(reason: "connection closed before an answer"))
+        }
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        finish(.failure(error), context: context)
+    }
+
+    private func finish(_ result: Result<VerificationOutcome, any Error>, context: ChannelHandlerContext) {
+        guard !done else { return }
+        done = true
+        answered.completeWith(result)
+        let channel = context.channel
+        context.writeAndFlush(wrapOutboundOut(.end)).whenComplete { _ in channel.close(promise: nil) }
+    }
+}
+
+@available(*, unavailable)
+extension VerificationHandler: Sendable {}

@@ -1,0 +1,108 @@
+/// Server-to-server settings (the `s2s` section of the configuration).
+public struct FederationConfiguration: Codable, Sendable, Equatable {
+    /// Federate at all. Without it, stanzas for other domains bounce with
+    /// `remote-server-not-found` and no s2s listener runs.
+    public var enabled: Bool = true
+    /// Address the s2s listeners bind to.
+    public var address: String = "0.0.0.0"
+    /// RFC 6120 STARTTLS listener; null disables it.
+    public var starttlsPort: Int? = 5269
+    /// XEP-0368 direct TLS listener (ALPN `xmpp-server`); null disables it.
+    public var directTLSPort: Int? = 5270
+    /// Refuse every peer that cannot prove its domains with a certificate: no dialback.
+    /// A per-peer setting overrides this.
+    public var requireCertificates: Bool = false
+    /// Extra CA certificates (PEM files) trusted for every peer, besides the system store.
+    public var trustAnchorFiles: [String] = []
+    /// Also trust the system's CA store (/etc/ssl/certs).
+    public var useSystemTrustStore: Bool = true
+    /// The dialback secret (XEP-0185). Empty: a random one per process, which invalidates
+    /// outstanding keys on restart; set it on every node of a cluster.
+    public var dialbackSecret: String = ""
+    /// Seconds for a TCP connection and TLS handshake to a peer.
+    public var connectTimeoutSeconds: Int = 10
+    /// Seconds for a link to authenticate, or for a dialback verification to answer.
+    public var negotiationTimeoutSeconds: Int = 30
+    /// Seconds a link may stay idle before it is closed.
+    public var idleTimeoutSeconds: Int = 900
+    /// Stanzas waiting per domain pair while its link is being set up; beyond that they
+    /// bounce with `resource-constraint`.
+    public var queueLimit: Int = 1000
+    /// Largest stanza accepted from a peer, in bytes (RFC 6120 §13.12).
+    public var maxStanzaBytes: Int = 512 * 1024
+    /// Settings for particular peer domains.
+    public var peers: [String: PeerSettings] = [:]
+
+    public init() {}
+
+    enum CodingKeys: String, CodingKey {
+        case enabled, address
+        case starttlsPort = "starttls_port"
+        case directTLSPort = "direct_tls_port"
+        case requireCertificates = "require_certificates"
+        case trustAnchorFiles = "trust_anchor_files"
+        case useSystemTrustStore = "use_system_trust_store"
+        case dialbackSecret = "dialback_secret"
+        case connectTimeoutSeconds = "connect_timeout_seconds"
+        case negotiationTimeoutSeconds = "negotiation_timeout_seconds"
+        case idleTimeoutSeconds = "idle_timeout_seconds"
+        case queueLimit = "queue_limit"
+        case maxStanzaBytes = "max_stanza_bytes"
+        case peers
+    }
+
+    /// Per-peer overrides, keyed by the peer's domain.
+    public struct PeerSettings: Codable, Sendable, Equatable {
+        /// Overrides the global `require_certificates` for this peer.
+        public var requireCertificates: Bool?
+        /// When set, this peer's certificates must chain to these CAs only (RFC 6120 §13.6).
+        public var trustAnchorFiles: [String]?
+        /// Connect here instead of looking the domain up in DNS.
+        public var host: String?
+        public var port: Int?
+        /// The static target speaks direct TLS (XEP-0368) rather than STARTTLS.
+        public var directTLS: Bool?
+
+        public init(requireCertificates: Bool? = nil, trustAnchorFiles: [String]? = nil, host: String? = nil, port: Int? = nil, directTLS: Bool? = nil) {
+            self.requireCertificates = requireCertificates
+            self.trustAnchorFiles = trustAnchorFiles
+            self.host = host
+            self.port = port
+            self.directTLS = directTLS
+        }
+
+        enum CodingKeys: String, CodingKey {
+            case requireCertificates = "require_certificates"
+            case trustAnchorFiles = "trust_anchor_files"
+            case host, port
+            case directTLS = "direct_tls"
+        }
+    }
+
+    /// Whether certificates are required of `domain`.
+    public func requiresCertificates(_ domain: String) -> Bool {
+        peers[domain]?.requireCertificates ?? requireCertificates
+    }
+}
+
+/// DNS settings (the `dns` section): how peers' SRV, address and TLSA records are resolved.
+public struct DNSConfiguration: Codable, Sendable, Equatable {
+    /// A resolv.conf-style file naming upstream resolvers; null: /etc/resolv.conf.
+    public var resolvConf: String?
+    /// Upstream resolvers (IP or IP@port) to use instead of resolv.conf.
+    public var forwarders: [String] = []
+    /// A file of DS or DNSKEY records used as DNSSEC trust anchors. With none, DNSSEC
+    /// answers are never "secure" (the root key is not built in).
+    public var trustAnchorFile: String?
+    /// Seconds per query.
+    public var timeoutSeconds: Int = 5
+
+    public init() {}
+
+    enum CodingKeys: String, CodingKey {
+        case resolvConf = "resolv_conf"
+        case forwarders
+        case trustAnchorFile = "trust_anchor_file"
+        case timeoutSeconds = "timeout_seconds"
+    }
+}

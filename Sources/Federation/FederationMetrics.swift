@@ -1,0 +1,42 @@
+import CoreMetrics
+import Trust
+
+/// Federation counters, created against the server's metrics registry.
+public struct FederationMetrics: Sendable {
+    let connectionsOpened: Counter
+    let connectionsAccepted: Counter
+    let linksEstablished: Counter
+    let linkFailures: Counter
+    let stanzasIn: Counter
+    let stanzasOut: Counter
+    let bounced: Counter
+    let dialbackVerifications: Counter
+    let factory: any MetricsFactory
+
+    public init(factory: any MetricsFactory) {
+        self.factory = factory
+        connectionsOpened = Counter(label: "braid_s2s_connections_opened_total", factory: factory)
+        connectionsAccepted = Counter(label: "braid_s2s_connections_accepted_total", factory: factory)
+        linksEstablished = Counter(label: "braid_s2s_links_established_total", factory: factory)
+        linkFailures = Counter(label: "braid_s2s_link_failures_total", factory: factory)
+        stanzasIn = Counter(label: "braid_s2s_stanzas_in_total", factory: factory)
+        stanzasOut = Counter(label: "braid_s2s_stanzas_out_total", factory: factory)
+        bounced = Counter(label: "braid_s2s_bounced_total", factory: factory)
+        dialbackVerifications = Counter(label: "braid_s2s_dialback_verifications_total", factory: factory)
+    }
+
+    /// A pair authorised, by proof method.
+    func proof(_ method: ProofMethod, direction: PairDirection) {
+        Counter(label: "braid_s2s_pairs_authorized_total", dimensions: [("method", method.rawValue), ("direction", direction.rawValue)], factory: factory).increment()
+    }
+
+    /// A refused dialback request, by condition.
+    func dialbackRefused(_ condition: String) {
+        Counter(label: "braid_s2s_dialback_refused_total", dimensions: [("condition", condition)], factory: factory).increment()
+    }
+
+    /// A stream error we sent on an s2s link, by condition.
+    func streamError(_ condition: String) {
+        Counter(label: "braid_stream_errors_sent_total", dimensions: [("condition", condition), ("stream", "s2s")], factory: factory).increment()
+    }
+}
