@@ -105,4 +105,14 @@ public struct DNSConfiguration: Codable, Sendable, Equatable {
         case trustAnchorFile = "trust_anchor_file"
         case timeoutSeconds = "timeout_seconds"
     }
+
+    /// Written out in full, nulls included, so every key appears in the defaults (the
+    /// configuration loader knows keys, and environment overrides, from them).
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(resolvConf, forKey: .resolvConf)
+        try container.encode(forwarders, forKey: .forwarders)
+        try container.encode(trustAnchorFile, forKey: .trustAnchorFile)
+        try container.encode(timeoutSeconds, forKey: .timeoutSeconds)
+    }
 }

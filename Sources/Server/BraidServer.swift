@@ -1,3 +1,5 @@
+import DNS
+import Federation
 import Foundation
 import Logging
 import NIOCore
@@ -24,6 +26,10 @@ public final class BraidServer: Service {
     private let logger: Logger
     private let listeners = Mutex<[ListenerKind: any Channel]>([:])
     private let poller = Mutex<Task<Void, Never>?>(nil)
+    /// Server-to-server federation, when enabled.
+    public let federation: FederationManager?
+    private let resolver: UnboundResolver?
+    private let boundFederationPorts = Mutex<[String: Int]>([:])
 
     /// How often the hosted-domain list is re-read; `braid domain add|remove` takes effect
     /// within this interval.
@@ -44,7 +50,8 @@ public final class BraidServer: Service {
         try certificates.loadConfigured(configuration.tls.certificates)
         try certificates.loadDirectory()
         context = ServerContext(configuration: configuration, storage: storage, domains: domains, certificates: certificates, metrics: metrics, logger: logger)
-        context.install(router: Router(server: context, remote: NoFederation()))
+        let router = Router(server: context, remote: NoFederation())
+        context.install(router: router)
         if let eventLoopGroup {
             group = eventLoopGroup
             ownsGroup = false
@@ -52,12 +59,33 @@ public final class BraidServer: Service {
             group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
             ownsGroup = true
         }
+        if configuration.s2s.enabled {
+            let dns = configuration.dns
+            let resolver = try UnboundResolver(configuration: .init(
+                resolvConf: dns.resolvConf, forwarders: dns.forwarders, trustAnchorFile: dns.trustAnchorFile,
+                timeout: .seconds(dns.timeoutSeconds)), logger: logger)
+            self.resolver = resolver
+            let federation = try FederationManager(
+                configuration: configuration.s2s, host: FederationBridge(context: context),
+                locator: DNSPeerLocator(locator: XMPPServiceLocator(resolver: resolver), logger: logger),
+                group: group, logger: logger, metrics: FederationMetrics(factory: metricsRegistry))
+            self.federation = federation
+            router.setRemoteRoute(FederationRoute(manager: federation))
+        } else {
+            federation = nil
+            resolver = nil
+        }
         metrics.startupSeconds.set(Self.seconds(ContinuousClock.now - started))
     }
 
     /// The ports the listeners are bound to (useful when the configuration asks for port 0).
     public var boundPorts: [ListenerKind: Int] {
         listeners.withLock { $0.compactMapValues { $0.localAddress?.port } }
+    }
+
+    /// The s2s listener ports, by kind (`s2s_starttls`, `s2s_direct_tls`).
+    public var federationPorts: [String: Int] {
+        boundFederationPorts.withLock { $0 }
     }
 
     // MARK: Lifecycle
@@ -89,9 +117,12 @@ public final class BraidServer: Service {
             try await bind(.c2sStartTLS, host: c2s.address, port: port, tls: nil)
         }
         if let port = c2s.directTLSPort {
-            let tlsDefault = context.certificates.covers(defaultDomain) ? defaultDomain : (context.domains.all.sorted().first ?? defaultDomain)
-            let tls = try NIOSSLContext(configuration: context.certificates.directTLSConfiguration(defaultDomain: tlsDefault, alpn: ["xmpp-client"]))
+            let tls = try NIOSSLContext(configuration: context.certificates.directTLSConfiguration(defaultDomain: tlsDefaultDomain(defaultDomain), alpn: ["xmpp-client"]))
             try await bind(.c2sDirectTLS, host: c2s.address, port: port, tls: tls)
+        }
+        if let federation {
+            let ports = try await federation.start(defaultDomain: tlsDefaultDomain(defaultDomain))
+            boundFederationPorts.withLock { $0 = ports }
         }
         startDomainPolling()
         context.metrics.startupSeconds.set(Self.seconds(ContinuousClock.now - started) + (context.metrics.registry.gaugeValue("braid_startup_seconds") ?? 0))
@@ -99,6 +130,11 @@ public final class BraidServer: Service {
             "domains": "\(context.domains.count)",
             "ports": "\(boundPorts.map { "\($0.key.rawValue)=\($0.value)" }.sorted().joined(separator: ","))",
         ])
+    }
+
+    /// The domain whose certificate direct TLS presents without a usable SNI name.
+    private func tlsDefaultDomain(_ preferred: String) -> String {
+        context.certificates.covers(preferred) ? preferred : (context.domains.all.sorted().first ?? preferred)
     }
 
     private func bind(_ kind: ListenerKind, host: String, port: Int, tls: NIOSSLContext?) async throws {
@@ -170,6 +206,7 @@ public final class BraidServer: Service {
         for channel in channels {
             try? await channel.close()
         }
+        await federation?.shutdown()
         let sessions = context.sessions.allSessions()
         logger.notice("shutting down", metadata: ["sessions": "\(sessions.count)"])
         for session in sessions {
@@ -179,6 +216,7 @@ public final class BraidServer: Service {
         while (context.sessions.count > 0 || context.activeProcessing.load(ordering: .relaxed) > 0) && ContinuousClock.now < deadline {
             try? await Task.sleep(for: .milliseconds(20))
         }
+        await resolver?.shutdown()
         if ownsGroup {
             try? await group.shutdownGracefully()
         }

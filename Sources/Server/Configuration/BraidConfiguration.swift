@@ -1,3 +1,4 @@
+import Federation
 import Foundation
 import Yams
 
@@ -21,6 +22,10 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
     public var tls = TLSSettings()
     public var offline = OfflineSettings()
     public var streamManagement = StreamManagementSettings()
+    /// Server-to-server federation.
+    public var s2s = FederationConfiguration()
+    /// How peers are looked up in DNS.
+    public var dns = DNSConfiguration()
 
     public init() {}
 
@@ -30,6 +35,7 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
         case logLevel = "log_level"
         case c2s, auth, tls, offline
         case streamManagement = "stream_management"
+        case s2s, dns
     }
 
     public struct ClientSettings: Codable, Sendable, Equatable {

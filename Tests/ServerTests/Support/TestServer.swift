@@ -35,6 +35,11 @@ final class TestServer: Sendable {
         configuration.c2s.directTLSPort = 0
         // Low iterations keep tests fast; production uses 10,000.
         configuration.auth.scramIterations = 4096
+        // No federation unless a test asks for it: no s2s listeners on fixed ports, no DNS.
+        configuration.s2s.enabled = false
+        configuration.s2s.address = "127.0.0.1"
+        configuration.s2s.starttlsPort = 0
+        configuration.s2s.directTLSPort = 0
         configure(&configuration)
         var logger = Logger(label: "braid.test")
         logger.logLevel = ProcessInfo.processInfo.environment["BRAID_TEST_LOG"].flatMap(Logger.Level.init(rawValue:)) ?? .critical

@@ -1,1 +1,0 @@
-// The DNS module: SRV, A/AAAA and TLSA with DNSSEC status, over libunbound.

@@ -1,0 +1,42 @@
+import Federation
+import Trust
+import XMPPCore
+
+/// What the federation layer sees of the server: hosted domains, local delivery, bounces
+/// and certificates. It keeps the layering one-way (Server uses Federation, never the
+/// reverse).
+final class FederationBridge: FederationHost {
+    let context: ServerContext
+
+    init(context: ServerContext) {
+        self.context = context
+    }
+
+    func isHosted(_ domain: String) -> Bool {
+        context.domains.isHosted(domain)
+    }
+
+    func deliverInbound(_ stanza: Stanza) async {
+        // The link checked that `to` is hosted; route() delivers locally and never onward.
+        await context.router.route(stanza)
+    }
+
+    func bounce(_ stanza: Stanza, with error: StanzaError) async {
+        await context.router.bounce(stanza, with: error)
+    }
+
+    var tls: TLSContextStore { context.certificates.store }
+
+    func prepareCertificate(for domain: String) async {
+        await context.certificates.prepareCertificate(for: domain)
+    }
+}
+
+/// The router's way out to other domains, through federation.
+struct FederationRoute: RemoteRoute {
+    let manager: FederationManager
+
+    func send(_ stanza: Stanza, router: Router) async {
+        await manager.send(stanza)
+    }
+}

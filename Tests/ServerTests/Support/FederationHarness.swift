@@ -1,0 +1,118 @@
+import Foundation
+import NIOCore
+import NIOPosix
+import Server
+import Trust
+import XMPPCore
+@testable import Federation
+
+/// How the two test providers prove themselves to each other.
+enum PeerCertificates {
+    /// Certificates from a CA both providers trust: SASL EXTERNAL and PKIX proofs.
+    case trustedCA
+    /// Self-signed certificates nobody trusts: only dialback can authenticate.
+    case selfSigned
+}
+
+/// Two Braid providers federating over loopback: A hosts `aDomains`, B hosts `bDomains`.
+/// Each knows the other's s2s port through static peer settings, so no DNS is involved.
+struct FederatedPair {
+    let a: TestServer
+    let b: TestServer
+    let directory: String
+    let ca: TestCertificateAuthority
+
+    static func freePort() async throws -> Int {
+        let group = MultiThreadedEventLoopGroup.singleton
+        let channel = try await ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).get()
+        let port = channel.localAddress?.port ?? 0
+        try await channel.close()
+        return port
+    }
+
+    static func start(
+        aDomains: [String] = ["a.example"], aUsers: [String] = ["alice@a.example"],
+        bDomains: [String] = ["b.example"], bUsers: [String] = ["bob@b.example"],
+        certificates: PeerCertificates = .trustedCA,
+        configureA: @escaping (inout BraidConfiguration) -> Void = { _ in },
+        configureB: @escaping (inout BraidConfiguration) -> Void = { _ in }
+    ) async throws -> FederatedPair {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("braid-fed-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let ca = try TestCertificateAuthority()
+        let caFile = "\(directory)/ca.pem"
+        try ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
+        let aPort = try await freePort()
+        let bPort = try await freePort()
+
+        func certificateFiles(for domains: [String], name: String) throws -> BraidConfiguration.CertificateFiles {
+            let credentials = certificates == .trustedCA
+                ? try ca.issueXMPPServerCertificate(domains: domains)
+                : try SelfSignedCertificate.generate(domains: domains)
+            let files = BraidConfiguration.CertificateFiles(certificate: "\(directory)/\(name).crt", key: "\(directory)/\(name).key", domains: domains)
+            try credentials.write(certificatePath: files.certificate, keyPath: files.key)
+            return files
+        }
+        let aFiles = try certificateFiles(for: aDomains, name: "a")
+        let bFiles = try certificateFiles(for: bDomains, name: "b")
+
+        func federate(_ configuration: inout BraidConfiguration, port: Int, files: BraidConfiguration.CertificateFiles, peers: [String], peerPort: Int) {
+            configuration.tls.certificates = [files]
+            configuration.tls.selfSignMissing = false
+            configuration.s2s.enabled = true
+            configuration.s2s.address = "127.0.0.1"
+            configuration.s2s.starttlsPort = port
+            configuration.s2s.directTLSPort = nil
+            configuration.s2s.useSystemTrustStore = false
+            configuration.s2s.trustAnchorFiles = [caFile]
+            configuration.s2s.negotiationTimeoutSeconds = 10
+            // No DNS: a resolver that answers nothing (a closed port on loopback), fast.
+            configuration.dns.forwarders = ["127.0.0.1@9"]
+            configuration.dns.timeoutSeconds = 1
+            for peer in peers {
+                configuration.s2s.peers[peer] = FederationConfiguration.PeerSettings(host: "127.0.0.1", port: peerPort)
+            }
+        }
+        let a = try await TestServer.start(domains: aDomains, users: aUsers) { configuration in
+            federate(&configuration, port: aPort, files: aFiles, peers: bDomains, peerPort: bPort)
+            configureA(&configuration)
+        }
+        let b: TestServer
+        do {
+            b = try await TestServer.start(domains: bDomains, users: bUsers) { configuration in
+                federate(&configuration, port: bPort, files: bFiles, peers: aDomains, peerPort: aPort)
+                configureB(&configuration)
+            }
+        } catch {
+            await a.stop()
+            throw error
+        }
+        return FederatedPair(a: a, b: b, directory: directory, ca: ca)
+    }
+
+    func stop() async {
+        await a.stop()
+        await b.stop()
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+}
+
+/// Runs `body` with two federating servers and always stops them.
+func withFederation(
+    aDomains: [String] = ["a.example"], aUsers: [String] = ["alice@a.example"],
+    bDomains: [String] = ["b.example"], bUsers: [String] = ["bob@b.example"],
+    certificates: PeerCertificates = .trustedCA,
+    configureA: @escaping (inout BraidConfiguration) -> Void = { _ in },
+    configureB: @escaping (inout BraidConfiguration) -> Void = { _ in },
+    _ body: (FederatedPair) async throws -> Void
+) async throws {
+    let pair = try await FederatedPair.start(aDomains: aDomains, aUsers: aUsers, bDomains: bDomains, bUsers: bUsers,
+                                             certificates: certificates, configureA: configureA, configureB: configureB)
+    do {
+        try await body(pair)
+    } catch {
+        await pair.stop()
+        throw error
+    }
+    await pair.stop()
+}
