@@ -34,28 +34,41 @@ final class TestClient: Sendable {
         self.port = port
     }
 
-    /// Connects without TLS (for STARTTLS) or with TLS from the first byte.
-    static func connect(port: Int, directTLS: String? = nil, group: any EventLoopGroup) async throws -> TestClient {
+    /// Connects without TLS (for STARTTLS) or with TLS from the first byte. A server peer
+    /// (`jabber:server`) may present `clientCertificate` when TLS starts.
+    static func connect(port: Int, directTLS: String? = nil, group: any EventLoopGroup,
+                        contentNamespace: String = XMLNamespace.client, clientCertificate: PEMCredentials? = nil) async throws -> TestClient {
         let queue = EventQueue()
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.certificateVerification = .none
+        if let clientCertificate {
+            tls.certificateChain = try NIOSSLCertificate.fromPEMBytes(Array(clientCertificate.certificateChainPEM.utf8)).map { .certificate($0) }
+            tls.privateKey = .privateKey(try NIOSSLPrivateKey(bytes: Array(clientCertificate.privateKeyPEM.utf8), format: .pem))
+        }
+        let sslContext = try NIOSSLContext(configuration: tls)
         let channel = try await ClientBootstrap(group: group)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    let decoder = XMLStreamDecoder(contentNamespace: XMLNamespace.client, limits: XMLStreamLimits(maximumStanzaBytes: 1 << 20))
+                    let decoder = XMLStreamDecoder(contentNamespace: contentNamespace, limits: XMLStreamLimits(maximumStanzaBytes: 1 << 20))
                     if let directTLS {
-                        var tls = TLSConfiguration.makeClientConfiguration()
-                        tls.certificateVerification = .none
-                        tls.applicationProtocols = ["xmpp-client"]
-                        let context = try NIOSSLContext(configuration: tls)
+                        var direct = tls
+                        direct.applicationProtocols = [contentNamespace == XMLNamespace.client ? "xmpp-client" : "xmpp-server"]
+                        let context = try NIOSSLContext(configuration: direct)
                         try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: context, serverHostname: directTLS))
                     }
                     try channel.pipeline.syncOperations.addHandler(decoder)
-                    try channel.pipeline.syncOperations.addHandler(XMLStreamEncoder(contentNamespace: XMLNamespace.client))
-                    try channel.pipeline.syncOperations.addHandler(Collector(decoder: decoder, queue: queue))
+                    try channel.pipeline.syncOperations.addHandler(XMLStreamEncoder(contentNamespace: contentNamespace))
+                    try channel.pipeline.syncOperations.addHandler(Collector(decoder: decoder, queue: queue, sslContext: sslContext))
                 }
             }
             .connect(host: "127.0.0.1", port: port)
             .get()
         return TestClient(channel: channel, events: queue, port: port)
+    }
+
+    /// A server-to-server header (`jabber:server`, `xmlns:db`).
+    func sendServerHeader(to: String, from: String?) async throws {
+        try await channel.writeAndFlush(StreamOutput.header(StreamHeader(to: to, from: from, contentNamespace: XMLNamespace.server, prefixes: ["db": XMLNamespace.dialback])))
     }
 
     // MARK: Sending
@@ -274,10 +287,12 @@ private final class Collector: ChannelInboundHandler {
 
     let decoder: XMLStreamDecoder
     let continuation: EventQueue
+    let sslContext: NIOSSLContext?
 
-    init(decoder: XMLStreamDecoder, queue: EventQueue) {
+    init(decoder: XMLStreamDecoder, queue: EventQueue, sslContext: NIOSSLContext? = nil) {
         self.decoder = decoder
         self.continuation = queue
+        self.sslContext = sslContext
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -289,7 +304,7 @@ private final class Collector: ChannelInboundHandler {
             do {
                 var tls = TLSConfiguration.makeClientConfiguration()
                 tls.certificateVerification = .none
-                let sslContext = try NIOSSLContext(configuration: tls)
+                let sslContext = try self.sslContext ?? NIOSSLContext(configuration: tls)
                 try context.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: sslContext, serverHostname: nil), position: .first)
             } catch {
                 continuation.push(.error("\(error)"))
