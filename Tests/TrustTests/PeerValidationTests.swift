@@ -1,0 +1,102 @@
+import Foundation
+import Testing
+import X509
+@testable import Trust
+
+@Suite("PKIX validation of s2s peers")
+struct PeerValidationTests {
+    static let ca = try! TestCertificateAuthority(commonName: "Peer Test CA")
+    static let otherCA = try! TestCertificateAuthority(commonName: "Other CA")
+
+    func chain(_ credentials: PEMCredentials) throws -> [Certificate] {
+        try credentials.certificateChain()
+    }
+
+    func validator(peerRoots: [String: [Certificate]] = [:]) -> PeerCertificateValidator {
+        PeerCertificateValidator(anchors: PeerTrustAnchors(defaultRoots: [Self.ca.certificate], peerRoots: peerRoots))
+    }
+
+    @Test("A CA-issued certificate naming the domain is valid until the earliest expiry in the chain")
+    func valid() async throws {
+        let expiry = Date() + 86_400 * 7
+        let credentials = try Self.ca.issueXMPPServerCertificate(domains: ["peer.example"], notValidAfter: expiry)
+        let result = await validator().validate(chain: try chain(credentials), for: "peer.example")
+        guard case .success(let validated) = result else {
+            Issue.record("not valid: \(result)")
+            return
+        }
+        #expect(validated.match == .srvID)
+        #expect(abs(validated.expires.timeIntervalSince(expiry)) < 2)
+        #expect(validated.chain.count == 2)
+    }
+
+    @Test("Another name, an expired certificate and an untrusted issuer all fail", arguments: ["name", "expired", "issuer", "empty"])
+    func failures(kind: String) async throws {
+        let result: Result<ValidatedPeerCertificate, PeerCertificateFailure>
+        switch kind {
+        case "name":
+            result = await validator().validate(chain: try chain(Self.ca.issueXMPPServerCertificate(domains: ["other.example"])), for: "peer.example")
+            #expect(result == .failure(.nameMismatch("peer.example")))
+        case "expired":
+            let expired = try Self.ca.issueXMPPServerCertificate(domains: ["peer.example"], notValidBefore: Date() - 86_400 * 30, notValidAfter: Date() - 60)
+            result = await validator().validate(chain: try chain(expired), for: "peer.example")
+            guard case .failure(.untrusted) = result else { Issue.record("expired accepted: \(result)"); return }
+        case "issuer":
+            result = await validator().validate(chain: try chain(Self.otherCA.issueXMPPServerCertificate(domains: ["peer.example"])), for: "peer.example")
+            guard case .failure(.untrusted) = result else { Issue.record("untrusted issuer accepted: \(result)"); return }
+        default:
+            result = await validator().validate(chain: [], for: "peer.example")
+            #expect(result == .failure(.noCertificate))
+        }
+    }
+
+    @Test("Per-peer trust anchors replace the general store for that peer (RFC 6120 §13.6)")
+    func perPeerAnchors() async throws {
+        let pinned = validator(peerRoots: ["peer.example": [Self.otherCA.certificate]])
+        // The general CA no longer vouches for peer.example ...
+        let general = await pinned.validate(chain: try chain(Self.ca.issueXMPPServerCertificate(domains: ["peer.example"])), for: "peer.example")
+        guard case .failure(.untrusted) = general else { Issue.record("general store used for a pinned peer: \(general)"); return }
+        // ... only its own anchor does ...
+        let own = await pinned.validate(chain: try chain(Self.otherCA.issueXMPPServerCertificate(domains: ["peer.example"])), for: "PEER.example")
+        guard case .success = own else { Issue.record("pinned anchor refused: \(own)"); return }
+        // ... and other peers keep the general store.
+        let other = await pinned.validate(chain: try chain(Self.ca.issueXMPPServerCertificate(domains: ["else.example"])), for: "else.example")
+        guard case .success = other else { Issue.record("general store lost for other peers: \(other)"); return }
+    }
+
+    @Test("Server-auth-only, client-auth-only and no EKU are accepted; other purposes are not", arguments: [
+        (TestCertificateAuthority.ExtendedKeyUsages.serverAuthOnly, true),
+        (.clientAuthOnly, true),
+        (.omitted, true),
+        (.serverAndClientAuth, true),
+    ])
+    func extendedKeyUsage(usages: TestCertificateAuthority.ExtendedKeyUsages, accepted: Bool) async throws {
+        let credentials = try Self.ca.issueXMPPServerCertificate(domains: ["peer.example"], extendedKeyUsages: usages)
+        let result = await validator().validate(chain: try chain(credentials), for: "peer.example")
+        if case .success = result { #expect(accepted) } else { #expect(!accepted, "\(usages): \(result)") }
+    }
+
+    @Test("The PKIX proof reports the method and expiry, or declines without a certificate")
+    func pkixProof() async throws {
+        let proof = PKIXProof(validator: validator())
+        let credentials = try Self.ca.issueXMPPServerCertificate(domains: ["peer.example"])
+        let outcome = await proof.prove("peer.example", evidence: PeerEvidence(certificateChain: try chain(credentials)))
+        guard case .proven(.pkix, let expires) = outcome else { Issue.record("\(outcome)"); return }
+        #expect(expires != nil)
+        #expect(await proof.prove("peer.example", evidence: PeerEvidence(certificateChain: [])) == .notApplicable("no certificate"))
+        guard case .notApplicable = await proof.prove("other.example", evidence: PeerEvidence(certificateChain: try chain(credentials))) else {
+            Issue.record("mismatch proven")
+            return
+        }
+    }
+}
+
+extension Result: @retroactive Equatable where Success == ValidatedPeerCertificate, Failure == PeerCertificateFailure {
+    public static func == (lhs: Self, rhs: Self) -> Bool {
+        switch (lhs, rhs) {
+        case (.success(let a), .success(let b)): a == b
+        case (.failure(let a), .failure(let b)): a == b
+        default: false
+        }
+    }
+}
