@@ -128,7 +128,7 @@ public final class BraidServer: Service {
         context.metrics.startupSeconds.set(Self.seconds(ContinuousClock.now - started) + (context.metrics.registry.gaugeValue("braid_startup_seconds") ?? 0))
         logger.info("Braid is serving", metadata: [
             "domains": "\(context.domains.count)",
-            "ports": "\(boundPorts.map { "\($0.key.rawValue)=\($0.value)" }.sorted().joined(separator: ","))",
+            "ports": "\((boundPorts.map { "\($0.key.rawValue)=\($0.value)" } + federationPorts.map { "\($0.key)=\($0.value)" }).sorted().joined(separator: ","))",
         ])
     }
 
