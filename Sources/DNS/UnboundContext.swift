@@ -217,6 +217,12 @@ final class UnboundContext: @unchecked Sendable {
         for anchor in configuration.trustAnchors {
             try check(ub_ctx_add_ta(ctx, anchor), "trust anchor \(anchor)")
         }
+        // Finalise now rather than in the first ub_resolve_async: that is where libunbound
+        // reads trust-anchor files and parses anchors and zones, so configuration errors
+        // surface here, and no query ever pays for that file I/O on the caller's thread.
+        // libunbound has no call that only finalises; removing a local zone that cannot
+        // exist finalises first and then changes nothing.
+        try check(ub_ctx_zone_remove(ctx, "finalise.braid.invalid."), "applying the configuration (trust anchors, zones)")
     }
 
     private func check(_ code: Int32, _ what: String) throws(DNSError) {
@@ -232,8 +238,8 @@ final class UnboundContext: @unchecked Sendable {
 
     // MARK: Queries
 
-    /// Hands `query` to libunbound. Its continuation must already be installed, or it must
-    /// have been cancelled (then nothing is sent).
+    /// Hands `query`, whose continuation is installed, to libunbound. On failure the waiter
+    /// is resumed with the error at once.
     func submit(_ query: PendingQuery) {
         let key = ObjectIdentifier(query)
         // Register before submitting: the answer can arrive on the poller thread before

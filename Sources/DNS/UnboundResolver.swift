@@ -71,8 +71,11 @@ public final class UnboundResolver: DNSResolver {
 
     /// Creates the libunbound context, applies the configuration and starts the poller thread.
     ///
-    /// Syntax errors in trust anchors are only found by libunbound when the first query runs;
-    /// that query then throws ``DNSError/resolver(code:message:)``.
+    /// This reads resolv.conf and the trust-anchor file, so call it at start-up rather than
+    /// on an event loop.
+    ///
+    /// - Throws: ``DNSError/configuration(_:)`` when libunbound rejects an option, address,
+    ///   file or trust anchor.
     public init(configuration: Configuration = Configuration(), logger: Logger = Logger(label: "braid.dns")) throws {
         self.configuration = configuration
         let context = try UnboundContext(configuration: configuration, logger: logger)

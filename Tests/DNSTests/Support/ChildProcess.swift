@@ -1,0 +1,171 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+import Foundation
+import Synchronization
+
+/// A child process started with posix_spawn, so that the test owns its PID and reaps it
+/// itself (Foundation's `Process` reaps behind our back). Output goes to a file.
+final class ChildProcess: Sendable {
+    struct Failure: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    let pid: pid_t
+    let executable: String
+    let outputPath: String
+    /// The raw wait status once reaped.
+    private let waitStatus = Mutex<Int32?>(nil)
+
+    private init(pid: pid_t, executable: String, outputPath: String) {
+        self.pid = pid
+        self.executable = executable
+        self.outputPath = outputPath
+    }
+
+    /// Finds a tool on PATH or in the sbin directories (knotd and keymgr live in /usr/sbin,
+    /// which a non-root PATH often lacks).
+    static func locate(_ name: String) -> String? {
+        let path = ProcessInfo.processInfo.environment["PATH"] ?? ""
+        let directories = path.split(separator: ":").map(String.init) + ["/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/bin", "/bin"]
+        for directory in directories {
+            let candidate = directory + "/" + name
+            if access(candidate, X_OK) == 0 { return candidate }
+        }
+        return nil
+    }
+
+    /// Starts `executable` with `arguments`; stdout and stderr go to `outputPath`.
+    static func spawn(_ executable: String, _ arguments: [String], outputPath: String) throws -> ChildProcess {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, outputPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+
+        let argv: [UnsafeMutablePointer<CChar>?] = ([executable] + arguments).map { strdup($0) } + [nil]
+        defer { for pointer in argv { free(pointer) } }
+        var pid: pid_t = 0
+        let code = posix_spawn(&pid, executable, &actions, nil, argv, environ)
+        guard code == 0 else { throw Failure(description: "posix_spawn \(executable) failed: \(code)") }
+        return ChildProcess(pid: pid, executable: executable, outputPath: outputPath)
+    }
+
+    /// Runs a tool to completion (bounded) and returns its exit code and output.
+    static func run(_ executable: String, _ arguments: [String], outputPath: String, timeout: Duration = .seconds(10)) async throws -> (exitCode: Int32, output: String) {
+        let child = try spawn(executable, arguments, outputPath: outputPath)
+        guard let status = await child.waitForExit(timeout: timeout) else {
+            await child.terminate()
+            throw Failure(description: "\(executable) \(arguments.joined(separator: " ")) did not finish within \(timeout)")
+        }
+        return (status, child.output)
+    }
+
+    /// What the process wrote so far.
+    var output: String {
+        (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? ""
+    }
+
+    /// Reaps the process if it has exited; true while it runs.
+    var isRunning: Bool {
+        waitStatus.withLock { status in
+            if status != nil { return false }
+            var raw: Int32 = 0
+            let result = waitpid(pid, &raw, WNOHANG)
+            if result == pid {
+                status = raw
+                return false
+            }
+            // 0: still running. -1 (ECHILD): already gone.
+            return result == 0
+        }
+    }
+
+    /// The exit code (or 128 + signal) once the process has ended and been reaped.
+    var exitCode: Int32? {
+        guard let raw = waitStatus.withLock({ $0 }) else { return nil }
+        let signal = raw & 0x7F
+        return signal == 0 ? (raw >> 8) & 0xFF : 128 + signal
+    }
+
+    /// Waits, polling, until the process exits; nil if it still runs after `timeout`.
+    func waitForExit(timeout: Duration) async -> Int32? {
+        let deadline = ContinuousClock.now + timeout
+        while isRunning {
+            if ContinuousClock.now >= deadline { return nil }
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+        return exitCode ?? -1
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited after `grace`; always reaps.
+    func terminate(grace: Duration = .seconds(5)) async {
+        guard isRunning else { return }
+        kill(pid, SIGTERM)
+        if await waitForExit(timeout: grace) != nil { return }
+        kill(pid, SIGKILL)
+        _ = await waitForExit(timeout: .seconds(5))
+    }
+}
+
+/// Helpers for loopback sockets in tests.
+enum LoopbackPorts {
+    /// A port on 127.0.0.1 that is free for both UDP and TCP right now. Another process can
+    /// still take it before it is used; callers retry on a bind failure.
+    static func freePort() throws -> Int {
+        for _ in 0 ..< 20 {
+            let udp = try boundSocket(type: datagram, port: 0)
+            defer { close(udp.fd) }
+            if let tcp = try? boundSocket(type: stream, port: udp.port) {
+                close(tcp.fd)
+                return udp.port
+            }
+        }
+        throw ChildProcess.Failure(description: "no free loopback port found")
+    }
+
+    /// A UDP socket bound to 127.0.0.1 that never answers: a black hole for timeout tests.
+    /// Close the returned descriptor when done.
+    static func silentUDPSocket() throws -> (fd: Int32, port: Int) {
+        try boundSocket(type: datagram, port: 0)
+    }
+
+    #if canImport(Glibc) || canImport(Musl)
+    static let datagram = Int32(SOCK_DGRAM.rawValue)
+    static let stream = Int32(SOCK_STREAM.rawValue)
+    #else
+    static let datagram = SOCK_DGRAM
+    static let stream = SOCK_STREAM
+    #endif
+
+    static func boundSocket(type: Int32, port: Int) throws -> (fd: Int32, port: Int) {
+        let fd = socket(AF_INET, type, 0)
+        guard fd >= 0 else { throw ChildProcess.Failure(description: "socket() failed: \(errno)") }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
+        }
+        guard bound == 0 else {
+            close(fd)
+            throw ChildProcess.Failure(description: "bind() failed: \(errno)")
+        }
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                getsockname(fd, $0, &length)
+            }
+        }
+        return (fd, Int(UInt16(bigEndian: address.sin_port)))
+    }
+}
