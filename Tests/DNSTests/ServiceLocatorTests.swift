@@ -1,5 +1,6 @@
 import DNS
 import Testing
+import TestSupport
 
 private func srv(_ priority: UInt16, _ weight: UInt16, _ port: UInt16, _ target: String) -> SRVRecord {
     SRVRecord(priority: priority, weight: weight, port: port, target: target)

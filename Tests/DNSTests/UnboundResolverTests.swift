@@ -8,6 +8,7 @@ import Darwin
 
 import Foundation
 import Testing
+import TestSupport
 
 @testable import DNS
 

@@ -28,25 +28,25 @@ import Testing
 ///
 /// Works as root (knot is not told to change user) and as an ordinary user (every path is
 /// ours). Every wait is bounded.
-final class KnotFixture: Sendable {
+public final class KnotFixture: Sendable {
     /// A zone to serve. `body` is zone-file text; `$ORIGIN`, `$TTL`, SOA and NS are added
     /// when it has no SOA of its own, so it may hold only the interesting records, with names
     /// relative to the zone.
-    struct Zone: Sendable {
-        var name: String
+    public struct Zone: Sendable {
+        public var name: String
         /// Zone-file text, or nil for a zone that is configured but has no file: knot then
         /// answers SERVFAIL for it, which failure tests can use.
-        var body: String?
-        var signed: Bool
+        public var body: String?
+        public var signed: Bool
 
-        init(name: String, body: String, signed: Bool) {
+        public init(name: String, body: String, signed: Bool) {
             self.name = name.hasSuffix(".") ? String(name.dropLast()) : name
             self.body = body
             self.signed = signed
         }
 
         /// A zone knot is told about but cannot load, so it answers SERVFAIL.
-        static func failing(_ name: String) -> Zone {
+        public static func failing(_ name: String) -> Zone {
             var zone = Zone(name: name, body: "", signed: false)
             zone.body = nil
             return zone
@@ -67,25 +67,25 @@ final class KnotFixture: Sendable {
         }
     }
 
-    struct Failure: Error, CustomStringConvertible {
-        var description: String
+    public struct Failure: Error, CustomStringConvertible {
+        public var description: String
     }
 
     /// The fixture of the enclosing ``KnotSuiteTrait``, if any.
-    @TaskLocal static var current: KnotFixture?
+    @TaskLocal public static var current: KnotFixture?
 
-    let directory: String
-    let port: Int
-    let zones: [Zone]
+    public let directory: String
+    public let port: Int
+    public let zones: [Zone]
     /// DS records of each signed zone, as `keymgr ZONE ds` prints them (one per digest type).
-    let dsRecords: [String: [String]]
+    public let dsRecords: [String: [String]]
     private let process: ChildProcess
 
     /// `127.0.0.1@PORT`, the form unbound (and `UnboundResolver.Configuration`) takes.
-    var address: String { "127.0.0.1@\(port)" }
-    var configPath: String { directory + "/knot.conf" }
-    var logPath: String { process.outputPath }
-    var pid: pid_t { process.pid }
+    public var address: String { "127.0.0.1@\(port)" }
+    public var configPath: String { directory + "/knot.conf" }
+    public var logPath: String { process.outputPath }
+    public var pid: pid_t { process.pid }
 
     private init(directory: String, port: Int, zones: [Zone], dsRecords: [String: [String]], process: ChildProcess) {
         self.directory = directory
@@ -96,12 +96,12 @@ final class KnotFixture: Sendable {
     }
 
     /// Whether knotd, keymgr and kdig are installed.
-    static var isAvailable: Bool {
+    public static var isAvailable: Bool {
         ["knotd", "keymgr", "kdig"].allSatisfy { ChildProcess.locate($0) != nil }
     }
 
     /// The SHA-256 DS record of a signed zone, as one line for a trust anchor.
-    func ds(for zone: String) throws -> String {
+    public func ds(for zone: String) throws -> String {
         let name = zone.hasSuffix(".") ? String(zone.dropLast()) : zone
         guard let line = dsRecords[name]?.first(where: { $0.contains(" DS ") && $0.split(separator: " ").dropFirst(4).first == "2" }) else {
             throw Failure(description: "no SHA-256 DS record for \(zone); have \(dsRecords)")
@@ -110,7 +110,7 @@ final class KnotFixture: Sendable {
     }
 
     /// Runs `body` with a started server and always stops it afterwards.
-    static func withKnot<T: Sendable>(zones: [Zone], _ body: (KnotFixture) async throws -> T) async throws -> T {
+    public static func withKnot<T: Sendable>(zones: [Zone], _ body: (KnotFixture) async throws -> T) async throws -> T {
         let knot = try await start(zones: zones)
         do {
             let result = try await body(knot)
@@ -124,7 +124,7 @@ final class KnotFixture: Sendable {
 
     /// Starts knotd and waits (bounded by `timeout`) until every zone answers and every
     /// signed zone carries RRSIGs. Retries with another port if the chosen one was taken.
-    static func start(zones: [Zone], timeout: Duration = .seconds(30)) async throws -> KnotFixture {
+    public static func start(zones: [Zone], timeout: Duration = .seconds(30)) async throws -> KnotFixture {
         guard let knotd = ChildProcess.locate("knotd"), let keymgr = ChildProcess.locate("keymgr"), let kdig = ChildProcess.locate("kdig") else {
             throw Failure(description: "knotd, keymgr and kdig are needed (Debian packages knot and knot-dnsutils)")
         }
@@ -160,7 +160,7 @@ final class KnotFixture: Sendable {
     }
 
     /// Stops knotd (SIGTERM, then SIGKILL; reaped) and deletes the temporary directory.
-    func stop() async {
+    public func stop() async {
         await process.terminate()
         Self.removeDirectory(directory)
     }
@@ -252,12 +252,12 @@ final class KnotFixture: Sendable {
 
 /// Starts one knotd for a whole suite and makes it available as ``KnotFixture/current``
 /// to the suite's tests; stops it when the suite is done.
-struct KnotSuiteTrait: SuiteTrait, TestScoping {
-    let zones: [KnotFixture.Zone]
+public struct KnotSuiteTrait: SuiteTrait, TestScoping {
+    public let zones: [KnotFixture.Zone]
 
-    var isRecursive: Bool { false }
+    public var isRecursive: Bool { false }
 
-    func provideScope(for test: Test, testCase: Test.Case?, performing function: @Sendable () async throws -> Void) async throws {
+    public func provideScope(for test: Test, testCase: Test.Case?, performing function: @Sendable () async throws -> Void) async throws {
         let knot = try await KnotFixture.start(zones: zones)
         do {
             try await KnotFixture.$current.withValue(knot) {
@@ -273,7 +273,7 @@ struct KnotSuiteTrait: SuiteTrait, TestScoping {
 
 extension Trait where Self == KnotSuiteTrait {
     /// Runs the suite against one knotd serving `zones`.
-    static func knot(_ zones: [KnotFixture.Zone]) -> Self {
+    public static func knot(_ zones: [KnotFixture.Zone]) -> Self {
         KnotSuiteTrait(zones: zones)
     }
 }

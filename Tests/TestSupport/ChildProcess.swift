@@ -11,14 +11,14 @@ import Synchronization
 
 /// A child process started with posix_spawn, so that the test owns its PID and reaps it
 /// itself (Foundation's `Process` reaps behind our back). Output goes to a file.
-final class ChildProcess: Sendable {
-    struct Failure: Error, CustomStringConvertible {
-        var description: String
+public final class ChildProcess: Sendable {
+    public struct Failure: Error, CustomStringConvertible {
+        public var description: String
     }
 
-    let pid: pid_t
-    let executable: String
-    let outputPath: String
+    public let pid: pid_t
+    public let executable: String
+    public let outputPath: String
     /// The raw wait status once reaped.
     private let waitStatus = Mutex<Int32?>(nil)
 
@@ -30,7 +30,7 @@ final class ChildProcess: Sendable {
 
     /// Finds a tool on PATH or in the sbin directories (knotd and keymgr live in /usr/sbin,
     /// which a non-root PATH often lacks).
-    static func locate(_ name: String) -> String? {
+    public static func locate(_ name: String) -> String? {
         let path = ProcessInfo.processInfo.environment["PATH"] ?? ""
         let directories = path.split(separator: ":").map(String.init) + ["/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/bin", "/bin"]
         for directory in directories {
@@ -41,7 +41,7 @@ final class ChildProcess: Sendable {
     }
 
     /// Starts `executable` with `arguments`; stdout and stderr go to `outputPath`.
-    static func spawn(_ executable: String, _ arguments: [String], outputPath: String) throws -> ChildProcess {
+    public static func spawn(_ executable: String, _ arguments: [String], outputPath: String) throws -> ChildProcess {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
@@ -58,7 +58,7 @@ final class ChildProcess: Sendable {
     }
 
     /// Runs a tool to completion (bounded) and returns its exit code and output.
-    static func run(_ executable: String, _ arguments: [String], outputPath: String, timeout: Duration = .seconds(10)) async throws -> (exitCode: Int32, output: String) {
+    public static func run(_ executable: String, _ arguments: [String], outputPath: String, timeout: Duration = .seconds(10)) async throws -> (exitCode: Int32, output: String) {
         let child = try spawn(executable, arguments, outputPath: outputPath)
         guard let status = await child.waitForExit(timeout: timeout) else {
             await child.terminate()
@@ -68,12 +68,12 @@ final class ChildProcess: Sendable {
     }
 
     /// What the process wrote so far.
-    var output: String {
+    public var output: String {
         (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? ""
     }
 
     /// Reaps the process if it has exited; true while it runs.
-    var isRunning: Bool {
+    public var isRunning: Bool {
         waitStatus.withLock { status in
             if status != nil { return false }
             var raw: Int32 = 0
@@ -88,14 +88,14 @@ final class ChildProcess: Sendable {
     }
 
     /// The exit code (or 128 + signal) once the process has ended and been reaped.
-    var exitCode: Int32? {
+    public var exitCode: Int32? {
         guard let raw = waitStatus.withLock({ $0 }) else { return nil }
         let signal = raw & 0x7F
         return signal == 0 ? (raw >> 8) & 0xFF : 128 + signal
     }
 
     /// Waits, polling, until the process exits; nil if it still runs after `timeout`.
-    func waitForExit(timeout: Duration) async -> Int32? {
+    public func waitForExit(timeout: Duration) async -> Int32? {
         let deadline = ContinuousClock.now + timeout
         while isRunning {
             if ContinuousClock.now >= deadline { return nil }
@@ -105,7 +105,7 @@ final class ChildProcess: Sendable {
     }
 
     /// SIGTERM, then SIGKILL if it has not exited after `grace`; always reaps.
-    func terminate(grace: Duration = .seconds(5)) async {
+    public func terminate(grace: Duration = .seconds(5)) async {
         guard isRunning else { return }
         kill(pid, SIGTERM)
         if await waitForExit(timeout: grace) != nil { return }
@@ -115,10 +115,10 @@ final class ChildProcess: Sendable {
 }
 
 /// Helpers for loopback sockets in tests.
-enum LoopbackPorts {
+public enum LoopbackPorts {
     /// A port on 127.0.0.1 that is free for both UDP and TCP right now. Another process can
     /// still take it before it is used; callers retry on a bind failure.
-    static func freePort() throws -> Int {
+    public static func freePort() throws -> Int {
         for _ in 0 ..< 20 {
             let udp = try boundSocket(type: datagram, port: 0)
             defer { close(udp.fd) }
@@ -132,19 +132,19 @@ enum LoopbackPorts {
 
     /// A UDP socket bound to 127.0.0.1 that never answers: a black hole for timeout tests.
     /// Close the returned descriptor when done.
-    static func silentUDPSocket() throws -> (fd: Int32, port: Int) {
+    public static func silentUDPSocket() throws -> (fd: Int32, port: Int) {
         try boundSocket(type: datagram, port: 0)
     }
 
     #if canImport(Glibc) || canImport(Musl)
-    static let datagram = Int32(SOCK_DGRAM.rawValue)
-    static let stream = Int32(SOCK_STREAM.rawValue)
+    public static let datagram = Int32(SOCK_DGRAM.rawValue)
+    public static let stream = Int32(SOCK_STREAM.rawValue)
     #else
-    static let datagram = SOCK_DGRAM
-    static let stream = SOCK_STREAM
+    public static let datagram = SOCK_DGRAM
+    public static let stream = SOCK_STREAM
     #endif
 
-    static func boundSocket(type: Int32, port: Int) throws -> (fd: Int32, port: Int) {
+    public static func boundSocket(type: Int32, port: Int) throws -> (fd: Int32, port: Int) {
         let fd = socket(AF_INET, type, 0)
         guard fd >= 0 else { throw ChildProcess.Failure(description: "socket() failed: \(errno)") }
         var address = sockaddr_in()

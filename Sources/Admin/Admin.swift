@@ -1,0 +1,1 @@
+// The Admin module: the HTTP side (POSH documents, metrics, the admin API).
