@@ -162,16 +162,33 @@ public enum ProofMethod: String, Sendable, Hashable, CaseIterable, Codable {
     case dialback
 }
 
+/// A host and port a connection was made to.
+public struct ServerTarget: Sendable, Hashable, CustomStringConvertible {
+    public var host: String
+    public var port: Int
+
+    public init(host: String, port: Int) {
+        self.host = host
+        self.port = port
+    }
+
+    public var description: String { "\(host):\(port)" }
+}
+
 /// What a link knows about its peer when a domain must be proven.
 public struct PeerEvidence: Sendable {
     /// The certificate chain the peer presented on this connection, leaf first.
     public var certificateChain: [Certificate]
     /// When the proof is being decided.
     public var time: Date
+    /// Where we connected, when we opened the connection (the peer is the TLS server);
+    /// nil when the peer connected to us (its certificate is a TLS client certificate).
+    public var connectedTarget: ServerTarget?
 
-    public init(certificateChain: [Certificate], time: Date = Date()) {
+    public init(certificateChain: [Certificate], time: Date = Date(), connectedTarget: ServerTarget? = nil) {
         self.certificateChain = certificateChain
         self.time = time
+        self.connectedTarget = connectedTarget
     }
 }
 
