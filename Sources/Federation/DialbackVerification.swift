@@ -52,7 +52,7 @@ extension FederationManager {
         let sslContext = try NIOSSLContext(configuration: tls)
         let serverName = (try? JID(domain: request.to).asciiDomain) ?? request.to
         let limits = XMLStreamLimits(maximumStanzaBytes: configuration.maxStanzaBytes)
-        let channel = try await ClientBootstrap(group: group)
+        let bootstrap = ClientBootstrap(group: group)
             .connectTimeout(.seconds(Int64(configuration.connectTimeoutSeconds)))
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -66,8 +66,13 @@ extension FederationManager {
                     try channel.pipeline.syncOperations.addHandler(handler)
                 }
             }
-            .connect(host: target.host, port: target.port)
-            .get()
+        let channel: any Channel
+        do {
+            channel = try await trackedConnect(bootstrap, host: target.host, port: target.port)
+        } catch {
+            answered.fail(error)
+            throw error
+        }
         let timeout = channel.eventLoop.scheduleTask(in: .seconds(Int64(configuration.negotiationTimeoutSeconds))) {
             answered.fail(VerificationTimeout())
             channel.close(promise: nil)
@@ -164,6 +169,14 @@ final class VerificationHandler: ChannelInboundHandler {
             answered.fail(VerificationFailed(reason: "connection closed before an answer"))
         }
         context.fireChannelInactive()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        // A channel that closes before it was ever active never reports inactive.
+        if !done {
+            done = true
+            answered.fail(VerificationFailed(reason: "connection closed"))
+        }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {

@@ -30,6 +30,25 @@ public struct FederationConfiguration: Codable, Sendable, Equatable {
     public var queueLimit: Int = 1000
     /// Largest stanza accepted from a peer, in bytes (RFC 6120 §13.12).
     public var maxStanzaBytes: Int = 512 * 1024
+    /// Offer and request bidirectional links (XEP-0288), so one connection carries both
+    /// directions.
+    public var bidi: Bool = true
+    /// Acknowledge stanzas on links (XEP-0198 without resumption); unacknowledged stanzas
+    /// are re-sent when a link drops.
+    public var streamManagement: Bool = true
+    /// Let further domain pairs join an existing link (XEP-0220 §2.6 with the RFC 7712
+    /// §4.4.2 proof rule). Off: one connection per peer domain, as classic servers do.
+    public var multiplex: Bool = true
+    /// Seconds between re-validation passes: proofs about to lapse are renewed, expired
+    /// or revoked certificates reset their link, OCSP is polled when due.
+    public var revalidationIntervalSeconds: Double = 30
+    /// Seconds a peer's DNS location is remembered.
+    public var locationCacheSeconds: Int = 300
+    /// Seconds before the first retry of a failed peer or pair (doubling, up to a minute).
+    public var retryBaseSeconds: Double = 1
+    /// How many recent message and IQ ids from peers are remembered to drop re-sent
+    /// duplicates.
+    public var duplicateWindow: Int = 20000
     /// Settings for particular peer domains.
     public var peers: [String: PeerSettings] = [:]
 
@@ -48,6 +67,13 @@ public struct FederationConfiguration: Codable, Sendable, Equatable {
         case idleTimeoutSeconds = "idle_timeout_seconds"
         case queueLimit = "queue_limit"
         case maxStanzaBytes = "max_stanza_bytes"
+        case bidi
+        case streamManagement = "stream_management"
+        case multiplex
+        case revalidationIntervalSeconds = "revalidation_interval_seconds"
+        case locationCacheSeconds = "location_cache_seconds"
+        case retryBaseSeconds = "retry_base_seconds"
+        case duplicateWindow = "duplicate_window"
         case peers
     }
 

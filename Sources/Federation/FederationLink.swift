@@ -9,12 +9,17 @@ import XMPPStream
 /// One TCP connection to another server, in either direction, and the domain pairs
 /// authorised on it.
 ///
-/// The table of ``PairAuthorization``s is the link's only authority: a stanza may be sent
-/// for a pair only if an outbound authorisation for it is valid now, and a stanza received is
+/// The table of ``PairAuthorization``s is the link's only authority: a stanza is sent for a
+/// pair only if an outbound authorisation for it is valid now, and a stanza received is
 /// routed only if an inbound one is (RFC 6120 §8.1.1.2, §8.1.2.2). Authorisations are added
-/// only by the federation layer, where a proof succeeds.
+/// only where a proof succeeds.
+///
+/// Once negotiated, a link is symmetric when it is bidirectional (XEP-0288): either end may
+/// assert further pairs with `db:result`, answer the other's, and send stanzas. Outgoing
+/// stanzas wait in one queue per pair and are written round-robin, as fast as the socket
+/// takes them, so one busy pair cannot starve the others.
 public final class FederationLink: Sendable {
-    public enum Origin: String, Sendable, Hashable {
+    public enum Origin: String, Sendable, Hashable, Codable {
         /// We connected to the peer.
         case outgoing
         /// The peer connected to us.
@@ -25,6 +30,8 @@ public final class FederationLink: Sendable {
     public let origin: Origin
     /// Outgoing: the target host and port; incoming: the peer's address.
     public let peerAddress: String
+    /// The SRV target we connected to (outgoing links only).
+    public let peerTarget: ServerTarget?
     public let createdAt: Date
     let channel: any Channel
     private let state = Mutex(State())
@@ -32,13 +39,26 @@ public final class FederationLink: Sendable {
     struct State {
         var certificateChain: [Certificate] = []
         var authorizations: [Key: PairAuthorization] = [:]
+        /// Pairs withdrawn because the local domain stopped being hosted: stanzas for them
+        /// get a stanza error rather than closing the link.
+        var withdrawn: Set<DomainPair> = []
         /// Domains the peer proved on this connection, with how and until when; a later pair
         /// for the same remote domain reuses the proof (RFC 7712 §4.4, XEP-0344).
         var provenDomains: [String: (method: ProofMethod, expires: Date?)] = [:]
         var capabilities = OutgoingServerNegotiation.PeerCapabilities()
+        /// Both directions may be used (XEP-0288).
+        var bidi = false
+        /// The id of the accepting side's stream: dialback keys on this link are bound to it.
+        var streamID: String?
         var closed = false
         var stanzasSent = 0
         var stanzasReceived = 0
+        var outbound = OutboundQueues()
+        var streamManagement: StreamManagement?
+        /// When the peer's certificate is next checked for revocation.
+        var nextRevocationCheck = Date.distantPast
+        /// Our `db:result` requests waiting for an answer.
+        var pendingRequests: [DomainPair: [CheckedContinuation<PairRequestOutcome, Never>]] = [:]
     }
 
     struct Key: Hashable {
@@ -46,30 +66,103 @@ public final class FederationLink: Sendable {
         var direction: PairDirection
     }
 
-    init(origin: Origin, peerAddress: String, channel: any Channel) {
+    /// Per-pair queues drained round-robin.
+    struct OutboundQueues {
+        var queues: [DomainPair: [Stanza]] = [:]
+        var order: [DomainPair] = []
+        var cursor = 0
+        var count = 0
+        var drainScheduled = false
+
+        mutating func push(_ stanza: Stanza, for pair: DomainPair) {
+            if queues[pair] == nil { order.append(pair) }
+            queues[pair, default: []].append(stanza)
+            count += 1
+        }
+
+        /// The next stanza in round-robin order across pairs.
+        mutating func pop() -> (DomainPair, Stanza)? {
+            guard count > 0, !order.isEmpty else { return nil }
+            if cursor >= order.count { cursor = 0 }
+            let pair = order[cursor]
+            guard var queue = queues[pair], !queue.isEmpty else {
+                order.remove(at: cursor)
+                queues[pair] = nil
+                return pop()
+            }
+            let stanza = queue.removeFirst()
+            count -= 1
+            if queue.isEmpty {
+                queues[pair] = nil
+                order.remove(at: cursor)
+            } else {
+                queues[pair] = queue
+                cursor += 1
+            }
+            return (pair, stanza)
+        }
+
+        mutating func removeAll() -> [Stanza] {
+            let all = order.flatMap { queues[$0] ?? [] }
+            self = OutboundQueues()
+            return all
+        }
+    }
+
+    /// XEP-0198 on s2s: acknowledgements only, no resumption (digest §13.4). Unacknowledged
+    /// stanzas are re-sent on the next link when this one goes.
+    struct StreamManagement {
+        var handledInbound: UInt32 = 0
+        var sentOutbound: UInt32 = 0
+        var acknowledged: UInt32 = 0
+        var unacked: [Stanza] = []
+        var sentSinceRequest = 0
+    }
+
+    init(origin: Origin, peerAddress: String, peerTarget: ServerTarget? = nil, channel: any Channel) {
         self.id = UUID().uuidString
         self.origin = origin
         self.peerAddress = peerAddress
+        self.peerTarget = peerTarget
         self.channel = channel
         self.createdAt = Date()
     }
 
-    // MARK: Certificates and capabilities
+    // MARK: Peer facts
 
-    var certificateChain: [Certificate] {
-        get { state.withLock { $0.certificateChain } }
-    }
+    var certificateChain: [Certificate] { state.withLock { $0.certificateChain } }
 
     func setCertificateChain(_ chain: [Certificate]) {
         state.withLock { $0.certificateChain = chain }
     }
 
-    var capabilities: OutgoingServerNegotiation.PeerCapabilities {
-        state.withLock { $0.capabilities }
-    }
+    var capabilities: OutgoingServerNegotiation.PeerCapabilities { state.withLock { $0.capabilities } }
 
     func setCapabilities(_ capabilities: OutgoingServerNegotiation.PeerCapabilities) {
         state.withLock { $0.capabilities = capabilities }
+    }
+
+    var isBidirectional: Bool { state.withLock { $0.bidi } }
+
+    func setBidirectional() {
+        state.withLock { $0.bidi = true }
+    }
+
+    var streamID: String? { state.withLock { $0.streamID } }
+
+    func setStreamID(_ id: String?) {
+        state.withLock { $0.streamID = id }
+    }
+
+    /// We may ask for pairs on this link: ours, or the peer's when bidirectional.
+    var canRequestPairs: Bool {
+        state.withLock { !$0.closed && (origin == .outgoing || $0.bidi) }
+    }
+
+    /// The peer handles dialback errors, so a refused pair leaves the link up (XEP-0220
+    /// §2.4.2). A peer that asked for bidi must handle them (XEP-0288 §2.2).
+    var handlesDialbackErrors: Bool {
+        state.withLock { $0.capabilities.dialbackErrors || (origin == .incoming && $0.bidi) }
     }
 
     func recordProof(of domain: String, method: ProofMethod, expires: Date?) {
@@ -84,11 +177,20 @@ public final class FederationLink: Sendable {
         }
     }
 
+    var nextRevocationCheck: Date { state.withLock { $0.nextRevocationCheck } }
+
+    func setNextRevocationCheck(_ date: Date) {
+        state.withLock { $0.nextRevocationCheck = date }
+    }
+
     // MARK: Authorisations
 
     func authorize(_ pair: DomainPair, _ direction: PairDirection, method: ProofMethod, expires: Date?) {
         let authorization = PairAuthorization(pair: pair, direction: direction, method: method, authorizedAt: Date(), expires: expires)
-        state.withLock { $0.authorizations[Key(pair: pair, direction: direction)] = authorization }
+        state.withLock {
+            $0.authorizations[Key(pair: pair, direction: direction)] = authorization
+            $0.withdrawn.remove(pair)
+        }
     }
 
     /// Whether stanzas for `pair` may flow in `direction` now.
@@ -99,6 +201,18 @@ public final class FederationLink: Sendable {
         }
     }
 
+    func authorization(_ pair: DomainPair, _ direction: PairDirection) -> PairAuthorization? {
+        state.withLock { $0.authorizations[Key(pair: pair, direction: direction)] }
+    }
+
+    /// Some pair is authorised: the link carries traffic and may take further pairs.
+    var isEstablished: Bool {
+        let now = Date()
+        return state.withLock { !$0.closed && $0.authorizations.values.contains { $0.isValid(at: now) } }
+    }
+
+    var pairCount: Int { state.withLock { $0.authorizations.count } }
+
     /// True when any remote domain is authenticated inbound (some stanza may arrive).
     func hasInboundPairs(at time: Date = Date()) -> Bool {
         state.withLock { $0.authorizations.values.contains { $0.direction == .inbound && $0.isValid(at: time) } }
@@ -106,34 +220,218 @@ public final class FederationLink: Sendable {
 
     /// True when `remote` is authenticated for some inbound pair (the stanza's `from`).
     func isRemoteAuthenticated(_ remote: String, at time: Date = Date()) -> Bool {
-        state.withLock { $0.authorizations.values.contains { $0.direction == .inbound && $0.pair.remote == remote && $0.isValid(at: time) } }
+        hasValidPair(remote: remote, .inbound, at: time)
+    }
+
+    /// True when some pair with this remote domain is valid in `direction`.
+    func hasValidPair(remote: String, _ direction: PairDirection, at time: Date = Date()) -> Bool {
+        state.withLock { $0.authorizations.values.contains { $0.direction == direction && $0.pair.remote == remote && $0.isValid(at: time) } }
+    }
+
+    /// An authorisation that exists but whose proof has lapsed.
+    func hasLapsed(_ pair: DomainPair, _ direction: PairDirection, at time: Date = Date()) -> Bool {
+        state.withLock { $0.authorizations[Key(pair: pair, direction: direction)].map { !$0.isValid(at: time) } ?? false }
+    }
+
+    /// Removes one authorisation (its proof lapsed and could not be renewed).
+    func revoke(_ pair: DomainPair, _ direction: PairDirection) {
+        state.withLock { _ = $0.authorizations.removeValue(forKey: Key(pair: pair, direction: direction)) }
+    }
+
+    /// Forgets a recorded proof, so the next use proves the domain afresh.
+    func forgetProof(of domain: String) {
+        state.withLock { _ = $0.provenDomains.removeValue(forKey: domain) }
+    }
+
+    /// Withdraws every pair of a local domain that is no longer hosted. The link stays up.
+    func withdraw(local: String) -> [DomainPair] {
+        state.withLock { state in
+            let keys = state.authorizations.keys.filter { $0.pair.local == local }
+            for key in keys {
+                state.authorizations[key] = nil
+                state.withdrawn.insert(key.pair)
+            }
+            return Array(Set(keys.map(\.pair)))
+        }
+    }
+
+    func wasWithdrawn(_ pair: DomainPair) -> Bool {
+        state.withLock { $0.withdrawn.contains(pair) }
+    }
+
+    /// Drops authorisations whose proof lapsed; returns them (RFC 6120 §13.7.2.3: a lapsed
+    /// proof stops the pair at once).
+    func expireAuthorizations(at time: Date = Date()) -> [PairAuthorization] {
+        state.withLock { state in
+            let lapsed = state.authorizations.filter { !$0.value.isValid(at: time) }
+            for key in lapsed.keys { state.authorizations[key] = nil }
+            return Array(lapsed.values)
+        }
     }
 
     public var authorizations: [PairAuthorization] {
         state.withLock { Array($0.authorizations.values) }
     }
 
-    // MARK: Traffic
+    // MARK: Pair requests
 
-    /// Sends a stanza already checked against the authorisations.
-    func send(_ element: XMLElement) {
-        state.withLock { $0.stanzasSent += 1 }
+    enum PairRequestOutcome: Sendable, Equatable {
+        case valid
+        case invalid
+        case error(StanzaError)
+        case closed
+    }
+
+    /// Registers a wait for the answer to our `db:result` for `pair`. Returns false when a
+    /// request for the pair is already outstanding (the caller should not send another).
+    func awaitAnswer(for pair: DomainPair, continuation: CheckedContinuation<PairRequestOutcome, Never>) -> Bool {
+        state.withLock { state in
+            if state.closed {
+                continuation.resume(returning: .closed)
+                return false
+            }
+            let first = state.pendingRequests[pair] == nil
+            state.pendingRequests[pair, default: []].append(continuation)
+            return first
+        }
+    }
+
+    /// Delivers the peer's answer to waiting requesters. False if nobody asked (unsolicited).
+    func answer(_ pair: DomainPair, _ outcome: PairRequestOutcome) -> Bool {
+        let waiters = state.withLock { $0.pendingRequests.removeValue(forKey: pair) }
+        guard let waiters else { return false }
+        for waiter in waiters { waiter.resume(returning: outcome) }
+        return true
+    }
+
+    // MARK: Sending
+
+    /// Queues a stanza for an authorised pair; it is written when the socket can take it.
+    func enqueue(_ stanza: Stanza, for pair: DomainPair) {
+        let schedule = state.withLock { state -> Bool in
+            state.outbound.push(stanza, for: pair)
+            if state.outbound.drainScheduled { return false }
+            state.outbound.drainScheduled = true
+            return true
+        }
+        if schedule {
+            channel.eventLoop.execute { self.drain() }
+        }
+    }
+
+    /// Writes queued stanzas round-robin while the channel is writable (NIO backpressure),
+    /// counting them for stream management. Runs on the channel's event loop.
+    func drain() {
+        channel.eventLoop.preconditionInEventLoop()
+        var wrote = false
+        var requestAck = false
+        while channel.isWritable {
+            let next = state.withLock { state -> Stanza? in
+                guard let (_, stanza) = state.outbound.pop() else { return nil }
+                state.stanzasSent += 1
+                if state.streamManagement != nil {
+                    state.streamManagement?.sentOutbound &+= 1
+                    state.streamManagement?.unacked.append(stanza)
+                    state.streamManagement?.sentSinceRequest += 1
+                    if (state.streamManagement?.sentSinceRequest ?? 0) >= 16 {
+                        state.streamManagement?.sentSinceRequest = 0
+                        requestAck = true
+                    }
+                }
+                return stanza
+            }
+            guard let next else { break }
+            channel.write(StreamOutput.element(next.element), promise: nil)
+            wrote = true
+        }
+        let remaining = state.withLock { state -> Int in
+            if state.outbound.count == 0 { state.outbound.drainScheduled = false }
+            return state.outbound.count
+        }
+        if requestAck || (wrote && remaining == 0 && state.withLock({ ($0.streamManagement?.sentSinceRequest ?? 0) > 0 })) {
+            state.withLock { $0.streamManagement?.sentSinceRequest = 0 }
+            if state.withLock({ $0.streamManagement != nil }) {
+                channel.write(StreamOutput.element(XMLElement(name: "r", namespace: XMLNamespace.streamManagement)), promise: nil)
+            }
+        }
+        if wrote { channel.flush() }
+        // If the socket is full, the handler calls drain() again when it becomes writable.
+    }
+
+    /// Writes a first-level element that is not a stanza (dialback, stream management).
+    func sendControl(_ element: XMLElement) {
         channel.writeAndFlush(StreamOutput.element(element), promise: nil)
     }
 
-    func countReceived() {
-        state.withLock { $0.stanzasReceived += 1 }
+    var queuedCount: Int { state.withLock { $0.outbound.count } }
+
+    // MARK: Stream management (XEP-0198, acknowledgements only)
+
+    func enableStreamManagement() {
+        state.withLock { if $0.streamManagement == nil { $0.streamManagement = StreamManagement() } }
     }
+
+    var streamManagementEnabled: Bool { state.withLock { $0.streamManagement != nil } }
+
+    /// The peer answered `<failed/>` to our `<enable/>`: stop counting.
+    func disableStreamManagement() {
+        state.withLock { $0.streamManagement = nil }
+    }
+
+    /// Counts a stanza received, for the `h` we report.
+    func countReceived() {
+        state.withLock { state in
+            state.stanzasReceived += 1
+            state.streamManagement?.handledInbound &+= 1
+        }
+    }
+
+    var handledInbound: UInt32 { state.withLock { $0.streamManagement?.handledInbound ?? 0 } }
+
+    /// Applies the peer's `<a h='…'/>`. False if it acknowledges more than we sent.
+    func acknowledge(_ handled: UInt32) -> Bool {
+        state.withLock { state in
+            guard var sm = state.streamManagement else { return true }
+            let newly = handled &- sm.acknowledged
+            guard newly <= UInt32(sm.unacked.count) else { return false }
+            sm.unacked.removeFirst(Int(newly))
+            sm.acknowledged = handled
+            state.streamManagement = sm
+            return true
+        }
+    }
+
+    // MARK: Closing
 
     var isClosed: Bool { state.withLock { $0.closed } }
 
-    func markClosed() {
-        state.withLock { $0.closed = true }
+    /// Marks the link closed and hands back what it still owed: stanzas queued or sent but
+    /// not acknowledged, in order, to be re-sent on another link. Waiting pair requests
+    /// are answered `.closed`. Idempotent: the second call returns nothing.
+    @discardableResult
+    func markClosed() -> [Stanza] {
+        let (owed, waiters) = state.withLock { state -> ([Stanza], [CheckedContinuation<PairRequestOutcome, Never>]) in
+            guard !state.closed else { return ([], []) }
+            state.closed = true
+            let unacked = state.streamManagement?.unacked ?? []
+            state.streamManagement?.unacked = []
+            let queued = state.outbound.removeAll()
+            let waiters = state.pendingRequests.values.flatMap { $0 }
+            state.pendingRequests = [:]
+            return (unacked + queued, waiters)
+        }
+        for waiter in waiters { waiter.resume(returning: .closed) }
+        return owed
     }
 
-    /// Closes with a stream error.
+    /// Ends the stream and closes the connection.
+    func closeStream() {
+        let channel = self.channel
+        channel.writeAndFlush(StreamOutput.end).whenComplete { _ in channel.close(promise: nil) }
+    }
+
+    /// Closes with a stream error (`<reset/>` when proofs lapsed, RFC 6120 §4.9.3.16).
     func close(with error: StreamError) {
-        markClosed()
         let channel = self.channel
         channel.writeAndFlush(StreamOutput.error(error)).whenComplete { _ in channel.close(promise: nil) }
     }
@@ -143,7 +441,9 @@ public final class FederationLink: Sendable {
         state.withLock { state in
             LinkSnapshot(id: id, origin: origin, peerAddress: peerAddress, createdAt: createdAt,
                          pairs: state.authorizations.values.sorted { ($0.pair.local, $0.pair.remote, $0.direction.rawValue) < ($1.pair.local, $1.pair.remote, $1.direction.rawValue) },
-                         stanzasSent: state.stanzasSent, stanzasReceived: state.stanzasReceived, closed: state.closed)
+                         stanzasSent: state.stanzasSent, stanzasReceived: state.stanzasReceived, closed: state.closed,
+                         bidirectional: state.bidi, queued: state.outbound.count,
+                         unacknowledged: state.streamManagement?.unacked.count ?? 0)
         }
     }
 }
@@ -158,4 +458,7 @@ public struct LinkSnapshot: Sendable {
     public var stanzasSent: Int
     public var stanzasReceived: Int
     public var closed: Bool
+    public var bidirectional: Bool = false
+    public var queued: Int = 0
+    public var unacknowledged: Int = 0
 }

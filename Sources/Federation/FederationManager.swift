@@ -45,6 +45,11 @@ public struct PeerTarget: Sendable, Hashable, CustomStringConvertible {
     }
 
     public var description: String { "\(host):\(port)\(directTLS ? " (direct TLS)" : "")" }
+
+    /// Host and port, the identity of a connection (XEP-0220 §2.6.2).
+    public var serverTarget: ServerTarget {
+        ServerTarget(host: host.lowercased().trimmingSuffix("."), port: port)
+    }
 }
 
 /// Finds a domain's servers (DNS, in production).
@@ -52,13 +57,15 @@ public protocol PeerLocating: Sendable {
     func locate(_ domain: String) async -> PeerLocation
 }
 
-/// Server-to-server federation: the links, the pairs authorised on them, and the queues of
-/// stanzas waiting for a pair to be authorised (RFC 6120 §10.4, XEP-0220).
+/// Server-to-server federation: the links, the domain pairs authorised on each, and the
+/// stanzas waiting for a pair to be authorised (RFC 6120 §10.4, XEP-0220, XEP-0288).
 ///
-/// Outgoing links are keyed by the remote domain they were opened for; further local
-/// domains join them as senders with dialback (XEP-0220 §2.6.1). Incoming links authorise
-/// each pair the peer asserts, by certificate or by dialback verified on a separate
-/// connection. Nothing is routed for a pair that is not authorised on the link it uses.
+/// A link is one TCP connection to a peer provider, in either direction. Every pair between
+/// the two providers that can be proven rides on it: further local domains join as senders
+/// (XEP-0220 §2.6.1), further peer domains as targets once the peer is proven for them on
+/// that connection (§2.6.2 with the RFC 7712 §4.4.2 rule), and with XEP-0288 the peer's
+/// pairs come back the same way. A new connection is opened only when no existing link can
+/// carry a pair. Nothing is routed for a pair that is not authorised on the link it uses.
 public final class FederationManager: Sendable {
     public let configuration: FederationConfiguration
     let host: any FederationHost
@@ -67,24 +74,42 @@ public final class FederationManager: Sendable {
     let logger: Logger
     let keys: DialbackKeyGenerator
     let validator: PeerCertificateValidator
+    /// Proofs tried for a peer domain, strongest first: PKIX, then whatever the server added
+    /// (POSH, DANE). Dialback is the fallback outside this list.
+    let proofs: [any DomainProof]
+    let revocation: (any RevocationChecking)?
     let metrics: FederationMetrics
-    private let state = Mutex(State())
+    let recentStanzas: RecentStanzaIDs
+    let state = Mutex(State())
     private let listeners = Mutex<[any Channel]>([])
-    private let clientContexts = Mutex<[String: NIOSSLContext]>([:])
+    let clientContexts = Mutex<[String: NIOSSLContext]>([:])
+    let inFlight = InFlightWork()
+    private let maintenance = Mutex<Task<Void, Never>?>(nil)
+    /// Connection attempts under way, awaited on shutdown so none outlives the event loops.
+    let connectAttempts = Mutex<[UUID: EventLoopFuture<any Channel>]>([:])
 
     struct State {
-        var outgoing: [String: Outgoing] = [:]
-        var incoming: [String: FederationLink] = [:]
-        var queues: [DomainPair: [Stanza]] = [:]
-        /// Remote domains whose last attempt failed, with when to try again and why.
+        /// Every link, negotiating or established, by id.
+        var links: [String: FederationLink] = [:]
+        /// The link each pair is sent on (RFC 6120 §10.1: one stream per pair at a time).
+        var routes: [DomainPair: FederationLink] = [:]
+        /// Stanzas waiting for their pair, and whether it is being set up.
+        var pending: [DomainPair: PendingPair] = [:]
+        /// Connections being opened, by target, with the pairs waiting to see whether they
+        /// can join them.
+        var connecting: [ServerTarget: [CheckedContinuation<Void, Never>]] = [:]
+        /// Peer domains whose last connection attempt failed.
         var backoff: [String: Backoff] = [:]
+        /// Pairs the peer refused; retried after the delay (XEP-0220 §2.5).
+        var pairBackoff: [DomainPair: Backoff] = [:]
+        /// Where peer domains' servers are, for a while.
+        var locations: [String: (PeerLocation, ContinuousClock.Instant)] = [:]
         var shuttingDown = false
     }
 
-    enum Outgoing {
-        case connecting
-        /// `requested`: local domains a `db:result` was sent for (or that SASL authorised).
-        case established(FederationLink, requested: Set<String>)
+    struct PendingPair {
+        var stanzas: [Stanza] = []
+        var establishing = false
     }
 
     struct Backoff {
@@ -94,13 +119,15 @@ public final class FederationManager: Sendable {
     }
 
     public init(configuration: FederationConfiguration, host: any FederationHost, locator: any PeerLocating,
-                group: any EventLoopGroup, logger: Logger, metrics: FederationMetrics) throws {
+                group: any EventLoopGroup, logger: Logger, metrics: FederationMetrics,
+                additionalProofs: [any DomainProof] = [], revocation: (any RevocationChecking)? = nil) throws {
         self.configuration = configuration
         self.host = host
         self.locator = locator
         self.group = group
         self.logger = logger
         self.metrics = metrics
+        self.revocation = revocation
         var secret = configuration.dialbackSecret
         if secret.isEmpty {
             var generator = SystemRandomNumberGenerator()
@@ -118,11 +145,14 @@ public final class FederationManager: Sendable {
             peerRoots[canonical] = try files.flatMap { file throws(TrustError) in try PeerTrustAnchors.load(pemFile: file) }
         }
         validator = PeerCertificateValidator(anchors: PeerTrustAnchors(defaultRoots: defaultRoots, peerRoots: peerRoots))
+        proofs = [PKIXProof(validator: validator)] + additionalProofs
+        recentStanzas = RecentStanzaIDs(capacity: configuration.duplicateWindow)
     }
 
     // MARK: Sending
 
-    /// Sends a stanza from a local domain to a remote one, setting up a link if needed.
+    /// Sends a stanza from a local domain to a remote one, on the link authorised for its
+    /// pair, or sets one up (joining an existing link where the rules allow).
     public func send(_ stanza: Stanza) async {
         guard let to = try? stanza.to(), let from = try? stanza.from() else {
             await host.bounce(stanza, with: StanzaError(.jidMalformed))
@@ -130,260 +160,117 @@ public final class FederationManager: Sendable {
         }
         let pair = DomainPair(local: from.domainpart, remote: to.domainpart)
         enum Decision {
-            case send(FederationLink)
+            case sent
             case bounce(StanzaError)
-            case connect
-            case requestPair(FederationLink)
+            case establish
             case queued
         }
         let now = ContinuousClock.now
         let decision: Decision = state.withLock { state in
             if state.shuttingDown { return .bounce(StanzaError(.remoteServerTimeout, text: "the server is shutting down")) }
-            if case .established(let link, _) = state.outgoing[pair.remote], link.isAuthorized(pair, .outbound) {
-                return .send(link)
+            if let link = state.routes[pair] {
+                if link.isAuthorized(pair, .outbound) {
+                    link.enqueue(stanza, for: pair)
+                    return .sent
+                }
+                // Closed, withdrawn or lapsed: stop using it at once (RFC 6120 §13.7.2.3).
+                state.routes[pair] = nil
             }
-            if let backoff = state.backoff[pair.remote], backoff.until > now, state.outgoing[pair.remote] == nil {
+            var pending = state.pending[pair] ?? PendingPair()
+            if !pending.establishing, let backoff = state.pairBackoff[pair] ?? state.backoff[pair.remote], backoff.until > now {
                 return .bounce(backoff.error)
             }
-            var queue = state.queues[pair] ?? []
-            guard queue.count < configuration.queueLimit else {
+            guard pending.stanzas.count < configuration.queueLimit else {
                 return .bounce(StanzaError(.resourceConstraint, text: "too many stanzas waiting for \(pair.remote)"))
             }
-            queue.append(stanza)
-            state.queues[pair] = queue
-            switch state.outgoing[pair.remote] {
-            case nil:
-                state.outgoing[pair.remote] = .connecting
-                return .connect
-            case .connecting:
-                return .queued
-            case .established(let link, var requested):
-                if requested.contains(pair.local) { return .queued }
-                requested.insert(pair.local)
-                state.outgoing[pair.remote] = .established(link, requested: requested)
-                return .requestPair(link)
-            }
+            pending.stanzas.append(stanza)
+            let start = !pending.establishing
+            pending.establishing = true
+            state.pending[pair] = pending
+            return start ? .establish : .queued
         }
         switch decision {
-        case .send(let link):
+        case .sent:
             metrics.stanzasOut.increment()
-            link.send(stanza.element)
         case .bounce(let error):
             metrics.bounced.increment()
             await host.bounce(stanza, with: error)
-        case .connect:
+        case .establish:
             let manager = self
-            Task { await manager.connect(remote: pair.remote, firstLocal: pair.local) }
-        case .requestPair(let link):
-            requestPair(pair, on: link)
+            Task { await manager.establish(pair) }
         case .queued:
             break
         }
     }
 
-    /// Sends `db:result` for a further local domain on an established link (sender
-    /// multiplexing, XEP-0220 §2.6.1). The key is bound to the link's stream id.
-    func requestPair(_ pair: DomainPair, on link: FederationLink) {
+    /// Records a proof for a pair on a link and, for the outbound direction, makes the link
+    /// the pair's route and sends what waited for it, in order. On a bidirectional link the
+    /// reverse direction comes with it (XEP-0288 §2.2).
+    func authorize(_ pair: DomainPair, _ direction: PairDirection, on link: FederationLink, method: ProofMethod, expires: Date?) {
+        guard !link.isClosed else { return }
+        link.authorize(pair, direction, method: method, expires: expires)
+        metrics.proof(method, direction: direction)
+        var directions = [direction]
+        if link.isBidirectional {
+            let reverse: PairDirection = direction == .outbound ? .inbound : .outbound
+            if !link.isAuthorized(pair, reverse) {
+                link.authorize(pair, reverse, method: method, expires: expires)
+                metrics.proof(method, direction: reverse)
+                directions.append(reverse)
+            }
+        }
+        guard directions.contains(.outbound) else { return }
+        let flushed = state.withLock { state -> Int in
+            // Keep a working route: a pair moves between links only when its link goes.
+            if let current = state.routes[pair], current !== link, current.isAuthorized(pair, .outbound) {
+                return 0
+            }
+            state.routes[pair] = link
+            state.pairBackoff[pair] = nil
+            guard let waiting = state.pending[pair]?.stanzas else { return 0 }
+            state.pending[pair]?.stanzas = []
+            for stanza in waiting { link.enqueue(stanza, for: pair) }
+            return waiting.count
+        }
+        if flushed > 0 { metrics.stanzasOut.increment(by: Int64(flushed)) }
+    }
+
+    /// The pair is set up (or was given up): stanzas that arrived meanwhile are flushed by
+    /// ``authorize``; anything still waiting now goes through ``send`` again.
+    func establishmentFinished(_ pair: DomainPair) {
+        let leftovers: [Stanza] = state.withLock { state in
+            let leftovers = state.pending[pair]?.stanzas ?? []
+            state.pending[pair] = nil
+            return leftovers
+        }
+        guard !leftovers.isEmpty else { return }
         let manager = self
-        link.channel.eventLoop.execute {
-            guard let handler = try? link.channel.pipeline.syncOperations.handler(type: OutgoingLinkHandler.self) else {
-                manager.pairFailed(pair, error: StanzaError(.remoteServerTimeout, text: "the link to \(pair.remote) closed"))
-                return
-            }
-            handler.requestAdditionalPair(local: pair.local)
-        }
+        Task { for stanza in leftovers { await manager.send(stanza) } }
     }
 
-    // MARK: Outgoing links
-
-    private func connect(remote: String, firstLocal: String) async {
-        let location: PeerLocation
-        if let settings = configuration.peers[remote], let staticHost = settings.host {
-            location = .targets([PeerTarget(host: staticHost, port: settings.port ?? ((settings.directTLS ?? false) ? 5270 : 5269), directTLS: settings.directTLS ?? false)])
-        } else {
-            location = await locator.locate(remote)
-        }
-        guard case .targets(let targets) = location, !targets.isEmpty else {
-            let reason: String
-            if case .notFound(let why) = location { reason = why } else { reason = "no servers for \(remote)" }
-            logger.notice("cannot locate peer", metadata: ["remote": "\(remote)", "reason": "\(reason)"])
-            outgoingFailed(remote: remote, error: StanzaError(.remoteServerNotFound, text: reason))
-            return
-        }
-        await host.prepareCertificate(for: firstLocal)
-        var lastError = "no target answered"
-        // RFC 6120 §3.2: try each target in order; never fall back to A/AAAA after SRV targets.
-        for target in targets {
-            do {
-                try await open(target, local: firstLocal, remote: remote)
-                return
-            } catch let failure as LinkFailure {
-                lastError = failure.reason
-                if !failure.tryNextTarget {
-                    outgoingFailed(remote: remote, error: failure.stanzaError)
-                    return
-                }
-            } catch {
-                lastError = "\(target): \(error)"
-            }
-            logger.info("peer target failed", metadata: ["remote": "\(remote)", "target": "\(target)", "reason": "\(lastError)"])
-        }
-        outgoingFailed(remote: remote, error: StanzaError(.remoteServerTimeout, text: "cannot reach \(remote): \(lastError)"))
-    }
-
-    /// A failed outgoing attempt, with what to tell the senders.
-    struct LinkFailure: Error {
-        var reason: String
-        var stanzaError: StanzaError
-        /// Connection-level failures move on to the next SRV target; authentication
-        /// failures are final for the domain.
-        var tryNextTarget: Bool
-    }
-
-    private func open(_ target: PeerTarget, local: String, remote: String) async throws {
-        let negotiated = group.next().makePromise(of: FederationLink.self)
-        let clientContext = try makeClientContext(local: local, directTLS: target.directTLS)
-        let asciiRemote = (try? JID(domain: remote).asciiDomain) ?? remote
-        let manager = self
-        let limits = XMLStreamLimits(maximumStanzaBytes: configuration.maxStanzaBytes)
-        let useExternal = host.tls.clientCredentials(for: local)?.identity.matches(domain: local, service: .xmppServer) != nil
-        let bootstrap = ClientBootstrap(group: group)
-            .connectTimeout(.seconds(Int64(configuration.connectTimeoutSeconds)))
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    let link = FederationLink(origin: .outgoing, peerAddress: target.description, channel: channel)
-                    let decoder = XMLStreamDecoder(contentNamespace: XMLNamespace.server, limits: limits)
-                    let handler = OutgoingLinkHandler(
-                        manager: manager, link: link, decoder: decoder, clientContext: clientContext,
-                        serverName: asciiRemote, directTLS: target.directTLS,
-                        negotiation: OutgoingServerNegotiation(configuration: .init(localDomain: local, remoteDomain: remote, useExternal: useExternal)),
-                        negotiated: negotiated)
-                    if target.directTLS {
-                        try channel.pipeline.syncOperations.addHandler(handler.makeTLSHandler())
-                    }
-                    try channel.pipeline.syncOperations.addHandler(decoder)
-                    try channel.pipeline.syncOperations.addHandler(XMLStreamEncoder(contentNamespace: XMLNamespace.server))
-                    try channel.pipeline.syncOperations.addHandler(handler)
-                }
-            }
-        let channel: any Channel
-        do {
-            channel = try await bootstrap.connect(host: target.host, port: target.port).get()
-        } catch {
-            negotiated.fail(error)
-            throw LinkFailure(reason: "\(target): cannot connect (\(error))", stanzaError: StanzaError(.remoteServerTimeout), tryNextTarget: true)
-        }
-        metrics.connectionsOpened.increment()
-        // The whole negotiation is bounded; the handler completes the promise either way.
-        let timeout = channel.eventLoop.scheduleTask(in: .seconds(Int64(configuration.negotiationTimeoutSeconds))) {
-            negotiated.fail(LinkFailure(reason: "\(target): negotiation timed out", stanzaError: StanzaError(.remoteServerTimeout, text: "negotiation with \(remote) timed out"), tryNextTarget: true))
-            channel.close(promise: nil)
-        }
-        defer { timeout.cancel() }
-        let link = try await negotiated.futureResult.get()
-        outgoingEstablished(link, remote: remote, firstLocal: local)
-    }
-
-    private func makeClientContext(local: String, directTLS: Bool) throws -> NIOSSLContext {
-        let key = "\(local)|\(directTLS)"
-        if let cached = clientContexts.withLock({ $0[key] }) { return cached }
-        var configuration = TLSConfiguration.makeClientConfiguration()
-        configuration.minimumTLSVersion = .tlsv12
-        // The peer's certificate is checked by our own PKIX code (RFC 6125 names, per-peer
-        // anchors, serverAuth-only EKU); BoringSSL only hands the chain over.
-        configuration.certificateVerification = .noHostnameVerification
-        if directTLS { configuration.applicationProtocols = ["xmpp-server"] }
-        if let credentials = host.tls.clientCredentials(for: local) {
-            // XEP-0178 §3 step 1: present our certificate when the peer asks for one.
-            configuration.certificateChain = credentials.chain.map { .certificate($0) }
-            configuration.privateKey = .privateKey(credentials.key)
-        }
-        let context = try NIOSSLContext(configuration: configuration)
-        clientContexts.withLock { $0[key] = context }
-        return context
-    }
-
-    private func outgoingEstablished(_ link: FederationLink, remote: String, firstLocal: String) {
-        let (flush, others): ([Stanza], [DomainPair]) = state.withLock { state in
-            state.backoff[remote] = nil
-            var requested: Set<String> = [firstLocal]
-            let first = DomainPair(local: firstLocal, remote: remote)
-            let flush = state.queues.removeValue(forKey: first) ?? []
-            // Other local domains waiting for the same remote domain join as senders.
-            let others = state.queues.keys.filter { $0.remote == remote && $0.local != firstLocal }
-            requested.formUnion(others.map(\.local))
-            state.outgoing[remote] = .established(link, requested: requested)
-            return (flush, others)
-        }
-        logger.info("outgoing link established", metadata: ["remote": "\(remote)", "peer": "\(link.peerAddress)", "local": "\(firstLocal)"])
-        metrics.linksEstablished.increment()
-        for stanza in flush {
-            metrics.stanzasOut.increment()
-            link.send(stanza.element)
-        }
-        for pair in others { requestPair(pair, on: link) }
-    }
-
-    /// A further pair on an outgoing link was answered (XEP-0220 Step 4).
-    func pairResult(_ pair: DomainPair, on link: FederationLink, outcome: DialbackElement.Outcome, error: StanzaError?) {
-        switch outcome {
-        case .valid:
-            link.authorize(pair, .outbound, method: .dialback, expires: nil)
-            let flush = state.withLock { $0.queues.removeValue(forKey: pair) ?? [] }
-            for stanza in flush {
-                metrics.stanzasOut.increment()
-                link.send(stanza.element)
-            }
-        case .invalid:
-            // XEP-0220 §2.1.1: the key was refused.
-            pairFailed(pair, error: StanzaError(.internalServerError, text: "\(pair.remote) refused our dialback key for \(pair.local)"))
-        case .error:
-            pairFailed(pair, error: error ?? StanzaError(.remoteServerTimeout, text: "dialback error from \(pair.remote)"))
-        }
-    }
-
-    /// Bounces what waits for one pair and lets it be requested again later.
-    func pairFailed(_ pair: DomainPair, error: StanzaError) {
+    /// Bounces what waits for one pair; with `retryAfter`, new stanzas for it bounce too
+    /// until then (XEP-0220 §2.5: a later retry is fine).
+    func pairFailed(_ pair: DomainPair, error: StanzaError, backoff: Bool) {
         let bounced: [Stanza] = state.withLock { state in
-            if case .established(let link, var requested) = state.outgoing[pair.remote] {
-                requested.remove(pair.local)
-                state.outgoing[pair.remote] = .established(link, requested: requested)
+            if backoff {
+                let failures = (state.pairBackoff[pair]?.failures ?? 0) + 1
+                state.pairBackoff[pair] = Backoff(until: .now + Self.retryDelay(failures: failures, base: configuration.retryBaseSeconds), failures: failures, error: error)
             }
-            return state.queues.removeValue(forKey: pair) ?? []
+            let waiting = state.pending[pair]?.stanzas ?? []
+            state.pending[pair] = nil
+            return waiting
         }
+        logger.notice("pair could not be set up", metadata: ["pair": "\(pair)", "error": "\(error)", "bounced": "\(bounced.count)"])
         bounceAll(bounced, error)
     }
 
-    /// The attempt for `remote` failed: bounce everything queued for it and back off.
-    func outgoingFailed(remote: String, error: StanzaError) {
-        let bounced: [Stanza] = state.withLock { state in
-            state.outgoing[remote] = nil
-            let failures = (state.backoff[remote]?.failures ?? 0) + 1
-            // RFC 6120 §3.3: wait a random, growing delay before trying again.
-            let base = min(60.0, pow(2.0, Double(failures - 1)))
-            let delay = Double.random(in: base / 2...base)
-            state.backoff[remote] = Backoff(until: .now + .milliseconds(Int(delay * 1000)), failures: failures, error: error)
-            let pairs = state.queues.keys.filter { $0.remote == remote }
-            return pairs.flatMap { state.queues.removeValue(forKey: $0) ?? [] }
-        }
-        metrics.linkFailures.increment()
-        logger.notice("outgoing link failed", metadata: ["remote": "\(remote)", "error": "\(error)", "bounced": "\(bounced.count)"])
-        bounceAll(bounced, error)
+    /// RFC 6120 §3.3: a random, growing delay before trying again.
+    static func retryDelay(failures: Int, base: Double) -> Duration {
+        let ceiling = min(60.0, base * pow(2.0, Double(max(0, failures - 1))))
+        return .milliseconds(Int(Double.random(in: ceiling / 2...ceiling) * 1000))
     }
 
-    /// An outgoing link closed after it was established.
-    func outgoingClosed(_ link: FederationLink, remote: String) {
-        let bounced: [Stanza] = state.withLock { state in
-            guard case .established(let current, _) = state.outgoing[remote], current === link else { return [] }
-            state.outgoing[remote] = nil
-            let pairs = state.queues.keys.filter { $0.remote == remote }
-            return pairs.flatMap { state.queues.removeValue(forKey: $0) ?? [] }
-        }
-        bounceAll(bounced, StanzaError(.remoteServerTimeout, text: "the link to \(remote) closed"))
-    }
-
-    private func bounceAll(_ stanzas: [Stanza], _ error: StanzaError) {
+    func bounceAll(_ stanzas: [Stanza], _ error: StanzaError) {
         guard !stanzas.isEmpty else { return }
         metrics.bounced.increment(by: Int64(stanzas.count))
         let host = self.host
@@ -392,15 +279,32 @@ public final class FederationManager: Sendable {
         }
     }
 
-    // MARK: Incoming links
+    // MARK: Links
 
-    func incomingAccepted(_ link: FederationLink) {
-        state.withLock { $0.incoming[link.id] = link }
-        metrics.connectionsAccepted.increment()
+    func linkOpened(_ link: FederationLink) {
+        state.withLock { $0.links[link.id] = link }
     }
 
-    func incomingClosed(_ link: FederationLink) {
-        state.withLock { _ = $0.incoming.removeValue(forKey: link.id) }
+    /// A link is gone. Its routes go with it, and whatever it still owed (queued, or sent
+    /// and not acknowledged under XEP-0198) is sent again on another link.
+    func linkClosed(_ link: FederationLink) {
+        let owed = link.markClosed()
+        let shuttingDown = state.withLock { state -> Bool in
+            state.links[link.id] = nil
+            for (pair, current) in state.routes where current === link {
+                state.routes[pair] = nil
+            }
+            return state.shuttingDown
+        }
+        guard !owed.isEmpty else { return }
+        if shuttingDown {
+            bounceAll(owed, StanzaError(.remoteServerTimeout, text: "the server is shutting down"))
+            return
+        }
+        logger.info("re-sending what a closed link owed", metadata: ["link": "\(link.id.prefix(8))", "stanzas": "\(owed.count)"])
+        metrics.resent.increment(by: Int64(owed.count))
+        let manager = self
+        Task { for stanza in owed { await manager.send(stanza) } }
     }
 
     /// Routes a stanza that passed the link's pair checks.
@@ -414,9 +318,55 @@ public final class FederationManager: Sendable {
         configuration.requiresCertificates(remote)
     }
 
+    /// Every open link.
+    var isShuttingDown: Bool { state.withLock { $0.shuttingDown } }
+
+    /// Connects with `bootstrap`, tracked so that shutdown can wait for the attempt.
+    func trackedConnect(_ bootstrap: ClientBootstrap, host: String, port: Int) async throws -> any Channel {
+        let id = UUID()
+        let future: EventLoopFuture<any Channel>? = state.withLock { state in
+            guard !state.shuttingDown else { return nil }
+            let future = bootstrap.connect(host: host, port: port)
+            connectAttempts.withLock { $0[id] = future }
+            return future
+        }
+        guard let future else { throw ShuttingDown() }
+        defer { connectAttempts.withLock { _ = $0.removeValue(forKey: id) } }
+        return try await future.get()
+    }
+
+    struct ShuttingDown: Error {}
+
+    var openLinks: [FederationLink] {
+        state.withLock { Array($0.links.values) }.filter { !$0.isClosed }
+    }
+
+    // MARK: Hosted domains
+
+    /// A local domain stopped being hosted: its pairs are withdrawn from every link, which
+    /// stays up for the others. What the peer sees: `db:result` for the domain gets an
+    /// `item-not-found` dialback error, and stanzas already in flight to it come back as
+    /// `remote-server-not-found` stanza errors, not stream errors.
+    public func withdraw(local domain: String) {
+        var withdrawn = 0
+        for link in openLinks {
+            let pairs = link.withdraw(local: domain)
+            withdrawn += pairs.count
+        }
+        let bounced: [Stanza] = state.withLock { state in
+            for pair in state.routes.keys where pair.local == domain {
+                state.routes[pair] = nil
+            }
+            let pairs = state.pending.keys.filter { $0.local == domain }
+            return pairs.flatMap { state.pending.removeValue(forKey: $0)?.stanzas ?? [] }
+        }
+        logger.notice("withdrew a domain's pairs from the links", metadata: ["domain": "\(domain)", "pairs": "\(withdrawn)"])
+        bounceAll(bounced, StanzaError(.remoteServerNotFound, text: "\(domain) is no longer served here"))
+    }
+
     // MARK: Listeners and lifecycle
 
-    /// Binds the s2s listeners. Returns the bound ports by kind.
+    /// Binds the s2s listeners and starts re-validating links. Returns the bound ports.
     public func start(defaultDomain: String) async throws -> [String: Int] {
         var ports: [String: Int] = [:]
         if let port = configuration.starttlsPort {
@@ -426,6 +376,7 @@ public final class FederationManager: Sendable {
             let tls = host.tls.makeServerConfiguration(defaultDomain: defaultDomain, alpn: ["xmpp-server"], requestClientCertificate: true)
             ports["s2s_direct_tls"] = try await bind(port: port, directTLS: try NIOSSLContext(configuration: tls))
         }
+        startMaintenance()
         return ports
     }
 
@@ -436,6 +387,7 @@ public final class FederationManager: Sendable {
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: 64 * 1024, high: 256 * 1024))
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let link = FederationLink(origin: .incoming, peerAddress: channel.remoteAddress.map { "\($0)" } ?? "unknown", channel: channel)
@@ -455,27 +407,71 @@ public final class FederationManager: Sendable {
         return channel.localAddress?.port ?? port
     }
 
+    private func startMaintenance() {
+        let manager = self
+        let interval = Duration.milliseconds(Int(configuration.revalidationIntervalSeconds * 1000))
+        let task = Task {
+            while !Task.isCancelled {
+                do { try await Task.sleep(for: interval) } catch { return }
+                await manager.revalidate()
+            }
+        }
+        maintenance.withLock { $0 = task }
+    }
+
     /// Stops listening and closes every link with `<system-shutdown/>`.
     public func shutdown() async {
         let (links, queued): ([FederationLink], [Stanza]) = state.withLock { state in
             state.shuttingDown = true
-            var links = Array(state.incoming.values)
-            for case .established(let link, _) in state.outgoing.values { links.append(link) }
-            let queued = state.queues.values.flatMap { $0 }
-            state.queues = [:]
-            return (links, queued)
+            let queued = state.pending.values.flatMap(\.stanzas)
+            state.pending = [:]
+            return (Array(state.links.values), queued)
         }
+        maintenance.withLock { $0?.cancel() }
         for channel in listeners.withLock({ $0 }) { try? await channel.close() }
         for link in links { link.close(with: StreamError(.systemShutdown)) }
+        // Each attempt ends within the connect timeout (on loopback, at once).
+        for attempt in connectAttempts.withLock({ Array($0.values) }) {
+            if let channel = try? await attempt.get() { try? await channel.close() }
+        }
         for stanza in queued { await host.bounce(stanza, with: StanzaError(.remoteServerTimeout, text: "the server is shutting down")) }
     }
 
     /// Every current link, for operators.
     public var links: [LinkSnapshot] {
-        state.withLock { state in
-            var links = state.incoming.values.map(\.snapshot)
-            for case .established(let link, _) in state.outgoing.values { links.append(link.snapshot) }
-            return links.sorted { $0.createdAt < $1.createdAt }
+        state.withLock { Array($0.links.values) }.map(\.snapshot).sorted { $0.createdAt < $1.createdAt }
+    }
+
+    /// Stanzas waiting for a pair to be set up, for operators and metrics.
+    public var pendingCount: Int {
+        state.withLock { $0.pending.values.reduce(0) { $0 + $1.stanzas.count } }
+    }
+}
+
+extension String {
+    func trimmingSuffix(_ suffix: String) -> String {
+        hasSuffix(suffix) ? String(dropLast(suffix.count)) : self
+    }
+}
+
+/// Work that many callers may ask for at once (a location, a proof on a link) done once:
+/// later callers wait for the first one's answer.
+final class InFlightWork: Sendable {
+    private let tasks = Mutex<[String: Task<any Sendable, Never>]>([:])
+
+    func run<T: Sendable>(_ key: String, _ work: @escaping @Sendable () async -> T) async -> T {
+        let task = tasks.withLock { tasks -> Task<any Sendable, Never> in
+            if let running = tasks[key] { return running }
+            let task = Task<any Sendable, Never> { await work() }
+            tasks[key] = task
+            return task
         }
+        let value = await task.value
+        tasks.withLock { tasks in
+            if let current = tasks[key], current == task { tasks[key] = nil }
+        }
+        // The key names the work, so the value has the type the first caller gave.
+        guard let typed = value as? T else { return await work() }
+        return typed
     }
 }

@@ -11,6 +11,14 @@ public struct FederationMetrics: Sendable {
     let stanzasOut: Counter
     let bounced: Counter
     let dialbackVerifications: Counter
+    /// Pairs that joined an existing link instead of opening a connection.
+    let connectionsSaved: Counter
+    /// Stanzas a closed link owed (unacknowledged or queued), sent again.
+    let resent: Counter
+    /// Re-sent stanzas dropped on arrival because they had been delivered already.
+    let duplicatesDropped: Counter
+    /// Stanzas for unauthorised pairs, bad addresses and the like: the link was closed.
+    let securityViolations: Counter
     let factory: any MetricsFactory
 
     public init(factory: any MetricsFactory) {
@@ -23,6 +31,15 @@ public struct FederationMetrics: Sendable {
         stanzasOut = Counter(label: "braid_s2s_stanzas_out_total", factory: factory)
         bounced = Counter(label: "braid_s2s_bounced_total", factory: factory)
         dialbackVerifications = Counter(label: "braid_s2s_dialback_verifications_total", factory: factory)
+        connectionsSaved = Counter(label: "braid_s2s_connections_saved_total", factory: factory)
+        resent = Counter(label: "braid_s2s_resent_total", factory: factory)
+        duplicatesDropped = Counter(label: "braid_s2s_duplicates_dropped_total", factory: factory)
+        securityViolations = Counter(label: "braid_s2s_security_violations_total", factory: factory)
+    }
+
+    /// A link reset because proofs lapsed or a certificate was revoked.
+    func resets(_ reason: String) {
+        Counter(label: "braid_s2s_link_resets_total", dimensions: [("reason", reason)], factory: factory).increment()
     }
 
     /// A pair authorised, by proof method.

@@ -22,7 +22,7 @@ final class IncomingLinkHandler: ChannelInboundHandler {
     private var context: ChannelHandlerContext?
     private var logger: Logger
     private let presentedChain = CapturedChain()
-    private let inbound: InboundStanzaQueue
+    private let session: LinkSession
     private var headerSent = false
     private var closing = false
     /// Events that arrived while a header was being checked, processed in order after it.
@@ -36,13 +36,15 @@ final class IncomingLinkHandler: ChannelInboundHandler {
         self.manager = manager
         self.link = link
         self.decoder = decoder
-        negotiation = IncomingServerNegotiation(configuration: .init(requireTLS: true), makeStreamID: { UUID().uuidString })
+        negotiation = IncomingServerNegotiation(configuration: .init(requireTLS: true, offerBidi: manager.configuration.bidi,
+                                                                     offerStreamManagement: manager.configuration.streamManagement),
+                                                makeStreamID: { UUID().uuidString })
         if directTLS { negotiation.startedWithTLS() }
         var logger = manager.logger
         logger[metadataKey: "link"] = "\(link.id.prefix(8))"
         logger[metadataKey: "peer"] = "\(link.peerAddress)"
         self.logger = logger
-        inbound = InboundStanzaQueue(manager: manager)
+        session = LinkSession(manager: manager, link: link, logger: logger)
     }
 
     /// The TLS server handler: requests a client certificate and captures it; our own code
@@ -62,7 +64,8 @@ final class IncomingLinkHandler: ChannelInboundHandler {
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        manager.incomingAccepted(link)
+        manager.linkOpened(link)
+        manager.metrics.connectionsAccepted.increment()
         let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
         negotiationTimer = context.eventLoop.scheduleTask(in: .seconds(Int64(manager.configuration.negotiationTimeoutSeconds))) {
             let handler = bound.value
@@ -76,9 +79,8 @@ final class IncomingLinkHandler: ChannelInboundHandler {
     func channelInactive(context: ChannelHandlerContext) {
         negotiationTimer?.cancel()
         negotiation.closed()
-        link.markClosed()
-        inbound.finish()
-        manager.incomingClosed(link)
+        session.finish()
+        manager.linkClosed(link)
         context.fireChannelInactive()
     }
 
@@ -157,6 +159,7 @@ final class IncomingLinkHandler: ChannelInboundHandler {
             break
         case .sendHeaderAndFeatures(let header, let features):
             headerSent = true
+            link.setStreamID(header.id)
             context.write(wrapOutboundOut(.header(header)), promise: nil)
             context.writeAndFlush(wrapOutboundOut(.element(features)), promise: nil)
         case .startTLS(let domain):
@@ -167,17 +170,18 @@ final class IncomingLinkHandler: ChannelInboundHandler {
             context.writeAndFlush(wrapOutboundOut(.element(XMLElement(name: "success", namespace: XMLNamespace.sasl))), promise: nil)
             decoder.restart(leftover: .parse, context: context)
             link.recordProof(of: peer, method: .pkix, expires: externalProof?.expires)
-            link.authorize(DomainPair(local: local, remote: peer), .inbound, method: .pkix, expires: externalProof?.expires)
-            manager.metrics.proof(.pkix, direction: .inbound)
-            logger.info("peer authenticated with SASL EXTERNAL", metadata: ["peer-domain": "\(peer)", "local": "\(local)"])
+            manager.authorize(DomainPair(local: local, remote: peer), .inbound, on: link, method: .pkix, expires: externalProof?.expires)
+            logger.info("peer authenticated with SASL EXTERNAL", metadata: ["peer-domain": "\(peer)", "local": "\(local)", "bidi": "\(link.isBidirectional)"])
         case .authorizeDialback(let request, let streamID):
-            authorizeDialback(request, streamID: streamID, context: context)
+            session.peerAsserts(request, streamID: streamID)
         case .answerVerify(let request):
-            answerVerify(request, context: context)
+            session.answerVerify(request)
         case .bidiRequested:
+            // XEP-0288 §2.2: we may use this link back once the peer has authenticated.
+            link.setBidirectional()
             logger.debug("peer asked for a bidirectional stream")
         case .deliver(let element):
-            deliver(element, context: context)
+            session.handle(element)
         case .closeWithStreamError(let error):
             closeWithError(error, reason: error.text ?? error.condition.rawValue)
         case .closeStream:
@@ -213,123 +217,10 @@ final class IncomingLinkHandler: ChannelInboundHandler {
         }
     }
 
-    // MARK: Dialback
-
-    /// XEP-0220 Steps 1–4 on the receiving side. The pair is authorised with the strongest
-    /// proof available now: the certificate on this connection naming the asserted domain
-    /// (XEP-0344 §2.4, checked for this exact domain at this moment, not cached from the
-    /// handshake: CVE-2021-32919), else, unless policy requires certificates, a `db:verify`
-    /// on a separate connection to the domain's authoritative server. Failures are dialback
-    /// errors: the link and every pair already on it stay up (§2.2.1).
-    private func authorizeDialback(_ request: DialbackElement, streamID: String, context: ChannelHandlerContext) {
-        guard let local = try? JID(domain: request.to).domainpart, manager.host.isHosted(local) else {
-            refuse(request, StanzaError(.itemNotFound, text: "\(request.to) is not hosted here"), context: context)
-            return
-        }
-        guard let remote = try? JID(domain: request.from).domainpart, !manager.host.isHosted(remote) else {
-            refuse(request, StanzaError(.notAcceptable, text: "invalid sender domain"), context: context)
-            return
-        }
-        guard let key = request.key else {
-            refuse(request, StanzaError(.badRequest, text: "no dialback key"), context: context)
-            return
-        }
-        let chain = link.certificateChain
-        let manager = self.manager
-        let requireCertificates = manager.requiresCertificates(remote)
-        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        context.eventLoop.makeFutureWithTask { () async -> DialbackDecision in
-            if !chain.isEmpty, case .success(let validated) = await manager.validator.validate(chain: chain, for: remote) {
-                return .valid(.pkix, validated.expires)
-            }
-            if requireCertificates {
-                return .error(StanzaError(.notAuthorized, text: "a valid certificate for \(remote) is required"))
-            }
-            manager.metrics.dialbackVerifications.increment()
-            switch await manager.verifyDialback(receiving: local, originating: remote, streamID: streamID, key: key) {
-            case .valid: return .valid(.dialback, nil)
-            case .invalid: return .invalid
-            case .error(let error): return .error(error)
-            }
-        }.whenSuccess { decision in
-            let (handler, context) = bound.value
-            handler.dialbackDecided(request, local: local, remote: remote, decision: decision, context: context)
-        }
-    }
-
-    enum DialbackDecision: Sendable {
-        case valid(ProofMethod, Date?)
-        case invalid
-        case error(StanzaError)
-    }
-
-    private func dialbackDecided(_ request: DialbackElement, local: String, remote: String, decision: DialbackDecision, context: ChannelHandlerContext) {
-        guard !closing, !link.isClosed else { return }
-        switch decision {
-        case .valid(let method, let expires):
-            link.recordProof(of: remote, method: method, expires: expires)
-            link.authorize(DomainPair(local: local, remote: remote), .inbound, method: method, expires: expires)
-            manager.metrics.proof(method, direction: .inbound)
-            logger.info("pair authorised", metadata: ["pair": "\(local)⇄\(remote)", "method": "\(method.rawValue)"])
-            context.writeAndFlush(wrapOutboundOut(.element(request.answer(.valid).element)), promise: nil)
-        case .invalid:
-            logger.warning("security: dialback key refused by the authoritative server", metadata: ["pair": "\(local)⇄\(remote)"])
-            manager.metrics.dialbackRefused("invalid")
-            if link.hasInboundPairs() {
-                // §2.2.1: other pairs are valid on this stream, so keep it and report an error.
-                context.writeAndFlush(wrapOutboundOut(.element(request.answer(.error, error: StanzaError(.forbidden)).element)), promise: nil)
-            } else {
-                // §2.1.2: the first pair failed: answer invalid and close the stream.
-                closing = true
-                let channel = context.channel
-                context.write(wrapOutboundOut(.element(request.answer(.invalid).element)), promise: nil)
-                context.writeAndFlush(wrapOutboundOut(.end)).whenComplete { _ in channel.close(promise: nil) }
-            }
-        case .error(let error):
-            refuse(request, error, context: context)
-        }
-    }
-
-    private func refuse(_ request: DialbackElement, _ error: StanzaError, context: ChannelHandlerContext) {
-        logger.notice("dialback request refused", metadata: ["from": "\(request.from)", "to": "\(request.to)", "condition": "\(error.condition.rawValue)"])
-        manager.metrics.dialbackRefused(error.condition.rawValue)
-        context.writeAndFlush(wrapOutboundOut(.element(request.answer(.error, error: error).element)), promise: nil)
-    }
-
-    /// XEP-0220 Step 3: as the Authoritative Server, say whether we issued this key.
-    private func answerVerify(_ request: DialbackElement, context: ChannelHandlerContext) {
-        guard let originating = try? JID(domain: request.to).domainpart, manager.host.isHosted(originating) else {
-            refuse(request, StanzaError(.itemNotFound, text: "\(request.to) is not hosted here"), context: context)
-            return
-        }
-        let valid = request.id.flatMap { id in
-            request.key.map { manager.keys.verify($0, receiving: request.from, originating: originating, streamID: id) }
-        } ?? false
-        if !valid {
-            logger.notice("db:verify for a key we did not issue", metadata: ["from": "\(request.from)", "to": "\(request.to)"])
-        }
-        context.writeAndFlush(wrapOutboundOut(.element(request.answer(valid ? .valid : .invalid).element)), promise: nil)
-    }
-
-    // MARK: Stanzas
-
-    private func deliver(_ element: XMLElement, context: ChannelHandlerContext) {
-        if element.namespace == XMLNamespace.streamManagement { return }
-        switch InboundChecks.check(element, link: link, host: manager.host) {
-        case .accept(let stanza):
-            link.countReceived()
-            inbound.enqueue(stanza)
-        case .reject(let error, let reason):
-            logger.warning("security: refused stanza from peer", metadata: ["reason": "\(reason)", "condition": "\(error.condition.rawValue)"])
-            closeWithError(error, reason: reason)
-        }
-    }
-
     private func closeWithError(_ error: StreamError, reason: String) {
         guard let context, !closing else { return }
         closing = true
         negotiation.closed()
-        link.markClosed()
         manager.metrics.streamError(error.condition.rawValue)
         logger.notice("closing link with error", metadata: ["condition": "\(error.condition.rawValue)", "reason": "\(reason)"])
         if !headerSent {

@@ -28,7 +28,7 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
     private var logger: Logger
     /// The chain the peer presented, captured during the handshake.
     private let presentedChain = CapturedChain()
-    private let inbound: InboundStanzaQueue
+    private let session: LinkSession
 
     init(manager: FederationManager, link: FederationLink, decoder: XMLStreamDecoder, clientContext: NIOSSLContext,
          serverName: String, directTLS: Bool, negotiation: OutgoingServerNegotiation, negotiated: EventLoopPromise<FederationLink>) {
@@ -45,7 +45,7 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
         logger[metadataKey: "remote"] = "\(negotiation.configuration.remoteDomain)"
         logger[metadataKey: "peer"] = "\(link.peerAddress)"
         self.logger = logger
-        inbound = InboundStanzaQueue(manager: manager)
+        session = LinkSession(manager: manager, link: link, logger: logger)
     }
 
     var localDomain: String { negotiation.configuration.localDomain }
@@ -67,6 +67,12 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
         self.context = context
     }
 
+    func handlerRemoved(context: ChannelHandlerContext) {
+        // A channel that closes before it was ever active never reports inactive.
+        settle(.failure(FederationManager.LinkFailure(reason: "\(link.peerAddress): connection closed", stanzaError: StanzaError(.remoteServerTimeout), tryNextTarget: true)))
+        self.context = nil
+    }
+
     func channelActive(context: ChannelHandlerContext) {
         if !directTLS {
             run(negotiation.start(directTLS: false), context: context)
@@ -76,11 +82,9 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         negotiation.closed()
-        link.markClosed()
-        inbound.finish()
-        if settled {
-            manager.outgoingClosed(link, remote: remoteDomain)
-        } else {
+        session.finish()
+        manager.linkClosed(link)
+        if !settled {
             settle(.failure(FederationManager.LinkFailure(reason: "\(link.peerAddress): connection closed during negotiation", stanzaError: StanzaError(.remoteServerTimeout), tryNextTarget: true)))
         }
         context.fireChannelInactive()
@@ -117,31 +121,37 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
 
     // MARK: TLS
 
-    /// RFC 6120 §13.7.2: the peer must present a certificate for the domain we asked for,
-    /// chaining to a trusted root (or a configured per-peer anchor). When it does not, policy
-    /// decides: dialback may still authenticate the pair over the encrypted link (RFC 7590
-    /// §3.4), but a peer that must use certificates is dropped. Never continue in the clear.
+    /// RFC 6120 §13.7.2: the peer must prove the domain we asked for: a certificate naming
+    /// it that chains to a trusted root (or a per-peer anchor), a DANE match under its secure
+    /// SRV, or its POSH file. Without a proof, policy decides: dialback may still authenticate
+    /// the pair over the encrypted link (RFC 7590 §3.4), but a peer that must use
+    /// certificates is dropped, and a proof that positively fails (a TLSA or POSH mismatch)
+    /// drops it too. Never continue in the clear.
     private func tlsCompleted(context: ChannelHandlerContext) {
         let chain = presentedChain.certificates.compactMap { try? Certificate(derEncoded: $0.toDERBytes()) }
         link.setCertificateChain(chain)
-        let validator = manager.validator
+        let manager = self.manager
+        let link = self.link
         let remote = remoteDomain
         let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         context.eventLoop.makeFutureWithTask {
-            await validator.validate(chain: chain, for: remote)
-        }.whenSuccess { result in
+            await manager.proveRemote(remote, on: link)
+        }.whenSuccess { outcome in
             let (handler, context) = bound.value
-            switch result {
-            case .success(let validated):
-                handler.link.recordProof(of: remote, method: .pkix, expires: validated.expires)
-                handler.logger.debug("peer certificate proves the remote domain", metadata: ["match": "\(validated.match)"])
-            case .failure(let failure):
-                if handler.manager.requiresCertificates(remote) {
-                    handler.logger.notice("peer certificate refused", metadata: ["reason": "\(failure)"])
-                    handler.fail(FederationManager.LinkFailure(reason: "\(handler.link.peerAddress): \(failure)", stanzaError: StanzaError(.remoteServerNotFound, text: "\(remote) did not present a valid certificate: \(failure)"), tryNextTarget: true), streamError: StreamError(.policyViolation, text: "a valid certificate is required"))
+            switch outcome {
+            case .proven(let method, _):
+                handler.logger.debug("the peer is proven for the remote domain", metadata: ["method": "\(method.rawValue)"])
+            case .refuted(let reason):
+                handler.logger.warning("security: the peer's proof for the remote domain failed", metadata: ["reason": "\(reason)"])
+                handler.fail(FederationManager.LinkFailure(reason: "\(link.peerAddress): \(reason)", stanzaError: StanzaError(.remoteServerNotFound, text: "\(remote) could not be authenticated: \(reason)"), tryNextTarget: true), streamError: StreamError(.policyViolation, text: "authentication failed"))
+                return
+            case .notApplicable(let reason):
+                if manager.requiresCertificates(remote) {
+                    handler.logger.notice("peer certificate refused", metadata: ["reason": "\(reason)"])
+                    handler.fail(FederationManager.LinkFailure(reason: "\(link.peerAddress): \(reason)", stanzaError: StanzaError(.remoteServerNotFound, text: "\(remote) did not present a valid certificate: \(reason)"), tryNextTarget: true), streamError: StreamError(.policyViolation, text: "a valid certificate is required"))
                     return
                 }
-                handler.logger.info("peer certificate does not prove the domain; continuing with dialback", metadata: ["reason": "\(failure)"])
+                handler.logger.info("the peer is not proven for the remote domain; continuing with dialback", metadata: ["reason": "\(reason)"])
             }
             if handler.directTLS {
                 handler.run(handler.negotiation.start(directTLS: true), context: context)
@@ -176,16 +186,9 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
             let key = manager.keys.key(receiving: to, originating: from, streamID: streamID)
             context.writeAndFlush(wrapOutboundOut(.element(DialbackElement(kind: .result, from: from, to: to, key: key).element)), promise: nil)
         case .established(let capabilities):
-            link.setCapabilities(capabilities)
-            // How the remote domain is trusted: its certificate, or (dialback) DNS.
-            let proof = link.proof(of: remoteDomain)
-            let method = proof?.method ?? .dialback
-            link.authorize(DomainPair(local: localDomain, remote: remoteDomain), .outbound, method: method, expires: proof?.expires)
-            manager.metrics.proof(method, direction: .outbound)
-            logger.info("link authenticated", metadata: ["local": "\(localDomain)", "method": "\(method.rawValue)"])
-            settle(.success(link))
+            established(capabilities, context: context)
         case .deliver(let element):
-            deliver(element, context: context)
+            session.handle(element)
         case .failed(let failure):
             let (stanzaError, tryNext) = Self.translate(failure, remote: remoteDomain)
             logger.notice("negotiation failed", metadata: ["failure": "\(failure)"])
@@ -215,41 +218,28 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
         }
     }
 
-    /// A first-level element after the first pair was authorised.
-    private func deliver(_ element: XMLElement, context: ChannelHandlerContext) {
-        if let dialback = DialbackElement(element) {
-            // The answer to a further pair we asked for (XEP-0220 §2.6.1); anything else is
-            // unsolicited and ignored (§3.1).
-            if dialback.kind == .result, let outcome = dialback.outcome, dialback.from == remoteDomain,
-               let local = try? JID(domain: dialback.to).domainpart, manager.host.isHosted(local) {
-                manager.pairResult(DomainPair(local: local, remote: remoteDomain), on: link, outcome: outcome, error: dialback.error)
-            } else {
-                logger.info("ignoring unsolicited dialback element", metadata: ["element": "\(element)"])
-            }
-            return
+    /// The first pair is authorised (SASL EXTERNAL or dialback). The link takes its place
+    /// among the manager's links, the pair's waiting stanzas go out, and with XEP-0288 the
+    /// peer may use it back; stream management is enabled when offered (XEP-0198 §3: the
+    /// initiator enables, after authentication).
+    private func established(_ capabilities: OutgoingServerNegotiation.PeerCapabilities, context: ChannelHandlerContext) {
+        link.setCapabilities(capabilities)
+        link.setStreamID(negotiation.streamID)
+        if capabilities.bidi && negotiation.configuration.requestBidi {
+            link.setBidirectional()
         }
-        if element.namespace == XMLNamespace.streamManagement { return }
-        // The peer sends stanzas on our link only if it is bidirectional and the pair was
-        // authorised inbound; the same checks as an incoming link apply.
-        switch InboundChecks.check(element, link: link, host: manager.host) {
-        case .accept(let stanza):
-            link.countReceived()
-            inbound.enqueue(stanza)
-        case .reject(let error, let reason):
-            logger.warning("security: refused stanza from peer", metadata: ["reason": "\(reason)", "condition": "\(error.condition.rawValue)"])
-            manager.metrics.streamError(error.condition.rawValue)
-            link.close(with: error)
+        manager.linkOpened(link)
+        let pair = DomainPair(local: localDomain, remote: remoteDomain)
+        // How the remote domain is trusted: a proof on this connection, or (dialback) DNS.
+        let proof = link.proof(of: remoteDomain)
+        let method = proof?.method ?? .dialback
+        if capabilities.streamManagement && manager.configuration.streamManagement {
+            link.enableStreamManagement()
+            link.sendControl(XMLElement(name: "enable", namespace: XMLNamespace.streamManagement))
         }
-    }
-
-    /// Sends `db:result` for another local domain (sender multiplexing, XEP-0220 §2.6.1).
-    func requestAdditionalPair(local: String) {
-        guard let context, let streamID = negotiation.streamID, !link.isClosed else {
-            manager.pairFailed(DomainPair(local: local, remote: remoteDomain), error: StanzaError(.remoteServerTimeout, text: "the link to \(remoteDomain) is closing"))
-            return
-        }
-        let key = manager.keys.key(receiving: remoteDomain, originating: local, streamID: streamID)
-        context.writeAndFlush(wrapOutboundOut(.element(DialbackElement(kind: .result, from: local, to: remoteDomain, key: key).element)), promise: nil)
+        manager.authorize(pair, .outbound, on: link, method: method, expires: proof?.expires)
+        logger.info("link authenticated", metadata: ["local": "\(localDomain)", "method": "\(method.rawValue)", "bidi": "\(link.isBidirectional)", "sm": "\(link.streamManagementEnabled)"])
+        settle(.success(link))
     }
 
     // MARK: Outcome
@@ -261,7 +251,6 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
     }
 
     private func fail(_ failure: FederationManager.LinkFailure, streamError: StreamError?) {
-        link.markClosed()
         if !settled {
             settle(.failure(failure))
         }
@@ -278,72 +267,3 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
 @available(*, unavailable)
 extension OutgoingLinkHandler: Sendable {}
 
-/// The certificates a TLS verification callback saw. Written once on the channel's event
-/// loop during the handshake, read on the same loop after it.
-final class CapturedChain: Sendable {
-    private let storage = Mutex<[NIOSSLCertificate]>([])
-
-    func set(_ certificates: [NIOSSLCertificate]) {
-        storage.withLock { $0 = certificates }
-    }
-
-    var certificates: [NIOSSLCertificate] {
-        storage.withLock { $0 }
-    }
-}
-
-/// Hands stanzas that passed a link's checks to the router one at a time, in arrival order
-/// (RFC 6120 §10.1).
-final class InboundStanzaQueue: Sendable {
-    private let continuation: AsyncStream<Stanza>.Continuation
-
-    init(manager: FederationManager) {
-        let (stream, continuation) = AsyncStream.makeStream(of: Stanza.self)
-        self.continuation = continuation
-        Task {
-            for await stanza in stream {
-                await manager.deliverInbound(stanza)
-            }
-        }
-    }
-
-    func enqueue(_ stanza: Stanza) {
-        continuation.yield(stanza)
-    }
-
-    func finish() {
-        continuation.finish()
-    }
-}
-
-/// RFC 6120 §8.1.1.2 and §8.1.2.2, plus §4.3.5: what a stanza from a peer must satisfy
-/// before it is routed. On a link that carries many pairs, a failure closes the whole link,
-/// so the reason is logged loudly as a security event naming the peer.
-enum InboundChecks {
-    enum Verdict {
-        case accept(Stanza)
-        case reject(StreamError, reason: String)
-    }
-
-    static func check(_ element: XMLElement, link: FederationLink, host: any FederationHost) -> Verdict {
-        guard let stanza = Stanza(element) else {
-            return .reject(StreamError(.unsupportedStanzaType), reason: "unexpected <\(element.name)> in \(element.namespace)")
-        }
-        guard link.hasInboundPairs() else {
-            return .reject(StreamError(.notAuthorized), reason: "stanza before any domain was authenticated")
-        }
-        guard let toText = stanza.toString, let fromText = stanza.fromString else {
-            return .reject(StreamError(.improperAddressing), reason: "stanza without 'to' or 'from'")
-        }
-        guard let to = try? JID(toText), let from = try? JID(fromText) else {
-            return .reject(StreamError(.improperAddressing), reason: "malformed address in 'to' or 'from'")
-        }
-        guard link.isRemoteAuthenticated(from.domainpart) else {
-            return .reject(StreamError(.invalidFrom), reason: "'from' domain \(from.domainpart) is not authenticated on this link")
-        }
-        guard host.isHosted(to.domainpart), link.isAuthorized(DomainPair(local: to.domainpart, remote: from.domainpart), .inbound) else {
-            return .reject(StreamError(.hostUnknown), reason: "pair \(to.domainpart)⇄\(from.domainpart) is not authorised on this link")
-        }
-        return .accept(stanza)
-    }
-}

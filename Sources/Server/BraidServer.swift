@@ -186,6 +186,8 @@ public final class BraidServer: Service {
                         for session in sessions {
                             session.closeWithError(StreamError(.hostGone, text: "this domain is no longer served here"))
                         }
+                        // Its pairs leave every s2s link; the links stay up for the others.
+                        federation?.withdraw(local: domain)
                     }
                 } catch {
                     logger.error("reading hosted domains failed", metadata: ["error": "\(error)"])

@@ -46,11 +46,15 @@ public struct StreamError: Error, Sendable, Hashable {
     public var text: String?
     /// For `see-other-host`: the host (and optional port) to connect to instead (§4.9.3.19).
     public var otherHost: String?
+    /// An application-specific condition (RFC 6120 §4.9.4), such as XEP-0198's
+    /// `<handled-count-too-high/>`.
+    public var applicationCondition: XMLElement?
 
-    public init(_ condition: Condition, text: String? = nil, otherHost: String? = nil) {
+    public init(_ condition: Condition, text: String? = nil, otherHost: String? = nil, applicationCondition: XMLElement? = nil) {
         self.condition = condition
         self.text = text
         self.otherHost = otherHost
+        self.applicationCondition = applicationCondition
     }
 
     /// The `<stream:error/>` element.
@@ -63,6 +67,7 @@ public struct StreamError: Error, Sendable, Hashable {
                 name: "text", namespace: XMLNamespace.streamErrors,
                 attributes: [XMLAttribute("lang", "en", namespace: XMLNamespace.xml)], text: text)))
         }
+        if let applicationCondition { children.append(.element(applicationCondition)) }
         return XMLElement(name: "error", namespace: XMLNamespace.streams, children: children)
     }
 

@@ -218,6 +218,9 @@ public struct IncomingServerNegotiation: Sendable {
             }
             children.append(.element(Self.dialbackFeature))
             if configuration.offerBidi { children.append(.element(XMLElement(name: "bidi", namespace: XMLNamespace.bidiFeature))) }
+            // A stream authenticated by dialback never restarts, so acknowledgements are
+            // offered here; `<enable/>` is accepted only once a pair is valid.
+            if configuration.offerStreamManagement { children.append(.element(XMLElement(name: "sm", namespace: XMLNamespace.streamManagement))) }
         case .authenticated:
             children.append(.element(Self.dialbackFeature))
             if configuration.offerBidi { children.append(.element(XMLElement(name: "bidi", namespace: XMLNamespace.bidiFeature))) }

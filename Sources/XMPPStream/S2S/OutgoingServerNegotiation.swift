@@ -221,6 +221,9 @@ public struct OutgoingServerNegotiation: Sendable {
                 capabilities.dialbackErrors = dialback.firstChild(name: "errors", namespace: XMLNamespace.dialbackFeature) != nil
             }
             capabilities.bidi = features.firstChild(name: "bidi", namespace: XMLNamespace.bidiFeature) != nil
+            // Offered before authentication on a stream that will use dialback; enabled once
+            // the first pair is valid (XEP-0198 §3 names dialback as authentication).
+            capabilities.streamManagement = features.firstChild(name: "sm", namespace: XMLNamespace.streamManagement) != nil
             let mechanisms = features.firstChild(name: "mechanisms", namespace: XMLNamespace.sasl)?
                 .children(name: "mechanism", namespace: XMLNamespace.sasl).map { $0.text.trimmingXMLWhitespace } ?? []
             var pending: [XMLElement] = []

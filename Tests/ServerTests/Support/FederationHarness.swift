@@ -34,6 +34,7 @@ struct FederatedPair {
         aDomains: [String] = ["a.example"], aUsers: [String] = ["alice@a.example"],
         bDomains: [String] = ["b.example"], bUsers: [String] = ["bob@b.example"],
         certificates: PeerCertificates = .trustedCA,
+        aCertified: [String]? = nil, bCertified: [String]? = nil, bNotValidAfter: Date? = nil,
         configureA: @escaping (inout BraidConfiguration) -> Void = { _ in },
         configureB: @escaping (inout BraidConfiguration) -> Void = { _ in }
     ) async throws -> FederatedPair {
@@ -45,16 +46,18 @@ struct FederatedPair {
         let aPort = try await freePort()
         let bPort = try await freePort()
 
-        func certificateFiles(for domains: [String], name: String) throws -> BraidConfiguration.CertificateFiles {
+        /// One certificate for every domain of a provider; with `certified`, the trusted
+        /// certificate names only those (the others must be proven another way).
+        func certificateFiles(for domains: [String], certified: [String]?, notValidAfter: Date?, name: String) throws -> BraidConfiguration.CertificateFiles {
             let credentials = certificates == .trustedCA
-                ? try ca.issueXMPPServerCertificate(domains: domains)
+                ? try ca.issueXMPPServerCertificate(domains: certified ?? domains, notValidAfter: notValidAfter ?? Date() + 86_400 * 30)
                 : try SelfSignedCertificate.generate(domains: domains)
             let files = BraidConfiguration.CertificateFiles(certificate: "\(directory)/\(name).crt", key: "\(directory)/\(name).key", domains: domains)
             try credentials.write(certificatePath: files.certificate, keyPath: files.key)
             return files
         }
-        let aFiles = try certificateFiles(for: aDomains, name: "a")
-        let bFiles = try certificateFiles(for: bDomains, name: "b")
+        let aFiles = try certificateFiles(for: aDomains, certified: aCertified, notValidAfter: nil, name: "a")
+        let bFiles = try certificateFiles(for: bDomains, certified: bCertified, notValidAfter: bNotValidAfter, name: "b")
 
         func federate(_ configuration: inout BraidConfiguration, port: Int, files: BraidConfiguration.CertificateFiles, peers: [String], peerPort: Int) {
             configuration.tls.certificates = [files]
@@ -102,12 +105,14 @@ func withFederation(
     aDomains: [String] = ["a.example"], aUsers: [String] = ["alice@a.example"],
     bDomains: [String] = ["b.example"], bUsers: [String] = ["bob@b.example"],
     certificates: PeerCertificates = .trustedCA,
+    aCertified: [String]? = nil, bCertified: [String]? = nil, bNotValidAfter: Date? = nil,
     configureA: @escaping (inout BraidConfiguration) -> Void = { _ in },
     configureB: @escaping (inout BraidConfiguration) -> Void = { _ in },
     _ body: (FederatedPair) async throws -> Void
 ) async throws {
     let pair = try await FederatedPair.start(aDomains: aDomains, aUsers: aUsers, bDomains: bDomains, bUsers: bUsers,
-                                             certificates: certificates, configureA: configureA, configureB: configureB)
+                                             certificates: certificates, aCertified: aCertified, bCertified: bCertified, bNotValidAfter: bNotValidAfter,
+                                             configureA: configureA, configureB: configureB)
     do {
         try await body(pair)
     } catch {

@@ -1,0 +1,171 @@
+import Foundation
+import Trust
+import X509
+import XMPPCore
+import XMPPStream
+
+/// Checks a peer's certificate chain for revocation (OCSP, in production).
+public protocol RevocationChecking: Sendable {
+    func check(chain: [Certificate], at time: Date) async -> RevocationVerdict
+}
+
+/// What a revocation check found, and when to look again (RFC 6120 §13.7.2.3: at the
+/// response's `nextUpdate`, or every 24 hours).
+public struct RevocationVerdict: Sendable, Hashable {
+    public enum Status: Sendable, Hashable {
+        case good
+        case revoked(String)
+        /// No responder, no answer, or no OCSP URL: nothing to act on.
+        case unknown(String)
+    }
+
+    public var status: Status
+    public var nextCheck: Date?
+
+    public init(status: Status, nextCheck: Date?) {
+        self.status = status
+        self.nextCheck = nextCheck
+    }
+}
+
+/// Proofs of peer domains on links, for both roles, and their re-validation.
+extension FederationManager {
+    /// Whether the peer on `link` speaks for `domain`, by the first proof that succeeds
+    /// (PKIX, then POSH and DANE as configured). A success is remembered on the link until it
+    /// expires; concurrent questions about the same domain on the same link share one check.
+    func proveRemote(_ domain: String, on link: FederationLink, fresh: Bool = false) async -> ProofOutcome {
+        if !fresh, let known = link.proof(of: domain) {
+            return .proven(known.method, expires: known.expires)
+        }
+        let evidence = PeerEvidence(certificateChain: link.certificateChain, time: Date(), connectedTarget: link.peerTarget)
+        let proofs = self.proofs
+        let outcome: ProofOutcome = await inFlight.run("prove|\(link.id)|\(domain)|\(fresh)") {
+            var refutation: String?
+            var reasons: [String] = []
+            for proof in proofs {
+                switch await proof.prove(domain, evidence: evidence) {
+                case .proven(let method, let expires):
+                    return ProofOutcome.proven(method, expires: expires)
+                case .refuted(let why):
+                    refutation = refutation ?? "\(proof.method.rawValue): \(why)"
+                case .notApplicable(let why):
+                    reasons.append("\(proof.method.rawValue): \(why)")
+                }
+            }
+            if let refutation { return .refuted(refutation) }
+            return .notApplicable(reasons.joined(separator: "; "))
+        }
+        if case .proven(let method, let expires) = outcome {
+            link.recordProof(of: domain, method: method, expires: expires)
+        }
+        return outcome
+    }
+
+    enum AssertionDecision: Sendable {
+        case valid(DomainPair, ProofMethod, Date?)
+        /// The authoritative server said the key is not its own.
+        case invalid(DomainPair)
+        /// A dialback error: the pair is refused, the link stays up (XEP-0220 §2.5).
+        case refused(StanzaError)
+    }
+
+    /// XEP-0220 as the Receiving Server, for a `db:result` on `link`: the strongest proof
+    /// available on this connection, for that domain, now (XEP-0344 §2.4, checked for this
+    /// exact domain: CVE-2021-32919); else, unless policy requires a certificate, a
+    /// `db:verify` on a separate connection to the domain's authoritative server (XEP-0288
+    /// §2.2: never on the connection the key arrived on).
+    func decideAssertion(_ request: DialbackElement, streamID: String, on link: FederationLink) async -> AssertionDecision {
+        guard let local = try? JID(domain: request.to).domainpart, host.isHosted(local) else {
+            return .refused(StanzaError(.itemNotFound, text: "\(request.to) is not hosted here"))
+        }
+        guard let remote = try? JID(domain: request.from).domainpart, !host.isHosted(remote) else {
+            return .refused(StanzaError(.notAcceptable, text: "invalid sender domain"))
+        }
+        guard let key = request.key else {
+            return .refused(StanzaError(.badRequest, text: "no dialback key"))
+        }
+        let pair = DomainPair(local: local, remote: remote)
+        switch await proveRemote(remote, on: link) {
+        case .proven(let method, let expires):
+            return .valid(pair, method, expires)
+        case .refuted(let why):
+            // RFC 7711 §3.3: a POSH file that lists other certificates refuses the domain,
+            // unless another proof succeeded; dialback does not override it.
+            return .refused(StanzaError(.notAuthorized, text: "\(remote) is not proven: \(why)"))
+        case .notApplicable:
+            break
+        }
+        if requiresCertificates(remote) {
+            return .refused(StanzaError(.notAuthorized, text: "a certificate, POSH or DANE proof for \(remote) is required"))
+        }
+        metrics.dialbackVerifications.increment()
+        switch await verifyDialback(receiving: local, originating: remote, streamID: streamID, key: key) {
+        case .valid:
+            // The key was bound to this stream, so the peer on this connection speaks for
+            // `remote`; further pairs with it reuse the proof (digest §14 step 4).
+            link.recordProof(of: remote, method: .dialback, expires: nil)
+            return .valid(pair, .dialback, nil)
+        case .invalid:
+            return .invalid(pair)
+        case .error(let error):
+            return .refused(error)
+        }
+    }
+
+    // MARK: Live re-validation (RFC 6120 §13.7.2.3, RFC 7711 §6, RFC 7673)
+
+    /// Renews proofs about to lapse (POSH `expires`, DNS TTLs) and checks revocation. A
+    /// proof that lapses and cannot be renewed, an expired certificate, or a revoked one
+    /// closes the link with `<reset/>`: the peer reconnects and proves every domain again,
+    /// nothing being trusted because it was trusted before. Stanzas the link owed are sent
+    /// again on the next one.
+    func revalidate(at now: Date = Date()) async {
+        let margin = max(2.0, configuration.revalidationIntervalSeconds * 2)
+        for link in openLinks {
+            var lapsed: [String] = []
+            let expiring = link.authorizations.filter { authorization in
+                authorization.expires.map { $0.timeIntervalSince(now) < margin } ?? false
+            }
+            for domain in Set(expiring.map(\.pair.remote)).sorted() {
+                let authorizations = expiring.filter { $0.pair.remote == domain }
+                let earliest = authorizations.compactMap(\.expires).min() ?? now
+                let outcome = await proveRemote(domain, on: link, fresh: true)
+                if case .proven(let method, let expires) = outcome, expires.map({ $0 > earliest }) ?? true {
+                    for authorization in authorizations {
+                        link.authorize(authorization.pair, authorization.direction, method: method, expires: expires)
+                    }
+                    logger.debug("renewed a proof", metadata: ["link": "\(link.id.prefix(8))", "domain": "\(domain)", "method": "\(method.rawValue)"])
+                    continue
+                }
+                if authorizations.contains(where: { !$0.isValid(at: now) }) {
+                    lapsed.append(domain)
+                }
+            }
+            if !lapsed.isEmpty {
+                logger.notice("proofs on a link lapsed; resetting it", metadata: ["link": "\(link.id.prefix(8))", "peer": "\(link.peerAddress)", "domains": "\(lapsed.joined(separator: ","))"])
+                metrics.resets("proof-lapsed")
+                link.close(with: StreamError(.reset, text: "the proof for \(lapsed.joined(separator: ", ")) lapsed"))
+                continue
+            }
+            await checkRevocation(of: link, at: now)
+        }
+    }
+
+    private func checkRevocation(of link: FederationLink, at now: Date) async {
+        guard let revocation, link.nextRevocationCheck <= now else { return }
+        let chain = link.certificateChain
+        guard !chain.isEmpty else {
+            link.setNextRevocationCheck(.distantFuture)
+            return
+        }
+        let verdict = await revocation.check(chain: chain, at: now)
+        switch verdict.status {
+        case .revoked(let reason):
+            logger.warning("security: the peer's certificate was revoked; resetting the link", metadata: ["link": "\(link.id.prefix(8))", "peer": "\(link.peerAddress)", "reason": "\(reason)"])
+            metrics.resets("revoked")
+            link.close(with: StreamError(.reset, text: "certificate revoked"))
+        case .good, .unknown:
+            link.setNextRevocationCheck(verdict.nextCheck ?? now.addingTimeInterval(24 * 3600))
+        }
+    }
+}

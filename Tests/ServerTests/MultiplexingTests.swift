@@ -1,0 +1,255 @@
+import Foundation
+import Testing
+import Trust
+import XMPPCore
+@testable import Federation
+@testable import Server
+
+/// One link per provider pair (XEP-0220 §2.6, XEP-0288, RFC 7712 §4.4), between two Braid
+/// servers over loopback with real TLS. DNS is replaced by static peer settings that point
+/// every peer domain at the same host and port, as SRV would for one provider.
+@Suite("Multiplexed links between two Braid providers", .serialized)
+struct MultiplexingTests {
+    static let aDomains = ["a1.example", "a2.example", "a3.example"]
+    static let bDomains = ["b1.example", "b2.example", "b3.example"]
+    static var aUsers: [String] { aDomains.map { "user@\($0)" } }
+    static var bUsers: [String] { bDomains.map { "user@\($0)" } }
+
+    /// Every pair on every link of `server`, as "direction local⇄remote method".
+    func pairs(_ server: TestServer) -> [String] {
+        (server.server.federation?.links ?? []).filter { !$0.closed }.flatMap { link in
+            link.pairs.map { "\($0.direction.rawValue) \($0.pair.local)⇄\($0.pair.remote) \($0.method.rawValue)" }
+        }.sorted()
+    }
+
+    func openLinks(_ server: TestServer) -> [LinkSnapshot] {
+        (server.server.federation?.links ?? []).filter { !$0.closed }
+    }
+
+    /// Logs every user in with presence, so messages to their bare JIDs are delivered live.
+    func clients(_ server: TestServer, _ users: [String]) async throws -> [String: TestClient] {
+        var clients: [String: TestClient] = [:]
+        for user in users {
+            let (client, _) = try await server.loggedIn(user)
+            try await client.sendPresence()
+            clients[user] = client
+        }
+        return clients
+    }
+
+    /// Waits for `count` messages and returns their bodies.
+    func receive(_ count: Int, on client: TestClient, timeout: Duration = .seconds(15)) async throws -> [String] {
+        var bodies: [String] = []
+        while bodies.count < count {
+            let message = try await client.waitFor(timeout: timeout) { $0.name == "message" }
+            bodies.append(message.body ?? "")
+        }
+        return bodies
+    }
+
+    @Test("Every pair, both directions, rides one connection when certificates name every domain")
+    func oneConnection() async throws {
+        try await withFederation(aDomains: Self.aDomains, aUsers: Self.aUsers, bDomains: Self.bDomains, bUsers: Self.bUsers) { pair in
+            let a = try await clients(pair.a, Self.aUsers)
+            let b = try await clients(pair.b, Self.bUsers)
+            // A's first domain writes to all of B: the first pair opens the link, the others
+            // join it as targets proven by B's certificate.
+            for bUser in Self.bUsers {
+                try await a["user@a1.example"]!.sendMessage(to: bUser, body: "a1→\(bUser)")
+            }
+            for bUser in Self.bUsers {
+                #expect(try await receive(1, on: b[bUser]!) == ["a1→\(bUser)"])
+            }
+            // B writes first to A's other domains: it asserts its pairs on the link A opened
+            // (XEP-0288 §2.2), A's certificate proving them.
+            for bUser in Self.bUsers {
+                for aUser in Self.aUsers.dropFirst() {
+                    try await b[bUser]!.sendMessage(to: aUser, body: "\(bUser)→\(aUser)")
+                }
+            }
+            for aUser in Self.aUsers.dropFirst() {
+                #expect(Set(try await receive(3, on: a[aUser]!)) == Set(Self.bUsers.map { "\($0)→\(aUser)" }))
+            }
+            // And the rest of A answers.
+            for aUser in Self.aUsers.dropFirst() {
+                for bUser in Self.bUsers {
+                    try await a[aUser]!.sendMessage(to: bUser, body: "\(aUser)→\(bUser)")
+                }
+            }
+            for bUser in Self.bUsers {
+                #expect(Set(try await receive(2, on: b[bUser]!)) == Set(Self.aUsers.dropFirst().map { "\($0)→\(bUser)" }))
+            }
+            // One TCP connection, opened by A; no dialback verification connections.
+            #expect(pair.a.metrics.counterValue("braid_s2s_connections_opened_total") == 1)
+            #expect(pair.b.metrics.counterValue("braid_s2s_connections_opened_total") == 0)
+            #expect(pair.b.metrics.counterValue("braid_s2s_connections_accepted_total") == 1)
+            #expect(pair.a.metrics.counterValue("braid_s2s_connections_accepted_total") == 0)
+            #expect(openLinks(pair.a).count == 1 && openLinks(pair.b).count == 1)
+            #expect(openLinks(pair.a).first?.bidirectional == true)
+            // All nine pairs, both ways, authorised by certificate.
+            let expected = Self.aDomains.flatMap { a in Self.bDomains.flatMap { b in ["inbound \(a)⇄\(b) pkix", "outbound \(a)⇄\(b) pkix"] } }.sorted()
+            #expect(pairs(pair.a) == expected)
+            #expect(pairs(pair.b) == Self.bDomains.flatMap { b in Self.aDomains.flatMap { a in ["inbound \(b)⇄\(a) pkix", "outbound \(b)⇄\(a) pkix"] } }.sorted())
+            // A added two targets to its link; B asserted six pairs of its own on it.
+            #expect(pair.a.metrics.counterValue("braid_s2s_connections_saved_total") == 2)
+            #expect(pair.b.metrics.counterValue("braid_s2s_connections_saved_total") == 6)
+            for client in Array(a.values) + Array(b.values) { await client.close() }
+        }
+    }
+
+    @Test("A domain the certificate does not name joins by dialback, verified on a short-lived connection")
+    func dialbackDomainJoins() async throws {
+        try await withFederation(aDomains: ["a1.example", "a2.example"], aUsers: ["user@a1.example", "user@a2.example"],
+                                 bDomains: ["b1.example"], bUsers: ["user@b1.example"], aCertified: ["a1.example"]) { pair in
+            let a = try await clients(pair.a, ["user@a1.example", "user@a2.example"])
+            let b = try await clients(pair.b, ["user@b1.example"])
+            try await a["user@a1.example"]!.sendMessage(to: "user@b1.example", body: "one")
+            #expect(try await receive(1, on: b["user@b1.example"]!) == ["one"])
+            try await a["user@a2.example"]!.sendMessage(to: "user@b1.example", body: "two")
+            #expect(try await receive(1, on: b["user@b1.example"]!) == ["two"])
+            try await b["user@b1.example"]!.sendMessage(to: "user@a2.example", body: "back")
+            #expect(try await receive(1, on: a["user@a2.example"]!) == ["back"])
+            #expect(pair.a.metrics.counterValue("braid_s2s_connections_opened_total") == 1)
+            #expect(pair.b.metrics.counterValue("braid_s2s_dialback_verifications_total") == 1)
+            #expect(pairs(pair.b).contains("inbound b1.example⇄a2.example dialback"))
+            #expect(pairs(pair.b).contains("inbound b1.example⇄a1.example pkix"))
+            // The verification connection came and went; the link is the only one left.
+            try await waitUntil { openLinks(pair.a).count == 1 && openLinks(pair.b).count == 1 }
+            for client in Array(a.values) + Array(b.values) { await client.close() }
+        }
+    }
+
+    @Test("A refused domain gets a dialback error; the link and its other pairs stay up")
+    func refusedAdditionKeepsLink() async throws {
+        try await withFederation(aDomains: ["a1.example", "a2.example"], aUsers: ["user@a1.example", "user@a2.example"],
+                                 bDomains: ["b1.example"], bUsers: ["user@b1.example"], aCertified: ["a1.example"],
+                                 configureB: { $0.s2s.peers["a2.example", default: .init()].requireCertificates = true }) { pair in
+            let a = try await clients(pair.a, ["user@a1.example", "user@a2.example"])
+            let b = try await clients(pair.b, ["user@b1.example"])
+            try await a["user@a1.example"]!.sendMessage(to: "user@b1.example", body: "before")
+            #expect(try await receive(1, on: b["user@b1.example"]!) == ["before"])
+            let linkID = openLinks(pair.a).first?.id
+            try await a["user@a2.example"]!.sendMessage(to: "user@b1.example", body: "refused", id: "r1")
+            let bounce = try await a["user@a2.example"]!.waitFor(timeout: .seconds(10)) { $0.attribute("id") == "r1" }
+            #expect(bounce.stanzaErrorCondition == "not-authorized")
+            #expect(pair.b.metrics.counterValue("braid_s2s_dialback_refused_total", [("condition", "not-authorized")]) == 1)
+            // The same link still carries a1's pair, both ways.
+            try await a["user@a1.example"]!.sendMessage(to: "user@b1.example", body: "after")
+            #expect(try await receive(1, on: b["user@b1.example"]!) == ["after"])
+            try await b["user@b1.example"]!.sendMessage(to: "user@a1.example", body: "reply")
+            #expect(try await receive(1, on: a["user@a1.example"]!) == ["reply"])
+            #expect(openLinks(pair.a).map(\.id) == [linkID].compactMap { $0 })
+            #expect(pair.a.metrics.counterValue("braid_stream_errors_sent_total", [("condition", "host-unknown"), ("stream", "s2s")]) == 0)
+            for client in Array(a.values) + Array(b.values) { await client.close() }
+        }
+    }
+
+    @Test("A link cut mid-traffic loses nothing: unacknowledged stanzas are re-sent, duplicates dropped")
+    func cutLinkLosesNothing() async throws {
+        try await withFederation { pair in
+            let (alice, _) = try await pair.a.loggedIn("alice@a.example")
+            let (bob, _) = try await pair.b.loggedIn("bob@b.example")
+            try await bob.sendPresence()
+            try await alice.sendMessage(to: "bob@b.example", body: "warm-up", id: "w")
+            #expect(try await receive(1, on: bob) == ["warm-up"])
+            #expect(openLinks(pair.a).first.map { _ in pair.a.server.federation?.openLinks.first?.streamManagementEnabled } == true)
+            let total = 300
+            for index in 0..<total {
+                try await alice.sendMessage(to: "bob@b.example", body: "m\(index)", id: "m\(index)")
+                if index == total / 2 {
+                    // Cut the TCP connection under the link, from A's side.
+                    pair.a.server.federation?.openLinks.first?.channel.close(promise: nil)
+                }
+            }
+            let bodies = try await receive(total, on: bob, timeout: .seconds(20))
+            #expect(Set(bodies) == Set((0..<total).map { "m\($0)" }))
+            #expect(bodies.count == total)
+            // Nothing more arrives: each message exactly once.
+            #expect(await bob.expectSilence(for: .milliseconds(500)) == nil)
+            await alice.close()
+            await bob.close()
+        }
+    }
+
+    @Test("A domain removed at runtime leaves the link: its stanzas get an error, the others flow")
+    func removedDomainWithdrawn() async throws {
+        try await withFederation(aDomains: ["a1.example", "a2.example"], aUsers: ["user@a1.example", "user@a2.example"],
+                                 bDomains: ["b1.example"], bUsers: ["user@b1.example"]) { pair in
+            let a = try await clients(pair.a, ["user@a1.example", "user@a2.example"])
+            let b = try await clients(pair.b, ["user@b1.example"])
+            for aUser in ["user@a1.example", "user@a2.example"] {
+                try await a[aUser]!.sendMessage(to: "user@b1.example", body: aUser)
+            }
+            #expect(Set(try await receive(2, on: b["user@b1.example"]!)) == ["user@a1.example", "user@a2.example"])
+            let linkID = openLinks(pair.b).first?.id
+            #expect(try await pair.a.context.storage.removeDomain("a2.example"))
+            try await waitUntil { !pair.a.context.domains.isHosted("a2.example") }
+            try await waitUntil { !pairs(pair.a).contains { $0.contains("a2.example") } }
+            try await b["user@b1.example"]!.sendMessage(to: "user@a2.example", body: "gone?", id: "g1")
+            let bounce = try await b["user@b1.example"]!.waitFor(timeout: .seconds(10)) { $0.attribute("id") == "g1" }
+            #expect(bounce.stanzaErrorCondition == "remote-server-not-found")
+            try await b["user@b1.example"]!.sendMessage(to: "user@a1.example", body: "still here")
+            #expect(try await receive(1, on: a["user@a1.example"]!) == ["still here"])
+            #expect(openLinks(pair.b).map(\.id) == [linkID].compactMap { $0 })
+            for client in Array(a.values) + Array(b.values) { await client.close() }
+        }
+    }
+
+    @Test("A domain added at runtime uses the existing link")
+    func addedDomainJoins() async throws {
+        // The new domain gets a self-signed certificate on first use, which B cannot trust:
+        // B verifies it with dialback.
+        try await withFederation(aDomains: ["a1.example"], aUsers: ["user@a1.example"],
+                                 bDomains: ["b1.example"], bUsers: ["user@b1.example"],
+                                 configureA: { $0.tls.selfSignMissing = true },
+                                 configureB: { $0.s2s.peers["a9.example"] = $0.s2s.peers["a1.example"] }) { pair in
+            let a = try await clients(pair.a, ["user@a1.example"])
+            let b = try await clients(pair.b, ["user@b1.example"])
+            try await a["user@a1.example"]!.sendMessage(to: "user@b1.example", body: "first")
+            #expect(try await receive(1, on: b["user@b1.example"]!) == ["first"])
+            #expect(try await pair.a.context.storage.addDomain("a9.example"))
+            try await pair.a.context.storage.createUser(try JID("user@a9.example"), credentials: try TestServer.credentials(password: TestServer.password))
+            try await waitUntil { pair.a.context.domains.isHosted("a9.example") }
+            let newcomer = try await clients(pair.a, ["user@a9.example"])
+            try await newcomer["user@a9.example"]!.sendMessage(to: "user@b1.example", body: "new domain")
+            #expect(try await receive(1, on: b["user@b1.example"]!) == ["new domain"])
+            #expect(pair.a.metrics.counterValue("braid_s2s_connections_opened_total") == 1)
+            #expect(pairs(pair.b).contains("inbound b1.example⇄a9.example dialback"))
+            for client in Array(a.values) + Array(b.values) + Array(newcomer.values) { await client.close() }
+        }
+    }
+
+    @Test("An expiring peer certificate resets the link; the next link re-proves every domain")
+    func expiringCertificateResets() async throws {
+        try await withFederation(bNotValidAfter: Date() + 4, configureA: { $0.s2s.revalidationIntervalSeconds = 0.25 }) { pair in
+            let (alice, _) = try await pair.a.loggedIn("alice@a.example")
+            let (bob, _) = try await pair.b.loggedIn("bob@b.example")
+            try await bob.sendPresence()
+            try await alice.sendMessage(to: "bob@b.example", body: "before expiry")
+            #expect(try await receive(1, on: bob) == ["before expiry"])
+            #expect(pairs(pair.a).contains("outbound a.example⇄b.example pkix"))
+            try await waitUntil(timeout: .seconds(10)) {
+                pair.a.metrics.counterValue("braid_s2s_link_resets_total", [("reason", "proof-lapsed")]) == 1
+            }
+            try await waitUntil { openLinks(pair.a).isEmpty }
+            // B's certificate has expired: the new link cannot use it, and falls back to
+            // dialback for b.example, so messages still flow.
+            try await alice.sendMessage(to: "bob@b.example", body: "after expiry")
+            #expect(try await receive(1, on: bob) == ["after expiry"])
+            #expect(pairs(pair.a).contains("outbound a.example⇄b.example dialback"))
+            await alice.close()
+            await bob.close()
+        }
+    }
+}
+
+/// Polls `condition` until it holds (bounded).
+func waitUntil(timeout: Duration = .seconds(10), _ condition: () async throws -> Bool) async throws {
+    let deadline = ContinuousClock.now + timeout
+    while ContinuousClock.now < deadline {
+        if try await condition() { return }
+        try await Task.sleep(for: .milliseconds(50))
+    }
+    Issue.record("condition not met within \(timeout)")
+    throw CancellationError()
+}
