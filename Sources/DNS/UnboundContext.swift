@@ -199,6 +199,12 @@ final class UnboundContext: @unchecked Sendable {
                 try check(ub_ctx_set_fwd(ctx, forwarder), "forwarder \(forwarder)")
             }
         }
+        // libunbound answers the RFC 6761 name `test.` with NXDOMAIN from a built-in local
+        // zone, which a stub resolver (what Prosody and ejabberd use) does not: it asks the
+        // upstream. Do the same, so domains under test. resolve where an upstream serves them.
+        if !configuration.stubZones.contains(where: { $0.zone == "test" || $0.zone == "test." }) {
+            try check(ub_ctx_set_option(ctx, "local-zone:", "test. transparent"), "local-zone test.")
+        }
         for stub in configuration.stubZones {
             let zone = stub.zone.hasSuffix(".") ? stub.zone : stub.zone + "."
             guard !stub.addresses.isEmpty else { throw .configuration("stub zone \(zone) has no addresses") }

@@ -20,12 +20,7 @@ extension FederationManager {
     /// The connection is never the one the key arrived on (XEP-0288 §2.2). A failure to reach
     /// the authoritative server is `remote-server-not-found` (XEP-0220 §2.5).
     func verifyDialback(receiving: String, originating: String, streamID: String, key: String) async -> VerificationOutcome {
-        let location: PeerLocation
-        if let settings = configuration.peers[originating], let staticHost = settings.host {
-            location = .targets([PeerTarget(host: staticHost, port: settings.port ?? ((settings.directTLS ?? false) ? 5270 : 5269), directTLS: settings.directTLS ?? false)])
-        } else {
-            location = await locator.locate(originating)
-        }
+        let location = await locate(originating)
         guard case .targets(let targets) = location, !targets.isEmpty else {
             return .error(StanzaError(.remoteServerNotFound, text: "cannot locate \(originating)"))
         }
@@ -41,7 +36,7 @@ extension FederationManager {
     }
 
     private func verify(_ request: DialbackElement, at target: PeerTarget) async throws -> VerificationOutcome {
-        let answered = group.next().makePromise(of: VerificationOutcome.self)
+        let resolved = try await locator.resolve(target)
         var tls = TLSConfiguration.makeClientConfiguration()
         tls.minimumTLSVersion = .tlsv12
         // This stream only carries db:verify; the answer binds a key to a stream id, so the
@@ -52,33 +47,40 @@ extension FederationManager {
         let sslContext = try NIOSSLContext(configuration: tls)
         let serverName = (try? JID(domain: request.to).asciiDomain) ?? request.to
         let limits = XMLStreamLimits(maximumStanzaBytes: configuration.maxStanzaBytes)
-        let bootstrap = ClientBootstrap(group: group)
-            .connectTimeout(.seconds(Int64(configuration.connectTimeoutSeconds)))
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    let decoder = XMLStreamDecoder(contentNamespace: XMLNamespace.server, limits: limits)
-                    let handler = VerificationHandler(request: request, decoder: decoder, sslContext: sslContext, serverName: serverName, directTLS: target.directTLS, answered: answered)
-                    if target.directTLS {
-                        try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: sslContext, serverHostname: serverName))
+        var lastError: any Error = TargetResolutionError(reason: "\(target.host) has no address")
+        for address in resolved.addresses {
+            let answered = OneShot<VerificationOutcome>()
+            let bootstrap = ClientBootstrap(group: group)
+                .connectTimeout(.seconds(Int64(configuration.connectTimeoutSeconds)))
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        let decoder = XMLStreamDecoder(contentNamespace: XMLNamespace.server, limits: limits)
+                        let handler = VerificationHandler(request: request, decoder: decoder, sslContext: sslContext, serverName: serverName, directTLS: target.directTLS, answered: answered)
+                        if target.directTLS {
+                            try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: sslContext, serverHostname: serverName))
+                        }
+                        try channel.pipeline.syncOperations.addHandler(decoder)
+                        try channel.pipeline.syncOperations.addHandler(XMLStreamEncoder(contentNamespace: XMLNamespace.server))
+                        try channel.pipeline.syncOperations.addHandler(handler)
                     }
-                    try channel.pipeline.syncOperations.addHandler(decoder)
-                    try channel.pipeline.syncOperations.addHandler(XMLStreamEncoder(contentNamespace: XMLNamespace.server))
-                    try channel.pipeline.syncOperations.addHandler(handler)
                 }
+            let channel: any Channel
+            do {
+                channel = try await trackedConnect(bootstrap, to: address)
+            } catch {
+                lastError = error
+                continue
             }
-        let channel: any Channel
-        do {
-            channel = try await trackedConnect(bootstrap, host: target.host, port: target.port)
-        } catch {
-            answered.fail(error)
-            throw error
+            let seconds = configuration.negotiationTimeoutSeconds
+            let timeout = Task {
+                try await Task.sleep(for: .seconds(seconds))
+                answered.fail(VerificationTimeout())
+                channel.close(promise: nil)
+            }
+            defer { timeout.cancel() }
+            return try await answered.value
         }
-        let timeout = channel.eventLoop.scheduleTask(in: .seconds(Int64(configuration.negotiationTimeoutSeconds))) {
-            answered.fail(VerificationTimeout())
-            channel.close(promise: nil)
-        }
-        defer { timeout.cancel() }
-        return try await answered.futureResult.get()
+        throw lastError
     }
 }
 
@@ -97,12 +99,12 @@ final class VerificationHandler: ChannelInboundHandler {
     private let decoder: XMLStreamDecoder
     private let sslContext: NIOSSLContext
     private let serverName: String
-    private let answered: EventLoopPromise<VerificationOutcome>
+    private let answered: OneShot<VerificationOutcome>
     private var secured: Bool
     private var sent = false
     private var done = false
 
-    init(request: DialbackElement, decoder: XMLStreamDecoder, sslContext: NIOSSLContext, serverName: String, directTLS: Bool, answered: EventLoopPromise<VerificationOutcome>) {
+    init(request: DialbackElement, decoder: XMLStreamDecoder, sslContext: NIOSSLContext, serverName: String, directTLS: Bool, answered: OneShot<VerificationOutcome>) {
         self.request = request
         self.decoder = decoder
         self.sslContext = sslContext
@@ -186,7 +188,7 @@ final class VerificationHandler: ChannelInboundHandler {
     private func finish(_ result: Result<VerificationOutcome, any Error>, context: ChannelHandlerContext) {
         guard !done else { return }
         done = true
-        answered.completeWith(result)
+        answered.complete(result)
         let channel = context.channel
         context.writeAndFlush(wrapOutboundOut(.end)).whenComplete { _ in channel.close(promise: nil) }
     }

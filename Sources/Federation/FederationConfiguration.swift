@@ -49,6 +49,14 @@ public struct FederationConfiguration: Codable, Sendable, Equatable {
     /// How many recent message and IQ ids from peers are remembered to drop re-sent
     /// duplicates.
     public var duplicateWindow: Int = 20000
+    /// Check peers' certificates for revocation with OCSP, at each response's `nextUpdate`
+    /// or daily; a revoked certificate resets its link.
+    public var checkRevocation: Bool = true
+    /// Seconds for fetching a peer domain's POSH document (RFC 7711).
+    public var poshTimeoutSeconds: Int = 10
+    /// For labs and tests: fetch these domains' POSH documents from `host:port` instead of
+    /// the address DNS gives (the HTTPS certificate is still checked for the domain).
+    public var poshConnectOverrides: [String: String] = [:]
     /// Settings for particular peer domains.
     public var peers: [String: PeerSettings] = [:]
 
@@ -74,6 +82,9 @@ public struct FederationConfiguration: Codable, Sendable, Equatable {
         case locationCacheSeconds = "location_cache_seconds"
         case retryBaseSeconds = "retry_base_seconds"
         case duplicateWindow = "duplicate_window"
+        case checkRevocation = "check_revocation"
+        case poshTimeoutSeconds = "posh_timeout_seconds"
+        case poshConnectOverrides = "posh_connect_overrides"
         case peers
     }
 

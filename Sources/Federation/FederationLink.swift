@@ -55,6 +55,8 @@ public final class FederationLink: Sendable {
         var stanzasReceived = 0
         var outbound = OutboundQueues()
         var streamManagement: StreamManagement?
+        /// When a stanza last went either way.
+        var lastActivity = Date()
         /// When the peer's certificate is next checked for revocation.
         var nextRevocationCheck = Date.distantPast
         /// Our `db:result` requests waiting for an answer.
@@ -329,6 +331,7 @@ public final class FederationLink: Sendable {
             let next = state.withLock { state -> Stanza? in
                 guard let (_, stanza) = state.outbound.pop() else { return nil }
                 state.stanzasSent += 1
+                state.lastActivity = Date()
                 if state.streamManagement != nil {
                     state.streamManagement?.sentOutbound &+= 1
                     state.streamManagement?.unacked.append(stanza)
@@ -365,6 +368,15 @@ public final class FederationLink: Sendable {
 
     var queuedCount: Int { state.withLock { $0.outbound.count } }
 
+    /// Seconds since a stanza last went either way, when nothing is queued or waiting for
+    /// an acknowledgement; nil while the link still has work.
+    func idleSeconds(at time: Date) -> TimeInterval? {
+        state.withLock { state in
+            guard state.outbound.count == 0, (state.streamManagement?.unacked.isEmpty ?? true), state.pendingRequests.isEmpty else { return nil }
+            return time.timeIntervalSince(state.lastActivity)
+        }
+    }
+
     // MARK: Stream management (XEP-0198, acknowledgements only)
 
     func enableStreamManagement() {
@@ -382,6 +394,7 @@ public final class FederationLink: Sendable {
     func countReceived() {
         state.withLock { state in
             state.stanzasReceived += 1
+            state.lastActivity = Date()
             state.streamManagement?.handledInbound &+= 1
         }
     }

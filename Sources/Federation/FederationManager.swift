@@ -55,6 +55,32 @@ public struct PeerTarget: Sendable, Hashable, CustomStringConvertible {
 /// Finds a domain's servers (DNS, in production).
 public protocol PeerLocating: Sendable {
     func locate(_ domain: String) async -> PeerLocation
+    /// The addresses of one target, in the order to try. Resolved by the same validating
+    /// resolver as the SRV records, so a forged or bogus answer is never connected to.
+    func resolve(_ target: PeerTarget) async throws(TargetResolutionError) -> ResolvedTarget
+}
+
+/// The socket addresses of a target host.
+public struct ResolvedTarget: Sendable {
+    public var addresses: [SocketAddress]
+    /// The address records were DNSSEC-secure (RFC 7673 §3.2: only then may TLSA apply).
+    public var secure: Bool
+
+    public init(addresses: [SocketAddress], secure: Bool) {
+        self.addresses = addresses
+        self.secure = secure
+    }
+}
+
+/// A target whose addresses cannot be used.
+public struct TargetResolutionError: Error, Sendable, CustomStringConvertible {
+    public var reason: String
+
+    public init(reason: String) {
+        self.reason = reason
+    }
+
+    public var description: String { reason }
 }
 
 /// Server-to-server federation: the links, the domain pairs authorised on each, and the
@@ -78,6 +104,8 @@ public final class FederationManager: Sendable {
     /// (POSH, DANE). Dialback is the fallback outside this list.
     let proofs: [any DomainProof]
     let revocation: (any RevocationChecking)?
+    /// Releases what the manager's helpers hold (HTTP clients), after the links are closed.
+    private let onShutdown: [@Sendable () async -> Void]
     let metrics: FederationMetrics
     let recentStanzas: RecentStanzaIDs
     let state = Mutex(State())
@@ -120,7 +148,9 @@ public final class FederationManager: Sendable {
 
     public init(configuration: FederationConfiguration, host: any FederationHost, locator: any PeerLocating,
                 group: any EventLoopGroup, logger: Logger, metrics: FederationMetrics,
-                additionalProofs: [any DomainProof] = [], revocation: (any RevocationChecking)? = nil) throws {
+                additionalProofs: (PeerCertificateValidator) -> [any DomainProof] = { _ in [] },
+                revocation: (any RevocationChecking)? = nil,
+                onShutdown: [@Sendable () async -> Void] = []) throws {
         self.configuration = configuration
         self.host = host
         self.locator = locator
@@ -145,7 +175,8 @@ public final class FederationManager: Sendable {
             peerRoots[canonical] = try files.flatMap { file throws(TrustError) in try PeerTrustAnchors.load(pemFile: file) }
         }
         validator = PeerCertificateValidator(anchors: PeerTrustAnchors(defaultRoots: defaultRoots, peerRoots: peerRoots))
-        proofs = [PKIXProof(validator: validator)] + additionalProofs
+        proofs = [PKIXProof(validator: validator)] + additionalProofs(validator)
+        self.onShutdown = onShutdown
         recentStanzas = RecentStanzaIDs(capacity: configuration.duplicateWindow)
     }
 
@@ -321,12 +352,12 @@ public final class FederationManager: Sendable {
     /// Every open link.
     var isShuttingDown: Bool { state.withLock { $0.shuttingDown } }
 
-    /// Connects with `bootstrap`, tracked so that shutdown can wait for the attempt.
-    func trackedConnect(_ bootstrap: ClientBootstrap, host: String, port: Int) async throws -> any Channel {
+    /// Connects to one address, tracked so that shutdown can wait for the attempt.
+    func trackedConnect(_ bootstrap: ClientBootstrap, to address: SocketAddress) async throws -> any Channel {
         let id = UUID()
         let future: EventLoopFuture<any Channel>? = state.withLock { state in
             guard !state.shuttingDown else { return nil }
-            let future = bootstrap.connect(host: host, port: port)
+            let future = bootstrap.connect(to: address)
             connectAttempts.withLock { $0[id] = future }
             return future
         }
@@ -435,6 +466,7 @@ public final class FederationManager: Sendable {
             if let channel = try? await attempt.get() { try? await channel.close() }
         }
         for stanza in queued { await host.bounce(stanza, with: StanzaError(.remoteServerTimeout, text: "the server is shutting down")) }
+        for release in onShutdown { await release() }
     }
 
     /// Every current link, for operators.
@@ -445,6 +477,44 @@ public final class FederationManager: Sendable {
     /// Stanzas waiting for a pair to be set up, for operators and metrics.
     public var pendingCount: Int {
         state.withLock { $0.pending.values.reduce(0) { $0 + $1.stanzas.count } }
+    }
+}
+
+/// A result set once by a channel handler and awaited by a task. Unlike an
+/// `EventLoopPromise` it belongs to no event loop, so it cannot leak when the loops shut
+/// down first; completing it twice keeps the first result.
+final class OneShot<Value: Sendable>: Sendable {
+    private struct Box {
+        var result: Result<Value, any Error>?
+        var waiters: [CheckedContinuation<Value, any Error>] = []
+    }
+
+    private let box = Mutex(Box())
+
+    func complete(_ result: Result<Value, any Error>) {
+        let waiters = box.withLock { box -> [CheckedContinuation<Value, any Error>] in
+            guard box.result == nil else { return [] }
+            box.result = result
+            defer { box.waiters = [] }
+            return box.waiters
+        }
+        for waiter in waiters { waiter.resume(with: result) }
+    }
+
+    func succeed(_ value: Value) { complete(.success(value)) }
+    func fail(_ error: any Error) { complete(.failure(error)) }
+
+    var value: Value {
+        get async throws {
+            try await withCheckedThrowingContinuation { continuation in
+                let ready = box.withLock { box -> Result<Value, any Error>? in
+                    if let result = box.result { return result }
+                    box.waiters.append(continuation)
+                    return nil
+                }
+                if let ready { continuation.resume(with: ready) }
+            }
+        }
     }
 }
 

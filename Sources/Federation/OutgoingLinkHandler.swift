@@ -22,7 +22,7 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
     private let serverName: String
     private let directTLS: Bool
     private var negotiation: OutgoingServerNegotiation
-    private let negotiated: EventLoopPromise<FederationLink>
+    private let negotiated: OneShot<FederationLink>
     private var settled = false
     private var context: ChannelHandlerContext?
     private var logger: Logger
@@ -31,7 +31,7 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
     private let session: LinkSession
 
     init(manager: FederationManager, link: FederationLink, decoder: XMLStreamDecoder, clientContext: NIOSSLContext,
-         serverName: String, directTLS: Bool, negotiation: OutgoingServerNegotiation, negotiated: EventLoopPromise<FederationLink>) {
+         serverName: String, directTLS: Bool, negotiation: OutgoingServerNegotiation, negotiated: OneShot<FederationLink>) {
         self.manager = manager
         self.link = link
         self.decoder = decoder
@@ -247,7 +247,7 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
     private func settle(_ result: Result<FederationLink, any Error>) {
         guard !settled else { return }
         settled = true
-        negotiated.completeWith(result)
+        negotiated.complete(result)
     }
 
     private func fail(_ failure: FederationManager.LinkFailure, streamError: StreamError?) {

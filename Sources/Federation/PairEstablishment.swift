@@ -76,17 +76,18 @@ extension FederationManager {
         let candidates = openLinks
             .filter { $0.canRequestPairs && $0.streamID != nil && !refused.contains($0.id) && $0.isEstablished }
             .sorted { ($0.origin == .outgoing ? 0 : 1, -$0.pairCount) < ($1.origin == .outgoing ? 0 : 1, -$1.pairCount) }
-        var location: PeerLocation?
         for link in candidates {
             if link.hasValidPair(remote: pair.remote, .outbound) || (link.isBidirectional && link.hasValidPair(remote: pair.remote, .inbound)) {
                 let proof = link.proof(of: pair.remote) ?? (method: ProofMethod.dialback, expires: nil)
                 return (link, proof)
             }
-            guard link.handlesDialbackErrors else { continue }
+        }
+        // A new target: its DNS must answer (a bogus or absent domain is never sent to, not
+        // even over a link whose peer could prove it).
+        guard case .targets(let targets) = await locate(pair.remote) else { return nil }
+        for link in candidates where link.handlesDialbackErrors {
             if link.origin == .outgoing {
-                guard let target = link.peerTarget else { continue }
-                if location == nil { location = await locate(pair.remote) }
-                guard case .targets(let targets) = location, targets.contains(where: { $0.serverTarget == target }) else { continue }
+                guard let target = link.peerTarget, targets.contains(where: { $0.serverTarget == target }) else { continue }
             }
             if case .proven(let method, let expires) = await proveRemote(pair.remote, on: link) {
                 return (link, (method, expires))
@@ -182,6 +183,9 @@ extension FederationManager {
         }
         await host.prepareCertificate(for: pair.local)
         var lastError = "no target answered"
+        // Whether any target could be resolved: if none could, the domain is unreachable
+        // for DNS reasons, which senders see as remote-server-not-found (RFC 6120 §10.4.3).
+        var anyResolved = false
         for target in targets {
             do {
                 let link = try await open(target, pair: pair)
@@ -191,6 +195,7 @@ extension FederationManager {
                 return .established
             } catch let failure as LinkFailure {
                 lastError = failure.reason
+                if failure.stanzaError.condition != .remoteServerNotFound { anyResolved = true }
                 if !failure.tryNextTarget {
                     outgoingFailed(pair, error: failure.stanzaError)
                     return .failed
@@ -200,7 +205,7 @@ extension FederationManager {
             }
             logger.info("peer target failed", metadata: ["remote": "\(pair.remote)", "target": "\(target)", "reason": "\(lastError)"])
         }
-        outgoingFailed(pair, error: StanzaError(.remoteServerTimeout, text: "cannot reach \(pair.remote): \(lastError)"))
+        outgoingFailed(pair, error: StanzaError(anyResolved ? .remoteServerTimeout : .remoteServerNotFound, text: "cannot reach \(pair.remote): \(lastError)"))
         return .failed
     }
 
@@ -223,51 +228,64 @@ extension FederationManager {
         pairFailed(pair, error: error, backoff: false)
     }
 
-    /// Connects to one target and negotiates the first pair; returns the link once the pair
-    /// is authorised (and its waiting stanzas flushed).
+    /// Connects to one target (its addresses in order, resolved by the validating resolver,
+    /// never the system's) and negotiates the first pair; returns the link once the pair is
+    /// authorised and its waiting stanzas flushed.
     private func open(_ target: PeerTarget, pair: DomainPair) async throws -> FederationLink {
+        let resolved: ResolvedTarget
+        do {
+            resolved = try await locator.resolve(target)
+        } catch {
+            throw LinkFailure(reason: "\(target): \(error.reason)", stanzaError: StanzaError(.remoteServerNotFound, text: error.reason), tryNextTarget: true)
+        }
         let clientContext = try makeClientContext(local: pair.local, directTLS: target.directTLS)
-        let negotiated = group.next().makePromise(of: FederationLink.self)
         let asciiRemote = (try? JID(domain: pair.remote).asciiDomain) ?? pair.remote
-        let manager = self
         let limits = XMLStreamLimits(maximumStanzaBytes: configuration.maxStanzaBytes)
         let useExternal = host.tls.clientCredentials(for: pair.local)?.identity.matches(domain: pair.local, service: .xmppServer) != nil
         let negotiation = OutgoingServerNegotiation(configuration: .init(localDomain: pair.local, remoteDomain: pair.remote, useExternal: useExternal,
                                                                         requestBidi: configuration.bidi))
-        let bootstrap = ClientBootstrap(group: group)
-            .connectTimeout(.seconds(Int64(configuration.connectTimeoutSeconds)))
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
-            .channelOption(.writeBufferWaterMark, value: .init(low: 64 * 1024, high: 256 * 1024))
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    let link = FederationLink(origin: .outgoing, peerAddress: target.description, peerTarget: target.serverTarget, channel: channel)
-                    let decoder = XMLStreamDecoder(contentNamespace: XMLNamespace.server, limits: limits)
-                    let handler = OutgoingLinkHandler(
-                        manager: manager, link: link, decoder: decoder, clientContext: clientContext,
-                        serverName: asciiRemote, directTLS: target.directTLS, negotiation: negotiation, negotiated: negotiated)
-                    if target.directTLS {
-                        try channel.pipeline.syncOperations.addHandler(handler.makeTLSHandler())
+        var lastError: any Error = TargetResolutionError(reason: "\(target.host) has no address")
+        for address in resolved.addresses {
+            let negotiated = OneShot<FederationLink>()
+            let manager = self
+            let bootstrap = ClientBootstrap(group: group)
+                .connectTimeout(.seconds(Int64(configuration.connectTimeoutSeconds)))
+                .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                .channelOption(.writeBufferWaterMark, value: .init(low: 64 * 1024, high: 256 * 1024))
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        let link = FederationLink(origin: .outgoing, peerAddress: target.description, peerTarget: target.serverTarget, channel: channel)
+                        let decoder = XMLStreamDecoder(contentNamespace: XMLNamespace.server, limits: limits)
+                        let handler = OutgoingLinkHandler(
+                            manager: manager, link: link, decoder: decoder, clientContext: clientContext,
+                            serverName: asciiRemote, directTLS: target.directTLS, negotiation: negotiation, negotiated: negotiated)
+                        if target.directTLS {
+                            try channel.pipeline.syncOperations.addHandler(handler.makeTLSHandler())
+                        }
+                        try channel.pipeline.syncOperations.addHandler(decoder)
+                        try channel.pipeline.syncOperations.addHandler(XMLStreamEncoder(contentNamespace: XMLNamespace.server))
+                        try channel.pipeline.syncOperations.addHandler(handler)
                     }
-                    try channel.pipeline.syncOperations.addHandler(decoder)
-                    try channel.pipeline.syncOperations.addHandler(XMLStreamEncoder(contentNamespace: XMLNamespace.server))
-                    try channel.pipeline.syncOperations.addHandler(handler)
                 }
+            let channel: any Channel
+            do {
+                channel = try await trackedConnect(bootstrap, to: address)
+            } catch {
+                lastError = error
+                continue
             }
-        let channel: any Channel
-        do {
-            channel = try await trackedConnect(bootstrap, host: target.host, port: target.port)
-        } catch {
-            negotiated.fail(error)
-            throw LinkFailure(reason: "\(target): cannot connect (\(error))", stanzaError: StanzaError(.remoteServerTimeout), tryNextTarget: true)
+            metrics.connectionsOpened.increment()
+            // The whole negotiation is bounded; the handler completes the result either way.
+            let seconds = configuration.negotiationTimeoutSeconds
+            let timeout = Task {
+                try await Task.sleep(for: .seconds(seconds))
+                negotiated.fail(LinkFailure(reason: "\(target): negotiation timed out", stanzaError: StanzaError(.remoteServerTimeout, text: "negotiation with \(pair.remote) timed out"), tryNextTarget: true))
+                channel.close(promise: nil)
+            }
+            defer { timeout.cancel() }
+            return try await negotiated.value
         }
-        metrics.connectionsOpened.increment()
-        // The whole negotiation is bounded; the handler completes the promise either way.
-        let timeout = channel.eventLoop.scheduleTask(in: .seconds(Int64(configuration.negotiationTimeoutSeconds))) {
-            negotiated.fail(LinkFailure(reason: "\(target): negotiation timed out", stanzaError: StanzaError(.remoteServerTimeout, text: "negotiation with \(pair.remote) timed out"), tryNextTarget: true))
-            channel.close(promise: nil)
-        }
-        defer { timeout.cancel() }
-        return try await negotiated.futureResult.get()
+        throw LinkFailure(reason: "\(target): cannot connect (\(lastError))", stanzaError: StanzaError(.remoteServerTimeout), tryNextTarget: true)
     }
 
     func makeClientContext(local: String, directTLS: Bool) throws -> NIOSSLContext {

@@ -38,15 +38,27 @@ extension FederationManager {
             return .proven(known.method, expires: known.expires)
         }
         let evidence = PeerEvidence(certificateChain: link.certificateChain, time: Date(), connectedTarget: link.peerTarget)
-        let proofs = self.proofs
+        // As the connecting side, DANE comes first and its refusal is final: a secure TLSA
+        // record that does not match means the wrong server, whatever PKIX says (RFC 7673
+        // §4.2, digest §14 step 1). As the receiving side: PKIX, POSH, then DANE.
+        let ordered = link.peerTarget == nil ? proofs : proofs.filter { $0.method == .dane } + proofs.filter { $0.method != .dane }
         let outcome: ProofOutcome = await inFlight.run("prove|\(link.id)|\(domain)|\(fresh)") {
             var refutation: String?
             var reasons: [String] = []
-            for proof in proofs {
+            for proof in ordered {
                 switch await proof.prove(domain, evidence: evidence) {
+                case .proven(.posh, let expires):
+                    // POSH replaces the name check only: the certificate must still be
+                    // within its validity period, and the proof lapses with it (RFC 7711 §6).
+                    guard let leaf = evidence.certificateChain.first, leaf.notValidBefore <= evidence.time, evidence.time < leaf.notValidAfter else {
+                        reasons.append("posh: the certificate is outside its validity period")
+                        continue
+                    }
+                    return ProofOutcome.proven(.posh, expires: min(expires ?? leaf.notValidAfter, leaf.notValidAfter))
                 case .proven(let method, let expires):
                     return ProofOutcome.proven(method, expires: expires)
                 case .refuted(let why):
+                    if proof.method == .dane && evidence.connectedTarget != nil { return .refuted("dane: \(why)") }
                     refutation = refutation ?? "\(proof.method.rawValue): \(why)"
                 case .notApplicable(let why):
                     reasons.append("\(proof.method.rawValue): \(why)")
@@ -122,6 +134,12 @@ extension FederationManager {
     func revalidate(at now: Date = Date()) async {
         let margin = max(2.0, configuration.revalidationIntervalSeconds * 2)
         for link in openLinks {
+            if let idle = link.idleSeconds(at: now), idle > Double(configuration.idleTimeoutSeconds) {
+                // RFC 6120 §4.4: an idle link is closed politely; the next stanza opens one.
+                logger.info("closing an idle link", metadata: ["link": "\(link.id.prefix(8))", "peer": "\(link.peerAddress)", "idle": "\(Int(idle))s"])
+                link.closeStream()
+                continue
+            }
             var lapsed: [String] = []
             let expiring = link.authorizations.filter { authorization in
                 authorization.expires.map { $0.timeIntervalSince(now) < margin } ?? false
@@ -158,7 +176,11 @@ extension FederationManager {
             link.setNextRevocationCheck(.distantFuture)
             return
         }
-        let verdict = await revocation.check(chain: chain, at: now)
+        // OCSP needs each certificate's issuer: check the validated path, which ends in the
+        // trusted root the peer need not have sent.
+        let domain = link.authorizations.first?.pair.remote ?? ""
+        let path = await validator.trustedPath(of: chain, for: domain, at: now) ?? chain
+        let verdict = await revocation.check(chain: path, at: now)
         switch verdict.status {
         case .revoked(let reason):
             logger.warning("security: the peer's certificate was revoked; resetting the link", metadata: ["link": "\(link.id.prefix(8))", "peer": "\(link.peerAddress)", "reason": "\(reason)"])

@@ -1,3 +1,4 @@
+import Admin
 import DNS
 import Federation
 import Foundation
@@ -30,6 +31,9 @@ public final class BraidServer: Service {
     public let federation: FederationManager?
     private let resolver: UnboundResolver?
     private let boundFederationPorts = Mutex<[String: Int]>([:])
+    /// The HTTP side: POSH documents for every hosted domain, metrics, the links API.
+    public let admin: AdminServer
+    private let boundAdminPorts = Mutex<(admin: Int?, posh: Int?)>((nil, nil))
 
     /// How often the hosted-domain list is re-read; `braid domain add|remove` takes effect
     /// within this interval.
@@ -65,9 +69,8 @@ public final class BraidServer: Service {
                 resolvConf: dns.resolvConf, forwarders: dns.forwarders, trustAnchorFile: dns.trustAnchorFile,
                 timeout: .seconds(dns.timeoutSeconds)), logger: logger)
             self.resolver = resolver
-            let federation = try FederationManager(
-                configuration: configuration.s2s, host: FederationBridge(context: context),
-                locator: DNSPeerLocator(locator: XMPPServiceLocator(resolver: resolver), logger: logger),
+            let federation = try FederationManager.live(
+                configuration: configuration.s2s, resolver: resolver, host: FederationBridge(context: context),
                 group: group, logger: logger, metrics: FederationMetrics(factory: metricsRegistry))
             self.federation = federation
             router.setRemoteRoute(FederationRoute(manager: federation))
@@ -75,12 +78,22 @@ public final class BraidServer: Service {
             federation = nil
             resolver = nil
         }
+        let registry = metricsRegistry
+        let federationManager = federation
+        admin = AdminServer(configuration: configuration.admin, tls: context.certificates.store,
+                            isHosted: { domains.isHosted($0) }, metrics: { registry.prometheusText() },
+                            links: { federationManager?.links ?? [] }, logger: logger)
         metrics.startupSeconds.set(Self.seconds(ContinuousClock.now - started))
     }
 
     /// The ports the listeners are bound to (useful when the configuration asks for port 0).
     public var boundPorts: [ListenerKind: Int] {
         listeners.withLock { $0.compactMapValues { $0.localAddress?.port } }
+    }
+
+    /// The admin and POSH listener ports (nil when disabled).
+    public var adminPorts: (admin: Int?, posh: Int?) {
+        boundAdminPorts.withLock { $0 }
     }
 
     /// The s2s listener ports, by kind (`s2s_starttls`, `s2s_direct_tls`).
@@ -124,11 +137,13 @@ public final class BraidServer: Service {
             let ports = try await federation.start(defaultDomain: tlsDefaultDomain(defaultDomain))
             boundFederationPorts.withLock { $0 = ports }
         }
+        let adminPorts = try await admin.start()
+        boundAdminPorts.withLock { $0 = adminPorts }
         startDomainPolling()
         context.metrics.startupSeconds.set(Self.seconds(ContinuousClock.now - started) + (context.metrics.registry.gaugeValue("braid_startup_seconds") ?? 0))
         logger.info("Braid is serving", metadata: [
             "domains": "\(context.domains.count)",
-            "ports": "\((boundPorts.map { "\($0.key.rawValue)=\($0.value)" } + federationPorts.map { "\($0.key)=\($0.value)" }).sorted().joined(separator: ","))",
+            "ports": "\((boundPorts.map { "\($0.key.rawValue)=\($0.value)" } + federationPorts.map { "\($0.key)=\($0.value)" } + [adminPorts.admin.map { "admin=\($0)" }, adminPorts.posh.map { "posh=\($0)" }].compactMap { $0 }).sorted().joined(separator: ","))",
         ])
     }
 
@@ -209,6 +224,7 @@ public final class BraidServer: Service {
             try? await channel.close()
         }
         await federation?.shutdown()
+        await admin.shutdown()
         let sessions = context.sessions.allSessions()
         logger.notice("shutting down", metadata: ["sessions": "\(sessions.count)"])
         for session in sessions {

@@ -127,10 +127,29 @@ public struct PeerCertificateValidator: Sendable {
     }
 }
 
+extension PeerCertificateValidator {
+    /// The validated path from `chain`'s leaf to a trusted root, without any name check:
+    /// what revocation checks need (each certificate with its issuer). Nil when no path
+    /// validates at `time`.
+    public func trustedPath(of chain: [Certificate], for domain: String, at time: Date = Date()) async -> [Certificate]? {
+        guard let leaf = chain.first else { return nil }
+        var verifier = Verifier(rootCertificates: CertificateStore(anchors.roots(for: domain))) {
+            RFC5280Policy(validationTime: time)
+            XMPPPeerKeyUsagePolicy()
+        }
+        if case .validCertificate(let validated) = await verifier.validate(leaf: leaf, intermediates: CertificateStore(chain.dropFirst())) {
+            return Array(validated)
+        }
+        return nil
+    }
+}
+
 /// Accepts a leaf whose extended key usage allows server or client authentication, or that
 /// has none; refuses one restricted to other purposes (code signing, e-mail, ...).
 struct XMPPPeerKeyUsagePolicy: VerifierPolicy {
-    let verifyingCriticalExtensions: [ASN1ObjectIdentifier] = [.X509ExtensionID.extendedKeyUsage]
+    /// The extended key usage is judged here; the subject alternative names (critical when
+    /// the subject is empty, RFC 5280 §4.2.1.6) are matched by ``CertificateIdentity``.
+    let verifyingCriticalExtensions: [ASN1ObjectIdentifier] = [.X509ExtensionID.extendedKeyUsage, .X509ExtensionID.subjectAlternativeName]
 
     mutating func chainMeetsPolicyRequirements(chain: UnverifiedCertificateChain) async -> PolicyEvaluationResult {
         let leaf = chain.leaf

@@ -19,6 +19,16 @@ public struct TestCertificateAuthority: Sendable {
     private let privateKey: Certificate.PrivateKey
     private let name: DistinguishedName
     private let keyIdentifier: ArraySlice<UInt8>
+    /// The CA's key as P-256, kept to export it as PEM (``privateKeyPEM``).
+    private let signingKey: P256.Signing.PrivateKey
+    /// The OCSP responder URL written into the authorityInfoAccess extension of every
+    /// certificate this CA issues (RFC 5280 §4.2.2.1), or nil for none.
+    public let ocspResponderURL: String?
+    /// The certificates between this CA and its root, this CA's own first; empty for a root.
+    /// Issued chains carry them after the leaf (RFC 8446 §4.4.2).
+    public let intermediates: [Certificate]
+    /// The root this CA chains to: its own certificate for a root.
+    public let rootCertificate: Certificate
 
     /// Which extended key usages a leaf carries.
     public enum ExtendedKeyUsages: Sendable, Hashable {
@@ -39,7 +49,10 @@ public struct TestCertificateAuthority: Sendable {
     ///   - commonName: the CA's subject CN.
     ///   - now: the reference time; the CA is valid from a day before to `validityDays` after.
     ///   - validityDays: the CA's lifetime.
-    public init(commonName: String = "Braid Test CA", now: Date = Date(), validityDays: Int = 3650) throws {
+    ///   - ocspResponderURL: when set, every certificate this CA issues names this OCSP
+    ///     responder in its authorityInfoAccess extension (e.g. `http://127.0.0.1:8888`,
+    ///     served in tests by `openssl ocsp`).
+    public init(commonName: String = "Braid Test CA", now: Date = Date(), validityDays: Int = 3650, ocspResponderURL: String? = nil) throws {
         let key = P256.Signing.PrivateKey()
         let privateKey = Certificate.PrivateKey(key)
         let name = try CertificateFactory.commonNameOnly(commonName)
@@ -65,6 +78,104 @@ public struct TestCertificateAuthority: Sendable {
         self.privateKey = privateKey
         self.name = name
         self.keyIdentifier = keyIdentifier
+        self.signingKey = key
+        self.ocspResponderURL = ocspResponderURL
+        self.intermediates = []
+        self.rootCertificate = certificate
+    }
+
+    private init(
+        certificate: Certificate, signingKey: P256.Signing.PrivateKey, keyIdentifier: ArraySlice<UInt8>,
+        ocspResponderURL: String?, intermediates: [Certificate], rootCertificate: Certificate
+    ) throws {
+        self.certificate = certificate
+        self.certificatePEM = try CertificateFactory.pem(certificate)
+        self.privateKey = Certificate.PrivateKey(signingKey)
+        self.name = certificate.subject
+        self.keyIdentifier = keyIdentifier
+        self.signingKey = signingKey
+        self.ocspResponderURL = ocspResponderURL
+        self.intermediates = intermediates
+        self.rootCertificate = rootCertificate
+    }
+
+    /// The CA's private key as PKCS#8 PEM, for tools that must sign as the CA (for example
+    /// `openssl ocsp -rsigner CA.pem -rkey KEY.pem` as the OCSP responder).
+    public var privateKeyPEM: String {
+        CertificateFactory.pem(signingKey)
+    }
+
+    /// Issues an intermediate CA under this one. Its certificate names this CA's OCSP
+    /// responder (if any); the certificates it issues name `ocspResponderURL` (if any) and
+    /// come with the chain up to, not including, the root.
+    public func issueIntermediate(
+        commonName: String,
+        ocspResponderURL: String? = nil,
+        notValidBefore: Date = Date() - 3600,
+        notValidAfter: Date = Date() + 86_400 * 365
+    ) throws -> TestCertificateAuthority {
+        let key = P256.Signing.PrivateKey()
+        let publicKey = Certificate.PrivateKey(key).publicKey
+        let identifier = SubjectKeyIdentifier(hash: publicKey).keyIdentifier
+        var extensions = Certificate.Extensions()
+        try extensions.append(Certificate.Extension(BasicConstraints.isCertificateAuthority(maxPathLength: nil), critical: true))
+        try extensions.append(Certificate.Extension(KeyUsage(keyCertSign: true, cRLSign: true), critical: true))
+        try extensions.append(Certificate.Extension(SubjectKeyIdentifier(keyIdentifier: identifier), critical: false))
+        try extensions.append(Certificate.Extension(AuthorityKeyIdentifier(keyIdentifier: keyIdentifier), critical: false))
+        if let url = self.ocspResponderURL {
+            try extensions.append(Self.ocspAccess(url))
+        }
+        let certificate = try Certificate(
+            version: .v3,
+            serialNumber: Certificate.SerialNumber(),
+            publicKey: publicKey,
+            notValidBefore: notValidBefore,
+            notValidAfter: notValidAfter,
+            issuer: name,
+            subject: try CertificateFactory.commonNameOnly(commonName),
+            signatureAlgorithm: CertificateFactory.signatureAlgorithm,
+            extensions: extensions,
+            issuerPrivateKey: privateKey
+        )
+        return try TestCertificateAuthority(
+            certificate: certificate, signingKey: key, keyIdentifier: identifier,
+            ocspResponderURL: ocspResponderURL, intermediates: [certificate] + intermediates, rootCertificate: rootCertificate
+        )
+    }
+
+    /// Issues a delegated OCSP responder certificate (extended key usage id-kp-OCSPSigning,
+    /// RFC 6960 §4.2.2.2), for `openssl ocsp -rsigner`.
+    public func issueOCSPResponder(
+        commonName: String = "Braid Test OCSP Responder",
+        notValidBefore: Date = Date() - 3600,
+        notValidAfter: Date = Date() + 86_400 * 30
+    ) throws -> PEMCredentials {
+        let key = P256.Signing.PrivateKey()
+        let certificate = try CertificateFactory.makeLeaf(
+            publicKey: Certificate.PrivateKey(key).publicKey,
+            subject: try CertificateFactory.commonNameOnly(commonName),
+            issuer: name,
+            issuerPrivateKey: privateKey,
+            issuerKeyIdentifier: keyIdentifier,
+            notValidBefore: notValidBefore,
+            notValidAfter: notValidAfter,
+            subjectAltNames: [],
+            extendedKeyUsages: [.ocspSigning]
+        )
+        return PEMCredentials(certificateChainPEM: try CertificateFactory.pem(certificate), privateKeyPEM: CertificateFactory.pem(key))
+    }
+
+    /// An authorityInfoAccess extension naming one OCSP responder (RFC 5280 §4.2.2.1).
+    private static func ocspAccess(_ url: String) throws -> Certificate.Extension {
+        let access = AuthorityInformationAccess([
+            AuthorityInformationAccess.AccessDescription(method: .ocspServer, location: .uniformResourceIdentifier(url))
+        ])
+        return try Certificate.Extension(access, critical: false)
+    }
+
+    /// The leaf as PEM followed by this CA's intermediates (none for a root).
+    private func chainPEM(_ leaf: Certificate) throws -> String {
+        try ([leaf] + intermediates).map(CertificateFactory.pem).joined()
     }
 
     /// Issues a leaf certificate with a new P-256 key.
@@ -81,7 +192,9 @@ public struct TestCertificateAuthority: Sendable {
     ///   - notValidAfter: end of validity; may lie in the past for an expired certificate.
     ///   - extendedKeyUsages: which extended key usages to include.
     /// - Returns: the leaf alone as the chain (the root is the trust anchor, ``certificatePEM``)
-    ///   and its key.
+    ///   and its key. For an intermediate CA (``issueIntermediate(commonName:ocspResponderURL:notValidBefore:notValidAfter:)``)
+    ///   the chain continues with ``intermediates``. With ``ocspResponderURL`` set, the leaf
+    ///   names that OCSP responder.
     public func issue(
         commonName: String? = nil,
         dnsIDs: [String] = [],
@@ -103,19 +216,27 @@ public struct TestCertificateAuthority: Sendable {
         case .clientAuthOnly: CertificateFactory.extendedKeyUsages(serverAuth: false, clientAuth: true)
         case .omitted: nil
         }
-        let certificate = try CertificateFactory.makeLeaf(
-            publicKey: leafKey.publicKey,
-            subject: subject,
-            issuer: name,
-            issuerPrivateKey: privateKey,
-            issuerKeyIdentifier: keyIdentifier,
-            notValidBefore: notValidBefore,
-            notValidAfter: notValidAfter,
-            subjectAltNames: names,
-            extendedKeyUsages: usages ?? []
-        )
+        let certificate: Certificate
+        if let ocspResponderURL {
+            certificate = try makeLeaf(
+                publicKey: leafKey.publicKey, subject: subject, notValidBefore: notValidBefore, notValidAfter: notValidAfter,
+                subjectAltNames: names, extendedKeyUsages: usages ?? [], ocspResponderURL: ocspResponderURL
+            )
+        } else {
+            certificate = try CertificateFactory.makeLeaf(
+                publicKey: leafKey.publicKey,
+                subject: subject,
+                issuer: name,
+                issuerPrivateKey: privateKey,
+                issuerKeyIdentifier: keyIdentifier,
+                notValidBefore: notValidBefore,
+                notValidAfter: notValidAfter,
+                subjectAltNames: names,
+                extendedKeyUsages: usages ?? []
+            )
+        }
         return PEMCredentials(
-            certificateChainPEM: try CertificateFactory.pem(certificate),
+            certificateChainPEM: try chainPEM(certificate),
             privateKeyPEM: CertificateFactory.pem(key)
         )
     }
@@ -146,6 +267,46 @@ public struct TestCertificateAuthority: Sendable {
             notValidBefore: notValidBefore,
             notValidAfter: notValidAfter,
             extendedKeyUsages: extendedKeyUsages
+        )
+    }
+
+    /// The profile of `CertificateFactory.makeLeaf`, plus an authorityInfoAccess extension
+    /// naming the OCSP responder.
+    private func makeLeaf(
+        publicKey: Certificate.PublicKey,
+        subject: DistinguishedName,
+        notValidBefore: Date,
+        notValidAfter: Date,
+        subjectAltNames: [GeneralName],
+        extendedKeyUsages: [ExtendedKeyUsage.Usage],
+        ocspResponderURL: String
+    ) throws -> Certificate {
+        guard notValidAfter > notValidBefore else {
+            throw TrustError(.invalidValidity, "the certificate would expire before it becomes valid")
+        }
+        var extensions = Certificate.Extensions()
+        try extensions.append(Certificate.Extension(BasicConstraints.notCertificateAuthority, critical: true))
+        try extensions.append(Certificate.Extension(KeyUsage(digitalSignature: true), critical: true))
+        if !extendedKeyUsages.isEmpty {
+            try extensions.append(Certificate.Extension(ExtendedKeyUsage(extendedKeyUsages), critical: false))
+        }
+        try extensions.append(Certificate.Extension(SubjectKeyIdentifier(hash: publicKey), critical: false))
+        try extensions.append(Certificate.Extension(AuthorityKeyIdentifier(keyIdentifier: keyIdentifier), critical: false))
+        if !subjectAltNames.isEmpty {
+            try extensions.append(Certificate.Extension(SubjectAlternativeNames(subjectAltNames), critical: subject.isEmpty))
+        }
+        try extensions.append(Self.ocspAccess(ocspResponderURL))
+        return try Certificate(
+            version: .v3,
+            serialNumber: Certificate.SerialNumber(),
+            publicKey: publicKey,
+            notValidBefore: notValidBefore,
+            notValidAfter: notValidAfter,
+            issuer: name,
+            subject: subject,
+            signatureAlgorithm: CertificateFactory.signatureAlgorithm,
+            extensions: extensions,
+            issuerPrivateKey: privateKey
         )
     }
 }

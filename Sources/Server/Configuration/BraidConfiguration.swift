@@ -1,3 +1,4 @@
+import Admin
 import Federation
 import Foundation
 import Yams
@@ -26,6 +27,8 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
     public var s2s = FederationConfiguration()
     /// How peers are looked up in DNS.
     public var dns = DNSConfiguration()
+    /// The HTTP side: POSH documents, metrics, the links API.
+    public var admin = AdminConfiguration()
 
     public init() {}
 
@@ -35,7 +38,7 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
         case logLevel = "log_level"
         case c2s, auth, tls, offline
         case streamManagement = "stream_management"
-        case s2s, dns
+        case s2s, dns, admin
     }
 
     public struct ClientSettings: Codable, Sendable, Equatable {

@@ -38,6 +38,26 @@ struct FederatedPair {
         configureA: @escaping (inout BraidConfiguration) -> Void = { _ in },
         configureB: @escaping (inout BraidConfiguration) -> Void = { _ in }
     ) async throws -> FederatedPair {
+        // The s2s ports are chosen before binding (each server must know the other's), so
+        // another test may take one in between: try again with fresh ports.
+        for attempt in 1... {
+            do {
+                return try await startOnce(aDomains: aDomains, aUsers: aUsers, bDomains: bDomains, bUsers: bUsers, certificates: certificates,
+                                           aCertified: aCertified, bCertified: bCertified, bNotValidAfter: bNotValidAfter,
+                                           configureA: configureA, configureB: configureB)
+            } catch where attempt < 5 && "\(error)".contains("Address already in use") {
+                continue
+            }
+        }
+        preconditionFailure("unreachable")
+    }
+
+    private static func startOnce(
+        aDomains: [String], aUsers: [String], bDomains: [String], bUsers: [String],
+        certificates: PeerCertificates, aCertified: [String]?, bCertified: [String]?, bNotValidAfter: Date?,
+        configureA: @escaping (inout BraidConfiguration) -> Void,
+        configureB: @escaping (inout BraidConfiguration) -> Void
+    ) async throws -> FederatedPair {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("braid-fed-\(UUID().uuidString)").path
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         let ca = try TestCertificateAuthority()

@@ -40,6 +40,11 @@ final class TestServer: Sendable {
         configuration.s2s.address = "127.0.0.1"
         configuration.s2s.starttlsPort = 0
         configuration.s2s.directTLSPort = 0
+        // The HTTP side on ephemeral loopback ports, so parallel tests do not collide.
+        configuration.admin.adminAddress = "127.0.0.1"
+        configuration.admin.adminPort = 0
+        configuration.admin.poshAddress = "127.0.0.1"
+        configuration.admin.poshPort = 0
         configure(&configuration)
         var logger = Logger(label: "braid.test")
         logger.logLevel = ProcessInfo.processInfo.environment["BRAID_TEST_LOG"].flatMap(Logger.Level.init(rawValue:)) ?? .critical

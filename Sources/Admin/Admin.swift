@@ -1,1 +1,0 @@
-// The Admin module: the HTTP side (POSH documents, metrics, the admin API).
