@@ -31,6 +31,9 @@ final class IncomingLinkHandler: ChannelInboundHandler {
     /// The certificate check made when EXTERNAL was offered, reused on success.
     private var externalProof: ValidatedPeerCertificate?
     private var negotiationTimer: Scheduled<Void>?
+    /// SASL EXTERNAL succeeded for (peer, local); the pair is authorised once the restarted
+    /// stream's header is answered.
+    private var authenticatedByExternal: (String, String)?
 
     init(manager: FederationManager, link: FederationLink, decoder: XMLStreamDecoder, directTLS: Bool) {
         self.manager = manager
@@ -162,6 +165,12 @@ final class IncomingLinkHandler: ChannelInboundHandler {
             link.setStreamID(header.id)
             context.write(wrapOutboundOut(.header(header)), promise: nil)
             context.writeAndFlush(wrapOutboundOut(.element(features)), promise: nil)
+            if let (peer, local) = authenticatedByExternal {
+                // The restarted stream is open: only now may stanzas flow, including, on a
+                // bidirectional link, ours to the peer (XEP-0288 §2.2, RFC 6120 §6.4.6).
+                authenticatedByExternal = nil
+                manager.authorize(DomainPair(local: local, remote: peer), .inbound, on: link, method: .pkix, expires: externalProof?.expires)
+            }
         case .startTLS(let domain):
             startTLS(domain: domain, context: context)
         case .send(let element):
@@ -170,7 +179,7 @@ final class IncomingLinkHandler: ChannelInboundHandler {
             context.writeAndFlush(wrapOutboundOut(.element(XMLElement(name: "success", namespace: XMLNamespace.sasl))), promise: nil)
             decoder.restart(leftover: .parse, context: context)
             link.recordProof(of: peer, method: .pkix, expires: externalProof?.expires)
-            manager.authorize(DomainPair(local: local, remote: peer), .inbound, on: link, method: .pkix, expires: externalProof?.expires)
+            authenticatedByExternal = (peer, local)
             logger.info("peer authenticated with SASL EXTERNAL", metadata: ["peer-domain": "\(peer)", "local": "\(local)", "bidi": "\(link.isBidirectional)"])
         case .authorizeDialback(let request, let streamID):
             session.peerAsserts(request, streamID: streamID)
