@@ -281,6 +281,12 @@ enum InboundChecks {
         guard let stanza = Stanza(element) else {
             return .reject(StreamError(.unsupportedStanzaType), reason: "unexpected <\(element.name)> in \(element.namespace)")
         }
+        // The common case costs two lookups; the reasons for a refusal are worked out only
+        // when there is one.
+        if let toText = stanza.toString, let fromText = stanza.fromString, let to = try? JID(toText), let from = try? JID(fromText),
+           link.isAuthorized(DomainPair(local: to.domainpart, remote: from.domainpart), .inbound), host.isHosted(to.domainpart) {
+            return .accept(stanza)
+        }
         guard link.hasInboundPairs() || link.authorizations.contains(where: { $0.direction == .inbound }) else {
             return .reject(StreamError(.notAuthorized), reason: "stanza before any domain was authenticated")
         }
@@ -300,10 +306,7 @@ enum InboundChecks {
         guard link.isRemoteAuthenticated(from.domainpart) else {
             return .reject(StreamError(.invalidFrom), reason: "'from' domain \(from.domainpart) is not authenticated on this link")
         }
-        guard host.isHosted(to.domainpart), link.isAuthorized(pair, .inbound) else {
-            return .reject(StreamError(.hostUnknown), reason: "pair \(pair) is not authorised on this link")
-        }
-        return .accept(stanza)
+        return .reject(StreamError(.hostUnknown), reason: "pair \(pair) is not authorised on this link")
     }
 }
 
