@@ -113,6 +113,8 @@ public final class FederationManager: Sendable {
     let clientContexts = Mutex<[String: NIOSSLContext]>([:])
     let inFlight = InFlightWork()
     private let maintenance = Mutex<Task<Void, Never>?>(nil)
+    /// Peer certificates (DER of the leaf) found revoked: no proof rests on them again.
+    let revokedCertificates = Mutex<Set<[UInt8]>>([])
     /// Connection attempts under way, awaited on shutdown so none outlives the event loops.
     let connectAttempts = Mutex<[UUID: EventLoopFuture<any Channel>]>([:])
 

@@ -1,4 +1,5 @@
 import Foundation
+import SwiftASN1
 import Trust
 import X509
 import XMPPCore
@@ -38,6 +39,9 @@ extension FederationManager {
             return .proven(known.method, expires: known.expires)
         }
         let evidence = PeerEvidence(certificateChain: link.certificateChain, time: Date(), connectedTarget: link.peerTarget)
+        if let leaf = evidence.certificateChain.first, isRevoked(leaf) {
+            return .notApplicable("the certificate presented was revoked")
+        }
         // As the connecting side, DANE comes first and its refusal is final: a secure TLSA
         // record that does not match means the wrong server, whatever PKIX says (RFC 7673
         // §4.2, digest §14 step 1). As the receiving side: PKIX, POSH, then DANE.
@@ -169,6 +173,11 @@ extension FederationManager {
         }
     }
 
+    func isRevoked(_ certificate: Certificate) -> Bool {
+        guard let der = try? certificate.derBytes() else { return false }
+        return revokedCertificates.withLock { $0.contains(der) }
+    }
+
     private func checkRevocation(of link: FederationLink, at now: Date) async {
         guard let revocation, link.nextRevocationCheck <= now else { return }
         let chain = link.certificateChain
@@ -183,11 +192,23 @@ extension FederationManager {
         let verdict = await revocation.check(chain: path, at: now)
         switch verdict.status {
         case .revoked(let reason):
+            if let leaf = chain.first, let der = try? leaf.derBytes() {
+                revokedCertificates.withLock { _ = $0.insert(der) }
+            }
             logger.warning("security: the peer's certificate was revoked; resetting the link", metadata: ["link": "\(link.id.prefix(8))", "peer": "\(link.peerAddress)", "reason": "\(reason)"])
             metrics.resets("revoked")
             link.close(with: StreamError(.reset, text: "certificate revoked"))
         case .good, .unknown:
             link.setNextRevocationCheck(verdict.nextCheck ?? now.addingTimeInterval(24 * 3600))
         }
+    }
+}
+
+extension Certificate {
+    /// The DER encoding, as presented.
+    func derBytes() throws -> [UInt8] {
+        var serializer = DER.Serializer()
+        try serializer.serialize(self)
+        return serializer.serializedBytes
     }
 }

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 import Trust
 import XMPPCore
 @testable import Federation
@@ -239,6 +240,59 @@ struct MultiplexingTests {
             #expect(pairs(pair.a).contains("outbound a.example⇄b.example dialback"))
             await alice.close()
             await bob.close()
+        }
+    }
+}
+
+/// OCSP on links (RFC 6120 §13.7.2.3): a real `openssl ocsp` responder says B's
+/// certificate is revoked.
+@Suite("Revoked peer certificates", .serialized, .enabled(if: OCSPResponderFixture.isAvailable))
+struct RevocationTests {
+    @Test("A revoked peer certificate resets the link; the next link does not rest on it")
+    func revokedCertificateResets() async throws {
+        let ocspPort = try LoopbackPorts.freePort()
+        try await withFederation(ocspPort: ocspPort, configureA: { $0.s2s.revalidationIntervalSeconds = 0.25 }) { pair in
+            try await OCSPResponderFixture.with(port: ocspPort, issuer: pair.ca, states: [(pair.bCertificate, .revoked(reason: "keyCompromise"))]) { _ in
+                let (alice, _) = try await pair.a.loggedIn("alice@a.example")
+                let (bob, _) = try await pair.b.loggedIn("bob@b.example")
+                try await bob.sendPresence()
+                try await alice.sendMessage(to: "bob@b.example", body: "one")
+                _ = try await bob.waitFor(timeout: .seconds(10)) { $0.name == "message" }
+                try await waitUntil(timeout: .seconds(10)) {
+                    pair.a.metrics.counterValue("braid_s2s_link_resets_total", [("reason", "revoked")]) == 1
+                }
+                try await waitUntil { (pair.a.server.federation?.openLinks ?? []).isEmpty }
+                // The next link cannot use the revoked certificate as a proof: b.example is
+                // authenticated the dialback way, and messages still flow.
+                try await alice.sendMessage(to: "bob@b.example", body: "two")
+                #expect(try await bob.waitFor(timeout: .seconds(10)) { $0.name == "message" }.body == "two")
+                let methods = (pair.a.server.federation?.links ?? []).filter { !$0.closed }.flatMap(\.pairs).filter { $0.direction == .outbound }.map(\.method)
+                #expect(methods == [.dialback])
+                await alice.close()
+                await bob.close()
+            }
+        }
+    }
+
+    @Test("A good OCSP answer leaves the link alone")
+    func goodCertificateStays() async throws {
+        let ocspPort = try LoopbackPorts.freePort()
+        try await withFederation(ocspPort: ocspPort, configureA: { $0.s2s.revalidationIntervalSeconds = 0.25 }) { pair in
+            try await OCSPResponderFixture.with(port: ocspPort, issuer: pair.ca, states: [(pair.bCertificate, .valid)]) { _ in
+                let (alice, _) = try await pair.a.loggedIn("alice@a.example")
+                let (bob, _) = try await pair.b.loggedIn("bob@b.example")
+                try await bob.sendPresence()
+                try await alice.sendMessage(to: "bob@b.example", body: "one")
+                _ = try await bob.waitFor(timeout: .seconds(10)) { $0.name == "message" }
+                let link = pair.a.server.federation?.openLinks.first
+                // Revalidation ran several times, and the check was answered "good".
+                try await Task.sleep(for: .seconds(1.5))
+                #expect(link.map { $0.nextRevocationCheck > Date() + 60 } == true)
+                #expect(pair.a.metrics.counterValue("braid_s2s_link_resets_total", [("reason", "revoked")]) == 0)
+                #expect(pair.a.server.federation?.openLinks.first === link)
+                await alice.close()
+                await bob.close()
+            }
         }
     }
 }

@@ -3,6 +3,7 @@ import NIOCore
 import NIOPosix
 import Server
 import Trust
+import X509
 import XMPPCore
 @testable import Federation
 
@@ -21,6 +22,8 @@ struct FederatedPair {
     let b: TestServer
     let directory: String
     let ca: TestCertificateAuthority
+    /// The certificate B presents.
+    let bCertificate: Certificate
 
     static func freePort() async throws -> Int {
         let group = MultiThreadedEventLoopGroup.singleton
@@ -34,7 +37,7 @@ struct FederatedPair {
         aDomains: [String] = ["a.example"], aUsers: [String] = ["alice@a.example"],
         bDomains: [String] = ["b.example"], bUsers: [String] = ["bob@b.example"],
         certificates: PeerCertificates = .trustedCA,
-        aCertified: [String]? = nil, bCertified: [String]? = nil, bNotValidAfter: Date? = nil,
+        aCertified: [String]? = nil, bCertified: [String]? = nil, bNotValidAfter: Date? = nil, ocspPort: Int? = nil,
         configureA: @escaping (inout BraidConfiguration) -> Void = { _ in },
         configureB: @escaping (inout BraidConfiguration) -> Void = { _ in }
     ) async throws -> FederatedPair {
@@ -43,7 +46,7 @@ struct FederatedPair {
         for attempt in 1... {
             do {
                 return try await startOnce(aDomains: aDomains, aUsers: aUsers, bDomains: bDomains, bUsers: bUsers, certificates: certificates,
-                                           aCertified: aCertified, bCertified: bCertified, bNotValidAfter: bNotValidAfter,
+                                           aCertified: aCertified, bCertified: bCertified, bNotValidAfter: bNotValidAfter, ocspPort: ocspPort,
                                            configureA: configureA, configureB: configureB)
             } catch where attempt < 5 && "\(error)".contains("Address already in use") {
                 continue
@@ -54,13 +57,14 @@ struct FederatedPair {
 
     private static func startOnce(
         aDomains: [String], aUsers: [String], bDomains: [String], bUsers: [String],
-        certificates: PeerCertificates, aCertified: [String]?, bCertified: [String]?, bNotValidAfter: Date?,
+        certificates: PeerCertificates, aCertified: [String]?, bCertified: [String]?, bNotValidAfter: Date?, ocspPort: Int?,
         configureA: @escaping (inout BraidConfiguration) -> Void,
         configureB: @escaping (inout BraidConfiguration) -> Void
     ) async throws -> FederatedPair {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("braid-fed-\(UUID().uuidString)").path
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-        let ca = try TestCertificateAuthority()
+        // With `ocspPort`, every certificate names an OCSP responder there (which the test runs).
+        let ca = try TestCertificateAuthority(ocspResponderURL: ocspPort.map { "http://127.0.0.1:\($0)" })
         let caFile = "\(directory)/ca.pem"
         try ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
         let aPort = try await freePort()
@@ -110,7 +114,8 @@ struct FederatedPair {
             await a.stop()
             throw error
         }
-        return FederatedPair(a: a, b: b, directory: directory, ca: ca)
+        let bCertificate = try PEMCredentials.load(certificatePath: bFiles.certificate, keyPath: bFiles.key).certificateChain()[0]
+        return FederatedPair(a: a, b: b, directory: directory, ca: ca, bCertificate: bCertificate)
     }
 
     func stop() async {
@@ -125,13 +130,13 @@ func withFederation(
     aDomains: [String] = ["a.example"], aUsers: [String] = ["alice@a.example"],
     bDomains: [String] = ["b.example"], bUsers: [String] = ["bob@b.example"],
     certificates: PeerCertificates = .trustedCA,
-    aCertified: [String]? = nil, bCertified: [String]? = nil, bNotValidAfter: Date? = nil,
+    aCertified: [String]? = nil, bCertified: [String]? = nil, bNotValidAfter: Date? = nil, ocspPort: Int? = nil,
     configureA: @escaping (inout BraidConfiguration) -> Void = { _ in },
     configureB: @escaping (inout BraidConfiguration) -> Void = { _ in },
     _ body: (FederatedPair) async throws -> Void
 ) async throws {
     let pair = try await FederatedPair.start(aDomains: aDomains, aUsers: aUsers, bDomains: bDomains, bUsers: bUsers,
-                                             certificates: certificates, aCertified: aCertified, bCertified: bCertified, bNotValidAfter: bNotValidAfter,
+                                             certificates: certificates, aCertified: aCertified, bCertified: bCertified, bNotValidAfter: bNotValidAfter, ocspPort: ocspPort,
                                              configureA: configureA, configureB: configureB)
     do {
         try await body(pair)
