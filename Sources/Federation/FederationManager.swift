@@ -476,6 +476,11 @@ public final class FederationManager: Sendable {
         state.withLock { Array($0.links.values) }.map(\.snapshot).sorted { $0.createdAt < $1.createdAt }
     }
 
+    /// Sets the link gauges (links, pairs by method, queue depth) from the current state.
+    public func recordGauges() {
+        metrics.record(links: links, pending: pendingCount)
+    }
+
     /// Stanzas waiting for a pair to be set up, for operators and metrics.
     public var pendingCount: Int {
         state.withLock { $0.pending.values.reduce(0) { $0 + $1.stanzas.count } }

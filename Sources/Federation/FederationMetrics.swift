@@ -37,6 +37,24 @@ public struct FederationMetrics: Sendable {
         securityViolations = Counter(label: "braid_s2s_security_violations_total", factory: factory)
     }
 
+    /// The state of the links now: how many, how many pairs they carry, and what waits.
+    func record(links: [LinkSnapshot], pending: Int) {
+        let open = links.filter { !$0.closed }
+        for origin in [FederationLink.Origin.outgoing, .incoming] {
+            Gauge(label: "braid_s2s_links", dimensions: [("origin", origin.rawValue)], factory: factory).record(open.filter { $0.origin == origin }.count)
+        }
+        for direction in [PairDirection.outbound, .inbound] {
+            for method in ProofMethod.allCases {
+                let count = open.reduce(0) { $0 + $1.pairs.filter { $0.direction == direction && $0.method == method }.count }
+                Gauge(label: "braid_s2s_pairs", dimensions: [("direction", direction.rawValue), ("method", method.rawValue)], factory: factory).record(count)
+            }
+        }
+        Gauge(label: "braid_s2s_pairs_per_link_max", factory: factory).record(open.map(\.pairs.count).max() ?? 0)
+        Gauge(label: "braid_s2s_queue_depth", dimensions: [("where", "link")], factory: factory).record(open.reduce(0) { $0 + $1.queued })
+        Gauge(label: "braid_s2s_queue_depth", dimensions: [("where", "pending")], factory: factory).record(pending)
+        Gauge(label: "braid_s2s_unacknowledged", factory: factory).record(open.reduce(0) { $0 + $1.unacknowledged })
+    }
+
     /// A link reset because proofs lapsed or a certificate was revoked.
     func resets(_ reason: String) {
         Counter(label: "braid_s2s_link_resets_total", dimensions: [("reason", reason)], factory: factory).increment()

@@ -74,6 +74,7 @@ public final class BraidServer: Service {
                 group: group, logger: logger, metrics: FederationMetrics(factory: metricsRegistry))
             self.federation = federation
             router.setRemoteRoute(FederationRoute(manager: federation))
+            metricsRegistry.onExport { federation.recordGauges() }
         } else {
             federation = nil
             resolver = nil

@@ -94,6 +94,12 @@ struct MultiplexingTests {
             // A added two targets to its link; B asserted six pairs of its own on it.
             #expect(pair.a.metrics.counterValue("braid_s2s_connections_saved_total") == 2)
             #expect(pair.b.metrics.counterValue("braid_s2s_connections_saved_total") == 6)
+            // The gauges an operator scrapes say the same.
+            _ = pair.a.metrics.prometheusText()
+            #expect(pair.a.metrics.gaugeValue("braid_s2s_links", [("origin", "outgoing")]) == 1)
+            #expect(pair.a.metrics.gaugeValue("braid_s2s_links", [("origin", "incoming")]) == 0)
+            #expect(pair.a.metrics.gaugeValue("braid_s2s_pairs", [("direction", "outbound"), ("method", "pkix")]) == 9)
+            #expect(pair.a.metrics.gaugeValue("braid_s2s_pairs_per_link_max") == 18)
             for client in Array(a.values) + Array(b.values) { await client.close() }
         }
     }
