@@ -25,8 +25,8 @@ public struct FederationConfiguration: Codable, Sendable, Equatable {
     public var negotiationTimeoutSeconds: Int = 30
     /// Seconds a link may stay idle before it is closed.
     public var idleTimeoutSeconds: Int = 900
-    /// Stanzas waiting per domain pair while its link is being set up; beyond that they
-    /// bounce with `resource-constraint`.
+    /// Stanzas waiting per domain pair, while its link is being set up and on the link when
+    /// the peer reads slowly; beyond that they bounce with `resource-constraint`.
     public var queueLimit: Int = 1000
     /// Largest stanza accepted from a peer, in bytes (RFC 6120 §13.12).
     public var maxStanzaBytes: Int = 512 * 1024

@@ -309,17 +309,28 @@ public final class FederationLink: Sendable {
     // MARK: Sending
 
     /// Queues a stanza for an authorised pair; it is written when the socket can take it.
-    func enqueue(_ stanza: Stanza, for pair: DomainPair) {
-        let schedule = state.withLock { state -> Bool in
+    /// Refused (false) when the pair already has `limit` stanzas waiting on this link: the
+    /// caller bounces it rather than let a slow peer grow memory without bound.
+    @discardableResult
+    func enqueue(_ stanza: Stanza, for pair: DomainPair, limit: Int = .max) -> Bool {
+        let schedule = state.withLock { state -> Bool? in
+            guard (state.outbound.queues[pair]?.count ?? 0) < limit else { return nil }
             state.outbound.push(stanza, for: pair)
             if state.outbound.drainScheduled { return false }
             state.outbound.drainScheduled = true
             return true
         }
+        guard let schedule else { return false }
         if schedule {
             channel.eventLoop.execute { self.drain() }
         }
+        return true
     }
+
+    /// Sent stanzas the peer has not acknowledged yet beyond which sending pauses until it
+    /// does (XEP-0198 as flow control: a peer that never acknowledges cannot make us hold an
+    /// unbounded re-send buffer).
+    static let maximumUnacknowledged = 5000
 
     /// Writes queued stanzas round-robin while the channel is writable (NIO backpressure),
     /// counting them for stream management. Runs on the channel's event loop.
@@ -329,6 +340,7 @@ public final class FederationLink: Sendable {
         var requestAck = false
         while channel.isWritable {
             let next = state.withLock { state -> Stanza? in
+                if let sm = state.streamManagement, sm.unacked.count >= Self.maximumUnacknowledged { return nil }
                 guard let (_, stanza) = state.outbound.pop() else { return nil }
                 state.stanzasSent += 1
                 state.lastActivity = Date()
@@ -403,15 +415,18 @@ public final class FederationLink: Sendable {
 
     /// Applies the peer's `<a h='…'/>`. False if it acknowledges more than we sent.
     func acknowledge(_ handled: UInt32) -> Bool {
-        state.withLock { state in
-            guard var sm = state.streamManagement else { return true }
+        let (valid, resume) = state.withLock { state -> (Bool, Bool) in
+            guard var sm = state.streamManagement else { return (true, false) }
             let newly = handled &- sm.acknowledged
-            guard newly <= UInt32(sm.unacked.count) else { return false }
+            guard newly <= UInt32(sm.unacked.count) else { return (false, false) }
+            let wasFull = sm.unacked.count >= Self.maximumUnacknowledged
             sm.unacked.removeFirst(Int(newly))
             sm.acknowledged = handled
             state.streamManagement = sm
-            return true
+            return (true, wasFull && state.outbound.count > 0)
         }
+        if resume { drain() }
+        return valid
     }
 
     // MARK: Closing

@@ -203,7 +203,9 @@ public final class FederationManager: Sendable {
             if state.shuttingDown { return .bounce(StanzaError(.remoteServerTimeout, text: "the server is shutting down")) }
             if let link = state.routes[pair] {
                 if link.isAuthorized(pair, .outbound) {
-                    link.enqueue(stanza, for: pair)
+                    guard link.enqueue(stanza, for: pair, limit: configuration.queueLimit) else {
+                        return .bounce(StanzaError(.resourceConstraint, text: "too many stanzas waiting for \(pair.remote)"))
+                    }
                     return .sent
                 }
                 // Closed, withdrawn or lapsed: stop using it at once (RFC 6120 §13.7.2.3).

@@ -79,6 +79,12 @@ final class IncomingLinkHandler: ChannelInboundHandler {
         context.fireChannelActive()
     }
 
+    /// NIO backpressure: the socket took what was buffered, so the link's queues drain on.
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { link.drain() }
+        context.fireChannelWritabilityChanged()
+    }
+
     func channelInactive(context: ChannelHandlerContext) {
         negotiationTimer?.cancel()
         negotiation.closed()

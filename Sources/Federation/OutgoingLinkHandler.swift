@@ -80,6 +80,12 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
         context.fireChannelActive()
     }
 
+    /// NIO backpressure: the socket took what was buffered, so the link's queues drain on.
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { link.drain() }
+        context.fireChannelWritabilityChanged()
+    }
+
     func channelInactive(context: ChannelHandlerContext) {
         negotiation.closed()
         session.finish()
