@@ -48,6 +48,12 @@ public final class XMLStreamParser {
     /// An error found while parsing the current slice, reported after the slice's events.
     private var pendingError: XMLStreamError?
     private var failure: XMLStreamError?
+    /// Expat refused the character at this byte index, but it is a UTF-8 sequence cut short
+    /// by the end of the input so far. Whether that is `unsupported-encoding` or
+    /// `not-well-formed` waits for the next few bytes, so the verdict never depends on how
+    /// the input was split (at most three more bytes are held).
+    private var undecidedErrorPosition: Int?
+    private var undecidedExpatMessage = ""
 
     /// Expat is fed in slices of at most this size, so the size limit is checked while a
     /// large read is still being parsed.
@@ -144,6 +150,11 @@ public final class XMLStreamParser {
         if retained.isEmpty { retainedStart = bytesFed }
         retained.append(slice)
         bytesFed += slice.readableBytes
+        if let position = undecidedErrorPosition {
+            // Expat has already failed; these bytes only settle which error it was.
+            pendingError = decideInvalidCharacter(at: position, expatMessage: undecidedExpatMessage)
+            return
+        }
         let status = slice.withUnsafeReadableBytes { raw in
             XML_Parse(parser, raw.baseAddress?.assumingMemoryBound(to: CChar.self), Int32(raw.count), 0)
         }
@@ -182,6 +193,7 @@ public final class XMLStreamParser {
         bytesFed = 0
         pendingError = nil
         failure = nil
+        undecidedErrorPosition = nil
         XML_ParserReset(parser, "UTF-8")
         core.pointee.clear()
         configure()
@@ -218,7 +230,24 @@ public final class XMLStreamParser {
         return result
     }
 
-    private func translateError() -> XMLStreamError {
+    /// The verdict on a character expat refused, or nil (recording the position) while the
+    /// character is still arriving.
+    private func decideInvalidCharacter(at position: Int, expatMessage: String) -> XMLStreamError? {
+        switch UTF8Validation.firstCharacter(retainedBytes(from: position, to: position + 4)) {
+        case .invalid:
+            undecidedErrorPosition = nil
+            return XMLStreamError(.unsupportedEncoding, "input is not UTF-8")
+        case .valid:
+            undecidedErrorPosition = nil
+            return XMLStreamError(.notWellFormed, expatMessage)
+        case .incomplete:
+            undecidedErrorPosition = position
+            undecidedExpatMessage = expatMessage
+            return nil
+        }
+    }
+
+    private func translateError() -> XMLStreamError? {
         let code = XML_GetErrorCode(parser)
         if code == XML_ERROR_ABORTED, let recorded = core.pointee.error {
             return recorded
@@ -240,11 +269,7 @@ public final class XMLStreamParser {
             // one character is examined: invalid UTF-8 further on must not change the
             // verdict, or the answer would depend on how the input was split. Valid UTF-8 that
             // is not XML stays `not-well-formed`.
-            let position = XML_GetCurrentByteIndex(parser)
-            if UTF8Validation.firstCharacterIsInvalid(retainedBytes(from: position, to: position + 4)) {
-                return XMLStreamError(.unsupportedEncoding, "input is not UTF-8")
-            }
-            return XMLStreamError(.notWellFormed, message)
+            return decideInvalidCharacter(at: Int(XML_GetCurrentByteIndex(parser)), expatMessage: message)
         case XML_ERROR_NO_MEMORY:
             return XMLStreamError(.resourceConstraint, message)
         default:
