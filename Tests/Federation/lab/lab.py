@@ -50,8 +50,21 @@ AGENT = os.path.join(HERE, "agent.py")
 # Debian's interpreter: it has python3-slixmpp; a pyenv `python3` earlier on PATH may not.
 PYTHON = "/usr/bin/python3"
 
-NS_PREFIX = "braidlab-"
+# Namespace names start with this prefix. Two labs can run at once (the federation lab and
+# the benchmarks, say) when each has its own prefix and subnet: a lab only ever sweeps
+# namespaces with its own prefix. Set it with set_namespace_prefix() before building a Lab,
+# or with --prefix / BRAID_LAB_PREFIX.
+NS_PREFIX = os.environ.get("BRAID_LAB_PREFIX", "braidlab-")
 DNS_NS = NS_PREFIX + "dns"
+
+
+def set_namespace_prefix(prefix):
+    """Uses PREFIX (for example "braidbench-") for every namespace this process creates or sweeps."""
+    global NS_PREFIX, DNS_NS
+    if not prefix.endswith("-"):
+        prefix += "-"
+    NS_PREFIX = prefix
+    DNS_NS = prefix + "dns"
 BRIDGE = "br0"
 DEFAULT_SUBNET = "10.77.54"        # the lab's /24; nothing outside the lab's namespaces uses it
 RESOLVER_HOST = 1                  # unbound, on the bridge
@@ -258,7 +271,7 @@ def write_file(path, text, mode=0o644):
 # -- network namespaces ------------------------------------------------------------------
 
 def lab_namespaces():
-    """Names of existing namespaces that belong to the lab (prefix braidlab-)."""
+    """Names of existing namespaces that belong to this lab (its prefix, braidlab- by default)."""
     result = run(["ip", "netns", "list"], check=False)
     names = [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
     return [name for name in names if name.startswith(NS_PREFIX)]
@@ -1802,6 +1815,8 @@ def parse_args(argv):
     parser.add_argument("--untrusting", default="prosody,ejabberd",
                         help="comma-separated provider kinds that, in turn, stop trusting the lab CA "
                              "in the dialback scenarios (default: prosody,ejabberd)")
+    parser.add_argument("--prefix", default=None, help="namespace name prefix (default braidlab-, or $BRAID_LAB_PREFIX); "
+                        "give a second concurrent lab its own prefix and --subnet")
     parser.add_argument("--subnet", default=DEFAULT_SUBNET, help=f"first three octets of the lab /24 (default {DEFAULT_SUBNET})")
     parser.add_argument("--workdir", help="work directory (default: a new /tmp/braidlab-*)")
     parser.add_argument("--keep-workdir", action="store_true", help="keep configs and logs after a passing run")
@@ -1812,6 +1827,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.prefix:
+        set_namespace_prefix(args.prefix)
     if os.geteuid() != 0 and not args.list:
         print("the lab needs root (network namespaces, setpriv)", file=sys.stderr)
         return 2
