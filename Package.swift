@@ -164,6 +164,9 @@ let package = Package(
                 "XMPPCore",
                 "XMPPStream",
                 "CExpat",
+                // Server and Storage: in-process routing and SCRAM login micro-benchmarks.
+                "Server",
+                "Storage",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
