@@ -221,10 +221,11 @@ final class IncomingLinkHandler: ChannelInboundHandler {
                 return
             }
             let channel = context.channel
-            let tlsHandler = handler.makeTLSHandler(context: sslContext)
+            // Loop-bound: the write's callback runs on this channel's event loop.
+            let tlsHandler = NIOLoopBound(handler.makeTLSHandler(context: sslContext), eventLoop: channel.eventLoop)
             context.writeAndFlush(handler.wrapOutboundOut(.element(XMLElement(name: "proceed", namespace: XMLNamespace.tls)))).whenSuccess {
                 do {
-                    try channel.pipeline.syncOperations.addHandler(tlsHandler, position: .first)
+                    try channel.pipeline.syncOperations.addHandler(tlsHandler.value, position: .first)
                 } catch {
                     channel.close(promise: nil)
                 }

@@ -37,7 +37,7 @@ public final class BraidServer: Service {
 
     /// How often the hosted-domain list is re-read; `braid domain add|remove` takes effect
     /// within this interval.
-    public static let domainPollInterval: Duration = .milliseconds(250)
+    public static let domainPollInterval: Duration = .milliseconds(50)
 
     /// Opens storage and loads certificates; nothing listens until ``start()``.
     public init(configuration: BraidConfiguration, logger: Logger, eventLoopGroup: MultiThreadedEventLoopGroup? = nil) throws {
@@ -211,6 +211,17 @@ public final class BraidServer: Service {
             }
         }
         poller.withLock { $0 = task }
+    }
+
+    /// Re-reads every certificate (what `braid serve` does on SIGHUP) and logs what changed.
+    @discardableResult
+    public func reloadCertificates() -> CertificateManager.ReloadOutcome {
+        let outcome = context.certificates.reload(configuration.tls.certificates)
+        logger.notice("certificates reloaded", metadata: [
+            "changed": "\(outcome.changed.joined(separator: ","))",
+            "failed_files": "\(outcome.failures.joined(separator: ","))",
+        ])
+        return outcome
     }
 
     /// Stops listening, closes every stream with `<system-shutdown/>`, and waits (up to ten

@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import Server
 import ServiceLifecycle
+import UnixSignals
 import Storage
 import Trust
 import XMPPCore
@@ -49,7 +50,7 @@ struct ConfigOptions: ParsableArguments {
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run the server until SIGTERM or SIGINT.",
-        discussion: "On SIGTERM every stream is closed with <system-shutdown/>; stanzas in flight are delivered, stored or bounced.")
+        discussion: "On SIGTERM every stream is closed with <system-shutdown/>; stanzas in flight are delivered, stored or bounced. SIGHUP re-reads the certificates.")
 
     @OptionGroup var options: ConfigOptions
 
@@ -64,6 +65,13 @@ struct Serve: AsyncParsableCommand {
         let logger = Logger(label: "braid")
         let server = try BraidServer(configuration: configuration, logger: logger)
         let group = ServiceGroup(configuration: .init(services: [server], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        // SIGHUP re-reads certificates, as Prosody and ejabberd operators expect after a renewal.
+        let reloader = Task {
+            for await _ in await UnixSignalsSequence(trapping: .sighup) {
+                server.reloadCertificates()
+            }
+        }
+        defer { reloader.cancel() }
         try await group.run()
     }
 }

@@ -32,7 +32,7 @@ public func fuzzStreamParser(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32
     for event in whole.events {
         guard case .element(let element) = event else { continue }
         var output = XMLStringOutput()
-        XMLWriter.write(element, inheritedNamespace: "", to: &output)
+        XMLWriter.write(element, inheritedNamespace: namespace, to: &output)
         let text = "<stream:stream xmlns='\(namespace)' xmlns:stream='http://etherx.jabber.org/streams'>" + output.string
         let reparsed = run(chunks: [Array(text.utf8)], namespace: namespace, limits: XMLStreamLimits(maximumStanzaBytes: 1 << 20))
         guard reparsed.events.count == 2, reparsed.events.last == .element(element) else {

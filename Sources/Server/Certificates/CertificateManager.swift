@@ -78,6 +78,40 @@ public final class CertificateManager: Sendable {
         }
     }
 
+    /// What a reload changed.
+    public struct ReloadOutcome: Sendable, Equatable {
+        /// Domains whose presented certificate is now a different one.
+        public var changed: [String]
+        /// Configured files that could not be loaded; their domains keep the certificate
+        /// they had, so a half-written renewal never leaves a domain without one.
+        public var failures: [String]
+    }
+
+    /// Reads the configured certificate files and the certificates directory again (SIGHUP,
+    /// as after a certbot renewal). New handshakes present the new certificates at once;
+    /// established streams keep theirs, and a peer re-validates when it reconnects or when
+    /// the old certificate expires (RFC 6120 §13.7.2.3).
+    public func reload(_ files: [BraidConfiguration.CertificateFiles]) -> ReloadOutcome {
+        let before = Dictionary(uniqueKeysWithValues: store.domains.map { ($0, store.certificateDER(for: $0)) })
+        var failures: [String] = []
+        for file in files {
+            do {
+                try loadConfigured([file])
+            } catch {
+                failures.append(file.certificate)
+                logger.error("certificate reload failed; the previous one stays", metadata: ["file": "\(file.certificate)", "error": "\(error)"])
+            }
+        }
+        do { try loadDirectory() } catch {
+            logger.error("reading the certificates directory failed", metadata: ["directory": "\(directory)", "error": "\(error)"])
+        }
+        let changed = store.domains.filter { domain in
+            guard let old = before[domain] else { return true }
+            return old != store.certificateDER(for: domain)
+        }.sorted()
+        return ReloadOutcome(changed: changed, failures: failures)
+    }
+
     /// True when some certificate covers `domain`.
     public func covers(_ domain: String) -> Bool {
         store.certificateDER(for: domain) != nil
