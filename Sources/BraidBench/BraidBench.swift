@@ -6,7 +6,7 @@ struct BraidBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "braid-bench",
         abstract: "In-process micro benchmarks for Braid. Build with -c release for real numbers.",
-        subcommands: [Parse.self]
+        subcommands: [Parse.self, SCRAM.self]
     )
 }
 
@@ -50,6 +50,45 @@ extension BraidBench {
                 print("expat with no-op handlers:        \(String(format2: result.emptyHandlerMBps)) MB/s")
                 print("Braid tree-building parser:       \(String(format2: result.treeMBps)) MB/s, \(Int(result.stanzasPerSecond)) stanzas/s")
                 print("ratio to raw expat:               \(String(format2: result.ratio * 100)) %")
+            }
+        }
+    }
+}
+
+extension BraidBench {
+    struct SCRAM: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "SCRAM-SHA-256 logins per second, server side alone and client plus server.")
+
+        @Option(help: "Logins per run.")
+        var logins: Int = 2000
+
+        @Option(help: "PBKDF2 iterations of the stored keys (Braid's default is 10000).")
+        var iterations: Int = 10_000
+
+        @Option(help: "Runs; the best is reported.")
+        var repetitions: Int = 3
+
+        @Flag(help: "Print one JSON object instead of a table.")
+        var json = false
+
+        func run() throws {
+            var best: SCRAMBenchmark.Result?
+            for _ in 0..<max(1, repetitions) {
+                let result = try SCRAMBenchmark(logins: logins, iterations: iterations).run()
+                if best == nil || result.serverSeconds < best!.serverSeconds { best = result }
+            }
+            let r = best!
+            if json {
+                print("""
+                {"benchmark":"scram-sha-256","logins":\(r.logins),"iterations":\(r.iterations),\
+                "server_logins_per_s":\(r.serverLoginsPerSecond),"server_us_per_login":\(r.serverMicrosecondsPerLogin),\
+                "full_logins_per_s":\(r.fullLoginsPerSecond)}
+                """)
+            } else {
+                print("SCRAM-SHA-256, \(r.logins) logins, \(r.iterations) iterations, best of \(repetitions)")
+                print("server side only: \(Int(r.serverLoginsPerSecond)) logins/s (\(String(format2: r.serverMicrosecondsPerLogin)) µs each)")
+                print("client + server:  \(String(format2: r.fullLoginsPerSecond)) logins/s (client PBKDF2 included)")
             }
         }
     }
