@@ -22,6 +22,20 @@ Commands:
   ping       {to, timeout}   XEP-0199 ping; returns type result|error (+condition)|timeout
   disconnect {timeout}
 Event kinds: message, message_error, subscribe, subscribed, available, presence_error.
+
+Client pools (many clients in one process, for the multiplexing scenarios in mux.py, where
+one process per user would be too heavy on two cores):
+  pool_connect   {jids, password, host, port, ca, timeout}  log them all in (at most 10 at
+                                                            a time), initial presence each
+  pool_send      {messages: [[from, to, id, body], ...]}    chat messages (FROM in the pool)
+  pool_stream    {messages: [[from, to, id, body], ...], interval}  the same, one every
+                                                            INTERVAL seconds, in the background
+  pool_wait      {count, timeout}     until COUNT messages were received in all (or timeout;
+                                      never an error: the lab judges what arrived)
+  pool_received  {clear}              [[to, from, id, body], ...] received, and message errors
+                                      [[to, from, id, condition, text], ...]
+  pool_status    {}                   clients connected now, and disconnections seen
+Started with --quiet, the agent logs warnings only (no XML transcript).
 """
 
 import asyncio
@@ -190,8 +204,123 @@ class Agent:
         raise RuntimeError(f"unknown command {name}")
 
 
+class Pool:
+    """Many slixmpp clients in one asyncio loop; received messages are recorded, not queued."""
+
+    def __init__(self):
+        self.clients = {}
+        self.received = []
+        self.errors = []
+        self.disconnections = 0
+        self.streaming = []
+
+    def _on_message(self, jid, message):
+        if message["type"] == "error":
+            self.errors.append([jid, message["from"].bare, message["id"],
+                                message["error"]["condition"], message["error"]["text"]])
+        elif message["type"] in ("chat", "normal") and message["body"]:
+            self.received.append([jid, message["from"].bare, message["id"], message["body"]])
+
+    async def connect(self, jids, password, host, port, ca, timeout, no_name_check=False):
+        """NO_NAME_CHECK: the server's certificate must chain to CA but need not name the
+        domain (a provider hosting a domain it holds no certificate for, proven by POSH)."""
+        loop = asyncio.get_event_loop()
+        limit = asyncio.Semaphore(10)
+
+        async def one(jid):
+            async with limit:
+                client = slixmpp.ClientXMPP(jid, password)
+                client.ca_certs = ca
+                if no_name_check:
+                    client.ssl_context.check_hostname = False
+                done = loop.create_future()
+
+                def settle(outcome):
+                    if not done.done():
+                        done.set_result(outcome)
+
+                def on_disconnect(_):
+                    self.disconnections += 1
+                    settle("disconnected during login")
+
+                client.add_event_handler("session_start", lambda _: settle("ok"))
+                client.add_event_handler("failed_all_auth", lambda _: settle("authentication failed"))
+                client.add_event_handler("connection_failed", lambda error: settle(f"connection failed: {error}"))
+                client.add_event_handler("disconnected", on_disconnect)
+                client.add_event_handler("message", lambda message: self._on_message(jid, message))
+                client.connect(address=(host, port))
+                outcome = await asyncio.wait_for(done, timeout)
+                if outcome != "ok":
+                    raise RuntimeError(f"{jid}: {outcome}")
+                client.send_presence()
+                self.clients[jid] = client
+
+        await asyncio.wait_for(asyncio.gather(*(one(jid) for jid in jids)), timeout)
+        return {"connected": len(self.clients)}
+
+    def _send(self, sender, to, message_id, body):
+        client = self.clients[sender]
+        message = client.make_message(mto=to, mbody=body, mtype="chat")
+        message["id"] = message_id
+        message.send()
+
+    def send(self, messages):
+        for sender, to, message_id, body in messages:
+            self._send(sender, to, message_id, body)
+        return {"sent": len(messages)}
+
+    def stream(self, messages, interval):
+        async def run():
+            for sender, to, message_id, body in messages:
+                self._send(sender, to, message_id, body)
+                await asyncio.sleep(interval)
+        self.streaming.append(asyncio.ensure_future(run()))
+        return {}
+
+    async def wait(self, count, timeout):
+        loop = asyncio.get_event_loop()
+        deadline = loop.time() + timeout
+        while len(self.received) < count and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        return {"received": len(self.received), "errors": len(self.errors)}
+
+    def take(self, clear):
+        reply = {"received": self.received, "errors": self.errors}
+        if clear:
+            self.received, self.errors = [], []
+        return reply
+
+    async def disconnect(self, timeout):
+        for task in self.streaming:
+            task.cancel()
+        clients, self.clients = list(self.clients.values()), {}
+        if clients:
+            await asyncio.wait([asyncio.ensure_future(client.disconnect(wait=1.0)) for client in clients],
+                               timeout=timeout)
+        return {}
+
+    async def handle(self, name, command):
+        if name in ("pool_send", "pool_stream", "pool_received", "pool_status"):
+            command.pop("timeout", None)
+        if name == "pool_connect":
+            return await self.connect(**command)
+        if name == "pool_send":
+            return self.send(command["messages"])
+        if name == "pool_stream":
+            return self.stream(command["messages"], command["interval"])
+        if name == "pool_wait":
+            return await self.wait(command["count"], command["timeout"])
+        if name == "pool_received":
+            return self.take(command.get("clear", False))
+        if name == "pool_status":
+            return {"connected": sum(1 for client in self.clients.values() if client.is_connected()),
+                    "disconnections": self.disconnections}
+        raise RuntimeError(f"unknown command {name}")
+
+
 async def main():
     agent = Agent()
+    pool = Pool()
     loop = asyncio.get_event_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -201,16 +330,27 @@ async def main():
             break  # the lab closed our stdin: stop
         command = json.loads(line)
         try:
-            reply = {"ok": True, **(await agent.handle(command))}
+            if command["cmd"].startswith("pool_"):
+                name = command.pop("cmd")
+                if name == "pool_disconnect":
+                    reply = {"ok": True, **(await pool.disconnect(command.get("timeout", 5)))}
+                else:
+                    reply = {"ok": True, **(await pool.handle(name, command))}
+            else:
+                reply = {"ok": True, **(await agent.handle(command))}
         except Exception as error:  # noqa: BLE001 - reported to the lab, which decides
             reply = {"ok": False, "error": f"{type(error).__name__}: {error}"}
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
     if agent.client is not None:
         agent.client.disconnect()
+    if pool.clients:
+        await pool.disconnect(3)
 
 
 if __name__ == "__main__":
-    logging.basicConfig(filename=sys.argv[1] if len(sys.argv) > 1 else None, level=logging.DEBUG,
+    quiet = "--quiet" in sys.argv[2:]
+    logging.basicConfig(filename=sys.argv[1] if len(sys.argv) > 1 else None,
+                        level=logging.WARNING if quiet else logging.DEBUG,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(main())

@@ -625,6 +625,13 @@ class ProviderSpec:
     bidi          Prosody: load mod_s2s_bidi (XEP-0288)
     secure_auth   Prosody: s2s_secure_auth (certificates required, no dialback);
                   Braid: s2s.require_certificates
+    extra_domains hosted (with users) but NOT named in the provider's certificate and given
+                  no DNS records by the lab: whoever adds them (mux.py) publishes their
+                  records through Lab(extra_records=...) and proves them otherwise (POSH,
+                  DANE, dialback)
+    cert_names    further DNS names for the certificate (e.g. a domain added at runtime)
+    settings      Braid only: {section: {key: value}} merged into braid.yaml (for example
+                  {"s2s": {"revalidation_interval_seconds": 5}}); values are written as JSON
     """
     kind: str
     name: str
@@ -635,6 +642,9 @@ class ProviderSpec:
     trust_lab_ca: bool = True
     bidi: bool = True
     secure_auth: bool = False
+    extra_domains: tuple = ()
+    cert_names: tuple = ()
+    settings: dict = dataclasses.field(default_factory=dict)
 
 
 def default_specs(with_braid, domains=3, users=3):
@@ -674,7 +684,14 @@ class Provider:
     # -- identity --
 
     def all_domains(self):
-        return self.domains + [self.bogus_domain, self.srv_dead_domain, self.srv_dot_domain]
+        return (self.domains + list(self.spec.extra_domains)
+                + [self.bogus_domain, self.srv_dead_domain, self.srv_dot_domain])
+
+    def certificate_names(self):
+        """DNS names of the provider's certificate: its domains (not the extra ones), its
+        host name and the spec's cert_names."""
+        return ([domain for domain in self.all_domains() if domain not in self.spec.extra_domains]
+                + [self.host] + list(self.spec.cert_names))
 
     def users(self, domain):
         return [f"user{index}@{domain}" for index in range(1, self.spec.users_per_domain + 1)]
@@ -1158,19 +1175,28 @@ def braid_config_yaml(provider):
         f"  require_certificates: {'true' if spec.secure_auth else 'false'}",
         "  trust_anchor_files: [" + ", ".join(yaml_string(path) for path in anchors) + "]",
     ]
-    if provider.peers:
+    extra = {section: dict(values) for section, values in spec.settings.items()}
+    peers = dict(provider.peers)
+    for domain, settings in extra.get("s2s", {}).pop("peers", {}).items():
+        peers[domain] = {**peers.get(domain, {}), **settings}
+    if peers:
         lines.append("  peers:")
-        for domain, settings in sorted(provider.peers.items()):
+        for domain, settings in sorted(peers.items()):
             lines.append(f"    {yaml_string(domain)}:")
             for key, value in settings.items():
                 lines.append(f"      {key}: {json.dumps(value)}")
     else:
         lines.append("  peers: {}")
+    # Further keys from the spec (JSON is valid YAML flow syntax).
+    lines += [f"  {key}: {json.dumps(value)}" for key, value in extra.pop("s2s", {}).items()]
     lines += [
         "dns:",
         f"  forwarders: [{yaml_string(lab.network.resolver_ip)}]",
         f"  trust_anchor_file: {yaml_string(lab.dns.anchor_file)}",
     ]
+    for section, values in extra.items():
+        lines.append(f"{section}:")
+        lines += [f"  {key}: {json.dumps(value)}" for key, value in values.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -1190,7 +1216,9 @@ class Agent:
     is bounded by the command's own timeout plus a margin.
     """
 
-    def __init__(self, lab, provider, jid):
+    def __init__(self, lab, provider, jid, quiet=False):
+        """QUIET: the agent logs warnings only (no XML transcript), for agents carrying
+        thousands of stanzas (mux.py's client pools)."""
         self.lab = lab
         self.provider = provider
         self.jid = jid
@@ -1200,7 +1228,8 @@ class Agent:
         self.log_path = log_path
         self._stderr = open(log_path + ".err", "ab")
         self.process = subprocess.Popen(
-            in_netns(provider.ns, [PYTHON, AGENT, log_path]), stdin=subprocess.PIPE,
+            in_netns(provider.ns, [PYTHON, AGENT, log_path] + (["--quiet"] if quiet else [])),
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=self._stderr, start_new_session=True)
         self._buffer = b""
         lab.agents.append(self)
@@ -1208,7 +1237,7 @@ class Agent:
     def call(self, cmd, timeout=STEP_TIMEOUT, **fields):
         """Sends CMD; returns the reply dict, raises AgentError on an error reply."""
         payload = {"cmd": cmd, **fields}
-        if cmd in ("connect", "wait", "roster", "ping", "disconnect"):
+        if cmd in ("connect", "wait", "roster", "ping", "disconnect") or cmd.startswith("pool_"):
             payload["timeout"] = timeout
         try:
             self.process.stdin.write((json.dumps(payload) + "\n").encode())
@@ -1272,8 +1301,13 @@ def provider_context(provider, doing):
 class Lab:
     """Builds the whole lab (setup) and takes it down again (teardown); use as a context manager."""
 
-    def __init__(self, specs, subnet=DEFAULT_SUBNET, workdir=None, keep_workdir=False):
+    def __init__(self, specs, subnet=DEFAULT_SUBNET, workdir=None, keep_workdir=False, extra_records=None):
+        """EXTRA_RECORDS: None, or a function (called with the lab once the certificates
+        exist) returning more (zone, owner, type, rdata) records for the signed zones."""
         self.specs = specs
+        self.extra_records = extra_records
+        # Further programs a scenario module started (stopped first at teardown).
+        self.extra_services = []
         self.subnet = subnet
         self.keep_workdir = keep_workdir
         self.workdir = workdir
@@ -1320,12 +1354,16 @@ class Lab:
 
         self.ca = CertificateAuthority(os.path.join(self.workdir, "pki"))
         for provider in self.providers:
-            provider.cert, provider.key = self.ca.issue(provider.name, provider.all_domains() + [provider.host])
+            provider.cert, provider.key = self.ca.issue(provider.name, provider.certificate_names())
 
         self.dns = Dns(os.path.join(self.workdir, "dns"), self.network)
         records = DnsRecords()
         for provider in self.providers:
             for zone, owner, rtype, rdata in provider.dns_records():
+                target = records.test if zone == ZONE else records.bogus
+                target.append((relative(owner, zone), rtype, rdata))
+        if self.extra_records is not None:
+            for zone, owner, rtype, rdata in self.extra_records(self):
                 target = records.test if zone == ZONE else records.bogus
                 target.append((relative(owner, zone), rtype, rdata))
         self.dns.start(records)
@@ -1363,6 +1401,12 @@ class Lab:
         for agent in list(self.agents):
             with contextlib.suppress(Exception):
                 agent.close()
+        for service in reversed(self.extra_services):
+            try:
+                service.stop()
+            except Exception as error:  # noqa: BLE001 - keep tearing down
+                log(f"stopping {service.name}: {error}")
+        self.extra_services = []
         for provider in self.providers:
             try:
                 provider.stop()
@@ -1836,14 +1880,29 @@ def main(argv=None):
     for spec in specs:
         spec.bidi = not args.no_bidi
         spec.secure_auth = args.secure_auth
+    # mux.py (the multiplexing scenarios) imports this module as `lab`: run as a script,
+    # this module is __main__, and a second copy would not see set_namespace_prefix().
+    sys.modules.setdefault("lab", sys.modules[__name__])
+    import mux
+    # Scenario names depend only on the providers' names and kinds: no lab needed.
+    stand_in = types.SimpleNamespace(providers=[types.SimpleNamespace(name=spec.name, kind=spec.kind)
+                                                for spec in specs])
+    classic_names = [name for name, _ in build_scenarios(stand_in, args.untrusting.split(","))]
+    mux_names = list(mux.SCENARIO_NAMES) if args.with_braid else []
     if args.list:
-        # Scenario names depend only on the providers' names and kinds: no lab needed.
-        stand_in = types.SimpleNamespace(providers=[types.SimpleNamespace(name=spec.name, kind=spec.kind)
-                                                    for spec in specs])
-        for name, _ in build_scenarios(stand_in, args.untrusting.split(",")):
+        for name in classic_names + mux_names:
             print(name)
         return 0
     wanted = [item.strip() for item in args.scenarios.split(",") if item.strip()]
+
+    def selected(name):
+        return not wanted or any(name == w or name.startswith(w + ":") or (w.endswith(":") and name.startswith(w))
+                                 for w in wanted)
+    wanted_classic = [name for name in classic_names if selected(name)]
+    wanted_mux = [name for name in mux_names if selected(name)]
+    if not wanted_classic and not wanted_mux:
+        print(f"no scenario matches {args.scenarios!r}", file=sys.stderr)
+        return 2
 
     # SIGTERM (CI cancelling the job) takes the same way out as Ctrl-C: through teardown.
     def on_term(signum, frame):
@@ -1856,19 +1915,27 @@ def main(argv=None):
     started = time.monotonic()
     passed = failed = 0
     try:
-        with Lab(specs, subnet=args.subnet, workdir=args.workdir, keep_workdir=args.keep_workdir) as lab:
-            scenarios = [(name, function) for name, function in build_scenarios(lab, args.untrusting.split(","))
-                         if not wanted or any(name == w or name.startswith(w + ":") or
-                                                    (w.endswith(":") and name.startswith(w)) for w in wanted)]
-            if not scenarios:
-                raise LabError(f"no scenario matches {args.scenarios!r}")
-            passed, failed = run_scenarios(lab, scenarios)
-            lab.failed = failed > 0
-            if args.hold:
-                log("lab is up; Ctrl-C (or SIGTERM) tears it down")
-                with contextlib.suppress(KeyboardInterrupt):
-                    while True:
-                        time.sleep(3600)
+        if wanted_classic:
+            with Lab(specs, subnet=args.subnet, workdir=args.workdir, keep_workdir=args.keep_workdir) as lab:
+                scenarios = [(name, function) for name, function in build_scenarios(lab, args.untrusting.split(","))
+                             if name in wanted_classic]
+                passed, failed = run_scenarios(lab, scenarios)
+                lab.failed = failed > 0
+                if args.hold and not wanted_mux:
+                    log("lab is up; Ctrl-C (or SIGTERM) tears it down")
+                    with contextlib.suppress(KeyboardInterrupt):
+                        while True:
+                            time.sleep(3600)
+        if wanted_mux:
+            # The multiplexing scenarios have a lab of their own (two Braid providers with
+            # 50 domains each, ...), built once the classic one is gone.
+            log(f"multiplexing lab: {', '.join(wanted_mux)}")
+            try:
+                mux_passed, mux_failed = mux.build(args, wanted_mux)
+            except LabError as error:
+                print(f"FAIL mux setup: {error}", flush=True)
+                mux_passed, mux_failed = 0, 1
+            passed, failed = passed + mux_passed, failed + mux_failed
     except KeyboardInterrupt:
         log("interrupted; lab torn down")
         print(f"{passed} passed, {failed + 1} failed")

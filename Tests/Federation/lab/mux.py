@@ -1,0 +1,990 @@
+#!/usr/bin/python3
+"""Multiplexing scenarios (issue 5): one link per provider pair, per-domain proofs, fallbacks.
+
+These scenarios need two Braid providers with many domains, so they run in a lab of their
+own, built after the classic one (lab.py's main() does it when Braid is in the lab):
+
+  braid    b1…b50.test (+ blate1.test in its certificate and DNS, added at runtime)
+  braid2   c1…c50.test (certificate), plus domains its certificate does NOT name:
+           cposh1…3 (proven by POSH), cdane1…3 (DANE: secure SRV to danehost.test and a
+           DANE-EE TLSA record there), cdb1…3 (dialback only), cbad1 (POSH with a wrong
+           fingerprint until the posh-failure scenario fixes it)
+  prosody, prosody2, ejabberd, ejabberd2   5 domains each, for the classic comparisons
+  web      a small HTTPS server (this file, `posh-server`) serving the customers' POSH
+           documents, with a lab-CA certificate for those names
+  evil     made by mux:malicious: a scripted s2s peer (this file, `evil-peer`)
+
+Clients: one agent.py process per provider holds all of that provider's clients (a pool),
+logging warnings only; 100 slixmpp processes would not fit two cores.
+
+Also a command: `mux.py posh-server DIR CERT KEY ADDRESS PORT` and `mux.py evil-peer JSON`
+(both run inside lab namespaces by the scenarios).
+"""
+
+import base64
+import contextlib
+import hashlib
+import http.server
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+
+import lab as L
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCENARIO_NAMES = ["mux:scale", "mux:mixed-proofs", "mux:posh-failure", "mux:prosody", "mux:ejabberd",
+                  "mux:malicious", "mux:lifecycle"]
+SCALE_DOMAINS = 50
+CLASSIC_DOMAINS = 5
+POSH_DOMAINS = [f"cposh{index}.test" for index in (1, 2, 3)]
+DANE_DOMAINS = [f"cdane{index}.test" for index in (1, 2, 3)]
+DIALBACK_DOMAINS = [f"cdb{index}.test" for index in (1, 2, 3)]
+BAD_POSH_DOMAIN = "cbad1.test"
+LATE_DOMAIN = "blate1.test"
+DANE_HOST = "danehost.test"
+WEB_HOST_NUMBER = 40
+EVIL_HOST_NUMBER = 41
+EVIL_DOMAIN = "evil.test"
+BAD_POSH_EXPIRES = 8        # seconds: the wrong document must not be cached for long
+RUN_TAG = f"{random.getrandbits(32):08x}"
+PEER_SETTINGS = True         # set by build(): whether braid accepts s2s.peers entries
+S2S_FILTER = ["(", "sport", "=", ":5269", "or", "dport", "=", ":5269", "or", "sport", "=", ":5270",
+              "or", "dport", "=", ":5270", ")"]
+
+
+# -- the lab -----------------------------------------------------------------------------
+
+def braid_accepts_map_settings(binary):
+    """Whether BINARY accepts entries under s2s.peers (keyed by domain) in its YAML.
+
+    The build of Nov 22 does not: its unknown-key check compares every key with the
+    defaults, where s2s.peers and s2s.posh_connect_overrides are empty mappings, so any
+    domain under them is "unknown key 's2s.peers.DOMAIN'" and the server does not start."""
+    directory = tempfile.mkdtemp(prefix="braidlab-probe-")
+    try:
+        config = os.path.join(directory, "braid.yaml")
+        L.write_file(config, f'data_directory: "{directory}/data"\ns2s:\n  peers:\n    "probe.test":\n'
+                             '      require_certificates: true\n')
+        result = L.run([binary, "user", "add", "probe@probe.test", "--password", "x", "--config", config],
+                       check=False, cwd=directory)
+        return result.returncode == 0
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def specs(domains=SCALE_DOMAINS, subnet=L.DEFAULT_SUBNET, peer_settings=True):
+    """The providers. POSH documents are found through DNS (A records of the POSH domains
+    point at the web server), not s2s.posh_connect_overrides. PEER_SETTINGS: write
+    s2s.peers.cbad1.test.require_certificates (see braid_accepts_map_settings)."""
+    common = {"revalidation_interval_seconds": 5, "posh_timeout_seconds": 5, "retry_base_seconds": 1}
+    braid_s2s = dict(common)
+    if peer_settings:
+        braid_s2s["peers"] = {BAD_POSH_DOMAIN: {"require_certificates": True}}
+    braid = L.ProviderSpec("braid", "braid", "b", domains, 1, direct_tls=True, cert_names=(LATE_DOMAIN,),
+                           settings={"s2s": braid_s2s})
+    braid2 = L.ProviderSpec("braid", "braid2", "c", domains, 1, direct_tls=True,
+                            extra_domains=tuple(POSH_DOMAINS + DANE_DOMAINS + DIALBACK_DOMAINS + [BAD_POSH_DOMAIN]),
+                            settings={"s2s": dict(common)})
+    return [braid, braid2,
+            L.ProviderSpec("prosody", "prosody", "p", CLASSIC_DOMAINS, 1),
+            L.ProviderSpec("prosody", "prosody2", "q", CLASSIC_DOMAINS, 1),
+            L.ProviderSpec("ejabberd", "ejabberd", "e", CLASSIC_DOMAINS, 1),
+            L.ProviderSpec("ejabberd", "ejabberd2", "f", CLASSIC_DOMAINS, 1)]
+
+
+def spki_sha256(cert_path):
+    """Hex SHA-256 of the certificate's SubjectPublicKeyInfo (TLSA 3 1 1)."""
+    pem = L.run(["openssl", "x509", "-in", cert_path, "-pubkey", "-noout"]).stdout
+    der = base64.b64decode("".join(line for line in pem.splitlines() if "-----" not in line))
+    return hashlib.sha256(der).hexdigest()
+
+
+def cert_sha256_b64(cert_path):
+    with open(cert_path) as handle:
+        der = ssl.PEM_cert_to_DER_cert(handle.read())
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
+def extra_records(lab):
+    """SRV records for braid2's extra domains and the late domain, DANE's target and TLSA."""
+    braid, braid2 = named(lab, "braid"), named(lab, "braid2")
+    records = []
+
+    def srv(domain, host, provider):
+        target = f"{host}."
+        records.extend([
+            (L.ZONE, f"_xmpp-server._tcp.{domain}", "SRV", f"0 5 {L.S2S_PORT} {target}"),
+            (L.ZONE, f"_xmpps-server._tcp.{domain}", "SRV", f"0 10 {L.S2S_DIRECT_TLS_PORT} {target}"),
+            (L.ZONE, f"_xmpp-client._tcp.{domain}", "SRV", f"0 5 {L.C2S_PORT} {provider.host}."),
+        ])
+
+    for domain in POSH_DOMAINS + DIALBACK_DOMAINS + [BAD_POSH_DOMAIN]:
+        srv(domain, braid2.host, braid2)
+    # The customers' web sites (https://DOMAIN/.well-known/posh/...) are on the web server.
+    for domain in POSH_DOMAINS + [BAD_POSH_DOMAIN]:
+        records.append((L.ZONE, domain, "A", lab.network.ip(WEB_HOST_NUMBER)))
+    # DANE domains delegate to a host name of their own, where the TLSA records are: a TLSA
+    # record at braid2.test would make DANE the proof of every domain served there.
+    for domain in DANE_DOMAINS:
+        srv(domain, DANE_HOST, braid2)
+    records.append((L.ZONE, DANE_HOST, "A", braid2.ip))
+    digest = spki_sha256(braid2.cert)
+    for port in (L.S2S_PORT, L.S2S_DIRECT_TLS_PORT):
+        records.append((L.ZONE, f"_{port}._tcp.{DANE_HOST}", "TLSA", f"3 1 1 {digest}"))
+    srv(LATE_DOMAIN, braid.host, braid)
+    return records
+
+
+def named(lab, name):
+    for provider in lab.providers:
+        if provider.name == name:
+            return provider
+    raise L.LabError(f"no provider named {name}")
+
+
+def start_web(lab):
+    """The customers' web server: POSH documents over HTTPS (lab CA certificate for them)."""
+    web_ns = L.NS_PREFIX + "web"
+    web_ip = lab.network.ip(WEB_HOST_NUMBER)
+    lab.network.add_provider_namespace(web_ns, "web", web_ip)
+    directory = os.path.join(lab.workdir, "web")
+    os.makedirs(directory, exist_ok=True)
+    cert, key = lab.ca.issue("web", POSH_DOMAINS + [BAD_POSH_DOMAIN])
+    braid2 = named(lab, "braid2")
+    for domain in POSH_DOMAINS:
+        write_posh(lab, domain, cert_sha256_b64(braid2.cert), 3600)
+    # The wrong fingerprint: the web server's own certificate, not the one braid2 presents.
+    write_posh(lab, BAD_POSH_DOMAIN, cert_sha256_b64(cert), BAD_POSH_EXPIRES)
+    service = L.Service("posh-server", L.in_netns(web_ns, [L.PYTHON, os.path.abspath(__file__), "posh-server",
+                                                           directory, cert, key, web_ip, "443"]),
+                        os.path.join(directory, "posh-server.log"))
+    lab.extra_services.append(service)
+    L.wait_until(lambda: L.listening(web_ns, 443), 20, "the POSH web server")
+
+
+def write_posh(lab, domain, fingerprint, expires):
+    path = os.path.join(lab.workdir, "web", f"{domain}.json")
+    L.write_file(path, json.dumps({"fingerprints": [{"sha-256": fingerprint}], "expires": expires}) + "\n")
+    return path
+
+
+def build(args, wanted):
+    """Builds the multiplexing lab, runs the WANTED mux scenarios; returns (passed, failed)."""
+    domains = int(os.environ.get("BRAID_MUX_DOMAINS", SCALE_DOMAINS))
+    workdir = os.path.join(args.workdir, "mux") if args.workdir else None
+    binary = os.environ.get("BRAID_BINARY", L.DEFAULT_BRAID_BINARY)
+    peer_settings = braid_accepts_map_settings(binary)
+    if not peer_settings:
+        L.log("this braid rejects s2s.peers entries (unknown key): mux:posh-failure runs without "
+              f"s2s.peers.{BAD_POSH_DOMAIN}.require_certificates")
+    global PEER_SETTINGS
+    PEER_SETTINGS = peer_settings
+    with L.Lab(specs(domains, args.subnet, peer_settings), subnet=args.subnet, workdir=workdir,
+               keep_workdir=args.keep_workdir, extra_records=extra_records) as lab:
+        start_web(lab)
+        scenarios = [(name, function) for name, function in build_scenarios(lab) if name in wanted]
+        passed, failed = L.run_scenarios(lab, scenarios)
+        lab.failed = failed > 0
+        if args.hold:
+            L.log("mux lab is up; Ctrl-C (or SIGTERM) tears it down")
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(3600)
+        return passed, failed
+
+
+def build_scenarios(lab):
+    braid, braid2 = named(lab, "braid"), named(lab, "braid2")
+    return [
+        ("mux:scale", lambda lab, details: scenario_scale(lab, details, braid, braid2)),
+        ("mux:mixed-proofs", lambda lab, details: scenario_mixed_proofs(lab, details, braid, braid2)),
+        ("mux:posh-failure", lambda lab, details: scenario_posh_failure(lab, details, braid, braid2)),
+        ("mux:prosody", lambda lab, details: scenario_classic(lab, details, braid, "prosody")),
+        ("mux:ejabberd", lambda lab, details: scenario_classic(lab, details, braid, "ejabberd")),
+        ("mux:malicious", lambda lab, details: scenario_malicious(lab, details, braid, braid2)),
+        ("mux:lifecycle", lambda lab, details: scenario_lifecycle(lab, details, braid, braid2)),
+    ]
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+class Pool:
+    """One agent.py process holding the clients JIDS of PROVIDER."""
+
+    def __init__(self, lab, provider, jids, no_name_check=False, timeout=120):
+        self.provider = provider
+        self.jids = list(jids)
+        self.agent = L.Agent(lab, provider, f"pool-{provider.name}-{len(lab.agents)}", quiet=True)
+        try:
+            L.step(f"log in {len(self.jids)} clients at {provider.name}", self.agent.call, "pool_connect",
+                   timeout=timeout, jids=self.jids, password=L.PASSWORD, host=provider.ip, port=L.C2S_PORT,
+                   ca=lab.ca.cert, no_name_check=no_name_check)
+        except BaseException:
+            self.agent.close()
+            raise
+
+    def send(self, messages):
+        return L.step(f"send from {self.provider.name}", self.agent.call, "pool_send", messages=messages)
+
+    def stream(self, messages, interval):
+        return L.step(f"stream from {self.provider.name}", self.agent.call, "pool_stream",
+                      messages=messages, interval=interval)
+
+    def count(self, expected, timeout):
+        return L.step(f"wait at {self.provider.name}", self.agent.call, "pool_wait", timeout=timeout,
+                      count=expected)
+
+    def take(self, clear=True):
+        return L.step(f"received at {self.provider.name}", self.agent.call, "pool_received", clear=clear)
+
+
+def messages_between(senders, receivers, label):
+    """[[from, to, id, body]] for every sender × receiver."""
+    out = []
+    for sender in senders:
+        for receiver in receivers:
+            message_id = f"{label}-{RUN_TAG}-{len(out)}"
+            out.append([sender, receiver, message_id, f"mux {message_id} {sender} → {receiver}"])
+    return out
+
+
+def wait_all(expectations, timeout, on_poll=None, stall=30):
+    """EXPECTATIONS: [(pool, count)]. Polls until every pool has COUNT messages (bounded by
+    TIMEOUT, and by STALL seconds without any new message); calls ON_POLL between polls.
+    Returns seconds taken, or None when the time ran out."""
+    started = time.monotonic()
+    deadline = started + timeout
+    done = set()
+    progress, moved = None, time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - moved < stall:
+        totals = []
+        for index, (pool, count) in enumerate(expectations):
+            reply = pool.count(count, timeout=0.1 if index in done else
+                               min(1.0, max(0.1, deadline - time.monotonic())))
+            totals.append(reply["received"] + reply["errors"])
+            if reply["received"] >= count:
+                done.add(index)
+        if totals != progress:
+            progress, moved = totals, time.monotonic()
+        if on_poll:
+            on_poll()
+        if len(done) == len(expectations):
+            return time.monotonic() - started
+    return None
+
+
+def check_delivery(details, label, sent, received, errors=()):
+    """Every message of SENT arrived exactly once at its recipient with its body."""
+    expected = {message_id: (sender, receiver, body) for sender, receiver, message_id, body in sent}
+    seen = {}
+    for to, sender, message_id, body in received:
+        if message_id in expected:
+            seen.setdefault(message_id, []).append((sender, to, body))
+    lost = [message_id for message_id in expected if message_id not in seen]
+    duplicated = [message_id for message_id, copies in seen.items() if len(copies) > 1]
+    wrong = [message_id for message_id, copies in seen.items()
+             if copies[0] != (expected[message_id][0], expected[message_id][1], expected[message_id][2])]
+    details.append(f"{label}: {len(expected)} sent, {len(seen)} delivered, {len(lost)} lost, "
+                   f"{len(duplicated)} duplicated" + (f", {len(errors)} errors back" if errors else ""))
+    L.expect(not wrong, f"{label}: {len(wrong)} message(s) arrived altered or at the wrong recipient, e.g. {wrong[:3]}")
+    L.expect(not lost, f"{label}: {len(lost)} of {len(expected)} lost, e.g. {lost[:5]}"
+             + (f"; errors back: {errors[:3]}" if errors else ""))
+    L.expect(not duplicated, f"{label}: {len(duplicated)} delivered more than once, e.g. {duplicated[:5]}")
+
+
+def links_between(lab, a, b):
+    """Established s2s TCP connections between A and B, counted in A's and in B's namespace."""
+    out_a, in_a = lab.connections(a, b)
+    out_b, in_b = lab.connections(b, a)
+    return set(out_a) | set(in_a), len(out_a) + len(in_a), len(out_b) + len(in_b)
+
+
+def admin_get(provider, path):
+    code = ("import sys, urllib.request; "
+            f"sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:5280{path}', timeout=10).read().decode())")
+    return L.run(L.in_netns(provider.ns, [L.PYTHON, "-c", code]), timeout=20).stdout
+
+
+def api_links(provider):
+    return json.loads(admin_get(provider, "/api/links"))
+
+
+def metrics(provider, names):
+    """{sample line: value} for the metric families NAMES (Prometheus text)."""
+    found = {}
+    for line in admin_get(provider, "/metrics").splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name = re.split(r"[{ ]", line, 1)[0]
+        if name in names:
+            sample, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                found[sample] = float(value)
+    return found
+
+
+def metric_total(provider, name):
+    return sum(metrics(provider, [name]).values())
+
+
+def metrics_line(provider, names):
+    samples = metrics(provider, names)
+    return ", ".join(f"{sample}={value:g}" for sample, value in sorted(samples.items())) or "(none)"
+
+
+def link_list(document):
+    if isinstance(document, dict):
+        for key in ("links", "items"):
+            if isinstance(document.get(key), list):
+                return document[key]
+    return document if isinstance(document, list) else []
+
+
+def link_pairs(provider, peer_ip=None):
+    """[(link, pair)] from PROVIDER's /api/links (only links to PEER_IP when given)."""
+    out = []
+    for link in link_list(api_links(provider)):
+        if peer_ip and peer_ip not in json.dumps(link.get("peer", link)):
+            continue
+        for pair in link.get("pairs", []):
+            out.append((link, pair))
+    return out
+
+
+def pair_field(pair, *names):
+    for name in names:
+        if name in pair:
+            return pair[name]
+    return None
+
+
+def pair_method(pair):
+    return str(pair_field(pair, "method", "proof", "proofMethod", "proof_method")).lower()
+
+
+def process_usage(provider):
+    """(RSS in MiB, CPU seconds) of the provider's server process, from /proc."""
+    pid = provider.service.pid
+    with open(f"/proc/{pid}/status") as handle:
+        rss = int(re.search(r"VmRSS:\s+(\d+)", handle.read()).group(1)) / 1024
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return rss, (int(fields[11]) + int(fields[12])) / ticks
+
+
+def kill_links(lab, a, b):
+    """Cuts every s2s TCP connection between A and B (ss -K in A's namespace)."""
+    L.run(L.in_netns(a.ns, ["ss", "-K", "-tn", "state", "established", "dst", b.ip, *S2S_FILTER]), check=False)
+
+
+def first_users(provider, domains):
+    return [provider.users(domain)[0] for domain in domains]
+
+
+def deliver(pool_from, pool_to, messages, timeout=30):
+    """Sends MESSAGES from POOL_FROM and waits (bounded) until POOL_TO received them."""
+    before = pool_to.count(0, timeout=0.1)["received"]
+    pool_from.send(messages)
+    pool_to.count(before + len(messages), timeout=timeout)
+
+
+# -- scenarios ---------------------------------------------------------------------------
+
+def scenario_scale(lab, details, a, b):
+    """A and B, 50 domains each: every pair both ways over one connection, cold and warm."""
+    users_a, users_b = first_users(a, a.domains), first_users(b, b.domains)
+    started = time.monotonic()
+    pool_a, pool_b = Pool(lab, a, users_a), Pool(lab, b, users_b)
+    details.append(f"{len(users_a) + len(users_b)} clients logged in (2 agent processes) in "
+                   f"{time.monotonic() - started:.1f}s")
+    L.quiesce(lab, [a, b])
+    _, before_a, before_b = links_between(lab, a, b)
+    details.append(f"s2s connections before: {before_a} ({a.name}'s count), {before_b} ({b.name}'s)")
+    opens = {p.name: L.tcp_counters(p.ns)["ActiveOpens"] for p in (a, b)}
+    peak = [0, 0]
+
+    def sample():
+        _, count_a, count_b = links_between(lab, a, b)
+        peak[0], peak[1] = max(peak[0], count_a), max(peak[1], count_b)
+
+    for round_name in ("cold", "warm"):
+        usage = {p.name: process_usage(p) for p in (a, b)}
+        sent_ab = messages_between(users_a, users_b, f"scale-{round_name}-ab")
+        sent_ba = messages_between(users_b, users_a, f"scale-{round_name}-ba")
+        t0 = time.monotonic()
+        pool_a.send(sent_ab)
+        pool_b.send(sent_ba)
+        elapsed = wait_all([(pool_b, len(sent_ab)), (pool_a, len(sent_ba))], 150, sample)
+        got_b, got_a = pool_b.take(), pool_a.take()
+        took = f"{elapsed:.1f}s" if elapsed is not None else "NOT all delivered (gave up after 30s without progress)"
+        details.append(f"{round_name}: {len(sent_ab) + len(sent_ba)} messages over "
+                       f"{len(users_a) * len(users_b)} domain pairs × 2 directions: {took}")
+        for provider in (a, b):
+            rss, cpu = process_usage(provider)
+            details.append(f"  {provider.name}: RSS {rss:.0f} MiB, CPU {cpu - usage[provider.name][1]:.1f}s "
+                           f"during the {round_name} round")
+        check_delivery(details, f"{round_name} {a.name}→{b.name}", sent_ab, got_b["received"], got_b["errors"])
+        check_delivery(details, f"{round_name} {b.name}→{a.name}", sent_ba, got_a["received"], got_a["errors"])
+    sample()
+    tuples, count_a, count_b = links_between(lab, a, b)
+    opened = {p.name: L.tcp_counters(p.ns)["ActiveOpens"] - opens[p.name] for p in (a, b)}
+    details.append(f"s2s connections after: {count_a} ({a.name}'s count), {count_b} ({b.name}'s); "
+                   f"most seen at once while sampling: {peak[0]}/{peak[1]}; TCP connections opened: "
+                   + ", ".join(f"{name} {value}" for name, value in opened.items()))
+    for provider in (a, b):
+        details.append(f"{provider.name} metrics: " + metrics_line(provider, [
+            "braid_s2s_links", "braid_s2s_pairs", "braid_s2s_pairs_per_link_max", "braid_s2s_connections_saved_total",
+            "braid_s2s_dialback_verifications_total"]))
+    L.expect(count_a == 1 and count_b == 1,
+             f"{count_a} ({a.name}) / {count_b} ({b.name}) established s2s connections between them, expected exactly 1")
+    L.expect(peak[0] <= 1 and peak[1] <= 1, f"up to {peak[0]}/{peak[1]} s2s connections at once during the rounds")
+
+
+def scenario_mixed_proofs(lab, details, a, b):
+    """B's domains proven to A by certificate SAN, POSH, DANE and dialback, on one link."""
+    groups = {"pkix": b.domains[:2], "posh": POSH_DOMAINS, "dane": DANE_DOMAINS, "dialback": DIALBACK_DOMAINS}
+    locals_a = a.domains[:2]
+    # B must open the link: the DANE domains' SRV target is danehost.test, not braid2.test,
+    # so a link A opened to braid2.test could not take them (RFC 7712 §4.4.2).
+    kill_links(lab, a, b)
+    L.wait_until(lambda: links_between(lab, a, b)[1] == 0, 15, "the old links to close")
+    users_a = first_users(a, locals_a)
+    users_b = [b.users(domain)[0] for group in groups.values() for domain in group]
+    pool_a = Pool(lab, a, users_a)
+    pool_b = Pool(lab, b, users_b, no_name_check=True)
+    L.quiesce(lab, [a, b])
+    opens = L.tcp_counters(a.ns)["ActiveOpens"]
+    a.mark_log()
+    first = messages_between(users_b[:1], users_a[:1], "mixed-open")
+    deliver(pool_b, pool_a, first)
+    sent_ab = messages_between(users_a, users_b, "mixed-ab")
+    sent_ba = messages_between(users_b, users_a, "mixed-ba")[1:]
+    pool_a.send(sent_ab)
+    pool_b.send(sent_ba)
+    elapsed = wait_all([(pool_b, len(sent_ab)), (pool_a, len(first) + len(sent_ba))], 60)
+    got_b, got_a = pool_b.take(), pool_a.take()
+    details.append(f"{len(sent_ab) + len(sent_ba) + 1} messages, {len(users_a)}×{len(users_b)} pairs: "
+                   + (f"delivered in {elapsed:.1f}s" if elapsed is not None else "not all delivered in 60s"))
+    pairs = link_pairs(a, b.ip)
+    table = {}
+    for link, pair in pairs:
+        remote = pair_field(pair, "remote", "remoteDomain", "remote_domain")
+        for group, domains in groups.items():
+            if remote in domains:
+                direction = str(pair_field(pair, "direction"))
+                table.setdefault(group, {}).setdefault((pair_method(pair), direction), 0)
+                table[group][(pair_method(pair), direction)] += 1
+    for group in groups:
+        found = ", ".join(f"{method}/{direction} {count}" for (method, direction), count
+                          in sorted(table.get(group, {}).items()))
+        details.append(f"{a.name}'s /api/links, pairs with {group} domains of {b.name} "
+                       f"({', '.join(groups[group])}): {found or 'none'}")
+    tuples, count_a, count_b = links_between(lab, a, b)
+    details.append(f"s2s connections between {a.name} and {b.name}: {count_a}/{count_b}; TCP connections "
+                   f"{a.name} opened meanwhile (db:verify, POSH fetches): {L.tcp_counters(a.ns)['ActiveOpens'] - opens}")
+    details.append(f"{a.name} metrics: " + metrics_line(a, ["braid_s2s_pairs_authorized_total",
+                                                         "braid_s2s_dialback_verifications_total"]))
+    check_delivery(details, f"{a.name}→{b.name}", sent_ab, got_b["received"], got_b["errors"])
+    check_delivery(details, f"{b.name}→{a.name}", first + sent_ba, got_a["received"], got_a["errors"])
+    for group, domains in groups.items():
+        expected = len(domains) * len(locals_a)
+        found = table.get(group, {})
+        for direction in ("inbound", "outbound"):
+            count = found.get((group, direction), 0)
+            L.expect(count == expected,
+                     f"{group} domains: {count} {direction} pairs proven by {group} on {a.name}'s links, "
+                     f"expected {expected}; found {found}")
+    L.expect(count_a == 1 and count_b == 1, f"{count_a}/{count_b} s2s connections between {a.name} and {b.name}, "
+                                            f"expected 1")
+
+
+def scenario_posh_failure(lab, details, a, b):
+    """A domain of B with a wrong POSH fingerprint, A requiring certificates for it: refused
+    with a dialback error while the link and its other pairs flow; fixed, it joins the link."""
+    if not PEER_SETTINGS:
+        details.append(f"NOTE: {a.name} cannot be configured with s2s.peers.{BAD_POSH_DOMAIN}.require_certificates "
+                       "(this braid rejects every s2s.peers entry as an unknown key); the refusal rests on the "
+                       "mismatching POSH document alone (RFC 7711 §3.3, docs/federation.md)")
+    legit_a, legit_b = a.users(a.domains[2])[0], b.users(b.domains[2])[0]
+    bad_user = b.users(BAD_POSH_DOMAIN)[0]
+    pool_a = Pool(lab, a, [legit_a])
+    pool_b = Pool(lab, b, [legit_b, bad_user], no_name_check=True)
+    deliver(pool_b, pool_a, messages_between([legit_b], [legit_a], "poshfail-open"))
+    L.quiesce(lab, [a, b])
+    link_before, count_a, count_b = links_between(lab, a, b)
+    details.append(f"link before: {sorted(link_before)} ({count_a}/{count_b} connections)")
+    a.mark_log()
+    # Legitimate traffic all along: one message every 0.25 s each way for 40 s.
+    during_ba = [[legit_b, legit_a, f"poshfail-during-ba-{RUN_TAG}-{index}", f"during {index}"] for index in range(160)]
+    during_ab = [[legit_a, legit_b, f"poshfail-during-ab-{RUN_TAG}-{index}", f"during {index}"] for index in range(160)]
+    pool_b.stream(during_ba, 0.25)
+    pool_a.stream(during_ab, 0.25)
+    # The refused addition.
+    refused = messages_between([bad_user], [legit_a], "poshfail-bad")
+    pool_b.send(refused)
+    deadline = time.monotonic() + 25
+    bad_errors = []
+    while time.monotonic() < deadline and not bad_errors:
+        time.sleep(0.5)
+        taken = pool_b.take(clear=False)
+        bad_errors = [error for error in taken["errors"] if error[2] == refused[0][2]]
+    refusal_lines = [line.strip()[:300] for line in a.log_since_mark().splitlines()
+                     if BAD_POSH_DOMAIN in line and re.search(r"refused|not-authorized|posh", line, re.I)]
+    details.append(f"{bad_user} → {legit_a}: " + (f"bounced with <{bad_errors[0][3]}/> {bad_errors[0][4]!r}"
+                                                  if bad_errors else "no error back in 25s"))
+    details.extend(f"{a.name} log: {line}" for line in refusal_lines[:4])
+    details.append(f"{b.name} metrics: " + metrics_line(b, ["braid_s2s_dialback_refused_total"]))
+    # The other direction: A must not send to the unproven domain either.
+    reverse = messages_between([legit_a], [bad_user], "poshfail-reverse")
+    pool_a.send(reverse)
+    time.sleep(5)
+    taken_a = pool_a.take(clear=False)
+    reverse_errors = [error for error in taken_a["errors"] if error[2] == reverse[0][2]]
+    details.append(f"{legit_a} → {bad_user} meanwhile: " + (f"bounced with <{reverse_errors[0][3]}/> "
+                                                              f"{reverse_errors[0][4]!r}" if reverse_errors
+                                                              else "no error back in 5s"))
+    link_during, count_a, count_b = links_between(lab, a, b)
+    details.append(f"connections after the refusal: {count_a}/{count_b}; same link: {link_before <= link_during}")
+    taken_b = pool_b.take(clear=False)
+    L.expect(not any(m[2] == refused[0][2] for m in pool_a.take(clear=False)["received"]),
+             f"{legit_a} received the message from the unproven {BAD_POSH_DOMAIN}")
+    L.expect(not any(m[2] == reverse[0][2] for m in taken_b["received"]),
+             f"{bad_user} received a message although {a.name} cannot prove {BAD_POSH_DOMAIN}")
+    L.expect(bad_errors, f"{bad_user} got no error for its refused message in 25s")
+    L.expect(any("refused" in line.lower() for line in refusal_lines),
+             f"{a.name} logged no dialback refusal naming {BAD_POSH_DOMAIN}")
+    L.expect(link_before <= link_during, f"the link changed when the addition was refused: {sorted(link_during)}")
+    # Fix the document; after its expiry and the retry backoff the pair joins the same link.
+    write_posh(lab, BAD_POSH_DOMAIN, cert_sha256_b64(b.cert), 3600)
+    fixed_at = time.monotonic()
+    time.sleep(BAD_POSH_EXPIRES + 1)
+    delivered_after = None
+    attempt = 0
+    while time.monotonic() - fixed_at < 90 and delivered_after is None:
+        retry = [[bad_user, legit_a, f"poshfail-retry-{RUN_TAG}-{attempt}", f"retry {attempt}"]]
+        pool_b.send(retry)
+        attempt += 1
+        for _ in range(8):
+            time.sleep(0.5)
+            if any(m[2] == retry[0][2] for m in pool_a.take(clear=False)["received"]):
+                delivered_after = time.monotonic() - fixed_at
+                break
+    details.append(f"after fixing the POSH document: " + (f"{bad_user} → {legit_a} delivered {delivered_after:.1f}s "
+                                                          f"later, attempt {attempt}" if delivered_after else
+                                                          f"not delivered in 90s ({attempt} attempts)"))
+    L.expect(delivered_after is not None, f"{BAD_POSH_DOMAIN} still refused 90s after its POSH document was fixed")
+    back = messages_between([legit_a], [bad_user], "poshfail-back")
+    deliver(pool_a, pool_b, back)
+    # Let the legitimate streams finish.
+    wait_all([(pool_a, len(during_ba)), (pool_b, len(during_ab))], 60)
+    got_a, got_b = pool_a.take(), pool_b.take()
+    link_after, count_a, count_b = links_between(lab, a, b)
+    methods = sorted({f"{pair_field(pair, 'direction')}:{pair_method(pair)}" for _, pair in link_pairs(a, b.ip)
+                      if pair_field(pair, "remote", "remoteDomain", "remote_domain") == BAD_POSH_DOMAIN})
+    details.append(f"{a.name}'s /api/links for {BAD_POSH_DOMAIN}: {methods}; connections {count_a}/{count_b}, "
+                   f"same link as before: {link_after == link_before}")
+    check_delivery(details, f"legitimate {b.name}→{a.name} during and after", during_ba, got_a["received"], got_a["errors"])
+    check_delivery(details, f"legitimate {a.name}→{b.name} during and after", during_ab, got_b["received"], got_b["errors"])
+    L.expect(any(m[2] == back[0][2] for m in got_b["received"]), f"{legit_a} → {bad_user} not delivered after the fix")
+    L.expect(link_after == link_before and count_a == 1 and count_b == 1,
+             f"the pair was not added on the same link: before {sorted(link_before)}, after {sorted(link_after)}")
+    L.expect(any("posh" in method for method in methods), f"{BAD_POSH_DOMAIN} is not proven by POSH: {methods}")
+
+
+def fanout(lab, details, a, b, label):
+    """Every domain of A messages every domain of B and back (clients in pools); returns
+    (established connections between them afterwards, TCP connections each side opened)."""
+    users_a, users_b = first_users(a, a.domains[:CLASSIC_DOMAINS]), first_users(b, b.domains[:CLASSIC_DOMAINS])
+    pool_a, pool_b = Pool(lab, a, users_a), Pool(lab, b, users_b)
+    L.quiesce(lab, [a, b])
+    opens = {p.name: L.tcp_counters(p.ns)["ActiveOpens"] for p in (a, b)}
+    sent_ab = messages_between(users_a, users_b, f"{label}-ab")
+    sent_ba = messages_between(users_b, users_a, f"{label}-ba")
+    started = time.monotonic()
+    pool_a.send(sent_ab)
+    pool_b.send(sent_ba)
+    elapsed = wait_all([(pool_b, len(sent_ab)), (pool_a, len(sent_ba))], 90)
+    got_b, got_a = pool_b.take(), pool_a.take()
+    out, into = lab.connections(a, b)
+    opened = {p.name: L.tcp_counters(p.ns)["ActiveOpens"] - opens[p.name] for p in (a, b)}
+    details.append(f"{a.name}⇄{b.name} {len(users_a)}×{len(users_b)}: {len(sent_ab) + len(sent_ba)} messages "
+                   + (f"delivered in {elapsed:.1f}s" if elapsed is not None else "NOT all delivered in 90s")
+                   + f"; s2s connections established: {a.name}→{b.name} {len(out)}, {b.name}→{a.name} {len(into)} "
+                   f"(total {len(out) + len(into)}); TCP connections opened: {a.name} {opened[a.name]}, "
+                   f"{b.name} {opened[b.name]}")
+    check_delivery(details, f"{a.name}→{b.name}", sent_ab, got_b["received"], got_b["errors"])
+    check_delivery(details, f"{b.name}→{a.name}", sent_ba, got_a["received"], got_a["errors"])
+    for agent in list(lab.agents):
+        agent.close()
+    return len(out) + len(into), opened
+
+
+def scenario_classic(lab, details, braid, kind):
+    """Braid ⇄ KIND with 5×5 domains, next to KIND ⇄ KIND2 (the classic pairwise baseline)."""
+    first, second = named(lab, kind), named(lab, f"{kind}2")
+    baseline, baseline_opened = fanout(lab, details, first, second, f"{kind}-baseline")
+    total, opened = fanout(lab, details, braid, first, f"{kind}-braid")
+    pairs = CLASSIC_DOMAINS * CLASSIC_DOMAINS
+    details.append(f"connections for {pairs} domain pairs both ways: {kind}⇄{kind} {baseline} established "
+                   f"({sum(baseline_opened.values())} opened), braid⇄{kind} {total} established "
+                   f"({opened[braid.name]} opened by braid, {opened[first.name]} by {kind})")
+    if braid.kind == "braid":
+        details.append("braid metrics: " + metrics_line(braid, ["braid_s2s_links", "braid_s2s_pairs"]))
+    L.expect(opened[braid.name] <= pairs,
+             f"braid opened {opened[braid.name]} connections to {kind}, more than the {pairs} of classic s2s")
+    L.expect(total <= max(baseline, 2 * pairs), f"braid⇄{kind} needed {total} connections, {kind}⇄{kind} {baseline}")
+
+
+def scenario_malicious(lab, details, braid, braid2):
+    """A scripted peer authenticated for evil.test sends a stanza with a forged `from`, and
+    one for a pair not authorised on its stream: never routed, stream error, security log."""
+    evil_ns = L.NS_PREFIX + "evil"
+    evil_ip = lab.network.ip(EVIL_HOST_NUMBER)
+    if evil_ns not in lab.network.namespaces:
+        lab.network.add_provider_namespace(evil_ns, "evil", evil_ip)
+    cert, key = lab.ca.issue("evil", [EVIL_DOMAIN])
+    victim_domain, other_domain = braid.domains[5], braid.domains[6]
+    victim, other = braid.users(victim_domain)[0], braid.users(other_domain)[0]
+    legit = braid2.users(braid2.domains[5])[0]
+    pool_a = Pool(lab, braid, [victim, other])
+    pool_b = Pool(lab, braid2, [legit])
+    deliver(pool_b, pool_a, messages_between([legit], [victim], "evil-before"))
+    link_before, _, _ = links_between(lab, braid, braid2)
+    stream = [[legit, victim, f"evil-legit-{RUN_TAG}-{index}", f"legit {index}"] for index in range(60)]
+    pool_b.stream(stream, 0.2)
+    braid.mark_log()
+    cases = [
+        ("forged from", {"stream_to": victim_domain, "from": f"mallory@{braid2.domains[5]}", "to": victim},
+         ("invalid-from",)),
+        ("pair not authorised", {"stream_to": victim_domain, "from": f"mallory@{EVIL_DOMAIN}", "to": other},
+         ("host-unknown",)),
+    ]
+    outcomes = []
+    for label, case, conditions in cases:
+        request = {"host": braid.ip, "port": L.S2S_PORT, "own": EVIL_DOMAIN, "cert": cert, "key": key,
+                   "ca": lab.ca.cert, "id": f"evil-{RUN_TAG}-{len(outcomes)}", **case}
+        result = L.run(L.in_netns(evil_ns, [L.PYTHON, os.path.abspath(__file__), "evil-peer", json.dumps(request)]),
+                       check=False, timeout=60)
+        try:
+            outcome = json.loads(result.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise L.ScenarioFailure(f"evil peer ({label}) failed: {result.stderr.strip()[-500:]}") from None
+        outcomes.append((label, request, outcome, conditions))
+        details.append(f"evil peer, {label}: authenticated {outcome.get('auth')}; sent {outcome.get('sent', '')[:160]}")
+        details.append(f"  received: {outcome.get('error_xml') or outcome.get('tail', '')[-300:]!r}; "
+                       f"stream error <{outcome.get('condition')}/>, closed: {outcome.get('closed')}")
+    time.sleep(2)
+    wait_all([(pool_a, len(stream) + 1)], 30)
+    got = pool_a.take()
+    evil_ids = {request["id"] for _, request, _, _ in outcomes}
+    leaked = [m for m in got["received"] if m[2] in evil_ids or "mallory" in m[1]]
+    security = [line.strip()[:300] for line in braid.log_since_mark().splitlines() if "security" in line.lower()]
+    details.extend(f"braid log: {line}" for line in security[:4])
+    details.append("braid metrics: " + metrics_line(braid, ["braid_s2s_security_violations_total",
+                                                          "braid_stream_errors_sent_total"]))
+    link_after, count_a, count_b = links_between(lab, braid, braid2)
+    details.append(f"braid⇄braid2 link unchanged: {link_after == link_before} ({count_a}/{count_b} connections)")
+    L.expect(not leaked, f"the forged stanza(s) were delivered: {leaked}")
+    for label, request, outcome, conditions in outcomes:
+        L.expect(outcome.get("auth") == "success", f"{label}: the evil peer could not authenticate: {outcome}")
+        L.expect(outcome.get("condition") in conditions,
+                 f"{label}: stream error <{outcome.get('condition')}/>, expected <{'/> or <'.join(conditions)}/>")
+        L.expect(outcome.get("closed"), f"{label}: braid did not close the stream")
+    L.expect(len([line for line in security if evil_ip in line]) >= len(outcomes),
+             f"braid logged {len([l for l in security if evil_ip in l])} security events naming {evil_ip}, "
+             f"expected {len(outcomes)}")
+    check_delivery(details, "legitimate braid2→braid during and after", stream, got["received"])
+    L.expect(link_after == link_before, "the braid⇄braid2 link changed")
+
+
+def issue_short_cert(lab, provider, seconds):
+    """A certificate for PROVIDER's names and key, valid from 2 minutes ago for SECONDS more."""
+    directory = os.path.join(lab.ca.directory, "short")
+    os.makedirs(os.path.join(directory, "new"), exist_ok=True)
+    L.write_file(os.path.join(directory, "index.txt"), "")
+    L.write_file(os.path.join(directory, "serial"), f"{random.getrandbits(60):016X}\n")
+    L.write_file(os.path.join(directory, "ca.cnf"), f"""[ca]
+default_ca = lab
+[lab]
+database = {directory}/index.txt
+new_certs_dir = {directory}/new
+serial = {directory}/serial
+default_md = sha256
+policy = anything
+unique_subject = no
+[anything]
+organizationName = optional
+commonName = supplied
+""")
+    names = provider.certificate_names()
+    L.write_file(os.path.join(directory, "ext"), "\n".join([
+        "basicConstraints=critical,CA:FALSE", "keyUsage=critical,digitalSignature",
+        "extendedKeyUsage=serverAuth,clientAuth",
+        "subjectAltName=" + ",".join(f"DNS:{name}" for name in names)]) + "\n")
+    csr = os.path.join(directory, "short.csr")
+    cert = os.path.join(directory, f"{provider.name}-short.crt")
+    L.run(["openssl", "req", "-new", "-key", provider.key, "-out", csr, "-subj",
+           f"/O=Braid federation lab/CN={names[0]}"])
+    now = time.time()
+    stamp = lambda t: time.strftime("%Y%m%d%H%M%SZ", time.gmtime(t))
+    L.run(["openssl", "ca", "-batch", "-config", os.path.join(directory, "ca.cnf"), "-cert", lab.ca.cert,
+           "-keyfile", lab.ca.key, "-in", csr, "-out", cert, "-notext", "-startdate", stamp(now - 120),
+           "-enddate", stamp(now + seconds), "-extfile", os.path.join(directory, "ext")])
+    return cert, now + seconds
+
+
+def scenario_lifecycle(lab, details, a, b):
+    """(a) a domain added at runtime joins the link; (b) a link cut mid-traffic loses
+    nothing; (c) a peer certificate expiring mid-test resets the link, nothing lost."""
+    # (a) braid domain add
+    ua, ub = a.users(a.domains[3])[0], b.users(b.domains[3])[0]
+    late_user = f"user1@{LATE_DOMAIN}"
+    pool_a, pool_b = Pool(lab, a, [ua]), Pool(lab, b, [ub])
+    deliver(pool_a, pool_b, messages_between([ua], [ub], "life-open"))
+    L.quiesce(lab, [a, b])
+    link_before, count_a, count_b = links_between(lab, a, b)
+    a.cli("domain", "add", LATE_DOMAIN)
+    a.cli("user", "add", late_user, "--password", L.PASSWORD)
+    added = time.monotonic()
+    pool_late = L.wait_until(lambda: _try_pool(lab, a, [late_user]), 15, f"{late_user} to log in")
+    sent = messages_between([late_user], [ub], "life-late-ab")
+    deliver(pool_late, pool_b, sent)
+    back = messages_between([ub], [late_user], "life-late-ba")
+    deliver(pool_b, pool_late, back)
+    got_b, got_late = pool_b.take(), pool_late.take()
+    link_after, count_a, count_b = links_between(lab, a, b)
+    methods = sorted({f"{pair_field(pair, 'direction')}:{pair_method(pair)}" for _, pair in link_pairs(a, b.ip)
+                      if pair_field(pair, "local", "localDomain", "local_domain") == LATE_DOMAIN})
+    details.append(f"(a) {LATE_DOMAIN} added at runtime; both ways delivered {time.monotonic() - added:.1f}s later; "
+                   f"pairs on {a.name}'s links: {methods}; connections {count_a}/{count_b}, same link: "
+                   f"{link_after == link_before}")
+    check_delivery(details, f"(a) {LATE_DOMAIN}→{b.name}", sent, got_b["received"], got_b["errors"])
+    check_delivery(details, f"(a) {b.name}→{LATE_DOMAIN}", back, got_late["received"], got_late["errors"])
+    L.expect(link_after == link_before and count_a == 1,
+             f"(a) the new domain did not join the existing link: before {sorted(link_before)}, after {sorted(link_after)}")
+    a.cli("domain", "remove", LATE_DOMAIN)
+    time.sleep(2)
+    gone = messages_between([ub], [late_user], "life-removed")
+    pool_b.send(gone)
+    time.sleep(4)
+    taken = pool_b.take()
+    errors = [error for error in taken["errors"] if error[2] == gone[0][2]]
+    link_removed, count_a, _ = links_between(lab, a, b)
+    details.append(f"(a) after `braid domain remove {LATE_DOMAIN}`: {ub} → {late_user} "
+                   + (f"bounced <{errors[0][3]}/> {errors[0][4]!r}" if errors else "got no error in 4s")
+                   + f"; link kept: {link_removed == link_before}")
+    L.expect(link_removed == link_before, "(a) removing a domain dropped the link")
+
+    # (b) cut the connection mid-traffic
+    L.quiesce(lab, [a, b])
+    stream_ab = [[ua, ub, f"life-cut-ab-{RUN_TAG}-{index}", f"cut {index}"] for index in range(150)]
+    stream_ba = [[ub, ua, f"life-cut-ba-{RUN_TAG}-{index}", f"cut {index}"] for index in range(150)]
+    pool_a.take()
+    pool_a.stream(stream_ab, 0.04)
+    pool_b.stream(stream_ba, 0.04)
+    time.sleep(2.5)
+    cut_before, _, _ = links_between(lab, a, b)
+    kill_links(lab, a, b)
+    details.append(f"(b) cut {len(cut_before)} connection(s) with ss -K after 2.5s of a 6s stream each way")
+    elapsed = wait_all([(pool_b, len(stream_ab)), (pool_a, len(stream_ba))], 60)
+    got_b, got_a = pool_b.take(), pool_a.take()
+    cut_after, count_a, count_b = links_between(lab, a, b)
+    details.append(f"(b) new link: {cut_after != cut_before} ({count_a}/{count_b} connections); "
+                   + metrics_line(a, ["braid_s2s_resent_total", "braid_s2s_duplicates_dropped_total"]) + "; "
+                   + metrics_line(b, ["braid_s2s_resent_total", "braid_s2s_duplicates_dropped_total"]))
+    check_delivery(details, f"(b) {a.name}→{b.name} across the cut", stream_ab, got_b["received"], got_b["errors"])
+    check_delivery(details, f"(b) {b.name}→{a.name} across the cut", stream_ba, got_a["received"], got_a["errors"])
+
+    # (c) a peer certificate that expires mid-test
+    for agent in list(lab.agents):
+        agent.close()
+    original_cert = b.cert
+    lifetime = 75
+    short_cert, expires_at = issue_short_cert(lab, b, lifetime)
+    try:
+        b.cert = short_cert
+        L.log(f"restarting {b.name} with a certificate valid for {lifetime}s")
+        b.restart()
+        pool_a, pool_b = Pool(lab, a, [ua]), Pool(lab, b, [ub])
+        deliver(pool_b, pool_a, messages_between([ub], [ua], "life-exp-open"))
+        deliver(pool_a, pool_b, messages_between([ua], [ub], "life-exp-open2"))
+        link_valid, _, _ = links_between(lab, a, b)
+        before = {f"{pair_field(p, 'direction')}:{pair_method(p)}" for _, p in link_pairs(a, b.ip)
+                  if pair_field(p, "remote", "remoteDomain", "remote_domain") == b.domains[3]}
+        resets_before = metric_total(a, "braid_s2s_link_resets_total")
+        a.mark_log()
+        remaining = expires_at - time.time()
+        count = int((remaining + 25) / 0.5)
+        details.append(f"(c) {b.name} restarted with a certificate expiring in {remaining:.0f}s; {a.name} "
+                       f"proves {b.domains[3]} by {sorted(before)}; streaming {count} messages each way, one per 0.5s")
+        stream_ab = [[ua, ub, f"life-exp-ab-{RUN_TAG}-{index}", f"exp {index}"] for index in range(count)]
+        stream_ba = [[ub, ua, f"life-exp-ba-{RUN_TAG}-{index}", f"exp {index}"] for index in range(count)]
+        pool_a.take()
+        pool_b.take()
+        pool_a.stream(stream_ab, 0.5)
+        pool_b.stream(stream_ba, 0.5)
+        elapsed = wait_all([(pool_b, len(stream_ab)), (pool_a, len(stream_ba))], remaining + 60)
+        got_b, got_a = pool_b.take(), pool_a.take()
+        link_later, count_a, count_b = links_between(lab, a, b)
+        after = {f"{pair_field(p, 'direction')}:{pair_method(p)}" for _, p in link_pairs(a, b.ip)
+                 if pair_field(p, "remote", "remoteDomain", "remote_domain") == b.domains[3]}
+        resets = metric_total(a, "braid_s2s_link_resets_total") - resets_before
+        reset_lines = [line.strip()[:300] for line in a.log_since_mark().splitlines()
+                       if re.search(r"reset|lapsed|expired", line, re.I)]
+        details.extend(f"(c) {a.name} log: {line}" for line in reset_lines[:3])
+        details.append(f"(c) link resets counted by {a.name}: {resets:g}; new link: {link_later != link_valid} "
+                       f"({count_a}/{count_b} connections); {b.domains[3]} now proven by {sorted(after)}")
+        check_delivery(details, f"(c) {a.name}→{b.name} across the expiry", stream_ab, got_b["received"], got_b["errors"])
+        check_delivery(details, f"(c) {b.name}→{a.name} across the expiry", stream_ba, got_a["received"], got_a["errors"])
+        L.expect(resets >= 1 or reset_lines, f"(c) {a.name} did not reset the link when {b.name}'s certificate expired")
+        L.expect(link_later != link_valid, f"(c) the link with the expired certificate is still up: {sorted(link_later)}")
+        L.expect(not any("pkix" in method for method in after),
+                 f"(c) {b.domains[3]} is still proven by PKIX with an expired certificate: {sorted(after)}")
+        help_text = L.run([a.binary, "serve", "--help"], check=False).stdout
+        if "SIGHUP" in help_text:
+            details.append("(c) braid serve --help mentions SIGHUP: certificate reload is not exercised yet by this scenario")
+        else:
+            details.append("(c) SIGHUP certificate reload: skipped, this braid binary does not support it "
+                           "(`braid serve --help` does not mention SIGHUP)")
+    finally:
+        for agent in list(lab.agents):
+            agent.close()
+        b.cert = original_cert
+        L.log(f"restarting {b.name} with its normal certificate")
+        b.restart()
+
+
+def _try_pool(lab, provider, jids):
+    try:
+        return Pool(lab, provider, jids, timeout=5)
+    except L.ScenarioFailure:
+        return None
+
+
+# -- the POSH web server and the evil peer (run inside lab namespaces) --------------------
+
+def posh_server(directory, cert, key, address, port):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            host = (self.headers.get("Host") or "").split(":")[0].lower()
+            path = os.path.join(directory, f"{host}.json")
+            if self.path != "/.well-known/posh/xmpp-server.json" or not os.path.exists(path):
+                self.send_error(404)
+                return
+            with open(path, "rb") as handle:
+                body = handle.read()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, fmt, *args):
+            sys.stderr.write(f"{time.strftime('%H:%M:%S')} {self.headers.get('Host')} {fmt % args}\n")
+            sys.stderr.flush()
+
+    server = http.server.ThreadingHTTPServer((address, int(port)), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    server.serve_forever()
+
+
+def evil_peer(request):
+    """Authenticates as REQUEST['own'] with SASL EXTERNAL, sends one stanza, reports what
+    came back (JSON on stdout)."""
+    result = {"auth": None, "condition": None, "closed": False}
+    header = ("<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+              "xmlns:stream='http://etherx.jabber.org/streams' xmlns:db='jabber:server:dialback' "
+              f"from='{request['own']}' to='{request['stream_to']}' version='1.0'>")
+    sock = socket.create_connection((request["host"], request["port"]), timeout=10)
+    buffer = [b""]
+
+    def read_until(pattern, timeout=10):
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, buffer[0]):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waiting for {pattern!r}; have {buffer[0][-300:]!r}")
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not chunk:
+                result["closed"] = True
+                raise ConnectionError(f"closed while waiting for {pattern!r}; have {buffer[0][-300:]!r}")
+            buffer[0] += chunk
+        text = buffer[0]
+        buffer[0] = b""
+        return text.decode("utf-8", "replace")
+
+    try:
+        sock.sendall(header.encode())
+        read_until(rb"</stream:features>")
+        sock.sendall(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        read_until(rb"<proceed")
+        context = ssl.create_default_context(cafile=request["ca"])
+        context.load_cert_chain(request["cert"], request["key"])
+        sock = context.wrap_socket(sock, server_hostname=request["stream_to"])
+        sock.sendall(header.encode())
+        features = read_until(rb"</stream:features>")
+        if "EXTERNAL" not in features:
+            result["auth"] = f"no EXTERNAL offered: {features[-300:]}"
+            raise RuntimeError("no EXTERNAL")
+        sock.sendall(("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>"
+                      + base64.b64encode(request["own"].encode()).decode() + "</auth>").encode())
+        answer = read_until(rb"<success|<failure[^>]*>.*</failure>")
+        result["auth"] = "success" if "<success" in answer else f"failed: {answer[-200:]}"
+        if "<success" not in answer:
+            raise RuntimeError("auth failed")
+        sock.sendall(header.encode())
+        read_until(rb"</stream:features>")
+        stanza = (f"<message from='{request['from']}' to='{request['to']}' id='{request['id']}' type='chat'>"
+                  f"<body>forged by the evil peer</body></message>")
+        result["sent"] = stanza
+        sock.sendall(stanza.encode())
+        try:
+            text = read_until(rb"</stream:stream>", timeout=10)
+            result["closed"] = True
+        except (ConnectionError, TimeoutError) as error:
+            text = buffer[0].decode("utf-8", "replace")
+            result["note"] = str(error)[:200]
+        result["tail"] = text[-600:]
+        match = re.search(r"<stream:error>.*?</stream:error>", text, re.S)
+        if match:
+            result["error_xml"] = match.group(0)
+            condition = re.search(r"<([a-z-]+)[^>]*xmlns=['\"]urn:ietf:params:xml:ns:xmpp-streams['\"]", match.group(0))
+            result["condition"] = condition.group(1) if condition else None
+        # After </stream:stream> the server closes TCP: check the socket ends.
+        with contextlib.suppress(OSError, ssl.SSLError):
+            sock.settimeout(5)
+            while sock.recv(65536):
+                pass
+            result["closed"] = True
+    except (OSError, RuntimeError, TimeoutError, ConnectionError, ssl.SSLError) as error:
+        result.setdefault("error", str(error)[:300])
+    finally:
+        with contextlib.suppress(OSError):
+            sock.close()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["posh-server"]:
+        posh_server(*sys.argv[2:7])
+    elif sys.argv[1:2] == ["evil-peer"]:
+        evil_peer(json.loads(sys.argv[2]))
+    else:
+        print(__doc__)
+        sys.exit(2)
