@@ -1154,6 +1154,13 @@ def braid_config_yaml(provider):
     """Braid's configuration for the lab, including the s2s and dns sections."""
     spec, lab = provider.spec, provider.lab
     anchors = [lab.ca.cert] if spec.trust_lab_ca else []
+    extra = {section: dict(values) for section, values in spec.settings.items()}
+    self_sign = extra.get("tls", {}).pop("self_sign_missing", False)
+    # tls.domains: the domains the certificate serves (default: every name it covers), e.g.
+    # hosted domains it does not name, which peers then prove by POSH, DANE or dialback.
+    served = extra.get("tls", {}).pop("domains", None)
+    if not extra.get("tls", True):
+        del extra["tls"]
     lines = [
         "# braid federation lab: generated, do not edit",
         f"data_directory: {yaml_string(provider.data)}",
@@ -1164,10 +1171,11 @@ def braid_config_yaml(provider):
         f"  starttls_port: {C2S_PORT}",
         f"  direct_tls_port: {C2S_DIRECT_TLS_PORT}",
         "tls:",
-        "  self_sign_missing: false",
+        f"  self_sign_missing: {json.dumps(self_sign)}",
         "  certificates:",
         f"    - certificate: {yaml_string(provider.cert)}",
         f"      key: {yaml_string(provider.key)}",
+        *([f"      domains: {json.dumps(served)}"] if served else []),
         "s2s:",
         f"  address: {yaml_string(provider.ip)}",
         f"  starttls_port: {S2S_PORT}",
@@ -1175,7 +1183,6 @@ def braid_config_yaml(provider):
         f"  require_certificates: {'true' if spec.secure_auth else 'false'}",
         "  trust_anchor_files: [" + ", ".join(yaml_string(path) for path in anchors) + "]",
     ]
-    extra = {section: dict(values) for section, values in spec.settings.items()}
     peers = dict(provider.peers)
     for domain, settings in extra.get("s2s", {}).pop("peers", {}).items():
         peers[domain] = {**peers.get(domain, {}), **settings}
