@@ -194,7 +194,8 @@ pidfile = "{self.directory}/prosody.pid"
 daemonize = false
 data_path = "{self.data}"
 log = {{ {{ levels = {{ min = "warn" }}, to = "file", filename = "{self.directory}/prosody.log" }} }}
-modules_enabled = {{ "roster", "saslauth", "tls", "disco", "ping", "posix" }}
+admin_socket = "{self.directory}/prosody.sock"
+modules_enabled = {{ "roster", "saslauth", "tls", "disco", "ping", "posix", "admin_shell" }}
 modules_disabled = {{ "s2s" }}
 interfaces = {{ "{ADDRESS}" }}
 c2s_ports = {{ {C2S_PORT} }}
@@ -222,12 +223,13 @@ allow_registration = false
                                    os.path.join(self.directory, "prosody.out"), env=env, cwd=self.directory)
 
     def add_domain_live(self, domain):
-        """Prosody activates VirtualHosts added to the config on reload (SIGHUP)."""
+        """The VirtualHost appended to the config, then `prosodyctl shell host:activate(...)`
+        (a reload alone does not start new hosts in 0.12); the shell's start is included."""
         self.domains.append(domain)
         self.write_config()
         lab.chown_tree(self.directory, "prosody")
-        for pid in _session_pids(self.service.pid, "lua"):
-            os.kill(pid, 1)
+        lab.run(lab.in_netns(self.ns, lab.as_user("prosody", ["prosodyctl", "--config", self.config, "shell",
+                                                              f"host:activate('{domain}')"])), timeout=120)
 
 
 def _session_pids(sid, comm_prefix):

@@ -1,0 +1,49 @@
+"""Micro-benchmarks from braid-bench (release build): stream parse throughput against raw
+expat, and SCRAM-SHA-256 logins per second. In-process routing is not measured: Router's
+initializer and ClientSession are internal to the Server module, and braid-bench (a
+release executable) cannot use @testable import; the c2s tsung scenario measures routing
+end to end instead."""
+
+import json
+import os
+import subprocess
+
+from common import ROOT, log
+
+
+def bench_binary():
+    return os.path.join(ROOT, ".build", "release", "braid-bench")
+
+
+def build(timeout=1800):
+    log("building braid-bench (release)")
+    result = subprocess.run(["swift", "build", "-c", "release", "--product", "braid-bench"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError("swift build failed: " + (result.stdout + result.stderr)[-1500:])
+    return bench_binary()
+
+
+def _json(argv, timeout):
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {result.returncode}: {result.stderr[-500:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run(megabytes, repetitions, logins, binary=None):
+    binary = binary or bench_binary()
+    out = {"not_measured": {"routing_in_process": __doc__.split("In-process routing is not measured: ")[1].strip()}}
+    try:
+        out["parse"] = _json([binary, "parse", "--megabytes", str(megabytes), "--repetitions", str(repetitions), "--json"], 900)
+    except Exception as error:  # noqa: BLE001
+        out["parse_error"] = str(error)[-500:]
+    try:
+        out["scram"] = _json([binary, "scram", "--logins", str(logins), "--iterations", "10000",
+                              "--repetitions", str(repetitions), "--json"], 900)
+        out["scram_4096"] = _json([binary, "scram", "--logins", str(logins), "--iterations", "4096",
+                                   "--repetitions", str(repetitions), "--json"], 900)
+    except Exception as error:  # noqa: BLE001
+        out["scram_error"] = str(error)[-500:]
+    log(f"micro: {json.dumps(out)[:600]}")
+    return out
