@@ -215,11 +215,14 @@ class Pool:
         self.disconnections = 0
         self.streaming = []
 
+    def _on_error(self, jid, message):
+        # slixmpp fires message_error for every <message type='error'> with an <error/>
+        # (and `message` too when it has a body, which _on_message ignores).
+        self.errors.append([jid, message["from"].bare, message["id"],
+                            message["error"]["condition"], message["error"]["text"]])
+
     def _on_message(self, jid, message):
-        if message["type"] == "error":
-            self.errors.append([jid, message["from"].bare, message["id"],
-                                message["error"]["condition"], message["error"]["text"]])
-        elif message["type"] in ("chat", "normal") and message["body"]:
+        if message["type"] in ("chat", "normal") and message["body"]:
             self.received.append([jid, message["from"].bare, message["id"], message["body"]])
 
     async def connect(self, jids, password, host, port, ca, timeout, no_name_check=False):
@@ -252,6 +255,7 @@ class Pool:
                 client.add_event_handler("connection_failed", lambda error: settle(f"connection failed: {error}"))
                 client.add_event_handler("disconnected", on_disconnect)
                 client.add_event_handler("message", lambda message: self._on_message(jid, message))
+                client.add_event_handler("message_error", lambda message: self._on_error(jid, message))
                 client.connect(address=(host, port))
                 outcome = await asyncio.wait_for(done, timeout)
                 if outcome != "ok":
@@ -326,7 +330,8 @@ async def main():
     agent = Agent()
     pool = Pool()
     loop = asyncio.get_event_loop()
-    reader = asyncio.StreamReader()
+    # Pool commands carry thousands of messages in one line.
+    reader = asyncio.StreamReader(limit=64 * 1024 * 1024)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     while True:
         line = await reader.readline()
