@@ -195,7 +195,7 @@ def start_server(kind, ns, workdir, users, braid_binary):
     return server
 
 
-def sessions_run(kind, ns, workdir, steps, braid_binary, rate, pause):
+def sessions_run(kind, ns, workdir, steps, braid_binary, rate, pause, first_rate):
     """Idle sessions in steps; RSS per session at each step, and the login rate."""
     total = steps[-1]
     server = start_server(kind, ns, workdir, total, braid_binary)
@@ -208,7 +208,10 @@ def sessions_run(kind, ns, workdir, steps, braid_binary, rate, pause):
         phases, previous = [], 0
         for step in steps:
             count = step - previous
-            phases.append((math.ceil(count / rate) + pause, count, rate))
+            # The first step arrives faster than any server here logs in: its completions
+            # give the login rate.
+            r = first_rate if not phases else rate
+            phases.append((math.ceil(count / r) + pause, count, r))
             previous = step
         duration = sum(p[0] for p in phases) + 5
         body = f'<thinktime value="{duration + 60}" random="false"/>'
@@ -356,7 +359,7 @@ def messages_run(kind, ns, workdir, users, rates, seconds, braid_binary):
             "cpu_us_per_message_at_sustained": sustained["cpu_us_per_message"] if sustained else None}
 
 
-def run(kinds, session_steps, chat_users, rates, chat_seconds, braid_binary, login_rate=200, pause=8):
+def run(kinds, session_steps, chat_users, rates, chat_seconds, braid_binary, login_rate=200, pause=8, first_rate=500):
     results = {}
     for kind in kinds:
         workdir = tempfile.mkdtemp(prefix=f"braidbench-c2s-{kind}-")
@@ -365,7 +368,7 @@ def run(kinds, session_steps, chat_users, rates, chat_seconds, braid_binary, log
         try:
             with LoopbackNamespace("c2s") as ns:
                 try:
-                    entry["sessions"] = sessions_run(kind, ns, workdir, session_steps, braid_binary, login_rate, pause)
+                    entry["sessions"] = sessions_run(kind, ns, workdir, session_steps, braid_binary, login_rate, pause, first_rate)
                 except Exception as error:  # noqa: BLE001
                     entry["sessions_error"] = f"{type(error).__name__}: {str(error)[-500:]}"
                     log(f"c2s {kind} sessions: {entry['sessions_error']}")

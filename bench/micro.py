@@ -11,17 +11,17 @@ import subprocess
 from common import ROOT, log
 
 
-def bench_binary():
-    return os.path.join(ROOT, ".build", "release", "braid-bench")
+def bench_binary(config="release"):
+    return os.path.join(ROOT, ".build", config, "braid-bench")
 
 
-def build(timeout=1800):
-    log("building braid-bench (release)")
-    result = subprocess.run(["swift", "build", "-c", "release", "--product", "braid-bench"], cwd=ROOT,
+def build(config="release", timeout=1800):
+    log(f"building braid-bench ({config})")
+    result = subprocess.run(["swift", "build", "-c", config, "--product", "braid-bench"], cwd=ROOT,
                             capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError("swift build failed: " + (result.stdout + result.stderr)[-1500:])
-    return bench_binary()
+    return bench_binary(config)
 
 
 def _json(argv, timeout):

@@ -1,0 +1,183 @@
+#!/usr/bin/python3
+"""Braid beside Prosody 0.12 and ejabberd 23.01: every scenario, one run, one report.
+
+    sudo bench/run                 full sizes; writes docs/benchmarks.md, docs/benchmarks.json
+                                   and docs/benchmarks/*.png
+    sudo bench/run --smoke         tiny sizes (CI): writes to /tmp/braid-bench-smoke, checks that
+                                   every scenario produced its figures, exits 1 if one did not
+    options: --only fanout,c2s,hosting,micro   --braid PATH   --out DIR   --no-build
+
+Scenarios (each module's docstring has the details): fanout.py (s2s fan-out over the
+federation lab), c2s.py (tsung), hosting.py (hosted domains), micro.py (braid-bench).
+Needs root (network namespaces) and Debian's prosody, ejabberd, tsung, knot, unbound,
+python3-matplotlib (Scripts/setup bench).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from common import ROOT, log  # noqa: E402
+
+KINDS = ["braid", "prosody", "ejabberd"]
+
+FULL = {
+    "fanout": {"sizes": [10, 30, 100], "time_limits": {10: 90, 30: 150, 100: 240}, "warm_total": 20000},
+    "c2s": {"session_steps": [1000, 5000, 10000], "chat_users": 200, "rates": [200, 500, 1000, 2000, 4000, 8000],
+            "chat_seconds": 15, "login_rate": 250, "first_rate": 500, "pause": 8},
+    "hosting": {"counts": [1000, 10000], "limit": 300},
+    "micro": {"megabytes": 50, "repetitions": 5, "logins": 2000},
+}
+SMOKE = {
+    "fanout": {"sizes": [2], "time_limits": {2: 30}, "warm_total": 100},
+    "c2s": {"session_steps": [10, 20], "chat_users": 5, "rates": [10], "chat_seconds": 3,
+            "login_rate": 20, "first_rate": 20, "pause": 3},
+    "hosting": {"counts": [10, 100], "limit": 60},
+    "micro": {"megabytes": 2, "repetitions": 1, "logins": 50},
+}
+
+
+def build_braid(config):
+    log(f"building braid ({config})")
+    result = subprocess.run(["swift", "build", "-c", config, "--product", "braid"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=3600)
+    if result.returncode != 0:
+        raise SystemExit(f"swift build -c {config} --product braid failed:\n" + (result.stdout + result.stderr)[-2000:])
+    return os.path.join(ROOT, ".build", config, "braid")
+
+
+def run_scenario(name, function, report):
+    started = time.monotonic()
+    log(f"=== scenario {name}")
+    try:
+        report["scenarios"][name] = function()
+    except Exception as error:  # noqa: BLE001 - recorded; the check below fails the run
+        report["scenarios"][name] = {"error": f"{type(error).__name__}: {error}"}
+        log(f"scenario {name} failed: {error}")
+    report["scenarios"][name]["wall_seconds"] = round(time.monotonic() - started, 1)
+
+
+def check(report, wanted):
+    """Which scenarios/kinds produced no figures (values are not judged)."""
+    missing = []
+    s = report["scenarios"]
+    if "fanout" in wanted:
+        rows = s.get("fanout", {}).get("results", [])
+        for kind in KINDS:
+            if not any(r["kind"] == kind and r.get("tcp_connections_peak") is not None
+                       and (r.get("cold_seconds") is not None or r.get("note")) for r in rows):
+                missing.append(f"fanout/{kind}")
+    if "c2s" in wanted:
+        rows = s.get("c2s", {}).get("results", {})
+        for kind in KINDS:
+            entry = rows.get(kind, {})
+            steps = entry.get("sessions", {}).get("steps", [])
+            if not steps or steps[-1].get("rss_per_session_kib") is None or not entry["sessions"].get("login_rate_per_second"):
+                missing.append(f"c2s-sessions/{kind}")
+            msteps = entry.get("messages", {}).get("steps", [])
+            if not msteps or msteps[0].get("p50_ms") is None:
+                missing.append(f"c2s-messages/{kind}")
+    if "hosting" in wanted:
+        rows = s.get("hosting", {}).get("results", {})
+        for kind in KINDS:
+            if not any(r.get("start_seconds") is not None and r.get("idle_rss_kib") for r in rows.get(kind, [])):
+                missing.append(f"hosting/{kind}")
+    if "micro" in wanted:
+        m = s.get("micro", {})
+        if not m.get("parse", {}).get("braid_mb_per_s"):
+            missing.append("micro/parse")
+        if not m.get("scram", {}).get("server_logins_per_s"):
+            missing.append("micro/scram")
+    return missing
+
+
+def wait_quiet(flag, limit):
+    """Waits (bounded) for FLAG to exist and the 1-minute load average to drop below 1.0."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        with open("/proc/loadavg") as handle:
+            load = float(handle.read().split()[0])
+        if (not flag or os.path.exists(flag)) and load < 1.0:
+            return True
+        time.sleep(15)
+    log(f"machine not quiet after {limit}s; running anyway (the load average is recorded)")
+    return False
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--only", default="fanout,c2s,hosting,micro")
+    parser.add_argument("--braid", help="braid binary (default: build .build/release/braid)")
+    parser.add_argument("--out", help="output directory (default docs/ for a full run, /tmp/braid-bench-smoke for --smoke)")
+    parser.add_argument("--no-build", action="store_true", help="use the existing binaries in .build/CONFIG")
+    parser.add_argument("--build-config", default="release", choices=["release", "debug"],
+                        help="release (default; real numbers) or debug (smoke runs in CI: checks the harness only)")
+    parser.add_argument("--wait-for", help="before starting, wait (bounded) for this file and a load average < 1.0")
+    parser.add_argument("--wait-limit", type=int, default=2400)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench/run needs root (network namespaces, servers run as their own users)")
+    wanted = [w for w in args.only.split(",") if w]
+    sizes = SMOKE if args.smoke else FULL
+    out = args.out or ("/tmp/braid-bench-smoke" if args.smoke else os.path.join(ROOT, "docs"))
+    os.makedirs(out, exist_ok=True)
+    nofile = common.raise_file_limit()
+
+    config = args.build_config
+    braid = args.braid or (os.path.join(ROOT, ".build", config, "braid") if args.no_build else build_braid(config))
+    import micro
+    bench_binary = micro.bench_binary(config) if args.no_build else (micro.build(config) if "micro" in wanted else None)
+    if args.wait_for:
+        wait_quiet(args.wait_for, args.wait_limit)
+
+    started = time.monotonic()
+    report = {"mode": "smoke" if args.smoke else "full", "build_config": config, "sizes": json.loads(json.dumps(sizes, default=str)),
+              "machine": common.machine_facts(braid), "open_files_limit": nofile, "scenarios": {}}
+    log(f"machine: {json.dumps(report['machine'])}")
+
+    if "fanout" in wanted:
+        import fanout
+        f = sizes["fanout"]
+        run_scenario("fanout", lambda: fanout.run(KINDS, f["sizes"], braid, f["time_limits"], lambda n: f["warm_total"]), report)
+    if "c2s" in wanted:
+        import c2s
+        c = sizes["c2s"]
+        run_scenario("c2s", lambda: c2s.run(KINDS, c["session_steps"], c["chat_users"], c["rates"], c["chat_seconds"],
+                                            braid, login_rate=c["login_rate"], pause=c["pause"], first_rate=c["first_rate"]), report)
+    if "hosting" in wanted:
+        import hosting
+        h = sizes["hosting"]
+        run_scenario("hosting", lambda: hosting.run(KINDS, h["counts"], braid, h["limit"]), report)
+    if "micro" in wanted:
+        m = sizes["micro"]
+        run_scenario("micro", lambda: micro.run(m["megabytes"], m["repetitions"], m["logins"], bench_binary), report)
+
+    report["run_seconds"] = round(time.monotonic() - started, 1)
+    with open("/proc/loadavg") as handle:
+        report["machine"]["load_average_at_end"] = [float(x) for x in handle.read().split()[:3]]
+    missing = check(report, wanted)
+    report["missing_figures"] = missing
+
+    import report as writer
+    json_path = os.path.join(out, "benchmarks.json")
+    with open(json_path, "w") as handle:
+        json.dump(report, handle, indent=1, default=str)
+    writer.write(report, out)
+    log(f"wrote {json_path} and {os.path.join(out, 'benchmarks.md')} in {report['run_seconds']}s")
+    leftovers = common.lab.lab_namespaces()
+    if leftovers:
+        log(f"namespaces left behind: {leftovers}")
+    if missing:
+        log(f"scenarios without figures: {', '.join(missing)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
