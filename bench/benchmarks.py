@@ -27,10 +27,10 @@ from common import ROOT, log  # noqa: E402
 KINDS = ["braid", "prosody", "ejabberd"]
 
 FULL = {
-    "fanout": {"sizes": [10, 30, 100], "time_limits": {10: 90, 30: 150, 100: 240}, "warm_total": 20000},
+    "fanout": {"sizes": [10, 30, 100], "time_limits": {10: 60, 30: 120, 100: 180}, "warm_total": 20000},
     "c2s": {"session_steps": [1000, 5000, 10000], "chat_users": 200, "rates": [200, 500, 1000, 2000, 4000, 8000],
             "chat_seconds": 15, "login_rate": 250, "first_rate": 500, "pause": 8},
-    "hosting": {"counts": [1000, 10000], "limit": 300},
+    "hosting": {"counts": [1000, 10000], "limit": 240},
     "micro": {"megabytes": 50, "repetitions": 5, "logins": 2000},
 }
 SMOKE = {
