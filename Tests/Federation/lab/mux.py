@@ -300,6 +300,7 @@ def wait_all(expectations, timeout, on_poll=None, stall=40):
 def check_delivery(details, label, sent, received, errors=()):
     """Every message of SENT arrived exactly once at its recipient with its body."""
     expected = {message_id: (sender, receiver, body) for sender, receiver, message_id, body in sent}
+    others = [error for error in errors if error[2] not in expected]
     errors = [error for error in errors if error[2] in expected]
     seen = {}
     for to, sender, message_id, body in received:
@@ -317,7 +318,8 @@ def check_delivery(details, label, sent, received, errors=()):
     details.append(f"{label}: {len(expected)} sent, {len(seen)} delivered, {len(lost)} not delivered "
                    f"({len(lost) - len(silent)} bounced"
                    + (f": {', '.join(f'<{c}/> {n}' for c, n in sorted(conditions.items()))}" if conditions else "")
-                   + f", {len(silent)} lost without an error), {len(duplicated)} duplicated")
+                   + f", {len(silent)} lost without an error), {len(duplicated)} duplicated"
+                   + (f"; {len(others)} other errors at the senders, e.g. {others[:2]}" if others else ""))
     L.expect(not wrong, f"{label}: {len(wrong)} message(s) arrived altered or at the wrong recipient, e.g. {wrong[:3]}")
     L.expect(not lost, f"{label}: {len(lost)} of {len(expected)} not delivered ({len(lost) - len(silent)} bounced, "
              f"{len(silent)} lost without an error), e.g. {lost[:5]}"
@@ -472,17 +474,19 @@ def scenario_scale(lab, details, a, b):
         # wait for those errors too (40 s without any news).
         elapsed = wait_all([(pool_b, len(sent_ab)), (pool_a, len(sent_ba))], 150, sample)
         got_b, got_a = pool_b.take(), pool_a.take()
-        took = f"{elapsed:.1f}s" if elapsed is not None else "NOT all delivered (gave up after 40s without news)"
+        took = (f"all delivered or bounced after {elapsed:.1f}s" if elapsed is not None
+                else "NOT all delivered or bounced (gave up after 40s without news)")
         details.append(f"{round_name}: {len(sent_ab) + len(sent_ba)} messages over "
                        f"{len(users_a) * len(users_b)} domain pairs × 2 directions: {took}")
         for provider in (a, b):
             rss, cpu = process_usage(provider)
             details.append(f"  {provider.name}: RSS {rss:.0f} MiB, CPU {cpu - usage[provider.name][1]:.1f}s "
                            f"during the {round_name} round")
-        for label, sent, got in ((f"{round_name} {a.name}→{b.name}", sent_ab, got_b),
-                                 (f"{round_name} {b.name}→{a.name}", sent_ba, got_a)):
+        for label, sent, got, senders in ((f"{round_name} {a.name}→{b.name}", sent_ab, got_b, got_a),
+                                          (f"{round_name} {b.name}→{a.name}", sent_ba, got_a, got_b)):
             try:
-                check_delivery(details, label, sent, got["received"], got["errors"])
+                # Errors come back to the senders.
+                check_delivery(details, label, sent, got["received"], senders["errors"])
             except L.ScenarioFailure as failure:
                 problems.append(str(failure))
     sample()
@@ -561,8 +565,8 @@ def scenario_mixed_proofs(lab, details, a, b):
                    f"{a.name} opened meanwhile (db:verify, POSH fetches): {L.tcp_counters(a.ns)['ActiveOpens'] - opens}")
     details.append(f"{a.name} metrics: " + metrics_line(a, ["braid_s2s_pairs_authorized_total",
                                                          "braid_s2s_dialback_verifications_total"]))
-    check_delivery(details, f"{a.name}→{b.name}", sent_ab, got_b["received"], got_b["errors"])
-    check_delivery(details, f"{b.name}→{a.name}", first + sent_ba, got_a["received"], got_a["errors"])
+    check_delivery(details, f"{a.name}→{b.name}", sent_ab, got_b["received"], got_a["errors"])
+    check_delivery(details, f"{b.name}→{a.name}", first + sent_ba, got_a["received"], got_b["errors"])
     for group, domains in groups.items():
         expected = len(domains) * len(locals_a)
         found = table.get(group, {})
@@ -660,8 +664,8 @@ def scenario_posh_failure(lab, details, a, b):
                       if pair_field(pair, "remote", "remoteDomain", "remote_domain") == BAD_POSH_DOMAIN})
     details.append(f"{a.name}'s /api/links for {BAD_POSH_DOMAIN}: {methods}; connections {count_a}/{count_b}, "
                    f"same link as before: {link_after == link_before}")
-    check_delivery(details, f"legitimate {b.name}→{a.name} during and after", during_ba, got_a["received"], got_a["errors"])
-    check_delivery(details, f"legitimate {a.name}→{b.name} during and after", during_ab, got_b["received"], got_b["errors"])
+    check_delivery(details, f"legitimate {b.name}→{a.name} during and after", during_ba, got_a["received"], got_b["errors"])
+    check_delivery(details, f"legitimate {a.name}→{b.name} during and after", during_ab, got_b["received"], got_a["errors"])
     L.expect(any(m[2] == back[0][2] for m in got_b["received"]), f"{legit_a} → {bad_user} not delivered after the fix")
     L.expect(link_after == link_before and count_a == 1 and count_b == 1,
              f"the pair was not added on the same link: before {sorted(link_before)}, after {sorted(link_after)}")
@@ -689,8 +693,8 @@ def fanout(lab, details, a, b, label):
                    + f"; s2s connections established: {a.name}→{b.name} {len(out)}, {b.name}→{a.name} {len(into)} "
                    f"(total {len(out) + len(into)}); TCP connections opened: {a.name} {opened[a.name]}, "
                    f"{b.name} {opened[b.name]}")
-    check_delivery(details, f"{a.name}→{b.name}", sent_ab, got_b["received"], got_b["errors"])
-    check_delivery(details, f"{b.name}→{a.name}", sent_ba, got_a["received"], got_a["errors"])
+    check_delivery(details, f"{a.name}→{b.name}", sent_ab, got_b["received"], got_a["errors"])
+    check_delivery(details, f"{b.name}→{a.name}", sent_ba, got_a["received"], got_b["errors"])
     for agent in list(lab.agents):
         agent.close()
     return len(out) + len(into), opened
@@ -835,8 +839,8 @@ def scenario_lifecycle(lab, details, a, b):
     details.append(f"(a) {LATE_DOMAIN} added at runtime; both ways delivered {time.monotonic() - added:.1f}s later; "
                    f"pairs on {a.name}'s links: {methods}; connections {count_a}/{count_b}, same link: "
                    f"{link_after == link_before}")
-    check_delivery(details, f"(a) {LATE_DOMAIN}→{b.name}", sent, got_b["received"], got_b["errors"])
-    check_delivery(details, f"(a) {b.name}→{LATE_DOMAIN}", back, got_late["received"], got_late["errors"])
+    check_delivery(details, f"(a) {LATE_DOMAIN}→{b.name}", sent, got_b["received"], got_late["errors"])
+    check_delivery(details, f"(a) {b.name}→{LATE_DOMAIN}", back, got_late["received"], got_b["errors"])
     L.expect(link_after == link_before and count_a == 1,
              f"(a) the new domain did not join the existing link: before {sorted(link_before)}, after {sorted(link_after)}")
     a.cli("domain", "remove", LATE_DOMAIN)
@@ -869,8 +873,8 @@ def scenario_lifecycle(lab, details, a, b):
     details.append(f"(b) new link: {cut_after != cut_before} ({count_a}/{count_b} connections); "
                    + metrics_line(a, ["braid_s2s_resent_total", "braid_s2s_duplicates_dropped_total"]) + "; "
                    + metrics_line(b, ["braid_s2s_resent_total", "braid_s2s_duplicates_dropped_total"]))
-    check_delivery(details, f"(b) {a.name}→{b.name} across the cut", stream_ab, got_b["received"], got_b["errors"])
-    check_delivery(details, f"(b) {b.name}→{a.name} across the cut", stream_ba, got_a["received"], got_a["errors"])
+    check_delivery(details, f"(b) {a.name}→{b.name} across the cut", stream_ab, got_b["received"], got_a["errors"])
+    check_delivery(details, f"(b) {b.name}→{a.name} across the cut", stream_ba, got_a["received"], got_b["errors"])
 
     # (c) a peer certificate that expires mid-test
     for agent in list(lab.agents):
@@ -911,8 +915,8 @@ def scenario_lifecycle(lab, details, a, b):
         details.extend(f"(c) {a.name} log: {line}" for line in reset_lines[:3])
         details.append(f"(c) link resets counted by {a.name}: {resets:g}; new link: {link_later != link_valid} "
                        f"({count_a}/{count_b} connections); {b.domains[3]} now proven by {sorted(after)}")
-        check_delivery(details, f"(c) {a.name}→{b.name} across the expiry", stream_ab, got_b["received"], got_b["errors"])
-        check_delivery(details, f"(c) {b.name}→{a.name} across the expiry", stream_ba, got_a["received"], got_a["errors"])
+        check_delivery(details, f"(c) {a.name}→{b.name} across the expiry", stream_ab, got_b["received"], got_a["errors"])
+        check_delivery(details, f"(c) {b.name}→{a.name} across the expiry", stream_ba, got_a["received"], got_b["errors"])
         L.expect(resets >= 1 or reset_lines, f"(c) {a.name} did not reset the link when {b.name}'s certificate expired")
         L.expect(link_later != link_valid, f"(c) the link with the expired certificate is still up: {sorted(link_later)}")
         L.expect(not any("pkix" in method for method in after),
