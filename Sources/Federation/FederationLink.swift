@@ -61,6 +61,8 @@ public final class FederationLink: Sendable {
         var nextRevocationCheck = Date.distantPast
         /// Our `db:result` requests waiting for an answer.
         var pendingRequests: [DomainPair: [CheckedContinuation<PairRequestOutcome, Never>]] = [:]
+        /// The proof each outstanding request rests on, applied the moment the answer arrives.
+        var pendingProofs: [DomainPair: (method: ProofMethod, expires: Date?)] = [:]
     }
 
     struct Key: Hashable {
@@ -119,6 +121,11 @@ public final class FederationLink: Sendable {
         var acknowledged: UInt32 = 0
         var unacked: [Stanza] = []
         var sentSinceRequest = 0
+        /// Whether received stanzas count toward `h` yet. The side that sent `<enable/>`
+        /// starts counting when `<enabled/>` arrives (XEP-0198 §4): on a bidirectional link
+        /// the peer may send stanzas before it has read our `<enable/>`, and those it does
+        /// not count as sent under stream management.
+        var countingInbound = true
     }
 
     init(origin: Origin, peerAddress: String, peerTarget: ServerTarget? = nil, channel: any Channel) {
@@ -286,7 +293,11 @@ public final class FederationLink: Sendable {
 
     /// Registers a wait for the answer to our `db:result` for `pair`. Returns false when a
     /// request for the pair is already outstanding (the caller should not send another).
-    func awaitAnswer(for pair: DomainPair, continuation: CheckedContinuation<PairRequestOutcome, Never>) -> Bool {
+    ///
+    /// `method` and `expires` describe the proof the request rests on (the peer proven for
+    /// the remote domain on this link).
+    func awaitAnswer(for pair: DomainPair, method: ProofMethod, expires: Date?,
+                     continuation: CheckedContinuation<PairRequestOutcome, Never>) -> Bool {
         state.withLock { state in
             if state.closed {
                 continuation.resume(returning: .closed)
@@ -294,13 +305,33 @@ public final class FederationLink: Sendable {
             }
             let first = state.pendingRequests[pair] == nil
             state.pendingRequests[pair, default: []].append(continuation)
+            if first { state.pendingProofs[pair] = (method, expires) }
             return first
         }
     }
 
     /// Delivers the peer's answer to waiting requesters. False if nobody asked (unsolicited).
+    ///
+    /// A valid answer authorises the pair here, before the next element from the peer is
+    /// read: on a bidirectional link the peer may send for the pair right after its answer
+    /// (XEP-0288 §2), and that stanza must not find the pair still unauthorised while the
+    /// requester's task has yet to run.
     func answer(_ pair: DomainPair, _ outcome: PairRequestOutcome) -> Bool {
-        let waiters = state.withLock { $0.pendingRequests.removeValue(forKey: pair) }
+        let waiters = state.withLock { state -> [CheckedContinuation<PairRequestOutcome, Never>]? in
+            let waiters = state.pendingRequests.removeValue(forKey: pair)
+            let proof = state.pendingProofs.removeValue(forKey: pair)
+            if waiters != nil, case .valid = outcome, let proof, !state.closed {
+                let now = Date()
+                var directions: [PairDirection] = [.outbound]
+                if state.bidi { directions.append(.inbound) }
+                for direction in directions {
+                    state.authorizations[Key(pair: pair, direction: direction)] =
+                        PairAuthorization(pair: pair, direction: direction, method: proof.method, authorizedAt: now, expires: proof.expires)
+                }
+                state.withdrawn.remove(pair)
+            }
+            return waiters
+        }
         guard let waiters else { return false }
         for waiter in waiters { waiter.resume(returning: outcome) }
         return true
@@ -391,8 +422,21 @@ public final class FederationLink: Sendable {
 
     // MARK: Stream management (XEP-0198, acknowledgements only)
 
-    func enableStreamManagement() {
-        state.withLock { if $0.streamManagement == nil { $0.streamManagement = StreamManagement() } }
+    /// Starts stream management: `requested` when we sent `<enable/>` (inbound counting then
+    /// waits for ``streamManagementConfirmed()``), false when we answer the peer's.
+    func enableStreamManagement(requested: Bool) {
+        state.withLock {
+            if $0.streamManagement == nil {
+                var sm = StreamManagement()
+                sm.countingInbound = !requested
+                $0.streamManagement = sm
+            }
+        }
+    }
+
+    /// The peer's `<enabled/>`: stanzas it sends from here on count toward our `h`.
+    func streamManagementConfirmed() {
+        state.withLock { $0.streamManagement?.countingInbound = true }
     }
 
     var streamManagementEnabled: Bool { state.withLock { $0.streamManagement != nil } }
@@ -407,7 +451,9 @@ public final class FederationLink: Sendable {
         state.withLock { state in
             state.stanzasReceived += 1
             state.lastActivity = Date()
-            state.streamManagement?.handledInbound &+= 1
+            if state.streamManagement?.countingInbound == true {
+                state.streamManagement?.handledInbound &+= 1
+            }
         }
     }
 
@@ -446,6 +492,7 @@ public final class FederationLink: Sendable {
             let queued = state.outbound.removeAll()
             let waiters = state.pendingRequests.values.flatMap { $0 }
             state.pendingRequests = [:]
+            state.pendingProofs = [:]
             return (unacked + queued, waiters)
         }
         for waiter in waiters { waiter.resume(returning: .closed) }

@@ -241,15 +241,19 @@ public final class FederationManager: Sendable {
     /// Records a proof for a pair on a link and, for the outbound direction, makes the link
     /// the pair's route and sends what waited for it, in order. On a bidirectional link the
     /// reverse direction comes with it (XEP-0288 §2.2).
-    func authorize(_ pair: DomainPair, _ direction: PairDirection, on link: FederationLink, method: ProofMethod, expires: Date?) {
+    ///
+    /// `appliedByAnswer`: the link already recorded the authorisation (both ways on a bidi
+    /// link) when the peer's valid answer arrived; only routes and metrics remain.
+    func authorize(_ pair: DomainPair, _ direction: PairDirection, on link: FederationLink, method: ProofMethod, expires: Date?,
+                   appliedByAnswer: Bool = false) {
         guard !link.isClosed else { return }
-        link.authorize(pair, direction, method: method, expires: expires)
+        if !appliedByAnswer { link.authorize(pair, direction, method: method, expires: expires) }
         metrics.proof(method, direction: direction)
         var directions = [direction]
         if link.isBidirectional {
             let reverse: PairDirection = direction == .outbound ? .inbound : .outbound
-            if !link.isAuthorized(pair, reverse) {
-                link.authorize(pair, reverse, method: method, expires: expires)
+            if appliedByAnswer || !link.isAuthorized(pair, reverse) {
+                if !appliedByAnswer { link.authorize(pair, reverse, method: method, expires: expires) }
                 metrics.proof(method, direction: reverse)
                 directions.append(reverse)
             }

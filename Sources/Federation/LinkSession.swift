@@ -156,12 +156,12 @@ final class LinkSession {
                 ]))
                 return
             }
-            link.enableStreamManagement()
+            link.enableStreamManagement(requested: false)
             // Resumption is never offered on s2s (digest §13.4): unacknowledged stanzas are
             // re-sent on a freshly authenticated link instead.
             link.sendControl(XMLElement(name: "enabled", namespace: XMLNamespace.streamManagement))
         case "enabled":
-            break
+            link.streamManagementConfirmed()
         case "failed":
             logger.info("the peer refused stream management")
             link.disableStreamManagement()

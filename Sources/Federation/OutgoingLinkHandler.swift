@@ -240,7 +240,7 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
         let proof = link.proof(of: remoteDomain)
         let method = proof?.method ?? .dialback
         if capabilities.streamManagement && manager.configuration.streamManagement {
-            link.enableStreamManagement()
+            link.enableStreamManagement(requested: true)
             link.sendControl(XMLElement(name: "enable", namespace: XMLNamespace.streamManagement))
         }
         manager.authorize(pair, .outbound, on: link, method: method, expires: proof?.expires)

@@ -16,14 +16,17 @@ extension FederationManager {
         // Bounded: each round either finishes or learns something (a link refused, a
         // connection attempt ended) before it tries again.
         for _ in 0..<12 {
+            // Links that could be joined now; a connection is opened only if none appears
+            // between this look and taking the connection slot (see connect).
+            let considered = joinableLinkIDs()
             if let link = routedLink(for: pair) {
                 authorize(pair, .outbound, on: link, method: link.authorization(pair, .outbound)?.method ?? .dialback, expires: link.authorization(pair, .outbound)?.expires)
                 return
             }
             if configuration.multiplex, let (link, proof) = await linkToJoin(for: pair, excluding: refusedBy) {
-                switch await requestPair(pair, on: link) {
+                switch await requestPair(pair, on: link, method: proof.method, expires: proof.expires) {
                 case .valid:
-                    authorize(pair, .outbound, on: link, method: proof.method, expires: proof.expires)
+                    authorize(pair, .outbound, on: link, method: proof.method, expires: proof.expires, appliedByAnswer: true)
                     metrics.connectionsSaved.increment()
                     logger.debug("pair joined an existing link", metadata: ["pair": "\(pair)", "link": "\(link.id.prefix(8))", "proof": "\(proof.method.rawValue)"])
                     return
@@ -45,7 +48,7 @@ extension FederationManager {
                     continue
                 }
             }
-            switch await connect(pair) {
+            switch await connect(pair, considered: considered) {
             case .established:
                 return
             case .retry:
@@ -59,6 +62,10 @@ extension FederationManager {
 
     /// A link the pair is already authorised on (for example, the reverse of a pair the
     /// peer asserted on a bidirectional link).
+    private func joinableLinkIDs() -> Set<String> {
+        Set(openLinks.filter { $0.canRequestPairs && $0.streamID != nil && $0.isEstablished }.map(\.id))
+    }
+
     private func routedLink(for pair: DomainPair) -> FederationLink? {
         openLinks.first { $0.isAuthorized(pair, .outbound) }
     }
@@ -98,13 +105,13 @@ extension FederationManager {
 
     /// Sends `db:result` for `pair` on `link`, with a key bound to the link's stream id, and
     /// waits for the answer (bounded by the negotiation timeout).
-    func requestPair(_ pair: DomainPair, on link: FederationLink) async -> FederationLink.PairRequestOutcome {
+    func requestPair(_ pair: DomainPair, on link: FederationLink, method: ProofMethod, expires: Date?) async -> FederationLink.PairRequestOutcome {
         guard let streamID = link.streamID else { return .closed }
         await host.prepareCertificate(for: pair.local)
         let key = keys.key(receiving: pair.remote, originating: pair.local, streamID: streamID)
         let timeout = Int64(configuration.negotiationTimeoutSeconds)
         return await withCheckedContinuation { continuation in
-            guard link.awaitAnswer(for: pair, continuation: continuation) else { return }
+            guard link.awaitAnswer(for: pair, method: method, expires: expires, continuation: continuation) else { return }
             link.sendControl(DialbackElement(kind: .result, from: pair.local, to: pair.remote, key: key).element)
             link.channel.eventLoop.scheduleTask(in: .seconds(timeout)) {
                 _ = link.answer(pair, .error(StanzaError(.remoteServerTimeout, text: "no answer from \(pair.remote) for \(pair.local)")))
@@ -146,7 +153,11 @@ extension FederationManager {
     /// Opens a new link for `pair` (its first pair), trying each SRV target in order (RFC
     /// 6120 §3.2; never A/AAAA after SRV targets failed). Only one connection per target is
     /// opened at a time: other pairs for the same server wait for it and then try to join.
-    private func connect(_ pair: DomainPair) async -> ConnectOutcome {
+    ///
+    /// `considered`: the joinable links the caller already looked at. If another link became
+    /// joinable since (its connection finished just before we got here), the caller looks
+    /// again instead of opening a second connection to the same provider.
+    private func connect(_ pair: DomainPair, considered: Set<String>) async -> ConnectOutcome {
         let now = ContinuousClock.now
         if let backoff = state.withLock({ $0.backoff[pair.remote] }), backoff.until > now {
             pairFailed(pair, error: backoff.error, backoff: false)
@@ -161,16 +172,18 @@ extension FederationManager {
             return .failed
         }
         let key = first.serverTarget
-        let busy = state.withLock { state -> Bool in
-            if state.connecting[key] != nil { return true }
+        // A connection under way to any of the domain's servers may turn out to be the
+        // provider's one link: wait for it rather than open another in parallel.
+        let busyWith = state.withLock { state -> ServerTarget? in
+            if let busy = targets.first(where: { state.connecting[$0.serverTarget] != nil }) { return busy.serverTarget }
             state.connecting[key] = []
-            return false
+            return nil
         }
-        if busy {
+        if let busyWith {
             await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
                 let queued = state.withLock { state -> Bool in
-                    guard state.connecting[key] != nil else { return false }
-                    state.connecting[key]?.append(continuation)
+                    guard state.connecting[busyWith] != nil else { return false }
+                    state.connecting[busyWith]?.append(continuation)
                     return true
                 }
                 if !queued { continuation.resume() }
@@ -180,6 +193,9 @@ extension FederationManager {
         defer {
             let waiters = state.withLock { $0.connecting.removeValue(forKey: key) ?? [] }
             for waiter in waiters { waiter.resume() }
+        }
+        if !joinableLinkIDs().subtracting(considered).isEmpty {
+            return .retry
         }
         await host.prepareCertificate(for: pair.local)
         var lastError = "no target answered"

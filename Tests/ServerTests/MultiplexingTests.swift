@@ -313,3 +313,49 @@ func waitUntil(timeout: Duration = .seconds(10), _ condition: () async throws ->
     Issue.record("condition not met within \(timeout)")
     throw CancellationError()
 }
+
+extension MultiplexingTests {
+    @Test("Pairs set up at the same time from both sides share the link, and nothing is refused")
+    func concurrentPairs() async throws {
+        let aDomains = (1...4).map { "a\($0).example" }
+        let bDomains = (1...4).map { "b\($0).example" }
+        let aUsers = aDomains.map { "user@\($0)" }
+        let bUsers = bDomains.map { "user@\($0)" }
+        try await withFederation(aDomains: aDomains, aUsers: aUsers, bDomains: bDomains, bUsers: bUsers) { pair in
+            let a = try await clients(pair.a, aUsers)
+            let b = try await clients(pair.b, bUsers)
+            // The link exists (A opened it for one pair)...
+            try await a[aUsers[0]]!.sendMessage(to: bUsers[0], body: "first")
+            #expect(try await receive(1, on: b[bUsers[0]]!) == ["first"])
+            // ...then every other pair starts at once, both ways. B's stanzas for a pair that
+            // A is asking for follow B's valid answer immediately: A must already count the
+            // pair as authorised when they arrive (a refusal would close the link).
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for (from, to, clients) in [(aUsers, bUsers, a), (bUsers, aUsers, b)] {
+                    for sender in from {
+                        let client = clients[sender]!
+                        group.addTask {
+                            for recipient in to where !(sender == aUsers[0] && recipient == bUsers[0]) {
+                                try await client.sendMessage(to: recipient, body: "\(sender)→\(recipient)")
+                            }
+                        }
+                    }
+                }
+                try await group.waitForAll()
+            }
+            for bUser in bUsers {
+                let expected = Set(aUsers.filter { !($0 == aUsers[0] && bUser == bUsers[0]) }.map { "\($0)→\(bUser)" })
+                #expect(Set(try await receive(expected.count, on: b[bUser]!)) == expected)
+            }
+            for aUser in aUsers {
+                #expect(Set(try await receive(bUsers.count, on: a[aUser]!)) == Set(bUsers.map { "\($0)→\(aUser)" }))
+            }
+            #expect(pair.a.metrics.counterValue("braid_s2s_security_violations_total") == 0)
+            #expect(pair.b.metrics.counterValue("braid_s2s_security_violations_total") == 0)
+            #expect(pair.a.metrics.counterValue("braid_s2s_connections_opened_total") == 1)
+            #expect(pair.b.metrics.counterValue("braid_s2s_connections_opened_total") == 0)
+            #expect(openLinks(pair.a).count == 1 && openLinks(pair.b).count == 1)
+            for client in Array(a.values) + Array(b.values) { await client.close() }
+        }
+    }
+}
