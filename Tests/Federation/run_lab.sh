@@ -5,7 +5,8 @@
 # Needs root and these Debian packages, which it does NOT install (CI does):
 #   prosody ejabberd knot knot-dnsutils unbound python3-slixmpp iproute2 openssl
 # Extra arguments go to lab.py (see `lab.py --help`); BRAID_LAB_WITH_BRAID=1 adds Braid
-# ($BRAID_BINARY, default .build/debug/braid).
+# ($BRAID_BINARY, default .build/debug/braid), and with it the multiplexing scenarios (mux:*,
+# a second lab with two Braid providers of 50 domains each; see lab/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
