@@ -200,6 +200,7 @@ def plots(report, directory):
 # -- the note ------------------------------------------------------------------------------
 
 def write(report, out):
+    os.makedirs(out, exist_ok=True)
     images = plots(report, os.path.join(out, "benchmarks"))
     m = report["machine"]
     v = m["versions"]
@@ -240,6 +241,12 @@ def write(report, out):
                          f"{fmt((r.get('peak_rss_a_kib') or 0) / 1024)} / {fmt((r.get('peak_rss_b_kib') or 0) / 1024)}",
                          f"{fmt(r.get('cpu_a_seconds'), 2)} / {fmt(r.get('cpu_b_seconds'), 2)}"))
         lines += [table(["pair", "N×M", "TCP conns", "cold s", "warm msg/s", "lost / bounced", "peak RSS MiB (A / B)", "CPU s (A / B)"], rows), ""]
+        for r in sorted(fo["results"], key=lambda r: (r["n"], KINDS.index(r["kind"]))):
+            conditions = (r.get("driver") or {}).get("error_conditions")
+            if conditions:
+                lines.append(f"- {NAMES[r['kind']]} {r['n']}×{r['n']}: bounce conditions {conditions}")
+            if r.get("note"):
+                lines.append(f"- {NAMES[r['kind']]} {r['n']}×{r['n']}: {r['note']}")
         errors = [r for r in fo["results"] if r.get("error")]
         for r in errors:
             lines.append(f"- {NAMES[r['kind']]} {r['n']}×{r['n']}: {r['error'][:300]}")
@@ -328,6 +335,11 @@ def write(report, out):
                   "The server side of a SCRAM login does no PBKDF2 (the stored keys are used); the client's PBKDF2 "
                   "dominates a full exchange.", "",
                   "Not measured: in-process routing stanzas/s. " + mi.get("not_measured", {}).get("routing_in_process", ""), ""]
+
+    findings = os.path.join(os.path.dirname(os.path.abspath(__file__)), "findings.md")
+    if os.path.exists(findings) and report.get("mode") == "full":
+        with open(findings) as handle:
+            lines += [handle.read().strip(), ""]
 
     lines += ["## Sizes of this run", "", "```", __import__("json").dumps(report["sizes"], indent=1), "```", ""]
     with open(os.path.join(out, "benchmarks.md"), "w") as handle:

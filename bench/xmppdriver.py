@@ -50,6 +50,7 @@ class Client:
         self.depth = 0
         self.queue = []
         self.errors = 0
+        self.conditions = {}
 
     def _new_parser(self):
         self.parser = ET.XMLPullParser(events=("start", "end"))
@@ -137,6 +138,14 @@ class Client:
                 if element.tag.endswith("message"):
                     if element.get("type") == "error":
                         self.errors += 1
+                        error = element.find("{jabber:client}error")
+                        condition = "?"
+                        if error is not None:
+                            for child in error:
+                                if not child.tag.endswith("}text"):
+                                    condition = child.tag.split("}")[-1]
+                                    break
+                        self.conditions[condition] = self.conditions.get(condition, 0) + 1
                     else:
                         body = element.find("{jabber:client}body")
                         if body is not None and body.text:
@@ -252,6 +261,11 @@ async def main(plan):
             "messages_per_second": round(len(arrivals) / span, 1) if span else None,
             "errors": sum(c.errors for c in clients) - errors_before,
         }
+    conditions = {}
+    for c in clients:
+        for key, value in c.conditions.items():
+            conditions[key] = conditions.get(key, 0) + value
+    result["error_conditions"] = conditions
     for c in clients:
         try:
             c._send("</stream:stream>")
