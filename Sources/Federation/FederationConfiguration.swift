@@ -42,6 +42,9 @@ public struct FederationConfiguration: Codable, Sendable, Equatable {
     /// Seconds between re-validation passes: proofs about to lapse are renewed, expired
     /// or revoked certificates reset their link, OCSP is polled when due.
     public var revalidationIntervalSeconds: Double = 30
+    /// A peer certificate with less time than this left is not relied on for a new proof
+    /// (twice the revalidation interval, at most ten seconds).
+    public var certificateMinimumLifetimeSeconds: Double { min(10, revalidationIntervalSeconds * 2) }
     /// Seconds a peer's DNS location is remembered.
     public var locationCacheSeconds: Int = 300
     /// Seconds before the first retry of a failed peer or pair (doubling, up to a minute).
@@ -108,12 +111,15 @@ public struct FederationConfiguration: Codable, Sendable, Equatable {
             self.directTLS = directTLS
         }
 
-        enum CodingKeys: String, CodingKey {
+        enum CodingKeys: String, CodingKey, CaseIterable {
             case requireCertificates = "require_certificates"
             case trustAnchorFiles = "trust_anchor_files"
             case host, port
             case directTLS = "direct_tls"
         }
+
+        /// The keys a configuration file may give for one peer.
+        public static let configurationKeys = Set(CodingKeys.allCases.map(\.stringValue))
     }
 
     /// Whether certificates are required of `domain`.

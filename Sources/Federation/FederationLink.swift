@@ -63,6 +63,13 @@ public final class FederationLink: Sendable {
         var pendingRequests: [DomainPair: [CheckedContinuation<PairRequestOutcome, Never>]] = [:]
         /// The proof each outstanding request rests on, applied the moment the answer arrives.
         var pendingProofs: [DomainPair: (method: ProofMethod, expires: Date?)] = [:]
+        /// The peer answered one of our `db:result` requests on this link, so it accepts them.
+        var assertionsAnswered = false
+        /// Stanzas written since our first `db:result` on a link the peer opened, kept until
+        /// the peer answers it. A peer whose outgoing side cannot take dialback (Prosody 0.12
+        /// closes with `<invalid-id/>`) discards what follows the request; these are then
+        /// sent again on another link (digest §14, fallback matrix). Nil when not on trial.
+        var assertionTrial: [Stanza]?
     }
 
     struct Key: Hashable {
@@ -291,6 +298,18 @@ public final class FederationLink: Sendable {
         case closed
     }
 
+    /// Before a `db:result` on a link the peer opened whose peer has not yet answered one:
+    /// keep what is written until it does (see ``State/assertionTrial``).
+    func beginAssertionTrial() {
+        guard origin == .incoming else { return }
+        state.withLock { state in
+            if !state.assertionsAnswered && state.assertionTrial == nil { state.assertionTrial = [] }
+        }
+    }
+
+    /// The peer's IP address, for remembering how a provider's servers behave.
+    var peerIP: String? { channel.remoteAddress?.ipAddress }
+
     /// Registers a wait for the answer to our `db:result` for `pair`. Returns false when a
     /// request for the pair is already outstanding (the caller should not send another).
     ///
@@ -316,10 +335,21 @@ public final class FederationLink: Sendable {
     /// read: on a bidirectional link the peer may send for the pair right after its answer
     /// (XEP-0288 §2), and that stanza must not find the pair still unauthorised while the
     /// requester's task has yet to run.
-    func answer(_ pair: DomainPair, _ outcome: PairRequestOutcome) -> Bool {
-        let waiters = state.withLock { state -> [CheckedContinuation<PairRequestOutcome, Never>]? in
+    ///
+    /// `fromPeer` is false when the answer is our own timeout, which says nothing about
+    /// whether the peer accepts requests on this link.
+    func answer(_ pair: DomainPair, _ outcome: PairRequestOutcome, fromPeer: Bool = true) -> Bool {
+        let (waiters, resume) = state.withLock { state -> ([CheckedContinuation<PairRequestOutcome, Never>]?, Bool) in
             let waiters = state.pendingRequests.removeValue(forKey: pair)
             let proof = state.pendingProofs.removeValue(forKey: pair)
+            var resume = false
+            if waiters != nil && fromPeer {
+                state.assertionsAnswered = true
+                if let trial = state.assertionTrial {
+                    resume = trial.count >= Self.maximumUnacknowledged && state.outbound.count > 0
+                    state.assertionTrial = nil
+                }
+            }
             if waiters != nil, case .valid = outcome, let proof, !state.closed {
                 let now = Date()
                 var directions: [PairDirection] = [.outbound]
@@ -330,8 +360,9 @@ public final class FederationLink: Sendable {
                 }
                 state.withdrawn.remove(pair)
             }
-            return waiters
+            return (waiters, resume)
         }
+        if resume { channel.eventLoop.execute { self.drain() } }
         guard let waiters else { return false }
         for waiter in waiters { waiter.resume(returning: outcome) }
         return true
@@ -372,7 +403,11 @@ public final class FederationLink: Sendable {
         while channel.isWritable {
             let next = state.withLock { state -> Stanza? in
                 if let sm = state.streamManagement, sm.unacked.count >= Self.maximumUnacknowledged { return nil }
+                if let trial = state.assertionTrial, trial.count >= Self.maximumUnacknowledged { return nil }
                 guard let (_, stanza) = state.outbound.pop() else { return nil }
+                if state.assertionTrial != nil && state.streamManagement == nil {
+                    state.assertionTrial?.append(stanza)
+                }
                 state.stanzasSent += 1
                 state.lastActivity = Date()
                 if state.streamManagement != nil {
@@ -482,21 +517,27 @@ public final class FederationLink: Sendable {
     /// Marks the link closed and hands back what it still owed: stanzas queued or sent but
     /// not acknowledged, in order, to be re-sent on another link. Waiting pair requests
     /// are answered `.closed`. Idempotent: the second call returns nothing.
+    ///
+    /// `refusedRequests` is true when the link was one the peer opened and it closed while
+    /// our first `db:result` on it waited: the peer does not take them on its links.
     @discardableResult
-    func markClosed() -> [Stanza] {
-        let (owed, waiters) = state.withLock { state -> ([Stanza], [CheckedContinuation<PairRequestOutcome, Never>]) in
-            guard !state.closed else { return ([], []) }
+    func markClosed() -> (owed: [Stanza], refusedRequests: Bool) {
+        let (owed, waiters, refused) = state.withLock { state -> ([Stanza], [CheckedContinuation<PairRequestOutcome, Never>], Bool) in
+            guard !state.closed else { return ([], [], false) }
             state.closed = true
             let unacked = state.streamManagement?.unacked ?? []
             state.streamManagement?.unacked = []
+            let onTrial = state.assertionTrial ?? []
+            state.assertionTrial = nil
             let queued = state.outbound.removeAll()
+            let refused = origin == .incoming && !state.assertionsAnswered && !state.pendingRequests.isEmpty
             let waiters = state.pendingRequests.values.flatMap { $0 }
             state.pendingRequests = [:]
             state.pendingProofs = [:]
-            return (unacked + queued, waiters)
+            return (unacked + onTrial + queued, waiters, refused)
         }
         for waiter in waiters { waiter.resume(returning: .closed) }
-        return owed
+        return (owed, refused)
     }
 
     /// Ends the stream and closes the connection.

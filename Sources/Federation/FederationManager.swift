@@ -132,6 +132,9 @@ public final class FederationManager: Sendable {
         var backoff: [String: Backoff] = [:]
         /// Pairs the peer refused; retried after the delay (XEP-0220 §2.5).
         var pairBackoff: [DomainPair: Backoff] = [:]
+        /// Peer servers (by IP address) that closed a link they opened when we sent
+        /// `db:result` on it, until when we stop doing that on their links.
+        var refusesRequestsOnItsLinks: [String: ContinuousClock.Instant] = [:]
         /// Where peer domains' servers are, for a while.
         var locations: [String: (PeerLocation, ContinuousClock.Instant)] = [:]
         var shuttingDown = false
@@ -176,7 +179,10 @@ public final class FederationManager: Sendable {
             let canonical = try JID(domain: domain).domainpart
             peerRoots[canonical] = try files.flatMap { file throws(TrustError) in try PeerTrustAnchors.load(pemFile: file) }
         }
-        validator = PeerCertificateValidator(anchors: PeerTrustAnchors(defaultRoots: defaultRoots, peerRoots: peerRoots))
+        // A certificate about to expire is not relied on for new links: the revalidation
+        // pass would reset them before they carried anything.
+        validator = PeerCertificateValidator(anchors: PeerTrustAnchors(defaultRoots: defaultRoots, peerRoots: peerRoots),
+                                             minimumRemainingLifetime: configuration.certificateMinimumLifetimeSeconds)
         proofs = [PKIXProof(validator: validator)] + additionalProofs(validator)
         self.onShutdown = onShutdown
         recentStanzas = RecentStanzaIDs(capacity: configuration.duplicateWindow)
@@ -327,7 +333,13 @@ public final class FederationManager: Sendable {
     /// A link is gone. Its routes go with it, and whatever it still owed (queued, or sent
     /// and not acknowledged under XEP-0198) is sent again on another link.
     func linkClosed(_ link: FederationLink) {
-        let owed = link.markClosed()
+        let (owed, refusedRequests) = link.markClosed()
+        if refusedRequests, let ip = link.peerIP {
+            // Digest §14: a peer that closes the stream on a multiplexed db:result gets
+            // one pair per connection from us on its links (ours to it are unaffected).
+            logger.notice("the peer closed its link on our dialback request; not asking on its links again", metadata: ["peer": "\(link.peerAddress)"])
+            state.withLock { $0.refusesRequestsOnItsLinks[ip] = .now + .seconds(3600) }
+        }
         let shuttingDown = state.withLock { state -> Bool in
             state.links[link.id] = nil
             for (pair, current) in state.routes where current === link {
@@ -375,6 +387,20 @@ public final class FederationManager: Sendable {
     }
 
     struct ShuttingDown: Error {}
+
+    /// Whether we may send `db:result` on `link`: always on ours; on the peer's unless its
+    /// server has shown it cannot take them.
+    func mayRequestPairs(on link: FederationLink) -> Bool {
+        guard link.origin == .incoming, let ip = link.peerIP else { return true }
+        return state.withLock { state in
+            guard let until = state.refusesRequestsOnItsLinks[ip] else { return true }
+            if until <= .now {
+                state.refusesRequestsOnItsLinks[ip] = nil
+                return true
+            }
+            return false
+        }
+    }
 
     var openLinks: [FederationLink] {
         state.withLock { Array($0.links.values) }.filter { !$0.isClosed }

@@ -208,6 +208,7 @@ final class LinkSession {
             }
         case .reset(let reason):
             logger.notice("a proof on the link lapsed; resetting it", metadata: ["reason": "\(reason)"])
+            manager.metrics.resets("proof-lapsed")
             close(StreamError(.reset, text: reason), reason: reason)
         case .reject(let error, let reason):
             logger.warning("security: refused stanza from peer", metadata: ["reason": "\(reason)", "condition": "\(error.condition.rawValue)"])

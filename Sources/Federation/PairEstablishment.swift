@@ -63,7 +63,7 @@ extension FederationManager {
     /// A link the pair is already authorised on (for example, the reverse of a pair the
     /// peer asserted on a bidirectional link).
     private func joinableLinkIDs() -> Set<String> {
-        Set(openLinks.filter { $0.canRequestPairs && $0.streamID != nil && $0.isEstablished }.map(\.id))
+        Set(openLinks.filter { $0.canRequestPairs && $0.streamID != nil && $0.isEstablished && mayRequestPairs(on: $0) }.map(\.id))
     }
 
     private func routedLink(for pair: DomainPair) -> FederationLink? {
@@ -81,7 +81,7 @@ extension FederationManager {
     ///   peer opened to us, the proof alone identifies it.
     func linkToJoin(for pair: DomainPair, excluding refused: Set<String>) async -> (FederationLink, (method: ProofMethod, expires: Date?))? {
         let candidates = openLinks
-            .filter { $0.canRequestPairs && $0.streamID != nil && !refused.contains($0.id) && $0.isEstablished }
+            .filter { $0.canRequestPairs && $0.streamID != nil && !refused.contains($0.id) && $0.isEstablished && mayRequestPairs(on: $0) }
             .sorted { ($0.origin == .outgoing ? 0 : 1, -$0.pairCount) < ($1.origin == .outgoing ? 0 : 1, -$1.pairCount) }
         for link in candidates {
             if link.hasValidPair(remote: pair.remote, .outbound) || (link.isBidirectional && link.hasValidPair(remote: pair.remote, .inbound)) {
@@ -112,9 +112,10 @@ extension FederationManager {
         let timeout = Int64(configuration.negotiationTimeoutSeconds)
         return await withCheckedContinuation { continuation in
             guard link.awaitAnswer(for: pair, method: method, expires: expires, continuation: continuation) else { return }
+            link.beginAssertionTrial()
             link.sendControl(DialbackElement(kind: .result, from: pair.local, to: pair.remote, key: key).element)
             link.channel.eventLoop.scheduleTask(in: .seconds(timeout)) {
-                _ = link.answer(pair, .error(StanzaError(.remoteServerTimeout, text: "no answer from \(pair.remote) for \(pair.local)")))
+                _ = link.answer(pair, .error(StanzaError(.remoteServerTimeout, text: "no answer from \(pair.remote) for \(pair.local)")), fromPeer: false)
             }
         }
     }

@@ -54,7 +54,7 @@ extension FederationManager {
                 case .proven(.posh, let expires):
                     // POSH replaces the name check only: the certificate must still be
                     // within its validity period, and the proof lapses with it (RFC 7711 §6).
-                    guard let leaf = evidence.certificateChain.first, leaf.notValidBefore <= evidence.time, evidence.time < leaf.notValidAfter else {
+                    guard let leaf = evidence.certificateChain.first, leaf.notValidBefore <= evidence.time, evidence.time + self.configuration.certificateMinimumLifetimeSeconds < leaf.notValidAfter else {
                         reasons.append("posh: the certificate is outside its validity period")
                         continue
                     }

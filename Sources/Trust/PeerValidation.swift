@@ -93,9 +93,14 @@ public enum PeerCertificateFailure: Error, Sendable, Hashable, CustomStringConve
 /// server domain either way (XEP-0178 trap in the digest).
 public struct PeerCertificateValidator: Sendable {
     public var anchors: PeerTrustAnchors
+    /// A chain that expires sooner than this after the validation time is not relied on: a
+    /// link authenticated in a certificate's last moments would be reset at once, taking the
+    /// stanzas sent on it along (the peer falls back to dialback instead).
+    public var minimumRemainingLifetime: TimeInterval
 
-    public init(anchors: PeerTrustAnchors) {
+    public init(anchors: PeerTrustAnchors, minimumRemainingLifetime: TimeInterval = 0) {
         self.anchors = anchors
+        self.minimumRemainingLifetime = minimumRemainingLifetime
     }
 
     /// Validates `chain` (leaf first, as presented) for `domain` at `time`.
@@ -119,6 +124,10 @@ public struct PeerCertificateValidator: Sendable {
         case .validCertificate(let validated):
             let verified = Array(validated)
             let expires = verified.map(\.notValidAfter).min() ?? leaf.notValidAfter
+            let remaining = expires.timeIntervalSince(time)
+            guard remaining >= minimumRemainingLifetime else {
+                return .failure(.untrusted("the certificate chain expires in \(max(0, Int(remaining))) s, too soon to rely on"))
+            }
             return .success(ValidatedPeerCertificate(chain: verified, match: match, expires: expires))
         case .couldNotValidate(let failures):
             let reason = failures.first.map { "\($0.policyFailureReason)" } ?? "no path to a trusted root"

@@ -74,6 +74,26 @@ struct ConfigurationTests {
         #expect(try BraidConfiguration.parse(yaml: text) == BraidConfiguration())
     }
 
+    @Test("Per-peer settings and POSH overrides are keyed by names the operator chooses")
+    func peerMappings() throws {
+        let yaml = """
+        s2s:
+          peers:
+            example.org:
+              host: 10.0.0.1
+              port: 5270
+              direct_tls: true
+              require_certificates: true
+          posh_connect_overrides:
+            example.org: 127.0.0.1:8443
+        """
+        let configuration = try BraidConfiguration.parse(yaml: yaml)
+        #expect(configuration.s2s.peers["example.org"] == .init(requireCertificates: true, host: "10.0.0.1", port: 5270, directTLS: true))
+        #expect(configuration.s2s.poshConnectOverrides == ["example.org": "127.0.0.1:8443"])
+        // A misspelt setting inside a peer entry is still caught.
+        #expect(throws: ConfigurationError.self) { try BraidConfiguration.parse(yaml: "s2s:\n  peers:\n    example.org:\n      hots: x\n") }
+    }
+
     @Test("The config file is found by --config, then BRAID_CONFIG")
     func location() {
         #expect(BraidConfiguration.locateFile(explicit: "/x.yaml", environment: ["BRAID_CONFIG": "/y.yaml"]) == "/x.yaml")

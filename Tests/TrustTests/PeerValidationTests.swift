@@ -30,6 +30,22 @@ struct PeerValidationTests {
         #expect(validated.chain.count == 2)
     }
 
+    @Test("A certificate in its last seconds is not relied on when a minimum lifetime is set")
+    func minimumLifetime() async throws {
+        let credentials = try Self.ca.issueXMPPServerCertificate(domains: ["peer.example"], notValidAfter: Date() + 5)
+        var strict = validator()
+        strict.minimumRemainingLifetime = 10
+        guard case .failure(.untrusted(let reason)) = await strict.validate(chain: try chain(credentials), for: "peer.example") else {
+            Issue.record("a certificate with 5 s left was accepted with a 10 s minimum")
+            return
+        }
+        #expect(reason.contains("too soon"))
+        guard case .success = await validator().validate(chain: try chain(credentials), for: "peer.example") else {
+            Issue.record("without a minimum the certificate is still valid")
+            return
+        }
+    }
+
     @Test("Another name, an expired certificate and an untrusted issuer all fail", arguments: ["name", "expired", "issuer", "empty"])
     func failures(kind: String) async throws {
         let result: Result<ValidatedPeerCertificate, PeerCertificateFailure>

@@ -244,10 +244,31 @@ extension BraidConfiguration {
         }
     }
 
+    /// Mappings whose keys the operator chooses (peer domains), with the keys each entry may
+    /// hold, or nil when entries are plain values. Their defaults are empty, so they cannot
+    /// be checked against the defaults like the rest.
+    private static let openMappings: [String: Set<String>?] = [
+        "s2s.peers": FederationConfiguration.PeerSettings.configurationKeys,
+        "s2s.posh_connect_overrides": nil,
+    ]
+
     /// Rejects keys the defaults do not have. Lists (like `tls.certificates`) are checked by
     /// decoding instead.
     private static func checkKeys(_ node: Node, against defaults: Node, path: [String], source: String) throws {
         guard let mapping = node.mapping, let defaultMapping = defaults.mapping else { return }
+        if let entryKeys = openMappings[path.joined(separator: ".")] {
+            for (key, value) in mapping {
+                guard let name = key.string else { throw ConfigurationError("\(source): keys must be strings") }
+                guard let entryKeys else { continue }
+                for (inner, _) in value.mapping ?? Node.Mapping([]) {
+                    guard let innerName = inner.string, entryKeys.contains(innerName) else {
+                        let location = (path + [name, inner.string ?? "?"]).joined(separator: ".")
+                        throw ConfigurationError("\(source): unknown key '\(location)'")
+                    }
+                }
+            }
+            return
+        }
         for (key, value) in mapping {
             guard let name = key.string else { throw ConfigurationError("\(source): keys must be strings") }
             guard let defaultValue = defaultMapping[name] else {
