@@ -76,7 +76,8 @@ def braid_accepts_map_settings(binary):
                              '      require_certificates: true\n')
         result = L.run([binary, "user", "add", "probe@probe.test", "--password", "x", "--config", config],
                        check=False, cwd=directory)
-        return result.returncode == 0
+        # The account itself may fail (probe.test is not hosted): only the key check matters.
+        return "unknown key" not in (result.stdout + result.stderr)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
