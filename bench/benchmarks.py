@@ -6,6 +6,7 @@
     sudo bench/run --smoke         tiny sizes (CI): writes to /tmp/braid-bench-smoke, checks that
                                    every scenario produced its figures, exits 1 if one did not
     options: --only fanout,c2s,hosting,micro   --braid PATH   --out DIR   --no-build
+             --build-config debug   --wait-for FILE   --report-only (md and plots from the json)
 
 Scenarios (each module's docstring has the details): fanout.py (s2s fan-out over the
 federation lab), c2s.py (tsung), hosting.py (hosted domains), micro.py (braid-bench).
@@ -120,7 +121,15 @@ def main():
                         help="release (default; real numbers) or debug (smoke runs in CI: checks the harness only)")
     parser.add_argument("--wait-for", help="before starting, wait (bounded) for this file and a load average < 1.0")
     parser.add_argument("--wait-limit", type=int, default=2400)
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite benchmarks.md and the plots from the existing benchmarks.json in --out")
     args = parser.parse_args()
+    if args.report_only:
+        import report as writer
+        out = args.out or os.path.join(ROOT, "docs")
+        with open(os.path.join(out, "benchmarks.json")) as handle:
+            writer.write(json.load(handle), out)
+        return 0
     if os.geteuid() != 0:
         raise SystemExit("bench/run needs root (network namespaces, servers run as their own users)")
     wanted = [w for w in args.only.split(",") if w]
