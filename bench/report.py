@@ -17,6 +17,11 @@ def fmt(value, digits=1, unit=""):
     return text + unit
 
 
+def cpu(value):
+    """CPU seconds; a negative delta means the server's processes changed (crash, restart)."""
+    return "—" if value is None or value < 0 else fmt(value, 2)
+
+
 def table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -239,7 +244,7 @@ def write(report, out):
             rows.append((f"{NAMES[r['kind']]}⇄{NAMES[r['kind']]}", f"{r['n']}×{r['n']}", fmt(r.get("tcp_connections_peak")),
                          cold, fmt(r.get("warm_messages_per_second")), f"{fmt(r.get('messages_lost'))} / {fmt((r.get('cold_errors') or 0) + (r.get('warm_errors') or 0))}",
                          f"{fmt((r.get('peak_rss_a_kib') or 0) / 1024)} / {fmt((r.get('peak_rss_b_kib') or 0) / 1024)}",
-                         f"{fmt(r.get('cpu_a_seconds'), 2)} / {fmt(r.get('cpu_b_seconds'), 2)}"))
+                         f"{cpu(r.get('cpu_a_seconds'))} / {cpu(r.get('cpu_b_seconds'))}"))
         lines += [table(["pair", "N×M", "TCP conns", "cold s", "warm msg/s", "lost / bounced", "peak RSS MiB (A / B)", "CPU s (A / B)"], rows), ""]
         for r in sorted(fo["results"], key=lambda r: (r["n"], KINDS.index(r["kind"]))):
             conditions = (r.get("driver") or {}).get("error_conditions")
