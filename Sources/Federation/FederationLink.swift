@@ -63,6 +63,8 @@ public final class FederationLink: Sendable {
         var pendingRequests: [DomainPair: [CheckedContinuation<PairRequestOutcome, Never>]] = [:]
         /// The proof each outstanding request rests on, applied the moment the answer arrives.
         var pendingProofs: [DomainPair: (method: ProofMethod, expires: Date?)] = [:]
+        /// Being closed because the peer's own link to us is kept instead.
+        var retiring = false
         /// The peer answered one of our `db:result` requests on this link, so it accepts them.
         var assertionsAnswered = false
         /// Stanzas written since our first `db:result` on a link the peer opened, kept until
@@ -172,7 +174,7 @@ public final class FederationLink: Sendable {
 
     /// We may ask for pairs on this link: ours, or the peer's when bidirectional.
     var canRequestPairs: Bool {
-        state.withLock { !$0.closed && (origin == .outgoing || $0.bidi) }
+        state.withLock { !$0.closed && !$0.retiring && (origin == .outgoing || $0.bidi) }
     }
 
     /// The peer handles dialback errors, so a refused pair leaves the link up (XEP-0220
@@ -307,6 +309,18 @@ public final class FederationLink: Sendable {
         }
     }
 
+    /// On an outgoing link: the peer said it answers our `db:result` on the links it opens.
+    var peerAnswersRequestsOnItsLinks: Bool { state.withLock { $0.capabilities.answersRequestsOnItsLinks } }
+
+    /// Marks the link as being retired; false if it already was (close it once).
+    func beginRetiring() -> Bool {
+        state.withLock { state in
+            if state.retiring || state.closed { return false }
+            state.retiring = true
+            return true
+        }
+    }
+
     /// The peer's IP address, for remembering how a provider's servers behave.
     var peerIP: String? { channel.remoteAddress?.ipAddress }
 
@@ -404,6 +418,8 @@ public final class FederationLink: Sendable {
             let next = state.withLock { state -> Stanza? in
                 if let sm = state.streamManagement, sm.unacked.count >= Self.maximumUnacknowledged { return nil }
                 if let trial = state.assertionTrial, trial.count >= Self.maximumUnacknowledged { return nil }
+                // A retiring link has sent its </stream>: what is queued is handed back on close.
+                if state.retiring { return nil }
                 guard let (_, stanza) = state.outbound.pop() else { return nil }
                 if state.assertionTrial != nil && state.streamManagement == nil {
                     state.assertionTrial?.append(stanza)

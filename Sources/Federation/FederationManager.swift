@@ -264,6 +264,7 @@ public final class FederationManager: Sendable {
                 directions.append(reverse)
             }
         }
+        if link.isBidirectional && link.pairCount <= 2 { scheduleDuplicateLinkChecks() }
         guard directions.contains(.outbound) else { return }
         let flushed = state.withLock { state -> Int in
             // Keep a working route: a pair moves between links only when its link goes.
@@ -387,6 +388,48 @@ public final class FederationManager: Sendable {
     }
 
     struct ShuttingDown: Error {}
+
+    /// When both providers connected to each other at the same moment, each has a
+    /// bidirectional link of its own to the other: one is enough. Both ends know both
+    /// stream ids, so they agree without a message: the link whose stream id sorts last is
+    /// closed by the side that opened it. Its pairs move to the other link (what it owed is
+    /// re-sent, XEP-0198 covering what was in flight). Done only when the pairs can move
+    /// without asking (their link already carries every pair of ours), or when the peer
+    /// said it answers requests on its links (Braid's feature): a classic server's link
+    /// may not take ours.
+    func retireDuplicateLinks() {
+        let links = openLinks.filter { $0.isBidirectional && $0.streamID != nil }
+        let incoming = links.filter { $0.origin == .incoming }
+        guard !incoming.isEmpty else { return }
+        for ours in links where ours.origin == .outgoing {
+            guard let ourID = ours.streamID else { continue }
+            let ourPairs = Set(ours.authorizations.map(\.pair))
+            let remotes = Set(ourPairs.map(\.remote))
+            for theirs in incoming {
+                let theirPairs = Set(theirs.authorizations.map(\.pair))
+                guard let theirID = theirs.streamID, ourID > theirID,
+                      theirPairs.contains(where: { remotes.contains($0.remote) }),
+                      ourPairs.isSubset(of: theirPairs) || (ours.peerAnswersRequestsOnItsLinks && mayRequestPairs(on: theirs)),
+                      ours.beginRetiring() else { continue }
+                logger.info("closing our link: the peer opened one to us at the same time", metadata: [
+                    "link": "\(ours.id.prefix(8))", "kept": "\(theirs.id.prefix(8))", "peer": "\(ours.peerAddress)"])
+                ours.closeStream()
+                break
+            }
+        }
+    }
+
+    /// A new bidirectional link: look for a duplicate shortly after, once both links carry
+    /// their first pairs (the periodic re-validation pass looks again).
+    private func scheduleDuplicateLinkChecks() {
+        let manager = self
+        Task {
+            for delay in [1, 3] {
+                try? await Task.sleep(for: .seconds(delay))
+                manager.retireDuplicateLinks()
+            }
+        }
+    }
 
     /// Whether we may send `db:result` on `link`: always on ours; on the peer's unless its
     /// server has shown it cannot take them.

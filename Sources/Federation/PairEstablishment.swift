@@ -306,7 +306,10 @@ extension FederationManager {
     }
 
     func makeClientContext(local: String, directTLS: Bool) throws -> NIOSSLContext {
-        let key = "\(local)|\(directTLS)"
+        // Keyed by the certificate too: after a reload (SIGHUP) new links present the new one.
+        var hasher = Hasher()
+        hasher.combine(host.tls.certificateDER(for: local))
+        let key = "\(local)|\(directTLS)|\(hasher.finalize())"
         if let cached = clientContexts.withLock({ $0[key] }) { return cached }
         var configuration = TLSConfiguration.makeClientConfiguration()
         configuration.minimumTLSVersion = .tlsv12

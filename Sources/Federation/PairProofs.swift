@@ -136,6 +136,7 @@ extension FederationManager {
     /// nothing being trusted because it was trusted before. Stanzas the link owed are sent
     /// again on the next one.
     func revalidate(at now: Date = Date()) async {
+        retireDuplicateLinks()
         let margin = max(2.0, configuration.revalidationIntervalSeconds * 2)
         for link in openLinks {
             if let idle = link.idleSeconds(at: now), idle > Double(configuration.idleTimeoutSeconds) {

@@ -358,4 +358,44 @@ extension MultiplexingTests {
             for client in Array(a.values) + Array(b.values) { await client.close() }
         }
     }
+
+    @Test("When both providers connect at the same moment, one of the two links is closed and nothing is lost")
+    func simultaneousOpen() async throws {
+        let aDomains = ["a1.example", "a2.example"]
+        let bDomains = ["b1.example", "b2.example"]
+        let aUsers = aDomains.map { "user@\($0)" }
+        let bUsers = bDomains.map { "user@\($0)" }
+        try await withFederation(aDomains: aDomains, aUsers: aUsers, bDomains: bDomains, bUsers: bUsers) { pair in
+            let a = try await clients(pair.a, aUsers)
+            let b = try await clients(pair.b, bUsers)
+            func everyoneWrites(_ round: String) async throws {
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    for (from, to, clients) in [(aUsers, bUsers, a), (bUsers, aUsers, b)] {
+                        for sender in from {
+                            let client = clients[sender]!
+                            group.addTask {
+                                for recipient in to { try await client.sendMessage(to: recipient, body: "\(round) \(sender)→\(recipient)") }
+                            }
+                        }
+                    }
+                    try await group.waitForAll()
+                }
+                for (users, peers, clients) in [(bUsers, aUsers, b), (aUsers, bUsers, a)] {
+                    for user in users {
+                        #expect(Set(try await receive(peers.count, on: clients[user]!)) == Set(peers.map { "\(round) \($0)→\(user)" }))
+                    }
+                }
+            }
+            try await everyoneWrites("cold")
+            // Both may have connected; within a few seconds one link is left, the same one
+            // seen from both sides.
+            try await waitUntil(timeout: .seconds(10)) { openLinks(pair.a).count == 1 && openLinks(pair.b).count == 1 }
+            #expect(openLinks(pair.a).first?.origin != openLinks(pair.b).first?.origin)
+            try await everyoneWrites("warm")
+            #expect(openLinks(pair.a).count == 1 && openLinks(pair.b).count == 1)
+            #expect(pair.a.metrics.counterValue("braid_s2s_security_violations_total") == 0)
+            #expect(pair.b.metrics.counterValue("braid_s2s_security_violations_total") == 0)
+            for client in Array(a.values) + Array(b.values) { await client.close() }
+        }
+    }
 }

@@ -26,6 +26,10 @@ public enum XMLNamespace {
     /// XEP-0288 bidirectional s2s: the stream feature and the request element.
     public static let bidiFeature = "urn:xmpp:features:bidi"
     public static let bidi = "urn:xmpp:bidi"
+    /// Braid's own stream feature, offered beside bidi: "on the links I open to you, I answer
+    /// your `<db:result/>` requests" (which XEP-0288 §2.2 requires but Prosody 0.12 does not
+    /// do). Unknown features are ignored by other servers.
+    public static let bidiRequestsFeature = "urn:braid:features:bidi-requests:0"
     /// XEP-0198 stream management.
     public static let streamManagement = "urn:xmpp:sm:3"
 

@@ -217,13 +217,19 @@ public struct IncomingServerNegotiation: Sendable {
                 ])))
             }
             children.append(.element(Self.dialbackFeature))
-            if configuration.offerBidi { children.append(.element(XMLElement(name: "bidi", namespace: XMLNamespace.bidiFeature))) }
+            if configuration.offerBidi {
+                children.append(.element(XMLElement(name: "bidi", namespace: XMLNamespace.bidiFeature)))
+                children.append(.element(XMLElement(name: "requests", namespace: XMLNamespace.bidiRequestsFeature)))
+            }
             // A stream authenticated by dialback never restarts, so acknowledgements are
             // offered here; `<enable/>` is accepted only once a pair is valid.
             if configuration.offerStreamManagement { children.append(.element(XMLElement(name: "sm", namespace: XMLNamespace.streamManagement))) }
         case .authenticated:
             children.append(.element(Self.dialbackFeature))
-            if configuration.offerBidi { children.append(.element(XMLElement(name: "bidi", namespace: XMLNamespace.bidiFeature))) }
+            if configuration.offerBidi {
+                children.append(.element(XMLElement(name: "bidi", namespace: XMLNamespace.bidiFeature)))
+                children.append(.element(XMLElement(name: "requests", namespace: XMLNamespace.bidiRequestsFeature)))
+            }
             if configuration.offerStreamManagement { children.append(.element(XMLElement(name: "sm", namespace: XMLNamespace.streamManagement))) }
         }
         return XMLElement(name: "features", namespace: XMLNamespace.streams, children: children)

@@ -48,6 +48,8 @@ public struct OutgoingServerNegotiation: Sendable {
         /// The peer declared the dialback namespace on its header or advertised the feature.
         public var dialback = false
         public var bidi = false
+        /// Braid's feature: on links it opens to us, the peer answers our `db:result`.
+        public var answersRequestsOnItsLinks = false
         public var streamManagement = false
 
         public init() {}
@@ -221,6 +223,7 @@ public struct OutgoingServerNegotiation: Sendable {
                 capabilities.dialbackErrors = dialback.firstChild(name: "errors", namespace: XMLNamespace.dialbackFeature) != nil
             }
             capabilities.bidi = features.firstChild(name: "bidi", namespace: XMLNamespace.bidiFeature) != nil
+            capabilities.answersRequestsOnItsLinks = features.firstChild(name: "requests", namespace: XMLNamespace.bidiRequestsFeature) != nil
             // Offered before authentication on a stream that will use dialback; enabled once
             // the first pair is valid (XEP-0198 §3 names dialback as authentication).
             capabilities.streamManagement = features.firstChild(name: "sm", namespace: XMLNamespace.streamManagement) != nil
@@ -249,6 +252,7 @@ public struct OutgoingServerNegotiation: Sendable {
                 capabilities.dialbackErrors = dialback.firstChild(name: "errors", namespace: XMLNamespace.dialbackFeature) != nil
             }
             if features.firstChild(name: "bidi", namespace: XMLNamespace.bidiFeature) != nil { capabilities.bidi = true }
+            if features.firstChild(name: "requests", namespace: XMLNamespace.bidiRequestsFeature) != nil { capabilities.answersRequestsOnItsLinks = true }
             state = .established
             return .established(capabilities)
         }
