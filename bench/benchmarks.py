@@ -142,12 +142,24 @@ def main():
     braid = args.braid or (os.path.join(ROOT, ".build", config, "braid") if args.no_build else build_braid(config))
     import micro
     bench_binary = micro.bench_binary(config) if args.no_build else (micro.build(config) if "micro" in wanted else None)
+    # Run a private copy: a build elsewhere must not swap the binary in the middle of the run.
+    import shutil
+    import tempfile
+    private = os.path.join(tempfile.mkdtemp(prefix="braidbench-bin-"), "braid")
+    shutil.copy2(braid, private)
+    os.chmod(os.path.dirname(private), 0o755)
+    braid_source = braid
+    braid = private
+    if bench_binary:
+        private_bench = os.path.join(os.path.dirname(private), "braid-bench")
+        shutil.copy2(bench_binary, private_bench)
+        bench_binary = private_bench
     if args.wait_for:
         wait_quiet(args.wait_for, args.wait_limit)
 
     started = time.monotonic()
     report = {"mode": "smoke" if args.smoke else "full", "build_config": config, "sizes": json.loads(json.dumps(sizes, default=str)),
-              "machine": common.machine_facts(braid), "open_files_limit": nofile, "scenarios": {}}
+              "machine": common.machine_facts(braid_source), "open_files_limit": nofile, "scenarios": {}}
     log(f"machine: {json.dumps(report['machine'])}")
 
     if "fanout" in wanted:
@@ -178,6 +190,7 @@ def main():
     with open(json_path, "w") as handle:
         json.dump(report, handle, indent=1, default=str)
     writer.write(report, out)
+    shutil.rmtree(os.path.dirname(private), ignore_errors=True)
     log(f"wrote {json_path} and {os.path.join(out, 'benchmarks.md')} in {report['run_seconds']}s")
     leftovers = common.lab.lab_namespaces()
     if leftovers:

@@ -191,6 +191,12 @@ def machine_facts(braid_binary):
                            capture_output=True, text=True).stdout.strip()
     with open("/proc/loadavg") as handle:
         load = [float(x) for x in handle.read().split()[:3]]
+    # The binary may be older than HEAD (--no-build, --braid): record when it was built, and
+    # the last commit touching Sources/ before then.
+    built = os.path.getmtime(braid_binary) if os.path.exists(braid_binary) else None
+    sources_commit = subprocess.run(["git", "-C", ROOT, "log", "-1", "--format=%h %cI",
+                                     f"--until=@{int(built)}" if built else "HEAD", "--", "Sources/"],
+                                    capture_output=True, text=True).stdout.strip() if built else None
     return {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpu_model": cpu,
@@ -202,6 +208,8 @@ def machine_facts(braid_binary):
         "versions": {
             "braid_commit": commit + (" (with uncommitted changes)" if dirty else ""),
             "braid_binary": braid_binary,
+            "braid_binary_built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(built)) if built else None,
+            "braid_sources_commit_at_build": sources_commit,
             "prosody": dpkg_version("prosody"),
             "ejabberd": dpkg_version("ejabberd"),
             "tsung": dpkg_version("tsung"),

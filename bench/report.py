@@ -217,7 +217,8 @@ def write(report, out):
              f"- Machine: {m['cpu_model']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, kernel {m['kernel']}, {m['os']}",
              f"- Load average at start {m['load_average_at_start']}, at end {m.get('load_average_at_end')}; "
              f"open-files limit {report.get('open_files_limit')} (the hard limit on this machine)",
-             f"- Braid {v['braid_commit']} (release build, `{v['braid_binary']}`); Prosody {v['prosody']}; ejabberd {v['ejabberd']}; "
+             f"- Braid: HEAD {v['braid_commit']} at the run; binary `{v['braid_binary']}` built {v.get('braid_binary_built', '?')}, "
+             f"last Sources/ commit before that {v.get('braid_sources_commit_at_build', '?')}; Prosody {v['prosody']}; ejabberd {v['ejabberd']}; "
              f"tsung {v['tsung']}; Erlang {v['erlang']}; Lua {v['lua']}",
              "- Everything runs on this one machine, one server at a time; the load generators (the Python "
              "driver, tsung) share the 2 cores with the server under test, so absolute rates are low and a "
