@@ -74,6 +74,28 @@ struct SerializerTests {
         #expect(serialize(outer) == "<message><sent xmlns='urn:xmpp:carbons:2'><forwarded xmlns='urn:xmpp:forward:0'><message xmlns='jabber:client' type='chat'><body>x</body></message></forwarded></sent></message>")
     }
 
+    @Test("A child in the other content namespace keeps it, on either stream (fuzzer finding)")
+    func otherContentNamespaceChild() {
+        let element = XMLElement(name: "iq", namespace: XMLNamespace.client, attributes: [XMLAttribute("type", "get")], children: [
+            .element(XMLElement(name: "x", namespace: XMLNamespace.server)),
+            .element(XMLElement(name: "y", namespace: XMLNamespace.client)),
+        ])
+        // On a client stream the server-namespaced child must say so, or it would read back
+        // as jabber:client.
+        #expect(serialize(element) == "<iq type='get'><x xmlns='jabber:server'/><y/></iq>")
+        // Re-scoped onto a server stream, the stanza's own namespace follows the stream and
+        // the child already in jabber:server needs nothing.
+        #expect(serialize(element, namespace: XMLNamespace.server) == "<iq type='get'><x/><y/></iq>")
+    }
+
+    @Test("An element in the xml namespace keeps the xml prefix (fuzzer finding)")
+    func xmlNamespaceElement() {
+        let element = XMLElement(name: "x", namespace: XMLNamespace.xml)
+        #expect(serialize(element) == "<xml:x/>")
+        let parsed = parse(clientHeader + "<xml:x/>", contentNamespace: XMLNamespace.client)
+        #expect(parsed.elements == [element])
+    }
+
     @Test("Namespaced attributes get a declared prefix; xml:lang uses the xml prefix")
     func attributePrefixes() {
         let element = XMLElement(name: "x", namespace: "urn:a", attributes: [

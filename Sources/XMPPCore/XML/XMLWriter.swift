@@ -59,6 +59,9 @@ public enum XMLWriter {
         to output: inout Output
     ) {
         var scope = PrefixScope()
+        if XMLNamespace.isContent(element.namespace) && XMLNamespace.isContent(inheritedNamespace) {
+            scope.contentMapping = (element.namespace, inheritedNamespace)
+        }
         if let streamPrefix, element.namespace == streamPrefix.namespace {
             writeElement(element, inherited: inheritedNamespace, prefix: streamPrefix.prefix, scope: &scope, to: &output)
         } else {
@@ -73,6 +76,11 @@ public enum XMLWriter {
     struct PrefixScope {
         @usableFromInline var bindings: [(prefix: String, namespace: String)] = []
         @usableFromInline var counter = 0
+        /// A stanza re-scoped between client and server streams: its content namespace
+        /// (`from`) is written as the stream's (`to`) wherever that is the default in scope.
+        /// Content elements in the other namespace, or under a foreign parent (a forwarded
+        /// stanza), keep their own.
+        @usableFromInline var contentMapping: (from: String, to: String)?
 
         @usableFromInline init() {}
 
@@ -89,6 +97,9 @@ public enum XMLWriter {
     static func writeElement<Output: XMLOutput>(
         _ element: XMLElement, inherited: String, prefix: StaticString?, scope: inout PrefixScope, to output: inout Output
     ) {
+        // The xml namespace can never be a default namespace; an element in it keeps the
+        // predefined `xml` prefix (a fuzzer found `<xml:x/>` otherwise came back unparsable).
+        let prefix: StaticString? = prefix ?? (element.namespace == XMLNamespace.xml ? "xml" : nil)
         output.writeRaw("<")
         if let prefix {
             output.writeRaw(prefix)
@@ -96,16 +107,18 @@ public enum XMLWriter {
         }
         output.writeRaw(element.name)
 
-        let sameDefault = element.namespace == inherited
-            || (XMLNamespace.isContent(element.namespace) && XMLNamespace.isContent(inherited))
+        var written = element.namespace
+        if let mapping = scope.contentMapping, element.namespace == mapping.from, inherited == mapping.to {
+            written = mapping.to
+        }
         let childDefault: String
-        if sameDefault || prefix != nil {
+        if written == inherited || prefix != nil {
             // A prefixed element leaves the default namespace as it was.
             childDefault = inherited
         } else {
-            childDefault = element.namespace
+            childDefault = written
             output.writeRaw(" xmlns='")
-            writeEscaped(element.namespace, inAttribute: true, to: &output)
+            writeEscaped(written, inAttribute: true, to: &output)
             output.writeRaw("'")
         }
 
