@@ -68,9 +68,12 @@ extension FederationManager {
             do {
                 channel = try await trackedConnect(bootstrap, to: address)
             } catch {
+                noteConnectFailure(error, to: "\(target)")
                 lastError = error
                 continue
             }
+            // Counted with the links: a db:verify connection is a TCP connection too.
+            metrics.connectionsOpened.increment()
             let seconds = configuration.negotiationTimeoutSeconds
             let timeout = Task {
                 try await Task.sleep(for: .seconds(seconds))

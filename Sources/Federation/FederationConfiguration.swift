@@ -25,6 +25,17 @@ public struct FederationConfiguration: Codable, Sendable, Equatable {
     public var negotiationTimeoutSeconds: Int = 30
     /// Seconds a link may stay idle before it is closed.
     public var idleTimeoutSeconds: Int = 900
+    /// Seconds a new domain pair may take to be set up (joining a link, or its own
+    /// connection after a refusal), counted from its first stanza; then what waits for it
+    /// bounces with `remote-server-timeout`.
+    public var pairSetupTimeoutSeconds: Int = 75
+    /// Connections being opened to one peer server at the same moment; more pairs that need
+    /// a connection of their own wait for a slot (within their set-up time). A cap on
+    /// simultaneous handshakes, not on connections.
+    public var maxConcurrentConnects: Int = 32
+    /// Seconds a peer may owe acknowledgements (XEP-0198) for stanzas we sent before the
+    /// link is reset and what it did not acknowledge is sent again on a new one.
+    public var acknowledgementTimeoutSeconds: Int = 60
     /// Stanzas waiting per domain pair, while its link is being set up and on the link when
     /// the peer reads slowly; beyond that they bounce with `resource-constraint`.
     public var queueLimit: Int = 1000
@@ -76,6 +87,9 @@ public struct FederationConfiguration: Codable, Sendable, Equatable {
         case connectTimeoutSeconds = "connect_timeout_seconds"
         case negotiationTimeoutSeconds = "negotiation_timeout_seconds"
         case idleTimeoutSeconds = "idle_timeout_seconds"
+        case pairSetupTimeoutSeconds = "pair_setup_timeout_seconds"
+        case maxConcurrentConnects = "max_concurrent_connects"
+        case acknowledgementTimeoutSeconds = "acknowledgement_timeout_seconds"
         case queueLimit = "queue_limit"
         case maxStanzaBytes = "max_stanza_bytes"
         case bidi

@@ -65,6 +65,15 @@ public final class FederationLink: Sendable {
         var pendingProofs: [DomainPair: (method: ProofMethod, expires: Date?)] = [:]
         /// Being closed because the peer's own link to us is kept instead.
         var retiring = false
+        /// On a link the peer opened: its stream header declared the dialback namespace, so
+        /// it may answer our `db:result` here (on our links the stream features say).
+        var peerDeclaredDialback = false
+        /// Local domains the peer refused on this link (a dialback error or an invalid key):
+        /// their pairs get a connection of their own instead of asking here again.
+        var refusedLocals: Set<String> = []
+        /// When the peer last acknowledged (XEP-0198), or when acknowledgements were last
+        /// not owed: a peer that stops acknowledging gets its link reset.
+        var lastAcknowledgement = Date()
         /// The peer answered one of our `db:result` requests on this link, so it accepts them.
         var assertionsAnswered = false
         /// Stanzas written since our first `db:result` on a link the peer opened, kept until
@@ -175,6 +184,31 @@ public final class FederationLink: Sendable {
     /// We may ask for pairs on this link: ours, or the peer's when bidirectional.
     var canRequestPairs: Bool {
         state.withLock { !$0.closed && !$0.retiring && (origin == .outgoing || $0.bidi) }
+    }
+
+    /// Whether the peer takes `db:result` for further pairs on this link: on ours it
+    /// advertised dialback after TLS (a peer that authenticated us by SASL EXTERNAL and
+    /// offers no dialback never answers one); on its own, its header declared the dialback
+    /// namespace.
+    var peerSpeaksDialback: Bool {
+        state.withLock { origin == .outgoing ? $0.capabilities.dialbackFeature : $0.peerDeclaredDialback }
+    }
+
+    func setPeerDeclaredDialback(_ declared: Bool) {
+        state.withLock { $0.peerDeclaredDialback = declared }
+    }
+
+    /// The peer refused `local` on this link: an answer about the link, not the pair.
+    func recordRefusal(of local: String) {
+        state.withLock { _ = $0.refusedLocals.insert(local) }
+    }
+
+    var hasRefusedAny: Bool {
+        state.withLock { !$0.refusedLocals.isEmpty }
+    }
+
+    func hasRefused(_ local: String) -> Bool {
+        state.withLock { $0.refusedLocals.contains(local) }
     }
 
     /// The peer handles dialback errors, so a refused pair leaves the link up (XEP-0220
@@ -427,6 +461,8 @@ public final class FederationLink: Sendable {
                 state.stanzasSent += 1
                 state.lastActivity = Date()
                 if state.streamManagement != nil {
+                    // The clock for the peer's acknowledgement starts when it first owes one.
+                    if state.streamManagement?.unacked.isEmpty == true { state.lastAcknowledgement = Date() }
                     state.streamManagement?.sentOutbound &+= 1
                     state.streamManagement?.unacked.append(stanza)
                     state.streamManagement?.sentSinceRequest += 1
@@ -519,11 +555,21 @@ public final class FederationLink: Sendable {
             let wasFull = sm.unacked.count >= Self.maximumUnacknowledged
             sm.unacked.removeFirst(Int(newly))
             sm.acknowledged = handled
+            if newly > 0 { state.lastAcknowledgement = Date() }
             state.streamManagement = sm
             return (true, wasFull && state.outbound.count > 0)
         }
         if resume { drain() }
         return valid
+    }
+
+    /// Seconds the peer has owed an acknowledgement for stanzas we sent (XEP-0198), or nil
+    /// when it owes none.
+    func acknowledgementOverdue(at time: Date) -> TimeInterval? {
+        state.withLock { state in
+            guard let sm = state.streamManagement, !sm.unacked.isEmpty, !state.closed else { return nil }
+            return time.timeIntervalSince(state.lastAcknowledgement)
+        }
     }
 
     // MARK: Closing
@@ -560,12 +606,21 @@ public final class FederationLink: Sendable {
     func closeStream() {
         let channel = self.channel
         channel.writeAndFlush(StreamOutput.end).whenComplete { _ in channel.close(promise: nil) }
+        closeSoon()
     }
 
     /// Closes with a stream error (`<reset/>` when proofs lapsed, RFC 6120 §4.9.3.16).
     func close(with error: StreamError) {
         let channel = self.channel
         channel.writeAndFlush(StreamOutput.error(error)).whenComplete { _ in channel.close(promise: nil) }
+        closeSoon()
+    }
+
+    /// A peer that reads nothing never lets the closing write complete: the connection is
+    /// closed anyway a little later, so what the link owed is handed back and re-sent.
+    private func closeSoon() {
+        let channel = self.channel
+        channel.eventLoop.scheduleTask(in: .seconds(5)) { channel.close(promise: nil) }
     }
 
     /// A description for operators (`braid links`) and logs.

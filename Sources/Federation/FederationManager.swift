@@ -117,6 +117,8 @@ public final class FederationManager: Sendable {
     let revokedCertificates = Mutex<Set<[UInt8]>>([])
     /// Connection attempts under way, awaited on shutdown so none outlives the event loops.
     let connectAttempts = Mutex<[UUID: EventLoopFuture<any Channel>]>([:])
+    /// Handshakes in flight per peer server (`max_concurrent_connects`).
+    let connectionSlots = ConnectionSlots()
 
     struct State {
         /// Every link, negotiating or established, by id.
@@ -127,7 +129,10 @@ public final class FederationManager: Sendable {
         var pending: [DomainPair: PendingPair] = [:]
         /// Connections being opened, by target, with the pairs waiting to see whether they
         /// can join them.
-        var connecting: [ServerTarget: [CheckedContinuation<Void, Never>]] = [:]
+        var connecting: [ServerTarget: ConnectingTarget] = [:]
+        /// Proofs that failed a moment ago, by certificate, domain and target: a burst of
+        /// pairs does not re-check the same certificate on each of a provider's links.
+        var unprovable: [UnprovableKey: ContinuousClock.Instant] = [:]
         /// Peer domains whose last connection attempt failed.
         var backoff: [String: Backoff] = [:]
         /// Pairs the peer refused; retried after the delay (XEP-0220 §2.5).
@@ -138,6 +143,19 @@ public final class FederationManager: Sendable {
         /// Where peer domains' servers are, for a while.
         var locations: [String: (PeerLocation, ContinuousClock.Instant)] = [:]
         var shuttingDown = false
+    }
+
+    struct ConnectingTarget {
+        /// Attempts under way.
+        var attempts = 0
+        /// Pairs waiting for the next attempt to end.
+        var waiters: [CheckedContinuation<Void, Never>] = []
+    }
+
+    struct UnprovableKey: Hashable {
+        var certificate: Int
+        var domain: String
+        var target: ServerTarget?
     }
 
     struct PendingPair {
@@ -407,15 +425,28 @@ public final class FederationManager: Sendable {
             let remotes = Set(ourPairs.map(\.remote))
             for theirs in incoming {
                 let theirPairs = Set(theirs.authorizations.map(\.pair))
+                // Moving pairs that would need a request is safe only while the peer has
+                // refused none of our domains: a peer that requires certificates per domain
+                // would refuse them on its link, and the pair's own connection would be
+                // retired again, over and over.
                 guard let theirID = theirs.streamID, ourID > theirID,
                       theirPairs.contains(where: { remotes.contains($0.remote) }),
-                      ourPairs.isSubset(of: theirPairs) || (ours.peerAnswersRequestsOnItsLinks && mayRequestPairs(on: theirs)),
+                      ourPairs.isSubset(of: theirPairs)
+                        || (ours.peerAnswersRequestsOnItsLinks && mayRequestPairs(on: theirs) && !peerRefusedLocals(ours, theirs)),
                       ours.beginRetiring() else { continue }
                 logger.info("closing our link: the peer opened one to us at the same time", metadata: [
                     "link": "\(ours.id.prefix(8))", "kept": "\(theirs.id.prefix(8))", "peer": "\(ours.peerAddress)"])
                 ours.closeStream()
                 break
             }
+        }
+    }
+
+    /// Whether the peer behind these links has refused any of our domains on any link.
+    private func peerRefusedLocals(_ ours: FederationLink, _ theirs: FederationLink) -> Bool {
+        let addresses = Set([ours.peerIP, theirs.peerIP].compactMap { $0 })
+        return openLinks.contains { link in
+            (link === ours || link === theirs || link.peerIP.map(addresses.contains) == true) && link.hasRefusedAny
         }
     }
 
@@ -625,5 +656,79 @@ final class InFlightWork: Sendable {
         // The key names the work, so the value has the type the first caller gave.
         guard let typed = value as? T else { return await work() }
         return typed
+    }
+}
+
+/// A counting semaphore per peer server: at most `limit` connection attempts at a time, the
+/// rest waiting in order for a slot, each no longer than its deadline.
+final class ConnectionSlots: Sendable {
+    private struct Waiter {
+        var id: UUID
+        var continuation: CheckedContinuation<Bool, Never>
+    }
+
+    private struct Entry {
+        var inUse = 0
+        var waiters: [Waiter] = []
+    }
+
+    private let entries = Mutex<[ServerTarget: Entry]>([:])
+
+    /// True once a slot is held (release it); false when the deadline passed first.
+    func acquire(_ target: ServerTarget, limit: Int, until deadline: ContinuousClock.Instant) async -> Bool {
+        let id = UUID()
+        let granted: Bool = await withCheckedContinuation { continuation in
+            let now = entries.withLock { entries -> Bool in
+                var entry = entries[target] ?? Entry()
+                if entry.inUse < limit {
+                    entry.inUse += 1
+                    entries[target] = entry
+                    return true
+                }
+                entry.waiters.append(Waiter(id: id, continuation: continuation))
+                entries[target] = entry
+                return false
+            }
+            if now { continuation.resume(returning: true) }
+            else {
+                let slots = self
+                Task {
+                    try? await Task.sleep(until: deadline, clock: .continuous)
+                    slots.giveUp(id, target: target)
+                }
+            }
+        }
+        return granted
+    }
+
+    func release(_ target: ServerTarget) {
+        let next = entries.withLock { entries -> CheckedContinuation<Bool, Never>? in
+            guard var entry = entries[target] else { return nil }
+            if entry.waiters.isEmpty {
+                entry.inUse -= 1
+                entries[target] = entry.inUse > 0 ? entry : nil
+                return nil
+            }
+            // The slot passes straight to the next waiter.
+            let waiter = entry.waiters.removeFirst()
+            entries[target] = entry
+            return waiter.continuation
+        }
+        next?.resume(returning: true)
+    }
+
+    private func giveUp(_ id: UUID, target: ServerTarget) {
+        let waiter = entries.withLock { entries -> CheckedContinuation<Bool, Never>? in
+            guard var entry = entries[target], let index = entry.waiters.firstIndex(where: { $0.id == id }) else { return nil }
+            let waiter = entry.waiters.remove(at: index)
+            entries[target] = entry
+            return waiter.continuation
+        }
+        waiter?.resume(returning: false)
+    }
+
+    /// Attempts holding a slot, for tests.
+    func inUse(_ target: ServerTarget) -> Int {
+        entries.withLock { $0[target]?.inUse ?? 0 }
     }
 }

@@ -13,6 +13,12 @@ public struct FederationMetrics: Sendable {
     let dialbackVerifications: Counter
     /// Pairs that joined an existing link instead of opening a connection.
     let connectionsSaved: Counter
+    /// Pairs refused on a shared link that were given a connection of their own.
+    let pairFallbacks: Counter
+    /// Connection attempts that failed because the process ran out of file descriptors.
+    let descriptorLimit: Counter
+    /// Links reset because the peer stopped acknowledging (XEP-0198).
+    let acknowledgementTimeouts: Counter
     /// Stanzas a closed link owed (unacknowledged or queued), sent again.
     let resent: Counter
     /// Re-sent stanzas dropped on arrival because they had been delivered already.
@@ -33,6 +39,9 @@ public struct FederationMetrics: Sendable {
         dialbackVerifications = Counter(label: "braid_s2s_dialback_verifications_total", factory: factory)
         connectionsSaved = Counter(label: "braid_s2s_connections_saved_total", factory: factory)
         resent = Counter(label: "braid_s2s_resent_total", factory: factory)
+        pairFallbacks = Counter(label: "braid_s2s_pair_fallbacks_total", factory: factory)
+        descriptorLimit = Counter(label: "braid_s2s_descriptor_limit_total", factory: factory)
+        acknowledgementTimeouts = Counter(label: "braid_s2s_ack_timeouts_total", factory: factory)
         duplicatesDropped = Counter(label: "braid_s2s_duplicates_dropped_total", factory: factory)
         securityViolations = Counter(label: "braid_s2s_security_violations_total", factory: factory)
     }

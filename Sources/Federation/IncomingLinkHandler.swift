@@ -138,6 +138,7 @@ final class IncomingLinkHandler: ChannelInboundHandler {
     /// RFC 6120 §6.3.4 and XEP-0178 §3: EXTERNAL is offered only when the certificate is
     /// valid and names the header's `from`; that check is made before the features go out.
     private func headerReceived(_ header: StreamHeader, context: ChannelHandlerContext) {
+        link.setPeerDeclaredDialback(header.declaresDialback)
         let hosted = header.to.flatMap { try? JID(domain: $0) }.map { manager.host.isHosted($0.domainpart) } ?? false
         let chain = link.certificateChain
         guard case .awaitingHeader(.secured) = negotiation.state, let from = header.from.flatMap({ try? JID(domain: $0).domainpart }), !chain.isEmpty, hosted else {

@@ -198,12 +198,22 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
         case .failed(let failure):
             let (stanzaError, tryNext) = Self.translate(failure, remote: remoteDomain)
             logger.notice("negotiation failed", metadata: ["failure": "\(failure)"])
-            fail(FederationManager.LinkFailure(reason: "\(link.peerAddress): \(failure)", stanzaError: stanzaError, tryNextTarget: tryNext), streamError: nil)
+            fail(FederationManager.LinkFailure(reason: "\(link.peerAddress): \(failure)", stanzaError: stanzaError, tryNextTarget: tryNext,
+                                               scope: Self.concernsLocalDomain(failure) ? .pair : .domain), streamError: nil)
         case .closeStream:
             let channel = context.channel
             context.writeAndFlush(wrapOutboundOut(.end)).whenComplete { _ in channel.close(promise: nil) }
         case .sequence(let actions):
             for action in actions { run(action, context: context) }
+        }
+    }
+
+    /// The peer refused our local domain (not itself): other local domains may still reach
+    /// it, so only this pair backs off.
+    static func concernsLocalDomain(_ failure: OutgoingServerNegotiation.Failure) -> Bool {
+        switch failure {
+        case .noAuthentication, .dialbackInvalid, .dialbackError: true
+        case .tlsUnavailable, .streamError, .protocolError: false
         }
     }
 

@@ -10,12 +10,25 @@ import XMPPStream
 /// new connection (the fallback matrix of digest §14).
 extension FederationManager {
     /// Sets up `pair` and flushes what waits for it, or bounces it with the reason.
+    ///
+    /// Bounded by time (`pair_setup_timeout_seconds`), not by a count of attempts: a burst of
+    /// new pairs to one provider that needs as many connections gets them. A refusal on a
+    /// shared link is an answer about that link: the pair then gets a connection of its own,
+    /// presenting its local domain's own certificate, as a classic server would; only if that
+    /// fails too is it bounced, with the precise condition.
     func establish(_ pair: DomainPair) async {
         defer { establishmentFinished(pair) }
-        var refusedBy: Set<String> = []
-        // Bounded: each round either finishes or learns something (a link refused, a
-        // connection attempt ended) before it tries again.
-        for _ in 0..<12 {
+        let budget = Duration.seconds(configuration.pairSetupTimeoutSeconds)
+        let deadline = ContinuousClock.now + budget
+        // Links that refused this pair or closed under its request.
+        var excluded: Set<String> = []
+        var waitedForConnection = false
+        var lookedAgain = 0
+        while ContinuousClock.now < deadline {
+            if isShuttingDown {
+                pairFailed(pair, error: StanzaError(.remoteServerTimeout, text: "the server is shutting down"), backoff: false)
+                return
+            }
             // Links that could be joined now; a connection is opened only if none appears
             // between this look and taking the connection slot (see connect).
             let considered = joinableLinkIDs()
@@ -23,84 +36,136 @@ extension FederationManager {
                 authorize(pair, .outbound, on: link, method: link.authorization(pair, .outbound)?.method ?? .dialback, expires: link.authorization(pair, .outbound)?.expires)
                 return
             }
-            if configuration.multiplex, let (link, proof) = await linkToJoin(for: pair, excluding: refusedBy) {
-                switch await requestPair(pair, on: link, method: proof.method, expires: proof.expires) {
+            if configuration.multiplex, let (link, proof) = await linkToJoin(for: pair, excluding: excluded) {
+                let outcome = await requestPair(pair, on: link, method: proof.method, expires: proof.expires)
+                switch outcome {
                 case .valid:
                     authorize(pair, .outbound, on: link, method: proof.method, expires: proof.expires, appliedByAnswer: true)
                     metrics.connectionsSaved.increment()
                     logger.debug("pair joined an existing link", metadata: ["pair": "\(pair)", "link": "\(link.id.prefix(8))", "proof": "\(proof.method.rawValue)"])
                     return
-                case .invalid:
-                    // XEP-0220 §2.1.1: our key was refused.
-                    pairFailed(pair, error: StanzaError(.internalServerError, text: "\(pair.remote) refused our dialback key for \(pair.local)"), backoff: true)
-                    return
-                case .error(let error) where error.condition == .resourceConstraint:
-                    // §2.5: "use another connection for this pair".
-                    refusedBy.insert(link.id)
+                case .invalid, .error:
+                    // XEP-0220 §2.4 and §2.5: the link and its pairs stay up; this local
+                    // domain is not asked for on it again. A connection of its own proves the
+                    // pair afresh (its certificate, or dialback on its own stream).
+                    link.recordRefusal(of: pair.local)
+                    excluded.insert(link.id)
+                    let reason: String
+                    if case .error(let error) = outcome { reason = error.text ?? error.condition.rawValue } else { reason = "our dialback key was refused" }
+                    logger.info("the peer refused the pair on a shared link; giving it a connection of its own",
+                                metadata: ["pair": "\(pair)", "link": "\(link.id.prefix(8))", "reason": "\(reason)"])
+                    metrics.pairFallbacks.increment()
                     continue
-                case .error(let error):
-                    // A failed addition leaves the link and its pairs alone; the pair may be
-                    // tried again after a delay.
-                    pairFailed(pair, error: StanzaError(error.condition == .undefinedCondition ? .remoteServerTimeout : error.condition,
-                                                        text: "\(pair.remote) refused \(pair.local): \(error.text ?? error.condition.rawValue)"), backoff: true)
-                    return
                 case .closed:
+                    excluded.insert(link.id)
                     continue
                 }
             }
-            switch await connect(pair, considered: considered) {
+            let outcome = await connect(pair, considered: considered, mayWait: !waitedForConnection, lookAgain: lookedAgain < 3, deadline: deadline)
+            switch outcome {
             case .established:
                 return
+            case .waited:
+                waitedForConnection = true
             case .retry:
-                continue
+                lookedAgain += 1
             case .failed:
                 return
             }
         }
-        pairFailed(pair, error: StanzaError(.remoteServerTimeout, text: "could not set up \(pair)"), backoff: false)
+        pairFailed(pair, error: StanzaError(.remoteServerTimeout, text: "could not set up \(pair) within \(configuration.pairSetupTimeoutSeconds) s"), backoff: false)
+    }
+
+    /// A link the pair could join now (for the `considered` check in ``connect``).
+    private func joinableLinkIDs() -> Set<String> {
+        Set(openLinks.filter { $0.canRequestPairs && $0.streamID != nil && $0.isEstablished && $0.peerSpeaksDialback && mayRequestPairs(on: $0) }.map(\.id))
     }
 
     /// A link the pair is already authorised on (for example, the reverse of a pair the
     /// peer asserted on a bidirectional link).
-    private func joinableLinkIDs() -> Set<String> {
-        Set(openLinks.filter { $0.canRequestPairs && $0.streamID != nil && $0.isEstablished && mayRequestPairs(on: $0) }.map(\.id))
-    }
-
     private func routedLink(for pair: DomainPair) -> FederationLink? {
         openLinks.first { $0.isAuthorized(pair, .outbound) }
     }
 
-    /// An established link the pair may join, with the proof of the peer domain on it.
-    ///
-    /// - Sender multiplexing: the peer domain is already a target on the link (XEP-0220
-    ///   §2.6.1, no negotiation needed).
-    /// - With XEP-0288, a domain the peer used as a source may be targeted (§2.2).
-    /// - Target multiplexing: the peer advertised dialback errors, the domain's servers
-    ///   include the host and port connected to, and the peer is proven for the domain on
-    ///   this connection by its certificate, DANE or POSH (RFC 7712 §4.4.2). On a link the
-    ///   peer opened to us, the proof alone identifies it.
-    func linkToJoin(for pair: DomainPair, excluding refused: Set<String>) async -> (FederationLink, (method: ProofMethod, expires: Date?))? {
-        let candidates = openLinks
-            .filter { $0.canRequestPairs && $0.streamID != nil && !refused.contains($0.id) && $0.isEstablished && mayRequestPairs(on: $0) }
-            .sorted { ($0.origin == .outgoing ? 0 : 1, -$0.pairCount) < ($1.origin == .outgoing ? 0 : 1, -$1.pairCount) }
-        for link in candidates {
-            if link.hasValidPair(remote: pair.remote, .outbound) || (link.isBidirectional && link.hasValidPair(remote: pair.remote, .inbound)) {
-                let proof = link.proof(of: pair.remote) ?? (method: ProofMethod.dialback, expires: nil)
-                return (link, proof)
-            }
+    /// What ``PairPlacement`` needs to know about `link` for `pair`, without proving
+    /// anything.
+    func placementCandidate(_ link: FederationLink, for pair: DomainPair, targets: [PeerTarget]?) -> PairPlacement.Candidate {
+        let reaches: Bool
+        if link.origin == .outgoing {
+            reaches = link.peerTarget.map { target in targets?.contains { $0.serverTarget == target } ?? false } ?? false
+        } else {
+            reaches = targets != nil
         }
-        // A new target: its DNS must answer (a bogus or absent domain is never sent to, not
-        // even over a link whose peer could prove it).
+        let provenRemote = link.proof(of: pair.remote)?.method
+        return PairPlacement.Candidate(
+            id: link.id, outgoing: link.origin == .outgoing, bidirectional: link.isBidirectional,
+            usable: link.canRequestPairs && link.streamID != nil && link.isEstablished,
+            peerSpeaksDialback: link.peerSpeaksDialback, mayRequest: mayRequestPairs(on: link),
+            handlesDialbackErrors: link.handlesDialbackErrors,
+            carriesRemote: link.hasValidPair(remote: pair.remote, .outbound) || (link.isBidirectional && link.hasValidPair(remote: pair.remote, .inbound)),
+            reachesRemote: reaches, refusedLocal: link.hasRefused(pair.local), remoteProof: provenRemote, pairCount: link.pairCount)
+    }
+
+    /// An established link the pair may join, with the proof of the peer domain on it
+    /// (``PairPlacement`` has the rules). The remote domain is proven only on links that
+    /// pass every other test, and a proof that failed on a certificate is not tried again
+    /// on another link presenting the same one for a few seconds.
+    func linkToJoin(for pair: DomainPair, excluding excluded: Set<String>) async -> (FederationLink, (method: ProofMethod, expires: Date?))? {
+        let links = openLinks.filter { !excluded.contains($0.id) }
+        guard !links.isEmpty else { return nil }
+        var candidates = links.map { placementCandidate($0, for: pair, targets: nil) }
+        // Sender multiplexing needs no DNS; a new target does (a bogus or absent domain is
+        // never sent to, not even over a link whose peer could prove it).
+        if case .join(let id, .senderMultiplexing) = PairPlacement.decide(candidates), let link = links.first(where: { $0.id == id }) {
+            return (link, link.proof(of: pair.remote) ?? (method: ProofMethod.dialback, expires: nil))
+        }
         guard case .targets(let targets) = await locate(pair.remote) else { return nil }
-        for link in candidates where link.handlesDialbackErrors {
-            if link.origin == .outgoing {
-                guard let target = link.peerTarget, targets.contains(where: { $0.serverTarget == target }) else { continue }
+        candidates = links.map { placementCandidate($0, for: pair, targets: targets) }
+        for (index, link) in links.enumerated() where PairPlacement.needsRemoteProof(candidates[index]) && candidates[index].remoteProof == nil {
+            guard !isKnownUnprovable(pair.remote, on: link) else { continue }
+            switch await proveRemote(pair.remote, on: link) {
+            case .proven(let method, _):
+                candidates[index].remoteProof = method
+            case .refuted, .notApplicable:
+                rememberUnprovable(pair.remote, on: link)
             }
-            if case .proven(let method, let expires) = await proveRemote(pair.remote, on: link) {
-                return (link, (method, expires))
-            }
+            // One proven link is enough: the rest would only be ranked below it.
+            if candidates[index].remoteProof != nil { break }
         }
-        return nil
+        guard case .join(let id, let via) = PairPlacement.decide(candidates), let link = links.first(where: { $0.id == id }) else { return nil }
+        if let proof = link.proof(of: pair.remote) { return (link, proof) }
+        return via == .senderMultiplexing ? (link, (method: ProofMethod.dialback, expires: nil)) : nil
+    }
+
+    /// A proof of `domain` failed on this link's certificate at this target a moment ago.
+    private func isKnownUnprovable(_ domain: String, on link: FederationLink) -> Bool {
+        guard let key = unprovableKey(domain, on: link) else { return false }
+        let now = ContinuousClock.now
+        return state.withLock { state in
+            guard let until = state.unprovable[key] else { return false }
+            if until <= now {
+                state.unprovable[key] = nil
+                return false
+            }
+            return true
+        }
+    }
+
+    private func rememberUnprovable(_ domain: String, on link: FederationLink) {
+        guard let key = unprovableKey(domain, on: link) else { return }
+        // Short: a POSH document or TLSA record published meanwhile is seen soon.
+        let until = ContinuousClock.now + .seconds(5)
+        state.withLock { state in
+            if state.unprovable.count > 100_000 { state.unprovable = [:] }
+            state.unprovable[key] = until
+        }
+    }
+
+    private func unprovableKey(_ domain: String, on link: FederationLink) -> UnprovableKey? {
+        guard let leaf = link.certificateChain.first, let der = try? leaf.derBytes() else { return nil }
+        var hasher = Hasher()
+        hasher.combine(der)
+        return UnprovableKey(certificate: hasher.finalize(), domain: domain, target: link.peerTarget)
     }
 
     /// Sends `db:result` for `pair` on `link`, with a key bound to the link's stream id, and
@@ -147,18 +212,24 @@ extension FederationManager {
     enum ConnectOutcome {
         case established
         /// Another connection to the same server finished: see whether the pair can join it.
+        case waited
+        /// A link became joinable meanwhile: look again before opening another.
         case retry
         case failed
     }
 
     /// Opens a new link for `pair` (its first pair), trying each SRV target in order (RFC
-    /// 6120 §3.2; never A/AAAA after SRV targets failed). Only one connection per target is
-    /// opened at a time: other pairs for the same server wait for it and then try to join.
+    /// 6120 §3.2; never A/AAAA after SRV targets failed).
+    ///
+    /// `mayWait`: a connection under way to the same servers may turn out to be the
+    /// provider's one link, so the first time round the pair waits for it rather than open
+    /// another in parallel; after that (it could not join it) it opens its own at once. At
+    /// most `max_concurrent_connects` handshakes run per server; the rest queue for a slot.
     ///
     /// `considered`: the joinable links the caller already looked at. If another link became
     /// joinable since (its connection finished just before we got here), the caller looks
     /// again instead of opening a second connection to the same provider.
-    private func connect(_ pair: DomainPair, considered: Set<String>) async -> ConnectOutcome {
+    private func connect(_ pair: DomainPair, considered: Set<String>, mayWait: Bool, lookAgain: Bool, deadline: ContinuousClock.Instant) async -> ConnectOutcome {
         let now = ContinuousClock.now
         if let backoff = state.withLock({ $0.backoff[pair.remote] }), backoff.until > now {
             pairFailed(pair, error: backoff.error, backoff: false)
@@ -173,31 +244,31 @@ extension FederationManager {
             return .failed
         }
         let key = first.serverTarget
-        // A connection under way to any of the domain's servers may turn out to be the
-        // provider's one link: wait for it rather than open another in parallel.
-        let busyWith = state.withLock { state -> ServerTarget? in
-            if let busy = targets.first(where: { state.connecting[$0.serverTarget] != nil }) { return busy.serverTarget }
-            state.connecting[key] = []
-            return nil
+        if mayWait, let busyWith = state.withLock({ state in targets.first { state.connecting[$0.serverTarget] != nil }?.serverTarget }) {
+            await waitForConnection(to: busyWith)
+            return .waited
         }
-        if let busyWith {
-            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-                let queued = state.withLock { state -> Bool in
-                    guard state.connecting[busyWith] != nil else { return false }
-                    state.connecting[busyWith]?.append(continuation)
-                    return true
-                }
-                if !queued { continuation.resume() }
-            }
+        if lookAgain && !joinableLinkIDs().subtracting(considered).isEmpty {
             return .retry
         }
+        state.withLock { $0.connecting[key, default: ConnectingTarget()].attempts += 1 }
         defer {
-            let waiters = state.withLock { $0.connecting.removeValue(forKey: key) ?? [] }
+            // Each finished attempt wakes the pairs waiting to see whether they can join it.
+            let waiters = state.withLock { state -> [CheckedContinuation<Void, Never>] in
+                guard var entry = state.connecting[key] else { return [] }
+                entry.attempts -= 1
+                let waiters = entry.waiters
+                entry.waiters = []
+                state.connecting[key] = entry.attempts > 0 ? entry : nil
+                return waiters
+            }
             for waiter in waiters { waiter.resume() }
         }
-        if !joinableLinkIDs().subtracting(considered).isEmpty {
-            return .retry
+        guard await connectionSlots.acquire(key, limit: max(1, configuration.maxConcurrentConnects), until: deadline) else {
+            outgoingFailed(pair, error: StanzaError(.remoteServerTimeout, text: "no connection slot for \(pair.remote) in time"), scope: .pair)
+            return .failed
         }
+        defer { connectionSlots.release(key) }
         await host.prepareCertificate(for: pair.local)
         var lastError = "no target answered"
         // Whether any target could be resolved: if none could, the domain is unreachable
@@ -214,7 +285,7 @@ extension FederationManager {
                 lastError = failure.reason
                 if failure.stanzaError.condition != .remoteServerNotFound { anyResolved = true }
                 if !failure.tryNextTarget {
-                    outgoingFailed(pair, error: failure.stanzaError)
+                    outgoingFailed(pair, error: failure.stanzaError, scope: failure.scope)
                     return .failed
                 }
             } catch {
@@ -226,6 +297,18 @@ extension FederationManager {
         return .failed
     }
 
+    /// Waits until some connection attempt to `target` ends (at once if none is under way).
+    private func waitForConnection(to target: ServerTarget) async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let queued = state.withLock { state -> Bool in
+                guard state.connecting[target] != nil else { return false }
+                state.connecting[target]?.waiters.append(continuation)
+                return true
+            }
+            if !queued { continuation.resume() }
+        }
+    }
+
     /// A failed outgoing attempt, with what to tell the senders.
     struct LinkFailure: Error {
         var reason: String
@@ -233,15 +316,29 @@ extension FederationManager {
         /// Connection-level failures move on to the next SRV target; authentication
         /// failures are final for the domain.
         var tryNextTarget: Bool
+        /// Whom the failure concerns: the peer domain (DNS, TCP, TLS, its certificate), or
+        /// only this pair (the peer refused our local domain): other local domains may
+        /// still reach the peer.
+        var scope: FailureScope = .domain
     }
 
-    /// The connection for `pair` failed: bounce what waits for it and back off the domain.
-    private func outgoingFailed(_ pair: DomainPair, error: StanzaError) {
+    enum FailureScope {
+        case domain
+        case pair
+    }
+
+    /// The connection for `pair` failed: bounce what waits for it and back off the domain
+    /// (or only the pair, when the peer refused our local domain).
+    private func outgoingFailed(_ pair: DomainPair, error: StanzaError, scope: FailureScope = .domain) {
+        metrics.linkFailures.increment()
+        guard scope == .domain else {
+            pairFailed(pair, error: error, backoff: true)
+            return
+        }
         state.withLock { state in
             let failures = (state.backoff[pair.remote]?.failures ?? 0) + 1
             state.backoff[pair.remote] = Backoff(until: .now + Self.retryDelay(failures: failures, base: configuration.retryBaseSeconds), failures: failures, error: error)
         }
-        metrics.linkFailures.increment()
         pairFailed(pair, error: error, backoff: false)
     }
 
@@ -288,6 +385,7 @@ extension FederationManager {
             do {
                 channel = try await trackedConnect(bootstrap, to: address)
             } catch {
+                noteConnectFailure(error, to: "\(target)")
                 lastError = error
                 continue
             }
@@ -303,6 +401,14 @@ extension FederationManager {
             return try await negotiated.value
         }
         throw LinkFailure(reason: "\(target): cannot connect (\(lastError))", stanzaError: StanzaError(.remoteServerTimeout), tryNextTarget: true)
+    }
+
+    /// Out of file descriptors (`ulimit -n`): said loudly and counted, since every pair that
+    /// needs a connection of its own then bounces.
+    func noteConnectFailure(_ error: any Error, to target: String) {
+        guard let io = error as? IOError, io.errnoCode == EMFILE || io.errnoCode == ENFILE else { return }
+        metrics.descriptorLimit.increment()
+        logger.error("cannot open an s2s connection: out of file descriptors (raise `ulimit -n`)", metadata: ["target": "\(target)", "error": "\(io)"])
     }
 
     func makeClientContext(local: String, directTLS: Bool) throws -> NIOSSLContext {

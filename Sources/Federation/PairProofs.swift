@@ -145,6 +145,16 @@ extension FederationManager {
                 link.closeStream()
                 continue
             }
+            if let owed = link.acknowledgementOverdue(at: now), owed > Double(configuration.acknowledgementTimeoutSeconds) {
+                // XEP-0198 §5: a peer that stops acknowledging holds what we sent; a new link
+                // carries it (and the receiver drops copies it had already delivered).
+                logger.notice("the peer stopped acknowledging; resetting the link", metadata: [
+                    "link": "\(link.id.prefix(8))", "peer": "\(link.peerAddress)", "owed": "\(Int(owed))s"])
+                metrics.acknowledgementTimeouts.increment()
+                metrics.resets("ack-timeout")
+                link.close(with: StreamError(.connectionTimeout, text: "no acknowledgement for \(Int(owed)) s"))
+                continue
+            }
             var lapsed: [String] = []
             let expiring = link.authorizations.filter { authorization in
                 authorization.expires.map { $0.timeIntervalSince(now) < margin } ?? false

@@ -47,6 +47,10 @@ public struct OutgoingServerNegotiation: Sendable {
         public var dialbackErrors = false
         /// The peer declared the dialback namespace on its header or advertised the feature.
         public var dialback = false
+        /// The peer advertised `urn:xmpp:features:dialback` after TLS: it answers
+        /// `db:result` for further pairs (XEP-0220 §2.4, §2.6). A header declaration alone
+        /// (which servers without dialback still send) is not enough for that.
+        public var dialbackFeature = false
         public var bidi = false
         /// Braid's feature: on links it opens to us, the peer answers our `db:result`.
         public var answersRequestsOnItsLinks = false
@@ -220,6 +224,7 @@ public struct OutgoingServerNegotiation: Sendable {
         case .secured:
             if let dialback = features.firstChild(name: "dialback", namespace: XMLNamespace.dialbackFeature) {
                 capabilities.dialback = true
+                capabilities.dialbackFeature = true
                 capabilities.dialbackErrors = dialback.firstChild(name: "errors", namespace: XMLNamespace.dialbackFeature) != nil
             }
             capabilities.bidi = features.firstChild(name: "bidi", namespace: XMLNamespace.bidiFeature) != nil
@@ -249,6 +254,7 @@ public struct OutgoingServerNegotiation: Sendable {
             capabilities.streamManagement = features.firstChild(name: "sm", namespace: XMLNamespace.streamManagement) != nil
             if let dialback = features.firstChild(name: "dialback", namespace: XMLNamespace.dialbackFeature) {
                 capabilities.dialback = true
+                capabilities.dialbackFeature = true
                 capabilities.dialbackErrors = dialback.firstChild(name: "errors", namespace: XMLNamespace.dialbackFeature) != nil
             }
             if features.firstChild(name: "bidi", namespace: XMLNamespace.bidiFeature) != nil { capabilities.bidi = true }

@@ -13,6 +13,9 @@ enum PeerCertificates {
     case trustedCA
     /// Self-signed certificates nobody trusts: only dialback can authenticate.
     case selfSigned
+    /// One certificate per domain, each naming only its domain, from a CA both trust: how
+    /// a host with one certificate per customer domain is set up.
+    case perDomain
 }
 
 /// Two Braid providers federating over loopback: A hosts `aDomains`, B hosts `bDomains`.
@@ -73,18 +76,27 @@ struct FederatedPair {
         /// One certificate for every domain of a provider; with `certified`, the trusted
         /// certificate names only those (the others must be proven another way).
         func certificateFiles(for domains: [String], certified: [String]?, notValidAfter: Date?, name: String) throws -> BraidConfiguration.CertificateFiles {
-            let credentials = certificates == .trustedCA
+            let credentials = certificates != .selfSigned
                 ? try ca.issueXMPPServerCertificate(domains: certified ?? domains, notValidAfter: notValidAfter ?? Date() + 86_400 * 30)
                 : try SelfSignedCertificate.generate(domains: domains)
             let files = BraidConfiguration.CertificateFiles(certificate: "\(directory)/\(name).crt", key: "\(directory)/\(name).key", domains: domains)
             try credentials.write(certificatePath: files.certificate, keyPath: files.key)
             return files
         }
-        let aFiles = try certificateFiles(for: aDomains, certified: aCertified, notValidAfter: nil, name: "a")
-        let bFiles = try certificateFiles(for: bDomains, certified: bCertified, notValidAfter: bNotValidAfter, name: "b")
+        /// The provider's certificate files: one, or one per domain.
+        func providerFiles(for domains: [String], certified: [String]?, notValidAfter: Date?, name: String) throws -> [BraidConfiguration.CertificateFiles] {
+            guard certificates == .perDomain else {
+                return [try certificateFiles(for: domains, certified: certified, notValidAfter: notValidAfter, name: name)]
+            }
+            return try domains.filter { certified?.contains($0) ?? true }.map { domain in
+                try certificateFiles(for: [domain], certified: nil, notValidAfter: notValidAfter, name: "\(name)-\(domain)")
+            }
+        }
+        let aFiles = try providerFiles(for: aDomains, certified: aCertified, notValidAfter: nil, name: "a")
+        let bFiles = try providerFiles(for: bDomains, certified: bCertified, notValidAfter: bNotValidAfter, name: "b")
 
-        func federate(_ configuration: inout BraidConfiguration, port: Int, files: BraidConfiguration.CertificateFiles, peers: [String], peerPort: Int) {
-            configuration.tls.certificates = [files]
+        func federate(_ configuration: inout BraidConfiguration, port: Int, files: [BraidConfiguration.CertificateFiles], peers: [String], peerPort: Int) {
+            configuration.tls.certificates = files
             configuration.tls.selfSignMissing = false
             configuration.s2s.enabled = true
             configuration.s2s.address = "127.0.0.1"
@@ -114,7 +126,7 @@ struct FederatedPair {
             await a.stop()
             throw error
         }
-        let bCertificate = try PEMCredentials.load(certificatePath: bFiles.certificate, keyPath: bFiles.key).certificateChain()[0]
+        let bCertificate = try PEMCredentials.load(certificatePath: bFiles[0].certificate, keyPath: bFiles[0].key).certificateChain()[0]
         return FederatedPair(a: a, b: b, directory: directory, ca: ca, bCertificate: bCertificate)
     }
 

@@ -1,0 +1,131 @@
+import Foundation
+import Testing
+import TestSupport
+import Trust
+import XMPPCore
+@testable import Federation
+@testable import Server
+
+/// Graceful fallback (issue 9): a pair that cannot join the shared link gets a connection of
+/// its own, as a classic server would give it, and nothing is lost. Two Braid providers on
+/// loopback with real TLS; each customer domain has a certificate of its own naming only
+/// that domain, the most common hosting set-up.
+@Suite("Graceful fallback to a connection per pair", .serialized)
+struct FallbackTests {
+    static let aDomains = ["a1.example", "a2.example", "a3.example"]
+    static let bDomains = ["b1.example", "b2.example", "b3.example"]
+    static var aUsers: [String] { aDomains.map { "user@\($0)" } }
+    static var bUsers: [String] { bDomains.map { "user@\($0)" } }
+
+    func clients(_ server: TestServer, _ users: [String]) async throws -> [String: TestClient] {
+        var clients: [String: TestClient] = [:]
+        for user in users {
+            let (client, _) = try await server.loggedIn(user)
+            try await client.sendPresence()
+            clients[user] = client
+        }
+        return clients
+    }
+
+    /// Waits for `count` messages on `client`; an error bounced back fails the test with
+    /// its text (nothing may be bounced).
+    func receive(_ count: Int, on client: TestClient, timeout: Duration = .seconds(40)) async throws -> Set<String> {
+        var bodies: Set<String> = []
+        while bodies.count < count {
+            let message = try await client.waitFor(timeout: timeout) { $0.name == "message" }
+            if message.attribute("type") == "error" {
+                Issue.record("bounced: \(message)")
+                continue
+            }
+            bodies.insert(message.body ?? "")
+        }
+        return bodies
+    }
+
+    /// Every user of `senders` writes to every user of `receivers` at once (a burst of new
+    /// pairs), and each receiver gets exactly its messages.
+    func burst(from senders: [String: TestClient], to receivers: [String: TestClient], label: String) async throws {
+        for (sender, client) in senders {
+            for receiver in receivers.keys {
+                try await client.sendMessage(to: receiver, body: "\(label) \(sender)→\(receiver)")
+            }
+        }
+        for (receiver, client) in receivers {
+            let expected = Set(senders.keys.map { "\(label) \($0)→\(receiver)" })
+            #expect(try await receive(expected.count, on: client) == expected)
+        }
+    }
+
+    func openLinks(_ server: TestServer) -> [LinkSnapshot] {
+        (server.server.federation?.links ?? []).filter { !$0.closed }
+    }
+
+    func outboundPairs(_ server: TestServer) -> Set<String> {
+        Set(openLinks(server).flatMap { $0.pairs.filter { $0.direction == .outbound }.map { "\($0.pair.local)⇄\($0.pair.remote) \($0.method.rawValue)" } })
+    }
+
+    @Test("Certificates required, a certificate per domain: every pair delivered, each proven by its own certificate")
+    func perDomainStrict() async throws {
+        try await withFederation(aDomains: Self.aDomains, aUsers: Self.aUsers, bDomains: Self.bDomains, bUsers: Self.bUsers,
+                                 certificates: .perDomain,
+                                 configureA: { $0.s2s.requireCertificates = true }, configureB: { $0.s2s.requireCertificates = true }) { pair in
+            let a = try await clients(pair.a, Self.aUsers)
+            let b = try await clients(pair.b, Self.bUsers)
+            try await burst(from: a, to: b, label: "cold")
+            try await burst(from: b, to: a, label: "reverse")
+            try await burst(from: a, to: b, label: "warm")
+            #expect(pair.a.metrics.counterValue("braid_s2s_bounced_total") == 0)
+            #expect(pair.b.metrics.counterValue("braid_s2s_bounced_total") == 0)
+            // No dialback anywhere: every pair rests on the certificate of its own domains.
+            let expected = Set(Self.aDomains.flatMap { a in Self.bDomains.map { "\(a)⇄\($0) pkix" } })
+            #expect(outboundPairs(pair.a) == expected)
+            #expect(pair.b.metrics.counterValue("braid_s2s_dialback_verifications_total") == 0)
+            // B refused A's further domains on the first link (not-authorized), and A gave
+            // each of those pairs a connection of its own.
+            #expect(pair.a.metrics.counterValue("braid_s2s_pair_fallbacks_total") > 0)
+            // One connection per pair at most (bidi carries the reverse direction).
+            let opened = pair.a.metrics.counterValue("braid_s2s_connections_opened_total") + pair.b.metrics.counterValue("braid_s2s_connections_opened_total")
+            #expect(opened >= 9 && opened <= 18)
+            for client in Array(a.values) + Array(b.values) { await client.close() }
+        }
+    }
+
+    @Test("Dialback allowed, a certificate per domain: every pair delivered, both sides sending at once from cold")
+    func perDomainDialbackSimultaneous() async throws {
+        try await withFederation(aDomains: Self.aDomains, aUsers: Self.aUsers, bDomains: Self.bDomains, bUsers: Self.bUsers,
+                                 certificates: .perDomain) { pair in
+            let a = try await clients(pair.a, Self.aUsers)
+            let b = try await clients(pair.b, Self.bUsers)
+            // Both providers open pairs at the same moment.
+            async let ab: Void = burst(from: a, to: b, label: "cold-ab")
+            async let ba: Void = burst(from: b, to: a, label: "cold-ba")
+            _ = try await (ab, ba)
+            try await burst(from: a, to: b, label: "warm")
+            #expect(pair.a.metrics.counterValue("braid_s2s_bounced_total") == 0)
+            #expect(pair.b.metrics.counterValue("braid_s2s_bounced_total") == 0)
+            for client in Array(a.values) + Array(b.values) { await client.close() }
+        }
+    }
+
+    @Test("A local domain without any certificate, certificates required by the peer: bounced with not-authorized, the others delivered")
+    func unprovableDomainBounces() async throws {
+        // a3 has no certificate of its own (the provider's names only a1 and a2) and B
+        // requires certificates: its own connection fails too, so its stanza bounces.
+        try await withFederation(aDomains: Self.aDomains, aUsers: Self.aUsers, bDomains: ["b1.example"], bUsers: ["user@b1.example"],
+                                 aCertified: ["a1.example", "a2.example"],
+                                 configureB: { $0.s2s.requireCertificates = true }) { pair in
+            let a = try await clients(pair.a, Self.aUsers)
+            let b = try await clients(pair.b, ["user@b1.example"])
+            try await a["user@a1.example"]!.sendMessage(to: "user@b1.example", body: "one")
+            #expect(try await receive(1, on: b["user@b1.example"]!) == ["one"])
+            try await a["user@a3.example"]!.sendMessage(to: "user@b1.example", body: "three")
+            let bounce = try await a["user@a3.example"]!.waitFor(timeout: .seconds(40)) { $0.name == "message" }
+            #expect(bounce.attribute("type") == "error")
+            #expect(bounce.firstChild(name: "error", namespace: bounce.namespace)?.firstChild(name: "not-authorized", namespace: XMLNamespace.stanzaErrors) != nil)
+            // The link and a1's pair are untouched.
+            try await a["user@a1.example"]!.sendMessage(to: "user@b1.example", body: "still")
+            #expect(try await receive(1, on: b["user@b1.example"]!) == ["still"])
+            for client in Array(a.values) + Array(b.values) { await client.close() }
+        }
+    }
+}
