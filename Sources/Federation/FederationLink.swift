@@ -280,6 +280,11 @@ public final class FederationLink: Sendable {
         state.withLock { $0.authorizations.values.contains { $0.direction == direction && $0.pair.remote == remote && $0.isValid(at: time) } }
     }
 
+    /// True when some pair of this local domain is valid in `direction`.
+    func hasValidPair(local: String, _ direction: PairDirection, at time: Date = Date()) -> Bool {
+        state.withLock { $0.authorizations.values.contains { $0.direction == direction && $0.pair.local == local && $0.isValid(at: time) } }
+    }
+
     /// An authorisation that exists but whose proof has lapsed.
     func hasLapsed(_ pair: DomainPair, _ direction: PairDirection, at time: Date = Date()) -> Bool {
         state.withLock { $0.authorizations[Key(pair: pair, direction: direction)].map { !$0.isValid(at: time) } ?? false }

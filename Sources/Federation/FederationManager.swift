@@ -119,6 +119,9 @@ public final class FederationManager: Sendable {
     let connectAttempts = Mutex<[UUID: EventLoopFuture<any Channel>]>([:])
     /// Handshakes in flight per peer server (`max_concurrent_connects`).
     let connectionSlots = ConnectionSlots()
+    /// One dialback verification at a time per (link, peer domain): when it succeeds, the
+    /// pairs that waited reuse its proof instead of each opening a db:verify connection.
+    let dialbackGates = AsyncSlots<String>()
 
     struct State {
         /// Every link, negotiating or established, by id.
@@ -137,6 +140,10 @@ public final class FederationManager: Sendable {
         var backoff: [String: Backoff] = [:]
         /// Pairs the peer refused; retried after the delay (XEP-0220 §2.5).
         var pairBackoff: [DomainPair: Backoff] = [:]
+        /// Our domains a peer server (by IP address) refused on some link, until when: the
+        /// peer wants a proof those links cannot give, so only a link already carrying the
+        /// domain, or a connection of its own, is tried for it.
+        var refusedLocals: [String: [String: ContinuousClock.Instant]] = [:]
         /// Peer servers (by IP address) that closed a link they opened when we sent
         /// `db:result` on it, until when we stop doing that on their links.
         var refusesRequestsOnItsLinks: [String: ContinuousClock.Instant] = [:]
@@ -145,11 +152,23 @@ public final class FederationManager: Sendable {
         var shuttingDown = false
     }
 
+    /// Connection attempts under way to one server, oldest first, each with the pair it is
+    /// for and the pairs waiting to see whether they can join it.
     struct ConnectingTarget {
-        /// Attempts under way.
-        var attempts = 0
-        /// Pairs waiting for the next attempt to end.
+        var attempts: [ConnectionAttempt] = []
+    }
+
+    struct ConnectionAttempt {
+        var id: UUID
+        var pair: DomainPair
         var waiters: [CheckedContinuation<Void, Never>] = []
+    }
+
+    /// Which connections under way a pair has already waited for (see ``connect``).
+    struct WaitHistory {
+        var any = false
+        var remotes = false
+        var locals = false
     }
 
     struct UnprovableKey: Hashable {
@@ -476,6 +495,27 @@ public final class FederationManager: Sendable {
         }
     }
 
+    /// The peer behind `link` refused `local` on some link a while ago.
+    func peerRefused(_ local: String, on link: FederationLink) -> Bool {
+        guard let ip = link.peerIP else { return false }
+        let now = ContinuousClock.now
+        return state.withLock { state in
+            guard let until = state.refusedLocals[ip]?[local] else { return false }
+            if until <= now {
+                state.refusedLocals[ip]?[local] = nil
+                return false
+            }
+            return true
+        }
+    }
+
+    func rememberRefusal(of local: String, on link: FederationLink) {
+        link.recordRefusal(of: local)
+        guard let ip = link.peerIP else { return }
+        let until = ContinuousClock.now + .seconds(600)
+        state.withLock { $0.refusedLocals[ip, default: [:]][local] = until }
+    }
+
     var openLinks: [FederationLink] {
         state.withLock { Array($0.links.values) }.filter { !$0.isClosed }
     }
@@ -659,9 +699,12 @@ final class InFlightWork: Sendable {
     }
 }
 
-/// A counting semaphore per peer server: at most `limit` connection attempts at a time, the
-/// rest waiting in order for a slot, each no longer than its deadline.
-final class ConnectionSlots: Sendable {
+/// Connection attempts in flight per peer server (`max_concurrent_connects`).
+typealias ConnectionSlots = AsyncSlots<ServerTarget>
+
+/// A counting semaphore per key: at most `limit` holders at a time, the rest waiting in
+/// order for a slot, each no longer than its deadline.
+final class AsyncSlots<Key: Hashable & Sendable>: Sendable {
     private struct Waiter {
         var id: UUID
         var continuation: CheckedContinuation<Bool, Never>
@@ -672,10 +715,10 @@ final class ConnectionSlots: Sendable {
         var waiters: [Waiter] = []
     }
 
-    private let entries = Mutex<[ServerTarget: Entry]>([:])
+    private let entries = Mutex<[Key: Entry]>([:])
 
     /// True once a slot is held (release it); false when the deadline passed first.
-    func acquire(_ target: ServerTarget, limit: Int, until deadline: ContinuousClock.Instant) async -> Bool {
+    func acquire(_ target: Key, limit: Int, until deadline: ContinuousClock.Instant) async -> Bool {
         let id = UUID()
         let granted: Bool = await withCheckedContinuation { continuation in
             let now = entries.withLock { entries -> Bool in
@@ -701,7 +744,7 @@ final class ConnectionSlots: Sendable {
         return granted
     }
 
-    func release(_ target: ServerTarget) {
+    func release(_ target: Key) {
         let next = entries.withLock { entries -> CheckedContinuation<Bool, Never>? in
             guard var entry = entries[target] else { return nil }
             if entry.waiters.isEmpty {
@@ -717,7 +760,7 @@ final class ConnectionSlots: Sendable {
         next?.resume(returning: true)
     }
 
-    private func giveUp(_ id: UUID, target: ServerTarget) {
+    private func giveUp(_ id: UUID, target: Key) {
         let waiter = entries.withLock { entries -> CheckedContinuation<Bool, Never>? in
             guard var entry = entries[target], let index = entry.waiters.firstIndex(where: { $0.id == id }) else { return nil }
             let waiter = entry.waiters.remove(at: index)
@@ -728,7 +771,7 @@ final class ConnectionSlots: Sendable {
     }
 
     /// Attempts holding a slot, for tests.
-    func inUse(_ target: ServerTarget) -> Int {
+    func inUse(_ target: Key) -> Int {
         entries.withLock { $0[target]?.inUse ?? 0 }
     }
 }

@@ -22,7 +22,7 @@ extension FederationManager {
         let deadline = ContinuousClock.now + budget
         // Links that refused this pair or closed under its request.
         var excluded: Set<String> = []
-        var waitedForConnection = false
+        var waited = WaitHistory()
         var lookedAgain = 0
         while ContinuousClock.now < deadline {
             if isShuttingDown {
@@ -48,7 +48,7 @@ extension FederationManager {
                     // XEP-0220 §2.4 and §2.5: the link and its pairs stay up; this local
                     // domain is not asked for on it again. A connection of its own proves the
                     // pair afresh (its certificate, or dialback on its own stream).
-                    link.recordRefusal(of: pair.local)
+                    rememberRefusal(of: pair.local, on: link)
                     excluded.insert(link.id)
                     let reason: String
                     if case .error(let error) = outcome { reason = error.text ?? error.condition.rawValue } else { reason = "our dialback key was refused" }
@@ -61,12 +61,12 @@ extension FederationManager {
                     continue
                 }
             }
-            let outcome = await connect(pair, considered: considered, mayWait: !waitedForConnection, lookAgain: lookedAgain < 3, deadline: deadline)
+            let outcome = await connect(pair, considered: considered, waited: &waited, lookAgain: lookedAgain < 3, deadline: deadline)
             switch outcome {
             case .established:
                 return
             case .waited:
-                waitedForConnection = true
+                break
             case .retry:
                 lookedAgain += 1
             case .failed:
@@ -103,7 +103,11 @@ extension FederationManager {
             peerSpeaksDialback: link.peerSpeaksDialback, mayRequest: mayRequestPairs(on: link),
             handlesDialbackErrors: link.handlesDialbackErrors,
             carriesRemote: link.hasValidPair(remote: pair.remote, .outbound) || (link.isBidirectional && link.hasValidPair(remote: pair.remote, .inbound)),
-            reachesRemote: reaches, refusedLocal: link.hasRefused(pair.local), remoteProof: provenRemote, pairCount: link.pairCount)
+            reachesRemote: reaches,
+            // A refusal elsewhere by the same peer counts too, except on a link that already
+            // carries the local domain (its own certificate is presented there).
+            refusedLocal: link.hasRefused(pair.local) || (peerRefused(pair.local, on: link) && !link.hasValidPair(local: pair.local, .outbound)),
+            remoteProof: provenRemote, pairCount: link.pairCount)
     }
 
     /// An established link the pair may join, with the proof of the peer domain on it
@@ -221,15 +225,20 @@ extension FederationManager {
     /// Opens a new link for `pair` (its first pair), trying each SRV target in order (RFC
     /// 6120 §3.2; never A/AAAA after SRV targets failed).
     ///
-    /// `mayWait`: a connection under way to the same servers may turn out to be the
-    /// provider's one link, so the first time round the pair waits for it rather than open
-    /// another in parallel; after that (it could not join it) it opens its own at once. At
-    /// most `max_concurrent_connects` handshakes run per server; the rest queue for a slot.
+    /// Waiting (`waited` records what the pair already waited for): a connection under
+    /// way to the same servers may turn out to be the provider's one link, so the first time
+    /// round the pair waits for the oldest one rather than open another in parallel. After
+    /// that it waits once more for a connection under way for the same remote domain (it
+    /// may join it by sender multiplexing, unless the peer has been refusing our domains for
+    /// lack of proof) and once for one of the same local domain (presenting that domain's
+    /// certificate, it may take further targets the peer's certificate names); then it
+    /// opens its own. At most `max_concurrent_connects` handshakes run per server; the rest
+    /// queue for a slot.
     ///
     /// `considered`: the joinable links the caller already looked at. If another link became
     /// joinable since (its connection finished just before we got here), the caller looks
     /// again instead of opening a second connection to the same provider.
-    private func connect(_ pair: DomainPair, considered: Set<String>, mayWait: Bool, lookAgain: Bool, deadline: ContinuousClock.Instant) async -> ConnectOutcome {
+    private func connect(_ pair: DomainPair, considered: Set<String>, waited: inout WaitHistory, lookAgain: Bool, deadline: ContinuousClock.Instant) async -> ConnectOutcome {
         let now = ContinuousClock.now
         if let backoff = state.withLock({ $0.backoff[pair.remote] }), backoff.until > now {
             pairFailed(pair, error: backoff.error, backoff: false)
@@ -244,22 +253,34 @@ extension FederationManager {
             return .failed
         }
         let key = first.serverTarget
-        if mayWait, let busyWith = state.withLock({ state in targets.first { state.connecting[$0.serverTarget] != nil }?.serverTarget }) {
-            await waitForConnection(to: busyWith)
+        let serverTargets = Set(targets.map(\.serverTarget))
+        let underWay = state.withLock { state in serverTargets.flatMap { state.connecting[$0]?.attempts.map { ($0.id, $0.pair) } ?? [] } }
+        var awaited: UUID?
+        if !waited.any, let oldest = underWay.first {
+            waited.any = true
+            awaited = oldest.0
+        } else if !waited.remotes, let same = underWay.first(where: { $0.1.remote == pair.remote && $0.1.local != pair.local }) {
+            waited.remotes = true
+            if !peerRefusesUnprovenDomains(at: serverTargets) { awaited = same.0 }
+        } else if !waited.locals, let same = underWay.first(where: { $0.1.local == pair.local && $0.1.remote != pair.remote }) {
+            waited.locals = true
+            awaited = same.0
+        }
+        if let awaited {
+            await waitForConnection(awaited, among: serverTargets)
             return .waited
         }
         if lookAgain && !joinableLinkIDs().subtracting(considered).isEmpty {
             return .retry
         }
-        state.withLock { $0.connecting[key, default: ConnectingTarget()].attempts += 1 }
+        let attempt = UUID()
+        state.withLock { $0.connecting[key, default: ConnectingTarget()].attempts.append(ConnectionAttempt(id: attempt, pair: pair)) }
         defer {
-            // Each finished attempt wakes the pairs waiting to see whether they can join it.
+            // The pairs that waited for this attempt see whether they can join what it made.
             let waiters = state.withLock { state -> [CheckedContinuation<Void, Never>] in
-                guard var entry = state.connecting[key] else { return [] }
-                entry.attempts -= 1
-                let waiters = entry.waiters
-                entry.waiters = []
-                state.connecting[key] = entry.attempts > 0 ? entry : nil
+                guard var entry = state.connecting[key], let index = entry.attempts.firstIndex(where: { $0.id == attempt }) else { return [] }
+                let waiters = entry.attempts.remove(at: index).waiters
+                state.connecting[key] = entry.attempts.isEmpty ? nil : entry
                 return waiters
             }
             for waiter in waiters { waiter.resume() }
@@ -297,16 +318,26 @@ extension FederationManager {
         return .failed
     }
 
-    /// Waits until some connection attempt to `target` ends (at once if none is under way).
-    private func waitForConnection(to target: ServerTarget) async {
+    /// Waits until the connection attempt `id` ends (at once if it already has).
+    private func waitForConnection(_ id: UUID, among targets: Set<ServerTarget>) async {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
             let queued = state.withLock { state -> Bool in
-                guard state.connecting[target] != nil else { return false }
-                state.connecting[target]?.waiters.append(continuation)
-                return true
+                for target in targets {
+                    guard let index = state.connecting[target]?.attempts.firstIndex(where: { $0.id == id }) else { continue }
+                    state.connecting[target]?.attempts[index].waiters.append(continuation)
+                    return true
+                }
+                return false
             }
             if !queued { continuation.resume() }
         }
+    }
+
+    /// Whether the peer at these servers has refused one of our domains on a link (it wants
+    /// a proof a shared link cannot give): then waiting to share a connection opened for
+    /// another of our domains is pointless.
+    private func peerRefusesUnprovenDomains(at targets: Set<ServerTarget>) -> Bool {
+        openLinks.contains { link in link.peerTarget.map(targets.contains) == true && link.hasRefusedAny }
     }
 
     /// A failed outgoing attempt, with what to tell the senders.

@@ -114,6 +114,14 @@ extension FederationManager {
         if requiresCertificates(remote) {
             return .refused(StanzaError(.notAuthorized, text: "a certificate, POSH or DANE proof for \(remote) is required"))
         }
+        // Pairs with the same peer domain asserted at once on this link wait for one
+        // verification; if it succeeds they reuse its proof (digest §14 step 4).
+        let gate = "\(link.id)|\(remote)"
+        let gated = await dialbackGates.acquire(gate, limit: 1, until: .now + .seconds(configuration.negotiationTimeoutSeconds))
+        defer { if gated { dialbackGates.release(gate) } }
+        if let known = link.proof(of: remote) {
+            return .valid(pair, known.method, known.expires)
+        }
         metrics.dialbackVerifications.increment()
         switch await verifyDialback(receiving: local, originating: remote, streamID: streamID, key: key) {
         case .valid:

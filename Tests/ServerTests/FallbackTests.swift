@@ -107,6 +107,39 @@ struct FallbackTests {
         }
     }
 
+    @Test("A burst of 64 new pairs each way at once, a certificate per domain, both policies: nothing lost, at most one connection per pair",
+          arguments: [false, true])
+    func burstAtScale(requireCertificates: Bool) async throws {
+        let aDomains = (1...8).map { "a\($0).example" }
+        let bDomains = (1...8).map { "b\($0).example" }
+        let aUsers = aDomains.map { "user@\($0)" }
+        let bUsers = bDomains.map { "user@\($0)" }
+        try await withFederation(aDomains: aDomains, aUsers: aUsers, bDomains: bDomains, bUsers: bUsers, certificates: .perDomain,
+                                 configureA: { $0.s2s.requireCertificates = requireCertificates },
+                                 configureB: { $0.s2s.requireCertificates = requireCertificates }) { pair in
+            let a = try await clients(pair.a, aUsers)
+            let b = try await clients(pair.b, bUsers)
+            async let ab: Void = burst(from: a, to: b, label: "cold-ab")
+            async let ba: Void = burst(from: b, to: a, label: "cold-ba")
+            _ = try await (ab, ba)
+            try await burst(from: a, to: b, label: "warm")
+            #expect(pair.a.metrics.counterValue("braid_s2s_bounced_total") == 0)
+            #expect(pair.b.metrics.counterValue("braid_s2s_bounced_total") == 0)
+            // Links both sides opened at the same moment for the same pairs are merged
+            // (simultaneous open): one per pair at worst with certificates required; with
+            // dialback one per peer domain of whichever side opened it.
+            let bound = requireCertificates ? aDomains.count * bDomains.count : aDomains.count + bDomains.count
+            let settleBy = ContinuousClock.now + .seconds(15)
+            while openLinks(pair.a).count > bound && ContinuousClock.now < settleBy {
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            let links = openLinks(pair.a).count
+            #expect(links <= bound)
+            print("fallback burst 8x8 require_certificates=\(requireCertificates): open links \(links), connections opened A \(pair.a.metrics.counterValue("braid_s2s_connections_opened_total")) B \(pair.b.metrics.counterValue("braid_s2s_connections_opened_total")), fallbacks A \(pair.a.metrics.counterValue("braid_s2s_pair_fallbacks_total")) B \(pair.b.metrics.counterValue("braid_s2s_pair_fallbacks_total")), dialback verifications B \(pair.b.metrics.counterValue("braid_s2s_dialback_verifications_total"))")
+            for client in Array(a.values) + Array(b.values) { await client.close() }
+        }
+    }
+
     @Test("A local domain without any certificate, certificates required by the peer: bounced with not-authorized, the others delivered")
     func unprovableDomainBounces() async throws {
         // a3 has no certificate of its own (the provider's names only a1 and a2) and B
