@@ -228,6 +228,13 @@ public final class AdminServer: Sendable {
         guard let domain = Self.domain(fromHost: host) else { return nil }
         guard isHosted(domain) || domain == providerHostName else { return nil }
         guard let der = tls.certificateDER(for: domain) else { return nil }
+        if domain == providerHostName {
+            // Customer domains delegate here (RFC 7711 §3.2). With a certificate per domain, a
+            // link presents whichever domain's certificate opened it: list every one, so a
+            // delegating domain is proven on any link (issue 9).
+            let others = tls.allCertificateDER.filter { $0 != der }
+            return POSHPublisher.fingerprintsDocument(certificateDER: [der] + others, expires: configuration.poshExpiresSeconds)
+        }
         return POSHPublisher.fingerprintsDocument(certificateDER: [der], expires: configuration.poshExpiresSeconds)
     }
 

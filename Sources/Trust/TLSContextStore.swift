@@ -195,6 +195,15 @@ public final class TLSContextStore: Sendable {
         entry(for: domain)?.leafDER
     }
 
+    /// Every distinct leaf certificate installed, DER-encoded, in a stable order: the
+    /// provider's POSH document lists them all, so a customer domain that delegates to it
+    /// is proven on any link, whichever domain's certificate that link presents.
+    public var allCertificateDER: [[UInt8]] {
+        let leaves = state.withLock { state in state.entries.values.map(\.leafDER) }
+        var seen = Set<[UInt8]>()
+        return leaves.filter { seen.insert($0).inserted }.sorted { $0.lexicographicallyPrecedes($1) }
+    }
+
     /// The chain and key to present for `domain` when Braid is the TLS client (outgoing
     /// s2s, where the peer requests a client certificate; XEP-0178 §3 step 1), resolved like
     /// ``serverContext(for:)``, with the identity of that certificate.

@@ -11,7 +11,27 @@ import Trust
 
 @Suite("The admin server: POSH over HTTPS and the admin API")
 struct AdminServerTests {
-    @Test("Each hosted domain and the provider host get the fingerprints of their own certificate, chosen by SNI and Host")
+    @Test("The provider host's document lists every certificate Braid presents, its own first: a delegating domain is proven on any link")
+    func providerDocumentListsEveryCertificate() async throws {
+        let harness = try await Harness.make()
+        do {
+            let body = try await harness.fetcher.fetch("https://hosting.example.net/.well-known/posh/xmpp-server.json")
+            let document = try POSHDocument(parsing: body ?? [])
+            let certificates = [harness.certificates.provider, harness.certificates.alpha, harness.certificates.beta, harness.certificates.unhosted]
+            #expect(document.fingerprints.count == certificates.count)
+            #expect(document.fingerprints.first?.matches(certificateDER: try leafDER(harness.certificates.provider)) == true)
+            for credentials in certificates {
+                let der = try leafDER(credentials)
+                #expect(document.fingerprints.contains { $0.matches(certificateDER: der) == true })
+            }
+            #expect(!document.fingerprints.contains { (try? $0.matches(certificateDER: leafDER(harness.certificates.stranger))) == true })
+        } catch {
+            Issue.record("\(error)")
+        }
+        await harness.close()
+    }
+
+    @Test("Each hosted domain gets the fingerprints of its own certificate, chosen by SNI and Host")
     func poshDocuments() async throws {
         let harness = try await Harness.make()
         do {
@@ -19,7 +39,6 @@ struct AdminServerTests {
                 ("alpha.example", harness.certificates.alpha, "xmpp-server"),
                 ("beta.example", harness.certificates.beta, "xmpp-server"),
                 ("beta.example", harness.certificates.beta, "xmpp-client"),
-                ("hosting.example.net", harness.certificates.provider, "xmpp-server"),
             ]
             for (domain, credentials, service) in cases {
                 let url = "https://\(domain)/.well-known/posh/\(service).json"
@@ -107,7 +126,10 @@ struct AdminServerTests {
             // lower of the two lifetimes (3600 < 7200).
             let providerChain = try harness.certificates.provider.certificateChain()
             #expect(await proof.prove("tenant.example", evidence: PeerEvidence(certificateChain: providerChain)) == .proven(.posh, expires: now + 3600))
-            guard case .refuted = await proof.prove("tenant.example", evidence: PeerEvidence(certificateChain: alphaChain)) else {
+            // The provider lists every certificate it presents (alpha's too, issue 9), and
+            // nothing else.
+            #expect(await proof.prove("tenant.example", evidence: PeerEvidence(certificateChain: alphaChain)) == .proven(.posh, expires: now + 3600))
+            guard case .refuted = await proof.prove("tenant.example", evidence: PeerEvidence(certificateChain: strangerChain)) else {
                 Issue.record("the tenant's reference accepted a certificate the provider does not list")
                 await harness.close()
                 return
