@@ -88,46 +88,55 @@ public final class FederationLink: Sendable {
         var direction: PairDirection
     }
 
-    /// Per-pair queues drained round-robin.
+    /// Per-pair queues drained round-robin. Each queue is a ring buffer mutated in place, so
+    /// taking a stanza is O(1) however long its pair's queue is.
     struct OutboundQueues {
-        var queues: [DomainPair: [Stanza]] = [:]
+        var queues: [DomainPair: CircularBuffer<Stanza>] = [:]
         var order: [DomainPair] = []
         var cursor = 0
         var count = 0
         var drainScheduled = false
 
         mutating func push(_ stanza: Stanza, for pair: DomainPair) {
-            if queues[pair] == nil { order.append(pair) }
-            queues[pair, default: []].append(stanza)
+            if queues[pair] == nil {
+                order.append(pair)
+                queues[pair] = CircularBuffer(initialCapacity: 4)
+            }
+            queues[pair]?.append(stanza)
             count += 1
         }
 
         /// The next stanza in round-robin order across pairs.
         mutating func pop() -> (DomainPair, Stanza)? {
-            guard count > 0, !order.isEmpty else { return nil }
-            if cursor >= order.count { cursor = 0 }
-            let pair = order[cursor]
-            guard var queue = queues[pair], !queue.isEmpty else {
-                order.remove(at: cursor)
-                queues[pair] = nil
-                return pop()
+            while count > 0, !order.isEmpty {
+                if cursor >= order.count { cursor = 0 }
+                let pair = order[cursor]
+                guard let stanza = queues[pair]?.popFirst() else {
+                    order.remove(at: cursor)
+                    queues[pair] = nil
+                    continue
+                }
+                count -= 1
+                if queues[pair]?.isEmpty ?? true {
+                    queues[pair] = nil
+                    order.remove(at: cursor)
+                } else {
+                    cursor += 1
+                }
+                return (pair, stanza)
             }
-            let stanza = queue.removeFirst()
-            count -= 1
-            if queue.isEmpty {
-                queues[pair] = nil
-                order.remove(at: cursor)
-            } else {
-                queues[pair] = queue
-                cursor += 1
-            }
-            return (pair, stanza)
+            return nil
         }
 
         mutating func removeAll() -> [Stanza] {
-            let all = order.flatMap { queues[$0] ?? [] }
+            let all = order.flatMap { queues[$0].map(Array.init) ?? [] }
             self = OutboundQueues()
             return all
+        }
+
+        /// Stanzas waiting for `pair`.
+        func count(for pair: DomainPair) -> Int {
+            queues[pair]?.count ?? 0
         }
     }
 
@@ -249,6 +258,9 @@ public final class FederationLink: Sendable {
     public func isAuthorized(_ pair: DomainPair, _ direction: PairDirection, at time: Date = Date()) -> Bool {
         state.withLock { state in
             guard !state.closed, let authorization = state.authorizations[Key(pair: pair, direction: direction)] else { return false }
+            // A retiring link has sent its </stream>: nothing more goes out on it, so stanzas
+            // are routed to the link that replaces it rather than queued here until it closes.
+            if direction == .outbound && state.retiring { return false }
             return authorization.isValid(at: time)
         }
     }
@@ -429,7 +441,7 @@ public final class FederationLink: Sendable {
     @discardableResult
     func enqueue(_ stanza: Stanza, for pair: DomainPair, limit: Int = .max) -> Bool {
         let schedule = state.withLock { state -> Bool? in
-            guard (state.outbound.queues[pair]?.count ?? 0) < limit else { return nil }
+            guard state.outbound.count(for: pair) < limit else { return nil }
             state.outbound.push(stanza, for: pair)
             if state.outbound.drainScheduled { return false }
             state.outbound.drainScheduled = true
@@ -459,7 +471,13 @@ public final class FederationLink: Sendable {
                 if let trial = state.assertionTrial, trial.count >= Self.maximumUnacknowledged { return nil }
                 // A retiring link has sent its </stream>: what is queued is handed back on close.
                 if state.retiring { return nil }
-                guard let (_, stanza) = state.outbound.pop() else { return nil }
+                guard let (_, stanza) = state.outbound.pop() else {
+                    // Empty: the drain ends here, under the same lock as the look, so a stanza
+                    // queued from now on schedules a new one. (Clearing the flag after
+                    // releasing the lock left such a stanza, and all after it, unsent.)
+                    state.outbound.drainScheduled = false
+                    return nil
+                }
                 if state.assertionTrial != nil && state.streamManagement == nil {
                     state.assertionTrial?.append(stanza)
                 }
