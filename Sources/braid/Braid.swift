@@ -63,6 +63,7 @@ struct Serve: AsyncParsableCommand {
             return handler
         }
         let logger = Logger(label: "braid")
+        raiseDescriptorLimit(logger: logger)
         let server = try BraidServer(configuration: configuration, logger: logger)
         let group = ServiceGroup(configuration: .init(services: [server], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         // SIGHUP re-reads certificates, as Prosody and ejabberd operators expect after a renewal.
@@ -302,4 +303,18 @@ func makeCredentials(password: String, iterations: Int) throws -> StoredCredenti
     } catch {
         throw ValidationError("unusable password: \(error)")
     }
+}
+
+/// Every client session and s2s connection is a file descriptor, and a provider whose peers
+/// have a certificate per domain needs one connection per domain pair: take the hard limit
+/// (`ulimit -Hn`) instead of the usual soft 1,024, as Prosody and ejabberd packaging do.
+func raiseDescriptorLimit(logger: Logger) {
+    var limit = rlimit()
+    guard getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return }
+    let before = limit.rlim_cur
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max
+        if setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) != 0 { limit.rlim_cur = before }
+    }
+    logger.info("file descriptors", metadata: ["limit": "\(limit.rlim_cur)", "was": "\(before)"])
 }
