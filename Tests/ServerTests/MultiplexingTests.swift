@@ -118,6 +118,10 @@ struct MultiplexingTests {
             #expect(try await receive(1, on: a["user@a2.example"]!) == ["back"])
             #expect(pair.a.metrics.counterValue("braid_s2s_connections_opened_total") == 1)
             #expect(pair.b.metrics.counterValue("braid_s2s_dialback_verifications_total") == 1)
+            // The verifying side counts the db:verify connection it opened (issue 9), and A
+            // counts it as accepted.
+            #expect(pair.b.metrics.counterValue("braid_s2s_connections_opened_total") == 1)
+            #expect(pair.a.metrics.counterValue("braid_s2s_connections_accepted_total") == 1)
             #expect(pairs(pair.b).contains("inbound b1.example⇄a2.example dialback"))
             #expect(pairs(pair.b).contains("inbound b1.example⇄a1.example pkix"))
             // The verification connection came and went; the link is the only one left.
