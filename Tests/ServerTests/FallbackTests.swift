@@ -1,4 +1,5 @@
 import Foundation
+import NIOCore
 import Testing
 import TestSupport
 import Trust
@@ -137,6 +138,36 @@ struct FallbackTests {
             #expect(links <= bound)
             print("fallback burst 8x8 require_certificates=\(requireCertificates): open links \(links), connections opened A \(pair.a.metrics.counterValue("braid_s2s_connections_opened_total")) B \(pair.b.metrics.counterValue("braid_s2s_connections_opened_total")), fallbacks A \(pair.a.metrics.counterValue("braid_s2s_pair_fallbacks_total")) B \(pair.b.metrics.counterValue("braid_s2s_pair_fallbacks_total")), dialback verifications B \(pair.b.metrics.counterValue("braid_s2s_dialback_verifications_total"))")
             for client in Array(a.values) + Array(b.values) { await client.close() }
+        }
+    }
+
+    @Test("A peer that stops acknowledging: the link is reset and what it did not acknowledge arrives over a new one, once")
+    func silentPeerIsReset() async throws {
+        try await withFederation(configureA: { configuration in
+            configuration.s2s.acknowledgementTimeoutSeconds = 1
+            configuration.s2s.revalidationIntervalSeconds = 0.5
+        }) { pair in
+            let (alice, _) = try await pair.a.loggedIn("alice@a.example")
+            let (bob, _) = try await pair.b.loggedIn("bob@b.example")
+            try await bob.sendPresence()
+            try await alice.sendMessage(to: "bob@b.example", body: "warm-up")
+            #expect(try await receive(1, on: bob) == ["warm-up"])
+            let linkA = try #require(pair.a.server.federation?.openLinks.first)
+            #expect(linkA.streamManagementEnabled)
+            // B stops reading the link: nothing it would acknowledge arrives any more.
+            let linkB = try #require(pair.b.server.federation?.openLinks.first)
+            try await linkB.channel.setOption(ChannelOptions.autoRead, value: false)
+            for index in 0..<20 {
+                try await alice.sendMessage(to: "bob@b.example", body: "m\(index)", id: "m\(index)")
+            }
+            let expected = Set((0..<20).map { "m\($0)" })
+            #expect(try await receive(expected.count, on: bob, timeout: .seconds(20)) == expected)
+            #expect(pair.a.metrics.counterValue("braid_s2s_ack_timeouts_total") >= 1)
+            #expect(linkA.isClosed)
+            // Nothing more: no copy arrives twice.
+            #expect(await bob.expectSilence(for: .milliseconds(500)) == nil)
+            await alice.close()
+            await bob.close()
         }
     }
 
