@@ -6,7 +6,9 @@
 #   prosody ejabberd knot knot-dnsutils unbound python3-slixmpp iproute2 openssl
 # Extra arguments go to lab.py (see `lab.py --help`); BRAID_LAB_WITH_BRAID=1 adds Braid
 # ($BRAID_BINARY, default .build/debug/braid), and with it the multiplexing scenarios (mux:*,
-# a second lab with two Braid providers of 50 domains each; see lab/README.md).
+# a second lab with two Braid providers of 50 domains each) and the graceful-fallback ones
+# (fallback:*, a third lab where every domain has a certificate of its own); see
+# lab/README.md. `--scenarios fallback:` runs only the latter, `--repeat K` K times in a row.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 

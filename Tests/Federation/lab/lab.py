@@ -9,7 +9,8 @@ The lab builds, on one machine and without touching the host network:
   second signed zone `bogus.test.` whose DS in the parent is deliberately wrong, so that
   validating resolvers answer SERVFAIL for every name in it;
 * unbound as the validating resolver of every namespace (trust anchor: the DS of `test.`);
-* a lab CA and one certificate per provider covering all of its domains;
+* a lab CA and one certificate per provider covering all of its domains (or, with
+  ProviderSpec.per_domain_certs, one per domain naming only that domain);
 * the providers themselves (Prosody 0.12, ejabberd 23.01 and, on request, Braid), each with
   its domains and users;
 * slixmpp clients (agent.py) started inside the providers' namespaces, driven over pipes.
@@ -395,10 +396,10 @@ class CertificateAuthority:
              "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
         os.chmod(self.cert, 0o644)
 
-    def issue(self, name, dns_names):
-        """Certificate NAME.crt / NAME.key whose SANs are DNS_NAMES; returns (cert, key)."""
+    def issue(self, name, dns_names, key=None):
+        """Certificate NAME.crt / NAME.key whose SANs are DNS_NAMES; returns (cert, key).
+        KEY: an existing private key to certify instead of a new one (returned as is)."""
         cert = os.path.join(self.directory, f"{name}.crt")
-        key = os.path.join(self.directory, f"{name}.key")
         csr = os.path.join(self.directory, f"{name}.csr")
         extensions = os.path.join(self.directory, f"{name}.ext")
         write_file(extensions, "\n".join([
@@ -408,8 +409,13 @@ class CertificateAuthority:
             "extendedKeyUsage=serverAuth,clientAuth",
             "subjectAltName=" + ",".join(f"DNS:{dns}" for dns in dns_names),
         ]) + "\n")
-        run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", key, "-out", csr, "-subj", f"/O=Braid federation lab/CN={dns_names[0]}"])
+        if key is None:
+            key = os.path.join(self.directory, f"{name}.key")
+            run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                 "-nodes", "-keyout", key, "-out", csr, "-subj", f"/O=Braid federation lab/CN={dns_names[0]}"])
+        else:
+            run(["openssl", "req", "-new", "-key", key, "-out", csr,
+                 "-subj", f"/O=Braid federation lab/CN={dns_names[0]}"])
         run(["openssl", "x509", "-req", "-in", csr, "-CA", self.cert, "-CAkey", self.key,
              "-set_serial", str(random.getrandbits(63)), "-days", "90", "-extfile", extensions,
              "-out", cert])
@@ -632,6 +638,20 @@ class ProviderSpec:
     cert_names    further DNS names for the certificate (e.g. a domain added at runtime)
     settings      Braid only: {section: {key: value}} merged into braid.yaml (for example
                   {"s2s": {"revalidation_interval_seconds": 5}}); values are written as JSON
+    per_domain_certs  one lab-CA certificate (and key) per hosted domain, naming only that
+                  domain, as at a host whose customers each bring their own (issue 9):
+                  Braid gets one tls.certificates entry per domain (`domains: [DOMAIN]`)
+                  plus one for its host name, Prosody DOMAIN.crt/DOMAIN.key in its
+                  certificates folder, ejabberd every per-domain PEM in `certfiles`
+    dialback      Prosody and ejabberd: load the dialback module (mod_dialback,
+                  mod_s2s_dialback); False leaves SASL EXTERNAL as the only s2s
+                  authentication, and no dialback is offered or answered
+    per_domain_hosts  each normal domain D's SRV records point at a host name of its own,
+                  `LABEL-host.test` (LABEL: D without `.test`), with an A record to the
+                  provider: room for per-domain TLSA records (DANE), which the caller adds
+    per_domain_shared_key  with per_domain_certs: every per-domain certificate certifies the
+                  same key (the provider's own), as with ACME key reuse; a DANE-EE `3 1 1`
+                  record of one domain then matches the certificates of all of them
     """
     kind: str
     name: str
@@ -645,6 +665,10 @@ class ProviderSpec:
     extra_domains: tuple = ()
     cert_names: tuple = ()
     settings: dict = dataclasses.field(default_factory=dict)
+    per_domain_certs: bool = False
+    dialback: bool = True
+    per_domain_hosts: bool = False
+    per_domain_shared_key: bool = False
 
 
 def default_specs(with_braid, domains=3, users=3):
@@ -680,6 +704,9 @@ class Provider:
         self.directory = os.path.join(lab.workdir, spec.name)
         self.service = None
         self.cert = self.key = None
+        # With spec.per_domain_certs: {domain: (certificate, key)}, one per hosted domain
+        # (self.cert then names only the host name and spec.cert_names).
+        self.domain_certs = {}
 
     # -- identity --
 
@@ -689,9 +716,24 @@ class Provider:
 
     def certificate_names(self):
         """DNS names of the provider's certificate: its domains (not the extra ones), its
-        host name and the spec's cert_names."""
+        host name and the spec's cert_names. With per_domain_certs only the host name and
+        cert_names: each domain has a certificate of its own (domain_certs)."""
+        if self.spec.per_domain_certs:
+            return [self.host] + list(self.spec.cert_names)
         return ([domain for domain in self.all_domains() if domain not in self.spec.extra_domains]
                 + [self.host] + list(self.spec.cert_names))
+
+    def per_domain_certificate_domains(self):
+        """The domains that get a certificate of their own with per_domain_certs."""
+        return [domain for domain in self.all_domains() if domain not in self.spec.extra_domains]
+
+    def srv_host(self, domain):
+        """The SRV target host name of DOMAIN: the provider's host name, or with
+        per_domain_hosts a name of the domain's own (`LABEL-host.test`)."""
+        if self.spec.per_domain_hosts and domain in self.domains:
+            label = domain[: -len("." + ZONE.rstrip("."))] if domain.endswith("." + ZONE.rstrip(".")) else domain
+            return f"{label}-host.{ZONE}".rstrip(".")
+        return self.host
 
     def users(self, domain):
         return [f"user{index}@{domain}" for index in range(1, self.spec.users_per_domain + 1)]
@@ -714,12 +756,15 @@ class Provider:
             records.append((ZONE, f"_xmpp-client._tcp.{domain}", "SRV", f"0 5 {C2S_PORT} {target}"))
         for domain in self.domains + [self.bogus_domain]:
             zone = BOGUS_ZONE if domain == self.bogus_domain else ZONE
-            records.append((zone, f"_xmpp-server._tcp.{domain}", "SRV", f"0 5 {S2S_PORT} {target}"))
+            s2s_target = f"{self.srv_host(domain)}."
+            if s2s_target != target:
+                records.append((ZONE, s2s_target.rstrip("."), "A", self.ip))
+            records.append((zone, f"_xmpp-server._tcp.{domain}", "SRV", f"0 5 {S2S_PORT} {s2s_target}"))
             records.append((zone, f"_xmpp-client._tcp.{domain}", "SRV", f"0 5 {C2S_PORT} {target}"))
             if self.spec.direct_tls:
                 # XEP-0368: same priority, preferred by weight.
                 records.append((zone, f"_xmpps-server._tcp.{domain}", "SRV",
-                                f"0 10 {S2S_DIRECT_TLS_PORT} {target}"))
+                                f"0 10 {S2S_DIRECT_TLS_PORT} {s2s_target}"))
         # The bogus domain also gets an address record, so that a server falling back from
         # SRV to A/AAAA would find the provider too: fail-closed must hold either way.
         records.append((BOGUS_ZONE, self.bogus_domain, "A", self.ip))
@@ -819,10 +864,16 @@ class ProsodyProvider(Provider):
     def prepare(self):
         os.makedirs(self.data, exist_ok=True)
         os.makedirs(self.certs, exist_ok=True)
-        # One multi-SAN certificate: Prosody indexes its certificates folder by SAN.
-        shutil.copy(self.cert, os.path.join(self.certs, f"{self.name}.crt"))
-        shutil.copy(self.key, os.path.join(self.certs, f"{self.name}.key"))
-        os.chmod(os.path.join(self.certs, f"{self.name}.key"), 0o640)
+        if self.spec.per_domain_certs:
+            # One certificate per VirtualHost: Prosody finds certs/DOMAIN.crt and DOMAIN.key.
+            files = [(domain, cert, key) for domain, (cert, key) in self.domain_certs.items()]
+        else:
+            # One multi-SAN certificate: Prosody indexes its certificates folder by SAN.
+            files = [(self.name, self.cert, self.key)]
+        for name, cert, key in files:
+            shutil.copy(cert, os.path.join(self.certs, f"{name}.crt"))
+            shutil.copy(key, os.path.join(self.certs, f"{name}.key"))
+            os.chmod(os.path.join(self.certs, f"{name}.key"), 0o640)
         # libunbound (which Prosody uses through lua-unbound when it is installed) answers
         # test. from its built-in RFC 6761 local zone, NXDOMAIN, before asking any
         # forwarder, and lua-unbound has no way to set `local-zone: "test." nodefault`.
@@ -842,7 +893,9 @@ class ProsodyProvider(Provider):
 
     def write_config(self):
         spec = self.spec
-        modules = ["roster", "saslauth", "tls", "dialback", "disco", "ping", "posix", "admin_shell"]
+        modules = ["roster", "saslauth", "tls", "disco", "ping", "posix", "admin_shell"]
+        if spec.dialback:
+            modules.append("dialback")
         if spec.bidi:
             modules.append("s2s_bidi")
         # Without cafile Prosody uses the system store, where the lab CA is not: the peer's
@@ -953,15 +1006,23 @@ class EjabberdProvider(Provider):
         self.spool = os.path.join(self.directory, "spool")
         self.logs = os.path.join(self.directory, "logs")
         self.certfile = os.path.join(self.config_dir, "server.pem")
+        self.certfiles = [self.certfile]
 
     def prepare(self):
         for path in (self.config_dir, self.spool, self.logs):
             os.makedirs(path, exist_ok=True)
-        with open(self.certfile, "w") as pem:
-            for path in (self.cert, self.key):
-                with open(path) as part:
-                    pem.write(part.read())
-        os.chmod(self.certfile, 0o640)
+        bundles = [(self.certfile, self.cert, self.key)]
+        if self.spec.per_domain_certs:
+            # One PEM (certificate + key) per domain; ejabberd picks the one naming the host.
+            bundles = [(os.path.join(self.config_dir, f"{domain}.pem"), cert, key)
+                       for domain, (cert, key) in self.domain_certs.items()]
+        self.certfiles = [path for path, _, _ in bundles]
+        for target, cert, key in bundles:
+            with open(target, "w") as pem:
+                for path in (cert, key):
+                    with open(path) as part:
+                        pem.write(part.read())
+            os.chmod(target, 0o640)
         # A fixed cookie, so that the registration client (same HOME) can talk to the node.
         write_file(os.path.join(self.spool, ".erlang.cookie"), "braidlabcookie", 0o400)
         write_file(self.ctl_config, f"""# braid federation lab: generated
@@ -980,6 +1041,10 @@ EJABBERD_BYPASS_WARNINGS=true
     def write_config(self):
         spec = self.spec
         hosts = "\n".join(f"  - {domain}" for domain in self.all_domains())
+        certfiles = "\n".join(f'  - "{path}"' for path in self.certfiles)
+        # Without mod_s2s_dialback ejabberd neither offers nor answers dialback: SASL
+        # EXTERNAL is its only s2s authentication.
+        dialback = "  mod_s2s_dialback: {}\n" if spec.dialback else ""
         # Without ca_file ejabberd uses the system bundle, where the lab CA is not.
         ca_line = f'ca_file: "{self.lab.ca.cert}"' if spec.trust_lab_ca else ""
         direct_tls = f"""  - port: {S2S_DIRECT_TLS_PORT}
@@ -994,7 +1059,7 @@ hosts:
 loglevel: info
 log_rotate_count: 0
 certfiles:
-  - "{self.certfile}"
+{certfiles}
 {ca_line}
 # The listen backlog defaults to 5: bursts of s2s connects overflow it.
 listen:
@@ -1028,8 +1093,7 @@ modules:
   mod_disco: {{}}
   mod_ping: {{}}
   mod_roster: {{}}
-  mod_s2s_dialback: {{}}
-""", 0o640)
+{dialback}""", 0o640)
         if os.path.isdir(self.directory):
             chown_tree(self.directory, "ejabberd")
 
@@ -1173,6 +1237,14 @@ def braid_config_yaml(provider):
         "tls:",
         f"  self_sign_missing: {json.dumps(self_sign)}",
         "  certificates:",
+    ]
+    # With per_domain_certs: one entry per hosted domain, serving that domain only; the
+    # provider's own certificate (host name and cert_names) comes last.
+    for domain, (cert, key) in provider.domain_certs.items():
+        lines += [f"    - certificate: {yaml_string(cert)}",
+                  f"      key: {yaml_string(key)}",
+                  f"      domains: {json.dumps([domain])}"]
+    lines += [
         f"    - certificate: {yaml_string(provider.cert)}",
         f"      key: {yaml_string(provider.key)}",
         *([f"      domains: {json.dumps(served)}"] if served else []),
@@ -1362,6 +1434,10 @@ class Lab:
         self.ca = CertificateAuthority(os.path.join(self.workdir, "pki"))
         for provider in self.providers:
             provider.cert, provider.key = self.ca.issue(provider.name, provider.certificate_names())
+            if provider.spec.per_domain_certs:
+                shared = provider.key if provider.spec.per_domain_shared_key else None
+                for domain in provider.per_domain_certificate_domains():
+                    provider.domain_certs[domain] = self.ca.issue(f"{provider.name}-{domain}", [domain], key=shared)
 
         self.dns = Dns(os.path.join(self.workdir, "dns"), self.network)
         records = DnsRecords()
@@ -1799,6 +1875,15 @@ class ScenarioTimeout(Exception):
     pass
 
 
+def repeated(scenarios, times):
+    """SCENARIOS (name, function) TIMES times in a row: all of them, then all again, ...
+    Each run counts on its own; with TIMES > 1 the names get ` [run k/K]`."""
+    if times <= 1:
+        return list(scenarios)
+    return [(f"{name} [run {run}/{times}]", function)
+            for run in range(1, times + 1) for name, function in scenarios]
+
+
 def run_scenarios(lab, scenarios, time_limit=240):
     """Runs each scenario under an overall time limit; prints PASS/FAIL and the summary."""
     passed = failed = 0
@@ -1873,6 +1958,11 @@ def parse_args(argv):
     parser.add_argument("--keep-workdir", action="store_true", help="keep configs and logs after a passing run")
     parser.add_argument("--hold", action="store_true",
                         help="after the scenarios, keep the lab up until Ctrl-C (for poking around)")
+    parser.add_argument("--repeat", type=int, default=int(os.environ.get("BRAID_LAB_REPEAT", "1") or 1),
+                        help="run the selected scenarios K times in a row in the same lab, each run "
+                             "counted on its own (default 1, or $BRAID_LAB_REPEAT). The classic "
+                             "federation:* and dialback_only:* scenarios take fresh users each time: "
+                             "raise --users for them")
     return parser.parse_args(argv)
 
 
@@ -1890,16 +1980,21 @@ def main(argv=None):
     # mux.py (the multiplexing scenarios) imports this module as `lab`: run as a script,
     # this module is __main__, and a second copy would not see set_namespace_prefix().
     sys.modules.setdefault("lab", sys.modules[__name__])
+    import fallback
     import mux
     # Scenario names depend only on the providers' names and kinds: no lab needed.
     stand_in = types.SimpleNamespace(providers=[types.SimpleNamespace(name=spec.name, kind=spec.kind)
                                                 for spec in specs])
     classic_names = [name for name, _ in build_scenarios(stand_in, args.untrusting.split(","))]
     mux_names = list(mux.SCENARIO_NAMES) if args.with_braid else []
+    fallback_names = list(fallback.SCENARIO_NAMES) if args.with_braid else []
     if args.list:
-        for name in classic_names + mux_names:
+        for name in classic_names + mux_names + fallback_names:
             print(name)
         return 0
+    if args.repeat < 1:
+        print("--repeat must be at least 1", file=sys.stderr)
+        return 2
     wanted = [item.strip() for item in args.scenarios.split(",") if item.strip()]
 
     def selected(name):
@@ -1907,7 +2002,8 @@ def main(argv=None):
                                  for w in wanted)
     wanted_classic = [name for name in classic_names if selected(name)]
     wanted_mux = [name for name in mux_names if selected(name)]
-    if not wanted_classic and not wanted_mux:
+    wanted_fallback = [name for name in fallback_names if selected(name)]
+    if not wanted_classic and not wanted_mux and not wanted_fallback:
         print(f"no scenario matches {args.scenarios!r}", file=sys.stderr)
         return 2
 
@@ -1926,14 +2022,15 @@ def main(argv=None):
             with Lab(specs, subnet=args.subnet, workdir=args.workdir, keep_workdir=args.keep_workdir) as lab:
                 scenarios = [(name, function) for name, function in build_scenarios(lab, args.untrusting.split(","))
                              if name in wanted_classic]
-                passed, failed = run_scenarios(lab, scenarios)
+                passed, failed = run_scenarios(lab, repeated(scenarios, args.repeat))
                 lab.failed = failed > 0
-                if args.hold and not wanted_mux:
+                if args.hold and not wanted_mux and not wanted_fallback:
                     log("lab is up; Ctrl-C (or SIGTERM) tears it down")
                     with contextlib.suppress(KeyboardInterrupt):
                         while True:
                             time.sleep(3600)
         if wanted_mux:
+            args.fallback_follows = bool(wanted_fallback)  # --hold waits for the last lab
             # The multiplexing scenarios have a lab of their own (two Braid providers with
             # 50 domains each, ...), built once the classic one is gone.
             log(f"multiplexing lab: {', '.join(wanted_mux)}")
@@ -1943,6 +2040,17 @@ def main(argv=None):
                 print(f"FAIL mux setup: {error}", flush=True)
                 mux_passed, mux_failed = 0, 1
             passed, failed = passed + mux_passed, failed + mux_failed
+        if wanted_fallback:
+            args.fallback_follows = False
+            # The graceful-fallback scenarios (issue 9): per-domain certificates, in a lab
+            # of their own, built once the multiplexing one is gone.
+            log(f"fallback lab: {', '.join(wanted_fallback)}")
+            try:
+                fb_passed, fb_failed = fallback.build(args, wanted_fallback)
+            except LabError as error:
+                print(f"FAIL fallback setup: {error}", flush=True)
+                fb_passed, fb_failed = 0, 1
+            passed, failed = passed + fb_passed, failed + fb_failed
     except KeyboardInterrupt:
         log("interrupted; lab torn down")
         print(f"{passed} passed, {failed + 1} failed")

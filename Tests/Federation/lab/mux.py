@@ -203,9 +203,9 @@ def build(args, wanted):
                keep_workdir=args.keep_workdir, extra_records=extra_records) as lab:
         start_web(lab)
         scenarios = [(name, function) for name, function in build_scenarios(lab) if name in wanted]
-        passed, failed = L.run_scenarios(lab, scenarios)
+        passed, failed = L.run_scenarios(lab, L.repeated(scenarios, getattr(args, "repeat", 1)))
         lab.failed = failed > 0
-        if args.hold:
+        if args.hold and not getattr(args, "fallback_follows", False):
             L.log("mux lab is up; Ctrl-C (or SIGTERM) tears it down")
             with contextlib.suppress(KeyboardInterrupt):
                 while True:
