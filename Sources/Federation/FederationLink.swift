@@ -68,6 +68,9 @@ public final class FederationLink: Sendable {
         /// On a link the peer opened: its stream header declared the dialback namespace, so
         /// it may answer our `db:result` here (on our links the stream features say).
         var peerDeclaredDialback = false
+        /// The leaf certificate we present on this link (DER): our client certificate on
+        /// ours, the one chosen for the requested domain on the peer's.
+        var localCertificate: [UInt8]?
         /// Local domains the peer refused on this link (a dialback error or an invalid key):
         /// their pairs get a connection of their own instead of asking here again.
         var refusedLocals: Set<String> = []
@@ -205,6 +208,12 @@ public final class FederationLink: Sendable {
 
     func setPeerDeclaredDialback(_ declared: Bool) {
         state.withLock { $0.peerDeclaredDialback = declared }
+    }
+
+    var localCertificate: [UInt8]? { state.withLock { $0.localCertificate } }
+
+    func setLocalCertificate(_ der: [UInt8]?) {
+        state.withLock { if $0.localCertificate == nil { $0.localCertificate = der } }
     }
 
     /// The peer refused `local` on this link: an answer about the link, not the pair.

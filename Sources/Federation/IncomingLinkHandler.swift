@@ -139,6 +139,11 @@ final class IncomingLinkHandler: ChannelInboundHandler {
     /// valid and names the header's `from`; that check is made before the features go out.
     private func headerReceived(_ header: StreamHeader, context: ChannelHandlerContext) {
         link.setPeerDeclaredDialback(header.declaresDialback)
+        if let to = header.to.flatMap({ try? JID(domain: $0).domainpart }) {
+            // Our certificate is chosen for the domain the header asks for (STARTTLS), or by
+            // SNI naming the same domain (direct TLS).
+            link.setLocalCertificate(manager.host.tls.certificateDER(for: to))
+        }
         let hosted = header.to.flatMap { try? JID(domain: $0) }.map { manager.host.isHosted($0.domainpart) } ?? false
         let chain = link.certificateChain
         guard case .awaitingHeader(.secured) = negotiation.state, let from = header.from.flatMap({ try? JID(domain: $0).domainpart }), !chain.isEmpty, hosted else {
@@ -216,6 +221,7 @@ final class IncomingLinkHandler: ChannelInboundHandler {
             await manager.host.prepareCertificate(for: domain)
             return try? manager.host.tls.serverContextRequestingClientCertificate(for: domain)
         }.whenSuccess { sslContext in
+            bound.value.0.link.setLocalCertificate(manager.host.tls.certificateDER(for: domain))
             let (handler, context) = bound.value
             guard let sslContext else {
                 handler.closeWithError(StreamError(.internalServerError), reason: "no certificate for \(domain)")

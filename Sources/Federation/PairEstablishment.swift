@@ -44,6 +44,13 @@ extension FederationManager {
                     metrics.connectionsSaved.increment()
                     logger.debug("pair joined an existing link", metadata: ["pair": "\(pair)", "link": "\(link.id.prefix(8))", "proof": "\(proof.method.rawValue)"])
                     return
+                case .error(let error) where error.condition == .notAuthorized && presentsOwnCertificate(pair.local, on: link):
+                    // The peer found no proof of our domain in the certificate this link
+                    // presents, which is the one a connection of its own would present too:
+                    // the answer is about the domain, and final (a POSH document listing
+                    // other certificates, say). The link and its pairs stay up (XEP-0220 §2.5).
+                    pairFailed(pair, error: StanzaError(.notAuthorized, text: "\(pair.remote) refused \(pair.local): \(error.text ?? error.condition.rawValue)"), backoff: true)
+                    return
                 case .invalid, .error:
                     // XEP-0220 §2.4 and §2.5: the link and its pairs stay up; this local
                     // domain is not asked for on it again. A connection of its own proves the
@@ -74,6 +81,12 @@ extension FederationManager {
             }
         }
         pairFailed(pair, error: StanzaError(.remoteServerTimeout, text: "could not set up \(pair) within \(configuration.pairSetupTimeoutSeconds) s"), backoff: false)
+    }
+
+    /// Whether `link` presents the certificate a connection of `local`'s own would present.
+    private func presentsOwnCertificate(_ local: String, on link: FederationLink) -> Bool {
+        guard let presented = link.localCertificate, let own = host.tls.certificateDER(for: local) else { return false }
+        return presented == own
     }
 
     /// A link the pair could join now (for the `considered` check in ``connect``).
@@ -384,6 +397,7 @@ extension FederationManager {
             throw LinkFailure(reason: "\(target): \(error.reason)", stanzaError: StanzaError(.remoteServerNotFound, text: error.reason), tryNextTarget: true)
         }
         let clientContext = try makeClientContext(local: pair.local, directTLS: target.directTLS)
+        let localCertificate = host.tls.certificateDER(for: pair.local)
         let asciiRemote = (try? JID(domain: pair.remote).asciiDomain) ?? pair.remote
         let limits = XMLStreamLimits(maximumStanzaBytes: configuration.maxStanzaBytes)
         let useExternal = host.tls.clientCredentials(for: pair.local)?.identity.matches(domain: pair.local, service: .xmppServer) != nil
@@ -400,6 +414,7 @@ extension FederationManager {
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         let link = FederationLink(origin: .outgoing, peerAddress: target.description, peerTarget: target.serverTarget, channel: channel)
+                        link.setLocalCertificate(localCertificate)
                         let decoder = XMLStreamDecoder(contentNamespace: XMLNamespace.server, limits: limits)
                         let handler = OutgoingLinkHandler(
                             manager: manager, link: link, decoder: decoder, clientContext: clientContext,
