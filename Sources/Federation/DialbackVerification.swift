@@ -36,6 +36,15 @@ extension FederationManager {
     }
 
     private func verify(_ request: DialbackElement, at target: PeerTarget) async throws -> VerificationOutcome {
+        // At most `max_concurrent_connects` db:verify connections per server at a time: a
+        // burst of new pairs with dialback asks for one per pair (720 at once in the lab).
+        // A pool of their own: a link being set up may wait for the peer's verification,
+        // which may wait for ours, so sharing slots with links could deadlock both sides.
+        let slot = target.serverTarget
+        guard await verificationSlots.acquire(slot, limit: max(1, configuration.maxConcurrentConnects), until: .now + .seconds(configuration.negotiationTimeoutSeconds)) else {
+            throw VerificationTimeout()
+        }
+        defer { verificationSlots.release(slot) }
         let resolved = try await locator.resolve(target)
         var tls = TLSConfiguration.makeClientConfiguration()
         tls.minimumTLSVersion = .tlsv12

@@ -119,6 +119,8 @@ public final class FederationManager: Sendable {
     let connectAttempts = Mutex<[UUID: EventLoopFuture<any Channel>]>([:])
     /// Handshakes in flight per peer server (`max_concurrent_connects`).
     let connectionSlots = ConnectionSlots()
+    /// db:verify connections in flight per peer server, a pool of their own.
+    let verificationSlots = ConnectionSlots()
     /// One dialback verification at a time per (link, peer domain): when it succeeds, the
     /// pairs that waited reuse its proof instead of each opening a db:verify connection.
     let dialbackGates = AsyncSlots<String>()

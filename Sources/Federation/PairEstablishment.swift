@@ -3,6 +3,7 @@ import NIOCore
 import NIOPosix
 import NIOSSL
 import Trust
+import X509
 import XMPPCore
 import XMPPStream
 
@@ -277,7 +278,9 @@ extension FederationManager {
             if !peerRefusesUnprovenDomains(at: serverTargets) { awaited = same.0 }
         } else if !waited.locals, let same = underWay.first(where: { $0.1.local == pair.local && $0.1.remote != pair.remote }) {
             waited.locals = true
-            awaited = same.0
+            // Only worth it when the peer's certificates name several of its domains: a
+            // certificate per domain never takes a further target.
+            if !peerCertificatesNameOneDomain(at: serverTargets) { awaited = same.0 }
         }
         if let awaited {
             await waitForConnection(awaited, among: serverTargets)
@@ -343,6 +346,18 @@ extension FederationManager {
                 return false
             }
             if !queued { continuation.resume() }
+        }
+    }
+
+    /// Whether every certificate the peer at these servers presented on our links names a
+    /// single domain (a certificate per customer domain); false while none was seen.
+    private func peerCertificatesNameOneDomain(at targets: Set<ServerTarget>) -> Bool {
+        let leaves = openLinks.filter { $0.peerTarget.map(targets.contains) == true }.compactMap(\.certificateChain.first)
+        guard !leaves.isEmpty else { return false }
+        return leaves.allSatisfy { leaf in
+            guard let identity = try? CertificateIdentity(certificate: leaf) else { return false }
+            let names = Set(identity.dnsIDs.map { $0.lowercased() } + identity.srvIDs.map(\.domain) + identity.xmppAddrs)
+            return names.count == 1 && !identity.dnsIDs.contains { $0.contains("*") }
         }
     }
 

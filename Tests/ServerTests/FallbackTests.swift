@@ -141,6 +141,29 @@ struct FallbackTests {
         }
     }
 
+    @Test("A certificate per domain on one side, one naming every domain on the other: one link with dialback, one per local domain with certificates required",
+          arguments: [false, true])
+    func perDomainOnOneSide(requireCertificates: Bool) async throws {
+        try await withFederation(aDomains: Self.aDomains, aUsers: Self.aUsers, bDomains: Self.bDomains, bUsers: Self.bUsers,
+                                 certificates: .perDomainA,
+                                 configureA: { $0.s2s.requireCertificates = requireCertificates },
+                                 configureB: { $0.s2s.requireCertificates = requireCertificates }) { pair in
+            let a = try await clients(pair.a, Self.aUsers)
+            let b = try await clients(pair.b, Self.bUsers)
+            // One pair first, so the rest find its link (a cold burst may open more, merged later).
+            try await a["user@a1.example"]!.sendMessage(to: "user@b1.example", body: "first")
+            #expect(try await receive(1, on: b["user@b1.example"]!) == ["first"])
+            try await burst(from: a, to: b, label: "ab")
+            try await burst(from: b, to: a, label: "ba")
+            #expect(pair.a.metrics.counterValue("braid_s2s_bounced_total") == 0)
+            #expect(pair.b.metrics.counterValue("braid_s2s_bounced_total") == 0)
+            let expected = requireCertificates ? Self.aDomains.count : 1
+            #expect(openLinks(pair.a).count == expected)
+            #expect(pair.a.metrics.counterValue("braid_s2s_connections_opened_total") == expected)
+            for client in Array(a.values) + Array(b.values) { await client.close() }
+        }
+    }
+
     @Test("A peer that stops acknowledging: the link is reset and what it did not acknowledge arrives over a new one, once")
     func silentPeerIsReset() async throws {
         try await withFederation(configureA: { configuration in

@@ -16,6 +16,8 @@ enum PeerCertificates {
     /// One certificate per domain, each naming only its domain, from a CA both trust: how
     /// a host with one certificate per customer domain is set up.
     case perDomain
+    /// A per-domain (A), B one certificate naming all its domains, from a CA both trust.
+    case perDomainA
 }
 
 /// Two Braid providers federating over loopback: A hosts `aDomains`, B hosts `bDomains`.
@@ -85,7 +87,7 @@ struct FederatedPair {
         }
         /// The provider's certificate files: one, or one per domain.
         func providerFiles(for domains: [String], certified: [String]?, notValidAfter: Date?, name: String) throws -> [BraidConfiguration.CertificateFiles] {
-            guard certificates == .perDomain else {
+            guard certificates == .perDomain || (certificates == .perDomainA && name == "a") else {
                 return [try certificateFiles(for: domains, certified: certified, notValidAfter: notValidAfter, name: name)]
             }
             return try domains.filter { certified?.contains($0) ?? true }.map { domain in
