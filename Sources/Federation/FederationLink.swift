@@ -71,6 +71,8 @@ public final class FederationLink: Sendable {
         /// The leaf certificate we present on this link (DER): our client certificate on
         /// ours, the one chosen for the requested domain on the peer's.
         var localCertificate: [UInt8]?
+        var peerCertificateNamesOneDomain = false
+        var peerCertificateHash: Int?
         /// Local domains the peer refused on this link (a dialback error or an invalid key):
         /// their pairs get a connection of their own instead of asking here again.
         var refusedLocals: Set<String> = []
@@ -172,7 +174,78 @@ public final class FederationLink: Sendable {
     var certificateChain: [Certificate] { state.withLock { $0.certificateChain } }
 
     func setCertificateChain(_ chain: [Certificate]) {
-        state.withLock { $0.certificateChain = chain }
+        let single = chain.first.map(Self.namesOneDomain) ?? false
+        let hash = chain.first.flatMap { try? $0.derBytes() }.map { der -> Int in
+            var hasher = Hasher()
+            hasher.combine(der)
+            return hasher.finalize()
+        }
+        state.withLock {
+            $0.certificateChain = chain
+            $0.peerCertificateNamesOneDomain = single
+            $0.peerCertificateHash = hash
+        }
+    }
+
+    /// A hash of the peer's leaf certificate, for remembering proofs that failed on it.
+    var peerCertificateHash: Int? { state.withLock { $0.peerCertificateHash } }
+
+    /// Established, not closing, and open to our `db:result` (one lock, for scans of every
+    /// link).
+    var acceptsPairRequests: Bool {
+        let now = Date()
+        return state.withLock { state in
+            !state.closed && !state.retiring && (origin == .outgoing || state.bidi) && state.streamID != nil
+                && (origin == .outgoing ? state.capabilities.dialbackFeature : state.peerDeclaredDialback)
+                && state.authorizations.values.contains { $0.isValid(at: now) }
+        }
+    }
+
+    /// The peer's certificate names one domain only (a certificate per customer domain):
+    /// such a link never takes a further target. Worked out once, when the chain arrives.
+    var peerCertificateNamesOneDomain: Bool { state.withLock { $0.peerCertificateNamesOneDomain } }
+
+    private static func namesOneDomain(_ leaf: Certificate) -> Bool {
+        guard let identity = try? CertificateIdentity(certificate: leaf) else { return false }
+        let names = Set(identity.dnsIDs.map { $0.lowercased() } + identity.srvIDs.map(\.domain) + identity.xmppAddrs)
+        return names.count == 1 && !identity.dnsIDs.contains { $0.contains("*") }
+    }
+
+    /// What pair placement needs to know about this link for one pair, read under one lock:
+    /// a burst of new pairs asks this of every link for every pair.
+    struct PlacementFacts {
+        var usable: Bool
+        var bidirectional: Bool
+        var peerSpeaksDialback: Bool
+        var handlesDialbackErrors: Bool
+        var carriesRemote: Bool
+        var carriesLocal: Bool
+        var refusedLocal: Bool
+        var remoteProof: ProofMethod?
+        var pairCount: Int
+    }
+
+    func placementFacts(for pair: DomainPair, at time: Date = Date()) -> PlacementFacts {
+        state.withLock { state in
+            var carriesRemote = false
+            var carriesLocal = false
+            var anyValid = false
+            for authorization in state.authorizations.values where authorization.isValid(at: time) {
+                anyValid = true
+                if authorization.pair.remote == pair.remote && (authorization.direction == .outbound || state.bidi) { carriesRemote = true }
+                if authorization.pair.local == pair.local && authorization.direction == .outbound { carriesLocal = true }
+                if carriesRemote && carriesLocal { break }
+            }
+            let proof = state.provenDomains[pair.remote].flatMap { proof in proof.expires.map { time < $0 } ?? true ? proof.method : nil }
+            return PlacementFacts(
+                usable: !state.closed && !state.retiring && (origin == .outgoing || state.bidi) && state.streamID != nil && anyValid,
+                bidirectional: state.bidi,
+                peerSpeaksDialback: origin == .outgoing ? state.capabilities.dialbackFeature : state.peerDeclaredDialback,
+                handlesDialbackErrors: state.capabilities.dialbackErrors || (origin == .incoming && state.bidi),
+                carriesRemote: carriesRemote, carriesLocal: carriesLocal,
+                refusedLocal: state.refusedLocals.contains(pair.local),
+                remoteProof: proof, pairCount: state.authorizations.count)
+        }
     }
 
     var capabilities: OutgoingServerNegotiation.PeerCapabilities { state.withLock { $0.capabilities } }

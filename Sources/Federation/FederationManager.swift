@@ -497,17 +497,16 @@ public final class FederationManager: Sendable {
         }
     }
 
-    /// The peer behind `link` refused `local` on some link a while ago.
-    func peerRefused(_ local: String, on link: FederationLink) -> Bool {
-        guard let ip = link.peerIP else { return false }
+    /// The peer servers (IP addresses) that refused `local` on some link a while ago.
+    func peersRefusing(_ local: String) -> Set<String> {
         let now = ContinuousClock.now
         return state.withLock { state in
-            guard let until = state.refusedLocals[ip]?[local] else { return false }
-            if until <= now {
-                state.refusedLocals[ip]?[local] = nil
-                return false
+            var refusing: Set<String> = []
+            for (ip, locals) in state.refusedLocals {
+                guard let until = locals[local] else { continue }
+                if until > now { refusing.insert(ip) } else { state.refusedLocals[ip]?[local] = nil }
             }
-            return true
+            return refusing
         }
     }
 

@@ -3,7 +3,6 @@ import NIOCore
 import NIOPosix
 import NIOSSL
 import Trust
-import X509
 import XMPPCore
 import XMPPStream
 
@@ -92,7 +91,7 @@ extension FederationManager {
 
     /// A link the pair could join now (for the `considered` check in ``connect``).
     private func joinableLinkIDs() -> Set<String> {
-        Set(openLinks.filter { $0.canRequestPairs && $0.streamID != nil && $0.isEstablished && $0.peerSpeaksDialback && mayRequestPairs(on: $0) }.map(\.id))
+        Set(openLinks.filter { $0.acceptsPairRequests && mayRequestPairs(on: $0) }.map(\.id))
     }
 
     /// A link the pair is already authorised on (for example, the reverse of a pair the
@@ -102,26 +101,25 @@ extension FederationManager {
     }
 
     /// What ``PairPlacement`` needs to know about `link` for `pair`, without proving
-    /// anything.
-    func placementCandidate(_ link: FederationLink, for pair: DomainPair, targets: [PeerTarget]?) -> PairPlacement.Candidate {
+    /// anything. `refusingPeers`: the peer servers (IP addresses) that refused the local
+    /// domain on some link lately.
+    func placementCandidate(_ link: FederationLink, for pair: DomainPair, targets: [PeerTarget]?, refusingPeers: Set<String>) -> PairPlacement.Candidate {
         let reaches: Bool
         if link.origin == .outgoing {
             reaches = link.peerTarget.map { target in targets?.contains { $0.serverTarget == target } ?? false } ?? false
         } else {
             reaches = targets != nil
         }
-        let provenRemote = link.proof(of: pair.remote)?.method
+        let facts = link.placementFacts(for: pair)
+        let refusedByPeer = !refusingPeers.isEmpty && link.peerIP.map(refusingPeers.contains) == true
         return PairPlacement.Candidate(
-            id: link.id, outgoing: link.origin == .outgoing, bidirectional: link.isBidirectional,
-            usable: link.canRequestPairs && link.streamID != nil && link.isEstablished,
-            peerSpeaksDialback: link.peerSpeaksDialback, mayRequest: mayRequestPairs(on: link),
-            handlesDialbackErrors: link.handlesDialbackErrors,
-            carriesRemote: link.hasValidPair(remote: pair.remote, .outbound) || (link.isBidirectional && link.hasValidPair(remote: pair.remote, .inbound)),
-            reachesRemote: reaches,
+            id: link.id, outgoing: link.origin == .outgoing, bidirectional: facts.bidirectional, usable: facts.usable,
+            peerSpeaksDialback: facts.peerSpeaksDialback, mayRequest: link.origin == .outgoing || mayRequestPairs(on: link),
+            handlesDialbackErrors: facts.handlesDialbackErrors, carriesRemote: facts.carriesRemote, reachesRemote: reaches,
             // A refusal elsewhere by the same peer counts too, except on a link that already
             // carries the local domain (its own certificate is presented there).
-            refusedLocal: link.hasRefused(pair.local) || (peerRefused(pair.local, on: link) && !link.hasValidPair(local: pair.local, .outbound)),
-            remoteProof: provenRemote, pairCount: link.pairCount)
+            refusedLocal: facts.refusedLocal || (refusedByPeer && !facts.carriesLocal),
+            remoteProof: facts.remoteProof, pairCount: facts.pairCount)
     }
 
     /// An established link the pair may join, with the proof of the peer domain on it
@@ -131,14 +129,15 @@ extension FederationManager {
     func linkToJoin(for pair: DomainPair, excluding excluded: Set<String>) async -> (FederationLink, (method: ProofMethod, expires: Date?))? {
         let links = openLinks.filter { !excluded.contains($0.id) }
         guard !links.isEmpty else { return nil }
-        var candidates = links.map { placementCandidate($0, for: pair, targets: nil) }
+        let refusingPeers = peersRefusing(pair.local)
+        var candidates = links.map { placementCandidate($0, for: pair, targets: nil, refusingPeers: refusingPeers) }
         // Sender multiplexing needs no DNS; a new target does (a bogus or absent domain is
         // never sent to, not even over a link whose peer could prove it).
         if case .join(let id, .senderMultiplexing) = PairPlacement.decide(candidates), let link = links.first(where: { $0.id == id }) {
             return (link, link.proof(of: pair.remote) ?? (method: ProofMethod.dialback, expires: nil))
         }
         guard case .targets(let targets) = await locate(pair.remote) else { return nil }
-        candidates = links.map { placementCandidate($0, for: pair, targets: targets) }
+        candidates = links.map { placementCandidate($0, for: pair, targets: targets, refusingPeers: refusingPeers) }
         for (index, link) in links.enumerated() where PairPlacement.needsRemoteProof(candidates[index]) && candidates[index].remoteProof == nil {
             guard !isKnownUnprovable(pair.remote, on: link) else { continue }
             switch await proveRemote(pair.remote, on: link) {
@@ -180,10 +179,8 @@ extension FederationManager {
     }
 
     private func unprovableKey(_ domain: String, on link: FederationLink) -> UnprovableKey? {
-        guard let leaf = link.certificateChain.first, let der = try? leaf.derBytes() else { return nil }
-        var hasher = Hasher()
-        hasher.combine(der)
-        return UnprovableKey(certificate: hasher.finalize(), domain: domain, target: link.peerTarget)
+        guard let certificate = link.peerCertificateHash else { return nil }
+        return UnprovableKey(certificate: certificate, domain: domain, target: link.peerTarget)
     }
 
     /// Sends `db:result` for `pair` on `link`, with a key bound to the link's stream id, and
@@ -268,29 +265,43 @@ extension FederationManager {
         }
         let key = first.serverTarget
         let serverTargets = Set(targets.map(\.serverTarget))
-        let underWay = state.withLock { state in serverTargets.flatMap { state.connecting[$0]?.attempts.map { ($0.id, $0.pair) } ?? [] } }
-        var awaited: UUID?
-        if !waited.any, let oldest = underWay.first {
-            waited.any = true
-            awaited = oldest.0
-        } else if !waited.remotes, let same = underWay.first(where: { $0.1.remote == pair.remote && $0.1.local != pair.local }) {
-            waited.remotes = true
-            if !peerRefusesUnprovenDomains(at: serverTargets) { awaited = same.0 }
-        } else if !waited.locals, let same = underWay.first(where: { $0.1.local == pair.local && $0.1.remote != pair.remote }) {
-            waited.locals = true
-            // Only worth it when the peer's certificates name several of its domains: a
-            // certificate per domain never takes a further target.
-            if !peerCertificatesNameOneDomain(at: serverTargets) { awaited = same.0 }
+        if lookAgain && !joinableLinkIDs().subtracting(considered).isEmpty {
+            return .retry
         }
+        let refusesUnproven = peerRefusesUnprovenDomains(at: serverTargets)
+        // Only worth waiting for a connection of the same local domain when the peer's
+        // certificates name several of its domains: a certificate per domain never takes a
+        // further target.
+        let singleNameCertificates = peerCertificatesNameOneDomain(at: serverTargets)
+        let attempt = UUID()
+        // What to wait for is chosen, or our own attempt registered, under one lock: two
+        // pairs of the same domain cannot both decide to connect.
+        var history = waited
+        let awaited: UUID? = state.withLock { state in
+            let underWay = serverTargets.flatMap { state.connecting[$0]?.attempts ?? [] }
+            var awaited: UUID?
+            if !history.any, let oldest = underWay.first {
+                history.any = true
+                awaited = oldest.id
+            }
+            if awaited == nil, !history.remotes, let same = underWay.first(where: { $0.pair.remote == pair.remote && $0.pair.local != pair.local }) {
+                history.remotes = true
+                if !refusesUnproven { awaited = same.id }
+            }
+            if awaited == nil, !history.locals, let same = underWay.first(where: { $0.pair.local == pair.local && $0.pair.remote != pair.remote }) {
+                history.locals = true
+                if !singleNameCertificates { awaited = same.id }
+            }
+            if awaited == nil {
+                state.connecting[key, default: ConnectingTarget()].attempts.append(ConnectionAttempt(id: attempt, pair: pair))
+            }
+            return awaited
+        }
+        waited = history
         if let awaited {
             await waitForConnection(awaited, among: serverTargets)
             return .waited
         }
-        if lookAgain && !joinableLinkIDs().subtracting(considered).isEmpty {
-            return .retry
-        }
-        let attempt = UUID()
-        state.withLock { $0.connecting[key, default: ConnectingTarget()].attempts.append(ConnectionAttempt(id: attempt, pair: pair)) }
         defer {
             // The pairs that waited for this attempt see whether they can join what it made.
             let waiters = state.withLock { state -> [CheckedContinuation<Void, Never>] in
@@ -352,13 +363,12 @@ extension FederationManager {
     /// Whether every certificate the peer at these servers presented on our links names a
     /// single domain (a certificate per customer domain); false while none was seen.
     private func peerCertificatesNameOneDomain(at targets: Set<ServerTarget>) -> Bool {
-        let leaves = openLinks.filter { $0.peerTarget.map(targets.contains) == true }.compactMap(\.certificateChain.first)
-        guard !leaves.isEmpty else { return false }
-        return leaves.allSatisfy { leaf in
-            guard let identity = try? CertificateIdentity(certificate: leaf) else { return false }
-            let names = Set(identity.dnsIDs.map { $0.lowercased() } + identity.srvIDs.map(\.domain) + identity.xmppAddrs)
-            return names.count == 1 && !identity.dnsIDs.contains { $0.contains("*") }
+        var seen = false
+        for link in openLinks where link.peerTarget.map(targets.contains) == true && !link.certificateChain.isEmpty {
+            guard link.peerCertificateNamesOneDomain else { return false }
+            seen = true
         }
+        return seen
     }
 
     /// Whether the peer at these servers has refused one of our domains on a link (it wants

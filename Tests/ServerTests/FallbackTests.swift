@@ -19,13 +19,7 @@ struct FallbackTests {
     static var bUsers: [String] { bDomains.map { "user@\($0)" } }
 
     func clients(_ server: TestServer, _ users: [String]) async throws -> [String: TestClient] {
-        var clients: [String: TestClient] = [:]
-        for user in users {
-            let (client, _) = try await server.loggedIn(user)
-            try await client.sendPresence()
-            clients[user] = client
-        }
-        return clients
+        try await server.clientsWithPresence(users)
     }
 
     /// Waits for `count` messages on `client`; an error bounced back fails the test with
@@ -58,7 +52,7 @@ struct FallbackTests {
     }
 
     func openLinks(_ server: TestServer) -> [LinkSnapshot] {
-        (server.server.federation?.links ?? []).filter { !$0.closed }
+        server.openLinkSnapshots
     }
 
     func outboundPairs(_ server: TestServer) -> Set<String> {

@@ -24,18 +24,12 @@ struct MultiplexingTests {
     }
 
     func openLinks(_ server: TestServer) -> [LinkSnapshot] {
-        (server.server.federation?.links ?? []).filter { !$0.closed }
+        server.openLinkSnapshots
     }
 
     /// Logs every user in with presence, so messages to their bare JIDs are delivered live.
     func clients(_ server: TestServer, _ users: [String]) async throws -> [String: TestClient] {
-        var clients: [String: TestClient] = [:]
-        for user in users {
-            let (client, _) = try await server.loggedIn(user)
-            try await client.sendPresence()
-            clients[user] = client
-        }
-        return clients
+        try await server.clientsWithPresence(users)
     }
 
     /// Waits for `count` messages and returns their bodies.

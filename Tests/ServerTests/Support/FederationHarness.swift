@@ -160,3 +160,21 @@ func withFederation(
     }
     await pair.stop()
 }
+
+extension TestServer {
+    /// Logs every user in with presence, so messages to their bare JIDs are delivered live.
+    func clientsWithPresence(_ users: [String]) async throws -> [String: TestClient] {
+        var clients: [String: TestClient] = [:]
+        for user in users {
+            let (client, _) = try await loggedIn(user)
+            try await client.sendPresence()
+            clients[user] = client
+        }
+        return clients
+    }
+
+    /// The links of this server's federation that are still open.
+    var openLinkSnapshots: [LinkSnapshot] {
+        (server.federation?.links ?? []).filter { !$0.closed }
+    }
+}
