@@ -163,6 +163,9 @@ public final class FederationManager: Sendable {
     struct ConnectionAttempt {
         var id: UUID
         var pair: DomainPair
+        /// It holds a connection slot: its handshake is under way (only such an attempt is
+        /// worth waiting for; one still queued for a slot may take the whole set-up time).
+        var started = false
         var waiters: [CheckedContinuation<Void, Never>] = []
     }
 
@@ -743,6 +746,17 @@ final class AsyncSlots<Key: Hashable & Sendable>: Sendable {
             }
         }
         return granted
+    }
+
+    /// Takes a slot if one is free now, without waiting.
+    func tryAcquire(_ target: Key, limit: Int) -> Bool {
+        entries.withLock { entries in
+            var entry = entries[target] ?? Entry()
+            guard entry.inUse < limit, entry.waiters.isEmpty else { return false }
+            entry.inUse += 1
+            entries[target] = entry
+            return true
+        }
     }
 
     func release(_ target: Key) {

@@ -274,11 +274,12 @@ extension FederationManager {
         // further target.
         let singleNameCertificates = peerCertificatesNameOneDomain(at: serverTargets)
         let attempt = UUID()
+        let slotLimit = max(1, configuration.maxConcurrentConnects)
         // What to wait for is chosen, or our own attempt registered, under one lock: two
         // pairs of the same domain cannot both decide to connect.
         var history = waited
         let awaited: UUID? = state.withLock { state in
-            let underWay = serverTargets.flatMap { state.connecting[$0]?.attempts ?? [] }
+            let underWay = serverTargets.flatMap { state.connecting[$0]?.attempts ?? [] }.filter(\.started)
             var awaited: UUID?
             if !history.any, let oldest = underWay.first {
                 history.any = true
@@ -293,7 +294,10 @@ extension FederationManager {
                 if !singleNameCertificates { awaited = same.id }
             }
             if awaited == nil {
-                state.connecting[key, default: ConnectingTarget()].attempts.append(ConnectionAttempt(id: attempt, pair: pair))
+                // A free slot is taken at once, so that pairs arriving next see a handshake
+                // under way and wait for it.
+                let started = connectionSlots.tryAcquire(key, limit: slotLimit)
+                state.connecting[key, default: ConnectingTarget()].attempts.append(ConnectionAttempt(id: attempt, pair: pair, started: started))
             }
             return awaited
         }
@@ -312,9 +316,17 @@ extension FederationManager {
             }
             for waiter in waiters { waiter.resume() }
         }
-        guard await connectionSlots.acquire(key, limit: max(1, configuration.maxConcurrentConnects), until: deadline) else {
-            outgoingFailed(pair, error: StanzaError(.remoteServerTimeout, text: "no connection slot for \(pair.remote) in time"), scope: .pair)
-            return .failed
+        let holdsSlot = state.withLock { $0.connecting[key]?.attempts.first { $0.id == attempt }?.started ?? false }
+        if !holdsSlot {
+            guard await connectionSlots.acquire(key, limit: slotLimit, until: deadline) else {
+                outgoingFailed(pair, error: StanzaError(.remoteServerTimeout, text: "no connection slot for \(pair.remote) in time"), scope: .pair)
+                return .failed
+            }
+            state.withLock { state in
+                if let index = state.connecting[key]?.attempts.firstIndex(where: { $0.id == attempt }) {
+                    state.connecting[key]?.attempts[index].started = true
+                }
+            }
         }
         defer { connectionSlots.release(key) }
         await host.prepareCertificate(for: pair.local)

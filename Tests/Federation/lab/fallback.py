@@ -188,8 +188,11 @@ def tally(sent, received, errors):
             seen[message_id] = seen.get(message_id, 0) + 1
     bounced = {error[2] for error in errors if error[2] in expected and error[2] not in seen}
     lost = len(expected) - len(seen) - len(bounced)
+    missing = sorted(message_id for message_id in expected if message_id not in seen and message_id not in bounced)
+    # The first few lost messages with their sender and recipient, to trace in the logs.
+    lost_examples = [f"{m[0]}→{m[1]} {m[2]}" for m in sent if m[2] in set(missing[:5])]
     return {"sent": len(expected), "delivered": len(seen), "bounced": len(bounced), "lost": lost,
-            "duplicated": sum(1 for count in seen.values() if count > 1)}
+            "duplicated": sum(1 for count in seen.values() if count > 1), "lost_examples": lost_examples}
 
 
 def record(result):
@@ -284,7 +287,8 @@ def run_phase(lab, details, name, run, a, b, pools, users, phase, directions):
             conditions = sorted({error[3] for error in errors if error[2] in {m[2] for m in sent}})
             problems.append(f"{phase} {label}: {counts['delivered']}/{counts['sent']} delivered, "
                             f"{counts['bounced']} bounced" + (f" ({', '.join(conditions)})" if conditions else "")
-                            + f", {counts['lost']} lost, {counts['duplicated']} duplicated")
+                            + f", {counts['lost']} lost, {counts['duplicated']} duplicated"
+                            + (f"; lost e.g. {counts['lost_examples']}" if counts["lost_examples"] else ""))
     return problems
 
 
