@@ -117,6 +117,9 @@ public final class FederationManager: Sendable {
     let revokedCertificates = Mutex<Set<[UInt8]>>([])
     /// Connection attempts under way, awaited on shutdown so none outlives the event loops.
     let connectAttempts = Mutex<[UUID: EventLoopFuture<any Channel>]>([:])
+    /// The runner of duplicate-link passes: whether it runs, and whether a new link asked
+    /// for a pass since its last one.
+    let duplicateChecks = Mutex<(running: Bool, requested: Bool)>((false, false))
     /// Handshakes in flight per peer server (`max_concurrent_connects`).
     let connectionSlots = ConnectionSlots()
     /// db:verify connections in flight per peer server, a pool of their own.
@@ -152,6 +155,10 @@ public final class FederationManager: Sendable {
         /// Where peer domains' servers are, for a while.
         var locations: [String: (PeerLocation, ContinuousClock.Instant)] = [:]
         var shuttingDown = false
+        /// Bumped whenever a pair is authorised on some link: a pair about to open a
+        /// connection looks at the links again if it moved meanwhile (a cheap stand-in for
+        /// comparing every link).
+        var linkGeneration = 0
     }
 
     /// Connection attempts under way to one server, oldest first, each with the pair it is
@@ -295,6 +302,7 @@ public final class FederationManager: Sendable {
     func authorize(_ pair: DomainPair, _ direction: PairDirection, on link: FederationLink, method: ProofMethod, expires: Date?,
                    appliedByAnswer: Bool = false) {
         guard !link.isClosed else { return }
+        state.withLock { $0.linkGeneration &+= 1 }
         if !appliedByAnswer { link.authorize(pair, direction, method: method, expires: expires) }
         metrics.proof(method, direction: direction)
         var directions = [direction]
@@ -443,20 +451,30 @@ public final class FederationManager: Sendable {
         let links = openLinks.filter { $0.isBidirectional && $0.streamID != nil }
         let incoming = links.filter { $0.origin == .incoming }
         guard !incoming.isEmpty else { return }
+        // Each link's pairs read once, and the peer's links indexed by remote domain: with a
+        // certificate per domain there are thousands of links, and comparing every pair of
+        // them on every new link took the whole CPU.
+        var theirPairs: [String: Set<DomainPair>] = [:]
+        var byRemote: [String: [FederationLink]] = [:]
+        for theirs in incoming {
+            let pairs = Set(theirs.authorizations.map(\.pair))
+            theirPairs[theirs.id] = pairs
+            for remote in Set(pairs.map(\.remote)) { byRemote[remote, default: []].append(theirs) }
+        }
+        // Moving pairs that would need a request is safe only while the peer has refused
+        // none of our domains: a peer that requires certificates per domain would refuse
+        // them on its link, and the pair's own connection would be retired again, over and
+        // over.
+        let refusingPeers = Set(links.filter(\.hasRefusedAny).compactMap(\.peerIP))
         for ours in links where ours.origin == .outgoing {
             guard let ourID = ours.streamID else { continue }
             let ourPairs = Set(ours.authorizations.map(\.pair))
-            let remotes = Set(ourPairs.map(\.remote))
-            for theirs in incoming {
-                let theirPairs = Set(theirs.authorizations.map(\.pair))
-                // Moving pairs that would need a request is safe only while the peer has
-                // refused none of our domains: a peer that requires certificates per domain
-                // would refuse them on its link, and the pair's own connection would be
-                // retired again, over and over.
-                guard let theirID = theirs.streamID, ourID > theirID,
-                      theirPairs.contains(where: { remotes.contains($0.remote) }),
-                      ourPairs.isSubset(of: theirPairs)
-                        || (ours.peerAnswersRequestsOnItsLinks && mayRequestPairs(on: theirs) && !peerRefusedLocals(ours, theirs)),
+            var seen = Set<String>()
+            let candidates = Set(ourPairs.map(\.remote)).flatMap { byRemote[$0] ?? [] }.filter { seen.insert($0.id).inserted }
+            for theirs in candidates {
+                guard let theirID = theirs.streamID, ourID > theirID, let pairs = theirPairs[theirs.id] else { continue }
+                let peerRefused = ours.hasRefusedAny || theirs.hasRefusedAny || [ours.peerIP, theirs.peerIP].contains { $0.map(refusingPeers.contains) == true }
+                guard ourPairs.isSubset(of: pairs) || (ours.peerAnswersRequestsOnItsLinks && mayRequestPairs(on: theirs) && !peerRefused),
                       ours.beginRetiring() else { continue }
                 logger.info("closing our link: the peer opened one to us at the same time", metadata: [
                     "link": "\(ours.id.prefix(8))", "kept": "\(theirs.id.prefix(8))", "peer": "\(ours.peerAddress)"])
@@ -466,23 +484,35 @@ public final class FederationManager: Sendable {
         }
     }
 
-    /// Whether the peer behind these links has refused any of our domains on any link.
-    private func peerRefusedLocals(_ ours: FederationLink, _ theirs: FederationLink) -> Bool {
-        let addresses = Set([ours.peerIP, theirs.peerIP].compactMap { $0 })
-        return openLinks.contains { link in
-            (link === ours || link === theirs || link.peerIP.map(addresses.contains) == true) && link.hasRefusedAny
-        }
-    }
-
     /// A new bidirectional link: look for a duplicate shortly after, once both links carry
     /// their first pairs (the periodic re-validation pass looks again).
+    /// A burst of new links shares one runner: a pass every second while links keep coming,
+    /// and two more after the last (a link's first pairs may take a moment to arrive).
     private func scheduleDuplicateLinkChecks() {
+        let start = duplicateChecks.withLock { checks -> Bool in
+            checks.requested = true
+            if checks.running { return false }
+            checks.running = true
+            return true
+        }
+        guard start else { return }
         let manager = self
         Task {
-            for delay in [1, 3] {
-                try? await Task.sleep(for: .seconds(delay))
+            var quietPasses = 0
+            while quietPasses < 2 {
+                try? await Task.sleep(for: .seconds(1))
+                let requested = manager.duplicateChecks.withLock { checks -> Bool in
+                    defer { checks.requested = false }
+                    return checks.requested
+                }
+                quietPasses = requested ? 0 : quietPasses + 1
                 manager.retireDuplicateLinks()
             }
+            let again = manager.duplicateChecks.withLock { checks -> Bool in
+                checks.running = false
+                return checks.requested
+            }
+            if again { manager.scheduleDuplicateLinkChecks() }
         }
     }
 

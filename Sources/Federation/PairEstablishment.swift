@@ -31,7 +31,7 @@ extension FederationManager {
             }
             // Links that could be joined now; a connection is opened only if none appears
             // between this look and taking the connection slot (see connect).
-            let considered = joinableLinkIDs()
+            let considered = state.withLock { $0.linkGeneration }
             if let link = routedLink(for: pair) {
                 authorize(pair, .outbound, on: link, method: link.authorization(pair, .outbound)?.method ?? .dialback, expires: link.authorization(pair, .outbound)?.expires)
                 return
@@ -89,15 +89,11 @@ extension FederationManager {
         return presented == own
     }
 
-    /// A link the pair could join now (for the `considered` check in ``connect``).
-    private func joinableLinkIDs() -> Set<String> {
-        Set(openLinks.filter { $0.acceptsPairRequests && mayRequestPairs(on: $0) }.map(\.id))
-    }
-
-    /// A link the pair is already authorised on (for example, the reverse of a pair the
-    /// peer asserted on a bidirectional link).
+    /// The link the pair is authorised on already (for example, the reverse of a pair the
+    /// peer asserted on a bidirectional link): the route table says, without a scan.
     private func routedLink(for pair: DomainPair) -> FederationLink? {
-        openLinks.first { $0.isAuthorized(pair, .outbound) }
+        guard let link = state.withLock({ $0.routes[pair] }), link.isAuthorized(pair, .outbound) else { return nil }
+        return link
     }
 
     /// What ``PairPlacement`` needs to know about `link` for `pair`, without proving
@@ -246,10 +242,10 @@ extension FederationManager {
     /// opens its own. At most `max_concurrent_connects` handshakes run per server; the rest
     /// queue for a slot.
     ///
-    /// `considered`: the joinable links the caller already looked at. If another link became
-    /// joinable since (its connection finished just before we got here), the caller looks
-    /// again instead of opening a second connection to the same provider.
-    private func connect(_ pair: DomainPair, considered: Set<String>, waited: inout WaitHistory, lookAgain: Bool, deadline: ContinuousClock.Instant) async -> ConnectOutcome {
+    /// `considered`: the link generation the caller looked at. If pairs were authorised since
+    /// (a connection finished just before we got here), the caller looks again instead of
+    /// opening a second connection to the same provider.
+    private func connect(_ pair: DomainPair, considered: Int, waited: inout WaitHistory, lookAgain: Bool, deadline: ContinuousClock.Instant) async -> ConnectOutcome {
         let now = ContinuousClock.now
         if let backoff = state.withLock({ $0.backoff[pair.remote] }), backoff.until > now {
             pairFailed(pair, error: backoff.error, backoff: false)
@@ -265,14 +261,13 @@ extension FederationManager {
         }
         let key = first.serverTarget
         let serverTargets = Set(targets.map(\.serverTarget))
-        if lookAgain && !joinableLinkIDs().subtracting(considered).isEmpty {
+        if lookAgain && state.withLock({ $0.linkGeneration }) != considered {
             return .retry
         }
-        let refusesUnproven = peerRefusesUnprovenDomains(at: serverTargets)
         // Only worth waiting for a connection of the same local domain when the peer's
         // certificates name several of its domains: a certificate per domain never takes a
-        // further target.
-        let singleNameCertificates = peerCertificatesNameOneDomain(at: serverTargets)
+        // further target. One pass over the links for both facts.
+        let (refusesUnproven, singleNameCertificates) = peerFacts(at: serverTargets)
         let attempt = UUID()
         let slotLimit = max(1, configuration.maxConcurrentConnects)
         // What to wait for is chosen, or our own attempt registered, under one lock: two
@@ -372,22 +367,22 @@ extension FederationManager {
         }
     }
 
-    /// Whether every certificate the peer at these servers presented on our links names a
-    /// single domain (a certificate per customer domain); false while none was seen.
-    private func peerCertificatesNameOneDomain(at targets: Set<ServerTarget>) -> Bool {
+    /// About the peer at these servers, from our links to it: whether it refused one of our
+    /// domains on a link (it wants a proof a shared link cannot give, so waiting to share a
+    /// connection opened for another of our domains is pointless), and whether every
+    /// certificate it presented names a single domain (false while none was seen).
+    private func peerFacts(at targets: Set<ServerTarget>) -> (refusesUnproven: Bool, singleNameCertificates: Bool) {
+        var refuses = false
         var seen = false
-        for link in openLinks where link.peerTarget.map(targets.contains) == true && !link.certificateChain.isEmpty {
-            guard link.peerCertificateNamesOneDomain else { return false }
-            seen = true
+        var single = true
+        for link in openLinks where link.peerTarget.map(targets.contains) == true {
+            if link.hasRefusedAny { refuses = true }
+            if link.peerCertificateHash != nil {
+                seen = true
+                if !link.peerCertificateNamesOneDomain { single = false }
+            }
         }
-        return seen
-    }
-
-    /// Whether the peer at these servers has refused one of our domains on a link (it wants
-    /// a proof a shared link cannot give): then waiting to share a connection opened for
-    /// another of our domains is pointless.
-    private func peerRefusesUnprovenDomains(at targets: Set<ServerTarget>) -> Bool {
-        openLinks.contains { link in link.peerTarget.map(targets.contains) == true && link.hasRefusedAny }
+        return (refuses, seen && single)
     }
 
     /// A failed outgoing attempt, with what to tell the senders.
