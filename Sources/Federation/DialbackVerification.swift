@@ -45,7 +45,7 @@ extension FederationManager {
             throw VerificationTimeout()
         }
         defer { verificationSlots.release(slot) }
-        let resolved = try await locator.resolve(target)
+        let resolved = try await resolveTarget(target)
         var tls = TLSConfiguration.makeClientConfiguration()
         tls.minimumTLSVersion = .tlsv12
         // This stream only carries db:verify; the answer binds a key to a stream id, so the

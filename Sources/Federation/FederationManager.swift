@@ -154,6 +154,8 @@ public final class FederationManager: Sendable {
         var refusesRequestsOnItsLinks: [String: ContinuousClock.Instant] = [:]
         /// Where peer domains' servers are, for a while.
         var locations: [String: (PeerLocation, ContinuousClock.Instant)] = [:]
+        /// The addresses of those servers, for as long.
+        var resolvedTargets: [PeerTarget: (ResolvedTarget, ContinuousClock.Instant)] = [:]
         var shuttingDown = false
         /// Bumped whenever a pair is authorised on some link: a pair about to open a
         /// connection looks at the links again if it moved meanwhile (a cheap stand-in for

@@ -218,6 +218,28 @@ extension FederationManager {
         return location
     }
 
+    /// A target's addresses, remembered as long as the domain's location is, and looked up
+    /// once however many connections to it are being opened at the same time (a burst of
+    /// pairs that each need a connection asked DNS the same question hundreds of times).
+    func resolveTarget(_ target: PeerTarget) async throws(TargetResolutionError) -> ResolvedTarget {
+        let now = ContinuousClock.now
+        if let (resolved, until) = state.withLock({ $0.resolvedTargets[target] }), until > now {
+            return resolved
+        }
+        let locator = self.locator
+        let result: Result<ResolvedTarget, TargetResolutionError> = await inFlight.run("resolve|\(target.host)|\(target.port)|\(target.directTLS)") {
+            do throws(TargetResolutionError) {
+                return .success(try await locator.resolve(target))
+            } catch {
+                return .failure(error)
+            }
+        }
+        let resolved = try result.get()
+        let until = ContinuousClock.now + .seconds(configuration.locationCacheSeconds)
+        state.withLock { $0.resolvedTargets[target] = (resolved, until) }
+        return resolved
+    }
+
     // MARK: New connections
 
     enum ConnectOutcome {
@@ -424,7 +446,7 @@ extension FederationManager {
     private func open(_ target: PeerTarget, pair: DomainPair) async throws -> FederationLink {
         let resolved: ResolvedTarget
         do {
-            resolved = try await locator.resolve(target)
+            resolved = try await resolveTarget(target)
         } catch {
             throw LinkFailure(reason: "\(target): \(error.reason)", stanzaError: StanzaError(.remoteServerNotFound, text: error.reason), tryNextTarget: true)
         }
