@@ -476,7 +476,12 @@ public final class FederationManager: Sendable {
             for theirs in candidates {
                 guard let theirID = theirs.streamID, ourID > theirID, let pairs = theirPairs[theirs.id] else { continue }
                 let peerRefused = ours.hasRefusedAny || theirs.hasRefusedAny || [ours.peerIP, theirs.peerIP].contains { $0.map(refusingPeers.contains) == true }
-                guard ourPairs.isSubset(of: pairs) || (ours.peerAnswersRequestsOnItsLinks && mayRequestPairs(on: theirs) && !peerRefused),
+                // And only pairs whose local domain the peer's link already carries, or whose
+                // certificate that link presents: with a certificate per domain, anything
+                // else would be refused there and need a connection of its own again.
+                guard ourPairs.isSubset(of: pairs)
+                        || (ours.peerAnswersRequestsOnItsLinks && mayRequestPairs(on: theirs) && !peerRefused
+                            && ourPairs.allSatisfy { ourPair in presentsCertificate(of: ourPair.local, on: theirs) || pairs.contains { $0.local == ourPair.local } }),
                       ours.beginRetiring() else { continue }
                 logger.info("closing our link: the peer opened one to us at the same time", metadata: [
                     "link": "\(ours.id.prefix(8))", "kept": "\(theirs.id.prefix(8))", "peer": "\(ours.peerAddress)"])
@@ -488,6 +493,12 @@ public final class FederationManager: Sendable {
 
     /// A new bidirectional link: look for a duplicate shortly after, once both links carry
     /// their first pairs (the periodic re-validation pass looks again).
+    /// Whether `link` presents the certificate we present for `local`.
+    func presentsCertificate(of local: String, on link: FederationLink) -> Bool {
+        guard let presented = link.localCertificate, let own = host.tls.certificateDER(for: local) else { return false }
+        return presented == own
+    }
+
     /// A burst of new links shares one runner: a pass every second while links keep coming,
     /// and two more after the last (a link's first pairs may take a moment to arrive).
     private func scheduleDuplicateLinkChecks() {

@@ -85,8 +85,7 @@ extension FederationManager {
 
     /// Whether `link` presents the certificate a connection of `local`'s own would present.
     private func presentsOwnCertificate(_ local: String, on link: FederationLink) -> Bool {
-        guard let presented = link.localCertificate, let own = host.tls.certificateDER(for: local) else { return false }
-        return presented == own
+        presentsCertificate(of: local, on: link)
     }
 
     /// The link the pair is authorised on already (for example, the reverse of a pair the
