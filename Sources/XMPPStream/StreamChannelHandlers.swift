@@ -19,7 +19,9 @@ public final class XMLStreamDecoder: ChannelInboundHandler {
         /// Parse them as the start of the new stream (SASL success, XEP-0288 and others).
         case parse
         /// Refuse them: after STARTTLS, cleartext that was sent before the handshake is an
-        /// injection attempt. The restart fails with `policy-violation` if there are any.
+        /// injection attempt (CVE-2011-0411). The restart fails with `policy-violation` if
+        /// there is any, except whitespace, which is allowed between elements (RFC 6120
+        /// §11.7) and is dropped: go-sendxmpp sends a newline after `<starttls/>`.
         case reject
     }
 
@@ -61,7 +63,10 @@ public final class XMLStreamDecoder: ChannelInboundHandler {
             parser.feed(remaining)
             return true
         case .reject:
-            guard remaining.readableBytes == 0 else {
+            let injected = remaining.readableBytesView.contains { byte in
+                byte != UInt8(ascii: " ") && byte != UInt8(ascii: "\t") && byte != UInt8(ascii: "\r") && byte != UInt8(ascii: "\n")
+            }
+            guard !injected else {
                 failed = true
                 context.fireErrorCaught(XMLStreamError(.policyViolation, "\(remaining.readableBytes) bytes sent before the TLS handshake"))
                 return false

@@ -84,6 +84,29 @@ struct StreamChannelHandlerTests {
         _ = try? channel.finish()
     }
 
+    @Test("Whitespace after <starttls/> in the same read is not an injection (go-sendxmpp sends a newline)",
+          arguments: ["\n", "\r\n", " \t\n"])
+    func starttlsTrailingWhitespace(whitespace: String) throws {
+        let (channel, recorder) = try makeChannel()
+        recorder.restartOn["starttls"] = .reject
+        try channel.writeInbound(ByteBuffer(string: clientHeader + "<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>" + whitespace))
+        #expect(recorder.errors.isEmpty)
+        // The new stream (after the handshake) starts clean: the whitespace was dropped.
+        try channel.writeInbound(ByteBuffer(string: clientHeader))
+        #expect(recorder.events.count == 3)
+        #expect(recorder.errors.isEmpty)
+        _ = try channel.finish()
+    }
+
+    @Test("Whitespace followed by cleartext after <starttls/> is still refused")
+    func starttlsWhitespaceThenInjection() throws {
+        let (channel, recorder) = try makeChannel()
+        recorder.restartOn["starttls"] = .reject
+        try channel.writeInbound(ByteBuffer(string: clientHeader + "<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>\n<iq type='set' id='evil'/>"))
+        #expect((recorder.errors.first as? XMLStreamError)?.condition == .policyViolation)
+        _ = try? channel.finish()
+    }
+
     @Test("A clean <starttls/> restarts without error")
     func starttlsClean() throws {
         let (channel, recorder) = try makeChannel()
