@@ -63,9 +63,7 @@ public final class XMLStreamDecoder: ChannelInboundHandler {
             parser.feed(remaining)
             return true
         case .reject:
-            let injected = remaining.readableBytesView.contains { byte in
-                byte != UInt8(ascii: " ") && byte != UInt8(ascii: "\t") && byte != UInt8(ascii: "\r") && byte != UInt8(ascii: "\n")
-            }
+            let injected = remaining.readableBytesView.contains { !XMLStreamParser.isXMLWhitespace($0) }
             guard !injected else {
                 failed = true
                 context.fireErrorCaught(XMLStreamError(.policyViolation, "\(remaining.readableBytes) bytes sent before the TLS handshake"))

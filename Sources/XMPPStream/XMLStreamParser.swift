@@ -58,6 +58,8 @@ public final class XMLStreamParser {
     /// Expat is fed in slices of at most this size, so the size limit is checked while a
     /// large read is still being parsed.
     private static let sliceSize = 16 * 1024
+    /// After a restart, until the new document's first byte: whitespace is dropped.
+    private var skipsLeadingWhitespace = false
 
     /// Creates a parser for a stream whose content namespace is `contentNamespace`.
     public init(contentNamespace: String, limits: XMLStreamLimits) {
@@ -95,8 +97,22 @@ public final class XMLStreamParser {
 
     /// Queues bytes for parsing. Nothing is parsed until ``nextEvent()`` is called.
     public func feed(_ bytes: ByteBuffer) {
+        var bytes = bytes
+        if skipsLeadingWhitespace {
+            // Whitespace between the old stream's last element and the new header belongs
+            // to the old stream (RFC 6120 §11.7); fed to the new document it would put the
+            // XML declaration after it, which expat refuses (go-sendxmpp sends a newline
+            // after </auth>, in the same read or the next).
+            let leading = bytes.readableBytesView.prefix { Self.isXMLWhitespace($0) }.count
+            bytes.moveReaderIndex(forwardBy: leading)
+            if bytes.readableBytes > 0 { skipsLeadingWhitespace = false }
+        }
         guard bytes.readableBytes > 0 else { return }
         queued.append(bytes)
+    }
+
+    static func isXMLWhitespace(_ byte: UInt8) -> Bool {
+        byte == UInt8(ascii: " ") || byte == UInt8(ascii: "\t") || byte == UInt8(ascii: "\r") || byte == UInt8(ascii: "\n")
     }
 
     /// Queues bytes for parsing.
@@ -197,6 +213,7 @@ public final class XMLStreamParser {
         XML_ParserReset(parser, "UTF-8")
         core.pointee.clear()
         configure()
+        skipsLeadingWhitespace = true
         return leftover
     }
 

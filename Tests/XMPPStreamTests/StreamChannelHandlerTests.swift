@@ -73,6 +73,25 @@ struct StreamChannelHandlerTests {
         _ = try channel.finish()
     }
 
+    @Test("Whitespace between </auth> and the new header, in one read or the next, starts the new stream cleanly (go-sendxmpp)")
+    func restartAfterWhitespace() throws {
+        for split in [false, true] {
+            let (channel, recorder) = try makeChannel()
+            recorder.restartOn["auth"] = .parse
+            let auth = clientHeader + "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGEAYg==</auth>" + (split ? "" : "\n")
+            let next = (split ? "\n" : "") + clientHeader + "<iq type='set' id='1'/>"
+            if split {
+                try channel.writeInbound(ByteBuffer(string: auth))
+                try channel.writeInbound(ByteBuffer(string: next))
+            } else {
+                try channel.writeInbound(ByteBuffer(string: auth + next))
+            }
+            #expect(recorder.errors.isEmpty, "split: \(split): \(recorder.errors)")
+            #expect(recorder.events.count == 4, "split: \(split)")
+            _ = try? channel.finish()
+        }
+    }
+
     @Test("Cleartext sent after <starttls/> in the same read is refused, not parsed")
     func starttlsInjectionRefused() throws {
         let (channel, recorder) = try makeChannel()
