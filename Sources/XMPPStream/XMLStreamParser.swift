@@ -141,6 +141,13 @@ public final class XMLStreamParser {
             if bytesFed == 0 && queued.reduce(0, { $0 + $1.readableBytes }) < 2 { return nil }
             guard let slice = nextSlice() else { return nil }
             parseSlice(slice)
+            if core.pointee.eventIndex >= core.pointee.events.count {
+                // Every event parsed so far is delivered: the bytes up to the boundary were
+                // stream-level whitespace (keepalives), which no restart needs. Without this,
+                // each keepalive's read buffer stayed alive until the next stanza (about
+                // 31 KB a keepalive per idle session, issue 10).
+                trimRetained(upTo: max(lastDeliveredEnd, core.pointee.boundary))
+            }
         }
     }
 
@@ -181,13 +188,17 @@ public final class XMLStreamParser {
         }
     }
 
-    /// Drops retained slices that end before the last delivered event.
-    private func trimRetained() {
-        while let first = retained.first, retainedStart + first.readableBytes <= lastDeliveredEnd {
+    /// Drops retained slices that end before the last delivered event (or `point`).
+    private func trimRetained(upTo point: Int? = nil) {
+        let point = point ?? lastDeliveredEnd
+        while let first = retained.first, retainedStart + first.readableBytes <= point {
             retainedStart += first.readableBytes
             retained.removeFirst()
         }
     }
+
+    /// Input slices kept for a restart or an encoding verdict (for tests of memory bounds).
+    var retainedSliceCount: Int { retained.count }
 
     /// Resets for a stream restart (RFC 6120 §4.3.3): a new parser state with handlers set
     /// again. Returns the input that followed the last delivered event, unparsed.
