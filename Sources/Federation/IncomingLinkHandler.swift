@@ -105,10 +105,12 @@ final class IncomingLinkHandler: ChannelInboundHandler {
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if case TLSUserEvent.handshakeCompleted = event, case .negotiatingTLS = negotiation.state {
             link.setCertificateChain(presentedChain.certificates.compactMap { try? Certificate(derEncoded: $0.toDERBytes()) })
+            manager.checkRevocationSoon(link)
             negotiation.tlsEstablished()
         } else if case TLSUserEvent.handshakeCompleted = event {
             // Direct TLS: the chain is known before the first header.
             link.setCertificateChain(presentedChain.certificates.compactMap { try? Certificate(derEncoded: $0.toDERBytes()) })
+            manager.checkRevocationSoon(link)
         }
         context.fireUserInboundEventTriggered(event)
     }

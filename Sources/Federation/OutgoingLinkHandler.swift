@@ -136,6 +136,7 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
     private func tlsCompleted(context: ChannelHandlerContext) {
         let chain = presentedChain.certificates.compactMap { try? Certificate(derEncoded: $0.toDERBytes()) }
         link.setCertificateChain(chain)
+        manager.checkRevocationSoon(link)
         let manager = self.manager
         let link = self.link
         let remote = remoteDomain

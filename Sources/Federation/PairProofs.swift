@@ -192,18 +192,26 @@ extension FederationManager {
         }
     }
 
+    /// A certificate is about to be relied on (right after the handshake): check it for
+    /// revocation now rather than at the next re-validation pass (RFC 6120 §13.7.2.3).
+    func checkRevocationSoon(_ link: FederationLink) {
+        guard revocation != nil, !link.certificateChain.isEmpty else { return }
+        let manager = self
+        Task { await manager.checkRevocation(of: link, at: Date()) }
+    }
+
     func isRevoked(_ certificate: Certificate) -> Bool {
         guard let der = try? certificate.derBytes() else { return false }
         return revokedCertificates.withLock { $0.contains(der) }
     }
 
-    private func checkRevocation(of link: FederationLink, at now: Date) async {
+    func checkRevocation(of link: FederationLink, at now: Date) async {
         guard let revocation, link.nextRevocationCheck <= now else { return }
         let chain = link.certificateChain
-        guard !chain.isEmpty else {
-            link.setNextRevocationCheck(.distantFuture)
-            return
-        }
+        // No certificate yet (the TLS handshake of a link registered when its TCP connection
+        // opened is still under way): nothing to check now, so look again next time. It used
+        // to be set to "never", and a slow peer's link was then never checked (issue 10).
+        guard !chain.isEmpty else { return }
         // OCSP needs each certificate's issuer: check the validated path, which ends in the
         // trusted root the peer need not have sent.
         let domain = link.authorizations.first?.pair.remote ?? ""
