@@ -187,6 +187,8 @@ struct ClientStreamTests {
         try await withServer { server in
             let (bob, _) = try await server.loggedIn("bob@b.example")
             try await bob.sendPresence()
+            // Bob's own presence comes back to him (RFC 6121 §4.2.2).
+            _ = try await bob.waitFor { $0.name == "presence" }
             let client = try await server.client()
             try await client.sendHeader(to: "a.example")
             _ = try await client.nextElement()

@@ -106,7 +106,8 @@ struct InstantMessagingTests {
             #expect(bobPush.rosterItems().first?.attribute("subscription") == "from")
             let approval = try await alice.waitFor { $0.name == "presence" && $0.attribute("type") == "subscribed" }
             #expect(approval.attribute("from") == "bob@b.example")
-            let bobsPresence = try await alice.waitFor { $0.name == "presence" && $0.attribute("type") == nil }
+            // (Alice's own presence came back to her first, RFC 6121 §4.2.2.)
+            let bobsPresence = try await alice.waitFor { $0.name == "presence" && $0.attribute("type") == nil && $0.attribute("from") != aliceJID.description }
             #expect(bobsPresence.attribute("from") == bobJID.description)
 
             try await bob.sendPresence(type: "subscribe", to: "alice@a.example")

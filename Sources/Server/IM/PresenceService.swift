@@ -117,7 +117,12 @@ final class PresenceService: Sendable {
         for contact in recipients where contact != account {
             await router.route(Stanza(element)?.addressed(to: contact, from: session.jid) ?? presence.stanza)
         }
-        // The user's other resources see it too, and a new resource sees theirs (§4.2.2).
+        // §4.2.2 and §4.4.2: every available resource of the user sees it, including the one
+        // that sent it (clients use the echo to confirm their own state; Prosody and ejabberd
+        // send it too). A new resource also sees the others'.
+        if isAvailable {
+            session.deliver(element.setting(attribute: "to", to: session.jid.description).setting(attribute: "from", to: session.jid.description))
+        }
         for entry in server.sessions.entries(of: account) where entry.session !== session {
             if entry.isAvailable {
                 entry.session.deliver(element.setting(attribute: "to", to: entry.session.jid.description).setting(attribute: "from", to: session.jid.description))
