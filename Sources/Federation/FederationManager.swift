@@ -412,7 +412,18 @@ public final class FederationManager: Sendable {
     }
 
     /// Routes a stanza that passed the link's pair checks.
-    func deliverInbound(_ stanza: Stanza) async {
+    func deliverInbound(_ stanza: Stanza, from link: FederationLink) async {
+        // The link checked that `to` is hosted when the stanza arrived, but the domain may
+        // be removed before it is routed: then it is answered on its link and never goes
+        // back out over s2s (RFC 6120 §10.5: no relaying for others).
+        guard let to = try? stanza.to(), host.isHosted(to.domainpart) else {
+            metrics.bounced.increment()
+            logger.info("stanza for a domain no longer hosted refused", metadata: ["to": "\(stanza.toString ?? "")", "from": "\(stanza.fromString ?? "")"])
+            if let reply = stanza.errorReply(StanzaError(.remoteServerNotFound, text: "\((try? stanza.to())?.domainpart ?? "the domain") is no longer served here")), !link.isClosed {
+                link.sendControl(reply.element)
+            }
+            return
+        }
         metrics.stanzasIn.increment()
         await host.deliverInbound(stanza)
     }

@@ -27,7 +27,7 @@ final class LinkSession {
         self.manager = manager
         self.link = link
         self.logger = logger
-        inbound = InboundStanzaQueue(manager: manager)
+        inbound = InboundStanzaQueue(manager: manager, link: link)
     }
 
     /// The link is gone: stop routing what it received after what was already queued.
@@ -246,12 +246,12 @@ final class CapturedChain: Sendable {
 final class InboundStanzaQueue: Sendable {
     private let continuation: AsyncStream<Stanza>.Continuation
 
-    init(manager: FederationManager) {
+    init(manager: FederationManager, link: FederationLink) {
         let (stream, continuation) = AsyncStream.makeStream(of: Stanza.self)
         self.continuation = continuation
         Task {
             for await stanza in stream {
-                await manager.deliverInbound(stanza)
+                await manager.deliverInbound(stanza, from: link)
             }
         }
     }

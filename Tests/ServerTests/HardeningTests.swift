@@ -34,6 +34,40 @@ struct HardeningTests {
         }
     }
 
+    @Test("A stanza from a peer for a domain removed meanwhile gets an error on its link and is never relayed (RFC 6120 §10.5; issue 10, item 5)")
+    func noRelayAfterRemoval() async throws {
+        try await withFederation(aDomains: ["a.example"], aUsers: ["alice@a.example"],
+                                 bDomains: ["b.example", "b2.example"], bUsers: ["bob@b.example", "carol@b2.example"]) { pair in
+            let (alice, _) = try await pair.a.loggedIn("alice@a.example")
+            try await alice.sendPresence()
+            let (carol, _) = try await pair.b.loggedIn("carol@b2.example")
+            // carol's pair is set up on the link (both ways, bidi).
+            try await carol.sendMessage(to: "alice@a.example", body: "hello", id: "h")
+            _ = try await alice.waitFor(timeout: .seconds(10)) { $0.name == "message" && $0.attribute("id") == "h" }
+            let manager = try #require(pair.b.server.federation)
+            let link = try #require(manager.openLinks.first)
+            // b2.example is removed from B; alice's stanza to carol had already passed the
+            // link's checks and waits to be routed.
+            _ = try await pair.b.server.context.storage.removeDomain("b2.example")
+            _ = try await pair.b.server.context.domains.synchronize(from: pair.b.server.context.storage)
+            #expect(!pair.b.server.context.domains.isHosted("b2.example"))
+            let outBefore = pair.b.metrics.counterValue("braid_s2s_stanzas_out_total")
+            let element = XMLElement(name: "message", namespace: XMLNamespace.server, attributes: [
+                XMLAttribute("from", "alice@a.example/test"), XMLAttribute("to", "carol@b2.example"),
+                XMLAttribute("id", "late"), XMLAttribute("type", "chat"),
+            ], children: [.element(XMLElement(name: "body", namespace: XMLNamespace.server, text: "too late"))])
+            await manager.deliverInbound(try #require(Stanza(element)), from: link)
+            // Answered on the link with an error...
+            let bounce = try await alice.waitFor(timeout: .seconds(10)) { $0.name == "message" && $0.attribute("id") == "late" }
+            #expect(bounce.attribute("type") == "error")
+            // ...and nothing was sent onwards, nor is anything waiting to be.
+            #expect(pair.b.metrics.counterValue("braid_s2s_stanzas_out_total") == outBefore)
+            #expect(manager.pendingCount == 0)
+            await alice.close()
+            await carol.close()
+        }
+    }
+
     @Test("A link whose handshake is still under way is checked for revocation later, not never (issue 10, item 1)")
     func revocationCheckNotSkippedBeforeHandshake() async throws {
         try await withFederation { pair in

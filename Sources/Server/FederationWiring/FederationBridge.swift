@@ -17,7 +17,14 @@ final class FederationBridge: FederationHost {
     }
 
     func deliverInbound(_ stanza: Stanza) async {
-        // The link checked that `to` is hosted; route() delivers locally and never onward.
+        // The link checked that `to` is hosted, but the domain may have been removed since:
+        // then the stanza gets an error and never goes back out over s2s (RFC 6120 §10.5:
+        // a server does not relay for others).
+        // Federation answers such a stanza on its link; this is the last line of defence.
+        guard let to = try? stanza.to(), context.domains.isHosted(to.domainpart) else {
+            context.logger.warning("dropping a stanza from a peer for a domain not hosted here", metadata: ["to": "\(stanza.toString ?? "")"])
+            return
+        }
         await context.router.route(stanza)
     }
 
