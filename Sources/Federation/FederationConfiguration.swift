@@ -60,8 +60,9 @@ public struct FederationConfiguration: Codable, Sendable, Equatable {
     public var locationCacheSeconds: Int = 300
     /// Seconds before the first retry of a failed peer or pair (doubling, up to a minute).
     public var retryBaseSeconds: Double = 1
-    /// How many recent message and IQ ids from peers are remembered to drop re-sent
-    /// duplicates.
+    /// At most how many received message and IQ ids, not yet acknowledged to the peer
+    /// (XEP-0198), are remembered so that the copies a peer re-sends after losing a link are
+    /// dropped. Stanzas already acknowledged are never dropped as duplicates, whatever their id.
     public var duplicateWindow: Int = 20000
     /// Check peers' certificates for revocation with OCSP, at each response's `nextUpdate`
     /// or daily; a revoked certificate resets its link.

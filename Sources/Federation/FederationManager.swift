@@ -107,7 +107,7 @@ public final class FederationManager: Sendable {
     /// Releases what the manager's helpers hold (HTTP clients), after the links are closed.
     private let onShutdown: [@Sendable () async -> Void]
     let metrics: FederationMetrics
-    let recentStanzas: RecentStanzaIDs
+    let resentStanzas: ResentStanzaFilter
     let state = Mutex(State())
     private let listeners = Mutex<[any Channel]>([])
     let clientContexts = Mutex<[String: NIOSSLContext]>([:])
@@ -236,7 +236,7 @@ public final class FederationManager: Sendable {
                                              minimumRemainingLifetime: configuration.certificateMinimumLifetimeSeconds)
         proofs = [PKIXProof(validator: validator)] + additionalProofs(validator)
         self.onShutdown = onShutdown
-        recentStanzas = RecentStanzaIDs(capacity: configuration.duplicateWindow)
+        resentStanzas = ResentStanzaFilter(capacity: configuration.duplicateWindow)
     }
 
     // MARK: Sending
@@ -387,6 +387,7 @@ public final class FederationManager: Sendable {
     /// and not acknowledged under XEP-0198) is sent again on another link.
     func linkClosed(_ link: FederationLink) {
         let (owed, refusedRequests) = link.markClosed()
+        resentStanzas.linkClosed(link.id)
         if refusedRequests, let ip = link.peerIP {
             // Digest §14: a peer that closes the stream on a multiplexed db:result gets
             // one pair per connection from us on its links (ours to it are unaffected).

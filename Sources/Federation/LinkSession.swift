@@ -167,6 +167,8 @@ final class LinkSession {
             link.disableStreamManagement()
         case "r":
             link.sendControl(XMLElement(name: "a", namespace: XMLNamespace.streamManagement, attributes: [XMLAttribute("h", String(link.handledInbound))]))
+            // Acknowledged: none of it comes again.
+            manager.resentStanzas.acknowledged(on: link.id)
         case "a":
             guard let text = element.attribute("h"), let handled = UInt32(text) else {
                 close(StreamError(.badFormat, text: "<a/> without a valid 'h'"), reason: "malformed acknowledgement")
@@ -190,7 +192,7 @@ final class LinkSession {
         switch InboundChecks.check(element, link: link, host: manager.host) {
         case .accept(let stanza):
             link.countReceived()
-            if manager.recentStanzas.isDuplicate(stanza) {
+            if manager.resentStanzas.arrived(stanza, on: link.id, track: link.streamManagementEnabled) {
                 // Re-sent after a lost acknowledgement on an earlier link (XEP-0198 §4).
                 logger.debug("dropping a re-sent duplicate", metadata: ["id": "\(stanza.id ?? "")"])
                 manager.metrics.duplicatesDropped.increment()
@@ -311,40 +313,93 @@ enum InboundChecks {
     }
 }
 
-/// Message and IQ ids recently delivered from peers, so a stanza re-sent after a lost
-/// acknowledgement is not delivered twice (XEP-0198 §4 notes ids help). Bounded: the oldest
-/// are forgotten first.
-final class RecentStanzaIDs: Sendable {
-    private struct Window {
-        var seen: Set<String> = []
+/// Stanzas a peer may send again: those received on some link and not yet acknowledged to
+/// the peer (XEP-0198). If that link is lost, the peer re-sends them on the next one, and
+/// the copy is dropped here. Nothing else is: a client that reuses an id (many do) has each
+/// of its messages delivered (issue 10; earlier every repeat of (kind, from, to, type, id)
+/// within the last 20,000 was dropped). Bounded: beyond `capacity` the oldest are forgotten.
+final class ResentStanzaFilter: Sendable {
+    private struct Entry {
+        /// The link it arrived on.
+        var link: String
+        /// When we acknowledged it: our `<a/>` may still have been lost with the link, so a
+        /// copy is expected for a little while after.
+        var acknowledgedAt: ContinuousClock.Instant?
+    }
+
+    private struct State {
+        var entries: [String: Entry] = [:]
+        /// Per link, its keys not yet acknowledged, so an acknowledgement can mark them.
+        var byLink: [String: [String]] = [:]
+        /// Arrival order across links, for the capacity bound.
         var order: [String] = []
         var head = 0
     }
 
-    private let window = Mutex(Window())
+    private let state = Mutex(State())
     let capacity: Int
+    /// How long after our acknowledgement a copy is still taken for a re-send.
+    let grace: Duration
 
-    init(capacity: Int) {
+    init(capacity: Int, grace: Duration = .seconds(60)) {
         self.capacity = max(1, capacity)
+        self.grace = grace
     }
 
-    /// Records the stanza and says whether the same one was seen recently. Presence is not
-    /// tracked (a repeat is harmless), nor stanzas without an id.
-    func isDuplicate(_ stanza: Stanza) -> Bool {
+    /// The key that identifies a stanza's copies; nil for presence (a repeat is harmless) and
+    /// for stanzas without an id.
+    static func key(_ stanza: Stanza) -> String? {
         guard stanza.kind != .presence, let id = stanza.id, !id.isEmpty,
-              let from = stanza.fromString, let to = stanza.toString else { return false }
-        let key = "\(stanza.kind.rawValue)\u{0}\(from)\u{0}\(to)\u{0}\(stanza.typeAttribute ?? "")\u{0}\(id)"
-        return window.withLock { window in
-            if window.seen.contains(key) { return true }
-            window.seen.insert(key)
-            if window.order.count < capacity {
-                window.order.append(key)
+              let from = stanza.fromString, let to = stanza.toString else { return nil }
+        return "\(stanza.kind.rawValue)\u{0}\(from)\u{0}\(to)\u{0}\(stanza.typeAttribute ?? "")\u{0}\(id)"
+    }
+
+    /// A stanza arrived on `link`. True when it is the copy of one that arrived on another
+    /// link and was not acknowledged (or only just): drop it. The same id again on the same
+    /// link is a new stanza. `track`: the link acknowledges (XEP-0198), so the peer may
+    /// re-send this one if the link is lost; on a link without acknowledgements nothing is
+    /// re-sent and nothing is remembered.
+    func arrived(_ stanza: Stanza, on link: String, track: Bool, now: ContinuousClock.Instant = .now) -> Bool {
+        guard let key = Self.key(stanza) else { return false }
+        return state.withLock { state in
+            if let earlier = state.entries[key] {
+                let recent = earlier.acknowledgedAt.map { now - $0 < grace } ?? true
+                if earlier.link != link && recent {
+                    state.entries[key] = nil
+                    return true
+                }
+            }
+            guard track else { return false }
+            state.entries[key] = Entry(link: link, acknowledgedAt: nil)
+            state.byLink[link, default: []].append(key)
+            if state.order.count < capacity {
+                state.order.append(key)
             } else {
-                window.seen.remove(window.order[window.head])
-                window.order[window.head] = key
-                window.head = (window.head + 1) % capacity
+                let oldest = state.order[state.head]
+                if oldest != key { state.entries[oldest] = nil }
+                state.order[state.head] = key
+                state.head = (state.head + 1) % capacity
             }
             return false
         }
     }
+
+    /// We acknowledged everything received on `link` so far.
+    func acknowledged(on link: String, now: ContinuousClock.Instant = .now) {
+        state.withLock { state in
+            guard let keys = state.byLink.removeValue(forKey: link) else { return }
+            for key in keys where state.entries[key]?.link == link {
+                state.entries[key]?.acknowledgedAt = now
+            }
+        }
+    }
+
+    /// The link is gone: what it did not acknowledge stays (its copies may come on the
+    /// next link); only the per-link bookkeeping goes.
+    func linkClosed(_ link: String) {
+        state.withLock { _ = $0.byLink.removeValue(forKey: link) }
+    }
+
+    /// How many stanzas are held as possible re-sends (for tests).
+    var count: Int { state.withLock { $0.entries.count } }
 }

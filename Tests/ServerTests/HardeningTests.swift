@@ -68,6 +68,23 @@ struct HardeningTests {
         }
     }
 
+    @Test("Messages that reuse an id all arrive over federation; only re-sent copies of unacknowledged ones are dropped (issue 10, item 2)")
+    func reusedIDsAreDelivered() async throws {
+        try await withFederation { pair in
+            let (alice, _) = try await pair.a.loggedIn("alice@a.example")
+            let (bob, _) = try await pair.b.loggedIn("bob@b.example")
+            try await bob.sendPresence()
+            for round in 0..<3 {
+                try await alice.sendMessage(to: "bob@b.example", body: "same id \(round)", id: "reused")
+                let message = try await bob.waitFor(timeout: .seconds(10)) { $0.name == "message" && $0.attribute("type") != "error" }
+                #expect(message.body == "same id \(round)")
+            }
+            #expect(pair.b.metrics.counterValue("braid_s2s_duplicates_dropped_total") == 0)
+            await alice.close()
+            await bob.close()
+        }
+    }
+
     @Test("A link whose handshake is still under way is checked for revocation later, not never (issue 10, item 1)")
     func revocationCheckNotSkippedBeforeHandshake() async throws {
         try await withFederation { pair in
