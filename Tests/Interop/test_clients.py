@@ -641,12 +641,18 @@ async def roster_get_set_remove_with_pushes(ctx):
 GO_SENDXMPP = "/usr/bin/go-sendxmpp"
 
 
+def go_sendxmpp_command(server, jid, *args):
+    """Debian's go-sendxmpp as JID over STARTTLS (it sends a newline after <starttls/> and
+    after </auth>, which Braid once refused)."""
+    if not os.path.exists(GO_SENDXMPP):
+        raise harness.HarnessError(f"{GO_SENDXMPP} is missing (apt-get install go-sendxmpp; Scripts/setup test does)")
+    return [GO_SENDXMPP, "-u", jid, "-p", PASSWORD, "-j", f"{harness.HOST}:{server.starttls_port}", "-n", *args]
+
+
 async def run_go_sendxmpp(server, jid, args, stdin_text=None, timeout=20):
-    """Runs Debian's go-sendxmpp as JID over STARTTLS (it sends a newline after
-    <starttls/>, which Braid once refused as an injection); returns (exit code, output)."""
+    """Runs go-sendxmpp to completion; returns (exit code, output)."""
     process = await asyncio.create_subprocess_exec(
-        GO_SENDXMPP, "-u", jid, "-p", PASSWORD, "-j", f"{harness.HOST}:{server.starttls_port}", "-n",
-        "--timeout", "10", *args,
+        *go_sendxmpp_command(server, jid, "--timeout", "10", *args),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
         output, _ = await asyncio.wait_for(process.communicate(stdin_text.encode() if stdin_text else None), timeout)
@@ -659,8 +665,6 @@ async def run_go_sendxmpp(server, jid, args, stdin_text=None, timeout=20):
 
 @test(timeout=60)
 async def go_sendxmpp_sends_over_starttls(ctx):
-    if not os.path.exists(GO_SENDXMPP):
-        raise harness.HarnessError(f"{GO_SENDXMPP} is missing (apt-get install go-sendxmpp; Scripts/setup test does)")
     sender = new_account(ctx.server, DOMAIN_A, "gosend")
     receiver_jid = new_account(ctx.server, DOMAIN_B, "bob")
     async with Clients(ctx.server) as clients:
@@ -675,13 +679,10 @@ async def go_sendxmpp_sends_over_starttls(ctx):
 
 @test(timeout=60)
 async def go_sendxmpp_listens(ctx):
-    if not os.path.exists(GO_SENDXMPP):
-        raise harness.HarnessError(f"{GO_SENDXMPP} is missing (apt-get install go-sendxmpp; Scripts/setup test does)")
     listener = new_account(ctx.server, DOMAIN_A, "golisten")
     sender_jid = new_account(ctx.server, DOMAIN_B, "alice")
     process = await asyncio.create_subprocess_exec(
-        GO_SENDXMPP, "-u", listener, "-p", PASSWORD, "-j", f"{harness.HOST}:{ctx.server.starttls_port}", "-n", "-l",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        *go_sendxmpp_command(ctx.server, listener, "-l"), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
         body = f"to go-sendxmpp ✓ {unique('m')}"
         async with Clients(ctx.server) as clients:
