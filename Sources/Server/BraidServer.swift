@@ -111,12 +111,20 @@ public final class BraidServer: Service {
         await shutdown()
     }
 
+    /// With no domain hosted yet, hosts the configured default (`localhost` out of the box)
+    /// and returns it. Every command applies the same rule, so `braid user add
+    /// alice@localhost` works in a fresh directory before or after `braid serve`.
+    public static func hostDefaultDomainIfNone(storage: any Storage, configuration: BraidConfiguration) async throws -> String? {
+        guard try await storage.domains().isEmpty else { return nil }
+        let domain = try JID(domain: configuration.defaultDomain).domainpart
+        try await storage.addDomain(domain)
+        return domain
+    }
+
     /// Makes sure a domain is hosted, loads the domains, and binds the listeners.
     public func start() async throws {
         let started = ContinuousClock.now
-        if try await context.storage.domains().isEmpty {
-            let domain = try JID(domain: configuration.defaultDomain).domainpart
-            try await context.storage.addDomain(domain)
+        if let domain = try await Self.hostDefaultDomainIfNone(storage: context.storage, configuration: configuration) {
             logger.notice("no domain hosted yet; added the default domain", metadata: ["domain": "\(domain)"])
         }
         try await context.domains.synchronize(from: context.storage)

@@ -37,11 +37,15 @@ struct ConfigOptions: ParsableArguments {
         }
     }
 
-    func openStorage(_ configuration: BraidConfiguration) throws -> SQLiteStorage {
+    /// The data store, hosting the default domain if none is hosted yet (as `serve` does), so
+    /// that commands work in any order on a fresh directory.
+    func openStorage(_ configuration: BraidConfiguration) async throws -> SQLiteStorage {
         try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
         var logger = Logger(label: "braid")
         logger.logLevel = .warning
-        return try SQLiteStorage(path: "\(configuration.dataDirectory)/braid.sqlite", logger: logger)
+        let storage = try SQLiteStorage(path: "\(configuration.dataDirectory)/braid.sqlite", logger: logger)
+        _ = try await BraidServer.hostDefaultDomainIfNone(storage: storage, configuration: configuration)
+        return storage
     }
 }
 
@@ -100,7 +104,7 @@ struct DomainCommand: AsyncParsableCommand {
                 names += try text.split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }.map(canonicalDomain)
             }
             guard !names.isEmpty else { throw ValidationError("name at least one domain, or give --file") }
-            let storage = try options.openStorage(try options.load())
+            let storage = try await options.openStorage(try options.load())
             if names.count == 1, let name = names.first {
                 print(try await storage.addDomain(name) ? "added \(name)" : "\(name) is already hosted")
             } else {
@@ -122,7 +126,7 @@ struct DomainCommand: AsyncParsableCommand {
         @Argument(help: "The domain.") var domain: String
 
         func run() async throws {
-            let storage = try options.openStorage(try options.load())
+            let storage = try await options.openStorage(try options.load())
             let name = try canonicalDomain(domain)
             guard try await storage.removeDomain(name) else {
                 throw ValidationError("\(name) is not hosted")
@@ -136,7 +140,7 @@ struct DomainCommand: AsyncParsableCommand {
         @OptionGroup var options: ConfigOptions
 
         func run() async throws {
-            let storage = try options.openStorage(try options.load())
+            let storage = try await options.openStorage(try options.load())
             for domain in try await storage.domains() {
                 print(domain.name)
             }
@@ -160,7 +164,7 @@ struct UserCommand: AsyncParsableCommand {
 
         func run() async throws {
             let configuration = try options.load()
-            let storage = try options.openStorage(configuration)
+            let storage = try await options.openStorage(configuration)
             let account = try accountJID(jid)
             let credentials = try makeCredentials(password: try readPassword(password), iterations: configuration.auth.scramIterations)
             do {
@@ -182,7 +186,7 @@ struct UserCommand: AsyncParsableCommand {
 
         func run() async throws {
             let configuration = try options.load()
-            let storage = try options.openStorage(configuration)
+            let storage = try await options.openStorage(configuration)
             let account = try accountJID(jid)
             let credentials = try makeCredentials(password: try readPassword(password), iterations: configuration.auth.scramIterations)
             do {
@@ -200,7 +204,7 @@ struct UserCommand: AsyncParsableCommand {
         @Argument(help: "The account.") var jid: String
 
         func run() async throws {
-            let storage = try options.openStorage(try options.load())
+            let storage = try await options.openStorage(try options.load())
             let account = try accountJID(jid)
             guard try await storage.removeUser(account) else { throw ValidationError("\(account) does not exist") }
             print("removed \(account)")
@@ -213,7 +217,7 @@ struct UserCommand: AsyncParsableCommand {
         @Option(help: "Only this domain.") var domain: String?
 
         func run() async throws {
-            let storage = try options.openStorage(try options.load())
+            let storage = try await options.openStorage(try options.load())
             let domains: [String]
             if let domain {
                 domains = [try canonicalDomain(domain)]

@@ -711,6 +711,22 @@ async def go_sendxmpp_listens(ctx):
                 await process.wait()
 
 
+@test(timeout=60)
+async def fresh_directory_any_command_first(ctx):
+    """Issue 10, item 7: in a fresh directory `braid user add alice@localhost` works before
+    `braid serve` ever ran: every command applies the embedded default (localhost)."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="braid-fresh-") as directory:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("BRAID_")}
+        result = subprocess.run([ctx.server.binary, "user", "add", "alice@localhost", "--password", "secret"],
+                                cwd=directory, env=env, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, f"user add exited {result.returncode}: {result.stderr.strip() or result.stdout.strip()}"
+        listed = subprocess.run([ctx.server.binary, "domain", "list"], cwd=directory, env=env,
+                                capture_output=True, text=True, timeout=30)
+        assert "localhost" in listed.stdout, f"domain list: {listed.stdout!r} {listed.stderr!r}"
+
+
 def main():
     env = {"BRAID_OFFLINE_MAX_MESSAGES_PER_USER": str(OFFLINE_LIMIT),
            "BRAID_STREAM_MANAGEMENT_RESUME_TIMEOUT_SECONDS": "60"}
