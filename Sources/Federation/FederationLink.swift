@@ -320,6 +320,19 @@ public final class FederationLink: Sendable {
         }
     }
 
+    /// What the pairs with `domain` already on this link rest on, when no proof of it was
+    /// recorded (the first pair of a link we opened without one): the same for a further
+    /// pair with it (sender multiplexing), never a method that was not used.
+    func carriedProof(of domain: String, at time: Date = Date()) -> (method: ProofMethod, expires: Date?) {
+        state.withLock { state in
+            let carried = state.authorizations.values.filter { $0.pair.remote == domain && $0.isValid(at: time) }
+            guard let weakest = carried.min(by: { ($0.method.isCertificateProof ? 1 : 0) < ($1.method.isCertificateProof ? 1 : 0) }) else {
+                return (ProofMethod.dns, nil)
+            }
+            return (weakest.method, weakest.expires)
+        }
+    }
+
     var nextRevocationCheck: Date { state.withLock { $0.nextRevocationCheck } }
 
     func setNextRevocationCheck(_ date: Date) {

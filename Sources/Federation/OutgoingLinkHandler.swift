@@ -249,7 +249,9 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
         let pair = DomainPair(local: localDomain, remote: remoteDomain)
         // How the remote domain is trusted: a proof on this connection, or (dialback) DNS.
         let proof = link.proof(of: remoteDomain)
-        let method = proof?.method ?? .dialback
+        // With no proof on the connection the remote domain rests on DNS alone (we dialled
+        // its SRV target); say so rather than "dialback", which did not happen for it.
+        let method = proof?.method ?? .dns
         if capabilities.streamManagement && manager.configuration.streamManagement {
             link.enableStreamManagement(requested: true)
             link.sendControl(XMLElement(name: "enable", namespace: XMLNamespace.streamManagement))

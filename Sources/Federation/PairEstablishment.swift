@@ -33,7 +33,7 @@ extension FederationManager {
             // between this look and taking the connection slot (see connect).
             let considered = state.withLock { $0.linkGeneration }
             if let link = routedLink(for: pair) {
-                authorize(pair, .outbound, on: link, method: link.authorization(pair, .outbound)?.method ?? .dialback, expires: link.authorization(pair, .outbound)?.expires)
+                authorize(pair, .outbound, on: link, method: link.authorization(pair, .outbound)?.method ?? .dns, expires: link.authorization(pair, .outbound)?.expires)
                 return
             }
             if configuration.multiplex, let (link, proof) = await linkToJoin(for: pair, excluding: excluded) {
@@ -129,7 +129,7 @@ extension FederationManager {
         // Sender multiplexing needs no DNS; a new target does (a bogus or absent domain is
         // never sent to, not even over a link whose peer could prove it).
         if case .join(let id, .senderMultiplexing) = PairPlacement.decide(candidates), let link = links.first(where: { $0.id == id }) {
-            return (link, link.proof(of: pair.remote) ?? (method: ProofMethod.dialback, expires: nil))
+            return (link, link.proof(of: pair.remote) ?? link.carriedProof(of: pair.remote))
         }
         guard case .targets(let targets) = await locate(pair.remote) else { return nil }
         candidates = links.map { placementCandidate($0, for: pair, targets: targets, refusingPeers: refusingPeers) }
@@ -146,7 +146,7 @@ extension FederationManager {
         }
         guard case .join(let id, let via) = PairPlacement.decide(candidates), let link = links.first(where: { $0.id == id }) else { return nil }
         if let proof = link.proof(of: pair.remote) { return (link, proof) }
-        return via == .senderMultiplexing ? (link, (method: ProofMethod.dialback, expires: nil)) : nil
+        return via == .senderMultiplexing ? (link, link.carriedProof(of: pair.remote)) : nil
     }
 
     /// A proof of `domain` failed on this link's certificate at this target a moment ago.

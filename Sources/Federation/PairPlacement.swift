@@ -100,7 +100,7 @@ public struct PairPlacement: Sendable {
         if candidate.carriesRemote { return nil }
         if !candidate.handlesDialbackErrors { return .noDialbackErrors }
         if !candidate.reachesRemote { return .otherServer }
-        if candidate.remoteProof == nil || candidate.remoteProof == .dialback { return .remoteUnproven }
+        if !(candidate.remoteProof?.isCertificateProof ?? false) { return .remoteUnproven }
         return nil
     }
 

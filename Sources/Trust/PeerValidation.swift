@@ -188,6 +188,20 @@ public enum ProofMethod: String, Sendable, Hashable, CaseIterable, Codable {
     case posh
     /// A dialback key confirmed by the domain's authoritative server (XEP-0220).
     case dialback
+    /// Nothing on the connection proved the peer: we reached it through the domain's DNS
+    /// records (SRV, A/AAAA), which is all the initiator of a dialback-authenticated stream
+    /// relies on. Said as it is, not labelled dialback when no dialback happened.
+    case dns
+
+    /// Whether this method proves the peer's identity on the connection itself (a
+    /// certificate: PKIX, DANE or POSH), as adding a target to a link requires (RFC 7712
+    /// §4.4.2).
+    public var isCertificateProof: Bool {
+        switch self {
+        case .pkix, .dane, .posh: true
+        case .dialback, .dns: false
+        }
+    }
 }
 
 /// A host and port a connection was made to.

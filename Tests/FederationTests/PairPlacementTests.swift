@@ -10,7 +10,7 @@ struct PairPlacementTests {
     /// Every combination of the link facts, with each proof the remote domain may have.
     static var everyCandidate: [PairPlacement.Candidate] {
         var all: [PairPlacement.Candidate] = []
-        let proofs: [ProofMethod?] = [nil, .pkix, .dane, .posh, .dialback]
+        let proofs: [ProofMethod?] = [nil, .pkix, .dane, .posh, .dialback, .dns]
         for bits in 0..<(1 << 9) {
             func flag(_ index: Int) -> Bool { bits & (1 << index) != 0 }
             for proof in proofs {

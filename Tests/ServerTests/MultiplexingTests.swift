@@ -241,11 +241,12 @@ struct MultiplexingTests {
                 pair.a.metrics.counterValue("braid_s2s_link_resets_total", [("reason", "proof-lapsed")]) == 1
             }
             try await waitUntil { openLinks(pair.a).isEmpty }
-            // B's certificate has expired: the new link cannot use it, and falls back to
-            // dialback for b.example, so messages still flow.
+            // B's certificate has expired: the new link cannot use it; b.example rests on the
+            // DNS that led A there (said as such, not as dialback, which A did not do for it;
+            // issue 10, item 8), and messages still flow.
             try await alice.sendMessage(to: "bob@b.example", body: "after expiry")
             #expect(try await receive(1, on: bob) == ["after expiry"])
-            #expect(pairs(pair.a).contains("outbound a.example⇄b.example dialback"))
+            #expect(pairs(pair.a).contains("outbound a.example⇄b.example dns"))
             await alice.close()
             await bob.close()
         }
@@ -270,12 +271,12 @@ struct RevocationTests {
                     pair.a.metrics.counterValue("braid_s2s_link_resets_total", [("reason", "revoked")]) == 1
                 }
                 try await waitUntil { (pair.a.server.federation?.openLinks ?? []).isEmpty }
-                // The next link cannot use the revoked certificate as a proof: b.example is
-                // authenticated the dialback way, and messages still flow.
+                // The next link cannot use the revoked certificate as a proof: b.example rests
+                // on DNS alone (as with dialback, and labelled so), and messages still flow.
                 try await alice.sendMessage(to: "bob@b.example", body: "two")
                 #expect(try await bob.waitFor(timeout: .seconds(10)) { $0.name == "message" }.body == "two")
                 let methods = (pair.a.server.federation?.links ?? []).filter { !$0.closed }.flatMap(\.pairs).filter { $0.direction == .outbound }.map(\.method)
-                #expect(methods == [.dialback])
+                #expect(methods == [.dns])
                 await alice.close()
                 await bob.close()
             }
