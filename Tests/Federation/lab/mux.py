@@ -705,7 +705,17 @@ def fanout(lab, details, a, b, label):
 def scenario_classic(lab, details, braid, kind):
     """Braid ⇄ KIND with 5×5 domains, next to KIND ⇄ KIND2 (the classic pairwise baseline)."""
     first, second = named(lab, kind), named(lab, f"{kind}2")
-    baseline, baseline_opened = fanout(lab, details, first, second, f"{kind}-baseline")
+    try:
+        baseline, baseline_opened = fanout(lab, details, first, second, f"{kind}-baseline")
+    except L.ScenarioFailure as failure:
+        # The baseline involves no Braid: it only gives the classic connection count. Once in
+        # a while ejabberd's own resolver reports "no data available" for lab names (seen in
+        # CI, Dec 6); one retry keeps that flake from failing a scenario about Braid.
+        details.append(f"baseline {kind}⇄{kind}2 failed once, retried: {str(failure)[:300]}")
+        for agent in list(lab.agents):
+            agent.close()
+        L.quiesce(lab, [first, second])
+        baseline, baseline_opened = fanout(lab, details, first, second, f"{kind}-baseline-retry")
     total, opened = fanout(lab, details, braid, first, f"{kind}-braid")
     pairs = CLASSIC_DOMAINS * CLASSIC_DOMAINS
     details.append(f"connections for {pairs} domain pairs both ways: {kind}⇄{kind} {baseline} established "
