@@ -35,6 +35,8 @@ let package = Package(
     targets: [
         .systemLibrary(name: "CExpat", pkgConfig: "expat", providers: [.apt(["libexpat1-dev"])]),
         .systemLibrary(name: "CUnbound", pkgConfig: "libunbound", providers: [.apt(["libunbound-dev"])]),
+        // Declarations only: BoringSSL's keying-material exporter, linked through swift-nio-ssl.
+        .target(name: "CBoringSSLExporter"),
         .target(
             name: "XMPPCore",
             swiftSettings: strictSettings
@@ -131,6 +133,7 @@ let package = Package(
                 "Federation",
                 "DNS",
                 "Admin",
+                "CBoringSSLExporter",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),

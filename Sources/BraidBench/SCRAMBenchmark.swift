@@ -36,7 +36,7 @@ struct SCRAMBenchmark {
             let clientFirst = try client.clientFirstMessage()
 
             var t = clock.now
-            var server = SCRAMServer(hash: .sha256, channelBinding: nil, plusOffered: false,
+            var server = SCRAMServer(hash: .sha256, channelBindings: [], plusOffered: false,
                                      serverSecret: secret, fakeIterations: iterations)
             guard case .lookUpSCRAMKeys = server.start(initialResponse: clientFirst) else {
                 fatalError("server did not ask for keys")

@@ -66,7 +66,9 @@ class Client(ClientXMPP):
         # Tests decide themselves how to answer subscription requests.
         self.auto_authorize = None
         self.auto_subscribe = False
-        self._skip_plus_downgrade_flag()
+        if mechanism is not None:
+            self._skip_plus_downgrade_flag()
+        # mechanism None: slixmpp's own defaults, untouched (it then picks the mechanism).
 
         self.messages = asyncio.Queue()
         self.message_errors = asyncio.Queue()
@@ -149,10 +151,11 @@ def start_connect(client, server, direct_tls):
 
 
 async def login(server, jid, password=PASSWORD, direct_tls=False, stream_management=False,
-                presence=True, timeout=LOGIN_TIMEOUT):
-    """Connects and authenticates with SCRAM-SHA-256; returns the client once the session
-    (and, if asked for, XEP-0198) is up. Raises LoginFailed with the reason otherwise."""
-    client = Client(jid, password, stream_management=stream_management)
+                presence=True, timeout=LOGIN_TIMEOUT, mechanism="SCRAM-SHA-256"):
+    """Connects and authenticates with SCRAM-SHA-256 (or `mechanism`; None for slixmpp's
+    defaults); returns the client once the session (and, if asked for, XEP-0198) is up.
+    Raises LoginFailed with the reason otherwise."""
+    client = Client(jid, password, mechanism=mechanism, stream_management=stream_management)
     loop = asyncio.get_running_loop()
     outcome = loop.create_future()
 
@@ -725,6 +728,77 @@ async def fresh_directory_any_command_first(ctx):
         listed = subprocess.run([ctx.server.binary, "domain", "list"], cwd=directory, env=env,
                                 capture_output=True, text=True, timeout=30)
         assert "localhost" in listed.stdout, f"domain list: {listed.stdout!r} {listed.stderr!r}"
+
+
+@test(timeout=60)
+def scram_plus_tls_exporter_with_openssl(ctx):
+    """Issue 10, item 9: SCRAM-SHA-256-PLUS with `tls-exporter` (RFC 9266) on TLS 1.3, the
+    binding data computed by OpenSSL on the client's side; `tls-server-end-point` too;
+    `tls-unique` refused with RFC 5802's `e=unsupported-channel-binding-type`; on TLS 1.2
+    only `tls-server-end-point` is offered."""
+    from raw_scram import RawStream, channel_bindings_offered
+    jid = new_account(ctx.server, DOMAIN_A)
+    username = jid.split("@")[0]
+
+    def stream(max_tls12=False):
+        raw = RawStream(harness.HOST, ctx.server.starttls_port, DOMAIN_A, max_tls12=max_tls12)
+        return raw, raw.starttls()
+
+    raw, features = stream()
+    try:
+        assert raw.tls_version() == "TLSv1.3", raw.tls_version()
+        assert channel_bindings_offered(features) == ["tls-exporter", "tls-server-end-point"], features
+        outcome = raw.scram(username, PASSWORD, "tls-exporter", raw.tls_exporter())
+        assert outcome == ("success", True), f"tls-exporter login: {outcome}"
+    finally:
+        raw.close()
+
+    raw, _ = stream()
+    try:
+        outcome = raw.scram(username, PASSWORD, "tls-server-end-point", raw.tls_server_end_point())
+        assert outcome == ("success", True), f"tls-server-end-point login: {outcome}"
+    finally:
+        raw.close()
+
+    raw, _ = stream()
+    try:
+        tampered = bytearray(raw.tls_exporter())
+        tampered[0] ^= 0xFF
+        outcome = raw.scram(username, PASSWORD, "tls-exporter", bytes(tampered))
+        assert outcome[:2] == ("failure", "not-authorized"), f"another channel's data: {outcome}"
+        # The stream stays usable after a SASL failure (RFC 6120 §6.4.5).
+        outcome = raw.scram(username, PASSWORD, "tls-unique", b"\0" * 12)
+        assert outcome == ("failure", "not-authorized", "e=unsupported-channel-binding-type"), f"tls-unique: {outcome}"
+        outcome = raw.scram(username, PASSWORD, "tls-exporter", raw.tls_exporter())
+        assert outcome == ("success", True), f"retry after failures: {outcome}"
+    finally:
+        raw.close()
+
+    raw, features = stream(max_tls12=True)
+    try:
+        assert raw.tls_version() == "TLSv1.2", raw.tls_version()
+        assert channel_bindings_offered(features) == ["tls-server-end-point"], features
+        outcome = raw.scram(username, PASSWORD, "tls-exporter", raw.tls_exporter())
+        assert outcome == ("failure", "not-authorized", "e=unsupported-channel-binding-type"), f"tls-exporter on 1.2: {outcome}"
+    finally:
+        raw.close()
+
+
+@test(timeout=60)
+async def slixmpp_defaults_log_in(ctx):
+    """Issue 10, item 9: Debian's slixmpp with its own defaults. On TLS 1.3 it has only
+    `tls-unique` (Python's ssl has no exporter), which Braid refuses with
+    `e=unsupported-channel-binding-type`; slixmpp moves on and logs in. (Its non-PLUS SCRAM
+    then sends the `y` flag, which RFC 5802 §6 makes a downgrade while -PLUS is offered, so
+    it ends on PLAIN; a client with `tls-exporter` logs in with -PLUS, see above.)"""
+    jid = new_account(ctx.server, DOMAIN_A)
+    async with Clients(ctx.server) as clients:
+        client = await login(ctx.server, jid, mechanism=None, presence=False)
+        clients.clients.append(client)
+        assert client.boundjid.bare == jid, f"bound {client.boundjid}"
+        plus_failures = [failure for failure in client.sasl_failures if "unsupported-channel-binding-type" in failure]
+        assert plus_failures, f"no RFC 5802 error text in {client.sasl_failures}"
+        assert await roster_items(client) == {}, "session does not answer"
 
 
 def main():

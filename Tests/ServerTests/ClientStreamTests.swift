@@ -33,6 +33,45 @@ struct ClientStreamTests {
         }
     }
 
+    @Test("SCRAM-*-PLUS binds to tls-exporter (TLS 1.3) or tls-server-end-point; tls-unique is refused with its RFC 5802 error",
+          arguments: ["tls-exporter", "tls-server-end-point"])
+    func channelBindingTypes(type: String) async throws {
+        try await withServer { server in
+            let (client, jid) = try await server.loggedIn("alice@a.example", resource: "cb", mechanism: "SCRAM-SHA-256-PLUS", bindingType: type)
+            #expect(jid.description == "alice@a.example/cb")
+            await client.close()
+            // The other type's data under this type's name is another channel: refused.
+            let crossed = try await server.client()
+            try await crossed.sendHeader(to: "a.example")
+            _ = try await crossed.nextElement()
+            try await crossed.send(XMLElement(name: "starttls", namespace: XMLNamespace.tls))
+            _ = try await crossed.waitFor { $0.name == "proceed" }
+            _ = try await crossed.next()
+            try await crossed.sendHeader(to: "a.example")
+            _ = try await crossed.nextElement()
+            let wrongData = type == "tls-exporter" ? try await crossed.serverEndPoint() : try await crossed.exporter()
+            var scram = SCRAMClient(hash: .sha256, username: "alice", password: TestServer.password,
+                                    channelBinding: ChannelBinding(type: type, data: wrongData), clientSupportsChannelBinding: true)
+            try await crossed.send(XMLElement(name: "auth", namespace: XMLNamespace.sasl, attributes: [XMLAttribute("mechanism", "SCRAM-SHA-256-PLUS")],
+                                              text: Base64.encode(try scram.clientFirstMessage())))
+            let challenge = try await crossed.nextElement()
+            let serverFirst = try #require(Base64.decode(challenge.text))
+            try await crossed.send(XMLElement(name: "response", namespace: XMLNamespace.sasl, text: Base64.encode(try scram.serverFirstReceived(serverFirst))))
+            let outcome = try await crossed.nextElement()
+            #expect(outcome.name == "failure")
+            #expect(outcome.firstChild(name: "not-authorized", namespace: XMLNamespace.sasl) != nil)
+            // tls-unique (undefined on TLS 1.3): refused at once, with RFC 5802's error value.
+            var unique = SCRAMClient(hash: .sha256, username: "alice", password: TestServer.password,
+                                     channelBinding: ChannelBinding(type: "tls-unique", data: wrongData), clientSupportsChannelBinding: true)
+            try await crossed.send(XMLElement(name: "auth", namespace: XMLNamespace.sasl, attributes: [XMLAttribute("mechanism", "SCRAM-SHA-256-PLUS")],
+                                              text: Base64.encode(try unique.clientFirstMessage())))
+            let refused = try await crossed.nextElement()
+            #expect(refused.name == "failure")
+            #expect(refused.firstChild(name: "text", namespace: XMLNamespace.sasl)?.text == "e=unsupported-channel-binding-type")
+            await crossed.close()
+        }
+    }
+
     @Test("Mechanisms offered after TLS put -PLUS first and include PLAIN; XEP-0440 names the binding")
     func offeredMechanisms() async throws {
         try await withServer { server in
@@ -46,8 +85,8 @@ struct ClientStreamTests {
             let features = try await client.nextElement()
             let mechanisms = features.firstChild(name: "mechanisms", namespace: XMLNamespace.sasl)?.children(name: "mechanism", namespace: XMLNamespace.sasl).map(\.text)
             #expect(mechanisms == ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"])
-            let binding = features.firstChild(name: "sasl-channel-binding", namespace: "urn:xmpp:sasl-cb:0")?.firstElement?.attribute("type")
-            #expect(binding == "tls-server-end-point")
+            let bindings = features.firstChild(name: "sasl-channel-binding", namespace: "urn:xmpp:sasl-cb:0")?.elements.compactMap { $0.attribute("type") }
+            #expect(bindings == ["tls-exporter", "tls-server-end-point"])
             await client.close()
         }
     }

@@ -30,7 +30,7 @@ struct ClientNegotiationTests {
         var negotiation = machine()
         _ = negotiation.headerReceived(header(), isHosted: true)
         _ = negotiation.elementReceived(XMLElement(name: "starttls", namespace: XMLNamespace.tls))
-        negotiation.tlsEstablished(channelBinding: binding)
+        negotiation.tlsEstablished(channelBindings: binding.map { [$0] } ?? [])
         _ = negotiation.headerReceived(header(), isHosted: true)
         return negotiation
     }
@@ -75,10 +75,22 @@ struct ClientNegotiationTests {
         var negotiation = machine()
         _ = negotiation.headerReceived(header(), isHosted: true)
         #expect(negotiation.elementReceived(XMLElement(name: "starttls", namespace: XMLNamespace.tls)) == .startTLS(domain: "example.com"))
-        negotiation.tlsEstablished(channelBinding: ChannelBinding(type: "tls-server-end-point", data: [1, 2, 3]))
-        let offered = features(of: negotiation.headerReceived(header(), isHosted: true))?
-            .firstChild(name: "mechanisms", namespace: XMLNamespace.sasl)?.children(name: "mechanism", namespace: XMLNamespace.sasl).map(\.text)
+        negotiation.tlsEstablished(channelBindings: [ChannelBinding(type: "tls-exporter", data: [4, 5, 6]), ChannelBinding(type: "tls-server-end-point", data: [1, 2, 3])])
+        let secured = features(of: negotiation.headerReceived(header(), isHosted: true))
+        let offered = secured?.firstChild(name: "mechanisms", namespace: XMLNamespace.sasl)?.children(name: "mechanism", namespace: XMLNamespace.sasl).map(\.text)
         #expect(offered == ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"])
+        // XEP-0440: every binding type, strongest first.
+        let types = secured?.firstChild(name: "sasl-channel-binding", namespace: "urn:xmpp:sasl-cb:0")?
+            .children(name: "channel-binding", namespace: "urn:xmpp:sasl-cb:0").compactMap { $0.attribute("type") }
+        #expect(types == ["tls-exporter", "tls-server-end-point"])
+        // A type not offered (tls-unique, undefined on TLS 1.3) fails with RFC 5802's error in <text/>.
+        let clientFirst = Array("p=tls-unique,,n=juliet,r=abcdefgh".utf8)
+        let refused = negotiation.elementReceived(XMLElement(name: "auth", namespace: XMLNamespace.sasl,
+            attributes: [XMLAttribute("mechanism", "SCRAM-SHA-256-PLUS")], text: Base64.encode(clientFirst)))
+        guard case .send(let failure) = refused else { Issue.record("expected a failure, got \(refused)"); return }
+        #expect(failure.name == "failure")
+        #expect(failure.firstChild(name: "not-authorized", namespace: XMLNamespace.sasl) != nil)
+        #expect(failure.firstChild(name: "text", namespace: XMLNamespace.sasl)?.text == "e=unsupported-channel-binding-type")
         let plain = securedMachine()
         #expect(plain.offeredMechanisms(secured: true) == ["SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"])
     }
@@ -88,7 +100,7 @@ struct ClientNegotiationTests {
         var negotiation = machine()
         _ = negotiation.headerReceived(header(), isHosted: true)
         _ = negotiation.elementReceived(XMLElement(name: "starttls", namespace: XMLNamespace.tls))
-        negotiation.tlsEstablished(channelBinding: nil)
+        negotiation.tlsEstablished(channelBindings: [])
         #expect(streamError(of: negotiation.headerReceived(header(to: "other.example"), isHosted: true)) == .hostUnknown)
     }
 

@@ -49,7 +49,7 @@ private let cbData: [UInt8] = hex("5f1b0e3c9a8d7e6f00112233445566778899aabbccdde
 private func server(
     _ hash: SCRAMHash, binding: ChannelBinding? = nil, plusOffered: Bool = false, fakeIterations: Int = 4096
 ) -> SCRAMServer {
-    SCRAMServer(hash: hash, channelBinding: binding, plusOffered: plusOffered, serverSecret: secret, fakeIterations: fakeIterations)
+    SCRAMServer(hash: hash, channelBindings: binding.map { [$0] } ?? [], plusOffered: plusOffered, serverSecret: secret, fakeIterations: fakeIterations)
 }
 
 /// Everything one client↔server exchange produced.
@@ -192,7 +192,7 @@ extension SASLTests {
 
         @Test("The server reproduces server-first and server-final byte for byte", arguments: RFCVector.all)
         func serverSide(vector: RFCVector) throws {
-            var server = SCRAMServer(hash: vector.hash, channelBinding: nil, plusOffered: false, serverSecret: secret,
+            var server = SCRAMServer(hash: vector.hash, channelBindings: [], plusOffered: false, serverSecret: secret,
                                      fakeIterations: 4096, fixedServerNonce: bytes(vector.serverNonce))
             #expect(server.start(initialResponse: bytes(vector.clientFirst)) == .lookUpSCRAMKeys(username: "user"))
             #expect(server.credentialsReceived(try vector.keys()) == .challenge(bytes(vector.serverFirst)))
@@ -216,7 +216,7 @@ extension SASLTests {
 
         @Test("A one-bit change in the RFC proof is not-authorized", arguments: RFCVector.all)
         func flippedProof(vector: RFCVector) throws {
-            var server = SCRAMServer(hash: vector.hash, channelBinding: nil, plusOffered: false, serverSecret: secret,
+            var server = SCRAMServer(hash: vector.hash, channelBindings: [], plusOffered: false, serverSecret: secret,
                                      fakeIterations: 4096, fixedServerNonce: bytes(vector.serverNonce))
             _ = server.start(initialResponse: bytes(vector.clientFirst))
             _ = server.credentialsReceived(try vector.keys())
@@ -328,7 +328,7 @@ extension SASLTests {
         @Test("An unknown user's fake salt is stable per name and per hash, and tied to the secret")
         func fakeSaltStability() throws {
             func salt(_ username: String, _ hash: SCRAMHash = .sha256, secret serverSecret: [UInt8] = secret) -> String? {
-                var scram = SCRAMServer(hash: hash, channelBinding: nil, plusOffered: false, serverSecret: serverSecret, fakeIterations: 4096)
+                var scram = SCRAMServer(hash: hash, channelBindings: [], plusOffered: false, serverSecret: serverSecret, fakeIterations: 4096)
                 _ = scram.start(initialResponse: bytes("n,,n=\(username),r=abc"))
                 guard case .challenge(let challenge) = scram.credentialsReceived(nil) else { return nil }
                 return attributes(challenge)[1].value
@@ -403,13 +403,34 @@ extension SASLTests {
             #expect(result.server.authenticatedUsername == nil)
         }
 
-        @Test("A channel-binding type the server cannot provide is not-authorized at once")
+        @Test("A channel-binding type the server cannot provide fails at once with unsupported-channel-binding-type")
         func channelBindingTypeMismatch() throws {
             let client = SCRAMClient(hash: .sha256, username: "juliet", password: "correct horse",
-                                     channelBinding: ChannelBinding(type: "tls-exporter", data: cbData))
+                                     channelBinding: ChannelBinding(type: "tls-unique", data: cbData))
             let scram = server(.sha256, binding: ChannelBinding(type: "tls-server-end-point", data: cbData), plusOffered: true)
             let result = runExchange(client: client, server: scram, accounts: try accounts(.sha256))
             #expect(result.kinds == [.failure(.notAuthorized)])
+            #expect(result.server.serverError == "unsupported-channel-binding-type")
+        }
+
+        @Test("The client picks any offered binding type; each binds to its own data", arguments: ["tls-exporter", "tls-server-end-point"])
+        func channelBindingChoice(type: String) throws {
+            let exporter = ChannelBinding(type: "tls-exporter", data: Array(repeating: 7, count: 32))
+            let endPoint = ChannelBinding(type: "tls-server-end-point", data: cbData)
+            let chosen = type == exporter.type ? exporter : endPoint
+            let other = type == exporter.type ? endPoint : exporter
+            let scram = SCRAMServer(hash: .sha256, channelBindings: [exporter, endPoint], plusOffered: true,
+                                    serverSecret: secret, fakeIterations: 4096)
+            let good = runExchange(client: SCRAMClient(hash: .sha256, username: "juliet", password: "correct horse", channelBinding: chosen),
+                                   server: scram, accounts: try accounts(.sha256))
+            #expect(good.server.authenticatedUsername == "juliet")
+            // The right type with the other type's data is another channel.
+            let crossed = runExchange(client: SCRAMClient(hash: .sha256, username: "juliet", password: "correct horse",
+                                                          channelBinding: ChannelBinding(type: chosen.type, data: other.data)),
+                                      server: scram, accounts: try accounts(.sha256))
+            #expect(crossed.kinds.last == .failure(.notAuthorized))
+            #expect(crossed.server.authenticatedUsername == nil)
+            #expect(crossed.server.serverError == nil)
         }
 
         @Test("The y flag is a downgrade when -PLUS was offered, and fine when it was not", arguments: hashes)

@@ -47,7 +47,7 @@ final class ClientConnectionHandler: ChannelInboundHandler {
                 streamManagement: server.configuration.streamManagement.enabled),
             makeStreamID: { ServerContext.randomIdentifier(bytes: 16) })
         if listener == .c2sDirectTLS {
-            negotiation.startedWithTLS(channelBinding: nil)
+            negotiation.startedWithTLS(channelBindings: [])
         }
         rateLimiter = TokenBucket(rate: settings.stanzasPerSecond, burst: settings.stanzaBurst)
     }
@@ -94,7 +94,7 @@ final class ClientConnectionHandler: ChannelInboundHandler {
         case .streamStart(let header):
             // Direct TLS: SCRAM-*-PLUS binds to the certificate chosen for this domain.
             if listener == .c2sDirectTLS, negotiation.channelBindingMissing, let to = header.to {
-                negotiation.setChannelBinding(server.certificates.channelBinding(for: to))
+                negotiation.setChannelBindings(channelBindings(context: context, domain: to))
             }
             let hosted = header.to.flatMap { try? JID(domain: $0) }.map { server.domains.isHosted($0.domainpart) } ?? false
             run(negotiation.headerReceived(header, isHosted: hosted), context: context)
@@ -107,10 +107,20 @@ final class ClientConnectionHandler: ChannelInboundHandler {
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if case TLSUserEvent.handshakeCompleted = event, case .negotiatingTLS = negotiation.state, let domain = negotiation.domain {
-            negotiation.tlsEstablished(channelBinding: server.certificates.channelBinding(for: domain))
+            negotiation.tlsEstablished(channelBindings: channelBindings(context: context, domain: domain))
             logger.debug("TLS established", metadata: ["domain": "\(domain)"])
         }
         context.fireUserInboundEventTriggered(event)
+    }
+
+    /// SCRAM-*-PLUS bindings for this connection: `tls-exporter` from the live TLS session
+    /// (TLS 1.3), and `tls-server-end-point` for the certificate chosen for `domain`.
+    private func channelBindings(context: ChannelHandlerContext, domain: String) -> [ChannelBinding] {
+        let serverEndPoint = server.certificates.channelBinding(for: domain)
+        guard let tls = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self) else {
+            return serverEndPoint.map { [$0] } ?? []
+        }
+        return TLSChannelBindings.bindings(handler: tls, serverEndPoint: serverEndPoint)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {

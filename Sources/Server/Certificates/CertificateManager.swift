@@ -157,8 +157,8 @@ public final class CertificateManager: Sendable {
     }
 
     /// `tls-server-end-point` channel binding (RFC 5929) for the certificate presented for
-    /// `domain`, for SCRAM-*-PLUS. (swift-nio-ssl exposes no keying-material exporter, so
-    /// `tls-exporter` is not available.)
+    /// `domain`, for SCRAM-*-PLUS. (`tls-exporter` comes from the live connection:
+    /// ``TLSChannelBindings``.)
     func channelBinding(for domain: String) -> ChannelBinding? {
         guard let der = store.certificateDER(for: domain), let hash = TLSContextStore.tlsServerEndPointHash(certificateDER: der) else { return nil }
         return ChannelBinding(type: "tls-server-end-point", data: hash)

@@ -106,8 +106,9 @@ public struct ClientNegotiation: Sendable {
     public private(set) var domain: String?
     /// The authenticated account's localpart.
     public private(set) var username: String?
-    /// Channel-binding data for SCRAM-*-PLUS, known once TLS is up.
-    private var channelBinding: ChannelBinding?
+    /// Channel-binding types and data for SCRAM-*-PLUS, known once TLS is up, strongest
+    /// first (`tls-exporter`, then `tls-server-end-point`).
+    private var channelBindings: [ChannelBinding] = []
     /// The phase a SASL exchange started in, to return to if it fails.
     private var authenticationPhase: Phase = .secured
     private var makeStreamID: @Sendable () -> String
@@ -121,17 +122,17 @@ public struct ClientNegotiation: Sendable {
     public private(set) var mechanismInUse: String?
 
     /// True while no channel binding is known (direct TLS learns it from the first header).
-    public var channelBindingMissing: Bool { channelBinding == nil }
+    public var channelBindingMissing: Bool { channelBindings.isEmpty }
 
-    /// Sets the channel binding of a direct-TLS stream, before its first header is answered.
-    public mutating func setChannelBinding(_ binding: ChannelBinding?) {
-        channelBinding = binding
+    /// Sets the channel bindings of a direct-TLS stream, before its first header is answered.
+    public mutating func setChannelBindings(_ bindings: [ChannelBinding]) {
+        channelBindings = bindings
     }
 
     /// Starts a stream that begins inside TLS (XEP-0368 direct TLS).
-    public mutating func startedWithTLS(channelBinding: ChannelBinding?) {
+    public mutating func startedWithTLS(channelBindings: [ChannelBinding]) {
         guard case .awaitingHeader(.plaintext) = state else { preconditionFailure("direct TLS after the stream started: \(state)") }
-        self.channelBinding = channelBinding
+        self.channelBindings = channelBindings
         state = .awaitingHeader(.secured)
     }
 
@@ -221,9 +222,9 @@ public struct ClientNegotiation: Sendable {
     }
 
     /// The TLS handshake completed; the client now sends a new header.
-    public mutating func tlsEstablished(channelBinding: ChannelBinding?) {
+    public mutating func tlsEstablished(channelBindings: [ChannelBinding]) {
         guard case .negotiatingTLS = state else { preconditionFailure("TLS established in \(state)") }
-        self.channelBinding = channelBinding
+        self.channelBindings = channelBindings
         state = .awaitingHeader(.secured)
     }
 
@@ -310,11 +311,11 @@ public struct ClientNegotiation: Sendable {
             }
         case .secured:
             children.append(.element(mechanisms(secured: true)))
-            if let channelBinding {
+            if !channelBindings.isEmpty {
                 // XEP-0440: which channel-binding types SCRAM-*-PLUS can use here.
-                children.append(.element(XMLElement(name: "sasl-channel-binding", namespace: "urn:xmpp:sasl-cb:0", children: [
-                    .element(XMLElement(name: "channel-binding", namespace: "urn:xmpp:sasl-cb:0", attributes: [XMLAttribute("type", channelBinding.type)])),
-                ])))
+                children.append(.element(XMLElement(name: "sasl-channel-binding", namespace: "urn:xmpp:sasl-cb:0", children: channelBindings.map {
+                    .element(XMLElement(name: "channel-binding", namespace: "urn:xmpp:sasl-cb:0", attributes: [XMLAttribute("type", $0.type)]))
+                })))
             }
         case .authenticated:
             children.append(.element(XMLElement(name: "bind", namespace: XMLNamespace.bind)))
@@ -334,7 +335,7 @@ public struct ClientNegotiation: Sendable {
     /// variants only when the TLS layer gave channel-binding data.
     func offeredMechanisms(secured: Bool) -> [String] {
         var names: [String] = []
-        if secured, channelBinding != nil {
+        if secured, !channelBindings.isEmpty {
             names += ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-1-PLUS"]
         }
         names += ["SCRAM-SHA-256", "SCRAM-SHA-1"]
@@ -369,13 +370,13 @@ public struct ClientNegotiation: Sendable {
         }
         authenticationPhase = secured ? .secured : .plaintext
         mechanismInUse = name
-        let plusOffered = secured && channelBinding != nil
+        let plusOffered = secured && !channelBindings.isEmpty
         let exchange: SASLExchange
         switch name {
         case "SCRAM-SHA-256-PLUS", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-1":
             let hash: SCRAMHash = name.hasPrefix("SCRAM-SHA-256") ? .sha256 : .sha1
-            let binding = name.hasSuffix("-PLUS") ? channelBinding : nil
-            exchange = .scram(SCRAMServer(hash: hash, channelBinding: binding, plusOffered: plusOffered,
+            let bindings = name.hasSuffix("-PLUS") ? channelBindings : []
+            exchange = .scram(SCRAMServer(hash: hash, channelBindings: bindings, plusOffered: plusOffered,
                                           serverSecret: configuration.serverSecret, fakeIterations: configuration.scramIterations))
         default:
             exchange = .plain(PLAINServer())
@@ -432,16 +433,24 @@ public struct ClientNegotiation: Sendable {
             let text = additionalData.map(Self.encodeBase64) ?? ""
             return .authenticated(username: username, element: XMLElement(name: "success", namespace: XMLNamespace.sasl, text: text))
         case .failure(let condition):
+            // RFC 6120 §6.4.5 lets a failure carry text; a SCRAM server-error the client can act
+            // on (RFC 5802 §7, such as `e=unsupported-channel-binding-type`) goes there, since
+            // XMPP's SASL profile has no other place for it before the final message.
+            if case .scram(let scram) = exchange, let serverError = scram.serverError {
+                return saslFailed(condition, text: "e=" + serverError)
+            }
             return saslFailed(condition)
         }
     }
 
     /// Sends `<failure/>`; the client may start another exchange (RFC 6120 §6.4.5).
-    private mutating func saslFailed(_ condition: SASLFailure) -> Action {
+    private mutating func saslFailed(_ condition: SASLFailure, text: String? = nil) -> Action {
         if case .authenticating = state { state = .featuresSent(authenticationPhase) }
-        return .send(XMLElement(name: "failure", namespace: XMLNamespace.sasl, children: [
-            .element(XMLElement(name: condition.rawValue, namespace: XMLNamespace.sasl)),
-        ]))
+        var children: [XMLNode] = [.element(XMLElement(name: condition.rawValue, namespace: XMLNamespace.sasl))]
+        if let text {
+            children.append(.element(XMLElement(name: "text", namespace: XMLNamespace.sasl, attributes: [XMLAttribute("lang", "en", namespace: XMLNamespace.xml)], text: text)))
+        }
+        return .send(XMLElement(name: "failure", namespace: XMLNamespace.sasl, children: children))
     }
 
     // MARK: After authentication

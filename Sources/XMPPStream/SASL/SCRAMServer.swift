@@ -33,9 +33,11 @@ import XMPPCore
 public struct SCRAMServer: Sendable {
     /// The hash this exchange uses.
     public let hash: SCRAMHash
-    /// Non-nil when this is the -PLUS mechanism; its data is what the TLS layer computed for
-    /// the connection (for `tls-server-end-point`, RFC 5929 §4, the hash of our certificate).
-    public let channelBinding: ChannelBinding?
+    /// Non-empty when this is the -PLUS mechanism: the binding types this connection can
+    /// provide, each with the data the TLS layer computed (`tls-exporter`, RFC 9266, the
+    /// exported keying material; `tls-server-end-point`, RFC 5929 §4, the hash of our
+    /// certificate). The client picks one with `p=`.
+    public let channelBindings: [ChannelBinding]
     /// Whether the server advertised any -PLUS mechanism on this stream. A non-PLUS exchange
     /// uses it to detect a downgrade: a client that sends the `y` flag supports channel
     /// binding but saw no -PLUS offer, so someone removed it (RFC 5802 §6).
@@ -52,6 +54,10 @@ public struct SCRAMServer: Sendable {
     public private(set) var authzid: String?
     /// The prepared username, set when the exchange ends in `.success`.
     public private(set) var authenticatedUsername: String?
+    /// RFC 5802 §7's `server-error-value` for a failure the client can act on, such as
+    /// `unsupported-channel-binding-type`; nil for every other failure (in particular a wrong
+    /// password or an unknown user, which must look alike).
+    public private(set) var serverError: String?
 
     private var state: State = .initial
 
@@ -77,22 +83,22 @@ public struct SCRAMServer: Sendable {
 
     /// - Parameters:
     ///   - hash: SHA-1 or SHA-256.
-    ///   - channelBinding: non-nil for the -PLUS mechanism: the binding type and data the TLS
-    ///     layer computed for this connection. The client must use exactly this type.
+    ///   - channelBindings: non-empty for the -PLUS mechanism: the binding types and data the
+    ///     TLS layer computed for this connection. The client must use one of these types.
     ///   - plusOffered: whether -PLUS mechanisms were advertised on this stream (downgrade
-    ///     detection for the non-PLUS mechanism; ignored when `channelBinding` is non-nil).
+    ///     detection for the non-PLUS mechanism; ignored when `channelBindings` is non-empty).
     ///   - serverSecret: a per-server secret (at least 32 random bytes, stable across
     ///     restarts) from which fake keys for unknown users are derived.
     ///   - fakeIterations: the iteration count to announce for unknown users (≥ 1).
-    public init(hash: SCRAMHash, channelBinding: ChannelBinding?, plusOffered: Bool, serverSecret: [UInt8], fakeIterations: Int) {
-        self.init(hash: hash, channelBinding: channelBinding, plusOffered: plusOffered, serverSecret: serverSecret, fakeIterations: fakeIterations, fixedServerNonce: nil)
+    public init(hash: SCRAMHash, channelBindings: [ChannelBinding], plusOffered: Bool, serverSecret: [UInt8], fakeIterations: Int) {
+        self.init(hash: hash, channelBindings: channelBindings, plusOffered: plusOffered, serverSecret: serverSecret, fakeIterations: fakeIterations, fixedServerNonce: nil)
     }
 
     /// As the public initializer, with a fixed server nonce (tests only).
-    init(hash: SCRAMHash, channelBinding: ChannelBinding?, plusOffered: Bool, serverSecret: [UInt8], fakeIterations: Int, fixedServerNonce: [UInt8]?) {
+    init(hash: SCRAMHash, channelBindings: [ChannelBinding], plusOffered: Bool, serverSecret: [UInt8], fakeIterations: Int, fixedServerNonce: [UInt8]?) {
         precondition(fakeIterations >= 1, "SCRAM iteration counts start at 1")
         self.hash = hash
-        self.channelBinding = channelBinding
+        self.channelBindings = channelBindings
         self.plusOffered = plusOffered
         self.serverSecret = serverSecret
         self.fakeIterations = fakeIterations
@@ -101,7 +107,7 @@ public struct SCRAMServer: Sendable {
 
     /// The mechanism name this exchange implements, such as `SCRAM-SHA-256-PLUS`.
     public var mechanismName: String {
-        channelBinding == nil ? hash.mechanismName : hash.plusMechanismName
+        channelBindings.isEmpty ? hash.mechanismName : hash.plusMechanismName
     }
 
     /// Whether the exchange has ended, in success or failure.
@@ -170,22 +176,30 @@ public struct SCRAMServer: Sendable {
 
         // Channel binding negotiation, RFC 5802 §6.
         var expectedChannelBinding = clientFirst.headerBytes
-        switch (clientFirst.header.flag, channelBinding) {
-        case (.used(let type), let binding?):
-            // -PLUS: the client must bind to the type we can provide.
-            guard type == binding.type else { return fail(.notAuthorized) }
+        switch (clientFirst.header.flag, channelBindings.isEmpty) {
+        case (.used(let type), false):
+            // -PLUS: the client must bind to a type we can provide. One we cannot (for
+            // example `tls-unique`, undefined on TLS 1.3, RFC 9266 §3) fails at once with
+            // RFC 5802's `unsupported-channel-binding-type`, so the client can try another.
+            guard let binding = channelBindings.first(where: { $0.type == type }) else {
+                serverError = "unsupported-channel-binding-type"
+                return fail(.notAuthorized)
+            }
             expectedChannelBinding += binding.data
-        case (.notSupported, .some), (.supportedButNotUsed, .some):
+        case (.notSupported, false), (.supportedButNotUsed, false):
             // The client chose a -PLUS mechanism but does not bind: contradictory.
             return fail(.malformedRequest)
-        case (.used, nil):
+        case (.used, true):
             // Binding requested on a mechanism without it.
             return fail(.malformedRequest)
-        case (.supportedButNotUsed, nil):
+        case (.supportedButNotUsed, true):
             // The client could bind but saw no -PLUS offer. If we made one, the offer was
             // stripped in transit: a downgrade attack, which the server MUST refuse.
-            if plusOffered { return fail(.notAuthorized) }
-        case (.notSupported, nil):
+            if plusOffered {
+                serverError = "server-does-support-channel-binding"
+                return fail(.notAuthorized)
+            }
+        case (.notSupported, true):
             break
         }
         authzid = clientFirst.header.authzid

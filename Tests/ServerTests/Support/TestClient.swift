@@ -169,6 +169,8 @@ final class TestClient: Sendable {
 
     struct LoginOptions {
         var mechanism = "SCRAM-SHA-256"
+        /// The channel-binding type a -PLUS mechanism binds to.
+        var bindingType = "tls-exporter"
         var resource: String? = "test"
         var useTLS = true
     }
@@ -186,14 +188,14 @@ final class TestClient: Sendable {
             try await sendHeader(to: domain)
             features = try await nextElement()
         }
-        try await authenticate(features: features, username: username, password: password, mechanism: options.mechanism)
+        try await authenticate(features: features, username: username, password: password, mechanism: options.mechanism, bindingType: options.bindingType)
         try await sendHeader(to: domain)
         features = try await nextElement()
         guard features.firstChild(name: "bind", namespace: XMLNamespace.bind) != nil else { throw Failure(description: "no bind offered: \(features)") }
         return try await bind(resource: options.resource)
     }
 
-    func authenticate(features: XMLElement, username: String, password: String, mechanism: String) async throws {
+    func authenticate(features: XMLElement, username: String, password: String, mechanism: String, bindingType: String = "tls-exporter") async throws {
         let offered = features.firstChild(name: "mechanisms", namespace: XMLNamespace.sasl)?.children(name: "mechanism", namespace: XMLNamespace.sasl).map(\.text) ?? []
         guard offered.contains(mechanism) else { throw Failure(description: "\(mechanism) not offered: \(offered)") }
         if mechanism == "PLAIN" {
@@ -206,7 +208,8 @@ final class TestClient: Sendable {
         let hash: SCRAMHash = mechanism.hasPrefix("SCRAM-SHA-256") ? .sha256 : .sha1
         var binding: ChannelBinding?
         if mechanism.hasSuffix("-PLUS") {
-            binding = ChannelBinding(type: "tls-server-end-point", data: try await serverEndPoint())
+            let data = bindingType == "tls-exporter" ? try await exporter() : try await serverEndPoint()
+            binding = ChannelBinding(type: bindingType, data: data)
         }
         var client = SCRAMClient(hash: hash, username: username, password: password, channelBinding: binding, clientSupportsChannelBinding: binding != nil)
         try await send(XMLElement(name: "auth", namespace: XMLNamespace.sasl, attributes: [XMLAttribute("mechanism", mechanism)], text: Base64.encode(try client.clientFirstMessage())))
@@ -244,6 +247,18 @@ final class TestClient: Sendable {
 
     struct BindFailed: Error, Equatable {
         var condition: String
+    }
+
+    /// The `tls-exporter` binding (RFC 9266) of this connection's TLS session, read on the
+    /// client's side of the connection.
+    func exporter() async throws -> [UInt8] {
+        let channel = self.channel
+        let value = try await channel.eventLoop.submit { () -> [UInt8]? in
+            let handler = try channel.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self)
+            return TLSChannelBindings.tlsExporter(of: handler)
+        }.get()
+        guard let value else { throw Failure(description: "no tls-exporter value (TLS 1.2, or swift-nio-ssl changed)") }
+        return value
     }
 
     /// The `tls-server-end-point` binding computed from the certificate the server presented.

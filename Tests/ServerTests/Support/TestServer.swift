@@ -81,12 +81,13 @@ final class TestServer: Sendable {
     }
 
     /// A client logged in as `user` with the standard password.
-    func loggedIn(_ user: String, resource: String = "test", mechanism: String = "SCRAM-SHA-256") async throws -> (TestClient, JID) {
+    func loggedIn(_ user: String, resource: String = "test", mechanism: String = "SCRAM-SHA-256", bindingType: String = "tls-exporter") async throws -> (TestClient, JID) {
         let jid = try JID(user)
         let client = try await client()
         var options = TestClient.LoginOptions()
         options.resource = resource
         options.mechanism = mechanism
+        options.bindingType = bindingType
         let bound = try await client.login(domain: jid.domainpart, username: jid.localpart ?? "", password: Self.password, options: options)
         return (client, bound)
     }
