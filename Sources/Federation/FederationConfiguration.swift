@@ -1,3 +1,5 @@
+import Trust
+
 /// Server-to-server settings (the `s2s` section of the configuration).
 public struct FederationConfiguration: Codable, Sendable, Equatable {
     /// Federate at all. Without it, stanzas for other domains bounce with
@@ -74,6 +76,9 @@ public struct FederationConfiguration: Codable, Sendable, Equatable {
     public var poshConnectOverrides: [String: String] = [:]
     /// Settings for particular peer domains.
     public var peers: [String: PeerSettings] = [:]
+    /// Trust pins for whole providers: by domain pattern or by the host names of their
+    /// servers, so that 1,000 customer domains of one provider need one entry.
+    public var providerTrust: [ProviderTrust] = []
 
     public init() {}
 
@@ -104,23 +109,31 @@ public struct FederationConfiguration: Codable, Sendable, Equatable {
         case poshTimeoutSeconds = "posh_timeout_seconds"
         case poshConnectOverrides = "posh_connect_overrides"
         case peers
+        case providerTrust = "provider_trust"
     }
 
     /// Per-peer overrides, keyed by the peer's domain.
     public struct PeerSettings: Codable, Sendable, Equatable {
         /// Overrides the global `require_certificates` for this peer.
         public var requireCertificates: Bool?
-        /// When set, this peer's certificates must chain to these CAs only (RFC 6120 §13.6).
+        /// When set, this peer's certificates must chain to these CAs only (RFC 6120 §13.6),
+        /// and no other proof (DANE, POSH, dialback) is accepted for it unless listed in
+        /// `allowedProofs`.
         public var trustAnchorFiles: [String]?
+        /// With `trustAnchorFiles`: the other proofs still accepted (`dane`, `posh`,
+        /// `dialback`).
+        public var allowedProofs: [ProofMethod]?
         /// Connect here instead of looking the domain up in DNS.
         public var host: String?
         public var port: Int?
         /// The static target speaks direct TLS (XEP-0368) rather than STARTTLS.
         public var directTLS: Bool?
 
-        public init(requireCertificates: Bool? = nil, trustAnchorFiles: [String]? = nil, host: String? = nil, port: Int? = nil, directTLS: Bool? = nil) {
+        public init(requireCertificates: Bool? = nil, trustAnchorFiles: [String]? = nil, allowedProofs: [ProofMethod]? = nil,
+                    host: String? = nil, port: Int? = nil, directTLS: Bool? = nil) {
             self.requireCertificates = requireCertificates
             self.trustAnchorFiles = trustAnchorFiles
+            self.allowedProofs = allowedProofs
             self.host = host
             self.port = port
             self.directTLS = directTLS
@@ -129,12 +142,62 @@ public struct FederationConfiguration: Codable, Sendable, Equatable {
         enum CodingKeys: String, CodingKey, CaseIterable {
             case requireCertificates = "require_certificates"
             case trustAnchorFiles = "trust_anchor_files"
+            case allowedProofs = "allowed_proofs"
             case host, port
             case directTLS = "direct_tls"
         }
 
         /// The keys a configuration file may give for one peer.
         public static let configurationKeys = Set(CodingKeys.allCases.map(\.stringValue))
+    }
+
+    /// A trust pin for a provider (`s2s.provider_trust` entries): the peers it covers must
+    /// present certificates chaining to its CAs, and other proofs are refused unless allowed.
+    public struct ProviderTrust: Codable, Sendable, Equatable {
+        /// Domains (`customer.example`) and patterns (`*.provider.example`: every subdomain,
+        /// at any depth) covered.
+        public var domains: [String] = []
+        /// Host names of the provider's servers (SRV targets, static peer hosts): a domain is
+        /// covered when we connected to one, or its SRV records name one.
+        public var targets: [String] = []
+        /// PEM files of the CAs its certificates must chain to.
+        public var trustAnchorFiles: [String] = []
+        /// Other proofs still accepted for these peers (`dane`, `posh`, `dialback`).
+        public var allowedProofs: [ProofMethod] = []
+
+        public init(domains: [String] = [], targets: [String] = [], trustAnchorFiles: [String] = [], allowedProofs: [ProofMethod] = []) {
+            self.domains = domains
+            self.targets = targets
+            self.trustAnchorFiles = trustAnchorFiles
+            self.allowedProofs = allowedProofs
+        }
+
+        enum CodingKeys: String, CodingKey, CaseIterable {
+            case domains, targets
+            case trustAnchorFiles = "trust_anchor_files"
+            case allowedProofs = "allowed_proofs"
+        }
+
+        /// Unknown keys are refused (a misspelt `trust_anchor_files` must not silently leave
+        /// a provider unpinned); missing keys keep their defaults.
+        public init(from decoder: any Decoder) throws {
+            let names = try decoder.container(keyedBy: AnyConfigurationKey.self)
+            for key in names.allKeys where CodingKeys(rawValue: key.stringValue) == nil {
+                throw DecodingError.dataCorruptedError(forKey: key, in: names, debugDescription: "unknown key '\(key.stringValue)'")
+            }
+            let container = try decoder.container(keyedBy: CodingKeys.self)
+            domains = try container.decodeIfPresent([String].self, forKey: .domains) ?? []
+            targets = try container.decodeIfPresent([String].self, forKey: .targets) ?? []
+            trustAnchorFiles = try container.decodeIfPresent([String].self, forKey: .trustAnchorFiles) ?? []
+            allowedProofs = try container.decodeIfPresent([ProofMethod].self, forKey: .allowedProofs) ?? []
+        }
+    }
+
+    struct AnyConfigurationKey: CodingKey {
+        var stringValue: String
+        var intValue: Int? { nil }
+        init(stringValue: String) { self.stringValue = stringValue }
+        init?(intValue: Int) { nil }
     }
 
     /// Whether certificates are required of `domain`.

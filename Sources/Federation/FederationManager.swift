@@ -224,15 +224,28 @@ public final class FederationManager: Sendable {
         for file in configuration.trustAnchorFiles {
             defaultRoots += try PeerTrustAnchors.load(pemFile: file)
         }
-        var peerRoots: [String: [Certificate]] = [:]
-        for (domain, settings) in configuration.peers {
+        var rules: [PeerTrustRule] = []
+        for (domain, settings) in configuration.peers.sorted(by: { $0.key < $1.key }) {
             guard let files = settings.trustAnchorFiles else { continue }
             let canonical = try JID(domain: domain).domainpart
-            peerRoots[canonical] = try files.flatMap { file throws(TrustError) in try PeerTrustAnchors.load(pemFile: file) }
+            rules.append(PeerTrustRule(name: "peers.\(canonical)", domains: [canonical],
+                                       roots: try files.flatMap { file throws(TrustError) in try PeerTrustAnchors.load(pemFile: file) },
+                                       allowedProofs: Set(settings.allowedProofs ?? [])))
+        }
+        for (index, provider) in configuration.providerTrust.enumerated() {
+            guard !provider.trustAnchorFiles.isEmpty else {
+                throw FederationConfigurationError("s2s.provider_trust[\(index)]: trust_anchor_files is empty")
+            }
+            guard !provider.domains.isEmpty || !provider.targets.isEmpty else {
+                throw FederationConfigurationError("s2s.provider_trust[\(index)]: neither domains nor targets")
+            }
+            rules.append(PeerTrustRule(name: "provider_trust[\(index)]", domains: provider.domains, targetHosts: provider.targets,
+                                       roots: try provider.trustAnchorFiles.flatMap { file throws(TrustError) in try PeerTrustAnchors.load(pemFile: file) },
+                                       allowedProofs: Set(provider.allowedProofs)))
         }
         // A certificate about to expire is not relied on for new links: the revalidation
         // pass would reset them before they carried anything.
-        validator = PeerCertificateValidator(anchors: PeerTrustAnchors(defaultRoots: defaultRoots, peerRoots: peerRoots),
+        validator = PeerCertificateValidator(anchors: PeerTrustAnchors(defaultRoots: defaultRoots, rules: rules),
                                              minimumRemainingLifetime: configuration.certificateMinimumLifetimeSeconds)
         proofs = [PKIXProof(validator: validator)] + additionalProofs(validator)
         self.onShutdown = onShutdown

@@ -25,6 +25,9 @@ public struct FederationMetrics: Sendable {
     let duplicatesDropped: Counter
     /// Stanzas for unauthorised pairs, bad addresses and the like: the link was closed.
     let securityViolations: Counter
+    /// Peers refused because only a certificate could prove them (`require_certificates`, or
+    /// a trust pin that does not allow dialback) and none did.
+    let certificateRequiredRefusals: Counter
     let factory: any MetricsFactory
 
     public init(factory: any MetricsFactory) {
@@ -44,6 +47,7 @@ public struct FederationMetrics: Sendable {
         acknowledgementTimeouts = Counter(label: "braid_s2s_ack_timeouts_total", factory: factory)
         duplicatesDropped = Counter(label: "braid_s2s_duplicates_dropped_total", factory: factory)
         securityViolations = Counter(label: "braid_s2s_security_violations_total", factory: factory)
+        certificateRequiredRefusals = Counter(label: "braid_s2s_certificate_required_refusals_total", factory: factory)
     }
 
     /// The state of the links now: how many, how many pairs they carry, and what waits.

@@ -153,10 +153,11 @@ final class IncomingLinkHandler: ChannelInboundHandler {
             return
         }
         checkingHeader = true
-        let validator = manager.validator
+        let federation = self.manager
+        let thisLink = self.link
         let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         context.eventLoop.makeFutureWithTask {
-            await validator.validate(chain: chain, for: from)
+            await federation.validateCertificate(chain, for: from, on: thisLink)
         }.whenSuccess { result in
             let (handler, context) = bound.value
             if case .success(let validated) = result {

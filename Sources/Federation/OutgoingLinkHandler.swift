@@ -142,8 +142,8 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
         let remote = remoteDomain
         let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         context.eventLoop.makeFutureWithTask {
-            await manager.proveRemote(remote, on: link)
-        }.whenSuccess { outcome in
+            (await manager.proveRemote(remote, on: link), await manager.certificateRequired(remote, on: link))
+        }.whenSuccess { outcome, certificateRequired in
             let (handler, context) = bound.value
             switch outcome {
             case .proven(let method, _):
@@ -153,7 +153,8 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
                 handler.fail(FederationManager.LinkFailure(reason: "\(link.peerAddress): \(reason)", stanzaError: StanzaError(.remoteServerNotFound, text: "\(remote) could not be authenticated: \(reason)"), tryNextTarget: true), streamError: StreamError(.policyViolation, text: "authentication failed"))
                 return
             case .notApplicable(let reason):
-                if manager.requiresCertificates(remote) {
+                if certificateRequired {
+                    manager.metrics.certificateRequiredRefusals.increment()
                     handler.logger.notice("peer certificate refused", metadata: ["reason": "\(reason)"])
                     handler.fail(FederationManager.LinkFailure(reason: "\(link.peerAddress): \(reason)", stanzaError: StanzaError(.remoteServerNotFound, text: "\(remote) did not present a valid certificate: \(reason)"), tryNextTarget: true), streamError: StreamError(.policyViolation, text: "a valid certificate is required"))
                     return

@@ -45,7 +45,18 @@ extension FederationManager {
         // As the connecting side, DANE comes first and its refusal is final: a secure TLSA
         // record that does not match means the wrong server, whatever PKIX says (RFC 7673
         // §4.2, digest §14 step 1). As the receiving side: PKIX, POSH, then DANE.
-        let ordered = link.peerTarget == nil ? proofs : proofs.filter { $0.method == .dane } + proofs.filter { $0.method != .dane }
+        let strongestFirst = link.peerTarget == nil ? proofs : proofs.filter { $0.method == .dane } + proofs.filter { $0.method != .dane }
+        // A pinned peer: PKIX to the pin's roots only, and the other methods only where the
+        // operator allowed them (issue 10, item 3: POSH, DANE and dialback used to get round
+        // per-peer anchors).
+        let rule = await trustRule(for: domain, on: link)
+        let ordered: [any DomainProof] = rule.map { rule in
+            let pinned = validator.pinned(to: rule)
+            return strongestFirst.compactMap { proof -> (any DomainProof)? in
+                if proof.method == .pkix { return PKIXProof(validator: pinned) }
+                return rule.permits(proof.method) ? proof : nil
+            }
+        } ?? strongestFirst
         let outcome: ProofOutcome = await inFlight.run("prove|\(link.id)|\(domain)|\(fresh)") {
             var refutation: String?
             var reasons: [String] = []
@@ -69,12 +80,41 @@ extension FederationManager {
                 }
             }
             if let refutation { return .refuted(refutation) }
+            if let rule { reasons.append("pinned by \(rule.name): only a chain to its CAs\(rule.allowedProofs.isEmpty ? "" : " or " + rule.allowedProofs.map(\.rawValue).sorted().joined(separator: ", "))") }
             return .notApplicable(reasons.joined(separator: "; "))
         }
         if case .proven(let method, let expires) = outcome {
             link.recordProof(of: domain, method: method, expires: expires)
         }
         return outcome
+    }
+
+    /// The trust pin covering `domain` on `link`, if any: by the domain or a pattern, else by
+    /// server host: the one we connected to, and those the domain's SRV records name (looked
+    /// up, and cached, only when some rule matches by host).
+    func trustRule(for domain: String, on link: FederationLink?) async -> PeerTrustRule? {
+        let anchors = validator.anchors
+        if let rule = anchors.rule(for: domain) { return rule }
+        guard anchors.hasHostRules else { return nil }
+        var hosts: [String] = []
+        if let target = link?.peerTarget { hosts.append(target.host) }
+        if case .targets(let targets) = await locate(domain) { hosts += targets.map(\.host) }
+        return anchors.rule(for: domain, targetHosts: hosts)
+    }
+
+    /// Whether `remote` may be authenticated only by a certificate on the connection: the
+    /// `require_certificates` policy, or a trust pin that does not allow dialback.
+    func certificateRequired(_ remote: String, on link: FederationLink?) async -> Bool {
+        if requiresCertificates(remote) { return true }
+        guard let rule = await trustRule(for: remote, on: link) else { return false }
+        return !rule.permits(.dialback)
+    }
+
+    /// PKIX for SASL EXTERNAL (RFC 6120 §6.4, XEP-0178): to the pin's roots when `domain` is
+    /// pinned, else to the default ones.
+    func validateCertificate(_ chain: [Certificate], for domain: String, on link: FederationLink) async -> Result<ValidatedPeerCertificate, PeerCertificateFailure> {
+        let rule = await trustRule(for: domain, on: link)
+        return await (rule.map { validator.pinned(to: $0) } ?? validator).validate(chain: chain, for: domain)
     }
 
     enum AssertionDecision: Sendable {
@@ -111,8 +151,9 @@ extension FederationManager {
         case .notApplicable:
             break
         }
-        if requiresCertificates(remote) {
-            return .refused(StanzaError(.notAuthorized, text: "a certificate, POSH or DANE proof for \(remote) is required"))
+        if await certificateRequired(remote, on: link) {
+            metrics.certificateRequiredRefusals.increment()
+            return .refused(StanzaError(.notAuthorized, text: "a certificate proof for \(remote) is required"))
         }
         // Pairs with the same peer domain asserted at once on this link wait for one
         // verification; if it succeeds they reuse its proof (digest §14 step 4).
@@ -215,7 +256,8 @@ extension FederationManager {
         // OCSP needs each certificate's issuer: check the validated path, which ends in the
         // trusted root the peer need not have sent.
         let domain = link.authorizations.first?.pair.remote ?? ""
-        let path = await validator.trustedPath(of: chain, for: domain, at: now) ?? chain
+        let rule = await trustRule(for: domain, on: link)
+        let path = await (rule.map { validator.pinned(to: $0) } ?? validator).trustedPath(of: chain, for: domain, at: now) ?? chain
         let verdict = await revocation.check(chain: path, at: now)
         switch verdict.status {
         case .revoked(let reason):

@@ -8,22 +8,51 @@ import XMPPCore
 /// RFC 6120 §13.6: per-peer trust anchors can be configured, and for such a peer the general
 /// store is not used at all.
 public struct PeerTrustAnchors: Sendable {
-    /// Roots for every peer without its own anchors: the system store plus configured extras.
+    /// Roots for every peer no rule covers: the system store plus configured extras.
     public var defaultRoots: [Certificate]
-    /// Peers (by canonical domain) that chain only to these roots.
-    public var peerRoots: [String: [Certificate]]
+    /// Trust pins: peers (by domain, domain pattern or server host) whose certificates must
+    /// chain to the rule's roots only, and which other proofs they may still use.
+    public var rules: [PeerTrustRule]
 
-    public init(defaultRoots: [Certificate], peerRoots: [String: [Certificate]] = [:]) {
+    /// - Parameters:
+    ///   - peerRoots: peers (by canonical domain) that chain only to these roots and have no
+    ///     other way in (shorthand for one exact rule each, with no other proofs allowed).
+    public init(defaultRoots: [Certificate], peerRoots: [String: [Certificate]] = [:], rules: [PeerTrustRule] = []) {
         self.defaultRoots = defaultRoots
-        self.peerRoots = peerRoots
+        self.rules = peerRoots.sorted { $0.key < $1.key }.map { domain, roots in
+            PeerTrustRule(name: "peers.\(domain)", domains: [domain], roots: roots)
+        } + rules
     }
 
-    /// The roots for `domain`.
-    public func roots(for domain: String) -> [Certificate] {
-        if let canonical = try? JID(domain: domain).domainpart, let specific = peerRoots[canonical] {
-            return specific
+    /// Whether some rule matches by server host, so that finding the rule for a domain may
+    /// need its DNS location.
+    public var hasHostRules: Bool { rules.contains { !$0.targetHosts.isEmpty } }
+
+    /// The rule covering `domain`, reached through `targetHosts` (the host we connected to,
+    /// and the hosts its SRV records name): a rule naming the domain itself wins, then the
+    /// longest matching pattern, then the first rule naming one of the hosts.
+    public func rule(for domain: String, targetHosts: [String] = []) -> PeerTrustRule? {
+        let canonical = (try? JID(domain: domain).domainpart) ?? domain.lowercased()
+        if let exact = rules.first(where: { $0.domains.contains(canonical) }) { return exact }
+        let bySuffix = rules.compactMap { rule -> (PeerTrustRule, Int)? in
+            let lengths = rule.domainSuffixes.filter { canonical.hasSuffix($0) && canonical.count > $0.count }.map(\.count)
+            return lengths.max().map { (rule, $0) }
         }
-        return defaultRoots
+        if let longest = bySuffix.max(by: { $0.1 < $1.1 }) { return longest.0 }
+        let hosts = Set(targetHosts.map { PeerTrustRule.canonicalHost($0) })
+        guard !hosts.isEmpty else { return nil }
+        return rules.first { rule in rule.targetHosts.contains { hosts.contains($0) } }
+    }
+
+    /// The roots for `domain` (see ``rule(for:targetHosts:)``).
+    public func roots(for domain: String, targetHosts: [String] = []) -> [Certificate] {
+        rule(for: domain, targetHosts: targetHosts)?.roots ?? defaultRoots
+    }
+
+    /// The same anchors with every peer pinned to `roots` (a rule's roots, once the rule has
+    /// been found).
+    public func pinned(to roots: [Certificate]) -> PeerTrustAnchors {
+        PeerTrustAnchors(defaultRoots: roots)
     }
 
     /// The system's trusted CAs (Debian: /etc/ssl/certs/ca-certificates.crt). Unreadable
@@ -52,6 +81,60 @@ public struct PeerTrustAnchors: Sendable {
             guard document.discriminator == "CERTIFICATE" else { return nil }
             return try? Certificate(derEncoded: document.derBytes)
         }
+    }
+}
+
+/// A trust pin (RFC 6120 §13.7.2.1 leaves the choice of trust anchors to the deployment):
+/// the peers it covers must present a certificate chaining to `roots`, and every other way of
+/// proving their domains (DANE, POSH, dialback) is refused unless listed in `allowedProofs`.
+/// A provider with many customer domains is covered by one rule, by domain pattern or by the
+/// host names of its servers, rather than one entry per domain.
+public struct PeerTrustRule: Sendable {
+    /// Where the rule comes from, for logs (`peers.DOMAIN`, `provider_trust[0]`).
+    public var name: String
+    /// Canonical domains covered.
+    public var domains: [String]
+    /// From patterns `*.SUFFIX`: every domain ending in `.SUFFIX`, at any depth (not SUFFIX
+    /// itself; list it in `domains`).
+    public var domainSuffixes: [String]
+    /// Server host names (SRV targets, or the host a static peer entry connects to): a
+    /// domain is covered when we connected to one of them, or its SRV records name one. This
+    /// follows DNS: an attacker who can forge the domain's SRV answer can steer around it,
+    /// which DNSSEC prevents. Domain patterns do not depend on DNS.
+    public var targetHosts: [String]
+    public var roots: [Certificate]
+    /// Proof methods accepted besides PKIX to `roots`.
+    public var allowedProofs: Set<ProofMethod>
+
+    public init(name: String, domains: [String] = [], patterns: [String] = [], targetHosts: [String] = [],
+                roots: [Certificate], allowedProofs: Set<ProofMethod> = []) {
+        self.name = name
+        var exact: [String] = []
+        var suffixes: [String] = []
+        for entry in domains + patterns {
+            if entry.hasPrefix("*.") {
+                suffixes.append("." + ((try? JID(domain: String(entry.dropFirst(2))).domainpart) ?? String(entry.dropFirst(2)).lowercased()))
+            } else {
+                exact.append((try? JID(domain: entry).domainpart) ?? entry.lowercased())
+            }
+        }
+        self.domains = exact
+        self.domainSuffixes = suffixes
+        self.targetHosts = targetHosts.map(Self.canonicalHost)
+        self.roots = roots
+        self.allowedProofs = allowedProofs
+    }
+
+    /// Whether a proof by `method` may authenticate a peer this rule covers. PKIX always may
+    /// (to the rule's roots only).
+    public func permits(_ method: ProofMethod) -> Bool {
+        method == .pkix || allowedProofs.contains(method)
+    }
+
+    static func canonicalHost(_ host: String) -> String {
+        var host = host.lowercased()
+        if host.hasSuffix(".") { host.removeLast() }
+        return host
     }
 }
 
@@ -103,8 +186,13 @@ public struct PeerCertificateValidator: Sendable {
         self.minimumRemainingLifetime = minimumRemainingLifetime
     }
 
+    /// This validator with every peer pinned to `rule`'s roots.
+    public func pinned(to rule: PeerTrustRule) -> PeerCertificateValidator {
+        PeerCertificateValidator(anchors: anchors.pinned(to: rule.roots), minimumRemainingLifetime: minimumRemainingLifetime)
+    }
+
     /// Validates `chain` (leaf first, as presented) for `domain` at `time`.
-    public func validate(chain: [Certificate], for domain: String, at time: Date = Date()) async -> Result<ValidatedPeerCertificate, PeerCertificateFailure> {
+    public func validate(chain: [Certificate], for domain: String, at time: Date = Date(), targetHosts: [String] = []) async -> Result<ValidatedPeerCertificate, PeerCertificateFailure> {
         guard let leaf = chain.first else { return .failure(.noCertificate) }
         let identity: CertificateIdentity
         do {
@@ -115,7 +203,7 @@ public struct PeerCertificateValidator: Sendable {
         guard let match = identity.matches(domain: domain, service: .xmppServer) else {
             return .failure(.nameMismatch(domain))
         }
-        var verifier = Verifier(rootCertificates: CertificateStore(anchors.roots(for: domain))) {
+        var verifier = Verifier(rootCertificates: CertificateStore(anchors.roots(for: domain, targetHosts: targetHosts))) {
             RFC5280Policy(validationTime: time)
             XMPPPeerKeyUsagePolicy()
         }
@@ -140,9 +228,9 @@ extension PeerCertificateValidator {
     /// The validated path from `chain`'s leaf to a trusted root, without any name check:
     /// what revocation checks need (each certificate with its issuer). Nil when no path
     /// validates at `time`.
-    public func trustedPath(of chain: [Certificate], for domain: String, at time: Date = Date()) async -> [Certificate]? {
+    public func trustedPath(of chain: [Certificate], for domain: String, at time: Date = Date(), targetHosts: [String] = []) async -> [Certificate]? {
         guard let leaf = chain.first else { return nil }
-        var verifier = Verifier(rootCertificates: CertificateStore(anchors.roots(for: domain))) {
+        var verifier = Verifier(rootCertificates: CertificateStore(anchors.roots(for: domain, targetHosts: targetHosts))) {
             RFC5280Policy(validationTime: time)
             XMPPPeerKeyUsagePolicy()
         }

@@ -94,6 +94,28 @@ struct ConfigurationTests {
         #expect(throws: ConfigurationError.self) { try BraidConfiguration.parse(yaml: "s2s:\n  peers:\n    example.org:\n      hots: x\n") }
     }
 
+    @Test("Trust pins: per peer with allowed proofs, and per provider by pattern or host; unknown keys and bad proofs refused")
+    func trustPins() throws {
+        let yaml = """
+        s2s:
+          peers:
+            partner.example:
+              trust_anchor_files: [/etc/braid/partner-ca.pem]
+              allowed_proofs: [dane]
+          provider_trust:
+            - domains: ["*.hosted.example", hosted.example]
+              targets: [xmpp.hosted.example]
+              trust_anchor_files: [/etc/braid/hosted-ca.pem]
+              allowed_proofs: [dialback, posh]
+        """
+        let configuration = try BraidConfiguration.parse(yaml: yaml)
+        #expect(configuration.s2s.peers["partner.example"]?.allowedProofs == [.dane])
+        #expect(configuration.s2s.providerTrust == [.init(domains: ["*.hosted.example", "hosted.example"], targets: ["xmpp.hosted.example"],
+                                                          trustAnchorFiles: ["/etc/braid/hosted-ca.pem"], allowedProofs: [.dialback, .posh])])
+        #expect(throws: ConfigurationError.self) { try BraidConfiguration.parse(yaml: "s2s:\n  provider_trust:\n    - domains: [x.example]\n      trust_anchors: [a.pem]\n") }
+        #expect(throws: ConfigurationError.self) { try BraidConfiguration.parse(yaml: "s2s:\n  provider_trust:\n    - domains: [x.example]\n      allowed_proofs: [telepathy]\n") }
+    }
+
     @Test("The config file is found by --config, then BRAID_CONFIG")
     func location() {
         #expect(BraidConfiguration.locateFile(explicit: "/x.yaml", environment: ["BRAID_CONFIG": "/y.yaml"]) == "/x.yaml")

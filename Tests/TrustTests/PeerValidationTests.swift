@@ -80,6 +80,32 @@ struct PeerValidationTests {
         guard case .success = other else { Issue.record("general store lost for other peers: \(other)"); return }
     }
 
+    @Test("Trust rules: a domain entry beats a pattern, the longest pattern wins, hosts match last; only PKIX unless allowed")
+    func trustRules() {
+        let exact = PeerTrustRule(name: "exact", domains: ["Customer.Example"], roots: [Self.otherCA.certificate])
+        let broad = PeerTrustRule(name: "broad", patterns: ["*.provider.example"], roots: [Self.otherCA.certificate], allowedProofs: [.dane])
+        let narrow = PeerTrustRule(name: "narrow", patterns: ["*.eu.provider.example"], roots: [Self.otherCA.certificate])
+        let byHost = PeerTrustRule(name: "host", targetHosts: ["XMPP.Provider.Example."], roots: [Self.otherCA.certificate], allowedProofs: [.dialback])
+        let anchors = PeerTrustAnchors(defaultRoots: [Self.ca.certificate], rules: [byHost, broad, narrow, exact])
+        #expect(anchors.rule(for: "customer.example", targetHosts: ["xmpp.provider.example"])?.name == "exact")
+        #expect(anchors.rule(for: "a.eu.provider.example")?.name == "narrow")
+        #expect(anchors.rule(for: "x.y.provider.example")?.name == "broad")
+        // A pattern covers subdomains, not the suffix itself.
+        #expect(anchors.rule(for: "provider.example") == nil)
+        #expect(anchors.rule(for: "shop.example", targetHosts: ["xmpp.provider.example"])?.name == "host")
+        #expect(anchors.rule(for: "shop.example", targetHosts: ["other.example"]) == nil)
+        #expect(anchors.rule(for: "shop.example") == nil)
+        #expect(anchors.hasHostRules)
+        #expect(anchors.roots(for: "shop.example") == [Self.ca.certificate])
+        #expect(anchors.roots(for: "x.provider.example") == [Self.otherCA.certificate])
+        // PKIX is always the way in; others only when listed.
+        #expect(broad.permits(.pkix) && broad.permits(.dane) && !broad.permits(.posh) && !broad.permits(.dialback))
+        #expect(byHost.permits(.dialback) && !byHost.permits(.dane))
+        // The peerRoots shorthand is an exact rule with nothing else allowed.
+        let shorthand = PeerTrustAnchors(defaultRoots: [], peerRoots: ["peer.example": [Self.otherCA.certificate]]).rule(for: "PEER.example")
+        #expect(shorthand?.allowedProofs.isEmpty == true)
+    }
+
     @Test("Server-auth-only, client-auth-only and no EKU are accepted; other purposes are not", arguments: [
         (TestCertificateAuthority.ExtendedKeyUsages.serverAuthOnly, true),
         (.clientAuthOnly, true),
