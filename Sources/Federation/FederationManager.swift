@@ -308,27 +308,20 @@ public final class FederationManager: Sendable {
         }
     }
 
-    /// Records a proof for a pair on a link and, for the outbound direction, makes the link
-    /// the pair's route and sends what waited for it, in order. On a bidirectional link the
-    /// reverse direction comes with it (XEP-0288 §2.2).
-    ///
-    /// `appliedByAnswer`: the link already recorded the authorisation (both ways on a bidi
-    /// link) when the peer's valid answer arrived; only routes and metrics remain.
-    func authorize(_ pair: DomainPair, _ direction: PairDirection, on link: FederationLink, method: ProofMethod, expires: Date?,
-                   appliedByAnswer: Bool = false) {
-        guard !link.isClosed else { return }
+    /// Records a proof for a pair on a link (on a bidirectional link the reverse direction
+    /// comes with it, XEP-0288 §2.2), then routes what waited for it (``authorized``).
+    func authorize(_ pair: DomainPair, _ direction: PairDirection, on link: FederationLink, method: ProofMethod, expires: Date?) {
+        let directions = link.authorize(pair, direction, method: method, expires: expires, alsoReverse: true)
+        authorized(pair, directions, on: link, method: method)
+    }
+
+    /// After a link's table took a proof for `pair` in `directions` (its own decision, made
+    /// under the same access as the change): metrics and, for the outbound direction, the
+    /// link becomes the pair's route and what waited for it is sent, in order.
+    func authorized(_ pair: DomainPair, _ directions: [PairDirection], on link: FederationLink, method: ProofMethod) {
+        guard !directions.isEmpty else { return }
         state.withLock { $0.linkGeneration &+= 1 }
-        if !appliedByAnswer { link.authorize(pair, direction, method: method, expires: expires) }
-        metrics.proof(method, direction: direction)
-        var directions = [direction]
-        if link.isBidirectional {
-            let reverse: PairDirection = direction == .outbound ? .inbound : .outbound
-            if appliedByAnswer || !link.isAuthorized(pair, reverse) {
-                if !appliedByAnswer { link.authorize(pair, reverse, method: method, expires: expires) }
-                metrics.proof(method, direction: reverse)
-                directions.append(reverse)
-            }
-        }
+        for direction in directions { metrics.proof(method, direction: direction) }
         if link.isBidirectional && link.pairCount <= 2 { scheduleDuplicateLinkChecks() }
         guard directions.contains(.outbound) else { return }
         let flushed = state.withLock { state -> Int in

@@ -69,8 +69,13 @@ final class LinkSession {
             case .invalid: .invalid
             case .error: .error(element.error ?? StanzaError(.undefinedCondition))
             }
-            if !link.answer(DomainPair(local: local, remote: remote), answer) {
+            let pair = DomainPair(local: local, remote: remote)
+            guard let effects = link.answer(pair, answer) else {
                 logger.info("ignoring an unsolicited dialback answer", metadata: ["from": "\(element.from)", "to": "\(element.to)"])
+                return
+            }
+            if let proof = effects.proof {
+                manager.authorized(pair, effects.authorized, on: link, method: proof.method)
             }
         case (.result, nil):
             // The peer asserts a further domain. On a link we opened this is only allowed

@@ -33,18 +33,21 @@ extension FederationManager {
             // between this look and taking the connection slot (see connect).
             let considered = state.withLock { $0.linkGeneration }
             if let link = routedLink(for: pair) {
-                authorize(pair, .outbound, on: link, method: link.authorization(pair, .outbound)?.method ?? .dns, expires: link.authorization(pair, .outbound)?.expires)
+                // Authorised already (the reverse of a pair the peer asserted on a bidi link):
+                // only the route and what waited remain.
+                authorized(pair, [.outbound], on: link, method: link.authorization(pair, .outbound)?.method ?? .dns)
                 return
             }
             if configuration.multiplex, let (link, proof) = await linkToJoin(for: pair, excluding: excluded) {
                 let outcome = await requestPair(pair, on: link, method: proof.method, expires: proof.expires)
                 switch outcome {
                 case .valid:
-                    authorize(pair, .outbound, on: link, method: proof.method, expires: proof.expires, appliedByAnswer: true)
+                    // The link authorised the pair and routed it when the answer arrived
+                    // (LinkSession, before the peer's next element was read).
                     metrics.connectionsSaved.increment()
                     logger.debug("pair joined an existing link", metadata: ["pair": "\(pair)", "link": "\(link.id.prefix(8))", "proof": "\(proof.method.rawValue)"])
                     return
-                case .error(let error) where error.condition == .notAuthorized && presentsOwnCertificate(pair.local, on: link):
+                case .error(let error) where error.condition == .notAuthorized && presentsCertificate(of: pair.local, on: link):
                     // The peer found no proof of our domain in the certificate this link
                     // presents, which is the one a connection of its own would present too:
                     // the answer is about the domain, and final (a POSH document listing
@@ -81,11 +84,6 @@ extension FederationManager {
             }
         }
         pairFailed(pair, error: StanzaError(.remoteServerTimeout, text: "could not set up \(pair) within \(configuration.pairSetupTimeoutSeconds) s"), backoff: false)
-    }
-
-    /// Whether `link` presents the certificate a connection of `local`'s own would present.
-    private func presentsOwnCertificate(_ local: String, on link: FederationLink) -> Bool {
-        presentsCertificate(of: local, on: link)
     }
 
     /// The link the pair is authorised on already (for example, the reverse of a pair the

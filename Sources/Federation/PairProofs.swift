@@ -214,7 +214,7 @@ extension FederationManager {
                 let outcome = await proveRemote(domain, on: link, fresh: true)
                 if case .proven(let method, let expires) = outcome, expires.map({ $0 > earliest }) ?? true {
                     for authorization in authorizations {
-                        link.authorize(authorization.pair, authorization.direction, method: method, expires: expires)
+                        link.renew(authorization.pair, authorization.direction, method: method, expires: expires)
                     }
                     logger.debug("renewed a proof", metadata: ["link": "\(link.id.prefix(8))", "domain": "\(domain)", "method": "\(method.rawValue)"])
                     continue

@@ -12,7 +12,7 @@ struct OutboundQueueTests {
 
     @Test("A pair with one stanza waits behind at most one stanza of a pair with a thousand")
     func roundRobin() {
-        var queues = FederationLink.OutboundQueues()
+        var queues = LinkStateMachine.OutboundQueues()
         let busy = DomainPair(local: "a.example", remote: "b.example")
         let quiet = DomainPair(local: "c.example", remote: "b.example")
         for index in 0..<1000 { queues.push(stanza("busy\(index)"), for: busy) }
@@ -26,7 +26,7 @@ struct OutboundQueueTests {
 
     @Test("Each pair keeps its own order, and every stanza comes out exactly once")
     func orderPerPair() {
-        var queues = FederationLink.OutboundQueues()
+        var queues = LinkStateMachine.OutboundQueues()
         let pairs = (0..<5).map { DomainPair(local: "a\($0).example", remote: "b.example") }
         for round in 0..<20 {
             for (index, pair) in pairs.enumerated() where round % (index + 1) == 0 {
@@ -50,7 +50,7 @@ struct OutboundQueueTests {
 
     @Test("Everything still queued is handed back in order when the link closes")
     func removeAll() {
-        var queues = FederationLink.OutboundQueues()
+        var queues = LinkStateMachine.OutboundQueues()
         let pair = DomainPair(local: "a.example", remote: "b.example")
         for index in 0..<3 { queues.push(stanza("s\(index)"), for: pair) }
         #expect(queues.removeAll().map(\.id) == ["s0", "s1", "s2"])
