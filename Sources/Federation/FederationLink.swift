@@ -149,6 +149,9 @@ public final class FederationLink: Sendable {
         state.withLock { $0.carriedProof(of: domain, at: time) }
     }
 
+    /// Some pair or recorded proof here rests on the peer's certificate.
+    var restsOnCertificate: Bool { state.withLock { $0.restsOnCertificate } }
+
     var nextRevocationCheck: Date { state.withLock { $0.nextRevocationCheck } }
 
     func setNextRevocationCheck(_ date: Date) {

@@ -115,6 +115,8 @@ public final class FederationManager: Sendable {
     private let maintenance = Mutex<Task<Void, Never>?>(nil)
     /// Peer certificates (DER of the leaf) found revoked: no proof rests on them again.
     let revokedCertificates = Mutex<Set<[UInt8]>>([])
+    /// OCSP answers per certificate, shared by every link that presents it.
+    let revocationAnswers = RevocationAnswerCache()
     /// Connection attempts under way, awaited on shutdown so none outlives the event loops.
     let connectAttempts = Mutex<[UUID: EventLoopFuture<any Channel>]>([:])
     /// The runner of duplicate-link passes: whether it runs, and whether a new link asked
@@ -761,6 +763,43 @@ final class InFlightWork: Sendable {
         // The key names the work, so the value has the type the first caller gave.
         guard let typed = value as? T else { return await work() }
         return typed
+    }
+}
+
+/// OCSP answers per certificate (its DER), kept until the answer's `nextUpdate`, or 24 hours
+/// without one (RFC 6960 §2.4, RFC 6120 §13.7.2.3), and shared by every link that presents
+/// the certificate: a provider whose fifty links present one certificate is asked once.
+final class RevocationAnswerCache: Sendable {
+    private struct Entry {
+        var verdict: RevocationVerdict
+        var until: Date
+    }
+
+    private let entries = Mutex<[[UInt8]: Entry]>([:])
+    /// A bound on remembered certificates: a flood of distinct ones cannot grow memory.
+    static let capacity = 10_000
+
+    /// The answer for `certificate` while it is still current.
+    func verdict(for certificate: [UInt8], at time: Date) -> RevocationVerdict? {
+        entries.withLock { entries in
+            guard let entry = entries[certificate] else { return nil }
+            guard time < entry.until else {
+                entries[certificate] = nil
+                return nil
+            }
+            return entry.verdict
+        }
+    }
+
+    func store(_ verdict: RevocationVerdict, for certificate: [UInt8], until: Date) {
+        entries.withLock { entries in
+            if entries.count >= Self.capacity {
+                let now = Date()
+                entries = entries.filter { $0.value.until > now }
+                if entries.count >= Self.capacity { entries.removeAll() }
+            }
+            entries[certificate] = Entry(verdict: verdict, until: until)
+        }
     }
 }
 

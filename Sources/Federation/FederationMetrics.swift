@@ -28,6 +28,10 @@ public struct FederationMetrics: Sendable {
     /// Peers refused because only a certificate could prove them (`require_certificates`, or
     /// a trust pin that does not allow dialback) and none did.
     let certificateRequiredRefusals: Counter
+    /// OCSP requests made (answers are shared per certificate until their `nextUpdate`).
+    let ocspRequests: Counter
+    /// Re-validation passes over the links (every `revalidation_interval_seconds`).
+    let revalidationPasses: Counter
     let factory: any MetricsFactory
 
     public init(factory: any MetricsFactory) {
@@ -48,6 +52,8 @@ public struct FederationMetrics: Sendable {
         duplicatesDropped = Counter(label: "braid_s2s_duplicates_dropped_total", factory: factory)
         securityViolations = Counter(label: "braid_s2s_security_violations_total", factory: factory)
         certificateRequiredRefusals = Counter(label: "braid_s2s_certificate_required_refusals_total", factory: factory)
+        ocspRequests = Counter(label: "braid_s2s_ocsp_requests_total", factory: factory)
+        revalidationPasses = Counter(label: "braid_s2s_revalidation_passes_total", factory: factory)
     }
 
     /// The state of the links now: how many, how many pairs they carry, and what waits.

@@ -128,6 +128,12 @@ struct LinkStateMachine: Sendable {
     /// (XEP-0288 §2.2).
     var handlesDialbackErrors: Bool { capabilities.dialbackErrors || (origin == .incoming && bidi) }
 
+    /// Some pair here, or a proof recorded for a later one, rests on the peer's certificate
+    /// (PKIX, DANE, POSH): a revoked certificate must reset the link.
+    var restsOnCertificate: Bool {
+        authorizations.values.contains { $0.method.isCertificateProof } || provenDomains.values.contains { $0.method.isCertificateProof }
+    }
+
     // MARK: Authorisations
 
     /// Enters a proof in the table: `pair` may flow in `direction` (and, with `alsoReverse`

@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import SwiftASN1
 import Trust
@@ -113,6 +114,9 @@ extension FederationManager {
     /// PKIX for SASL EXTERNAL (RFC 6120 §6.4, XEP-0178): to the pin's roots when `domain` is
     /// pinned, else to the default ones.
     func validateCertificate(_ chain: [Certificate], for domain: String, on link: FederationLink) async -> Result<ValidatedPeerCertificate, PeerCertificateFailure> {
+        if let leaf = chain.first, isRevoked(leaf) {
+            return .failure(.untrusted("the certificate presented was revoked"))
+        }
         let rule = await trustRule(for: domain, on: link)
         return await (rule.map { validator.pinned(to: $0) } ?? validator).validate(chain: chain, for: domain)
     }
@@ -185,6 +189,7 @@ extension FederationManager {
     /// nothing being trusted because it was trusted before. Stanzas the link owed are sent
     /// again on the next one.
     func revalidate(at now: Date = Date()) async {
+        defer { metrics.revalidationPasses.increment() }
         retireDuplicateLinks()
         let margin = max(2.0, configuration.revalidationIntervalSeconds * 2)
         for link in openLinks {
@@ -256,13 +261,37 @@ extension FederationManager {
         // OCSP needs each certificate's issuer: check the validated path, which ends in the
         // trusted root the peer need not have sent.
         let domain = link.authorizations.first?.pair.remote ?? ""
-        let rule = await trustRule(for: domain, on: link)
-        let path = await (rule.map { validator.pinned(to: $0) } ?? validator).trustedPath(of: chain, for: domain, at: now) ?? chain
-        let verdict = await revocation.check(chain: path, at: now)
+        let verdict: RevocationVerdict
+        let leafDER = chain.first.flatMap { try? $0.derBytes() } ?? []
+        if let known = revocationAnswers.verdict(for: leafDER, at: now) {
+            // Another link presenting this certificate asked already, and the answer is
+            // still current.
+            verdict = known
+        } else {
+            let rule = await trustRule(for: domain, on: link)
+            let path = await (rule.map { validator.pinned(to: $0) } ?? validator).trustedPath(of: chain, for: domain, at: now) ?? chain
+            // Links that present the same certificate at the same moment share one request.
+            let key = "ocsp|" + SHA256.hash(data: leafDER).map { String(format: "%02x", $0) }.joined()
+            verdict = await inFlight.run(key) { [metrics] in
+                metrics.ocspRequests.increment()
+                return await revocation.check(chain: path, at: now)
+            }
+            revocationAnswers.store(verdict, for: leafDER, until: verdict.nextCheck ?? now.addingTimeInterval(24 * 3600))
+        }
         switch verdict.status {
         case .revoked(let reason):
             if let leaf = chain.first, let der = try? leaf.derBytes() {
                 revokedCertificates.withLock { _ = $0.insert(der) }
+            }
+            // RFC 6120 §13.7.2.3: what rests on the certificate goes. A link whose pairs rest
+            // on dialback (or on DNS alone) never relied on it: it stays, and the certificate
+            // is never a proof again (proveRemote and SASL EXTERNAL check the revoked set).
+            // Resetting such a link would only make the next one, presenting the same
+            // certificate, be reset in turn.
+            guard link.restsOnCertificate else {
+                logger.notice("the peer's certificate was revoked; the link does not rest on it", metadata: ["link": "\(link.id.prefix(8))", "peer": "\(link.peerAddress)", "reason": "\(reason)"])
+                link.setNextRevocationCheck(now.addingTimeInterval(24 * 3600))
+                return
             }
             logger.warning("security: the peer's certificate was revoked; resetting the link", metadata: ["link": "\(link.id.prefix(8))", "peer": "\(link.peerAddress)", "reason": "\(reason)"])
             metrics.resets("revoked")

@@ -277,13 +277,20 @@ struct RevocationTests {
                 #expect(try await bob.waitFor(timeout: .seconds(10)) { $0.name == "message" }.body == "two")
                 let methods = (pair.a.server.federation?.links ?? []).filter { !$0.closed }.flatMap(\.pairs).filter { $0.direction == .outbound }.map(\.method)
                 #expect(methods == [.dns])
+                // The new link does not rest on the certificate, so the (cached) revoked answer
+                // leaves it up; the responder was asked once for both links.
+                let second = try #require(pair.a.server.federation?.openLinks.first)
+                try await waitUntil { second.nextRevocationCheck > Date() + 60 }
+                #expect(pair.a.metrics.counterValue("braid_s2s_link_resets_total", [("reason", "revoked")]) == 1)
+                #expect(pair.a.metrics.counterValue("braid_s2s_ocsp_requests_total") == 1)
+                #expect(pair.a.server.federation?.openLinks.first === second)
                 await alice.close()
                 await bob.close()
             }
         }
     }
 
-    @Test("A good OCSP answer leaves the link alone")
+    @Test("A good OCSP answer leaves the link alone, and is shared by the next link presenting the certificate")
     func goodCertificateStays() async throws {
         let ocspPort = try LoopbackPorts.freePort()
         try await withFederation(ocspPort: ocspPort, configureA: { $0.s2s.revalidationIntervalSeconds = 0.25 }) { pair in
@@ -293,12 +300,26 @@ struct RevocationTests {
                 try await bob.sendPresence()
                 try await alice.sendMessage(to: "bob@b.example", body: "one")
                 _ = try await bob.waitFor(timeout: .seconds(10)) { $0.name == "message" }
-                let link = pair.a.server.federation?.openLinks.first
-                // Revalidation ran several times, and the check was answered "good".
-                try await Task.sleep(for: .seconds(1.5))
-                #expect(link.map { $0.nextRevocationCheck > Date() + 60 } == true)
+                let first = try #require(pair.a.server.federation?.openLinks.first)
+                // The check was answered "good": the next one is due at the answer's nextUpdate.
+                try await waitUntil { first.nextRevocationCheck > Date() + 60 }
+                #expect(pair.a.metrics.counterValue("braid_s2s_ocsp_requests_total") == 1)
+                // Revalidation passes keep running (every 0.25 s) and leave the link alone.
+                let passes = pair.a.metrics.counterValue("braid_s2s_revalidation_passes_total")
+                try await waitUntil { pair.a.metrics.counterValue("braid_s2s_revalidation_passes_total") >= passes + 3 }
                 #expect(pair.a.metrics.counterValue("braid_s2s_link_resets_total", [("reason", "revoked")]) == 0)
-                #expect(pair.a.server.federation?.openLinks.first === link)
+                #expect(pair.a.server.federation?.openLinks.first === first)
+                #expect(pair.a.metrics.counterValue("braid_s2s_ocsp_requests_total") == 1)
+
+                // A new link presenting the same certificate takes the cached answer (RFC 6960
+                // §2.4: good until nextUpdate) instead of asking the responder again.
+                first.closeStream()
+                try await waitUntil { pair.a.server.federation?.openLinks.contains { $0 === first } == false }
+                try await alice.sendMessage(to: "bob@b.example", body: "two")
+                #expect(try await bob.waitFor(timeout: .seconds(10)) { $0.name == "message" }.body == "two")
+                let second = try #require(pair.a.server.federation?.openLinks.first { $0 !== first && $0.origin == .outgoing })
+                try await waitUntil { second.nextRevocationCheck > Date() + 60 }
+                #expect(pair.a.metrics.counterValue("braid_s2s_ocsp_requests_total") == 1)
                 await alice.close()
                 await bob.close()
             }

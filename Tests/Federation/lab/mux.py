@@ -55,6 +55,10 @@ WEB_HOST_NUMBER = 40
 EVIL_HOST_NUMBER = 41
 EVIL_DOMAIN = "evil.test"
 BAD_POSH_EXPIRES = 8        # seconds: the wrong document must not be cached for long
+# The fixed document's lifetime: short, so that a repeated posh-failure run (--repeat) can
+# write the wrong one again and see the previous run's POSH proof lapse (RFC 7711 §6).
+FIXED_POSH_EXPIRES = 20
+BAD_FINGERPRINT = None      # the web server's own certificate, set by start_web
 RUN_TAG = f"{random.getrandbits(32):08x}"
 PEER_SETTINGS = True         # set by build(): whether braid accepts s2s.peers entries
 S2S_FILTER = ["(", "sport", "=", ":5269", "or", "dport", "=", ":5269", "or", "sport", "=", ":5270",
@@ -174,7 +178,9 @@ def start_web(lab):
     for domain in POSH_DOMAINS:
         write_posh(lab, domain, cert_sha256_b64(braid2.cert), 3600)
     # The wrong fingerprint: the web server's own certificate, not the one braid2 presents.
-    write_posh(lab, BAD_POSH_DOMAIN, cert_sha256_b64(cert), BAD_POSH_EXPIRES)
+    global BAD_FINGERPRINT
+    BAD_FINGERPRINT = cert_sha256_b64(cert)
+    write_posh(lab, BAD_POSH_DOMAIN, BAD_FINGERPRINT, BAD_POSH_EXPIRES)
     service = L.Service("posh-server", L.in_netns(web_ns, [L.PYTHON, os.path.abspath(__file__), "posh-server",
                                                            directory, cert, key, web_ip, "443"]),
                         os.path.join(directory, "posh-server.log"))
@@ -590,6 +596,20 @@ def scenario_posh_failure(lab, details, a, b):
                        "mismatching POSH document alone (RFC 7711 §3.3, docs/federation.md)")
     legit_a, legit_b = a.users(a.domains[2])[0], b.users(b.domains[2])[0]
     bad_user = b.users(BAD_POSH_DOMAIN)[0]
+    # A repeated run starts from the wrong document again. The previous run left the domain
+    # proven by POSH on the live link until the fixed document's expiry; wait for that proof
+    # to lapse (the link is reset and every domain proven afresh) before measuring.
+    write_posh(lab, BAD_POSH_DOMAIN, BAD_FINGERPRINT, BAD_POSH_EXPIRES)
+
+    def bad_domain_on_link():
+        return any(pair_field(pair, "remote", "remoteDomain", "remote_domain") == BAD_POSH_DOMAIN
+                   for _, pair in link_pairs(a, b))
+    if bad_domain_on_link():
+        started = time.monotonic()
+        L.wait_until(lambda: not bad_domain_on_link(), FIXED_POSH_EXPIRES + 90,
+                     f"the previous run's POSH proof of {BAD_POSH_DOMAIN} to lapse", interval=1.0)
+        details.append(f"repeat: the previous run's POSH proof of {BAD_POSH_DOMAIN} lapsed after "
+                       f"{time.monotonic() - started:.1f}s")
     pool_a = Pool(lab, a, [legit_a])
     pool_b = Pool(lab, b, [legit_b, bad_user], no_name_check=True)
     deliver(pool_b, pool_a, messages_between([legit_b], [legit_a], "poshfail-open"))
@@ -637,7 +657,7 @@ def scenario_posh_failure(lab, details, a, b):
     L.expect(refusal_lines, f"{a.name} logged no \"dialback request refused\" naming {BAD_POSH_DOMAIN}")
     L.expect(link_before <= link_during, f"the link changed when the addition was refused: {sorted(link_during)}")
     # Fix the document; after its expiry and the retry backoff the pair joins the same link.
-    write_posh(lab, BAD_POSH_DOMAIN, cert_sha256_b64(b.cert), 3600)
+    write_posh(lab, BAD_POSH_DOMAIN, cert_sha256_b64(b.cert), FIXED_POSH_EXPIRES)
     fixed_at = time.monotonic()
     time.sleep(BAD_POSH_EXPIRES + 1)
     delivered_after = None
