@@ -2,6 +2,7 @@ import Foundation
 import NIOCore
 import Storage
 import Testing
+import TestSupport
 import XMPPCore
 import XMPPStream
 @testable import Server
@@ -140,7 +141,9 @@ struct InstantMessagingTests {
         try await withServer { server in
             let (alice, _) = try await server.loggedIn("alice@a.example")
             try await alice.sendPresence(type: "subscribe", to: "bob@b.example")
-            try await Task.sleep(for: .milliseconds(300))
+            // A session's stanzas are handled in order: once a later IQ is answered, the
+            // request has been stored.
+            try await alice.roundTrip()
             let (bob, _) = try await server.loggedIn("bob@b.example")
             try await bob.sendPresence()
             let request = try await bob.waitFor { $0.name == "presence" && $0.attribute("type") == "subscribe" }
@@ -182,7 +185,7 @@ struct InstantMessagingTests {
             try await low.sendPresence(priority: 1)
             try await negative.sendPresence(priority: -1)
             let (alice, _) = try await server.loggedIn("alice@a.example")
-            try await Task.sleep(for: .milliseconds(200))
+            for resource in [high, low, negative] { try await resource.roundTrip() }
             try await alice.sendMessage(to: "bob@b.example", body: "to the best")
             #expect(try await high.waitFor { $0.name == "message" }.body == "to the best")
             #expect(await low.expectSilence().map { $0.name == "message" } != true)
@@ -327,11 +330,11 @@ struct InstantMessagingTests {
             _ = try await alice.waitFor { $0.name == "message" }
             // The connection drops without a stream close; nothing acknowledged the message.
             try await alice.channel.close()
-            try await Task.sleep(for: .milliseconds(200))
+            try await waitUntil { server.metrics.counterValue("braid_sm_awaiting_resumption_total") == 1 }
             for index in 1...3 {
                 try await bob.sendMessage(to: aliceJID.description, body: "while away \(index)")
             }
-            try await Task.sleep(for: .milliseconds(200))
+            try await bob.roundTrip()
 
             let again = try await server.client()
             try await again.sendHeader(to: "a.example")
@@ -370,8 +373,8 @@ struct InstantMessagingTests {
             try await bob.sendMessage(to: aliceJID.description, body: "unacknowledged")
             _ = try await alice.waitFor { $0.name == "message" }
             try await alice.channel.close()
-            try await Task.sleep(for: .milliseconds(2500))
-            #expect(try await server.context.storage.offlineMessageCount(for: try JID("alice@a.example")) == 1)
+            // The resumption window closes and the unacknowledged message goes offline.
+            try await waitUntil { try await server.context.storage.offlineMessageCount(for: try JID("alice@a.example")) == 1 }
             let (back, _) = try await server.loggedIn("alice@a.example", resource: "new")
             try await back.sendPresence()
             #expect(try await back.waitFor { $0.name == "message" }.body == "unacknowledged")
@@ -388,11 +391,7 @@ struct InstantMessagingTests {
             let storage = server.context.storage
             try await storage.addDomain("c.example")
             try await storage.createUser(try JID("dave@c.example"), credentials: try TestServer.credentials(password: TestServer.password))
-            let deadline = ContinuousClock.now + .seconds(2)
-            while !server.context.domains.isHosted("c.example") && ContinuousClock.now < deadline {
-                try await Task.sleep(for: .milliseconds(50))
-            }
-            #expect(server.context.domains.isHosted("c.example"))
+            try await waitUntil(timeout: .seconds(2)) { server.context.domains.isHosted("c.example") }
             let (dave, jid) = try await server.loggedIn("dave@c.example")
             #expect(jid.description == "dave@c.example/test")
             try await storage.removeDomain("c.example")

@@ -327,16 +327,6 @@ struct RevocationTests {
     }
 }
 
-/// Polls `condition` until it holds (bounded).
-func waitUntil(timeout: Duration = .seconds(10), _ condition: () async throws -> Bool) async throws {
-    let deadline = ContinuousClock.now + timeout
-    while ContinuousClock.now < deadline {
-        if try await condition() { return }
-        try await Task.sleep(for: .milliseconds(50))
-    }
-    Issue.record("condition not met within \(timeout)")
-    throw CancellationError()
-}
 
 extension MultiplexingTests {
     @Test("Pairs set up at the same time from both sides share the link, and nothing is refused")

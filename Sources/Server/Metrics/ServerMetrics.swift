@@ -17,6 +17,8 @@ public struct ServerMetrics: Sendable {
     let offlineDelivered: Counter
     let offlineRefused: Counter
     let smResumed: Counter
+    /// Sessions whose connection dropped and that wait for resumption (XEP-0198).
+    let smAwaitingResumption: Counter
     let startupSeconds: Meter
 
     public init(registry: MetricsRegistry) {
@@ -36,6 +38,7 @@ public struct ServerMetrics: Sendable {
         offlineDelivered = Counter(label: "braid_offline_delivered_total", factory: registry)
         offlineRefused = Counter(label: "braid_offline_refused_total", factory: registry)
         smResumed = Counter(label: "braid_sm_resumed_total", factory: registry)
+        smAwaitingResumption = Counter(label: "braid_sm_awaiting_resumption_total", factory: registry)
         startupSeconds = Meter(label: "braid_startup_seconds", factory: registry)
     }
 

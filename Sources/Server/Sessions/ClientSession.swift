@@ -254,6 +254,7 @@ public final class ClientSession: Sendable {
         state.value.ackRequestTimer = nil
         if state.value.streamManagement?.resumable == true {
             logger.debug("connection lost; waiting for resumption", metadata: ["seconds": "\(settings.resumeTimeout.nanoseconds / 1_000_000_000)"])
+            settings.metrics.smAwaitingResumption.increment()
             state.value.resumeTimer = loop.scheduleTask(in: settings.resumeTimeout) {
                 self.logger.debug("resumption window expired")
                 self.end()

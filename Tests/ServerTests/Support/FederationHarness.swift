@@ -2,6 +2,7 @@ import Foundation
 import NIOCore
 import NIOPosix
 import Server
+import TestSupport
 import Trust
 import X509
 import XMPPCore
@@ -30,13 +31,6 @@ struct FederatedPair {
     /// The certificate B presents.
     let bCertificate: Certificate
 
-    static func freePort() async throws -> Int {
-        let group = MultiThreadedEventLoopGroup.singleton
-        let channel = try await ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).get()
-        let port = channel.localAddress?.port ?? 0
-        try await channel.close()
-        return port
-    }
 
     static func start(
         aDomains: [String] = ["a.example"], aUsers: [String] = ["alice@a.example"],
@@ -72,8 +66,8 @@ struct FederatedPair {
         let ca = try TestCertificateAuthority(ocspResponderURL: ocspPort.map { "http://127.0.0.1:\($0)" })
         let caFile = "\(directory)/ca.pem"
         try ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
-        let aPort = try await freePort()
-        let bPort = try await freePort()
+        let aPort = try LoopbackPorts.freePort()
+        let bPort = try LoopbackPorts.freePort()
 
         /// One certificate for every domain of a provider; with `certified`, the trusted
         /// certificate names only those (the others must be proven another way).

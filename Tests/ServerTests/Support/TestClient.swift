@@ -269,6 +269,13 @@ final class TestClient: Sendable {
 
     // MARK: Conveniences
 
+    /// A roster get and its answer: the server handles one session's stanzas in order, so
+    /// everything this client sent before has been processed when it returns.
+    func roundTrip() async throws {
+        let reply = try await iq(.get, payload: XMLElement(name: "query", namespace: "jabber:iq:roster"))
+        guard reply.attribute("type") == "result" else { throw Failure(description: "roster get failed: \(reply)") }
+    }
+
     /// Sends an IQ and waits for its reply.
     func iq(_ type: IQType, to: String? = nil, id: String = ServerContext.randomIdentifier(bytes: 4), payload: XMLElement) async throws -> XMLElement {
         var attributes = [XMLAttribute("type", type.rawValue), XMLAttribute("id", id)]
