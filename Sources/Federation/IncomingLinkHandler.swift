@@ -107,6 +107,10 @@ final class IncomingLinkHandler: ChannelInboundHandler {
             link.setCertificateChain(presentedChain.certificates.compactMap { try? Certificate(derEncoded: $0.toDERBytes()) })
             manager.checkRevocationSoon(link)
             negotiation.tlsEstablished()
+            // A new stream begins inside TLS: ours is open again only once we answer the
+            // peer's new header, so an error before then must open it first (RFC 6120
+            // §4.9.1.1; a bare <stream:error> there has an unbound prefix).
+            headerSent = false
         } else if case TLSUserEvent.handshakeCompleted = event {
             // Direct TLS: the chain is known before the first header.
             link.setCertificateChain(presentedChain.certificates.compactMap { try? Certificate(derEncoded: $0.toDERBytes()) })
@@ -193,6 +197,7 @@ final class IncomingLinkHandler: ChannelInboundHandler {
         case .externalSucceeded(let peer, let local):
             context.writeAndFlush(wrapOutboundOut(.element(XMLElement(name: "success", namespace: XMLNamespace.sasl))), promise: nil)
             decoder.restart(leftover: .parse, context: context)
+            headerSent = false
             link.recordProof(of: peer, method: .pkix, expires: externalProof?.expires)
             authenticatedByExternal = (peer, local)
             logger.info("peer authenticated with SASL EXTERNAL", metadata: ["peer-domain": "\(peer)", "local": "\(local)", "bidi": "\(link.isBidirectional)"])

@@ -24,6 +24,9 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
     private var negotiation: OutgoingServerNegotiation
     private let negotiated: OneShot<FederationLink>
     private var settled = false
+    /// Our side of the current stream is open (its header sent); false from the start and
+    /// again after the TLS handshake, until the next header.
+    private var streamOpen = false
     private var context: ChannelHandlerContext?
     private var logger: Logger
     /// The chain the peer presented, captured during the handshake.
@@ -117,7 +120,6 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         if let streamError = error as? any StreamErrorConvertible {
             logger.notice("peer sent bad input", metadata: ["error": "\(error)"])
-            manager.metrics.streamError(streamError.streamError.condition.rawValue)
             fail(FederationManager.LinkFailure(reason: "bad input from \(link.peerAddress): \(error)", stanzaError: StanzaError(.remoteServerTimeout), tryNextTarget: false), streamError: streamError.streamError)
         } else {
             logger.info("link error", metadata: ["error": "\(error)"])
@@ -134,6 +136,8 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
     /// certificates is dropped, and a proof that positively fails (a TLSA or POSH mismatch)
     /// drops it too. Never continue in the clear.
     private func tlsCompleted(context: ChannelHandlerContext) {
+        // A new stream begins inside TLS; ours is open only once we send its header.
+        streamOpen = false
         let chain = presentedChain.certificates.compactMap { try? Certificate(derEncoded: $0.toDERBytes()) }
         link.setCertificateChain(chain)
         manager.checkRevocationSoon(link)
@@ -176,6 +180,7 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
         case .none:
             break
         case .sendHeader(let header):
+            streamOpen = true
             context.write(wrapOutboundOut(.header(header)), promise: nil)
             context.flush()
         case .send(let element):
@@ -277,6 +282,14 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
         guard let context else { return }
         let channel = context.channel
         if let streamError {
+            // An error needs an open stream around it (RFC 6120 §4.9.1.1): right after the
+            // TLS handshake ours is not open yet, and a bare <stream:error> there is an
+            // unbound prefix to the peer (issue 10, item 11: it read not-well-formed).
+            if !streamOpen {
+                context.write(wrapOutboundOut(.header(negotiation.header)), promise: nil)
+                streamOpen = true
+            }
+            manager.metrics.streamError(streamError.condition.rawValue)
             context.writeAndFlush(wrapOutboundOut(.error(streamError))).whenComplete { _ in channel.close(promise: nil) }
         } else {
             channel.close(promise: nil)

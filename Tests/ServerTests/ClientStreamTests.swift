@@ -91,6 +91,27 @@ struct ClientStreamTests {
         }
     }
 
+    @Test("An error right after the TLS handshake or SASL success comes inside a new stream header (RFC 6120 §4.9.1.1)",
+          arguments: ["tls", "sasl"])
+    func errorOpensTheRestartedStream(restart: String) async throws {
+        try await withServer { server in
+            let client = try await server.client()
+            try await client.sendHeader(to: "a.example")
+            _ = try await client.nextElement()
+            try await client.send(XMLElement(name: "starttls", namespace: XMLNamespace.tls))
+            _ = try await client.waitFor { $0.name == "proceed" }
+            guard case .tlsEstablished = try await client.next() else { Issue.record("TLS did not start"); return }
+            if restart == "sasl" {
+                try await client.sendHeader(to: "a.example")
+                try await client.authenticate(features: try await client.nextElement(), username: "alice", password: TestServer.password, mechanism: "SCRAM-SHA-256")
+            }
+            // Not XML where the client's new header should be.
+            try await client.sendRaw("<<")
+            guard case .stream(.streamStart) = try await client.next() else { Issue.record("no stream header before the error"); return }
+            #expect(try await client.streamErrorCondition() == .notWellFormed)
+        }
+    }
+
     @Test("Without mandatory TLS, PLAIN is not offered in the clear")
     func plainOnlyInsideTLS() async throws {
         try await withServer(configure: { $0.c2s.requireTLS = false }) { server in

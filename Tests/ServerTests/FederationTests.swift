@@ -67,6 +67,23 @@ struct FederationTests {
         }
     }
 
+    @Test("Refusing the peer's certificate on our own link closes with a well-formed stream error (issue 10, item 11)")
+    func refusalIsWellFormed() async throws {
+        try await withFederation(certificates: .selfSigned, configureA: { $0.s2s.requireCertificates = true }) { pair in
+            let (alice, _) = try await pair.a.loggedIn("alice@a.example")
+            try await alice.sendMessage(to: "bob@b.example", body: "refused", id: "w1")
+            let bounce = try await alice.waitFor(timeout: .seconds(10)) { $0.attribute("id") == "w1" }
+            #expect(bounce.stanzaErrorCondition == "remote-server-not-found")
+            #expect(pair.a.metrics.counterValue("braid_stream_errors_sent_total", [("condition", "policy-violation"), ("stream", "s2s")]) >= 1)
+            // B read a stream header and then the error, not a bare <stream:error> with an
+            // unbound prefix: it never answered not-well-formed.
+            try await waitUntil { pair.b.metrics.counterValue("braid_s2s_connections_accepted_total") >= 1 }
+            try await waitUntil { pair.b.server.federation?.links.allSatisfy(\.closed) ?? true }
+            #expect(pair.b.metrics.counterValue("braid_stream_errors_sent_total", [("condition", "not-well-formed"), ("stream", "s2s")]) == 0)
+            await alice.close()
+        }
+    }
+
     @Test("Two local domains share one outgoing link (sender multiplexing)")
     func senderMultiplexing() async throws {
         try await withFederation(aDomains: ["a.example", "a2.example"], aUsers: ["alice@a.example", "ann@a2.example"], certificates: .selfSigned) { pair in

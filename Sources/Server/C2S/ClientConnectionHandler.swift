@@ -108,6 +108,9 @@ final class ClientConnectionHandler: ChannelInboundHandler {
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if case TLSUserEvent.handshakeCompleted = event, case .negotiatingTLS = negotiation.state, let domain = negotiation.domain {
             negotiation.tlsEstablished(channelBindings: channelBindings(context: context, domain: domain))
+            // A new stream begins inside TLS; ours opens when the client's header arrives, so
+            // an error before then must open it first (RFC 6120 §4.9.1.1).
+            headerSent = false
             logger.debug("TLS established", metadata: ["domain": "\(domain)"])
         }
         context.fireUserInboundEventTriggered(event)
@@ -184,6 +187,8 @@ final class ClientConnectionHandler: ChannelInboundHandler {
             write(.element(element), context: context)
             context.flush()
             decoder.restart(leftover: .parse, context: context)
+            // RFC 6120 §6.4.6: the stream is replaced; the next one is opened by the client.
+            headerSent = false
         case .lookUpSCRAMKeys(let username, let hash):
             lookUpSCRAMKeys(username: username, hash: hash, context: context)
         case .verifyPassword(let username, let password):

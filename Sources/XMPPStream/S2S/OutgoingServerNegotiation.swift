@@ -110,7 +110,9 @@ public struct OutgoingServerNegotiation: Sendable {
         self.configuration = configuration
     }
 
-    var header: StreamHeader {
+    /// Our opening header (also what a stream error after a restart must follow: RFC 6120
+    /// §4.9.1.1, an error is a child of an open stream).
+    public var header: StreamHeader {
         StreamHeader(to: configuration.remoteDomain, from: configuration.localDomain, version: "1.0", language: "en",
                      contentNamespace: XMLNamespace.server, prefixes: ["db": XMLNamespace.dialback])
     }

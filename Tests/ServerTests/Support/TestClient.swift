@@ -81,8 +81,17 @@ final class TestClient: Sendable {
         try await channel.writeAndFlush(StreamOutput.header(StreamHeader(to: domain, version: version, contentNamespace: XMLNamespace.client)))
     }
 
+    /// Writes bytes as they are, below the XML encoder (and above TLS).
     func sendRaw(_ text: String) async throws {
-        try await channel.writeAndFlush(ByteBuffer(string: text))
+        let channel = self.channel
+        try await channel.eventLoop.flatSubmit { () -> EventLoopFuture<Void> in
+            do {
+                let context = try channel.pipeline.syncOperations.context(handlerType: XMLStreamEncoder.self)
+                return context.writeAndFlush(NIOAny(ByteBuffer(string: text)))
+            } catch {
+                return channel.eventLoop.makeFailedFuture(error)
+            }
+        }.get()
     }
 
     func sendEnd() async throws {
