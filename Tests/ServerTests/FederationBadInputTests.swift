@@ -76,6 +76,22 @@ struct FederationBadInputTests {
         }
     }
 
+    @Test("Bad bytes where the peer's restarted header should be get an error inside a new stream header (RFC 6120 §4.9.1.1)")
+    func errorOpensTheRestartedStream() async throws {
+        try await withFederation { pair in
+            let port = try #require(pair.a.server.federationPorts["s2s_starttls"])
+            let peer = try await TestClient.connect(port: port, group: pair.a.group, contentNamespace: XMLNamespace.server, clientCertificate: nil)
+            try await peer.sendServerHeader(to: "a.example", from: "b.example")
+            _ = try await peer.nextElement()
+            try await peer.send(XMLElement(name: "starttls", namespace: XMLNamespace.tls))
+            _ = try await peer.waitFor { $0.name == "proceed" }
+            guard case .tlsEstablished = try await peer.next() else { Issue.record("no TLS"); return }
+            try await peer.sendRaw("<<")
+            guard case .stream(.streamStart) = try await peer.next() else { Issue.record("no stream header before the error"); return }
+            #expect(try await peer.streamErrorCondition() == .notWellFormed)
+        }
+    }
+
     @Test("A spoofed 'from' domain gets invalid-from")
     func spoofedFrom() async throws {
         try await withGenuineClients { pair, alice, bob in
