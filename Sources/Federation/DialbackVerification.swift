@@ -56,43 +56,16 @@ extension FederationManager {
         let sslContext = try NIOSSLContext(configuration: tls)
         let serverName = (try? JID(domain: request.to).asciiDomain) ?? request.to
         let limits = XMLStreamLimits(maximumStanzaBytes: configuration.maxStanzaBytes)
-        var lastError: any Error = TargetResolutionError(reason: "\(target.host) has no address")
-        for address in resolved.addresses {
-            let answered = OneShot<VerificationOutcome>()
-            let bootstrap = ClientBootstrap(group: group)
-                .connectTimeout(.seconds(Int64(configuration.connectTimeoutSeconds)))
-                .channelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        let decoder = XMLStreamDecoder(contentNamespace: XMLNamespace.server, limits: limits)
-                        let handler = VerificationHandler(request: request, decoder: decoder, sslContext: sslContext, serverName: serverName, directTLS: target.directTLS, answered: answered)
-                        if target.directTLS {
-                            try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: sslContext, serverHostname: serverName))
-                        }
-                        try channel.pipeline.syncOperations.addHandler(decoder)
-                        try channel.pipeline.syncOperations.addHandler(XMLStreamEncoder(contentNamespace: XMLNamespace.server))
-                        try channel.pipeline.syncOperations.addHandler(handler)
-                    }
-                }
-            let channel: any Channel
-            do {
-                channel = try await trackedConnect(bootstrap, to: address)
-            } catch {
-                noteConnectFailure(error, to: "\(target)")
-                lastError = error
-                continue
-            }
-            // Counted with the links: a db:verify connection is a TCP connection too.
-            metrics.connectionsOpened.increment()
-            let seconds = configuration.negotiationTimeoutSeconds
-            let timeout = Task {
-                try await Task.sleep(for: .seconds(seconds))
-                answered.fail(VerificationTimeout())
-                channel.close(promise: nil)
-            }
-            defer { timeout.cancel() }
-            return try await answered.value
+        do {
+            return try await connectFirst(resolved.addresses, target: "\(target)", tuned: false, install: { channel, answered in
+                let decoder = XMLStreamDecoder(contentNamespace: XMLNamespace.server, limits: limits)
+                let handler = VerificationHandler(request: request, decoder: decoder, sslContext: sslContext, serverName: serverName, directTLS: target.directTLS, answered: answered)
+                try StreamPipeline.install(on: channel, directTLS: target.directTLS ? try NIOSSLClientHandler(context: sslContext, serverHostname: serverName) : nil,
+                                           decoder: decoder, contentNamespace: XMLNamespace.server, handler: handler)
+            }, timedOut: { VerificationTimeout() })
+        } catch let failed as NoConnection {
+            throw failed.last
         }
-        throw lastError
     }
 }
 
@@ -157,7 +130,7 @@ final class VerificationHandler: ChannelInboundHandler {
         } else if element.name == "proceed" && element.namespace == XMLNamespace.tls {
             decoder.restart(leftover: .reject, context: context)
             do {
-                try context.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: sslContext, serverHostname: serverName), position: .first)
+                try StreamPipeline.startTLS(try NIOSSLClientHandler(context: sslContext, serverHostname: serverName), on: context.channel)
             } catch {
                 finish(.failure(error), context: context)
             }

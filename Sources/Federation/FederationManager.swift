@@ -461,6 +461,57 @@ public final class FederationManager: Sendable {
 
     struct ShuttingDown: Error {}
 
+    /// No address of a target accepted a connection; `last` is the last attempt's error.
+    struct NoConnection: Error {
+        var last: any Error
+    }
+
+    /// The one way Braid opens a server-to-server connection (links and dialback
+    /// verifications alike): tries `addresses` in order, each within the connect timeout and
+    /// tracked for shutdown, builds the stream on the first that accepts (`install` gets the
+    /// channel and the one-shot its handler settles), and waits for that exchange, bounded by
+    /// the negotiation timeout, after which `timedOut()` settles it and the connection is
+    /// closed. Each connection is counted with the links. Throws ``NoConnection`` when none
+    /// accepted, or what the exchange failed with.
+    func connectFirst<T: Sendable>(_ addresses: [SocketAddress], target: String, tuned: Bool,
+                                   install: @escaping @Sendable (any Channel, OneShot<T>) throws -> Void,
+                                   timedOut: @escaping @Sendable () -> any Error) async throws -> T {
+        var lastError: any Error = TargetResolutionError(reason: "\(target) has no address")
+        for address in addresses {
+            let outcome = OneShot<T>()
+            var bootstrap = ClientBootstrap(group: group)
+                .connectTimeout(.seconds(Int64(configuration.connectTimeoutSeconds)))
+            if tuned {
+                // Links carry many pairs: no Nagle delay, and room to queue before
+                // backpressure stops the writers.
+                bootstrap = bootstrap
+                    .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                    .channelOption(.writeBufferWaterMark, value: .init(low: 64 * 1024, high: 256 * 1024))
+            }
+            bootstrap = bootstrap.channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try install(channel, outcome) }
+            }
+            let channel: any Channel
+            do {
+                channel = try await trackedConnect(bootstrap, to: address)
+            } catch {
+                noteConnectFailure(error, to: target)
+                lastError = error
+                continue
+            }
+            metrics.connectionsOpened.increment()
+            let seconds = configuration.negotiationTimeoutSeconds
+            let timeout = Task {
+                try await Task.sleep(for: .seconds(seconds))
+                outcome.fail(timedOut())
+                channel.close(promise: nil)
+            }
+            defer { timeout.cancel() }
+            return try await outcome.value
+        }
+        throw NoConnection(last: lastError)
+    }
+
     /// When both providers connected to each other at the same moment, each has a
     /// bidirectional link of its own to the other: one is enough. Both ends know both
     /// stream ids, so they agree without a message: the link whose stream id sorts last is
@@ -639,12 +690,8 @@ public final class FederationManager: Sendable {
                     let link = FederationLink(origin: .incoming, peerAddress: channel.remoteAddress.map { "\($0)" } ?? "unknown", channel: channel)
                     let decoder = XMLStreamDecoder(contentNamespace: XMLNamespace.server, limits: limits)
                     let handler = IncomingLinkHandler(manager: manager, link: link, decoder: decoder, directTLS: directTLS != nil)
-                    if let directTLS {
-                        try channel.pipeline.syncOperations.addHandler(handler.makeTLSHandler(context: directTLS))
-                    }
-                    try channel.pipeline.syncOperations.addHandler(decoder)
-                    try channel.pipeline.syncOperations.addHandler(XMLStreamEncoder(contentNamespace: XMLNamespace.server))
-                    try channel.pipeline.syncOperations.addHandler(handler)
+                    try StreamPipeline.install(on: channel, directTLS: directTLS.map { handler.makeTLSHandler(context: $0) }, decoder: decoder,
+                                               contentNamespace: XMLNamespace.server, handler: handler)
                 }
             }
             .bind(host: configuration.address, port: port)

@@ -164,6 +164,9 @@ final class IncomingLinkHandler: ChannelInboundHandler {
             await federation.validateCertificate(chain, for: from, on: thisLink)
         }.whenSuccess { result in
             let (handler, context) = bound.value
+            // The connection may have gone while the certificate was checked (a peer that
+            // sends its header, an error and closes): nothing to answer then.
+            if case .closed = handler.negotiation.state { return }
             if case .success(let validated) = result {
                 handler.externalProof = validated
             }
@@ -240,7 +243,7 @@ final class IncomingLinkHandler: ChannelInboundHandler {
             let tlsHandler = NIOLoopBound(handler.makeTLSHandler(context: sslContext), eventLoop: channel.eventLoop)
             context.writeAndFlush(handler.wrapOutboundOut(.element(XMLElement(name: "proceed", namespace: XMLNamespace.tls)))).whenSuccess {
                 do {
-                    try channel.pipeline.syncOperations.addHandler(tlsHandler.value, position: .first)
+                    try StreamPipeline.startTLS(tlsHandler.value, on: channel)
                 } catch {
                     channel.close(promise: nil)
                 }

@@ -188,7 +188,7 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
         case .startTLS:
             decoder.restart(leftover: .reject, context: context)
             do {
-                try context.pipeline.syncOperations.addHandler(try makeTLSHandler(), position: .first)
+                try StreamPipeline.startTLS(try makeTLSHandler(), on: context.channel)
             } catch {
                 fail(FederationManager.LinkFailure(reason: "cannot start TLS: \(error)", stanzaError: StanzaError(.remoteServerTimeout), tryNextTarget: true), streamError: nil)
             }

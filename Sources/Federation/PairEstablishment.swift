@@ -454,50 +454,23 @@ extension FederationManager {
         let useExternal = host.tls.clientCredentials(for: pair.local)?.identity.matches(domain: pair.local, service: .xmppServer) != nil
         let negotiation = OutgoingServerNegotiation(configuration: .init(localDomain: pair.local, remoteDomain: pair.remote, useExternal: useExternal,
                                                                         requestBidi: configuration.bidi))
-        var lastError: any Error = TargetResolutionError(reason: "\(target.host) has no address")
-        for address in resolved.addresses {
-            let negotiated = OneShot<FederationLink>()
-            let manager = self
-            let bootstrap = ClientBootstrap(group: group)
-                .connectTimeout(.seconds(Int64(configuration.connectTimeoutSeconds)))
-                .channelOption(.socketOption(.tcp_nodelay), value: 1)
-                .channelOption(.writeBufferWaterMark, value: .init(low: 64 * 1024, high: 256 * 1024))
-                .channelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        let link = FederationLink(origin: .outgoing, peerAddress: target.description, peerTarget: target.serverTarget, channel: channel)
-                        link.setLocalCertificate(localCertificate)
-                        let decoder = XMLStreamDecoder(contentNamespace: XMLNamespace.server, limits: limits)
-                        let handler = OutgoingLinkHandler(
-                            manager: manager, link: link, decoder: decoder, clientContext: clientContext,
-                            serverName: asciiRemote, directTLS: target.directTLS, negotiation: negotiation, negotiated: negotiated)
-                        if target.directTLS {
-                            try channel.pipeline.syncOperations.addHandler(handler.makeTLSHandler())
-                        }
-                        try channel.pipeline.syncOperations.addHandler(decoder)
-                        try channel.pipeline.syncOperations.addHandler(XMLStreamEncoder(contentNamespace: XMLNamespace.server))
-                        try channel.pipeline.syncOperations.addHandler(handler)
-                    }
-                }
-            let channel: any Channel
-            do {
-                channel = try await trackedConnect(bootstrap, to: address)
-            } catch {
-                noteConnectFailure(error, to: "\(target)")
-                lastError = error
-                continue
-            }
-            metrics.connectionsOpened.increment()
-            // The whole negotiation is bounded; the handler completes the result either way.
-            let seconds = configuration.negotiationTimeoutSeconds
-            let timeout = Task {
-                try await Task.sleep(for: .seconds(seconds))
-                negotiated.fail(LinkFailure(reason: "\(target): negotiation timed out", stanzaError: StanzaError(.remoteServerTimeout, text: "negotiation with \(pair.remote) timed out"), tryNextTarget: true))
-                channel.close(promise: nil)
-            }
-            defer { timeout.cancel() }
-            return try await negotiated.value
+        let manager = self
+        do {
+            return try await connectFirst(resolved.addresses, target: "\(target)", tuned: true, install: { channel, negotiated in
+                let link = FederationLink(origin: .outgoing, peerAddress: target.description, peerTarget: target.serverTarget, channel: channel)
+                link.setLocalCertificate(localCertificate)
+                let decoder = XMLStreamDecoder(contentNamespace: XMLNamespace.server, limits: limits)
+                let handler = OutgoingLinkHandler(
+                    manager: manager, link: link, decoder: decoder, clientContext: clientContext,
+                    serverName: asciiRemote, directTLS: target.directTLS, negotiation: negotiation, negotiated: negotiated)
+                try StreamPipeline.install(on: channel, directTLS: target.directTLS ? try handler.makeTLSHandler() : nil, decoder: decoder,
+                                           contentNamespace: XMLNamespace.server, handler: handler)
+            }, timedOut: {
+                LinkFailure(reason: "\(target): negotiation timed out", stanzaError: StanzaError(.remoteServerTimeout, text: "negotiation with \(pair.remote) timed out"), tryNextTarget: true)
+            })
+        } catch let failed as NoConnection {
+            throw LinkFailure(reason: "\(target): cannot connect (\(failed.last))", stanzaError: StanzaError(.remoteServerTimeout), tryNextTarget: true)
         }
-        throw LinkFailure(reason: "\(target): cannot connect (\(lastError))", stanzaError: StanzaError(.remoteServerTimeout), tryNextTarget: true)
     }
 
     /// Out of file descriptors (`ulimit -n`): said loudly and counted, since every pair that

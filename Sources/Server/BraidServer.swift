@@ -174,12 +174,9 @@ public final class BraidServer: Service {
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let decoder = XMLStreamDecoder(contentNamespace: XMLNamespace.client, limits: limits)
-                    if let tls {
-                        try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls))
-                    }
-                    try channel.pipeline.syncOperations.addHandler(decoder)
-                    try channel.pipeline.syncOperations.addHandler(XMLStreamEncoder(contentNamespace: XMLNamespace.client))
-                    try channel.pipeline.syncOperations.addHandler(ClientConnectionHandler(server: server, decoder: decoder, listener: kind, logger: logger))
+                    try StreamPipeline.install(on: channel, directTLS: tls.map { NIOSSLServerHandler(context: $0) }, decoder: decoder,
+                                               contentNamespace: XMLNamespace.client,
+                                               handler: ClientConnectionHandler(server: server, decoder: decoder, listener: kind, logger: logger))
                 }
             }
             .bind(host: host, port: port)

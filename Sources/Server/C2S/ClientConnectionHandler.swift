@@ -223,7 +223,7 @@ final class ClientConnectionHandler: ChannelInboundHandler {
         let channel = context.channel
         context.writeAndFlush(wrapOutboundOut(.element(proceed))).whenSuccess {
             do {
-                try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: sslContext), position: .first)
+                try StreamPipeline.startTLS(NIOSSLServerHandler(context: sslContext), on: channel)
             } catch {
                 channel.close(promise: nil)
             }

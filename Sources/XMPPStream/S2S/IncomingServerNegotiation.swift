@@ -87,7 +87,7 @@ public struct IncomingServerNegotiation: Sendable {
     /// is EXTERNAL offered).
     public mutating func headerReceived(_ header: StreamHeader, isHosted: Bool, externalAvailable: Bool) -> Action {
         guard case .awaitingHeader(let phase) = state else {
-            return fail(.notWellFormed, "unexpected stream header")
+            return fail(.notWellFormed, "unexpected stream header in \(state)")
         }
         // A pre-1.0 peer cannot do TLS, which this server requires (RFC 6120 §4.7.5).
         guard let version = header.versionNumbers, version.major >= 1 else {
