@@ -215,6 +215,8 @@ public final class FederationLink: Sendable {
         state.withLock { $0.withdraw(local: local) }
     }
 
+    var hasWithdrawnPairs: Bool { state.withLock { !$0.withdrawn.isEmpty } }
+
     func wasWithdrawn(_ pair: DomainPair) -> Bool {
         state.withLock { $0.withdrawn.contains(pair) }
     }

@@ -295,7 +295,9 @@ enum InboundChecks {
            link.isAuthorized(DomainPair(local: to.domainpart, remote: from.domainpart), .inbound), host.isHosted(to.domainpart) {
             return .accept(stanza)
         }
-        guard link.hasInboundPairs() || link.authorizations.contains(where: { $0.direction == .inbound }) else {
+        // A link whose only pairs were withdrawn (their local domain removed) did authenticate:
+        // its stanzas get the withdrawn pair's error below, and the link stays up.
+        guard link.hasInboundPairs() || link.authorizations.contains(where: { $0.direction == .inbound }) || link.hasWithdrawnPairs else {
             return .reject(StreamError(.notAuthorized), reason: "stanza before any domain was authenticated")
         }
         guard let toText = stanza.toString, let fromText = stanza.fromString else {

@@ -199,10 +199,9 @@ struct InboundChecksTests {
     }
 
     /// The same rule when the withdrawn domain's pairs were the only inbound ones on the
-    /// link: the first guard (no inbound pairs at all) runs before the withdrawn check, so
-    /// the stanza closes the link with `<not-authorized/>` instead of being refused.
-    @Test("A stanza for a withdrawn pair is refused even when it was the link's only inbound pair",
-          .disabled("bug: InboundChecks.check rejects with <not-authorized/> (closing the link) when the withdrawn pair was the only inbound one; FederationManager.withdraw promises a remote-server-not-found stanza error and a link that stays up"))
+    /// link (the "nothing authenticated yet" guard used to run first and close the link with
+    /// `<not-authorized/>`; found by this suite).
+    @Test("A stanza for a withdrawn pair is refused even when it was the link's only inbound pair")
     func withdrawnOnlyPair() {
         let link = link()
         #expect(link.withdraw(local: "a.example") == [Self.pair])

@@ -505,11 +505,10 @@ struct OutgoingServerNegotiationTests {
     }
 
     /// The handler makes the link bidirectional only when the peer offered bidi *and* we
-    /// requested it (OutgoingLinkHandler: `capabilities.bidi && requestBidi`), but the
-    /// machine tests `capabilities.bidi` alone, so on a one-way stream a stanza before our
-    /// pair is valid is handed to the link instead of failing the negotiation.
-    @Test("Dialback pending, bidi offered but not requested: a stanza is still out of order",
-          .disabled("bug: OutgoingServerNegotiation.dialbackPending treats a stream as bidirectional when the peer merely offered bidi (capabilities.bidi), not when we requested it"))
+    /// requested it (OutgoingLinkHandler: `capabilities.bidi && requestBidi`); the machine
+    /// used to test `capabilities.bidi` alone, handing a stanza that arrived before our pair
+    /// was valid to a one-way link (found by this suite).
+    @Test("Dialback pending, bidi offered but not requested: a stanza is still out of order")
     func dialbackPendingBidiOfferedOnly() {
         run(Row(.message, .protocolError, .closed), at: .dialbackPending, configuration(useExternal: false, requestBidi: false),
             secured: [Self.dialbackFeature, Self.bidiOffer])

@@ -186,8 +186,12 @@ public struct IncomingServerNegotiation: Sendable {
         // XEP-0178 §3 / RFC 6120 §6.3.8: the authzid is empty ("="), or the stream 'from'.
         let text = auth.text.trimmingXMLWhitespace
         if !text.isEmpty && text != "=" {
-            guard let bytes = Base64.decode(text), let authzid = String(validating: bytes, as: UTF8.self),
-                  (try? JID(domain: authzid).domainpart) == claimed else {
+            // RFC 6120 §6.5.5: data that is not base 64 is incorrect-encoding; a decoded
+            // authzid other than the stream's 'from' is invalid-authzid (§6.5.6).
+            guard let bytes = Base64.decode(text) else {
+                return .send(Self.saslFailure(.incorrectEncoding))
+            }
+            guard let authzid = String(validating: bytes, as: UTF8.self), (try? JID(domain: authzid).domainpart) == claimed else {
                 return .send(Self.saslFailure(.invalidAuthzid))
             }
         }

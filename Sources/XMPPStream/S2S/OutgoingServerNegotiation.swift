@@ -178,7 +178,8 @@ public struct OutgoingServerNegotiation: Sendable {
                   answer.from == configuration.remoteDomain, answer.to == configuration.localDomain else {
                 // A db:verify for someone else or a stanza before our pair is valid: on a
                 // bidirectional stream the link sorts it out; otherwise it is out of order.
-                if DialbackElement(element) != nil || capabilities.bidi { return .deliver(element) }
+                // Bidirectional only when the peer offered it and we asked (XEP-0288 §2.1).
+                if DialbackElement(element) != nil || (capabilities.bidi && configuration.requestBidi) { return .deliver(element) }
                 return fail(.protocolError("unexpected <\(element.name)> before dialback completed"))
             }
             switch outcome {
