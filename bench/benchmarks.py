@@ -30,14 +30,16 @@ KINDS = ["braid", "prosody", "ejabberd"]
 FULL = {
     "fanout": {"sizes": [10, 30, 100], "time_limits": {10: 60, 30: 120, 100: 180}, "warm_total": 20000},
     "c2s": {"session_steps": [1000, 5000, 10000], "chat_users": 200, "rates": [200, 500, 1000, 2000, 4000, 8000],
-            "chat_seconds": 15, "login_rate": 250, "first_rate": 500, "pause": 8},
+            "chat_seconds": 15, "login_rate": 250, "first_rate": 500, "pause": 8,
+            "keepalive": {"sessions": 2000, "interval": 15, "rounds": 8}},
     "hosting": {"counts": [1000, 10000], "limit": 240},
     "micro": {"megabytes": 50, "repetitions": 5, "logins": 2000},
 }
 SMOKE = {
     "fanout": {"sizes": [2], "time_limits": {2: 30}, "warm_total": 100},
     "c2s": {"session_steps": [10, 20], "chat_users": 5, "rates": [10], "chat_seconds": 3,
-            "login_rate": 20, "first_rate": 20, "pause": 3},
+            "login_rate": 20, "first_rate": 20, "pause": 3,
+            "keepalive": {"sessions": 10, "interval": 2, "rounds": 2}},
     "hosting": {"counts": [10, 100], "limit": 60},
     "micro": {"megabytes": 2, "repetitions": 1, "logins": 50},
 }
@@ -80,6 +82,8 @@ def check(report, wanted):
             steps = entry.get("sessions", {}).get("steps", [])
             if not steps or steps[-1].get("rss_per_session_kib") is None or not entry["sessions"].get("login_rate_per_second"):
                 missing.append(f"c2s-sessions/{kind}")
+            if entry.get("keepalive", {}).get("growth_per_session_per_keepalive_kib") is None:
+                missing.append(f"c2s-keepalive/{kind}")
             msteps = entry.get("messages", {}).get("steps", [])
             if not msteps or msteps[0].get("p50_ms") is None:
                 missing.append(f"c2s-messages/{kind}")
@@ -170,7 +174,8 @@ def main():
         import c2s
         c = sizes["c2s"]
         run_scenario("c2s", lambda: c2s.run(KINDS, c["session_steps"], c["chat_users"], c["rates"], c["chat_seconds"],
-                                            braid, login_rate=c["login_rate"], pause=c["pause"], first_rate=c["first_rate"]), report)
+                                            braid, login_rate=c["login_rate"], pause=c["pause"], first_rate=c["first_rate"],
+                                            keepalive=c.get("keepalive")), report)
     if "hosting" in wanted:
         import hosting
         h = sizes["hosting"]

@@ -264,6 +264,62 @@ def sessions_run(kind, ns, workdir, steps, braid_binary, rate, pause, first_rate
     return figures
 
 
+def keepalive_run(kind, ns, workdir, sessions, interval, rounds, braid_binary, rate):
+    """Idle sessions that send a whitespace keepalive (RFC 6120 §4.6.1) every `interval`
+    seconds, as most mobile and desktop clients do: RSS per session after login and after
+    `rounds` keepalives, and the growth per keepalive (issue 10, item 10: it used to grow by
+    about 31 KB per keepalive per session)."""
+    server = start_server(kind, ns, workdir, sessions, braid_binary)
+    figures = {"sessions_target": sessions, "interval_seconds": interval, "rounds": rounds}
+    try:
+        time.sleep(2)
+        base_rss = rss_kib(server_pids(server.pid))
+        figures["rss_before_clients_kib"] = base_rss
+        login_seconds = math.ceil(sessions / rate) + 3
+        duration = login_seconds + interval * rounds + 5
+        body = (f'<for from="1" to="{rounds}" incr="1" var="round">'
+                f'<thinktime value="{interval}" random="false"/>'
+                f'<request><jabber type="raw" data=" " ack="no_ack"/></request></for>'
+                f'<thinktime value="60" random="false"/>')
+        config = tsung_config([(login_seconds, sessions, rate)], body, sessions + 10, duration)
+        started = time.monotonic()
+        result = {}
+
+        def tsung():
+            result["logdir"] = run_tsung(ns, workdir, f"{kind}-keepalive", config, duration + 120)
+
+        import threading
+        thread = threading.Thread(target=tsung, daemon=True)
+        thread.start()
+        # After the logins, before the first keepalive lands everywhere.
+        wait = started + login_seconds - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        logged_in = established(ns)
+        after_login = rss_kib(server_pids(server.pid))
+        # After the last round of keepalives (each session sends its last one `interval`
+        # seconds after the one before; allow a second for the last to be read).
+        wait = started + login_seconds + interval * rounds + 1 - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        still = established(ns)
+        after_rounds = rss_kib(server_pids(server.pid))
+        figures.update({
+            "sessions": logged_in, "sessions_at_end": still,
+            "rss_after_login_kib": after_login, "rss_after_keepalives_kib": after_rounds,
+            "rss_per_session_after_login_kib": round((after_login - base_rss) / logged_in, 2) if logged_in else None,
+            "rss_per_session_after_keepalives_kib": round((after_rounds - base_rss) / still, 2) if still else None,
+            "growth_per_session_per_keepalive_kib": round((after_rounds - after_login) / still / rounds, 3) if still else None,
+        })
+        log(f"c2s {kind} keepalive: {logged_in} sessions, RSS {after_login} KiB after login, {after_rounds} KiB after "
+            f"{rounds} keepalives, {figures['growth_per_session_per_keepalive_kib']} KiB per session per keepalive")
+        thread.join(timeout=duration + 180)
+        figures["tsung_log"] = result.get("logdir")
+    finally:
+        server.stop()
+    return figures
+
+
 def _mean_of(intervals, name):
     total = weighted = 0
     for i in intervals:
@@ -359,7 +415,8 @@ def messages_run(kind, ns, workdir, users, rates, seconds, braid_binary):
             "cpu_us_per_message_at_sustained": sustained["cpu_us_per_message"] if sustained else None}
 
 
-def run(kinds, session_steps, chat_users, rates, chat_seconds, braid_binary, login_rate=200, pause=8, first_rate=500):
+def run(kinds, session_steps, chat_users, rates, chat_seconds, braid_binary, login_rate=200, pause=8, first_rate=500,
+        keepalive=None):
     results = {}
     for kind in kinds:
         workdir = tempfile.mkdtemp(prefix=f"braidbench-c2s-{kind}-")
@@ -372,6 +429,14 @@ def run(kinds, session_steps, chat_users, rates, chat_seconds, braid_binary, log
                 except Exception as error:  # noqa: BLE001
                     entry["sessions_error"] = f"{type(error).__name__}: {str(error)[-500:]}"
                     log(f"c2s {kind} sessions: {entry['sessions_error']}")
+            if keepalive:
+                with LoopbackNamespace("c2s") as ns:
+                    try:
+                        entry["keepalive"] = keepalive_run(kind, ns, os.path.join(workdir, "k"), keepalive["sessions"],
+                                                           keepalive["interval"], keepalive["rounds"], braid_binary, login_rate)
+                    except Exception as error:  # noqa: BLE001
+                        entry["keepalive_error"] = f"{type(error).__name__}: {str(error)[-500:]}"
+                        log(f"c2s {kind} keepalive: {entry['keepalive_error']}")
             with LoopbackNamespace("c2s") as ns:
                 try:
                     entry["messages"] = messages_run(kind, ns, os.path.join(workdir, "m"), chat_users, rates, chat_seconds, braid_binary)

@@ -103,6 +103,7 @@ public final class FederationManager: Sendable {
     /// Proofs tried for a peer domain, strongest first: PKIX, then whatever the server added
     /// (POSH, DANE). Dialback is the fallback outside this list.
     let proofs: [any DomainProof]
+    let proofPolicy: DomainProofPolicy
     let revocation: (any RevocationChecking)?
     /// Releases what the manager's helpers hold (HTTP clients), after the links are closed.
     private let onShutdown: [@Sendable () async -> Void]
@@ -250,6 +251,7 @@ public final class FederationManager: Sendable {
         validator = PeerCertificateValidator(anchors: PeerTrustAnchors(defaultRoots: defaultRoots, rules: rules),
                                              minimumRemainingLifetime: configuration.certificateMinimumLifetimeSeconds)
         proofs = [PKIXProof(validator: validator)] + additionalProofs(validator)
+        proofPolicy = DomainProofPolicy(proofs: proofs, minimumRemainingLifetime: configuration.certificateMinimumLifetimeSeconds)
         self.onShutdown = onShutdown
         resentStanzas = ResentStanzaFilter(capacity: configuration.duplicateWindow)
     }

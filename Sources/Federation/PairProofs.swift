@@ -43,46 +43,14 @@ extension FederationManager {
         if let leaf = evidence.certificateChain.first, isRevoked(leaf) {
             return .notApplicable("the certificate presented was revoked")
         }
-        // As the connecting side, DANE comes first and its refusal is final: a secure TLSA
-        // record that does not match means the wrong server, whatever PKIX says (RFC 7673
-        // §4.2, digest §14 step 1). As the receiving side: PKIX, POSH, then DANE.
-        let strongestFirst = link.peerTarget == nil ? proofs : proofs.filter { $0.method == .dane } + proofs.filter { $0.method != .dane }
-        // A pinned peer: PKIX to the pin's roots only, and the other methods only where the
-        // operator allowed them (issue 10, item 3: POSH, DANE and dialback used to get round
-        // per-peer anchors).
+        // The order and the rules of combining proofs (role, pins, POSH's validity window)
+        // are DomainProofPolicy's, in Trust.
         let rule = await trustRule(for: domain, on: link)
-        let ordered: [any DomainProof] = rule.map { rule in
-            let pinned = validator.pinned(to: rule)
-            return strongestFirst.compactMap { proof -> (any DomainProof)? in
-                if proof.method == .pkix { return PKIXProof(validator: pinned) }
-                return rule.permits(proof.method) ? proof : nil
-            }
-        } ?? strongestFirst
+        let policy = proofPolicy
+        let validator = self.validator
+        let ordered = policy.ordered(connecting: link.peerTarget != nil, pin: rule) { PKIXProof(validator: validator.pinned(to: $0)) }
         let outcome: ProofOutcome = await inFlight.run("prove|\(link.id)|\(domain)|\(fresh)") {
-            var refutation: String?
-            var reasons: [String] = []
-            for proof in ordered {
-                switch await proof.prove(domain, evidence: evidence) {
-                case .proven(.posh, let expires):
-                    // POSH replaces the name check only: the certificate must still be
-                    // within its validity period, and the proof lapses with it (RFC 7711 §6).
-                    guard let leaf = evidence.certificateChain.first, leaf.notValidBefore <= evidence.time, evidence.time + self.configuration.certificateMinimumLifetimeSeconds < leaf.notValidAfter else {
-                        reasons.append("posh: the certificate is outside its validity period")
-                        continue
-                    }
-                    return ProofOutcome.proven(.posh, expires: min(expires ?? leaf.notValidAfter, leaf.notValidAfter))
-                case .proven(let method, let expires):
-                    return ProofOutcome.proven(method, expires: expires)
-                case .refuted(let why):
-                    if proof.method == .dane && evidence.connectedTarget != nil { return .refuted("dane: \(why)") }
-                    refutation = refutation ?? "\(proof.method.rawValue): \(why)"
-                case .notApplicable(let why):
-                    reasons.append("\(proof.method.rawValue): \(why)")
-                }
-            }
-            if let refutation { return .refuted(refutation) }
-            if let rule { reasons.append("pinned by \(rule.name): only a chain to its CAs\(rule.allowedProofs.isEmpty ? "" : " or " + rule.allowedProofs.map(\.rawValue).sorted().joined(separator: ", "))") }
-            return .notApplicable(reasons.joined(separator: "; "))
+            await policy.prove(domain, evidence: evidence, ordered: ordered, pin: rule)
         }
         if case .proven(let method, let expires) = outcome {
             link.recordProof(of: domain, method: method, expires: expires)
