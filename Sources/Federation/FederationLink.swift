@@ -39,13 +39,17 @@ public final class FederationLink: Sendable {
     /// draining, writing) run after the lock is released.
     private let state: Mutex<LinkStateMachine>
 
-    init(origin: Origin, peerAddress: String, peerTarget: ServerTarget? = nil, channel: any Channel) {
+    /// Where this link reads the time of day (the manager's clock).
+    let wallClock: WallClock
+
+    init(origin: Origin, peerAddress: String, peerTarget: ServerTarget? = nil, channel: any Channel, wallClock: WallClock = .system) {
+        self.wallClock = wallClock
         self.id = UUID().uuidString
         self.origin = origin
         self.peerAddress = peerAddress
         self.peerTarget = peerTarget
         self.channel = channel
-        let now = Date()
+        let now = wallClock.now()
         self.createdAt = now
         self.state = Mutex(LinkStateMachine(origin: origin, now: now))
     }
@@ -91,8 +95,9 @@ public final class FederationLink: Sendable {
         var pairCount: Int
     }
 
-    func placementFacts(for pair: DomainPair, at time: Date = Date()) -> PlacementFacts {
-        state.withLock { $0.placementFacts(for: pair, at: time) }
+    func placementFacts(for pair: DomainPair, at time: Date? = nil) -> PlacementFacts {
+        let time = time ?? wallClock.now()
+        return state.withLock { $0.placementFacts(for: pair, at: time) }
     }
 
     func setCapabilities(_ capabilities: OutgoingServerNegotiation.PeerCapabilities) {
@@ -139,14 +144,16 @@ public final class FederationLink: Sendable {
     }
 
     /// A proof of `domain` still valid on this link, if any.
-    func proof(of domain: String, at time: Date = Date()) -> (method: ProofMethod, expires: Date?)? {
-        state.withLock { $0.proof(of: domain, at: time) }
+    func proof(of domain: String, at time: Date? = nil) -> (method: ProofMethod, expires: Date?)? {
+        let time = time ?? wallClock.now()
+        return state.withLock { $0.proof(of: domain, at: time) }
     }
 
     /// What the pairs with `domain` already on this link rest on (see
     /// ``LinkStateMachine/carriedProof(of:at:)``).
-    func carriedProof(of domain: String, at time: Date = Date()) -> (method: ProofMethod, expires: Date?) {
-        state.withLock { $0.carriedProof(of: domain, at: time) }
+    func carriedProof(of domain: String, at time: Date? = nil) -> (method: ProofMethod, expires: Date?) {
+        let time = time ?? wallClock.now()
+        return state.withLock { $0.carriedProof(of: domain, at: time) }
     }
 
     /// Some pair or recorded proof here rests on the peer's certificate.
@@ -164,19 +171,20 @@ public final class FederationLink: Sendable {
     /// returns the directions newly authorised.
     @discardableResult
     func authorize(_ pair: DomainPair, _ direction: PairDirection, method: ProofMethod, expires: Date?, alsoReverse: Bool = false) -> [PairDirection] {
-        let now = Date()
+        let now = wallClock.now()
         return state.withLock { $0.authorize(pair, direction, method: method, expires: expires, alsoReverse: alsoReverse, at: now) }
     }
 
     /// A renewed proof for an existing authorisation.
     func renew(_ pair: DomainPair, _ direction: PairDirection, method: ProofMethod, expires: Date?) {
-        let now = Date()
+        let now = wallClock.now()
         state.withLock { $0.renew(pair, direction, method: method, expires: expires, at: now) }
     }
 
     /// Whether stanzas for `pair` may flow in `direction` now.
-    public func isAuthorized(_ pair: DomainPair, _ direction: PairDirection, at time: Date = Date()) -> Bool {
-        state.withLock { $0.isAuthorized(pair, direction, at: time) }
+    public func isAuthorized(_ pair: DomainPair, _ direction: PairDirection, at time: Date? = nil) -> Bool {
+        let time = time ?? wallClock.now()
+        return state.withLock { $0.isAuthorized(pair, direction, at: time) }
     }
 
     func authorization(_ pair: DomainPair, _ direction: PairDirection) -> PairAuthorization? {
@@ -186,28 +194,32 @@ public final class FederationLink: Sendable {
     var pairCount: Int { state.withLock { $0.authorizations.count } }
 
     /// True when any remote domain is authenticated inbound (some stanza may arrive).
-    func hasInboundPairs(at time: Date = Date()) -> Bool {
-        state.withLock { $0.hasValidPair(where: { $0.direction == .inbound }, at: time) }
+    func hasInboundPairs(at time: Date? = nil) -> Bool {
+        let time = time ?? wallClock.now()
+        return state.withLock { $0.hasValidPair(where: { $0.direction == .inbound }, at: time) }
     }
 
     /// True when `remote` is authenticated for some inbound pair (the stanza's `from`).
-    func isRemoteAuthenticated(_ remote: String, at time: Date = Date()) -> Bool {
+    func isRemoteAuthenticated(_ remote: String, at time: Date? = nil) -> Bool {
         hasValidPair(remote: remote, .inbound, at: time)
     }
 
     /// True when some pair with this remote domain is valid in `direction`.
-    func hasValidPair(remote: String, _ direction: PairDirection, at time: Date = Date()) -> Bool {
-        state.withLock { $0.hasValidPair(where: { $0.direction == direction && $0.pair.remote == remote }, at: time) }
+    func hasValidPair(remote: String, _ direction: PairDirection, at time: Date? = nil) -> Bool {
+        let time = time ?? wallClock.now()
+        return state.withLock { $0.hasValidPair(where: { $0.direction == direction && $0.pair.remote == remote }, at: time) }
     }
 
     /// True when some pair of this local domain is valid in `direction`.
-    func hasValidPair(local: String, _ direction: PairDirection, at time: Date = Date()) -> Bool {
-        state.withLock { $0.hasValidPair(where: { $0.direction == direction && $0.pair.local == local }, at: time) }
+    func hasValidPair(local: String, _ direction: PairDirection, at time: Date? = nil) -> Bool {
+        let time = time ?? wallClock.now()
+        return state.withLock { $0.hasValidPair(where: { $0.direction == direction && $0.pair.local == local }, at: time) }
     }
 
     /// An authorisation that exists but whose proof has lapsed.
-    func hasLapsed(_ pair: DomainPair, _ direction: PairDirection, at time: Date = Date()) -> Bool {
-        state.withLock { $0.hasLapsed(pair, direction, at: time) }
+    func hasLapsed(_ pair: DomainPair, _ direction: PairDirection, at time: Date? = nil) -> Bool {
+        let time = time ?? wallClock.now()
+        return state.withLock { $0.hasLapsed(pair, direction, at: time) }
     }
 
     /// Withdraws every pair of a local domain that is no longer hosted. The link stays up.
@@ -262,7 +274,7 @@ public final class FederationLink: Sendable {
     /// otherwise what the answer authorised, for the caller to route.
     @discardableResult
     func answer(_ pair: DomainPair, _ outcome: PairRequestOutcome, fromPeer: Bool = true) -> LinkStateMachine.AnswerEffects? {
-        let now = Date()
+        let now = wallClock.now()
         let effects = state.withLock { $0.answer(pair, outcome, fromPeer: fromPeer, at: now) }
         if effects.resumeDrain { channel.eventLoop.execute { self.drain() } }
         guard let waiters = effects.waiters else { return nil }
@@ -295,7 +307,7 @@ public final class FederationLink: Sendable {
         channel.eventLoop.preconditionInEventLoop()
         var wrote = false
         while channel.isWritable {
-            let now = Date()
+            let now = wallClock.now()
             guard let next = state.withLock({ $0.nextToWrite(at: now) }) else { break }
             channel.write(StreamOutput.element(next.element), promise: nil)
             wrote = true
@@ -336,7 +348,7 @@ public final class FederationLink: Sendable {
     }
 
     func countReceived() {
-        let now = Date()
+        let now = wallClock.now()
         state.withLock { $0.countReceived(at: now) }
     }
 
@@ -344,7 +356,7 @@ public final class FederationLink: Sendable {
 
     /// Applies the peer's `<a h='…'/>`. False if it acknowledges more than we sent.
     func acknowledge(_ handled: UInt32) -> Bool {
-        let now = Date()
+        let now = wallClock.now()
         let (valid, resume) = state.withLock { $0.acknowledge(handled, at: now) }
         if resume { drain() }
         return valid

@@ -104,6 +104,8 @@ public final class FederationManager: Sendable {
     /// (POSH, DANE). Dialback is the fallback outside this list.
     let proofs: [any DomainProof]
     let proofPolicy: DomainProofPolicy
+    /// Where federation reads the time of day (injected by tests).
+    public let wallClock: WallClock
     let revocation: (any RevocationChecking)?
     /// Releases what the manager's helpers hold (HTTP clients), after the links are closed.
     private let onShutdown: [@Sendable () async -> Void]
@@ -209,6 +211,7 @@ public final class FederationManager: Sendable {
                 group: any EventLoopGroup, logger: Logger, metrics: FederationMetrics,
                 additionalProofs: (PeerCertificateValidator) -> [any DomainProof] = { _ in [] },
                 revocation: (any RevocationChecking)? = nil,
+                wallClock: WallClock = .system,
                 onShutdown: [@Sendable () async -> Void] = []) throws {
         self.configuration = configuration
         self.host = host
@@ -217,6 +220,7 @@ public final class FederationManager: Sendable {
         self.logger = logger
         self.metrics = metrics
         self.revocation = revocation
+        self.wallClock = wallClock
         var secret = configuration.dialbackSecret
         if secret.isEmpty {
             var generator = SystemRandomNumberGenerator()
@@ -689,7 +693,7 @@ public final class FederationManager: Sendable {
             .childChannelOption(.writeBufferWaterMark, value: .init(low: 64 * 1024, high: 256 * 1024))
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    let link = FederationLink(origin: .incoming, peerAddress: channel.remoteAddress.map { "\($0)" } ?? "unknown", channel: channel)
+                    let link = FederationLink(origin: .incoming, peerAddress: channel.remoteAddress.map { "\($0)" } ?? "unknown", channel: channel, wallClock: manager.wallClock)
                     let decoder = XMLStreamDecoder(contentNamespace: XMLNamespace.server, limits: limits)
                     let handler = IncomingLinkHandler(manager: manager, link: link, decoder: decoder, directTLS: directTLS != nil)
                     try StreamPipeline.install(on: channel, directTLS: directTLS.map { handler.makeTLSHandler(context: $0) }, decoder: decoder,

@@ -11,7 +11,7 @@ import X509
 extension FederationManager {
     public static func live(
         configuration: FederationConfiguration, resolver: any DNSResolver, host: any FederationHost,
-        group: any EventLoopGroup, logger: Logger, metrics: FederationMetrics
+        group: any EventLoopGroup, logger: Logger, metrics: FederationMetrics, wallClock: WallClock = .system
     ) throws -> FederationManager {
         // Peers configured with a host and port are not looked up in DNS, and DANE does not
         // apply to them.
@@ -43,6 +43,7 @@ extension FederationManager {
                 [POSHProof(fetcher: poshFetcher), DANEProof(source: DNSDANESource(locator: serviceLocator), validator: validator)]
             },
             revocation: revocation,
+            wallClock: wallClock,
             onShutdown: [
                 { await poshFetcher.shutdown() },
                 { await ocspRequester.shutdown() },

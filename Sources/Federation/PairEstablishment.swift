@@ -457,7 +457,7 @@ extension FederationManager {
         let manager = self
         do {
             return try await connectFirst(resolved.addresses, target: "\(target)", tuned: true, install: { channel, negotiated in
-                let link = FederationLink(origin: .outgoing, peerAddress: target.description, peerTarget: target.serverTarget, channel: channel)
+                let link = FederationLink(origin: .outgoing, peerAddress: target.description, peerTarget: target.serverTarget, channel: channel, wallClock: manager.wallClock)
                 link.setLocalCertificate(localCertificate)
                 let decoder = XMLStreamDecoder(contentNamespace: XMLNamespace.server, limits: limits)
                 let handler = OutgoingLinkHandler(

@@ -39,7 +39,7 @@ extension FederationManager {
         if !fresh, let known = link.proof(of: domain) {
             return .proven(known.method, expires: known.expires)
         }
-        let evidence = PeerEvidence(certificateChain: link.certificateChain, time: Date(), connectedTarget: link.peerTarget)
+        let evidence = PeerEvidence(certificateChain: link.certificateChain, time: wallClock.now(), connectedTarget: link.peerTarget)
         if let leaf = evidence.certificateChain.first, isRevoked(leaf) {
             return .notApplicable("the certificate presented was revoked")
         }
@@ -156,7 +156,8 @@ extension FederationManager {
     /// closes the link with `<reset/>`: the peer reconnects and proves every domain again,
     /// nothing being trusted because it was trusted before. Stanzas the link owed are sent
     /// again on the next one.
-    func revalidate(at now: Date = Date()) async {
+    func revalidate(at time: Date? = nil) async {
+        let now = time ?? wallClock.now()
         defer { metrics.revalidationPasses.increment() }
         retireDuplicateLinks()
         let margin = max(2.0, configuration.revalidationIntervalSeconds * 2)
@@ -211,7 +212,7 @@ extension FederationManager {
     func checkRevocationSoon(_ link: FederationLink) {
         guard revocation != nil, !link.certificateChain.isEmpty else { return }
         let manager = self
-        Task { await manager.checkRevocation(of: link, at: Date()) }
+        Task { await manager.checkRevocation(of: link, at: manager.wallClock.now()) }
     }
 
     func isRevoked(_ certificate: Certificate) -> Bool {
@@ -257,8 +258,13 @@ extension FederationManager {
             // Resetting such a link would only make the next one, presenting the same
             // certificate, be reset in turn.
             guard link.restsOnCertificate else {
-                logger.notice("the peer's certificate was revoked; the link does not rest on it", metadata: ["link": "\(link.id.prefix(8))", "peer": "\(link.peerAddress)", "reason": "\(reason)"])
-                link.setNextRevocationCheck(now.addingTimeInterval(24 * 3600))
+                // Looked at again on every pass (from the cache, no request): a proof resting
+                // on the certificate that was decided while this answer was on its way resets
+                // the link at the next pass. New proofs never rest on it (revoked set).
+                if link.nextRevocationCheck == .distantPast {
+                    logger.notice("the peer's certificate was revoked; the link does not rest on it", metadata: ["link": "\(link.id.prefix(8))", "peer": "\(link.peerAddress)", "reason": "\(reason)"])
+                }
+                link.setNextRevocationCheck(now)
                 return
             }
             logger.warning("security: the peer's certificate was revoked; resetting the link", metadata: ["link": "\(link.id.prefix(8))", "peer": "\(link.peerAddress)", "reason": "\(reason)"])

@@ -40,7 +40,9 @@ public final class BraidServer: Service {
     public static let domainPollInterval: Duration = .milliseconds(50)
 
     /// Opens storage and loads certificates; nothing listens until ``start()``.
-    public init(configuration: BraidConfiguration, logger: Logger, eventLoopGroup: MultiThreadedEventLoopGroup? = nil) throws {
+    /// - Parameter wallClock: where federation reads the time of day; tests move it forward.
+    public init(configuration: BraidConfiguration, logger: Logger, eventLoopGroup: MultiThreadedEventLoopGroup? = nil,
+                wallClock: WallClock = .system) throws {
         let started = ContinuousClock.now
         self.configuration = configuration
         self.logger = logger
@@ -71,7 +73,7 @@ public final class BraidServer: Service {
             self.resolver = resolver
             let federation = try FederationManager.live(
                 configuration: configuration.s2s, resolver: resolver, host: FederationBridge(context: context),
-                group: group, logger: logger, metrics: FederationMetrics(factory: metricsRegistry))
+                group: group, logger: logger, metrics: FederationMetrics(factory: metricsRegistry), wallClock: wallClock)
             self.federation = federation
             router.setRemoteRoute(FederationRoute(manager: federation))
             metricsRegistry.onExport { federation.recordGauges() }

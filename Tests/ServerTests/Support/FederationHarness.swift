@@ -37,6 +37,7 @@ struct FederatedPair {
         bDomains: [String] = ["b.example"], bUsers: [String] = ["bob@b.example"],
         certificates: PeerCertificates = .trustedCA,
         aCertified: [String]? = nil, bCertified: [String]? = nil, bNotValidAfter: Date? = nil, ocspPort: Int? = nil,
+        aClock: WallClock = .system,
         configureA: @escaping (inout BraidConfiguration) -> Void = { _ in },
         configureB: @escaping (inout BraidConfiguration) -> Void = { _ in }
     ) async throws -> FederatedPair {
@@ -46,7 +47,7 @@ struct FederatedPair {
             do {
                 return try await startOnce(aDomains: aDomains, aUsers: aUsers, bDomains: bDomains, bUsers: bUsers, certificates: certificates,
                                            aCertified: aCertified, bCertified: bCertified, bNotValidAfter: bNotValidAfter, ocspPort: ocspPort,
-                                           configureA: configureA, configureB: configureB)
+                                           aClock: aClock, configureA: configureA, configureB: configureB)
             } catch where attempt < 5 && "\(error)".contains("Address already in use") {
                 continue
             }
@@ -57,6 +58,7 @@ struct FederatedPair {
     private static func startOnce(
         aDomains: [String], aUsers: [String], bDomains: [String], bUsers: [String],
         certificates: PeerCertificates, aCertified: [String]?, bCertified: [String]?, bNotValidAfter: Date?, ocspPort: Int?,
+        aClock: WallClock,
         configureA: @escaping (inout BraidConfiguration) -> Void,
         configureB: @escaping (inout BraidConfiguration) -> Void
     ) async throws -> FederatedPair {
@@ -108,7 +110,7 @@ struct FederatedPair {
                 configuration.s2s.peers[peer] = FederationConfiguration.PeerSettings(host: "127.0.0.1", port: peerPort)
             }
         }
-        let a = try await TestServer.start(domains: aDomains, users: aUsers) { configuration in
+        let a = try await TestServer.start(domains: aDomains, users: aUsers, wallClock: aClock) { configuration in
             federate(&configuration, port: aPort, files: aFiles, peers: bDomains, peerPort: bPort)
             configureA(&configuration)
         }
@@ -139,13 +141,14 @@ func withFederation(
     bDomains: [String] = ["b.example"], bUsers: [String] = ["bob@b.example"],
     certificates: PeerCertificates = .trustedCA,
     aCertified: [String]? = nil, bCertified: [String]? = nil, bNotValidAfter: Date? = nil, ocspPort: Int? = nil,
+    aClock: WallClock = .system,
     configureA: @escaping (inout BraidConfiguration) -> Void = { _ in },
     configureB: @escaping (inout BraidConfiguration) -> Void = { _ in },
     _ body: (FederatedPair) async throws -> Void
 ) async throws {
     let pair = try await FederatedPair.start(aDomains: aDomains, aUsers: aUsers, bDomains: bDomains, bUsers: bUsers,
                                              certificates: certificates, aCertified: aCertified, bCertified: bCertified, bNotValidAfter: bNotValidAfter, ocspPort: ocspPort,
-                                             configureA: configureA, configureB: configureB)
+                                             aClock: aClock, configureA: configureA, configureB: configureB)
     do {
         try await body(pair)
     } catch {

@@ -1,3 +1,4 @@
+import Federation
 import Foundation
 import Logging
 import NIOPosix
@@ -24,6 +25,7 @@ final class TestServer: Sendable {
     static func start(
         domains: [String] = ["a.example", "b.example"],
         users: [String] = ["alice@a.example", "bob@b.example", "carol@a.example"],
+        wallClock: WallClock = .system,
         configure: (inout BraidConfiguration) -> Void = { _ in }
     ) async throws -> TestServer {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("braid-test-\(UUID().uuidString)").path
@@ -49,7 +51,7 @@ final class TestServer: Sendable {
         var logger = Logger(label: "braid.test")
         logger.logLevel = ProcessInfo.processInfo.environment["BRAID_TEST_LOG"].flatMap(Logger.Level.init(rawValue:)) ?? .critical
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
-        let server = try BraidServer(configuration: configuration, logger: logger, eventLoopGroup: group)
+        let server = try BraidServer(configuration: configuration, logger: logger, eventLoopGroup: group, wallClock: wallClock)
         for domain in domains {
             try await server.context.storage.addDomain(try JID(domain: domain).domainpart)
         }
