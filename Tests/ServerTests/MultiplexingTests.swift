@@ -242,6 +242,9 @@ struct MultiplexingTests {
             try await alice.sendMessage(to: "bob@b.example", body: "before expiry")
             #expect(try await receive(1, on: bob) == ["before expiry"])
             #expect(pairs(pair.a).contains("outbound a.example⇄b.example pkix"))
+            // Everything sent was acknowledged first: two hours of silence would otherwise be
+            // an acknowledgement timeout, which resets the link for another reason.
+            try await waitUntil { openLinks(pair.a).allSatisfy { $0.unacknowledged == 0 } }
             offset.withLock { $0 = 7200 }
             let federation = try #require(pair.a.server.federation)
             await federation.revalidate()
