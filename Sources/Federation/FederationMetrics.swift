@@ -93,4 +93,9 @@ public struct FederationMetrics: Sendable {
     func streamError(_ condition: String) {
         Counter(label: "braid_stream_errors_sent_total", dimensions: [("condition", condition), ("stream", "s2s")], factory: factory).increment()
     }
+
+    /// A stream error a peer closed a link with (`reset` when its proofs lapsed, ...).
+    func streamErrorReceived(_ condition: String) {
+        Counter(label: "braid_stream_errors_received_total", dimensions: [("condition", condition), ("stream", "s2s")], factory: factory).increment()
+    }
 }

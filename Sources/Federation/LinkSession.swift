@@ -50,6 +50,7 @@ final class LinkSession {
             // The peer is closing the link (shutdown, reset, ...); RFC 6120 §4.9.1.
             let error = StreamError(element: element) ?? StreamError(.undefinedCondition)
             logger.info("the peer closed the link with a stream error", metadata: ["condition": "\(error.condition.rawValue)", "text": "\(error.text ?? "")"])
+            manager.metrics.streamErrorReceived(error.condition.rawValue)
             link.closeStream()
         default:
             handleStanza(element)

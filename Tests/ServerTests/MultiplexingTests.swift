@@ -249,6 +249,8 @@ struct MultiplexingTests {
             let federation = try #require(pair.a.server.federation)
             await federation.revalidate()
             #expect(pair.a.metrics.counterValue("braid_s2s_link_resets_total", [("reason", "proof-lapsed")]) == 1)
+            // The peer read <reset/> on the wire (RFC 6120 §4.9.3.16), not just a closed socket.
+            try await waitUntil { pair.b.metrics.counterValue("braid_stream_errors_received_total", [("condition", "reset"), ("stream", "s2s")]) == 1 }
             try await waitUntil { openLinks(pair.a).isEmpty }
             // B's certificate has expired: the new link cannot use it; b.example rests on the
             // DNS that led A there (said as such, not as dialback, which A did not do for it;
