@@ -92,6 +92,29 @@ struct FederationBadInputTests {
         }
     }
 
+    @Test("What a peer pipelines after its secured header waits for the header's certificate check, then is handled in order")
+    func pipelinedAfterHeader() async throws {
+        try await withFederation { pair in
+            let certificate = try pair.ca.issueXMPPServerCertificate(domains: ["b.example"])
+            let port = try #require(pair.a.server.federationPorts["s2s_starttls"])
+            let peer = try await TestClient.connect(port: port, group: pair.a.group, contentNamespace: XMLNamespace.server, clientCertificate: certificate)
+            try await peer.sendServerHeader(to: "a.example", from: "b.example")
+            _ = try await peer.nextElement()
+            try await peer.send(XMLElement(name: "starttls", namespace: XMLNamespace.tls))
+            _ = try await peer.waitFor { $0.name == "proceed" }
+            guard case .tlsEstablished = try await peer.next() else { Issue.record("no TLS"); return }
+            // The header, then at once (before A's features) the EXTERNAL request: A checks the
+            // certificate for the header asynchronously, and the request must wait for it.
+            try await peer.sendServerHeader(to: "a.example", from: "b.example")
+            try await peer.send(XMLElement(name: "auth", namespace: XMLNamespace.sasl, attributes: [XMLAttribute("mechanism", "EXTERNAL")], text: "="))
+            let features = try await peer.waitFor { $0.name == "features" }
+            #expect(features.firstChild(name: "mechanisms", namespace: XMLNamespace.sasl)?.firstElement?.text == "EXTERNAL")
+            let outcome = try await peer.waitFor { $0.name == "success" || $0.name == "failure" }
+            #expect(outcome.name == "success")
+            await peer.close()
+        }
+    }
+
     @Test("A spoofed 'from' domain gets invalid-from")
     func spoofedFrom() async throws {
         try await withGenuineClients { pair, alice, bob in
