@@ -1943,7 +1943,8 @@ def parse_args(argv):
                         default=os.environ.get("BRAID_LAB_WITH_BRAID") == "1",
                         help="add a Braid provider ($BRAID_BINARY); also BRAID_LAB_WITH_BRAID=1")
     parser.add_argument("--domains", type=int, default=3, help="domains per provider (default 3)")
-    parser.add_argument("--users", type=int, default=3, help="users per domain (default 3)")
+    parser.add_argument("--users", type=int, default=None,
+                        help="users per domain (default 3, times --repeat: the classic scenarios take fresh users each run)")
     parser.add_argument("--no-bidi", action="store_true", help="Prosody without mod_s2s_bidi")
     parser.add_argument("--secure-auth", action="store_true",
                         help="Prosody s2s_secure_auth / Braid require_certificates (the dialback "
@@ -1961,8 +1962,8 @@ def parse_args(argv):
     parser.add_argument("--repeat", type=int, default=int(os.environ.get("BRAID_LAB_REPEAT", "1") or 1),
                         help="run the selected scenarios K times in a row in the same lab, each run "
                              "counted on its own (default 1, or $BRAID_LAB_REPEAT). The classic "
-                             "federation:* and dialback_only:* scenarios take fresh users each time: "
-                             "raise --users for them")
+                             "federation:* and dialback_only:* scenarios take fresh users each time, "
+                             "so --users defaults to 3 per run")
     return parser.parse_args(argv)
 
 
@@ -1973,6 +1974,8 @@ def main(argv=None):
     if os.geteuid() != 0 and not args.list:
         print("the lab needs root (network namespaces, setpriv)", file=sys.stderr)
         return 2
+    if args.users is None:
+        args.users = 3 * max(1, args.repeat)
     specs = default_specs(args.with_braid, args.domains, args.users)
     for spec in specs:
         spec.bidi = not args.no_bidi
