@@ -35,12 +35,18 @@ extension FederationManager {
         let ocspRequester = OCSPHTTPRequester(eventLoopGroup: group)
         let revocation: (any RevocationChecking)? = configuration.checkRevocation
             ? OCSPRevocationChecking(checker: OCSPChecker(requester: ocspRequester)) : nil
+        // A DANE proof lives at least three re-validation intervals, however short the DNS
+        // TTLs: every pass renews it once it has less than two intervals left, so one slow or
+        // failed look-up (a resolver timing out) no longer lapses it and resets the link
+        // (seen in the lab: 30 s proofs renewed every 30 s). A changed TLSA record takes
+        // effect within that time.
+        let daneLifetime = Duration.seconds(max(30, 3 * configuration.revalidationIntervalSeconds))
         return try FederationManager(
             configuration: configuration, host: host,
             locator: DNSPeerLocator(locator: serviceLocator, logger: logger),
             group: group, logger: logger, metrics: metrics,
             additionalProofs: { validator in
-                [POSHProof(fetcher: poshFetcher), DANEProof(source: DNSDANESource(locator: serviceLocator), validator: validator)]
+                [POSHProof(fetcher: poshFetcher), DANEProof(source: DNSDANESource(locator: serviceLocator, minimumLifetime: daneLifetime), validator: validator)]
             },
             revocation: revocation,
             wallClock: wallClock,
