@@ -106,6 +106,11 @@ public struct OCSPHTTPRequester: OCSPFetching {
         request.headers.add(name: "Content-Type", value: "application/ocsp-request")
         request.headers.add(name: "Accept", value: "application/ocsp-response")
         request.headers.add(name: "User-Agent", value: "Braid-OCSP")
+        // One request per connection (checks are daily per certificate): a kept-alive idle
+        // connection holds a single-threaded responder (OpenSSL's `ocsp` serves one
+        // connection at a time), and every other checker, another server's included, then
+        // times out and learns nothing for an hour.
+        request.headers.add(name: "Connection", value: "close")
         request.body = .bytes(ByteBuffer(bytes: body))
         let response = try await client.execute(request, deadline: deadline)
         guard response.status == .ok else {

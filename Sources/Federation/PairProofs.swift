@@ -221,6 +221,14 @@ extension FederationManager {
     }
 
     func checkRevocation(of link: FederationLink, at now: Date) async {
+        // One check per link at a time: the check right after the handshake and a
+        // revalidation pass may meet, and a revoked certificate must reset (and be counted)
+        // once.
+        let manager = self
+        await inFlight.run("revocation|\(link.id)") { await manager.checkRevocationNow(of: link, at: now) }
+    }
+
+    private func checkRevocationNow(of link: FederationLink, at now: Date) async {
         guard let revocation, link.nextRevocationCheck <= now else { return }
         let chain = link.certificateChain
         // No certificate yet (the TLS handshake of a link registered when its TCP connection
@@ -267,6 +275,9 @@ extension FederationManager {
                 link.setNextRevocationCheck(now)
                 return
             }
+            // Reset once: the link is closing, later passes leave it alone.
+            guard !link.isClosed, link.nextRevocationCheck != .distantFuture else { return }
+            link.setNextRevocationCheck(.distantFuture)
             logger.warning("security: the peer's certificate was revoked; resetting the link", metadata: ["link": "\(link.id.prefix(8))", "peer": "\(link.peerAddress)", "reason": "\(reason)"])
             metrics.resets("revoked")
             link.close(with: StreamError(.reset, text: "certificate revoked"))

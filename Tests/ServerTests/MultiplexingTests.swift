@@ -285,8 +285,19 @@ struct RevocationTests {
                 func outbound() -> [ProofMethod] {
                     (pair.a.server.federation?.links ?? []).filter { !$0.closed }.flatMap(\.pairs).filter { $0.direction == .outbound }.map(\.method)
                 }
-                try await waitUntil(timeout: .seconds(10)) {
-                    pair.a.metrics.counterValue("braid_s2s_link_resets_total", [("reason", "revoked")]) == 1 || outbound() == [.dns]
+                do {
+                    try await waitUntil(timeout: .seconds(10)) {
+                        pair.a.metrics.counterValue("braid_s2s_link_resets_total", [("reason", "revoked")]) == 1 || outbound() == [.dns]
+                    }
+                } catch {
+                    let links = (pair.a.server.federation?.openLinks ?? []).map { "\($0.origin) next check \($0.nextRevocationCheck) pairs \($0.authorizations.map { "\($0.direction) \($0.method)" })" }
+                    func totals(_ server: TestServer) -> String {
+                        ["braid_s2s_link_resets_total", "braid_stream_errors_sent_total", "braid_stream_errors_received_total", "braid_s2s_link_failures_total",
+                         "braid_s2s_connections_opened_total", "braid_s2s_connections_accepted_total", "braid_s2s_ocsp_requests_total"]
+                            .map { "\($0)=\(server.metrics.counterTotal($0))" }.joined(separator: " ")
+                    }
+                    Issue.record("outbound \(outbound()), passes \(pair.a.metrics.counterValue("braid_s2s_revalidation_passes_total")), links \(links); A: \(totals(pair.a)); B: \(totals(pair.b))")
+                    throw error
                 }
                 try await waitUntil { !outbound().contains(.pkix) }
                 // Messages still flow.
