@@ -149,6 +149,10 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
             (await manager.proveRemote(remote, on: link), await manager.certificateRequired(remote, on: link))
         }.whenSuccess { outcome, certificateRequired in
             let (handler, context) = bound.value
+            // The connection may have closed while the peer was being proven (the peer gave
+            // up, or a timeout): the negotiation is over, and starting the stream now would
+            // break its state machine's contract (it trapped under load).
+            if case .closed = handler.negotiation.state { return }
             switch outcome {
             case .proven(let method, _):
                 handler.logger.debug("the peer is proven for the remote domain", metadata: ["method": "\(method.rawValue)"])
