@@ -55,7 +55,7 @@ public final class SQLiteStorage: Storage {
         configuration.prepareDatabase { db in
             try db.execute(sql: SQL.fullSynchronous)
         }
-        pool = try DatabasePool(path: path, configuration: configuration)
+        pool = try Self.openPool(path: path, configuration: configuration)
         // GRDB sets synchronous=NORMAL on the writer when it switches the file to WAL,
         // after prepareDatabase ran; the writer connection lives as long as the pool, so
         // setting it back once is enough.
@@ -65,6 +65,21 @@ public final class SQLiteStorage: Storage {
 
         logger.info("Opened database", metadata: ["path": "\(path)"])
         try Self.migrate(pool, logger: logger, path: path)
+    }
+
+    /// Opens the pool, which switches a new file to WAL. SQLite answers that switch with
+    /// SQLITE_BUSY at once, without its busy handler, when another process (the server and
+    /// the CLI, both first to open a new file) is switching it at the same moment: retried
+    /// for up to five seconds, as the busy timeout would have waited.
+    private static func openPool(path: String, configuration: Configuration) throws -> DatabasePool {
+        let deadline = Date().addingTimeInterval(5)
+        while true {
+            do {
+                return try DatabasePool(path: path, configuration: configuration)
+            } catch let error as DatabaseError where error.resultCode == .SQLITE_BUSY && Date() < deadline {
+                Thread.sleep(forTimeInterval: 0.02)
+            }
+        }
     }
 
     private static func migrate(_ pool: DatabasePool, logger: Logger, path: String) throws {
