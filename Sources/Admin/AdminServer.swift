@@ -40,8 +40,8 @@ public final class AdminServer: Sendable {
     public let configuration: AdminConfiguration
     private let tls: TLSContextStore
     private let isHosted: @Sendable (String) -> Bool
-    private let metrics: @Sendable () -> String
-    private let links: @Sendable () -> [LinkSnapshot]
+    private let metrics: @Sendable () async -> String
+    private let links: @Sendable () async -> [LinkSnapshot]
     private let logger: Logger
     /// The provider host name in canonical form, if configured and valid.
     private let providerHostName: String?
@@ -70,8 +70,8 @@ public final class AdminServer: Sendable {
         configuration: AdminConfiguration,
         tls: TLSContextStore,
         isHosted: @escaping @Sendable (String) -> Bool,
-        metrics: @escaping @Sendable () -> String,
-        links: @escaping @Sendable () -> [LinkSnapshot],
+        metrics: @escaping @Sendable () async -> String,
+        links: @escaping @Sendable () async -> [LinkSnapshot],
         logger: Logger
     ) {
         self.configuration = configuration
@@ -264,10 +264,10 @@ public final class AdminServer: Sendable {
             Response(
                 status: .ok,
                 headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
-                body: ResponseBody(byteBuffer: ByteBuffer(string: metrics())))
+                body: ResponseBody(byteBuffer: ByteBuffer(string: await metrics())))
         }
         router.get("/api/links") { [self] _, _ -> Response in
-            let view = links().map(AdminLinkInfo.init).sorted { ($0.createdAt, $0.id) < ($1.createdAt, $1.id) }
+            let view = await links().map(AdminLinkInfo.init).sorted { ($0.createdAt, $0.id) < ($1.createdAt, $1.id) }
             return try Self.json(view)
         }
         router.get("/api/health") { _, _ -> Response in

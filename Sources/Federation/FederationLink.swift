@@ -34,10 +34,20 @@ public final class FederationLink: Sendable {
     public let peerTarget: ServerTarget?
     public let createdAt: Date
     let channel: any Channel
-    /// The link's state (``LinkStateMachine``). Every access is one short critical section
-    /// that calls one event or query of the machine; effects it returns (resuming waiters,
-    /// draining, writing) run after the lock is released.
-    private let state: Mutex<LinkStateMachine>
+    /// The link's state (``LinkStateMachine``), confined to the channel's event loop as in
+    /// SwiftNIO: no lock; the box traps an access from any other thread. The handlers run
+    /// there; the manager hops there (``onLoop(_:)``, ``onLoops(_:_:)``, ``submit(_:for:)``), so a
+    /// check and the action it guards are one step of the loop.
+    private let machine: NIOLoopBoundBox<LinkStateMachine>
+
+    /// The event loop the link's state lives on.
+    var eventLoop: any EventLoop { channel.eventLoop }
+
+    /// The state, for the accessors below; on the event loop only.
+    private var state: LinkStateMachine {
+        get { machine.value }
+        _modify { yield &machine.value }
+    }
 
     /// Where this link reads the time of day (the manager's clock).
     let wallClock: WallClock
@@ -51,12 +61,47 @@ public final class FederationLink: Sendable {
         self.channel = channel
         let now = wallClock.now()
         self.createdAt = now
-        self.state = Mutex(LinkStateMachine(origin: origin, now: now))
+        // Made off the loop too (tests); the value is handed over, not shared.
+        self.machine = .makeBoxSendingValue(LinkStateMachine(origin: origin, now: now), eventLoop: channel.eventLoop)
     }
+
+    // MARK: Reaching the loop
+
+    /// Runs `body` on the link's event loop and hands back its result; nil when the loop is
+    /// gone (the server is shutting down).
+    func onLoop<Result: Sendable>(_ body: @escaping @Sendable (FederationLink) -> Result) async -> Result? {
+        let link = self
+        return try? await channel.eventLoop.submit { body(link) }.get()
+    }
+
+    /// ``onLoop(_:)`` for many links with one hop per event loop, not per link: placement asks
+    /// every link about every new pair, and with a certificate per customer domain there are
+    /// thousands. Results are in the order of `links`; nil for a link whose loop is gone.
+    static func onLoops<Result: Sendable>(_ links: [FederationLink], _ body: @escaping @Sendable (FederationLink) -> Result) async -> [Result?] {
+        var byLoop: [ObjectIdentifier: (loop: any EventLoop, members: [(Int, FederationLink)])] = [:]
+        for (index, link) in links.enumerated() {
+            byLoop[ObjectIdentifier(link.eventLoop), default: (link.eventLoop, [])].members.append((index, link))
+        }
+        var results = [Result?](repeating: nil, count: links.count)
+        await withTaskGroup(of: [(Int, Result)].self) { tasks in
+            for (loop, members) in byLoop.values {
+                tasks.addTask {
+                    (try? await loop.submit { members.map { ($0.0, body($0.1)) } }.get()) ?? []
+                }
+            }
+            for await part in tasks {
+                for (index, result) in part { results[index] = result }
+            }
+        }
+        return results
+    }
+
+    // Everything below runs on the link's event loop (the box checks), except `channel`
+    // writes (`sendControl`, `closeStream`, `close(with:)`), which NIO takes from anywhere.
 
     // MARK: Peer facts
 
-    var certificateChain: [Certificate] { state.withLock { $0.certificateChain } }
+    var certificateChain: [Certificate] { state.certificateChain }
 
     func setCertificateChain(_ chain: [Certificate]) {
         let single = chain.first.map(Self.namesOneDomain) ?? false
@@ -65,15 +110,15 @@ public final class FederationLink: Sendable {
             hasher.combine(der)
             return hasher.finalize()
         }
-        state.withLock { $0.peerPresented(chain, namesOneDomain: single, hash: hash) }
+        state.peerPresented(chain, namesOneDomain: single, hash: hash)
     }
 
     /// A hash of the peer's leaf certificate, for remembering proofs that failed on it.
-    var peerCertificateHash: Int? { state.withLock { $0.peerCertificateHash } }
+    var peerCertificateHash: Int? { state.peerCertificateHash }
 
     /// The peer's certificate names one domain only (a certificate per customer domain):
     /// such a link never takes a further target. Worked out once, when the chain arrives.
-    var peerCertificateNamesOneDomain: Bool { state.withLock { $0.peerCertificateNamesOneDomain } }
+    var peerCertificateNamesOneDomain: Bool { state.peerCertificateNamesOneDomain }
 
     private static func namesOneDomain(_ leaf: Certificate) -> Bool {
         guard let identity = try? CertificateIdentity(certificate: leaf) else { return false }
@@ -93,76 +138,78 @@ public final class FederationLink: Sendable {
         var refusedLocal: Bool
         var remoteProof: ProofMethod?
         var pairCount: Int
+        /// For remembering proofs that failed on the peer's certificate.
+        var peerCertificateHash: Int?
     }
 
     func placementFacts(for pair: DomainPair, at time: Date? = nil) -> PlacementFacts {
         let time = time ?? wallClock.now()
-        return state.withLock { $0.placementFacts(for: pair, at: time) }
+        return state.placementFacts(for: pair, at: time)
     }
 
     func setCapabilities(_ capabilities: OutgoingServerNegotiation.PeerCapabilities) {
-        state.withLock { $0.capabilities = capabilities }
+        state.capabilities = capabilities
     }
 
-    var isBidirectional: Bool { state.withLock { $0.bidi } }
+    var isBidirectional: Bool { state.bidi }
 
     func setBidirectional() {
-        state.withLock { $0.setBidirectional() }
+        state.setBidirectional()
     }
 
-    var streamID: String? { state.withLock { $0.streamID } }
+    var streamID: String? { state.streamID }
 
     func setStreamID(_ id: String?) {
-        state.withLock { $0.streamID = id }
+        state.streamID = id
     }
 
     /// Whether the peer takes `db:result` for further pairs on this link.
-    var peerSpeaksDialback: Bool { state.withLock { $0.peerSpeaksDialback } }
+    var peerSpeaksDialback: Bool { state.peerSpeaksDialback }
 
     func setPeerDeclaredDialback(_ declared: Bool) {
-        state.withLock { $0.peerDeclaredDialback = declared }
+        state.peerDeclaredDialback = declared
     }
 
-    var localCertificate: [UInt8]? { state.withLock { $0.localCertificate } }
+    var localCertificate: [UInt8]? { state.localCertificate }
 
     func setLocalCertificate(_ der: [UInt8]?) {
-        state.withLock { $0.setLocalCertificate(der) }
+        state.setLocalCertificate(der)
     }
 
     /// The peer refused `local` on this link: an answer about the link, not the pair.
     func recordRefusal(of local: String) {
-        state.withLock { $0.recordRefusal(of: local) }
+        state.recordRefusal(of: local)
     }
 
-    var hasRefusedAny: Bool { state.withLock { !$0.refusedLocals.isEmpty } }
+    var hasRefusedAny: Bool { !state.refusedLocals.isEmpty }
 
     /// The peer handles dialback errors, so a refused pair leaves the link up.
-    var handlesDialbackErrors: Bool { state.withLock { $0.handlesDialbackErrors } }
+    var handlesDialbackErrors: Bool { state.handlesDialbackErrors }
 
     func recordProof(of domain: String, method: ProofMethod, expires: Date?) {
-        state.withLock { $0.recordProof(of: domain, method: method, expires: expires) }
+        state.recordProof(of: domain, method: method, expires: expires)
     }
 
     /// A proof of `domain` still valid on this link, if any.
     func proof(of domain: String, at time: Date? = nil) -> (method: ProofMethod, expires: Date?)? {
         let time = time ?? wallClock.now()
-        return state.withLock { $0.proof(of: domain, at: time) }
+        return state.proof(of: domain, at: time)
     }
 
     /// What the pairs with `domain` already on this link rest on (see
     /// ``LinkStateMachine/carriedProof(of:at:)``).
     func carriedProof(of domain: String, at time: Date? = nil) -> (method: ProofMethod, expires: Date?) {
         let time = time ?? wallClock.now()
-        return state.withLock { $0.carriedProof(of: domain, at: time) }
+        return state.carriedProof(of: domain, at: time)
     }
 
     /// Some pair or recorded proof here rests on the peer's certificate.
-    var restsOnCertificate: Bool { state.withLock { $0.restsOnCertificate } }
+    var restsOnCertificate: Bool { state.restsOnCertificate }
 
-    var nextRevocationCheck: Date { state.withLock { $0.nextRevocationCheck } }
+    var nextRevocationCheck: Date { state.nextRevocationCheck }
 
     func setNextRevocationCheck(_ date: Date) {
-        state.withLock { $0.nextRevocationCheck = date }
+        state.nextRevocationCheck = date
     }
 
     // MARK: Authorisations
@@ -172,31 +219,31 @@ public final class FederationLink: Sendable {
     @discardableResult
     func authorize(_ pair: DomainPair, _ direction: PairDirection, method: ProofMethod, expires: Date?, alsoReverse: Bool = false) -> [PairDirection] {
         let now = wallClock.now()
-        return state.withLock { $0.authorize(pair, direction, method: method, expires: expires, alsoReverse: alsoReverse, at: now) }
+        return state.authorize(pair, direction, method: method, expires: expires, alsoReverse: alsoReverse, at: now)
     }
 
     /// A renewed proof for an existing authorisation.
     func renew(_ pair: DomainPair, _ direction: PairDirection, method: ProofMethod, expires: Date?) {
         let now = wallClock.now()
-        state.withLock { $0.renew(pair, direction, method: method, expires: expires, at: now) }
+        state.renew(pair, direction, method: method, expires: expires, at: now)
     }
 
     /// Whether stanzas for `pair` may flow in `direction` now.
     public func isAuthorized(_ pair: DomainPair, _ direction: PairDirection, at time: Date? = nil) -> Bool {
         let time = time ?? wallClock.now()
-        return state.withLock { $0.isAuthorized(pair, direction, at: time) }
+        return state.isAuthorized(pair, direction, at: time)
     }
 
     func authorization(_ pair: DomainPair, _ direction: PairDirection) -> PairAuthorization? {
-        state.withLock { $0.authorization(pair, direction) }
+        state.authorization(pair, direction)
     }
 
-    var pairCount: Int { state.withLock { $0.authorizations.count } }
+    var pairCount: Int { state.authorizations.count }
 
     /// True when any remote domain is authenticated inbound (some stanza may arrive).
     func hasInboundPairs(at time: Date? = nil) -> Bool {
         let time = time ?? wallClock.now()
-        return state.withLock { $0.hasValidPair(where: { $0.direction == .inbound }, at: time) }
+        return state.hasValidPair(where: { $0.direction == .inbound }, at: time)
     }
 
     /// True when `remote` is authenticated for some inbound pair (the stanza's `from`).
@@ -207,34 +254,34 @@ public final class FederationLink: Sendable {
     /// True when some pair with this remote domain is valid in `direction`.
     func hasValidPair(remote: String, _ direction: PairDirection, at time: Date? = nil) -> Bool {
         let time = time ?? wallClock.now()
-        return state.withLock { $0.hasValidPair(where: { $0.direction == direction && $0.pair.remote == remote }, at: time) }
+        return state.hasValidPair(where: { $0.direction == direction && $0.pair.remote == remote }, at: time)
     }
 
     /// True when some pair of this local domain is valid in `direction`.
     func hasValidPair(local: String, _ direction: PairDirection, at time: Date? = nil) -> Bool {
         let time = time ?? wallClock.now()
-        return state.withLock { $0.hasValidPair(where: { $0.direction == direction && $0.pair.local == local }, at: time) }
+        return state.hasValidPair(where: { $0.direction == direction && $0.pair.local == local }, at: time)
     }
 
     /// An authorisation that exists but whose proof has lapsed.
     func hasLapsed(_ pair: DomainPair, _ direction: PairDirection, at time: Date? = nil) -> Bool {
         let time = time ?? wallClock.now()
-        return state.withLock { $0.hasLapsed(pair, direction, at: time) }
+        return state.hasLapsed(pair, direction, at: time)
     }
 
     /// Withdraws every pair of a local domain that is no longer hosted. The link stays up.
     func withdraw(local: String) -> [DomainPair] {
-        state.withLock { $0.withdraw(local: local) }
+        state.withdraw(local: local)
     }
 
-    var hasWithdrawnPairs: Bool { state.withLock { !$0.withdrawn.isEmpty } }
+    var hasWithdrawnPairs: Bool { !state.withdrawn.isEmpty }
 
     func wasWithdrawn(_ pair: DomainPair) -> Bool {
-        state.withLock { $0.withdrawn.contains(pair) }
+        state.withdrawn.contains(pair)
     }
 
     public var authorizations: [PairAuthorization] {
-        state.withLock { Array($0.authorizations.values) }
+        Array(state.authorizations.values)
     }
 
     // MARK: Pair requests
@@ -248,15 +295,15 @@ public final class FederationLink: Sendable {
 
     /// Before a `db:result` on a link the peer opened whose peer has not yet answered one.
     func beginAssertionTrial() {
-        state.withLock { $0.beginAssertionTrial() }
+        state.beginAssertionTrial()
     }
 
     /// On an outgoing link: the peer said it answers our `db:result` on the links it opens.
-    var peerAnswersRequestsOnItsLinks: Bool { state.withLock { $0.capabilities.answersRequestsOnItsLinks } }
+    var peerAnswersRequestsOnItsLinks: Bool { state.capabilities.answersRequestsOnItsLinks }
 
     /// Marks the link as being retired; false if it already was (close it once).
     func beginRetiring() -> Bool {
-        state.withLock { $0.beginRetiring() }
+        state.beginRetiring()
     }
 
     /// The peer's IP address, for remembering how a provider's servers behave.
@@ -266,7 +313,7 @@ public final class FederationLink: Sendable {
     /// request for the pair is already outstanding (the caller should not send another).
     func awaitAnswer(for pair: DomainPair, method: ProofMethod, expires: Date?,
                      continuation: CheckedContinuation<PairRequestOutcome, Never>) -> Bool {
-        state.withLock { $0.awaitAnswer(for: pair, method: method, expires: expires, continuation: continuation) } == .send
+        state.awaitAnswer(for: pair, method: method, expires: expires, continuation: continuation) == .send
     }
 
     /// Delivers the peer's answer to waiting requesters (see
@@ -275,7 +322,7 @@ public final class FederationLink: Sendable {
     @discardableResult
     func answer(_ pair: DomainPair, _ outcome: PairRequestOutcome, fromPeer: Bool = true) -> LinkStateMachine.AnswerEffects? {
         let now = wallClock.now()
-        let effects = state.withLock { $0.answer(pair, outcome, fromPeer: fromPeer, at: now) }
+        let effects = state.answer(pair, outcome, fromPeer: fromPeer, at: now)
         if effects.resumeDrain { channel.eventLoop.execute { self.drain() } }
         guard let waiters = effects.waiters else { return nil }
         for waiter in waiters { waiter.resume(returning: outcome) }
@@ -288,7 +335,7 @@ public final class FederationLink: Sendable {
     /// Refused (false) when the pair already has `limit` stanzas waiting on this link.
     @discardableResult
     func enqueue(_ stanza: Stanza, for pair: DomainPair, limit: Int = .max) -> Bool {
-        switch state.withLock({ $0.enqueue(stanza, for: pair, limit: limit) }) {
+        switch state.enqueue(stanza, for: pair, limit: limit) {
         case .refused:
             return false
         case .queued:
@@ -308,11 +355,11 @@ public final class FederationLink: Sendable {
         var wrote = false
         while channel.isWritable {
             let now = wallClock.now()
-            guard let next = state.withLock({ $0.nextToWrite(at: now) }) else { break }
+            guard let next = state.nextToWrite(at: now) else { break }
             channel.write(StreamOutput.element(next.element), promise: nil)
             wrote = true
         }
-        let (requestAcknowledgement, _) = state.withLock { $0.drainPassEnded(wrote: wrote) }
+        let (requestAcknowledgement, _) = state.drainPassEnded(wrote: wrote)
         if requestAcknowledgement {
             channel.write(StreamOutput.element(XMLElement(name: "r", namespace: XMLNamespace.streamManagement)), promise: nil)
         }
@@ -325,56 +372,56 @@ public final class FederationLink: Sendable {
         channel.writeAndFlush(StreamOutput.element(element), promise: nil)
     }
 
-    var queuedCount: Int { state.withLock { $0.queuedCount } }
+    var queuedCount: Int { state.queuedCount }
 
     func idleSeconds(at time: Date) -> TimeInterval? {
-        state.withLock { $0.idleSeconds(at: time) }
+        state.idleSeconds(at: time)
     }
 
     // MARK: Stream management (XEP-0198, acknowledgements only)
 
     func enableStreamManagement(requested: Bool) {
-        state.withLock { $0.enableStreamManagement(requested: requested) }
+        state.enableStreamManagement(requested: requested)
     }
 
     func streamManagementConfirmed() {
-        state.withLock { $0.streamManagementConfirmed() }
+        state.streamManagementConfirmed()
     }
 
-    var streamManagementEnabled: Bool { state.withLock { $0.streamManagement != nil } }
+    var streamManagementEnabled: Bool { state.streamManagement != nil }
 
     func disableStreamManagement() {
-        state.withLock { $0.disableStreamManagement() }
+        state.disableStreamManagement()
     }
 
     func countReceived() {
         let now = wallClock.now()
-        state.withLock { $0.countReceived(at: now) }
+        state.countReceived(at: now)
     }
 
-    var handledInbound: UInt32 { state.withLock { $0.handledInbound } }
+    var handledInbound: UInt32 { state.handledInbound }
 
     /// Applies the peer's `<a h='…'/>`. False if it acknowledges more than we sent.
     func acknowledge(_ handled: UInt32) -> Bool {
         let now = wallClock.now()
-        let (valid, resume) = state.withLock { $0.acknowledge(handled, at: now) }
+        let (valid, resume) = state.acknowledge(handled, at: now)
         if resume { drain() }
         return valid
     }
 
     func acknowledgementOverdue(at time: Date) -> TimeInterval? {
-        state.withLock { $0.acknowledgementOverdue(at: time) }
+        state.acknowledgementOverdue(at: time)
     }
 
     // MARK: Closing
 
-    var isClosed: Bool { state.withLock { $0.isClosed } }
+    var isClosed: Bool { state.isClosed }
 
     /// Marks the link closed and hands back what it still owed, to be re-sent on another
     /// link; waiting pair requests are answered `.closed`. Idempotent.
     @discardableResult
     func markClosed() -> (owed: [Stanza], refusedRequests: Bool) {
-        let effects = state.withLock { $0.close() }
+        let effects = state.close()
         for waiter in effects.waiters { waiter.resume(returning: .closed) }
         return (effects.owed, effects.refusedRequests)
     }
@@ -400,15 +447,15 @@ public final class FederationLink: Sendable {
         channel.eventLoop.scheduleTask(in: .seconds(5)) { channel.close(promise: nil) }
     }
 
-    /// A description for operators (`braid links`) and logs.
-    public var snapshot: LinkSnapshot {
-        state.withLock { state in
-            LinkSnapshot(id: id, origin: origin, peerAddress: peerAddress, createdAt: createdAt,
+    /// A description for operators (`braid links`) and logs (on the event loop: see
+    /// ``FederationManager/links``).
+    var snapshot: LinkSnapshot {
+        let state = self.state
+        return LinkSnapshot(id: id, origin: origin, peerAddress: peerAddress, createdAt: createdAt,
                          pairs: state.authorizations.values.sorted { ($0.pair.local, $0.pair.remote, $0.direction.rawValue) < ($1.pair.local, $1.pair.remote, $1.direction.rawValue) },
                          stanzasSent: state.stanzasSent, stanzasReceived: state.stanzasReceived, closed: state.isClosed,
                          bidirectional: state.bidi, queued: state.queuedCount,
                          unacknowledged: state.streamManagement?.unacked.count ?? 0)
-        }
     }
 }
 

@@ -137,7 +137,7 @@ public final class FederationManager: Sendable {
         /// Every link, negotiating or established, by id.
         var links: [String: FederationLink] = [:]
         /// The link each pair is sent on (RFC 6120 §10.1: one stream per pair at a time).
-        var routes: [DomainPair: FederationLink] = [:]
+        var routes: [DomainPair: Route] = [:]
         /// Stanzas waiting for their pair, and whether it is being set up.
         var pending: [DomainPair: PendingPair] = [:]
         /// Connections being opened, by target, with the pairs waiting to see whether they
@@ -194,6 +194,19 @@ public final class FederationManager: Sendable {
         var certificate: Int
         var domain: String
         var target: ServerTarget?
+    }
+
+    /// A pair's route: its link, and until when the outbound proof there holds (as the link
+    /// said when it authorised or renewed the pair). The link has the last word, on its own
+    /// event loop: a route it no longer honours (closed, withdrawn, retiring) hands its
+    /// stanza back (``place(_:for:on:)``).
+    struct Route {
+        let link: FederationLink
+        var expires: Date?
+
+        func isValid(at time: Date) -> Bool {
+            expires.map { $0 > time } ?? true
+        }
     }
 
     struct PendingPair {
@@ -270,81 +283,132 @@ public final class FederationManager: Sendable {
             return
         }
         let pair = DomainPair(local: from.domainpart, remote: to.domainpart)
-        enum Decision {
-            case sent
-            case bounce(StanzaError)
-            case establish
-            case queued
-        }
         let now = ContinuousClock.now
-        let decision: Decision = state.withLock { state in
+        let wallNow = wallClock.now()
+        let manager = self
+        let decision: SendDecision = state.withLock { state in
             if state.shuttingDown { return .bounce(StanzaError(.remoteServerTimeout, text: "the server is shutting down")) }
-            if let link = state.routes[pair] {
-                if link.isAuthorized(pair, .outbound) {
-                    guard link.enqueue(stanza, for: pair, limit: configuration.queueLimit) else {
-                        return .bounce(StanzaError(.resourceConstraint, text: "too many stanzas waiting for \(pair.remote)"))
-                    }
+            if let route = state.routes[pair] {
+                if route.isValid(at: wallNow) {
+                    // Handed to the link's loop under this lock, so stanzas for a pair reach
+                    // its queue in the order they were sent here.
+                    let link = route.link
+                    link.eventLoop.execute { manager.place(stanza, for: pair, on: link) }
                     return .sent
                 }
-                // Closed, withdrawn or lapsed: stop using it at once (RFC 6120 §13.7.2.3).
+                // Lapsed: stop using it at once (RFC 6120 §13.7.2.3).
                 state.routes[pair] = nil
             }
-            var pending = state.pending[pair] ?? PendingPair()
-            if !pending.establishing, let backoff = state.pairBackoff[pair] ?? state.backoff[pair.remote], backoff.until > now {
-                return .bounce(backoff.error)
-            }
-            guard pending.stanzas.count < configuration.queueLimit else {
-                return .bounce(StanzaError(.resourceConstraint, text: "too many stanzas waiting for \(pair.remote)"))
-            }
-            pending.stanzas.append(stanza)
-            let start = !pending.establishing
-            pending.establishing = true
-            state.pending[pair] = pending
-            return start ? .establish : .queued
+            return Self.awaitSetUp(stanza, for: pair, in: &state, now: now, queueLimit: configuration.queueLimit)
         }
         switch decision {
         case .sent:
-            metrics.stanzasOut.increment()
+            break
         case .bounce(let error):
             metrics.bounced.increment()
             await host.bounce(stanza, with: error)
         case .establish:
-            let manager = self
             Task { await manager.establish(pair) }
         case .queued:
             break
         }
     }
 
+    enum SendDecision {
+        case sent
+        case bounce(StanzaError)
+        case establish
+        case queued
+    }
+
+    /// A stanza for a pair without a route: it waits for the pair to be set up (and starts
+    /// that), or bounces while the pair or its domain backs off.
+    private static func awaitSetUp(_ stanza: Stanza, for pair: DomainPair, in state: inout State, now: ContinuousClock.Instant, queueLimit: Int) -> SendDecision {
+        var pending = state.pending[pair] ?? PendingPair()
+        if !pending.establishing, let backoff = state.pairBackoff[pair] ?? state.backoff[pair.remote], backoff.until > now {
+            return .bounce(backoff.error)
+        }
+        guard pending.stanzas.count < queueLimit else {
+            return .bounce(StanzaError(.resourceConstraint, text: "too many stanzas waiting for \(pair.remote)"))
+        }
+        pending.stanzas.append(stanza)
+        let start = !pending.establishing
+        pending.establishing = true
+        state.pending[pair] = pending
+        return start ? .establish : .queued
+    }
+
+    /// On the link's event loop: queues a routed stanza if the link still carries its pair
+    /// outbound. Otherwise (closed, withdrawn, retiring, lapsed since the route was read) the
+    /// route goes and the stanza waits for the pair to be set up again, like the next ones.
+    func place(_ stanza: Stanza, for pair: DomainPair, on link: FederationLink) {
+        if link.isAuthorized(pair, .outbound) {
+            if link.enqueue(stanza, for: pair, limit: configuration.queueLimit) {
+                metrics.stanzasOut.increment()
+            } else {
+                bounceAll([stanza], StanzaError(.resourceConstraint, text: "too many stanzas waiting for \(pair.remote)"))
+            }
+            return
+        }
+        let now = ContinuousClock.now
+        let decision = state.withLock { state -> SendDecision in
+            if state.shuttingDown { return .bounce(StanzaError(.remoteServerTimeout, text: "the server is shutting down")) }
+            if state.routes[pair]?.link === link { state.routes[pair] = nil }
+            return Self.awaitSetUp(stanza, for: pair, in: &state, now: now, queueLimit: configuration.queueLimit)
+        }
+        switch decision {
+        case .sent, .queued:
+            break
+        case .bounce(let error):
+            bounceAll([stanza], error)
+        case .establish:
+            let manager = self
+            Task { await manager.establish(pair) }
+        }
+    }
+
     /// Records a proof for a pair on a link (on a bidirectional link the reverse direction
-    /// comes with it, XEP-0288 §2.2), then routes what waited for it (``authorized``).
+    /// comes with it, XEP-0288 §2.2), then routes what waited for it (``authorized``). On the
+    /// link's event loop.
     func authorize(_ pair: DomainPair, _ direction: PairDirection, on link: FederationLink, method: ProofMethod, expires: Date?) {
         let directions = link.authorize(pair, direction, method: method, expires: expires, alsoReverse: true)
         authorized(pair, directions, on: link, method: method)
     }
 
     /// After a link's table took a proof for `pair` in `directions` (its own decision, made
-    /// under the same access as the change): metrics and, for the outbound direction, the
-    /// link becomes the pair's route and what waited for it is sent, in order.
+    /// under the same step of the link's loop as the change): metrics and, for the outbound
+    /// direction, the link becomes the pair's route and what waited for it is sent, in order.
+    /// On the link's event loop.
     func authorized(_ pair: DomainPair, _ directions: [PairDirection], on link: FederationLink, method: ProofMethod) {
         guard !directions.isEmpty else { return }
         state.withLock { $0.linkGeneration &+= 1 }
         for direction in directions { metrics.proof(method, direction: direction) }
         if link.isBidirectional && link.pairCount <= 2 { scheduleDuplicateLinkChecks() }
         guard directions.contains(.outbound) else { return }
-        let flushed = state.withLock { state -> Int in
+        let expires = link.authorization(pair, .outbound)?.expires
+        let now = wallClock.now()
+        let waiting = state.withLock { state -> [Stanza] in
             // Keep a working route: a pair moves between links only when its link goes.
-            if let current = state.routes[pair], current !== link, current.isAuthorized(pair, .outbound) {
-                return 0
+            if let current = state.routes[pair], current.link !== link, current.isValid(at: now) {
+                return []
             }
-            state.routes[pair] = link
+            state.routes[pair] = Route(link: link, expires: expires)
             state.pairBackoff[pair] = nil
-            guard let waiting = state.pending[pair]?.stanzas else { return 0 }
+            guard let waiting = state.pending[pair]?.stanzas else { return [] }
             state.pending[pair]?.stanzas = []
-            for stanza in waiting { link.enqueue(stanza, for: pair) }
-            return waiting.count
+            return waiting
         }
-        if flushed > 0 { metrics.stanzasOut.increment(by: Int64(flushed)) }
+        // Still on the loop: stanzas that `send` hands to it from now on run after this, so
+        // what waited goes first.
+        for stanza in waiting { link.enqueue(stanza, for: pair) }
+        if !waiting.isEmpty { metrics.stanzasOut.increment(by: Int64(waiting.count)) }
+    }
+
+    /// A renewed outbound proof on `link`: its route holds as long.
+    func routeRenewed(_ pair: DomainPair, on link: FederationLink, expires: Date?) {
+        state.withLock { state in
+            if state.routes[pair]?.link === link { state.routes[pair]?.expires = expires }
+        }
     }
 
     /// The pair is set up (or was given up): stanzas that arrived meanwhile are flushed by
@@ -398,7 +462,8 @@ public final class FederationManager: Sendable {
     }
 
     /// A link is gone. Its routes go with it, and whatever it still owed (queued, or sent
-    /// and not acknowledged under XEP-0198) is sent again on another link.
+    /// and not acknowledged under XEP-0198) is sent again on another link. On the link's
+    /// event loop.
     func linkClosed(_ link: FederationLink) {
         let (owed, refusedRequests) = link.markClosed()
         resentStanzas.linkClosed(link.id)
@@ -410,7 +475,7 @@ public final class FederationManager: Sendable {
         }
         let shuttingDown = state.withLock { state -> Bool in
             state.links[link.id] = nil
-            for (pair, current) in state.routes where current === link {
+            for (pair, current) in state.routes where current.link === link {
                 state.routes[pair] = nil
             }
             return state.shuttingDown
@@ -434,7 +499,8 @@ public final class FederationManager: Sendable {
         guard let to = try? stanza.to(), host.isHosted(to.domainpart) else {
             metrics.bounced.increment()
             logger.info("stanza for a domain no longer hosted refused", metadata: ["to": "\(stanza.toString ?? "")", "from": "\(stanza.fromString ?? "")"])
-            if let reply = stanza.errorReply(StanzaError(.remoteServerNotFound, text: "\((try? stanza.to())?.domainpart ?? "the domain") is no longer served here")), !link.isClosed {
+            // Written from here (NIO takes writes from any thread); on a closed link it fails.
+            if let reply = stanza.errorReply(StanzaError(.remoteServerNotFound, text: "\((try? stanza.to())?.domainpart ?? "the domain") is no longer served here")) {
                 link.sendControl(reply.element)
             }
             return
@@ -526,43 +592,53 @@ public final class FederationManager: Sendable {
     /// without asking (their link already carries every pair of ours), or when the peer
     /// said it answers requests on its links (Braid's feature): a classic server's link
     /// may not take ours.
-    func retireDuplicateLinks() {
-        let links = openLinks.filter { $0.isBidirectional && $0.streamID != nil }
-        let incoming = links.filter { $0.origin == .incoming }
+    func retireDuplicateLinks() async {
+        /// What the pass needs of each link, read in one step of its loop.
+        struct Facts: Sendable {
+            var link: FederationLink
+            var streamID: String
+            var pairs: Set<DomainPair>
+            var refusedAny: Bool
+            var answersRequests: Bool
+            var localCertificate: [UInt8]?
+        }
+        let gathered = await FederationLink.onLoops(openLinks) { link -> Facts? in
+            guard !link.isClosed, link.isBidirectional, let streamID = link.streamID else { return nil }
+            return Facts(link: link, streamID: streamID, pairs: Set(link.authorizations.map(\.pair)), refusedAny: link.hasRefusedAny,
+                         answersRequests: link.peerAnswersRequestsOnItsLinks, localCertificate: link.localCertificate)
+        }
+        let links = gathered.compactMap { $0 ?? nil }
+        let incoming = links.filter { $0.link.origin == .incoming }
         guard !incoming.isEmpty else { return }
-        // Each link's pairs read once, and the peer's links indexed by remote domain: with a
-        // certificate per domain there are thousands of links, and comparing every pair of
-        // them on every new link took the whole CPU.
-        var theirPairs: [String: Set<DomainPair>] = [:]
-        var byRemote: [String: [FederationLink]] = [:]
+        // The peer's links indexed by remote domain: with a certificate per domain there are
+        // thousands of links, and comparing every pair of them on every new link took the
+        // whole CPU.
+        var byRemote: [String: [Facts]] = [:]
         for theirs in incoming {
-            let pairs = Set(theirs.authorizations.map(\.pair))
-            theirPairs[theirs.id] = pairs
-            for remote in Set(pairs.map(\.remote)) { byRemote[remote, default: []].append(theirs) }
+            for remote in Set(theirs.pairs.map(\.remote)) { byRemote[remote, default: []].append(theirs) }
         }
         // Moving pairs that would need a request is safe only while the peer has refused
         // none of our domains: a peer that requires certificates per domain would refuse
         // them on its link, and the pair's own connection would be retired again, over and
         // over.
-        let refusingPeers = Set(links.filter(\.hasRefusedAny).compactMap(\.peerIP))
-        for ours in links where ours.origin == .outgoing {
-            guard let ourID = ours.streamID else { continue }
-            let ourPairs = Set(ours.authorizations.map(\.pair))
+        let refusingPeers = Set(links.filter(\.refusedAny).compactMap(\.link.peerIP))
+        for ours in links where ours.link.origin == .outgoing {
             var seen = Set<String>()
-            let candidates = Set(ourPairs.map(\.remote)).flatMap { byRemote[$0] ?? [] }.filter { seen.insert($0.id).inserted }
-            for theirs in candidates {
-                guard let theirID = theirs.streamID, ourID > theirID, let pairs = theirPairs[theirs.id] else { continue }
-                let peerRefused = ours.hasRefusedAny || theirs.hasRefusedAny || [ours.peerIP, theirs.peerIP].contains { $0.map(refusingPeers.contains) == true }
+            let candidates = Set(ours.pairs.map(\.remote)).flatMap { byRemote[$0] ?? [] }.filter { seen.insert($0.link.id).inserted }
+            for theirs in candidates where ours.streamID > theirs.streamID {
+                let peerRefused = ours.refusedAny || theirs.refusedAny || [ours.link.peerIP, theirs.link.peerIP].contains { $0.map(refusingPeers.contains) == true }
                 // And only pairs whose local domain the peer's link already carries, or whose
                 // certificate that link presents: with a certificate per domain, anything
                 // else would be refused there and need a connection of its own again.
-                guard ourPairs.isSubset(of: pairs)
-                        || (ours.peerAnswersRequestsOnItsLinks && mayRequestPairs(on: theirs) && !peerRefused
-                            && ourPairs.allSatisfy { ourPair in presentsCertificate(of: ourPair.local, on: theirs) || pairs.contains { $0.local == ourPair.local } }),
-                      ours.beginRetiring() else { continue }
+                guard ours.pairs.isSubset(of: theirs.pairs)
+                        || (ours.answersRequests && mayRequestPairs(on: theirs.link) && !peerRefused
+                            && ours.pairs.allSatisfy { ourPair in presentsCertificate(of: ourPair.local, presented: theirs.localCertificate) || theirs.pairs.contains { $0.local == ourPair.local } })
+                else { continue }
+                // Retired in one step of its loop, once.
+                guard await ours.link.onLoop({ $0.beginRetiring() }) == true else { break }
                 logger.info("closing our link: the peer opened one to us at the same time", metadata: [
-                    "link": "\(ours.id.prefix(8))", "kept": "\(theirs.id.prefix(8))", "peer": "\(ours.peerAddress)"])
-                ours.closeStream()
+                    "link": "\(ours.link.id.prefix(8))", "kept": "\(theirs.link.id.prefix(8))", "peer": "\(ours.link.peerAddress)"])
+                ours.link.closeStream()
                 break
             }
         }
@@ -570,9 +646,10 @@ public final class FederationManager: Sendable {
 
     /// A new bidirectional link: look for a duplicate shortly after, once both links carry
     /// their first pairs (the periodic re-validation pass looks again).
-    /// Whether `link` presents the certificate we present for `local`.
-    func presentsCertificate(of local: String, on link: FederationLink) -> Bool {
-        guard let presented = link.localCertificate, let own = host.tls.certificateDER(for: local) else { return false }
+    /// Whether a link presenting `presented` (its ``FederationLink/localCertificate``)
+    /// presents the certificate we present for `local`.
+    func presentsCertificate(of local: String, presented: [UInt8]?) -> Bool {
+        guard let presented, let own = host.tls.certificateDER(for: local) else { return false }
         return presented == own
     }
 
@@ -596,7 +673,7 @@ public final class FederationManager: Sendable {
                     return checks.requested
                 }
                 quietPasses = requested ? 0 : quietPasses + 1
-                manager.retireDuplicateLinks()
+                await manager.retireDuplicateLinks()
             }
             let again = manager.duplicateChecks.withLock { checks -> Bool in
                 checks.running = false
@@ -634,14 +711,16 @@ public final class FederationManager: Sendable {
     }
 
     func rememberRefusal(of local: String, on link: FederationLink) {
-        link.recordRefusal(of: local)
+        link.eventLoop.execute { link.recordRefusal(of: local) }
         guard let ip = link.peerIP else { return }
         let until = ContinuousClock.now + .seconds(600)
         state.withLock { $0.refusedLocals[ip, default: [:]][local] = until }
     }
 
+    /// The links not yet gone (a link leaves as soon as its loop sees it close; whoever needs
+    /// more asks the link on its loop).
     var openLinks: [FederationLink] {
-        state.withLock { Array($0.links.values) }.filter { !$0.isClosed }
+        state.withLock { Array($0.links.values) }
     }
 
     // MARK: Hosted domains
@@ -650,12 +729,8 @@ public final class FederationManager: Sendable {
     /// stays up for the others. What the peer sees: `db:result` for the domain gets an
     /// `item-not-found` dialback error, and stanzas already in flight to it come back as
     /// `remote-server-not-found` stanza errors, not stream errors.
-    public func withdraw(local domain: String) {
-        var withdrawn = 0
-        for link in openLinks {
-            let pairs = link.withdraw(local: domain)
-            withdrawn += pairs.count
-        }
+    public func withdraw(local domain: String) async {
+        let withdrawn = await FederationLink.onLoops(openLinks) { $0.withdraw(local: domain).count }.reduce(0) { $0 + ($1 ?? 0) }
         let bounced: [Stanza] = state.withLock { state in
             for pair in state.routes.keys where pair.local == domain {
                 state.routes[pair] = nil
@@ -737,14 +812,17 @@ public final class FederationManager: Sendable {
         for release in onShutdown { await release() }
     }
 
-    /// Every current link, for operators.
+    /// Every current link, for operators: each described on its own loop.
     public var links: [LinkSnapshot] {
-        state.withLock { Array($0.links.values) }.map(\.snapshot).sorted { $0.createdAt < $1.createdAt }
+        get async {
+            await FederationLink.onLoops(state.withLock { Array($0.links.values) }) { $0.snapshot }
+                .compactMap { $0 }.sorted { $0.createdAt < $1.createdAt }
+        }
     }
 
     /// Sets the link gauges (links, pairs by method, queue depth) from the current state.
-    public func recordGauges() {
-        metrics.record(links: links, pending: pendingCount)
+    public func recordGauges() async {
+        metrics.record(links: await links, pending: pendingCount)
     }
 
     /// Stanzas waiting for a pair to be set up, for operators and metrics.

@@ -230,7 +230,8 @@ struct LinkStateMachine: Sendable {
             handlesDialbackErrors: handlesDialbackErrors,
             carriesRemote: carriesRemote, carriesLocal: carriesLocal,
             refusedLocal: refusedLocals.contains(pair.local),
-            remoteProof: proof(of: pair.remote, at: time)?.method, pairCount: authorizations.count)
+            remoteProof: proof(of: pair.remote, at: time)?.method, pairCount: authorizations.count,
+            peerCertificateHash: peerCertificateHash)
     }
 
     // MARK: Pair requests (our db:result on this link)

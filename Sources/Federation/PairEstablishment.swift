@@ -32,14 +32,18 @@ extension FederationManager {
             // Links that could be joined now; a connection is opened only if none appears
             // between this look and taking the connection slot (see connect).
             let considered = state.withLock { $0.linkGeneration }
-            if let link = routedLink(for: pair) {
+            if await adoptRoutedLink(for: pair) {
                 // Authorised already (the reverse of a pair the peer asserted on a bidi link):
-                // only the route and what waited remain.
-                authorized(pair, [.outbound], on: link, method: link.authorization(pair, .outbound)?.method ?? .dns)
+                // only the route and what waited remained.
                 return
             }
             if configuration.multiplex, let (link, proof) = await linkToJoin(for: pair, excluding: excluded) {
                 let outcome = await requestPair(pair, on: link, method: proof.method, expires: proof.expires)
+                var presentsOwnCertificate = false
+                if case .error(let error) = outcome, error.condition == .notAuthorized {
+                    let presented = await link.onLoop { $0.localCertificate } ?? nil
+                    presentsOwnCertificate = presentsCertificate(of: pair.local, presented: presented)
+                }
                 switch outcome {
                 case .valid:
                     // The link authorised the pair and routed it when the answer arrived
@@ -47,7 +51,7 @@ extension FederationManager {
                     metrics.connectionsSaved.increment()
                     logger.debug("pair joined an existing link", metadata: ["pair": "\(pair)", "link": "\(link.id.prefix(8))", "proof": "\(proof.method.rawValue)"])
                     return
-                case .error(let error) where error.condition == .notAuthorized && presentsCertificate(of: pair.local, on: link):
+                case .error(let error) where error.condition == .notAuthorized && presentsOwnCertificate:
                     // The peer found no proof of our domain in the certificate this link
                     // presents, which is the one a connection of its own would present too:
                     // the answer is about the domain, and final (a POSH document listing
@@ -86,24 +90,29 @@ extension FederationManager {
         pairFailed(pair, error: StanzaError(.remoteServerTimeout, text: "could not set up \(pair) within \(configuration.pairSetupTimeoutSeconds) s"), backoff: false)
     }
 
-    /// The link the pair is authorised on already (for example, the reverse of a pair the
-    /// peer asserted on a bidirectional link): the route table says, without a scan.
-    private func routedLink(for pair: DomainPair) -> FederationLink? {
-        guard let link = state.withLock({ $0.routes[pair] }), link.isAuthorized(pair, .outbound) else { return nil }
-        return link
+    /// When the pair is authorised already on the link its route names (for example, the
+    /// reverse of a pair the peer asserted on a bidirectional link): the route table says,
+    /// without a scan, and the link confirms on its loop, where what waited is flushed.
+    private func adoptRoutedLink(for pair: DomainPair) async -> Bool {
+        guard let link = state.withLock({ $0.routes[pair]?.link }) else { return false }
+        let manager = self
+        return await link.onLoop { link -> Bool in
+            guard link.isAuthorized(pair, .outbound), let authorization = link.authorization(pair, .outbound) else { return false }
+            manager.authorized(pair, [.outbound], on: link, method: authorization.method)
+            return true
+        } ?? false
     }
 
-    /// What ``PairPlacement`` needs to know about `link` for `pair`, without proving
-    /// anything. `refusingPeers`: the peer servers (IP addresses) that refused the local
-    /// domain on some link lately.
-    func placementCandidate(_ link: FederationLink, for pair: DomainPair, targets: [PeerTarget]?, refusingPeers: Set<String>) -> PairPlacement.Candidate {
+    /// What ``PairPlacement`` needs to know about `link` for `pair` (`facts`, read on its
+    /// loop), without proving anything. `refusingPeers`: the peer servers (IP addresses) that
+    /// refused the local domain on some link lately.
+    func placementCandidate(_ link: FederationLink, facts: FederationLink.PlacementFacts, targets: [PeerTarget]?, refusingPeers: Set<String>) -> PairPlacement.Candidate {
         let reaches: Bool
         if link.origin == .outgoing {
             reaches = link.peerTarget.map { target in targets?.contains { $0.serverTarget == target } ?? false } ?? false
         } else {
             reaches = targets != nil
         }
-        let facts = link.placementFacts(for: pair)
         let refusedByPeer = !refusingPeers.isEmpty && link.peerIP.map(refusingPeers.contains) == true
         return PairPlacement.Candidate(
             id: link.id, outgoing: link.origin == .outgoing, bidirectional: facts.bidirectional, usable: facts.usable,
@@ -120,36 +129,45 @@ extension FederationManager {
     /// pass every other test, and a proof that failed on a certificate is not tried again
     /// on another link presenting the same one for a few seconds.
     func linkToJoin(for pair: DomainPair, excluding excluded: Set<String>) async -> (FederationLink, (method: ProofMethod, expires: Date?))? {
-        let links = openLinks.filter { !excluded.contains($0.id) }
+        let now = wallClock.now()
+        // Every link's facts for this pair, read on the links' loops (one hop per loop).
+        let read = openLinks.filter { !excluded.contains($0.id) }
+        let readFacts = await FederationLink.onLoops(read) { $0.placementFacts(for: pair, at: now) }
+        let links = zip(read, readFacts).compactMap { link, facts in facts.map { (link, $0) } }
         guard !links.isEmpty else { return nil }
         let refusingPeers = peersRefusing(pair.local)
-        var candidates = links.map { placementCandidate($0, for: pair, targets: nil, refusingPeers: refusingPeers) }
+        var candidates = links.map { placementCandidate($0.0, facts: $0.1, targets: nil, refusingPeers: refusingPeers) }
         // Sender multiplexing needs no DNS; a new target does (a bogus or absent domain is
         // never sent to, not even over a link whose peer could prove it).
-        if case .join(let id, .senderMultiplexing) = PairPlacement.decide(candidates), let link = links.first(where: { $0.id == id }) {
-            return (link, link.proof(of: pair.remote) ?? link.carriedProof(of: pair.remote))
+        if case .join(let id, .senderMultiplexing) = PairPlacement.decide(candidates), let link = links.first(where: { $0.0.id == id })?.0 {
+            let remote = pair.remote
+            guard let proof = await link.onLoop({ $0.proof(of: remote) ?? $0.carriedProof(of: remote) }) else { return nil }
+            return (link, proof)
         }
         guard case .targets(let targets) = await locate(pair.remote) else { return nil }
-        candidates = links.map { placementCandidate($0, for: pair, targets: targets, refusingPeers: refusingPeers) }
-        for (index, link) in links.enumerated() where PairPlacement.needsRemoteProof(candidates[index]) && candidates[index].remoteProof == nil {
-            guard !isKnownUnprovable(pair.remote, on: link) else { continue }
+        candidates = links.map { placementCandidate($0.0, facts: $0.1, targets: targets, refusingPeers: refusingPeers) }
+        for (index, (link, facts)) in links.enumerated() where PairPlacement.needsRemoteProof(candidates[index]) && candidates[index].remoteProof == nil {
+            guard !isKnownUnprovable(pair.remote, certificate: facts.peerCertificateHash, on: link) else { continue }
             switch await proveRemote(pair.remote, on: link) {
             case .proven(let method, _):
                 candidates[index].remoteProof = method
             case .refuted, .notApplicable:
-                rememberUnprovable(pair.remote, on: link)
+                rememberUnprovable(pair.remote, certificate: facts.peerCertificateHash, on: link)
             }
             // One proven link is enough: the rest would only be ranked below it.
             if candidates[index].remoteProof != nil { break }
         }
-        guard case .join(let id, let via) = PairPlacement.decide(candidates), let link = links.first(where: { $0.id == id }) else { return nil }
-        if let proof = link.proof(of: pair.remote) { return (link, proof) }
-        return via == .senderMultiplexing ? (link, link.carriedProof(of: pair.remote)) : nil
+        guard case .join(let id, let via) = PairPlacement.decide(candidates), let link = links.first(where: { $0.0.id == id })?.0 else { return nil }
+        let remote = pair.remote
+        let proofs = await link.onLoop { ($0.proof(of: remote), $0.carriedProof(of: remote)) }
+        guard let (proof, carried) = proofs else { return nil }
+        if let proof { return (link, proof) }
+        return via == .senderMultiplexing ? (link, carried) : nil
     }
 
     /// A proof of `domain` failed on this link's certificate at this target a moment ago.
-    private func isKnownUnprovable(_ domain: String, on link: FederationLink) -> Bool {
-        guard let key = unprovableKey(domain, on: link) else { return false }
+    private func isKnownUnprovable(_ domain: String, certificate: Int?, on link: FederationLink) -> Bool {
+        guard let key = unprovableKey(domain, certificate: certificate, on: link) else { return false }
         let now = ContinuousClock.now
         return state.withLock { state in
             guard let until = state.unprovable[key] else { return false }
@@ -161,8 +179,8 @@ extension FederationManager {
         }
     }
 
-    private func rememberUnprovable(_ domain: String, on link: FederationLink) {
-        guard let key = unprovableKey(domain, on: link) else { return }
+    private func rememberUnprovable(_ domain: String, certificate: Int?, on link: FederationLink) {
+        guard let key = unprovableKey(domain, certificate: certificate, on: link) else { return }
         // Short: a POSH document or TLSA record published meanwhile is seen soon.
         let until = ContinuousClock.now + .seconds(5)
         state.withLock { state in
@@ -171,24 +189,28 @@ extension FederationManager {
         }
     }
 
-    private func unprovableKey(_ domain: String, on link: FederationLink) -> UnprovableKey? {
-        guard let certificate = link.peerCertificateHash else { return nil }
+    private func unprovableKey(_ domain: String, certificate: Int?, on link: FederationLink) -> UnprovableKey? {
+        guard let certificate else { return nil }
         return UnprovableKey(certificate: certificate, domain: domain, target: link.peerTarget)
     }
 
     /// Sends `db:result` for `pair` on `link`, with a key bound to the link's stream id, and
     /// waits for the answer (bounded by the negotiation timeout).
     func requestPair(_ pair: DomainPair, on link: FederationLink, method: ProofMethod, expires: Date?) async -> FederationLink.PairRequestOutcome {
-        guard let streamID = link.streamID else { return .closed }
+        guard let streamID = await link.onLoop({ $0.streamID }) ?? nil else { return .closed }
         await host.prepareCertificate(for: pair.local)
         let key = keys.key(receiving: pair.remote, originating: pair.local, streamID: streamID)
         let timeout = Int64(configuration.negotiationTimeoutSeconds)
         return await withCheckedContinuation { continuation in
-            guard link.awaitAnswer(for: pair, method: method, expires: expires, continuation: continuation) else { return }
-            link.beginAssertionTrial()
-            link.sendControl(DialbackElement(kind: .result, from: pair.local, to: pair.remote, key: key).element)
-            link.channel.eventLoop.scheduleTask(in: .seconds(timeout)) {
-                _ = link.answer(pair, .error(StanzaError(.remoteServerTimeout, text: "no answer from \(pair.remote) for \(pair.local)")), fromPeer: false)
+            // Registered, marked and sent in one step of the link's loop: the answer is
+            // read on the same loop, after it.
+            link.eventLoop.execute {
+                guard link.awaitAnswer(for: pair, method: method, expires: expires, continuation: continuation) else { return }
+                link.beginAssertionTrial()
+                link.sendControl(DialbackElement(kind: .result, from: pair.local, to: pair.remote, key: key).element)
+                link.eventLoop.scheduleTask(in: .seconds(timeout)) {
+                    _ = link.answer(pair, .error(StanzaError(.remoteServerTimeout, text: "no answer from \(pair.remote) for \(pair.local)")), fromPeer: false)
+                }
             }
         }
     }
@@ -286,7 +308,7 @@ extension FederationManager {
         // Only worth waiting for a connection of the same local domain when the peer's
         // certificates name several of its domains: a certificate per domain never takes a
         // further target. One pass over the links for both facts.
-        let (refusesUnproven, singleNameCertificates) = peerFacts(at: serverTargets)
+        let (refusesUnproven, singleNameCertificates) = await peerFacts(at: serverTargets)
         let attempt = UUID()
         let slotLimit = max(1, configuration.maxConcurrentConnects)
         // What to wait for is chosen, or our own attempt registered, under one lock: two
@@ -390,15 +412,19 @@ extension FederationManager {
     /// domains on a link (it wants a proof a shared link cannot give, so waiting to share a
     /// connection opened for another of our domains is pointless), and whether every
     /// certificate it presented names a single domain (false while none was seen).
-    private func peerFacts(at targets: Set<ServerTarget>) -> (refusesUnproven: Bool, singleNameCertificates: Bool) {
+    private func peerFacts(at targets: Set<ServerTarget>) async -> (refusesUnproven: Bool, singleNameCertificates: Bool) {
         var refuses = false
         var seen = false
         var single = true
-        for link in openLinks where link.peerTarget.map(targets.contains) == true {
-            if link.hasRefusedAny { refuses = true }
-            if link.peerCertificateHash != nil {
+        let links = openLinks.filter { $0.peerTarget.map(targets.contains) == true }
+        let facts = await FederationLink.onLoops(links) { link in
+            link.isClosed ? nil : (refused: link.hasRefusedAny, certificate: link.peerCertificateHash, oneDomain: link.peerCertificateNamesOneDomain)
+        }
+        for case let fact?? in facts {
+            if fact.refused { refuses = true }
+            if fact.certificate != nil {
                 seen = true
-                if !link.peerCertificateNamesOneDomain { single = false }
+                if !fact.oneDomain { single = false }
             }
         }
         return (refuses, seen && single)

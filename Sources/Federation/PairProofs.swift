@@ -36,10 +36,13 @@ extension FederationManager {
     /// (PKIX, then POSH and DANE as configured). A success is remembered on the link until it
     /// expires; concurrent questions about the same domain on the same link share one check.
     func proveRemote(_ domain: String, on link: FederationLink, fresh: Bool = false) async -> ProofOutcome {
-        if !fresh, let known = link.proof(of: domain) {
+        guard let (known, chain) = await link.onLoop({ ($0.proof(of: domain), $0.certificateChain) }) else {
+            return .notApplicable("the link is gone")
+        }
+        if !fresh, let known {
             return .proven(known.method, expires: known.expires)
         }
-        let evidence = PeerEvidence(certificateChain: link.certificateChain, time: wallClock.now(), connectedTarget: link.peerTarget)
+        let evidence = PeerEvidence(certificateChain: chain, time: wallClock.now(), connectedTarget: link.peerTarget)
         if let leaf = evidence.certificateChain.first, isRevoked(leaf) {
             return .notApplicable("the certificate presented was revoked")
         }
@@ -53,7 +56,7 @@ extension FederationManager {
             await policy.prove(domain, evidence: evidence, ordered: ordered, pin: rule)
         }
         if case .proven(let method, let expires) = outcome {
-            link.recordProof(of: domain, method: method, expires: expires)
+            _ = await link.onLoop { $0.recordProof(of: domain, method: method, expires: expires) }
         }
         return outcome
     }
@@ -132,7 +135,7 @@ extension FederationManager {
         let gate = "\(link.id)|\(remote)"
         let gated = await dialbackGates.acquire(gate, limit: 1, until: .now + .seconds(configuration.negotiationTimeoutSeconds))
         defer { if gated { dialbackGates.release(gate) } }
-        if let known = link.proof(of: remote) {
+        if let known = await link.onLoop({ $0.proof(of: remote) }) ?? nil {
             return .valid(pair, known.method, known.expires)
         }
         metrics.dialbackVerifications.increment()
@@ -140,7 +143,7 @@ extension FederationManager {
         case .valid:
             // The key was bound to this stream, so the peer on this connection speaks for
             // `remote`; further pairs with it reuse the proof (digest §14 step 4).
-            link.recordProof(of: remote, method: .dialback, expires: nil)
+            _ = await link.onLoop { $0.recordProof(of: remote, method: .dialback, expires: nil) }
             return .valid(pair, .dialback, nil)
         case .invalid:
             return .invalid(pair)
@@ -159,16 +162,21 @@ extension FederationManager {
     func revalidate(at time: Date? = nil) async {
         let now = time ?? wallClock.now()
         defer { metrics.revalidationPasses.increment() }
-        retireDuplicateLinks()
+        await retireDuplicateLinks()
         let margin = max(2.0, configuration.revalidationIntervalSeconds * 2)
         for link in openLinks {
-            if let idle = link.idleSeconds(at: now), idle > Double(configuration.idleTimeoutSeconds) {
+            // What this pass looks at, read in one step of the link's loop.
+            let read = await link.onLoop { link in
+                link.isClosed ? nil : (idle: link.idleSeconds(at: now), overdue: link.acknowledgementOverdue(at: now), authorizations: link.authorizations)
+            }
+            guard let facts = read ?? nil else { continue }
+            if let idle = facts.idle, idle > Double(configuration.idleTimeoutSeconds) {
                 // RFC 6120 §4.4: an idle link is closed politely; the next stanza opens one.
                 logger.info("closing an idle link", metadata: ["link": "\(link.id.prefix(8))", "peer": "\(link.peerAddress)", "idle": "\(Int(idle))s"])
                 link.closeStream()
                 continue
             }
-            if let owed = link.acknowledgementOverdue(at: now), owed > Double(configuration.acknowledgementTimeoutSeconds) {
+            if let owed = facts.overdue, owed > Double(configuration.acknowledgementTimeoutSeconds) {
                 // XEP-0198 §5: a peer that stops acknowledging holds what we sent; a new link
                 // carries it (and the receiver drops copies it had already delivered).
                 logger.notice("the peer stopped acknowledging; resetting the link", metadata: [
@@ -179,7 +187,7 @@ extension FederationManager {
                 continue
             }
             var lapsed: [String] = []
-            let expiring = link.authorizations.filter { authorization in
+            let expiring = facts.authorizations.filter { authorization in
                 authorization.expires.map { $0.timeIntervalSince(now) < margin } ?? false
             }
             for domain in Set(expiring.map(\.pair.remote)).sorted() {
@@ -187,8 +195,12 @@ extension FederationManager {
                 let earliest = authorizations.compactMap(\.expires).min() ?? now
                 let outcome = await proveRemote(domain, on: link, fresh: true)
                 if case .proven(let method, let expires) = outcome, expires.map({ $0 > earliest }) ?? true {
-                    for authorization in authorizations {
-                        link.renew(authorization.pair, authorization.direction, method: method, expires: expires)
+                    let manager = self
+                    _ = await link.onLoop { link in
+                        for authorization in authorizations {
+                            link.renew(authorization.pair, authorization.direction, method: method, expires: expires)
+                            if authorization.direction == .outbound { manager.routeRenewed(authorization.pair, on: link, expires: expires) }
+                        }
                     }
                     logger.debug("renewed a proof", metadata: ["link": "\(link.id.prefix(8))", "domain": "\(domain)", "method": "\(method.rawValue)"])
                     continue
@@ -208,7 +220,8 @@ extension FederationManager {
     }
 
     /// A certificate is about to be relied on (right after the handshake): check it for
-    /// revocation now rather than at the next re-validation pass (RFC 6120 §13.7.2.3).
+    /// revocation now rather than at the next re-validation pass (RFC 6120 §13.7.2.3). On the
+    /// link's event loop.
     func checkRevocationSoon(_ link: FederationLink) {
         guard revocation != nil, !link.certificateChain.isEmpty else { return }
         let manager = self
@@ -229,15 +242,17 @@ extension FederationManager {
     }
 
     private func checkRevocationNow(of link: FederationLink, at now: Date) async {
-        guard let revocation, link.nextRevocationCheck <= now else { return }
-        let chain = link.certificateChain
+        guard let revocation else { return }
+        let read = await link.onLoop { link in
+            (next: link.nextRevocationCheck, chain: link.certificateChain, domain: link.authorizations.first?.pair.remote ?? "")
+        }
+        guard let (nextCheck, chain, domain) = read, nextCheck <= now else { return }
         // No certificate yet (the TLS handshake of a link registered when its TCP connection
         // opened is still under way): nothing to check now, so look again next time. It used
         // to be set to "never", and a slow peer's link was then never checked (issue 10).
         guard !chain.isEmpty else { return }
         // OCSP needs each certificate's issuer: check the validated path, which ends in the
         // trusted root the peer need not have sent.
-        let domain = link.authorizations.first?.pair.remote ?? ""
         let verdict: RevocationVerdict
         let leafDER = chain.first.flatMap { try? $0.derBytes() } ?? []
         if let known = revocationAnswers.verdict(for: leafDER, at: now) {
@@ -265,24 +280,40 @@ extension FederationManager {
             // is never a proof again (proveRemote and SASL EXTERNAL check the revoked set).
             // Resetting such a link would only make the next one, presenting the same
             // certificate, be reset in turn.
-            guard link.restsOnCertificate else {
-                // Looked at again on every pass (from the cache, no request): a proof resting
-                // on the certificate that was decided while this answer was on its way resets
-                // the link at the next pass. New proofs never rest on it (revoked set).
-                if link.nextRevocationCheck == .distantPast {
+            enum Consequence: Sendable {
+                case none
+                /// The link does not rest on the certificate; `first`: noticed for the first time.
+                case kept(first: Bool)
+                case reset
+            }
+            // Decided and marked in one step of the link's loop.
+            let consequence = await link.onLoop { link -> Consequence in
+                guard link.restsOnCertificate else {
+                    // Looked at again on every pass (from the cache, no request): a proof
+                    // resting on the certificate that was decided while this answer was on its
+                    // way resets the link at the next pass. New proofs never rest on it
+                    // (revoked set).
+                    let first = link.nextRevocationCheck == .distantPast
+                    link.setNextRevocationCheck(now)
+                    return .kept(first: first)
+                }
+                // Reset once: the link is closing, later passes leave it alone.
+                guard !link.isClosed, link.nextRevocationCheck != .distantFuture else { return .none }
+                link.setNextRevocationCheck(.distantFuture)
+                return .reset
+            } ?? Consequence.none
+            guard case .reset = consequence else {
+                if case .kept(first: true) = consequence {
                     logger.notice("the peer's certificate was revoked; the link does not rest on it", metadata: ["link": "\(link.id.prefix(8))", "peer": "\(link.peerAddress)", "reason": "\(reason)"])
                 }
-                link.setNextRevocationCheck(now)
                 return
             }
-            // Reset once: the link is closing, later passes leave it alone.
-            guard !link.isClosed, link.nextRevocationCheck != .distantFuture else { return }
-            link.setNextRevocationCheck(.distantFuture)
             logger.warning("security: the peer's certificate was revoked; resetting the link", metadata: ["link": "\(link.id.prefix(8))", "peer": "\(link.peerAddress)", "reason": "\(reason)"])
             metrics.resets("revoked")
             link.close(with: StreamError(.reset, text: "certificate revoked"))
         case .good, .unknown:
-            link.setNextRevocationCheck(verdict.nextCheck ?? now.addingTimeInterval(24 * 3600))
+            let next = verdict.nextCheck ?? now.addingTimeInterval(24 * 3600)
+            _ = await link.onLoop { $0.setNextRevocationCheck(next) }
         }
     }
 }

@@ -76,7 +76,7 @@ public final class BraidServer: Service {
                 group: group, logger: logger, metrics: FederationMetrics(factory: metricsRegistry), wallClock: wallClock)
             self.federation = federation
             router.setRemoteRoute(FederationRoute(manager: federation))
-            metricsRegistry.onExport { federation.recordGauges() }
+            metricsRegistry.onExport { await federation.recordGauges() }
         } else {
             federation = nil
             resolver = nil
@@ -84,8 +84,8 @@ public final class BraidServer: Service {
         let registry = metricsRegistry
         let federationManager = federation
         admin = AdminServer(configuration: configuration.admin, tls: context.certificates.store,
-                            isHosted: { domains.isHosted($0) }, metrics: { registry.prometheusText() },
-                            links: { federationManager?.links ?? [] }, logger: logger)
+                            isHosted: { domains.isHosted($0) }, metrics: { await registry.prometheusText() },
+                            links: { await federationManager?.links ?? [] }, logger: logger)
         metrics.startupSeconds.set(Self.seconds(ContinuousClock.now - started))
     }
 
@@ -210,7 +210,7 @@ public final class BraidServer: Service {
                             session.closeWithError(StreamError(.hostGone, text: "this domain is no longer served here"))
                         }
                         // Its pairs leave every s2s link; the links stay up for the others.
-                        federation?.withdraw(local: domain)
+                        await federation?.withdraw(local: domain)
                     }
                 } catch {
                     logger.error("reading hosted domains failed", metadata: ["error": "\(error)"])

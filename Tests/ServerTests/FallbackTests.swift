@@ -51,12 +51,12 @@ struct FallbackTests {
         }
     }
 
-    func openLinks(_ server: TestServer) -> [LinkSnapshot] {
-        server.openLinkSnapshots
+    func openLinks(_ server: TestServer) async -> [LinkSnapshot] {
+        await server.openLinkSnapshots
     }
 
-    func outboundPairs(_ server: TestServer) -> Set<String> {
-        Set(openLinks(server).flatMap { $0.pairs.filter { $0.direction == .outbound }.map { "\($0.pair.local)⇄\($0.pair.remote) \($0.method.rawValue)" } })
+    func outboundPairs(_ server: TestServer) async -> Set<String> {
+        Set(await openLinks(server).flatMap { $0.pairs.filter { $0.direction == .outbound }.map { "\($0.pair.local)⇄\($0.pair.remote) \($0.method.rawValue)" } })
     }
 
     @Test("Certificates required, a certificate per domain: every pair delivered, each proven by its own certificate")
@@ -73,7 +73,7 @@ struct FallbackTests {
             #expect(pair.b.metrics.counterValue("braid_s2s_bounced_total") == 0)
             // No dialback anywhere: every pair rests on the certificate of its own domains.
             let expected = Set(Self.aDomains.flatMap { a in Self.bDomains.map { "\(a)⇄\($0) pkix" } })
-            #expect(outboundPairs(pair.a) == expected)
+            #expect(await outboundPairs(pair.a) == expected)
             #expect(pair.b.metrics.counterValue("braid_s2s_dialback_verifications_total") == 0)
             // B refused A's further domains on the first link (not-authorized), and A gave
             // each of those pairs a connection of its own.
@@ -130,11 +130,12 @@ struct FallbackTests {
             let ideal = requireCertificates ? aDomains.count * bDomains.count : aDomains.count + bDomains.count
             let bound = aDomains.count * bDomains.count
             let settleBy = ContinuousClock.now + .seconds(15)
-            while openLinks(pair.a).count > ideal && ContinuousClock.now < settleBy {
+            while await openLinks(pair.a).count > ideal && ContinuousClock.now < settleBy {
                 try await Task.sleep(for: .milliseconds(100))
             }
-            let links = openLinks(pair.a).count
-            #expect(links <= bound, "\(openLinks(pair.a).map { "\($0.origin.rawValue) \($0.bidirectional ? "bidi" : "one-way") \(Set($0.pairs.map(\.pair.remote)).sorted())⇄\(Set($0.pairs.map(\.pair.local)).count) locals, \($0.pairs.count) pairs" }.sorted())")
+            let open = await openLinks(pair.a)
+            let links = open.count
+            #expect(links <= bound, "\(open.map { "\($0.origin.rawValue) \($0.bidirectional ? "bidi" : "one-way") \(Set($0.pairs.map(\.pair.remote)).sorted())⇄\(Set($0.pairs.map(\.pair.local)).count) locals, \($0.pairs.count) pairs" }.sorted())")
             print("fallback burst 8x8 require_certificates=\(requireCertificates): open links \(links) (usually \(ideal)), connections opened A \(pair.a.metrics.counterValue("braid_s2s_connections_opened_total")) B \(pair.b.metrics.counterValue("braid_s2s_connections_opened_total")), fallbacks A \(pair.a.metrics.counterValue("braid_s2s_pair_fallbacks_total")) B \(pair.b.metrics.counterValue("braid_s2s_pair_fallbacks_total")), dialback verifications B \(pair.b.metrics.counterValue("braid_s2s_dialback_verifications_total"))")
             for client in Array(a.values) + Array(b.values) { await client.close() }
         }
@@ -157,7 +158,7 @@ struct FallbackTests {
             #expect(pair.a.metrics.counterValue("braid_s2s_bounced_total") == 0)
             #expect(pair.b.metrics.counterValue("braid_s2s_bounced_total") == 0)
             let expected = requireCertificates ? Self.aDomains.count : 1
-            #expect(openLinks(pair.a).count == expected)
+            #expect(await openLinks(pair.a).count == expected)
             #expect(pair.a.metrics.counterValue("braid_s2s_connections_opened_total") == expected)
             for client in Array(a.values) + Array(b.values) { await client.close() }
         }
@@ -175,7 +176,7 @@ struct FallbackTests {
             try await alice.sendMessage(to: "bob@b.example", body: "warm-up")
             #expect(try await receive(1, on: bob) == ["warm-up"])
             let linkA = try #require(pair.a.server.federation?.openLinks.first)
-            #expect(linkA.streamManagementEnabled)
+            #expect(await linkA.onLoop { $0.streamManagementEnabled } == true)
             // B stops reading the link: nothing it would acknowledge arrives any more.
             let linkB = try #require(pair.b.server.federation?.openLinks.first)
             try await linkB.channel.setOption(ChannelOptions.autoRead, value: false)
@@ -185,7 +186,7 @@ struct FallbackTests {
             let expected = Set((0..<20).map { "m\($0)" })
             #expect(try await receive(expected.count, on: bob, timeout: .seconds(20)) == expected)
             #expect(pair.a.metrics.counterValue("braid_s2s_ack_timeouts_total") >= 1)
-            #expect(linkA.isClosed)
+            #expect(await linkA.onLoop { $0.isClosed } == true)
             // Nothing more: no copy arrives twice.
             #expect(await bob.expectSilence(for: .milliseconds(500)) == nil)
             await alice.close()

@@ -9,8 +9,8 @@ import XMPPCore
 /// Two Braid providers federating over loopback with real TLS.
 @Suite("Federation between two Braid servers", .serialized)
 struct FederationTests {
-    func methods(_ server: TestServer) -> [String] {
-        (server.server.federation?.links ?? []).flatMap { $0.pairs.map { "\($0.direction.rawValue) \($0.pair.local)⇄\($0.pair.remote) \($0.method.rawValue)" } }.sorted()
+    func methods(_ server: TestServer) async -> [String] {
+        (await server.server.federation?.links ?? []).flatMap { $0.pairs.map { "\($0.direction.rawValue) \($0.pair.local)⇄\($0.pair.remote) \($0.method.rawValue)" } }.sorted()
     }
 
     @Test("With trusted certificates, messages flow both ways over SASL EXTERNAL links")
@@ -28,9 +28,9 @@ struct FederationTests {
             #expect(try await alice.waitFor(timeout: .seconds(10)) { $0.name == "message" }.body == "And back")
             // One bidirectional link, opened by A, carries both directions (XEP-0288), each
             // authenticated by certificate.
-            #expect(methods(pair.a) == ["inbound a.example⇄b.example pkix", "outbound a.example⇄b.example pkix"])
-            #expect(methods(pair.b) == ["inbound b.example⇄a.example pkix", "outbound b.example⇄a.example pkix"])
-            #expect(pair.a.server.federation?.links.count == 1)
+            #expect(await methods(pair.a) == ["inbound a.example⇄b.example pkix", "outbound a.example⇄b.example pkix"])
+            #expect(await methods(pair.b) == ["inbound b.example⇄a.example pkix", "outbound b.example⇄a.example pkix"])
+            #expect(await pair.a.server.federation?.links.count == 1)
             #expect(pair.b.metrics.counterValue("braid_s2s_connections_opened_total") == 0)
             await alice.close()
             await bob.close()
@@ -45,7 +45,7 @@ struct FederationTests {
             try await bob.sendPresence()
             try await alice.sendMessage(to: bobJID.description, body: "via dialback")
             #expect(try await bob.waitFor(timeout: .seconds(10)) { $0.name == "message" }.body == "via dialback")
-            #expect(methods(pair.b).contains("inbound b.example⇄a.example dialback"))
+            #expect(await methods(pair.b).contains("inbound b.example⇄a.example dialback"))
             #expect(pair.b.metrics.counterValue("braid_s2s_dialback_verifications_total") >= 1)
             // A answered B's db:verify on another connection than the link.
             #expect(pair.a.metrics.counterValue("braid_s2s_connections_accepted_total") >= 1)
@@ -78,7 +78,7 @@ struct FederationTests {
             // B read a stream header and then the error, not a bare <stream:error> with an
             // unbound prefix: it never answered not-well-formed.
             try await waitUntil { pair.b.metrics.counterValue("braid_s2s_connections_accepted_total") >= 1 }
-            try await waitUntil { pair.b.server.federation?.links.allSatisfy(\.closed) ?? true }
+            try await waitUntil { await pair.b.server.federation?.links.allSatisfy(\.closed) ?? true }
             #expect(pair.b.metrics.counterValue("braid_stream_errors_sent_total", [("condition", "not-well-formed"), ("stream", "s2s")]) == 0)
             await alice.close()
         }
@@ -96,7 +96,7 @@ struct FederationTests {
             try await ann.sendMessage(to: bobJID.description, body: "from a2")
             let second = try await bob.waitFor(timeout: .seconds(10)) { $0.name == "message" }
             #expect(second.body == "from a2")
-            let outgoing = (pair.a.server.federation?.links ?? []).filter { $0.origin == .outgoing }
+            let outgoing = (await pair.a.server.federation?.links ?? []).filter { $0.origin == .outgoing }
             #expect(outgoing.count == 1)
             #expect(outgoing.first?.pairs.filter { $0.direction == .outbound }.map { "\($0.pair.local)" }.sorted() == ["a.example", "a2.example"])
             for client in [alice, ann, bob] { await client.close() }

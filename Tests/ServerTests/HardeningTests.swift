@@ -90,12 +90,13 @@ struct HardeningTests {
         try await withFederation { pair in
             let manager = try #require(pair.a.server.federation)
             // Registered as an incoming link is, when its TCP connection opens: no chain yet.
-            let link = FederationLink(origin: .incoming, peerAddress: "slow peer", channel: EmbeddedChannel())
+            let link = FederationLink(origin: .incoming, peerAddress: "slow peer", channel: NIOAsyncTestingChannel())
             manager.linkOpened(link)
             await manager.revalidate()
-            #expect(link.nextRevocationCheck != .distantFuture)
-            #expect(link.nextRevocationCheck <= Date())
-            manager.linkClosed(link)
+            let next = try #require(await link.onLoop { $0.nextRevocationCheck })
+            #expect(next != .distantFuture)
+            #expect(next <= Date())
+            _ = await link.onLoop { manager.linkClosed($0) }
         }
     }
 

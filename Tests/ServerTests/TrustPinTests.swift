@@ -75,7 +75,7 @@ struct TrustPinTests {
                 // With dialback allowed, B is proven by dialback on a link B opened, or, on the
                 // bidirectional link A opened (A proved itself by dialback), labelled by what
                 // reached it: DNS. Never PKIX against the pin.
-                let inbound = (pair.a.server.federation?.links ?? []).flatMap(\.pairs).filter { $0.direction == .inbound && $0.pair.remote == "b.example" }
+                let inbound = (await pair.a.server.federation?.links ?? []).flatMap(\.pairs).filter { $0.direction == .inbound && $0.pair.remote == "b.example" }
                 let accepted: Set<String> = method == "pkix" ? ["pkix"] : ["dialback", "dns"]
                 #expect(!inbound.isEmpty && inbound.allSatisfy { accepted.contains($0.method.rawValue) }, "\(inbound.map(\.method.rawValue))")
             } else {
@@ -85,7 +85,7 @@ struct TrustPinTests {
                 #expect(bounceToAlice.attribute("type") == "error")
                 #expect(bounceToAlice.stanzaErrorCondition == "remote-server-not-found")
                 // Nothing from B was authorised on A.
-                let inbound = (pair.a.server.federation?.links ?? []).flatMap(\.pairs).filter { $0.direction == .inbound && $0.pair.remote == "b.example" }
+                let inbound = (await pair.a.server.federation?.links ?? []).flatMap(\.pairs).filter { $0.direction == .inbound && $0.pair.remote == "b.example" }
                 #expect(inbound.isEmpty)
                 #expect(pair.a.metrics.counterValue("braid_s2s_certificate_required_refusals_total") >= 1)
                 #expect(await alice.expectSilence(for: .milliseconds(300))?.name != "message")

@@ -116,9 +116,28 @@ public final class ChildProcess: Sendable {
 
 /// Helpers for loopback sockets in tests.
 public enum LoopbackPorts {
-    /// A port on 127.0.0.1 that is free for both UDP and TCP right now. Another process can
-    /// still take it before it is used; callers retry on a bind failure.
+    /// A port on 127.0.0.1 that is free for both UDP and TCP right now, for a child process
+    /// (a DNS server, an OCSP responder) to bind after we let go of it.
+    ///
+    /// Taken below the kernel's ephemeral range when there is room: a port the kernel handed
+    /// out for `bind(0)` is also what it hands out as the source port of outgoing connections,
+    /// and with the suites' hundreds of loopback connections one of them took an OCSP
+    /// responder's port before `openssl ocsp` bound it ("Address already in use", 1 suite run
+    /// in 5). Below the range only another test's pick can collide, and that is checked.
     public static func freePort() throws -> Int {
+        let ephemeralLow = (try? String(contentsOfFile: "/proc/sys/net/ipv4/ip_local_port_range", encoding: .utf8))
+            .flatMap { $0.split(whereSeparator: \.isWhitespace).first.flatMap { Int($0) } } ?? 32768
+        if ephemeralLow > 12000 {
+            for _ in 0 ..< 50 {
+                let port = Int.random(in: 10000 ..< ephemeralLow)
+                guard let udp = try? boundSocket(type: datagram, port: port) else { continue }
+                defer { close(udp.fd) }
+                if let tcp = try? boundSocket(type: stream, port: port) {
+                    close(tcp.fd)
+                    return port
+                }
+            }
+        }
         for _ in 0 ..< 20 {
             let udp = try boundSocket(type: datagram, port: 0)
             defer { close(udp.fd) }

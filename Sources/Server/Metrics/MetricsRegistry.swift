@@ -30,12 +30,12 @@ public final class MetricsRegistry: MetricsFactory, Sendable {
     private let gauges = Mutex<[Key: GaugeBox]>([:])
     private let summaries = Mutex<[Key: SummaryBox]>([:])
     /// Run before every export, to set gauges that are cheaper to compute on demand.
-    private let exportHooks = Mutex<[@Sendable () -> Void]>([])
+    private let exportHooks = Mutex<[@Sendable () async -> Void]>([])
 
     public init() {}
 
     /// Registers `hook` to run before each export (``prometheusText()``).
-    public func onExport(_ hook: @escaping @Sendable () -> Void) {
+    public func onExport(_ hook: @escaping @Sendable () async -> Void) {
         exportHooks.withLock { $0.append(hook) }
     }
 
@@ -112,8 +112,8 @@ public final class MetricsRegistry: MetricsFactory, Sendable {
     }
 
     /// Every metric in the Prometheus text exposition format (version 0.0.4).
-    public func prometheusText() -> String {
-        for hook in exportHooks.withLock({ $0 }) { hook() }
+    public func prometheusText() async -> String {
+        for hook in exportHooks.withLock({ $0 }) { await hook() }
         var lines: [String] = []
         func name(_ key: Key, suffix: String = "") -> String {
             let base = key.label + suffix

@@ -172,6 +172,6 @@ extension TestServer {
 
     /// The links of this server's federation that are still open.
     var openLinkSnapshots: [LinkSnapshot] {
-        (server.federation?.links ?? []).filter { !$0.closed }
+        get async { (await server.federation?.links ?? []).filter { !$0.closed } }
     }
 }
