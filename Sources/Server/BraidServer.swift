@@ -40,9 +40,12 @@ public final class BraidServer: Service {
     public static let domainPollInterval: Duration = .milliseconds(50)
 
     /// Opens storage and loads certificates; nothing listens until ``start()``.
-    /// - Parameter wallClock: where federation reads the time of day; tests move it forward.
+    /// - Parameters:
+    ///   - wallClock: where federation reads the time of day; tests move it forward.
+    ///   - sessionClock: where client streams and sessions read time and set their timers
+    ///     (timeouts, keepalives, rate limits, XEP-0198); tests move it forward too.
     public init(configuration: BraidConfiguration, logger: Logger, eventLoopGroup: MultiThreadedEventLoopGroup? = nil,
-                wallClock: WallClock = .system) throws {
+                wallClock: WallClock = .system, sessionClock: SessionClock = .system) throws {
         let started = ContinuousClock.now
         self.configuration = configuration
         self.logger = logger
@@ -55,7 +58,8 @@ public final class BraidServer: Service {
         let certificates = CertificateManager(directory: "\(dataDirectory)/certs", selfSignMissing: configuration.tls.selfSignMissing, domains: domains, logger: logger)
         try certificates.loadConfigured(configuration.tls.certificates)
         try certificates.loadDirectory()
-        context = ServerContext(configuration: configuration, storage: storage, domains: domains, certificates: certificates, metrics: metrics, logger: logger)
+        context = ServerContext(configuration: configuration, storage: storage, domains: domains, certificates: certificates, metrics: metrics,
+                                sessionClock: sessionClock, logger: logger)
         let router = Router(server: context, remote: NoFederation())
         context.install(router: router)
         if let eventLoopGroup {

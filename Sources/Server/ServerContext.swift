@@ -16,6 +16,8 @@ public final class ServerContext: Sendable {
     public let resumption: ResumptionTable
     public let certificates: CertificateManager
     public let metrics: ServerMetrics
+    /// Time and timers for client streams and sessions.
+    public let sessionClock: SessionClock
     public let logger: Logger
     /// A random secret for this server process: it keys fake SCRAM salts so unknown users
     /// look like real ones (RFC 6120 §13) and stream ids.
@@ -29,7 +31,8 @@ public final class ServerContext: Sendable {
     /// Session tasks still processing inbound stanzas; shutdown waits for them.
     let activeProcessing = Atomic<Int>(0)
 
-    init(configuration: BraidConfiguration, storage: any Storage, domains: DomainRegistry, certificates: CertificateManager, metrics: ServerMetrics, logger: Logger) {
+    init(configuration: BraidConfiguration, storage: any Storage, domains: DomainRegistry, certificates: CertificateManager, metrics: ServerMetrics,
+         sessionClock: SessionClock = .system, logger: Logger) {
         self.configuration = configuration
         self.storage = storage
         self.domains = domains
@@ -37,6 +40,7 @@ public final class ServerContext: Sendable {
         self.resumption = ResumptionTable()
         self.certificates = certificates
         self.metrics = metrics
+        self.sessionClock = sessionClock
         self.logger = logger
         var secret = [UInt8](repeating: 0, count: 32)
         var generator = SystemRandomNumberGenerator()

@@ -284,31 +284,60 @@ struct ClientStreamTests {
         }
     }
 
-    @Test("A client that never finishes logging in gets connection-timeout")
+    @Test("A client that never finishes logging in gets connection-timeout when the negotiation time is up, not before")
     func negotiationTimeout() async throws {
-        try await withServer(configure: { $0.c2s.negotiationTimeoutSeconds = 1 }) { server in
+        let time = ManualSessionClock()
+        try await withServer(sessionClock: time.clock, configure: { $0.c2s.negotiationTimeoutSeconds = 30 }) { server in
             let client = try await server.client()
             try await client.sendHeader(to: "a.example")
             _ = try await client.nextElement()
-            #expect(try await client.streamErrorCondition(timeout: .seconds(4)) == .connectionTimeout)
+            await time.advance(by: .seconds(29))
+            #expect(await client.expectSilence(for: .milliseconds(100)) == nil)
+            await time.advance(by: .seconds(2))
+            #expect(try await client.streamErrorCondition() == .connectionTimeout)
         }
     }
 
-    @Test("An idle client gets connection-timeout")
+    @Test("An idle client gets connection-timeout after idle_timeout_seconds; anything it sends starts the count again")
     func idleTimeout() async throws {
-        try await withServer(configure: { $0.c2s.idleTimeoutSeconds = 2; $0.c2s.keepaliveSeconds = 1 }) { server in
-            let (client, _) = try await server.loggedIn("alice@a.example")
-            #expect(try await client.streamErrorCondition(timeout: .seconds(6)) == .connectionTimeout)
+        let time = ManualSessionClock()
+        // Checked every 15 s (half the keepalive interval); idle once over 60 s.
+        try await withServer(sessionClock: time.clock, configure: { $0.c2s.idleTimeoutSeconds = 60; $0.c2s.keepaliveSeconds = 30 }) { server in
+            let (quiet, _) = try await server.loggedIn("alice@a.example")
+            let (talking, _) = try await server.loggedIn("bob@b.example")
+            await time.advance(by: .seconds(45))
+            try await talking.roundTrip()
+            #expect(await quiet.expectSilence(for: .milliseconds(100)) == nil)
+            // 76 s: the quiet client has sent nothing for more than 60 s, the other for 31 s.
+            await time.advance(by: .seconds(31))
+            #expect(try await quiet.streamErrorCondition() == .connectionTimeout)
+            try await talking.roundTrip()
+            // 135 s: 59 s since the other client's last stanza; 150 s: 74 s.
+            await time.advance(by: .seconds(59))
+            #expect(await talking.expectSilence(for: .milliseconds(100)) == nil)
+            await time.advance(by: .seconds(15))
+            #expect(try await talking.streamErrorCondition() == .connectionTimeout)
         }
     }
 
-    @Test("A client over the stanza rate gets policy-violation")
+    @Test("A client over the stanza rate gets policy-violation; the bucket refills with time")
     func rateLimit() async throws {
-        try await withServer(configure: { $0.c2s.stanzasPerSecond = 1; $0.c2s.stanzaBurst = 5 }) { server in
+        let time = ManualSessionClock()
+        try await withServer(sessionClock: time.clock, configure: { $0.c2s.stanzasPerSecond = 1; $0.c2s.stanzaBurst = 5 }) { server in
             let (client, _) = try await server.loggedIn("alice@a.example")
-            for index in 0..<20 {
-                try? await client.sendMessage(to: "alice@a.example", body: "\(index)", type: "headline")
+            // The burst: four messages and the round trip's IQ, with no time passing.
+            for index in 0..<4 {
+                try await client.sendMessage(to: "alice@a.example", body: "\(index)", type: "headline")
             }
+            try await client.roundTrip()
+            // Three seconds give three more.
+            await time.advance(by: .seconds(3))
+            for index in 4..<6 {
+                try await client.sendMessage(to: "alice@a.example", body: "\(index)", type: "headline")
+            }
+            try await client.roundTrip()
+            // And no more without time passing.
+            try await client.sendMessage(to: "alice@a.example", body: "over", type: "headline")
             #expect(try await client.streamErrorCondition() == .policyViolation)
         }
     }

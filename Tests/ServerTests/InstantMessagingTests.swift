@@ -362,9 +362,10 @@ struct InstantMessagingTests {
         }
     }
 
-    @Test("XEP-0198: when the resumption window passes, unacknowledged messages go to offline storage")
+    @Test("XEP-0198: when the resumption window passes, and not before, unacknowledged messages go to offline storage")
     func unackedGoOffline() async throws {
-        try await withServer(configure: { $0.streamManagement.resumeTimeoutSeconds = 1 }) { server in
+        let time = ManualSessionClock()
+        try await withServer(sessionClock: time.clock, configure: { $0.streamManagement.resumeTimeoutSeconds = 300 }) { server in
             let (alice, aliceJID) = try await server.loggedIn("alice@a.example")
             try await alice.send(XMLElement(name: "enable", namespace: XMLNamespace.streamManagement, attributes: [XMLAttribute("resume", "true")]))
             _ = try await alice.waitFor { $0.name == "enabled" }
@@ -373,7 +374,12 @@ struct InstantMessagingTests {
             try await bob.sendMessage(to: aliceJID.description, body: "unacknowledged")
             _ = try await alice.waitFor { $0.name == "message" }
             try await alice.channel.close()
+            try await waitUntil { server.metrics.counterValue("braid_sm_awaiting_resumption_total") == 1 }
+            // Within the window the session waits to be resumed: nothing moves.
+            await time.advance(by: .seconds(299))
+            #expect(try await server.context.storage.offlineMessageCount(for: try JID("alice@a.example")) == 0)
             // The resumption window closes and the unacknowledged message goes offline.
+            await time.advance(by: .seconds(2))
             try await waitUntil { try await server.context.storage.offlineMessageCount(for: try JID("alice@a.example")) == 1 }
             let (back, _) = try await server.loggedIn("alice@a.example", resource: "new")
             try await back.sendPresence()

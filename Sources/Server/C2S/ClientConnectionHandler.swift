@@ -26,10 +26,11 @@ final class ClientConnectionHandler: ChannelInboundHandler {
     private var closing = false
     private var context: ChannelHandlerContext?
 
-    private var negotiationTimer: Scheduled<Void>?
-    private var livenessTimer: RepeatedTask?
-    private var lastRead = NIODeadline.now()
-    private var lastWrite = NIODeadline.now()
+    private var negotiationTimer: SessionClock.Timer?
+    private var livenessTimer: SessionClock.Timer?
+    private let clock: SessionClock
+    private var lastRead: NIODeadline
+    private var lastWrite: NIODeadline
     private var rateLimiter: TokenBucket
 
     init(server: ServerContext, decoder: XMLStreamDecoder, listener: ListenerKind, logger: Logger) {
@@ -49,7 +50,11 @@ final class ClientConnectionHandler: ChannelInboundHandler {
         if listener == .c2sDirectTLS {
             negotiation.startedWithTLS(channelBindings: [])
         }
-        rateLimiter = TokenBucket(rate: settings.stanzasPerSecond, burst: settings.stanzaBurst)
+        clock = server.sessionClock
+        let now = clock.now()
+        lastRead = now
+        lastWrite = now
+        rateLimiter = TokenBucket(rate: settings.stanzasPerSecond, burst: settings.stanzaBurst, now: now)
     }
 
     // MARK: Channel events
@@ -66,11 +71,11 @@ final class ClientConnectionHandler: ChannelInboundHandler {
         logger.debug("client connected", metadata: ["listener": "\(listener.rawValue)"])
         let timeout = TimeAmount.seconds(Int64(server.configuration.c2s.negotiationTimeoutSeconds))
         let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
-        negotiationTimer = context.eventLoop.scheduleTask(in: timeout) {
+        negotiationTimer = clock.schedule(on: context.eventLoop, in: timeout) {
             bound.value.failStream(StreamError(.connectionTimeout, text: "negotiation took too long"), reason: "negotiation timeout")
         }
         let interval = TimeAmount.seconds(Int64(max(1, min(server.configuration.c2s.keepaliveSeconds, server.configuration.c2s.idleTimeoutSeconds) / 2)))
-        livenessTimer = context.eventLoop.scheduleRepeatedTask(initialDelay: interval, delay: interval) { _ in
+        livenessTimer = clock.scheduleRepeated(on: context.eventLoop, every: interval) {
             bound.value.checkLiveness()
         }
         context.fireChannelActive()
@@ -89,7 +94,7 @@ final class ClientConnectionHandler: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        lastRead = .now()
+        lastRead = clock.now()
         switch unwrapInboundIn(data) {
         case .streamStart(let header):
             // Direct TLS: SCRAM-*-PLUS binds to the certificate chosen for this domain.
@@ -231,7 +236,7 @@ final class ClientConnectionHandler: ChannelInboundHandler {
     }
 
     private func write(_ output: StreamOutput, context: ChannelHandlerContext) {
-        lastWrite = .now()
+        lastWrite = clock.now()
         context.write(wrapOutboundOut(output), promise: nil)
     }
 
@@ -338,7 +343,8 @@ final class ClientConnectionHandler: ChannelInboundHandler {
         let settings = ClientSession.Settings(
             resumeTimeout: .seconds(Int64(server.configuration.streamManagement.resumeTimeoutSeconds)),
             maxUnacked: server.configuration.streamManagement.maxUnackedStanzas,
-            metrics: server.metrics)
+            metrics: server.metrics,
+            clock: server.sessionClock)
         return ClientSession(id: id, jid: jid, channel: context.channel, owner: server.router, settings: settings, logger: logger)
     }
 
@@ -415,7 +421,7 @@ final class ClientConnectionHandler: ChannelInboundHandler {
             failStream(StreamError(.unsupportedStanzaType), reason: "unexpected <\(element.name)> in \(element.namespace)")
             return
         }
-        guard rateLimiter.take(now: .now()) else {
+        guard rateLimiter.take(now: clock.now()) else {
             failStream(StreamError(.policyViolation, text: "too many stanzas"), reason: "rate limit")
             return
         }
@@ -449,7 +455,7 @@ final class ClientConnectionHandler: ChannelInboundHandler {
 
     private func checkLiveness() {
         guard let context, !closing else { return }
-        let now = NIODeadline.now()
+        let now = clock.now()
         let idle = TimeAmount.seconds(Int64(server.configuration.c2s.idleTimeoutSeconds))
         if now - lastRead > idle {
             failStream(StreamError(.connectionTimeout), reason: "idle for \(server.configuration.c2s.idleTimeoutSeconds)s")
@@ -473,11 +479,11 @@ struct TokenBucket {
     private var tokens: Double
     private var last: NIODeadline
 
-    init(rate: Double, burst: Double) {
+    init(rate: Double, burst: Double, now: NIODeadline) {
         self.rate = max(rate, 0.001)
         self.burst = max(burst, 1)
         tokens = self.burst
-        last = .now()
+        last = now
     }
 
     mutating func take(now: NIODeadline) -> Bool {

@@ -38,6 +38,7 @@ public final class ClientSession: Sendable {
         var resumeTimeout: TimeAmount
         var maxUnacked: Int
         var metrics: ServerMetrics
+        var clock: SessionClock = .system
     }
 
     struct State {
@@ -49,8 +50,8 @@ public final class ClientSession: Sendable {
         /// Set when the session was handed to a resumed connection: ending it must not
         /// touch presence or stored stanzas.
         var movedToResumption = false
-        var resumeTimer: Scheduled<Void>?
-        var ackRequestTimer: Scheduled<Void>?
+        var resumeTimer: SessionClock.Timer?
+        var ackRequestTimer: SessionClock.Timer?
         var readingPaused = false
     }
 
@@ -176,7 +177,7 @@ public final class ClientSession: Sendable {
     /// not linger until the next burst.
     private func scheduleAckRequest() {
         guard state.value.ackRequestTimer == nil else { return }
-        state.value.ackRequestTimer = loop.scheduleTask(in: .seconds(2)) {
+        state.value.ackRequestTimer = settings.clock.schedule(on: loop, in: .seconds(2)) {
             self.state.value.ackRequestTimer = nil
             guard let channel = self.state.value.connection, let sm = self.state.value.streamManagement, !sm.unacked.isEmpty, sm.sentSinceRequest > 0 else { return }
             self.sendAckRequest(on: channel)
@@ -255,7 +256,7 @@ public final class ClientSession: Sendable {
         if state.value.streamManagement?.resumable == true {
             logger.debug("connection lost; waiting for resumption", metadata: ["seconds": "\(settings.resumeTimeout.nanoseconds / 1_000_000_000)"])
             settings.metrics.smAwaitingResumption.increment()
-            state.value.resumeTimer = loop.scheduleTask(in: settings.resumeTimeout) {
+            state.value.resumeTimer = settings.clock.schedule(on: loop, in: settings.resumeTimeout) {
                 self.logger.debug("resumption window expired")
                 self.end()
             }

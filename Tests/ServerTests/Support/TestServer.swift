@@ -26,6 +26,7 @@ final class TestServer: Sendable {
         domains: [String] = ["a.example", "b.example"],
         users: [String] = ["alice@a.example", "bob@b.example", "carol@a.example"],
         wallClock: WallClock = .system,
+        sessionClock: SessionClock = .system,
         configure: (inout BraidConfiguration) -> Void = { _ in }
     ) async throws -> TestServer {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("braid-test-\(UUID().uuidString)").path
@@ -51,7 +52,7 @@ final class TestServer: Sendable {
         var logger = Logger(label: "braid.test")
         logger.logLevel = ProcessInfo.processInfo.environment["BRAID_TEST_LOG"].flatMap(Logger.Level.init(rawValue:)) ?? .critical
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
-        let server = try BraidServer(configuration: configuration, logger: logger, eventLoopGroup: group, wallClock: wallClock)
+        let server = try BraidServer(configuration: configuration, logger: logger, eventLoopGroup: group, wallClock: wallClock, sessionClock: sessionClock)
         for domain in domains {
             try await server.context.storage.addDomain(try JID(domain: domain).domainpart)
         }
@@ -105,10 +106,11 @@ final class TestServer: Sendable {
 func withServer(
     domains: [String] = ["a.example", "b.example"],
     users: [String] = ["alice@a.example", "bob@b.example", "carol@a.example"],
+    sessionClock: SessionClock = .system,
     configure: (inout BraidConfiguration) -> Void = { _ in },
     _ body: (TestServer) async throws -> Void
 ) async throws {
-    let server = try await TestServer.start(domains: domains, users: users, configure: configure)
+    let server = try await TestServer.start(domains: domains, users: users, sessionClock: sessionClock, configure: configure)
     do {
         try await body(server)
     } catch {
