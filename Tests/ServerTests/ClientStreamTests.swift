@@ -44,9 +44,7 @@ struct ClientStreamTests {
             let crossed = try await server.client()
             try await crossed.sendHeader(to: "a.example")
             _ = try await crossed.nextElement()
-            try await crossed.send(XMLElement(name: "starttls", namespace: XMLNamespace.tls))
-            _ = try await crossed.waitFor { $0.name == "proceed" }
-            _ = try await crossed.next()
+            try await crossed.startTLS()
             try await crossed.sendHeader(to: "a.example")
             _ = try await crossed.nextElement()
             let wrongData = type == "tls-exporter" ? try await crossed.serverEndPoint() : try await crossed.exporter()
@@ -78,9 +76,7 @@ struct ClientStreamTests {
             let client = try await server.client()
             try await client.sendHeader(to: "a.example")
             _ = try await client.nextElement()
-            try await client.send(XMLElement(name: "starttls", namespace: XMLNamespace.tls))
-            _ = try await client.waitFor { $0.name == "proceed" }
-            _ = try await client.next()
+            try await client.startTLS()
             try await client.sendHeader(to: "a.example")
             let features = try await client.nextElement()
             let mechanisms = features.firstChild(name: "mechanisms", namespace: XMLNamespace.sasl)?.children(name: "mechanism", namespace: XMLNamespace.sasl).map(\.text)
@@ -98,9 +94,7 @@ struct ClientStreamTests {
             let client = try await server.client()
             try await client.sendHeader(to: "a.example")
             _ = try await client.nextElement()
-            try await client.send(XMLElement(name: "starttls", namespace: XMLNamespace.tls))
-            _ = try await client.waitFor { $0.name == "proceed" }
-            guard case .tlsEstablished = try await client.next() else { Issue.record("TLS did not start"); return }
+            try await client.startTLS()
             if restart == "sasl" {
                 try await client.sendHeader(to: "a.example")
                 try await client.authenticate(features: try await client.nextElement(), username: "alice", password: TestServer.password, mechanism: "SCRAM-SHA-256")

@@ -18,9 +18,7 @@ struct FederationBadInputTests {
         try await peer.sendServerHeader(to: "a.example", from: claimed)
         let first = try await peer.nextElement()
         #expect(first.firstChild(name: "starttls", namespace: XMLNamespace.tls)?.firstChild(name: "required", namespace: XMLNamespace.tls) != nil)
-        try await peer.send(XMLElement(name: "starttls", namespace: XMLNamespace.tls))
-        _ = try await peer.waitFor { $0.name == "proceed" }
-        guard case .tlsEstablished = try await peer.next() else { throw TestClient.Failure(description: "no TLS") }
+        try await peer.startTLS()
         try await peer.sendServerHeader(to: "a.example", from: claimed)
         return (peer, try await peer.nextElement())
     }
@@ -83,9 +81,7 @@ struct FederationBadInputTests {
             let peer = try await TestClient.connect(port: port, group: pair.a.group, contentNamespace: XMLNamespace.server, clientCertificate: nil)
             try await peer.sendServerHeader(to: "a.example", from: "b.example")
             _ = try await peer.nextElement()
-            try await peer.send(XMLElement(name: "starttls", namespace: XMLNamespace.tls))
-            _ = try await peer.waitFor { $0.name == "proceed" }
-            guard case .tlsEstablished = try await peer.next() else { Issue.record("no TLS"); return }
+            try await peer.startTLS()
             try await peer.sendRaw("<<")
             guard case .stream(.streamStart) = try await peer.next() else { Issue.record("no stream header before the error"); return }
             #expect(try await peer.streamErrorCondition() == .notWellFormed)
@@ -100,9 +96,7 @@ struct FederationBadInputTests {
             let peer = try await TestClient.connect(port: port, group: pair.a.group, contentNamespace: XMLNamespace.server, clientCertificate: certificate)
             try await peer.sendServerHeader(to: "a.example", from: "b.example")
             _ = try await peer.nextElement()
-            try await peer.send(XMLElement(name: "starttls", namespace: XMLNamespace.tls))
-            _ = try await peer.waitFor { $0.name == "proceed" }
-            guard case .tlsEstablished = try await peer.next() else { Issue.record("no TLS"); return }
+            try await peer.startTLS()
             // The header, then at once (before A's features) the EXTERNAL request: A checks the
             // certificate for the header asynchronously, and the request must wait for it.
             try await peer.sendServerHeader(to: "a.example", from: "b.example")

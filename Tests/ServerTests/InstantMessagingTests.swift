@@ -339,9 +339,7 @@ struct InstantMessagingTests {
             let again = try await server.client()
             try await again.sendHeader(to: "a.example")
             _ = try await again.nextElement()
-            try await again.send(XMLElement(name: "starttls", namespace: XMLNamespace.tls))
-            _ = try await again.waitFor { $0.name == "proceed" }
-            _ = try await again.next()
+            try await again.startTLS()
             try await again.sendHeader(to: "a.example")
             try await again.authenticate(features: try await again.nextElement(), username: "alice", password: TestServer.password, mechanism: "SCRAM-SHA-256")
             try await again.sendHeader(to: "a.example")

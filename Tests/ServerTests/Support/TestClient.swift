@@ -184,6 +184,14 @@ final class TestClient: Sendable {
         var useTLS = true
     }
 
+    /// STARTTLS after the features offering it: `<starttls/>`, `<proceed/>`, the handshake.
+    /// The caller sends the new stream header (RFC 6120 §5.4.3.3).
+    func startTLS() async throws {
+        try await send(XMLElement(name: "starttls", namespace: XMLNamespace.tls))
+        _ = try await waitFor { $0.name == "proceed" }
+        guard case .tlsEstablished = try await next() else { throw Failure(description: "TLS did not start") }
+    }
+
     /// Negotiates STARTTLS (unless direct TLS), authenticates and binds. Returns the bound JID.
     @discardableResult
     func login(domain: String, username: String, password: String, options: LoginOptions = LoginOptions(), directTLS: Bool = false) async throws -> JID {
@@ -191,9 +199,7 @@ final class TestClient: Sendable {
         var features = try await nextElement()
         if !directTLS && options.useTLS {
             guard features.firstChild(name: "starttls", namespace: XMLNamespace.tls) != nil else { throw Failure(description: "no starttls offered") }
-            try await send(XMLElement(name: "starttls", namespace: XMLNamespace.tls))
-            _ = try await waitFor { $0.name == "proceed" }
-            guard case .tlsEstablished = try await next() else { throw Failure(description: "TLS did not start") }
+            try await startTLS()
             try await sendHeader(to: domain)
             features = try await nextElement()
         }
