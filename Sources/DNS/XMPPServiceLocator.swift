@@ -103,24 +103,54 @@ public struct XMPPServiceLocator: Sendable {
 
     /// Discovers the connection targets for `domain` (U-label or A-label form).
     public func locateServer(_ domain: String) async throws -> ServiceLocation {
+        switch try await discoverServer(domain) {
+        case .configured(let location):
+            return location
+        case .answers(let ascii, let direct, let startTLS):
+            return location(ascii, direct: direct, startTLS: startTLS)
+        }
+    }
+
+    /// What discovery rests on: a configured location (a static override, or an IP-literal
+    /// domain), or the two SRV answers (XEP-0368) as DNS gave them, with their DNSSEC status
+    /// and TTLs. ``locateServer(_:)`` orders the targets; the DANE prooftype takes the
+    /// secure ones from the same answers (RFC 7673 §3.1), so both follow one reading of the
+    /// domain's records.
+    public enum ServerDiscovery: Sendable {
+        /// No DNS was asked: nothing here is DNS-authenticated.
+        case configured(ServiceLocation)
+        /// `name` is the domain's A-label form.
+        case answers(name: String, direct: DNSAnswer<SRVRecord>, startTLS: DNSAnswer<SRVRecord>)
+    }
+
+    /// Rule 1 and the queries of rule 2 (see the type's rules); throws when a look-up fails.
+    public func discoverServer(_ domain: String) async throws -> ServerDiscovery {
         if let literal = DNSName.ipLiteral(domain) {
-            if let targets = overrides[domain.lowercased()] { return Self.location(for: targets) }
-            return .targets([ServiceTarget(host: literal.description, port: Self.defaultPort, directTLS: false, srvSecure: false, viaSRV: false)])
+            if let targets = overrides[domain.lowercased()] { return .configured(Self.location(for: targets)) }
+            return .configured(.targets([ServiceTarget(host: literal.description, port: Self.defaultPort, directTLS: false, srvSecure: false, viaSRV: false)]))
         }
         let ascii = try DNSName.queryName(domain)
         if let targets = overrides[ascii] {
-            return Self.location(for: targets)
+            return .configured(Self.location(for: targets))
         }
-
         async let directAnswer = resolver.srv("_xmpps-server._tcp." + ascii)
         async let startTLSAnswer = resolver.srv("_xmpp-server._tcp." + ascii)
         let (direct, startTLS) = try await (directAnswer, startTLSAnswer)
+        return .answers(name: ascii, direct: direct, startTLS: startTLS)
+    }
 
-        if case .bogus(let reason) = direct.status {
-            return .bogus("_xmpps-server._tcp.\(ascii): \(reason)")
-        }
-        if case .bogus(let reason) = startTLS.status {
-            return .bogus("_xmpp-server._tcp.\(ascii): \(reason)")
+    /// Why the SRV answers for `ascii` cannot be used, if either failed DNSSEC validation
+    /// (RFC 7673 §3.1: abort).
+    public static func bogusReason(_ ascii: String, direct: DNSAnswer<SRVRecord>, startTLS: DNSAnswer<SRVRecord>) -> String? {
+        if case .bogus(let reason) = direct.status { return "_xmpps-server._tcp.\(ascii): \(reason)" }
+        if case .bogus(let reason) = startTLS.status { return "_xmpp-server._tcp.\(ascii): \(reason)" }
+        return nil
+    }
+
+    /// Rules 2 (bogus) to 5 on the two answers for `ascii`.
+    private func location(_ ascii: String, direct: DNSAnswer<SRVRecord>, startTLS: DNSAnswer<SRVRecord>) -> ServiceLocation {
+        if let reason = Self.bogusReason(ascii, direct: direct, startTLS: startTLS) {
+            return .bogus(reason)
         }
         if direct.records.isEmpty, startTLS.records.isEmpty {
             return .targets([

@@ -132,19 +132,16 @@ public struct DNSDANESource: DANERecordSource {
         case bogus(String)
     }
 
+    /// The secure targets, from the locator's reading of the domain's SRV answers (one
+    /// implementation of overrides, IP literals and the two queries; the second look-up of
+    /// the same names is answered from the resolver's cache).
     private func discover(_ domain: String) async throws -> Discovery {
-        if DNSName.ipLiteral(domain) != nil { return .notAuthenticated }
-        let ascii = try DNSName.queryName(domain)
-        if locator.overrides[ascii] != nil { return .notAuthenticated }
-
-        async let directAnswer = resolver.srv("_xmpps-server._tcp." + ascii)
-        async let startTLSAnswer = resolver.srv("_xmpp-server._tcp." + ascii)
-        let (direct, startTLS) = try await (directAnswer, startTLSAnswer)
-        if case .bogus(let reason) = direct.status {
-            return .bogus("_xmpps-server._tcp.\(ascii): \(reason)")
+        guard case .answers(let ascii, let direct, let startTLS) = try await locator.discoverServer(domain) else {
+            // A static override or an IP-literal domain: not DNS-authenticated.
+            return .notAuthenticated
         }
-        if case .bogus(let reason) = startTLS.status {
-            return .bogus("_xmpp-server._tcp.\(ascii): \(reason)")
+        if let reason = XMPPServiceLocator.bogusReason(ascii, direct: direct, startTLS: startTLS) {
+            return .bogus(reason)
         }
         let ttl = min(direct.ttl, startTLS.ttl)
         if direct.records.isEmpty, startTLS.records.isEmpty {
