@@ -1,5 +1,8 @@
 import Foundation
+import NIOCore
 import NIOEmbedded
+import NIOPosix
+import Synchronization
 import Testing
 import TestSupport
 import XMPPCore
@@ -98,6 +101,51 @@ struct HardeningTests {
             #expect(next <= Date())
             _ = await link.onLoop { manager.linkClosed($0) }
         }
+    }
+
+
+    @Test("An outgoing link whose connection closes while the peer is being proven ends cleanly; the next attempt delivers (issue 10: it trapped the process)")
+    func closedWhileProving() async throws {
+        // B's certificate is self-signed, so A tries POSH for b.example, at a server that
+        // accepts and never answers: A's proof waits there while the connection goes.
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let held = Mutex<[any Channel]>([])
+        let silent = try await ServerBootstrap(group: group)
+            .childChannelInitializer { channel in
+                held.withLock { $0.append(channel) }
+                return channel.eventLoop.makeSucceededVoidFuture()
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        let silentPort = try #require(silent.localAddress?.port)
+        try await withFederation(certificates: .selfSigned, configureA: {
+            $0.s2s.poshConnectOverrides = ["b.example": "127.0.0.1:\(silentPort)"]
+            $0.s2s.poshTimeoutSeconds = 30
+            $0.s2s.retryBaseSeconds = 0.2
+        }) { pair in
+            let (alice, _) = try await pair.a.loggedIn("alice@a.example")
+            let (bob, _) = try await pair.b.loggedIn("bob@b.example")
+            try await bob.sendPresence()
+            try await alice.sendMessage(to: "bob@b.example", body: "first", id: "first")
+            try await waitUntil { held.withLock { !$0.isEmpty } }
+            // B drops the connection while A is still proving it.
+            let incoming = try #require(pair.b.server.federation?.openLinks.first)
+            try await incoming.channel.close()
+            try await waitUntil { pair.a.metrics.counterValue("braid_s2s_link_failures_total") >= 1 }
+            // Now the proof ends (the POSH server goes): the closed attempt must not go on
+            // to start its stream. The first message comes back; the process lives on.
+            for channel in held.withLock({ $0 }) { try? await channel.close() }
+            try await silent.close()
+            let bounced = try await alice.waitFor(timeout: .seconds(10)) { $0.attribute("id") == "first" }
+            #expect(bounced.attribute("type") == "error")
+            // After the back-off, a new connection: POSH fails at once, dialback proves A.
+            try await waitUntil {
+                try await alice.sendMessage(to: "bob@b.example", body: "second", id: "second-\(UUID().uuidString.prefix(4))")
+                return await bob.expectSilence(for: .milliseconds(300)).map { $0.body == "second" } == true
+            }
+            await alice.close()
+            await bob.close()
+        }
+        try await group.shutdownGracefully()
     }
 
 }
