@@ -23,6 +23,7 @@ Two tsung runs per server:
             CPU per message = server CPU seconds during the chat window / messages delivered.
 """
 
+import contextlib
 import glob
 import json
 import math
@@ -31,6 +32,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 
 from common import LoopbackNamespace, Sampler, cpu_seconds, log, rss_kib, server_pids, lab
@@ -195,15 +197,42 @@ def start_server(kind, ns, workdir, users, braid_binary):
     return server
 
 
+@contextlib.contextmanager
+def measured_server(kind, ns, workdir, users, braid_binary):
+    """Starts the server and yields it with its RSS before any client (KiB); stops it."""
+    server = start_server(kind, ns, workdir, users, braid_binary)
+    try:
+        time.sleep(2)
+        yield server, rss_kib(server_pids(server.pid))
+    finally:
+        server.stop()
+
+
+def tsung_with_samples(ns, workdir, name, config, duration, offsets, sample):
+    """Runs tsung in the background and calls `sample(index)` at each offset (seconds after
+    the start) while it runs; returns tsung's log directory once it has ended."""
+    started = time.monotonic()
+    result = {}
+
+    def tsung():
+        result["logdir"] = run_tsung(ns, workdir, name, config, duration + 120)
+
+    thread = threading.Thread(target=tsung, daemon=True)
+    thread.start()
+    for index, offset in enumerate(offsets):
+        wait = started + offset - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        sample(index)
+    thread.join(timeout=duration + 180)
+    return result.get("logdir")
+
+
 def sessions_run(kind, ns, workdir, steps, braid_binary, rate, pause, first_rate):
     """Idle sessions in steps; RSS per session at each step, and the login rate."""
     total = steps[-1]
-    server = start_server(kind, ns, workdir, total, braid_binary)
     figures = {"steps": []}
-    try:
-        time.sleep(2)
-        pids = server_pids(server.pid)
-        base_rss = rss_kib(pids)
+    with measured_server(kind, ns, workdir, total, braid_binary) as (server, base_rss):
         figures["rss_before_clients_kib"] = base_rss
         phases, previous = [], 0
         for step in steps:
@@ -216,30 +245,18 @@ def sessions_run(kind, ns, workdir, steps, braid_binary, rate, pause, first_rate
         duration = sum(p[0] for p in phases) + 5
         body = f'<thinktime value="{duration + 60}" random="false"/>'
         config = tsung_config(phases, body, total + 10, duration)
-        started = time.monotonic()
-        # Read the RSS at the end of each pause (tsung runs meanwhile, in the background).
-        result = {}
+        # The RSS is read at the end of each pause.
+        offsets = [sum(p[0] for p in phases[:index + 1]) - 1.5 for index in range(len(phases))]
 
-        def tsung():
-            result["logdir"] = run_tsung(ns, workdir, f"{kind}-sessions", config, duration + 120)
-
-        import threading
-        thread = threading.Thread(target=tsung, daemon=True)
-        thread.start()
-        t = 0
-        for index in range(len(phases)):
-            t += phases[index][0]
-            wait = started + t - 1.5 - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
+        def sample(index):
             sessions = established(ns)
             rss = rss_kib(server_pids(server.pid))
             per = (rss - base_rss) / sessions if sessions else None
             figures["steps"].append({"target": steps[index], "sessions": sessions, "rss_kib": rss,
                                      "rss_per_session_kib": round(per, 2) if per is not None else None})
             log(f"c2s {kind}: {sessions} sessions, RSS {rss} KiB, {per and round(per, 2)} KiB/session")
-        thread.join(timeout=duration + 180)
-        logdir = result.get("logdir")
+
+        logdir = tsung_with_samples(ns, workdir, f"{kind}-sessions", config, duration, offsets, sample)
         figures["cpu_seconds"] = round(cpu_seconds(server_pids(server.pid)), 2)
         if logdir:
             intervals = parse_stats(logdir)
@@ -259,8 +276,6 @@ def sessions_run(kind, ns, workdir, steps, braid_binary, rate, pause, first_rate
             figures["authenticated_total"] = count_stat(intervals, "tr_authenticate")
             figures["tsung_errors"] = {k: v for k, v in _errors(intervals).items()}
             figures["tsung_log"] = logdir
-    finally:
-        server.stop()
     return figures
 
 
@@ -269,11 +284,8 @@ def keepalive_run(kind, ns, workdir, sessions, interval, rounds, braid_binary, r
     seconds, as most mobile and desktop clients do: RSS per session after login and after
     `rounds` keepalives, and the growth per keepalive (issue 10, item 10: it used to grow by
     about 31 KB per keepalive per session)."""
-    server = start_server(kind, ns, workdir, sessions, braid_binary)
     figures = {"sessions_target": sessions, "interval_seconds": interval, "rounds": rounds}
-    try:
-        time.sleep(2)
-        base_rss = rss_kib(server_pids(server.pid))
+    with measured_server(kind, ns, workdir, sessions, braid_binary) as (server, base_rss):
         figures["rss_before_clients_kib"] = base_rss
         login_seconds = math.ceil(sessions / rate) + 3
         duration = login_seconds + interval * rounds + 5
@@ -282,28 +294,17 @@ def keepalive_run(kind, ns, workdir, sessions, interval, rounds, braid_binary, r
                 f'<request><jabber type="raw" data=" " ack="no_ack"/></request></for>'
                 f'<thinktime value="60" random="false"/>')
         config = tsung_config([(login_seconds, sessions, rate)], body, sessions + 10, duration)
-        started = time.monotonic()
-        result = {}
+        # After the logins, before the first keepalive lands everywhere; and after the last
+        # round (each session sends its last one `interval` seconds after the one before;
+        # allow a second for the last to be read).
+        offsets = [login_seconds, login_seconds + interval * rounds + 1]
+        samples = []
 
-        def tsung():
-            result["logdir"] = run_tsung(ns, workdir, f"{kind}-keepalive", config, duration + 120)
+        def sample(index):
+            samples.append((established(ns), rss_kib(server_pids(server.pid))))
 
-        import threading
-        thread = threading.Thread(target=tsung, daemon=True)
-        thread.start()
-        # After the logins, before the first keepalive lands everywhere.
-        wait = started + login_seconds - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
-        logged_in = established(ns)
-        after_login = rss_kib(server_pids(server.pid))
-        # After the last round of keepalives (each session sends its last one `interval`
-        # seconds after the one before; allow a second for the last to be read).
-        wait = started + login_seconds + interval * rounds + 1 - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
-        still = established(ns)
-        after_rounds = rss_kib(server_pids(server.pid))
+        logdir = tsung_with_samples(ns, workdir, f"{kind}-keepalive", config, duration, offsets, sample)
+        (logged_in, after_login), (still, after_rounds) = samples
         figures.update({
             "sessions": logged_in, "sessions_at_end": still,
             "rss_after_login_kib": after_login, "rss_after_keepalives_kib": after_rounds,
@@ -313,10 +314,7 @@ def keepalive_run(kind, ns, workdir, sessions, interval, rounds, braid_binary, r
         })
         log(f"c2s {kind} keepalive: {logged_in} sessions, RSS {after_login} KiB after login, {after_rounds} KiB after "
             f"{rounds} keepalives, {figures['growth_per_session_per_keepalive_kib']} KiB per session per keepalive")
-        thread.join(timeout=duration + 180)
-        figures["tsung_log"] = result.get("logdir")
-    finally:
-        server.stop()
+        figures["tsung_log"] = logdir
     return figures
 
 

@@ -44,8 +44,9 @@ public final class BraidServer: Service {
     ///   - wallClock: where federation reads the time of day; tests move it forward.
     ///   - sessionClock: where client streams and sessions read time and set their timers
     ///     (timeouts, keepalives, rate limits, XEP-0198); tests move it forward too.
+    ///   - modules: feature modules beyond the standard ones (``StandardModules``).
     public init(configuration: BraidConfiguration, logger: Logger, eventLoopGroup: MultiThreadedEventLoopGroup? = nil,
-                wallClock: WallClock = .system, sessionClock: SessionClock = .system) throws {
+                wallClock: WallClock = .system, sessionClock: SessionClock = .system, modules: [any BraidModule] = []) throws {
         let started = ContinuousClock.now
         self.configuration = configuration
         self.logger = logger
@@ -54,13 +55,15 @@ public final class BraidServer: Service {
         let storage = try SQLiteStorage(path: "\(dataDirectory)/braid.sqlite", logger: logger)
         metricsRegistry = MetricsRegistry()
         let metrics = ServerMetrics(registry: metricsRegistry)
-        let domains = DomainRegistry()
+        // Modules register once, and the tables freeze before anything runs.
+        let dispatcher = try ModuleBuilder.with(StandardModules.all + modules, serviceSettings: configuration.services).freeze()
+        let domains = DomainRegistry(serviceLabels: dispatcher.serviceLabels)
         let certificates = CertificateManager(directory: "\(dataDirectory)/certs", selfSignMissing: configuration.tls.selfSignMissing, domains: domains, logger: logger)
         try certificates.loadConfigured(configuration.tls.certificates)
         try certificates.loadDirectory()
         context = ServerContext(configuration: configuration, storage: storage, domains: domains, certificates: certificates, metrics: metrics,
                                 sessionClock: sessionClock, logger: logger)
-        let router = Router(server: context, remote: NoFederation())
+        let router = Router(server: context, remote: NoFederation(), modules: dispatcher)
         context.install(router: router)
         if let eventLoopGroup {
             group = eventLoopGroup
@@ -88,7 +91,7 @@ public final class BraidServer: Service {
         let registry = metricsRegistry
         let federationManager = federation
         admin = AdminServer(configuration: configuration.admin, tls: context.certificates.store,
-                            isHosted: { domains.isHosted($0) }, metrics: { await registry.prometheusText() },
+                            isHosted: { domains.isServed($0) }, metrics: { await registry.prometheusText() },
                             links: { await federationManager?.links ?? [] }, logger: logger)
         metrics.startupSeconds.set(Self.seconds(ContinuousClock.now - started))
     }

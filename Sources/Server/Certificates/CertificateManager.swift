@@ -117,12 +117,13 @@ public final class CertificateManager: Sendable {
         store.certificateDER(for: domain) != nil
     }
 
-    /// Makes (and saves) a self-signed certificate for a hosted domain nothing covers. Key
+    /// Makes (and saves) a self-signed certificate for a domain served here (hosted, or a
+    /// service domain such as `conference.customer.example`) that nothing covers. Key
     /// generation and file writes run off the event loops; concurrent callers share one task.
     @discardableResult
     func prepareCertificate(for domain: String) async -> Bool {
         if covers(domain) { return true }
-        guard selfSignMissing, domains.isHosted(domain) else { return false }
+        guard selfSignMissing, domains.isServed(domain) else { return false }
         let task = generating.withLock { running -> Task<Bool, Never> in
             if let existing = running[domain] { return existing }
             let task = Task.detached { [self] in self.generate(domain) }
@@ -172,10 +173,10 @@ public final class CertificateManager: Sendable {
             let choice = { @Sendable in
                 if let choose { choose(values, promise) } else { promise.succeed(.noChanges) }
             }
-            // A hosted name no certificate covers yet gets one first, made off the event
+            // A served name no certificate covers yet gets one first, made off the event
             // loop; the handshake waits on the promise meanwhile.
             if let name = values.serverHostname, let domain = try? JID(domain: name),
-               !self.covers(domain.domainpart), self.selfSignMissing, self.domains.isHosted(domain.domainpart) {
+               !self.covers(domain.domainpart), self.selfSignMissing, self.domains.isServed(domain.domainpart) {
                 Task {
                     await self.prepareCertificate(for: domain.domainpart)
                     choice()

@@ -29,6 +29,9 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
     public var dns = DNSConfiguration()
     /// The HTTP side: POSH documents, metrics, the links API.
     public var admin = AdminConfiguration()
+    /// Per-domain services (group chat, upload, …), by module name: each hosted domain gets
+    /// each enabled service at `SUBDOMAIN.DOMAIN`.
+    public var services: [String: ServiceSettings] = [:]
 
     public init() {}
 
@@ -38,7 +41,26 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
         case logLevel = "log_level"
         case c2s, auth, tls, offline
         case streamManagement = "stream_management"
-        case s2s, dns, admin
+        case s2s, dns, admin, services
+    }
+
+    /// One service's settings (`services.NAME`); what is not given keeps the module's default.
+    public struct ServiceSettings: Codable, Sendable, Equatable {
+        /// The label of the service domain under every hosted domain (`conference`).
+        public var subdomain: String?
+        /// Off: no hosted domain has the service.
+        public var enabled: Bool?
+
+        public init(subdomain: String? = nil, enabled: Bool? = nil) {
+            self.subdomain = subdomain
+            self.enabled = enabled
+        }
+
+        enum CodingKeys: String, CodingKey, CaseIterable {
+            case subdomain, enabled
+        }
+
+        static let configurationKeys = Set(CodingKeys.allCases.map(\.stringValue))
     }
 
     public struct ClientSettings: Codable, Sendable, Equatable {
@@ -250,6 +272,7 @@ extension BraidConfiguration {
     private static let openMappings: [String: Set<String>?] = [
         "s2s.peers": FederationConfiguration.PeerSettings.configurationKeys,
         "s2s.posh_connect_overrides": nil,
+        "services": ServiceSettings.configurationKeys,
     ]
 
     /// Rejects keys the defaults do not have. Lists (like `tls.certificates`) are checked by

@@ -15,12 +15,46 @@ public final class DomainRegistry: Sendable {
     }
 
     private let snapshot = Mutex(Snapshot(domains: [], generation: -1))
+    /// The labels of the services every hosted domain has (`conference`, …), fixed when the
+    /// modules are frozen.
+    public let serviceLabels: Set<String>
 
-    public init() {}
+    public init(serviceLabels: Set<String> = []) {
+        self.serviceLabels = serviceLabels
+    }
 
-    /// True when `domain` (canonical form, as in ``JID/domainpart``) is hosted here.
+    /// True when `domain` (canonical form, as in ``JID/domainpart``) is hosted here: a
+    /// domain with accounts, as added with `braid domain add`.
     public func isHosted(_ domain: String) -> Bool {
         snapshot.withLock { $0.domains.contains(domain) }
+    }
+
+    /// What a domain served here is.
+    public enum Served: Sendable, Equatable {
+        /// A hosted domain, with accounts.
+        case hosted
+        /// The service `label` of the hosted domain `parent` (`conference.customer.example`).
+        case service(label: String, parent: String)
+    }
+
+    /// Whether `domain` is served here, and as what. A hosted domain is that even when its
+    /// first label is also a service label (an operator who hosts `conference.example.com`
+    /// as a domain of its own keeps it). Service domains cost nothing per hosted domain:
+    /// they are recognised, not stored.
+    public func served(_ domain: String) -> Served? {
+        if isHosted(domain) { return .hosted }
+        guard !serviceLabels.isEmpty, let dot = domain.firstIndex(of: ".") else { return nil }
+        let label = String(domain[..<dot])
+        guard serviceLabels.contains(label) else { return nil }
+        let parent = String(domain[domain.index(after: dot)...])
+        return isHosted(parent) ? .service(label: label, parent: parent) : nil
+    }
+
+    /// True for hosted domains and their service domains: everything that may appear as
+    /// ours in `to` (routing, federation, certificates, POSH). Client logins use
+    /// ``isHosted(_:)``: there are no accounts on a service domain.
+    public func isServed(_ domain: String) -> Bool {
+        served(domain) != nil
     }
 
     public var all: Set<String> {

@@ -12,8 +12,10 @@ final class FederationBridge: FederationHost {
         self.context = context
     }
 
+    /// Ours, for federation: hosted domains and their service domains (a peer may open a
+    /// pair with `conference.customer.example`).
     func isHosted(_ domain: String) -> Bool {
-        context.domains.isHosted(domain)
+        context.domains.isServed(domain)
     }
 
     func deliverInbound(_ stanza: Stanza) async {
@@ -21,7 +23,7 @@ final class FederationBridge: FederationHost {
         // then the stanza gets an error and never goes back out over s2s (RFC 6120 §10.5:
         // a server does not relay for others).
         // Federation answers such a stanza on its link; this is the last line of defence.
-        guard let to = try? stanza.to(), context.domains.isHosted(to.domainpart) else {
+        guard let to = try? stanza.to(), context.domains.isServed(to.domainpart) else {
             context.logger.warning("dropping a stanza from a peer for a domain not hosted here", metadata: ["to": "\(stanza.toString ?? "")"])
             return
         }

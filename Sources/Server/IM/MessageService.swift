@@ -3,12 +3,10 @@ import Storage
 import XMPPCore
 import XMPPStream
 
-/// Message delivery (RFC 6121 §8.5), offline storage, and message carbons (XEP-0280).
+/// Message delivery (RFC 6121 §8.5) and offline storage. Features that act on messages
+/// (carbons, and later the archive) are modules that observe what this sends and delivers.
 final class MessageService: Sendable {
-    static let carbons = "urn:xmpp:carbons:2"
-    static let forward = "urn:xmpp:forward:0"
     static let delay = "urn:xmpp:delay"
-    static let hints = "urn:xmpp:hints"
 
     let server: ServerContext
 
@@ -24,9 +22,8 @@ final class MessageService: Sendable {
             await inbound(stanza.setting(attribute: "to", to: session.jid.bare.description), to: session.jid.bare, router: router)
             return
         }
-        if let message = Message(stanza), isCarbonEligible(message) {
-            // XEP-0280 §7: the sender's other resources get a <sent/> copy.
-            sendCarbons(of: stanza.element, wrapper: "sent", account: session.jid.bare, except: session.jid)
+        if let message = Message(stanza) {
+            await router.modules.messageSent(message, session: session, router: router)
         }
         await router.route(stanza.addressed(to: target, from: session.jid))
     }
@@ -40,9 +37,7 @@ final class MessageService: Sendable {
             if let entry = server.sessions.entry(for: target) {
                 // §8.5.3.1: the resource exists.
                 entry.session.deliver(stanza.element)
-                if isCarbonEligible(message) {
-                    sendCarbons(of: stanza.element, wrapper: "received", account: account, except: target)
-                }
+                router.modules.messageDelivered(message, account: account, resources: [target], router: router)
                 return
             }
             // §8.5.3.2.1: no such resource.
@@ -80,12 +75,7 @@ final class MessageService: Sendable {
                     let top = candidates.map(\.priority).max() ?? 0
                     let chosen = candidates.filter { $0.priority == top }
                     for entry in chosen { entry.session.deliver(stanza.element) }
-                    if self.isCarbonEligible(message) {
-                        let delivered = Set(chosen.map { $0.session.jid })
-                        for entry in server.sessions.entries(of: account) where entry.carbons && !delivered.contains(entry.session.jid) {
-                            entry.session.deliver(Self.carbonCopy(of: stanza.element, wrapper: "received", account: account, to: entry.session.jid))
-                        }
-                    }
+                    router.modules.messageDelivered(message, account: account, resources: Set(chosen.map { $0.session.jid }), router: router)
                     return .done
                 case .headline:
                     for entry in candidates { entry.session.deliver(stanza.element) }
@@ -164,8 +154,9 @@ final class MessageService: Sendable {
         switch stanza.kind {
         case .message:
             guard let message = Message(stanza), message.type != .error, message.type != .groupchat, message.type != .headline else { return }
-            // Carbon copies are copies; the original went elsewhere already.
-            if element.firstChild(namespace: Self.carbons) != nil { return }
+            // What the server itself sent this resource on the account's behalf (from its
+            // bare JID: a carbon copy, say) is a copy; the original went elsewhere already.
+            if (try? stanza.from()) == session.jid.bare { return }
             await deliverToBare(stanza, message: message, account: session.jid.bare, router: router)
         case .iq:
             if IQ(stanza)?.type?.isRequest == true {
@@ -174,35 +165,6 @@ final class MessageService: Sendable {
         case .presence:
             break
         }
-    }
-
-    // MARK: Carbons (XEP-0280)
-
-    /// §6: chat messages, and normal messages with a body, unless marked private or
-    /// no-copy; never copies of copies.
-    func isCarbonEligible(_ message: Message) -> Bool {
-        let element = message.element
-        if element.firstChild(name: "private", namespace: Self.carbons) != nil { return false }
-        if element.firstChild(name: "no-copy", namespace: Self.hints) != nil { return false }
-        if element.firstChild(name: "received", namespace: Self.carbons) != nil || element.firstChild(name: "sent", namespace: Self.carbons) != nil { return false }
-        switch message.type {
-        case .chat: return true
-        case .normal: return message.body != nil
-        case .error, .groupchat, .headline: return false
-        }
-    }
-
-    private func sendCarbons(of element: XMLElement, wrapper: String, account: JID, except: JID) {
-        for entry in server.sessions.entries(of: account) where entry.carbons && entry.session.jid != except {
-            entry.session.deliver(Self.carbonCopy(of: element, wrapper: wrapper, account: account, to: entry.session.jid))
-        }
-    }
-
-    static func carbonCopy(of element: XMLElement, wrapper: String, account: JID, to resource: JID) -> XMLElement {
-        let forwarded = XMLElement(name: "forwarded", namespace: forward, children: [.element(element.rescopingContent(to: XMLNamespace.client))])
-        return XMLElement(name: "message", namespace: XMLNamespace.client, attributes: [
-            XMLAttribute("from", account.description), XMLAttribute("to", resource.description), XMLAttribute("type", Message(element)?.type.rawValue ?? "chat"),
-        ], children: [.element(XMLElement(name: wrapper, namespace: carbons, children: [.element(forwarded)]))])
     }
 
     // MARK: Helpers

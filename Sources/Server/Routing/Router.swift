@@ -14,17 +14,17 @@ public final class Router: SessionOwner {
     let presence: PresenceService
     let roster: RosterService
     let messages: MessageService
-    let modules: ModuleRegistry
+    let modules: ModuleDispatcher
     private let remoteRoute: Mutex<any RemoteRoute>
     var logger: Logger { server.logger }
 
-    init(server: ServerContext, remote: any RemoteRoute) {
+    init(server: ServerContext, remote: any RemoteRoute, modules: ModuleDispatcher) {
         self.server = server
         remoteRoute = Mutex(remote)
         roster = RosterService(server: server)
         presence = PresenceService(server: server, roster: roster)
         messages = MessageService(server: server)
-        modules = ModuleRegistry()
+        self.modules = modules
     }
 
     /// Replaces the remote route (federation installs itself here).
@@ -78,17 +78,42 @@ public final class Router: SessionOwner {
             logger.debug("dropping stanza without 'to'", metadata: ["kind": "\(stanza.kind.rawValue)"])
             return
         }
-        if server.domains.isHosted(target.domainpart) {
+        switch server.domains.served(target.domainpart) {
+        case .hosted:
             await deliverLocally(stanza, to: target)
-        } else {
+        case .service(let label, let parent):
+            await deliverToService(stanza, to: target, label: label, parent: parent)
+        case nil:
             await remoteRoute.withLock { $0 }.send(stanza, router: self)
         }
+    }
+
+    /// A stanza for a service domain (`conference.customer.example`) or one of its entities:
+    /// the module that owns the label has it; never forwarded (§10.5).
+    private func deliverToService(_ stanza: Stanza, to target: JID, label: String, parent: String) async {
+        guard let service = modules.services[label] else {
+            await bounce(stanza, with: StanzaError(.serviceUnavailable))
+            return
+        }
+        // XEP-0030 on the service domain itself is the same for every service: its identity
+        // and features, as registered. Everything else is the module's.
+        if target.localpart == nil, target.resourcepart == nil, let iq = IQ(stanza), iq.type == .get,
+           let payload = iq.payload, payload.namespace == DiscoModule.info, payload.attribute("node") == nil {
+            let info = DiscoModule.info(identity: (service.category, service.type, service.displayName), features: [DiscoModule.info] + service.features)
+            await route(iq.result(payload: info).stanza)
+            return
+        }
+        await service.handle(ServiceStanza(stanza: stanza, to: target, parent: parent, router: self))
     }
 
     /// RFC 6121 §8.5: a stanza for a hosted domain.
     func deliverLocally(_ stanza: Stanza, to target: JID) async {
         if target.localpart == nil {
             await handleDomainStanza(stanza, domain: target.domain)
+            return
+        }
+        // Modules see messages and presence for accounts first (by payload namespace).
+        if stanza.kind != .iq, await modules.offer(stanza, to: target, router: self) {
             return
         }
         switch stanza.kind {

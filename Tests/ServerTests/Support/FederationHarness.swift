@@ -38,6 +38,7 @@ struct FederatedPair {
         certificates: PeerCertificates = .trustedCA,
         aCertified: [String]? = nil, bCertified: [String]? = nil, bNotValidAfter: Date? = nil, ocspPort: Int? = nil,
         aClock: WallClock = .system,
+        modules: [any BraidModule] = [],
         configureA: @escaping (inout BraidConfiguration) -> Void = { _ in },
         configureB: @escaping (inout BraidConfiguration) -> Void = { _ in }
     ) async throws -> FederatedPair {
@@ -47,7 +48,7 @@ struct FederatedPair {
             do {
                 return try await startOnce(aDomains: aDomains, aUsers: aUsers, bDomains: bDomains, bUsers: bUsers, certificates: certificates,
                                            aCertified: aCertified, bCertified: bCertified, bNotValidAfter: bNotValidAfter, ocspPort: ocspPort,
-                                           aClock: aClock, configureA: configureA, configureB: configureB)
+                                           aClock: aClock, modules: modules, configureA: configureA, configureB: configureB)
             } catch where attempt < 5 && "\(error)".contains("Address already in use") {
                 continue
             }
@@ -59,6 +60,7 @@ struct FederatedPair {
         aDomains: [String], aUsers: [String], bDomains: [String], bUsers: [String],
         certificates: PeerCertificates, aCertified: [String]?, bCertified: [String]?, bNotValidAfter: Date?, ocspPort: Int?,
         aClock: WallClock,
+        modules: [any BraidModule],
         configureA: @escaping (inout BraidConfiguration) -> Void,
         configureB: @escaping (inout BraidConfiguration) -> Void
     ) async throws -> FederatedPair {
@@ -90,8 +92,16 @@ struct FederatedPair {
                 try certificateFiles(for: [domain], certified: nil, notValidAfter: notValidAfter, name: "\(name)-\(domain)")
             }
         }
-        let aFiles = try providerFiles(for: aDomains, certified: aCertified, notValidAfter: nil, name: "a")
-        let bFiles = try providerFiles(for: bDomains, certified: bCertified, notValidAfter: bNotValidAfter, name: "b")
+        // With service modules, each provider's certificates also name its service domains
+        // (`echo.a.example`), as a provider's would (a SAN per service, or a wildcard).
+        var builder = ModuleBuilder()
+        for module in modules { builder.add(module) }
+        let labels = try builder.freeze().serviceLabels.sorted()
+        func withServices(_ domains: [String]) -> [String] {
+            domains + labels.flatMap { label in domains.map { "\(label).\($0)" } }
+        }
+        let aFiles = try providerFiles(for: withServices(aDomains), certified: aCertified.map(withServices), notValidAfter: nil, name: "a")
+        let bFiles = try providerFiles(for: withServices(bDomains), certified: bCertified.map(withServices), notValidAfter: bNotValidAfter, name: "b")
 
         func federate(_ configuration: inout BraidConfiguration, port: Int, files: [BraidConfiguration.CertificateFiles], peers: [String], peerPort: Int) {
             configuration.tls.certificates = files
@@ -106,17 +116,19 @@ struct FederatedPair {
             // No DNS: a resolver that answers nothing (a closed port on loopback), fast.
             configuration.dns.forwarders = ["127.0.0.1@9"]
             configuration.dns.timeoutSeconds = 1
-            for peer in peers {
+            // The peer's service domains (`echo.b.example`) are at the same place, as the SRV
+            // records a provider publishes for them would say.
+            for peer in withServices(peers) {
                 configuration.s2s.peers[peer] = FederationConfiguration.PeerSettings(host: "127.0.0.1", port: peerPort)
             }
         }
-        let a = try await TestServer.start(domains: aDomains, users: aUsers, wallClock: aClock) { configuration in
+        let a = try await TestServer.start(domains: aDomains, users: aUsers, wallClock: aClock, modules: modules) { configuration in
             federate(&configuration, port: aPort, files: aFiles, peers: bDomains, peerPort: bPort)
             configureA(&configuration)
         }
         let b: TestServer
         do {
-            b = try await TestServer.start(domains: bDomains, users: bUsers) { configuration in
+            b = try await TestServer.start(domains: bDomains, users: bUsers, modules: modules) { configuration in
                 federate(&configuration, port: bPort, files: bFiles, peers: aDomains, peerPort: aPort)
                 configureB(&configuration)
             }
@@ -142,13 +154,14 @@ func withFederation(
     certificates: PeerCertificates = .trustedCA,
     aCertified: [String]? = nil, bCertified: [String]? = nil, bNotValidAfter: Date? = nil, ocspPort: Int? = nil,
     aClock: WallClock = .system,
+    modules: [any BraidModule] = [],
     configureA: @escaping (inout BraidConfiguration) -> Void = { _ in },
     configureB: @escaping (inout BraidConfiguration) -> Void = { _ in },
     _ body: (FederatedPair) async throws -> Void
 ) async throws {
     let pair = try await FederatedPair.start(aDomains: aDomains, aUsers: aUsers, bDomains: bDomains, bUsers: bUsers,
                                              certificates: certificates, aCertified: aCertified, bCertified: bCertified, bNotValidAfter: bNotValidAfter, ocspPort: ocspPort,
-                                             aClock: aClock, configureA: configureA, configureB: configureB)
+                                             aClock: aClock, modules: modules, configureA: configureA, configureB: configureB)
     do {
         try await body(pair)
     } catch {

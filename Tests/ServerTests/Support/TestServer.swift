@@ -27,6 +27,7 @@ final class TestServer: Sendable {
         users: [String] = ["alice@a.example", "bob@b.example", "carol@a.example"],
         wallClock: WallClock = .system,
         sessionClock: SessionClock = .system,
+        modules: [any BraidModule] = [],
         configure: (inout BraidConfiguration) -> Void = { _ in }
     ) async throws -> TestServer {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("braid-test-\(UUID().uuidString)").path
@@ -52,7 +53,7 @@ final class TestServer: Sendable {
         var logger = Logger(label: "braid.test")
         logger.logLevel = ProcessInfo.processInfo.environment["BRAID_TEST_LOG"].flatMap(Logger.Level.init(rawValue:)) ?? .critical
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
-        let server = try BraidServer(configuration: configuration, logger: logger, eventLoopGroup: group, wallClock: wallClock, sessionClock: sessionClock)
+        let server = try BraidServer(configuration: configuration, logger: logger, eventLoopGroup: group, wallClock: wallClock, sessionClock: sessionClock, modules: modules)
         for domain in domains {
             try await server.context.storage.addDomain(try JID(domain: domain).domainpart)
         }
@@ -107,10 +108,11 @@ func withServer(
     domains: [String] = ["a.example", "b.example"],
     users: [String] = ["alice@a.example", "bob@b.example", "carol@a.example"],
     sessionClock: SessionClock = .system,
+    modules: [any BraidModule] = [],
     configure: (inout BraidConfiguration) -> Void = { _ in },
     _ body: (TestServer) async throws -> Void
 ) async throws {
-    let server = try await TestServer.start(domains: domains, users: users, sessionClock: sessionClock, configure: configure)
+    let server = try await TestServer.start(domains: domains, users: users, sessionClock: sessionClock, modules: modules, configure: configure)
     do {
         try await body(server)
     } catch {

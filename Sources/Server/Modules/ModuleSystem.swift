@@ -1,0 +1,322 @@
+import XMPPCore
+
+/// A feature of the server, in Prosody's manner: one type that registers its handlers on a
+/// ``ModuleBuilder`` once at start-up and owns whatever state and store it needs. The core
+/// (router, sessions, presence and message delivery) knows no feature by name; see
+/// docs/architecture.md, "Adding a feature".
+public protocol BraidModule: Sendable {
+    /// For logs and errors (a namespace registered twice names both modules).
+    var name: String { get }
+    func register(in builder: inout ModuleBuilder)
+}
+
+/// How an IQ request was answered.
+public enum IQResponse: Sendable {
+    /// A `result`, with an optional payload.
+    case result(XMLElement?)
+    /// An `error`.
+    case error(StanzaError)
+    /// The module answered by itself, or the request needs no answer.
+    case handled
+}
+
+/// One IQ request, with who is asking and on whose behalf the server answers.
+public struct IQRequest: Sendable {
+    public let iq: IQ
+    public let payload: XMLElement
+    /// The domain (server IQs), the bare account JID (account IQs), or the service address
+    /// (service IQs) addressed.
+    public let target: JID
+    /// The sender's full JID, as authenticated.
+    public let requester: JID
+    /// The requester's own session, when the request came from the account's own client.
+    public let session: ClientSession?
+    let router: Router
+}
+
+public typealias IQHandler = @Sendable (IQRequest) async -> IQResponse
+
+/// What a stanza handler did with a stanza it was offered.
+public enum StanzaDisposition: Sendable, Equatable {
+    /// Taken care of: nobody else sees it, and the built-in delivery does not run.
+    case handled
+    /// Not this handler's: the next one (by priority), then the built-in delivery, gets it.
+    case pass
+}
+
+/// A stanza for a local account (bare or full JID), offered to modules before the built-in
+/// delivery (RFC 6121 §8.5).
+public struct LocalStanza: Sendable {
+    public let stanza: Stanza
+    public let to: JID
+    let router: Router
+}
+
+public typealias StanzaHandler = @Sendable (LocalStanza) async -> StanzaDisposition
+
+/// A message one of the account's clients sent, stamped, before it is routed.
+public struct SentMessage: Sendable {
+    public let message: Message
+    public let session: ClientSession
+    let router: Router
+}
+
+/// A message delivered to some of an account's resources (RFC 6121 §8.5.2 and §8.5.3).
+public struct DeliveredMessage: Sendable {
+    public let message: Message
+    public let account: JID
+    /// The resources that got it.
+    public let resources: Set<JID>
+    let router: Router
+}
+
+/// A service on a subdomain of every hosted domain (`conference.customer.example`): no row
+/// per service domain, no object per domain until the service has something to keep.
+public struct ServiceRegistration: Sendable {
+    /// The subdomain label (`conference`).
+    public var label: String
+    /// Its XEP-0030 identity.
+    public var category: String
+    public var type: String
+    public var displayName: String
+    /// Features listed in the service's own `disco#info`.
+    public var features: [String]
+    /// Every stanza addressed to the service domain or to an entity on it
+    /// (`room@conference.customer.example/nick`).
+    public var handle: @Sendable (ServiceStanza) async -> Void
+
+    public init(label: String, category: String, type: String, displayName: String, features: [String],
+                handle: @escaping @Sendable (ServiceStanza) async -> Void) {
+        self.label = label
+        self.category = category
+        self.type = type
+        self.displayName = displayName
+        self.features = features
+        self.handle = handle
+    }
+}
+
+/// A stanza for a service domain, with the hosted domain it belongs to.
+public struct ServiceStanza: Sendable {
+    public let stanza: Stanza
+    public let to: JID
+    /// The hosted domain whose service this is (`customer.example`).
+    public let parent: String
+    let router: Router
+
+    /// Routes a stanza the service sends (its `from` is the service or one of its entities).
+    public func send(_ stanza: Stanza) async {
+        await router.route(stanza)
+    }
+
+    /// Answers with an error (RFC 6120 §8.3).
+    public func bounce(with error: StanzaError) async {
+        await router.bounce(stanza, with: error)
+    }
+}
+
+/// Where modules register, once, before the server starts (in the manner of Hummingbird's
+/// router builder): mutable while modules add to it, then frozen into a ``ModuleDispatcher``
+/// that the router reads without locks.
+public struct ModuleBuilder {
+    struct Registered<Handler> {
+        var module: String
+        var handler: Handler
+    }
+
+    struct Prioritized<Handler> {
+        var module: String
+        var namespace: String?
+        var priority: Int
+        var handler: Handler
+    }
+
+    private(set) var serverIQ: [String: Registered<IQHandler>] = [:]
+    private(set) var accountIQ: [String: Registered<IQHandler>] = [:]
+    private(set) var serverFeatures: [String] = []
+    private(set) var accountFeatures: [String] = []
+    private(set) var stanzaHandlers: [StanzaKind: [Prioritized<StanzaHandler>]] = [:]
+    private(set) var sentObservers: [Registered<@Sendable (SentMessage) async -> Void>] = []
+    private(set) var deliveredObservers: [Registered<@Sendable (DeliveredMessage) -> Void>] = []
+    private(set) var services: [String: Registered<ServiceRegistration>] = [:]
+    /// The operator's settings for services, by module name (`services.NAME`).
+    private let serviceSettings: [String: BraidConfiguration.ServiceSettings]
+    /// Settings naming a service nobody registered, or a label that is not one DNS label.
+    private(set) var configurationProblems: [String] = []
+    /// The module registering now, for the tables and for the trap on a duplicate.
+    private var current = "core"
+
+    public init(serviceSettings: [String: BraidConfiguration.ServiceSettings] = [:]) {
+        self.serviceSettings = serviceSettings
+    }
+
+    /// Lets `module` register.
+    public mutating func add(_ module: some BraidModule) {
+        let previous = current
+        current = module.name
+        module.register(in: &self)
+        current = previous
+    }
+
+    /// Answers IQs in `namespace` addressed to a hosted domain. A namespace has one handler:
+    /// a second registration is a programming error and traps.
+    public mutating func onServerIQ(_ namespace: String, _ handler: @escaping IQHandler) {
+        if let existing = serverIQ[namespace] {
+            preconditionFailure("server IQ namespace \(namespace) registered by \(existing.module) and \(current)")
+        }
+        serverIQ[namespace] = Registered(module: current, handler: handler)
+    }
+
+    /// Answers IQs in `namespace` addressed to an account's bare JID (on its behalf, RFC 6121
+    /// §8.5.1). One handler per namespace, as for server IQs.
+    public mutating func onAccountIQ(_ namespace: String, _ handler: @escaping IQHandler) {
+        if let existing = accountIQ[namespace] {
+            preconditionFailure("account IQ namespace \(namespace) registered by \(existing.module) and \(current)")
+        }
+        accountIQ[namespace] = Registered(module: current, handler: handler)
+    }
+
+    /// A feature in the hosted domains' `disco#info` (XEP-0030).
+    public mutating func serverFeature(_ feature: String) {
+        if !serverFeatures.contains(feature) { serverFeatures.append(feature) }
+    }
+
+    /// A feature in the accounts' `disco#info`.
+    public mutating func accountFeature(_ feature: String) {
+        if !accountFeatures.contains(feature) { accountFeatures.append(feature) }
+    }
+
+    /// Offers message or presence stanzas for local accounts to `handler` before the built-in
+    /// delivery: those with a child element in `namespace` (nil: every one), highest priority
+    /// first. The first that answers ``StanzaDisposition/handled`` wins. One handler per
+    /// (kind, namespace); IQs go to ``onAccountIQ(_:_:)`` instead.
+    public mutating func onStanza(_ kind: StanzaKind, namespace: String?, priority: Int = 0, _ handler: @escaping StanzaHandler) {
+        precondition(kind != .iq, "IQs are dispatched by namespace: use onAccountIQ or onServerIQ (\(current))")
+        if let existing = stanzaHandlers[kind]?.first(where: { $0.namespace == namespace }) {
+            preconditionFailure("\(kind.rawValue) handler for \(namespace ?? "every stanza") registered by \(existing.module) and \(current)")
+        }
+        stanzaHandlers[kind, default: []].append(Prioritized(module: current, namespace: namespace, priority: priority, handler: handler))
+    }
+
+    /// Called for every message a local client sends, before it is routed.
+    public mutating func onMessageSent(_ observer: @escaping @Sendable (SentMessage) async -> Void) {
+        sentObservers.append(Registered(module: current, handler: observer))
+    }
+
+    /// Called when a message was delivered to some of an account's resources, on the path
+    /// that delivered it (under the account's serializer when it went to the bare JID).
+    public mutating func onMessageDelivered(_ observer: @escaping @Sendable (DeliveredMessage) -> Void) {
+        deliveredObservers.append(Registered(module: current, handler: observer))
+    }
+
+    /// A service on `registration.label` under every hosted domain, unless the operator
+    /// moved it (`services.NAME.subdomain`) or turned it off (`services.NAME.enabled`). One
+    /// module per label.
+    public mutating func service(_ registration: ServiceRegistration) {
+        let settings = serviceSettings[current]
+        if settings?.enabled == false { return }
+        let label = (settings?.subdomain ?? registration.label).lowercased()
+        guard Self.isLabel(label) else {
+            precondition(settings?.subdomain != nil, "a service label is one DNS label, not \(registration.label) (\(current))")
+            configurationProblems.append("services.\(current).subdomain: '\(label)' is not a single DNS label")
+            return
+        }
+        if let existing = services[label] {
+            precondition(settings?.subdomain != nil, "service label \(label) registered by \(existing.module) and \(current)")
+            configurationProblems.append("services.\(current).subdomain: '\(label)' is also the label of \(existing.module)")
+            return
+        }
+        var normalized = registration
+        normalized.label = label
+        services[label] = Registered(module: current, handler: normalized)
+    }
+
+    /// One DNS label: letters, digits and hyphens, not at either end (RFC 1035 §2.3.1).
+    static func isLabel(_ label: String) -> Bool {
+        guard !label.isEmpty, label.count <= 63, label.first != "-", label.last != "-" else { return false }
+        return label.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-") }
+    }
+
+    /// The immutable dispatcher the router uses. Throws when the operator's service settings
+    /// name no registered service or give an unusable label.
+    public func freeze() throws(ConfigurationError) -> ModuleDispatcher {
+        let registered = Set(services.values.map(\.module))
+        var problems = configurationProblems
+        for (name, settings) in serviceSettings.sorted(by: { $0.key < $1.key })
+        where !registered.contains(name) && settings.enabled != false && !configurationProblems.contains(where: { $0.hasPrefix("services.\(name).") }) {
+            problems.append("services.\(name): no such service")
+        }
+        guard problems.isEmpty else { throw ConfigurationError(problems.joined(separator: "; ")) }
+        return ModuleDispatcher(self)
+    }
+}
+
+/// The frozen module tables: read by every stanza, never changed, so no lock.
+public final class ModuleDispatcher: Sendable {
+    private let serverIQ: [String: IQHandler]
+    private let accountIQ: [String: IQHandler]
+    let serverFeatures: [String]
+    let accountFeatures: [String]
+    private let stanzaHandlers: [StanzaKind: [(namespace: String?, handler: StanzaHandler)]]
+    private let sentObservers: [@Sendable (SentMessage) async -> Void]
+    private let deliveredObservers: [@Sendable (DeliveredMessage) -> Void]
+    /// Services by label.
+    let services: [String: ServiceRegistration]
+
+    init(_ builder: ModuleBuilder) {
+        serverIQ = builder.serverIQ.mapValues(\.handler)
+        accountIQ = builder.accountIQ.mapValues(\.handler)
+        serverFeatures = builder.serverFeatures.sorted()
+        accountFeatures = builder.accountFeatures.sorted()
+        // Highest priority first; among equals, in registration order.
+        stanzaHandlers = builder.stanzaHandlers.mapValues { entries in
+            entries.enumerated().sorted { ($0.element.priority, -$0.offset) > ($1.element.priority, -$1.offset) }
+                .map { (namespace: $0.element.namespace, handler: $0.element.handler) }
+        }
+        sentObservers = builder.sentObservers.map(\.handler)
+        deliveredObservers = builder.deliveredObservers.map(\.handler)
+        services = builder.services.mapValues(\.handler)
+    }
+
+    /// The service labels, for the domain registry.
+    public var serviceLabels: Set<String> { Set(services.keys) }
+
+    func handleServerIQ(_ iq: IQ, domain: JID, requester: JID, router: Router) async -> IQResponse {
+        // RFC 6120 §8.2.3: a get or set carries exactly one payload element.
+        guard let payload = iq.payload else { return .error(StanzaError(.badRequest)) }
+        guard let handler = serverIQ[payload.namespace] else { return .error(StanzaError(.serviceUnavailable)) }
+        return await handler(IQRequest(iq: iq, payload: payload, target: domain, requester: requester, session: nil, router: router))
+    }
+
+    func handleAccountIQ(_ iq: IQ, account: JID, requester: JID, session: ClientSession?, router: Router) async -> IQResponse {
+        guard let payload = iq.payload else { return .error(StanzaError(.badRequest)) }
+        // RFC 6121 §8.5.2.1.3: an unknown namespace gets service-unavailable, whether or not
+        // the account exists.
+        guard let handler = accountIQ[payload.namespace] else { return .error(StanzaError(.serviceUnavailable)) }
+        return await handler(IQRequest(iq: iq, payload: payload, target: account, requester: requester, session: session, router: router))
+    }
+
+    /// Offers a message or presence for a local account to the modules; true when one
+    /// handled it.
+    func offer(_ stanza: Stanza, to target: JID, router: Router) async -> Bool {
+        guard let handlers = stanzaHandlers[stanza.kind], !handlers.isEmpty else { return false }
+        let local = LocalStanza(stanza: stanza, to: target, router: router)
+        for entry in handlers {
+            if let namespace = entry.namespace, stanza.element.firstChild(namespace: namespace) == nil { continue }
+            if await entry.handler(local) == .handled { return true }
+        }
+        return false
+    }
+
+    func messageSent(_ message: Message, session: ClientSession, router: Router) async {
+        for observer in sentObservers {
+            await observer(SentMessage(message: message, session: session, router: router))
+        }
+    }
+
+    func messageDelivered(_ message: Message, account: JID, resources: Set<JID>, router: Router) {
+        guard !deliveredObservers.isEmpty else { return }
+        let delivered = DeliveredMessage(message: message, account: account, resources: resources, router: router)
+        for observer in deliveredObservers { observer(delivered) }
+    }
+}

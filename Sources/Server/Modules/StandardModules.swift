@@ -1,0 +1,158 @@
+import XMPPCore
+import XMPPStream
+
+/// The modules every Braid server has.
+public enum StandardModules {
+    public static var all: [any BraidModule] {
+        [DiscoModule(), PingModule(), VersionModule(), RosterModule(), CarbonsModule(), LegacySessionModule()]
+    }
+}
+
+extension ModuleBuilder {
+    /// A builder holding `modules`, with the operator's service settings.
+    static func with(_ modules: [any BraidModule], serviceSettings: [String: BraidConfiguration.ServiceSettings] = [:]) -> ModuleBuilder {
+        var builder = ModuleBuilder(serviceSettings: serviceSettings)
+        for module in modules { builder.add(module) }
+        return builder
+    }
+}
+
+/// XEP-0030 service discovery for hosted domains and accounts. A hosted domain's
+/// `disco#items` lists its services (`conference.customer.example`, …).
+struct DiscoModule: BraidModule {
+    static let info = "http://jabber.org/protocol/disco#info"
+    static let items = "http://jabber.org/protocol/disco#items"
+
+    var name: String { "disco" }
+
+    func register(in builder: inout ModuleBuilder) {
+        builder.serverFeature(Self.info)
+        builder.serverFeature(Self.items)
+        builder.onServerIQ(Self.info, serverInfo)
+        builder.onServerIQ(Self.items, serverItems)
+        builder.onAccountIQ(Self.info, account)
+        builder.onAccountIQ(Self.items, account)
+    }
+
+    private func serverInfo(_ request: IQRequest) async -> IQResponse {
+        guard request.iq.type == .get else { return .error(StanzaError(.badRequest)) }
+        // Node queries are not supported; answering an empty identity list would lie.
+        if request.payload.attribute("node") != nil { return .error(StanzaError(.itemNotFound)) }
+        return .result(Self.info(identity: ("server", "im", "Braid"), features: request.router.modules.serverFeatures))
+    }
+
+    private func serverItems(_ request: IQRequest) async -> IQResponse {
+        guard request.iq.type == .get else { return .error(StanzaError(.badRequest)) }
+        if request.payload.attribute("node") != nil { return .error(StanzaError(.itemNotFound)) }
+        let domain = request.target.domainpart
+        let items = request.router.modules.services.values.sorted { $0.label < $1.label }.map { service in
+            XMLNode.element(XMLElement(name: "item", namespace: Self.items, attributes: [
+                XMLAttribute("jid", "\(service.label).\(domain)"), XMLAttribute("name", service.displayName),
+            ]))
+        }
+        return .result(XMLElement(name: "query", namespace: Self.items, children: items))
+    }
+
+    private func account(_ request: IQRequest) async -> IQResponse {
+        guard request.iq.type == .get else { return .error(StanzaError(.badRequest)) }
+        // Only the account and its subscribers learn that it exists; everyone else gets the
+        // answer a missing account gets (RFC 6120 §13, directory harvesting).
+        guard await request.router.mayLearnAbout(account: request.target, requester: request.requester) else {
+            return .error(StanzaError(.serviceUnavailable))
+        }
+        if request.payload.namespace == Self.items {
+            return .result(XMLElement(name: "query", namespace: Self.items))
+        }
+        return .result(Self.info(identity: ("account", "registered", nil), features: [Self.info] + request.router.modules.accountFeatures))
+    }
+
+    /// A `disco#info` answer.
+    static func info(identity: (category: String, type: String, name: String?), features: [String]) -> XMLElement {
+        var attributes = [XMLAttribute("category", identity.category), XMLAttribute("type", identity.type)]
+        if let name = identity.name { attributes.append(XMLAttribute("name", name)) }
+        var children: [XMLNode] = [.element(XMLElement(name: "identity", namespace: info, attributes: attributes))]
+        var seen = Set<String>()
+        for feature in features where seen.insert(feature).inserted {
+            children.append(.element(XMLElement(name: "feature", namespace: info, attributes: [XMLAttribute("var", feature)])))
+        }
+        return XMLElement(name: "query", namespace: info, children: children)
+    }
+}
+
+/// XEP-0199 ping.
+struct PingModule: BraidModule {
+    static let namespace = "urn:xmpp:ping"
+
+    var name: String { "ping" }
+
+    func register(in builder: inout ModuleBuilder) {
+        builder.serverFeature(Self.namespace)
+        builder.onServerIQ(Self.namespace) { request in
+            request.iq.type == .get ? .result(nil) : .error(StanzaError(.badRequest))
+        }
+        builder.onAccountIQ(Self.namespace) { request in
+            guard request.iq.type == .get else { return .error(StanzaError(.badRequest)) }
+            guard await request.router.mayLearnAbout(account: request.target, requester: request.requester) else {
+                return .error(StanzaError(.serviceUnavailable))
+            }
+            return .result(nil)
+        }
+    }
+}
+
+/// XEP-0092 software version. The operating system is not disclosed.
+struct VersionModule: BraidModule {
+    static let namespace = "jabber:iq:version"
+
+    var name: String { "version" }
+
+    func register(in builder: inout ModuleBuilder) {
+        builder.serverFeature(Self.namespace)
+        builder.onServerIQ(Self.namespace) { request in
+            guard request.iq.type == .get else { return .error(StanzaError(.badRequest)) }
+            return .result(XMLElement(name: "query", namespace: Self.namespace, children: [
+                .element(XMLElement(name: "name", namespace: Self.namespace, text: "Braid")),
+                .element(XMLElement(name: "version", namespace: Self.namespace, text: BraidInfo.version)),
+            ]))
+        }
+    }
+}
+
+/// RFC 6121 §2 rosters (the roster store and presence subscriptions are the core's: presence
+/// delivery depends on them).
+struct RosterModule: BraidModule {
+    var name: String { "roster" }
+
+    func register(in builder: inout ModuleBuilder) {
+        builder.onAccountIQ(RosterNamespace.roster) { request in
+            await request.router.roster.handleIQ(request.iq, account: request.target, requester: request.requester, session: request.session)
+        }
+    }
+}
+
+/// RFC 3921 §3 session establishment, a no-op since RFC 6121 that old clients still send.
+struct LegacySessionModule: BraidModule {
+    var name: String { "legacy-session" }
+
+    func register(in builder: inout ModuleBuilder) {
+        builder.onAccountIQ(XMLNamespace.session) { request in
+            request.iq.type == .set && request.session != nil ? .result(nil) : .error(StanzaError(.serviceUnavailable))
+        }
+    }
+}
+
+/// Build-time facts.
+public enum BraidInfo {
+    public static let version = "0.1.0-dev"
+}
+
+extension Router {
+    /// Whether `requester` may learn that `account` exists: the account itself, or a contact
+    /// the account shares its presence with. Everyone else gets the same answer whether the
+    /// account exists or not.
+    func mayLearnAbout(account: JID, requester: JID) async -> Bool {
+        if requester.bare == account { return true }
+        guard let item = await roster.item(of: account, contact: requester.bare) else { return false }
+        return item.subscription == .from || item.subscription == .both
+    }
+}

@@ -1,0 +1,212 @@
+import Foundation
+import Synchronization
+import Testing
+import TestSupport
+import XMPPCore
+@testable import Admin
+@testable import Federation
+@testable import Server
+
+/// A service for tests: `echo.DOMAIN` for every hosted domain answers each message with its
+/// body, from the address the message was sent to.
+struct EchoService: BraidModule {
+    static let feature = "urn:braid:test:echo"
+
+    var name: String { "echo" }
+
+    func register(in builder: inout ModuleBuilder) {
+        builder.service(ServiceRegistration(label: "echo", category: "component", type: "generic", displayName: "Echo",
+                                            features: [Self.feature]) { service in
+            guard service.stanza.kind == .message, let from = try? service.stanza.from(), let body = Message(service.stanza)?.body else {
+                if service.stanza.kind == .iq { await service.bounce(with: StanzaError(.featureNotImplemented)) }
+                return
+            }
+            var attributes = [XMLAttribute("from", service.to.description), XMLAttribute("to", from.description), XMLAttribute("type", "chat")]
+            if let id = service.stanza.id { attributes.append(XMLAttribute("id", id)) }
+            let reply = XMLElement(name: "message", namespace: XMLNamespace.client, attributes: attributes, children: [
+                .element(XMLElement(name: "body", namespace: XMLNamespace.client, text: "echo \(body) for \(service.parent)")),
+            ])
+            if let stanza = Stanza(reply) { await service.send(stanza) }
+        })
+    }
+}
+
+/// What a module's handlers saw.
+final class Seen: Sendable {
+    private let entries = Mutex<[String]>([])
+
+    func append(_ entry: String) { entries.withLock { $0.append(entry) } }
+    var all: [String] { entries.withLock { $0 } }
+}
+
+/// Records which of its message handlers saw what, for the dispatch-order tests.
+struct RecordingModule: BraidModule {
+    static let claimed = "urn:braid:test:claimed"
+    let seen: Seen
+
+    var name: String { "recording" }
+
+    func register(in builder: inout ModuleBuilder) {
+        let seen = self.seen
+        // The catch-all runs after the namespace handler (lower priority) and lets it pass.
+        builder.onStanza(.message, namespace: nil, priority: 0) { local in
+            seen.append("any:\(local.stanza.id ?? "")")
+            return .pass
+        }
+        builder.onStanza(.message, namespace: Self.claimed, priority: 10) { local in
+            seen.append("claimed:\(local.stanza.id ?? "")")
+            return .handled
+        }
+    }
+}
+
+@Suite("The module system: dispatch, service domains, carbons as a module (issue 11)")
+struct ModuleSystemTests {
+    @Test("A namespace registered twice is a programming error: the builder traps")
+    func duplicateNamespaceTraps() async {
+        await #expect(processExitsWith: .failure) {
+            var builder = ModuleBuilder()
+            builder.onServerIQ("urn:braid:test:twice") { _ in .handled }
+            builder.onServerIQ("urn:braid:test:twice") { _ in .handled }
+        }
+        await #expect(processExitsWith: .failure) {
+            var builder = ModuleBuilder()
+            builder.add(EchoService())
+            builder.add(EchoService())
+        }
+    }
+
+    @Test("Service domains are recognised for hosted parents only, and a hosted domain named like one stays hosted")
+    func servedDomains() async throws {
+        try await withServer(domains: ["a.example", "echo.b.example"], users: ["alice@a.example"], modules: [EchoService()]) { server in
+            let domains = server.context.domains
+            #expect(domains.served("a.example") == .hosted)
+            #expect(domains.served("echo.a.example") == .service(label: "echo", parent: "a.example"))
+            #expect(domains.isServed("echo.a.example"))
+            #expect(!domains.isHosted("echo.a.example"))
+            // Not a service label, or the parent is not hosted.
+            #expect(domains.served("other.a.example") == nil)
+            #expect(domains.served("echo.c.example") == nil)
+            #expect(domains.served("echo.echo.a.example") == nil)
+            // Hosted explicitly: a domain of its own, not b.example's service.
+            #expect(domains.served("echo.b.example") == .hosted)
+        }
+    }
+
+    @Test("Message handlers run by priority; the first that handles wins; the built-in delivery gets what they pass")
+    func stanzaHandlerOrder() async throws {
+        let seen = Seen()
+        try await withServer(modules: [RecordingModule(seen: seen)]) { server in
+            let (alice, _) = try await server.loggedIn("alice@a.example")
+            let (bob, _) = try await server.loggedIn("bob@b.example")
+            try await bob.sendPresence()
+            try await alice.send(XMLElement(name: "message", namespace: XMLNamespace.client, attributes: [
+                XMLAttribute("to", "bob@b.example"), XMLAttribute("type", "chat"), XMLAttribute("id", "one"),
+            ], children: [
+                .element(XMLElement(name: "body", namespace: XMLNamespace.client, text: "taken")),
+                .element(XMLElement(name: "x", namespace: RecordingModule.claimed)),
+            ]))
+            try await alice.sendMessage(to: "bob@b.example", body: "passed", id: "two")
+            let delivered = try await bob.waitFor { $0.name == "message" && $0.body != nil }
+            #expect(delivered.attribute("id") == "two")
+            #expect(seen.all == ["claimed:one", "any:two"])
+            await alice.close()
+            await bob.close()
+        }
+    }
+
+    @Test("conference-style services: every hosted domain has one, listed in disco#items, with its own disco#info; stanzas reach the module")
+    func serviceDomainsLocally() async throws {
+        try await withServer(modules: [EchoService()]) { server in
+            let (alice, _) = try await server.loggedIn("alice@a.example")
+            let items = try await alice.iq(.get, to: "a.example", payload: XMLElement(name: "query", namespace: DiscoModule.items))
+            let listed = items.firstChild(name: "query", namespace: DiscoModule.items)?.children(name: "item", namespace: DiscoModule.items).compactMap { $0.attribute("jid") }
+            #expect(listed == ["echo.a.example"])
+            let info = try await alice.iq(.get, to: "echo.a.example", payload: XMLElement(name: "query", namespace: DiscoModule.info))
+            let query = try #require(info.firstChild(name: "query", namespace: DiscoModule.info))
+            #expect(query.firstChild(name: "identity", namespace: DiscoModule.info)?.attribute("category") == "component")
+            #expect(query.children(name: "feature", namespace: DiscoModule.info).compactMap { $0.attribute("var") }.contains(EchoService.feature))
+            // Every hosted domain has it, with no step per domain.
+            try await alice.sendMessage(to: "room@echo.b.example", body: "hi", id: "e1")
+            let echo = try await alice.waitFor { $0.name == "message" && $0.attribute("id") == "e1" }
+            #expect(echo.attribute("from") == "room@echo.b.example")
+            #expect(echo.body == "echo hi for b.example")
+            // Not a service of a hosted domain: not ours (no federation here: an error).
+            try await alice.sendMessage(to: "room@echo.c.example", body: "nobody", id: "e2")
+            let refused = try await alice.waitFor { $0.attribute("id") == "e2" }
+            #expect(refused.attribute("type") == "error")
+            await alice.close()
+        }
+    }
+
+    @Test("A service domain gets a self-signed certificate when allowed, and a POSH document")
+    func serviceDomainCertificateAndPOSH() async throws {
+        try await withServer(modules: [EchoService()]) { server in
+            #expect(await server.context.certificates.prepareCertificate(for: "echo.a.example"))
+            #expect(server.context.certificates.covers("echo.a.example"))
+            #expect(server.server.admin.poshDocument(forHost: "echo.a.example") != nil)
+            #expect(server.server.admin.poshDocument(forHost: "echo.c.example") == nil)
+            #expect(await server.context.certificates.prepareCertificate(for: "nope.a.example") == false)
+        }
+    }
+
+    @Test("Between two providers, a service domain's pairs join the one link, both ways")
+    func serviceDomainsOverFederation() async throws {
+        try await withFederation(modules: [EchoService()]) { pair in
+            let (alice, _) = try await pair.a.loggedIn("alice@a.example")
+            let (bob, _) = try await pair.b.loggedIn("bob@b.example")
+            try await alice.sendPresence()
+            try await bob.sendPresence()
+            // First a pair of plain domains, then services on both sides.
+            try await alice.sendMessage(to: "bob@b.example", body: "hello", id: "h")
+            _ = try await bob.waitFor(timeout: .seconds(10)) { $0.attribute("id") == "h" }
+            try await bob.sendMessage(to: "room@echo.a.example", body: "from b", id: "fb")
+            let fromA = try await bob.waitFor(timeout: .seconds(10)) { $0.attribute("id") == "fb" }
+            #expect(fromA.body == "echo from b for a.example")
+            try await alice.sendMessage(to: "room@echo.b.example", body: "from a", id: "fa")
+            let fromB = try await alice.waitFor(timeout: .seconds(10)) { $0.attribute("id") == "fa" }
+            #expect(fromB.body == "echo from a for b.example")
+            let links = await pair.a.openLinkSnapshots
+            #expect(links.count == 1)
+            let pairs = Set(links.flatMap(\.pairs).map { "\($0.pair.local)⇄\($0.pair.remote)" })
+            #expect(pairs.isSuperset(of: ["echo.a.example⇄b.example", "a.example⇄echo.b.example"]))
+            await alice.close()
+            await bob.close()
+        }
+    }
+
+    @Test("services.NAME moves a service to another label or turns it off; a name or label that cannot be used stops the start")
+    func serviceSettings() async throws {
+        try await withServer(users: ["alice@a.example"], modules: [EchoService()], configure: {
+            $0.services["echo"] = .init(subdomain: "talk")
+        }) { server in
+            #expect(server.context.domains.served("talk.a.example") == .service(label: "talk", parent: "a.example"))
+            #expect(!server.context.domains.isServed("echo.a.example"))
+        }
+        try await withServer(users: ["alice@a.example"], modules: [EchoService()], configure: {
+            $0.services["echo"] = .init(enabled: false)
+        }) { server in
+            #expect(!server.context.domains.isServed("echo.a.example"))
+        }
+        for (name, settings, problem) in [("nope", BraidConfiguration.ServiceSettings(subdomain: "x"), "services.nope: no such service"),
+                                          ("echo", .init(subdomain: "two.labels"), "services.echo.subdomain: 'two.labels' is not a single DNS label"),
+                                          ("echo", .init(subdomain: "-"), "services.echo.subdomain: '-' is not a single DNS label")] {
+            var configuration = BraidConfiguration()
+            configuration.services[name] = settings
+            #expect(throws: ConfigurationError.self) {
+                _ = try ModuleBuilder.with(StandardModules.all + [EchoService()], serviceSettings: configuration.services).freeze()
+            }
+            do {
+                _ = try ModuleBuilder.with(StandardModules.all + [EchoService()], serviceSettings: configuration.services).freeze()
+            } catch {
+                #expect(error.description == problem)
+            }
+        }
+        let parsed = try BraidConfiguration.parse(yaml: "services:\n  muc:\n    subdomain: chat\n    enabled: true\n")
+        #expect(parsed.services == ["muc": .init(subdomain: "chat", enabled: true)])
+        #expect(throws: ConfigurationError.self) {
+            _ = try BraidConfiguration.parse(yaml: "services:\n  muc:\n    sub_domain: chat\n")
+        }
+    }
+
+}
