@@ -52,9 +52,18 @@ public final class BraidServer: Service {
         self.logger = logger
         let dataDirectory = configuration.dataDirectory
         try FileManager.default.createDirectory(atPath: dataDirectory, withIntermediateDirectories: true)
-        let storage = try SQLiteStorage(path: "\(dataDirectory)/braid.sqlite", logger: logger)
         metricsRegistry = MetricsRegistry()
         let metrics = ServerMetrics(registry: metricsRegistry)
+        if let eventLoopGroup {
+            group = eventLoopGroup
+            ownsGroup = false
+        } else {
+            group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
+            ownsGroup = true
+        }
+        // SQLite opens here; PostgreSQL connects in start() (an unreachable server is
+        // reported there, before anything listens).
+        let storage = try configuration.storage.open(dataDirectory: dataDirectory, logger: logger, eventLoopGroup: group)
         // Modules register once, and the tables freeze before anything runs.
         let dispatcher = try ModuleBuilder.with(StandardModules.all + modules, serviceSettings: configuration.services).freeze()
         let domains = DomainRegistry(serviceLabels: dispatcher.serviceLabels)
@@ -65,13 +74,6 @@ public final class BraidServer: Service {
                                 sessionClock: sessionClock, logger: logger)
         let router = Router(server: context, remote: NoFederation(), modules: dispatcher)
         context.install(router: router)
-        if let eventLoopGroup {
-            group = eventLoopGroup
-            ownsGroup = false
-        } else {
-            group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
-            ownsGroup = true
-        }
         if configuration.s2s.enabled {
             let dns = configuration.dns
             let resolver = try UnboundResolver(configuration: .init(
@@ -133,6 +135,7 @@ public final class BraidServer: Service {
     /// Makes sure a domain is hosted, loads the domains, and binds the listeners.
     public func start() async throws {
         let started = ContinuousClock.now
+        try await context.storage.prepare()
         if let domain = try await Self.hostDefaultDomainIfNone(storage: context.storage, configuration: configuration) {
             logger.notice("no domain hosted yet; added the default domain", metadata: ["domain": "\(domain)"])
         }
@@ -197,12 +200,8 @@ public final class BraidServer: Service {
         let context = self.context
         let logger = self.logger
         let task = Task {
-            while !Task.isCancelled {
-                do {
-                    try await Task.sleep(for: Self.domainPollInterval)
-                } catch {
-                    return  // cancelled: the server is stopping
-                }
+            // SQLite is polled; PostgreSQL tells (LISTEN/NOTIFY). Ends when cancelled.
+            for await _ in context.storage.domainChanges(pollInterval: Self.domainPollInterval) {
                 do {
                     let change = try await context.domains.synchronize(from: context.storage)
                     guard !change.isEmpty else { continue }
@@ -261,6 +260,7 @@ public final class BraidServer: Service {
             try? await Task.sleep(for: .milliseconds(20))
         }
         await resolver?.shutdown()
+        await context.storage.close()
         if ownsGroup {
             try? await group.shutdownGracefully()
         }

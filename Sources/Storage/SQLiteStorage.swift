@@ -378,17 +378,12 @@ public final class SQLiteStorage: Storage {
 
     // MARK: Keys
 
-    /// The stored key of an account JID: its canonical string.
     private static func accountKey(_ jid: JID) throws(StorageError) -> String {
-        guard jid.localpart != nil, jid.resourcepart == nil else { throw .notAnAccount }
-        return jid.description
+        try StorageKeys.account(jid)
     }
 
-    /// The stored key of a contact. Contacts may be servers or components (no localpart),
-    /// but are always bare.
     private static func contactKey(_ jid: JID) throws(StorageError) -> String {
-        guard jid.resourcepart == nil else { throw .notAnAccount }
-        return jid.description
+        try StorageKeys.contact(jid)
     }
 
     // MARK: Clock

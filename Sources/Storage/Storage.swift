@@ -2,8 +2,9 @@ import XMPPCore
 
 /// Everything Braid persists, behind one protocol.
 ///
-/// SQLite (``SQLiteStorage``) is the embedded default; PostgreSQL will sit behind the same
-/// protocol, so implementations keep their SQL portable or isolated. Every method may be
+/// SQLite (``SQLiteStorage``) is the embedded default; PostgreSQL (``PostgresStorage``) sits
+/// behind the same protocol with the same semantics; ``StorageSettings/open(dataDirectory:logger:eventLoopGroup:)``
+/// picks one from the configuration. Every method may be
 /// called from any task; none blocks an event loop (implementations do their I/O on their
 /// own threads and are awaited).
 ///
@@ -97,6 +98,68 @@ public protocol Storage: Sendable {
     func takeOfflineMessages(for user: JID) async throws -> [StoredStanza]
 
     func offlineMessageCount(for user: JID) async throws -> Int
+
+    // MARK: Life cycle
+
+    /// Connects and brings the schema up to date, if the backend has not yet (a server
+    /// calls it before anything else; a backend that is unreachable says so here).
+    func prepare() async throws
+
+    /// Tells when the set of hosted domains may have changed, whichever process changed it:
+    /// an element at once, then one after each change (a change may be reported more than
+    /// once). SQLite polls ``domainsGeneration()`` every `pollInterval`; PostgreSQL is told
+    /// by `LISTEN/NOTIFY` and polls only as a safety net. Ends when the task is cancelled.
+    func domainChanges(pollInterval: Duration) -> AsyncStream<Void>
+
+    /// Releases connections and background tasks. The storage is not used afterwards.
+    func close() async
+}
+
+extension Storage {
+    public func prepare() async throws {}
+
+    public func close() async {}
+
+    /// Polling ``domainsGeneration()``: for backends that cannot be told.
+    public func domainChanges(pollInterval: Duration) -> AsyncStream<Void> {
+        AsyncStream { continuation in
+            let task = Task {
+                var seen: Int64?
+                while !Task.isCancelled {
+                    let generation = try? await domainsGeneration()
+                    if seen == nil || (generation != nil && generation != seen) {
+                        seen = generation ?? seen ?? -1
+                        continuation.yield()
+                    }
+                    do { try await Task.sleep(for: pollInterval) } catch { break }
+                }
+                continuation.finish()
+            }
+            continuation.onTermination = { _ in task.cancel() }
+        }
+    }
+}
+
+/// The keys accounts and contacts are stored under: their canonical JID strings, computed
+/// here once for every backend, so that a copy between backends keeps every key.
+public enum StorageKeys {
+    /// An account: a bare JID with a localpart.
+    public static func account(_ jid: JID) throws(StorageError) -> String {
+        guard jid.localpart != nil, jid.resourcepart == nil else { throw .notAnAccount }
+        return jid.description
+    }
+
+    /// A roster contact or the sender of a request: servers and components (no localpart)
+    /// are allowed, but always bare.
+    public static func contact(_ jid: JID) throws(StorageError) -> String {
+        guard jid.resourcepart == nil else { throw .notAnAccount }
+        return jid.description
+    }
+
+    /// A hosted domain name, canonical (U-label, lower case).
+    public static func domain(_ name: String) throws -> String {
+        try JID(domain: name).domainpart
+    }
 }
 
 /// A hosted domain.

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Logging
+import NIOPosix
 import Server
 import ServiceLifecycle
 import UnixSignals
@@ -39,11 +40,12 @@ struct ConfigOptions: ParsableArguments {
 
     /// The data store, hosting the default domain if none is hosted yet (as `serve` does), so
     /// that commands work in any order on a fresh directory.
-    func openStorage(_ configuration: BraidConfiguration) async throws -> SQLiteStorage {
+    func openStorage(_ configuration: BraidConfiguration) async throws -> any Storage {
         try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
         var logger = Logger(label: "braid")
         logger.logLevel = .warning
-        let storage = try SQLiteStorage(path: "\(configuration.dataDirectory)/braid.sqlite", logger: logger)
+        let storage = try configuration.storage.open(dataDirectory: configuration.dataDirectory, logger: logger, eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
+        try await storage.prepare()
         _ = try await BraidServer.hostDefaultDomainIfNone(storage: storage, configuration: configuration)
         return storage
     }

@@ -1,6 +1,7 @@
 import Admin
 import Federation
 import Foundation
+import Storage
 import Yams
 
 /// Braid's configuration. Every field has a default, so an empty file (or none at all) gives
@@ -32,6 +33,8 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
     /// Per-domain services (group chat, upload, …), by module name: each hosted domain gets
     /// each enabled service at `SUBDOMAIN.DOMAIN`.
     public var services: [String: ServiceSettings] = [:]
+    /// Where data lives: SQLite under `data_directory` (the default) or PostgreSQL.
+    public var storage = StorageSettings()
 
     public init() {}
 
@@ -41,7 +44,7 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
         case logLevel = "log_level"
         case c2s, auth, tls, offline
         case streamManagement = "stream_management"
-        case s2s, dns, admin, services
+        case s2s, dns, admin, services, storage
     }
 
     /// One service's settings (`services.NAME`); what is not given keeps the module's default.

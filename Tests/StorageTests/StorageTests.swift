@@ -1,5 +1,7 @@
 import Foundation
 import Testing
+import NIOPosix
+import TestSupport
 import XMPPCore
 @testable import Storage
 
@@ -23,8 +25,9 @@ private func openStorage(_ path: String) throws -> SQLiteStorage {
     try SQLiteStorage(quietlyAt: path)
 }
 
-/// A new database in a temporary directory, with `example.com` hosted.
-private func withStorage(_ body: (SQLiteStorage) async throws -> Void) async throws {
+/// A new SQLite database in a temporary directory, with `example.com` hosted (for the tests
+/// that reach into SQLite itself).
+private func withSQLiteStorage(_ body: (SQLiteStorage) async throws -> Void) async throws {
     try await withTemporaryDirectory { directory in
         let storage = try openStorage(databasePath(in: directory))
         #expect(try await storage.addDomain("example.com"))
@@ -124,13 +127,20 @@ struct SQLiteStorageOpeningTests {
     }
 }
 
+// MARK: Behaviour, on both backends
+
+/// The storage protocol's behaviour, each test on SQLite and on PostgreSQL (one server for
+/// the whole suite, a new database per test).
+@Suite("Storage behaviour, on SQLite and PostgreSQL", .postgresServer)
+struct StorageBehaviourTests {}
+
 // MARK: Domains
 
-@Suite("SQLiteStorage: domains")
-struct SQLiteStorageDomainTests {
-    @Test func addListRemoveAndGeneration() async throws {
-        try await withTemporaryDirectory { directory in
-            let storage = try openStorage(databasePath(in: directory))
+extension StorageBehaviourTests {
+@Suite("domains")
+struct DomainTests {
+    @Test(arguments: Backend.allCases) func addListRemoveAndGeneration(_ backend: Backend) async throws {
+        try await withEmptyStorage(backend) { (storage: any Storage) async throws in
             #expect(try await storage.domains() == [])
             #expect(try await storage.domainsGeneration() == 0)
 
@@ -160,9 +170,8 @@ struct SQLiteStorageDomainTests {
         }
     }
 
-    @Test func addDomainsInOneTransaction() async throws {
-        try await withTemporaryDirectory { directory in
-            let storage = try openStorage(databasePath(in: directory))
+    @Test(arguments: Backend.allCases) func addDomainsInOneTransaction(_ backend: Backend) async throws {
+        try await withEmptyStorage(backend) { (storage: any Storage) async throws in
             #expect(try await storage.addDomain("b.example"))
             let names = (0..<1000).map { "customer\($0).example" } + ["B.EXAMPLE"]
             #expect(try await storage.addDomains(names) == 1000)
@@ -177,9 +186,8 @@ struct SQLiteStorageDomainTests {
         }
     }
 
-    @Test func domainNamesAreCanonicalised() async throws {
-        try await withTemporaryDirectory { directory in
-            let storage = try openStorage(databasePath(in: directory))
+    @Test(arguments: Backend.allCases) func domainNamesAreCanonicalised(_ backend: Backend) async throws {
+        try await withEmptyStorage(backend) { (storage: any Storage) async throws in
             #expect(try await storage.addDomain("Example.COM."))
             #expect(try await storage.addDomain("example.com") == false)
             // An A-label is stored as its U-label, as JIDs carry it.
@@ -192,21 +200,40 @@ struct SQLiteStorageDomainTests {
         }
     }
 
-    @Test func invalidDomainNameIsRejected() async throws {
-        try await withTemporaryDirectory { directory in
-            let storage = try openStorage(databasePath(in: directory))
+    @Test(arguments: Backend.allCases) func invalidDomainNameIsRejected(_ backend: Backend) async throws {
+        try await withEmptyStorage(backend) { (storage: any Storage) async throws in
             await #expect(throws: JIDError.self) { try await storage.addDomain("bad domain") }
             #expect(try await storage.domains() == [])
             #expect(try await storage.domainsGeneration() == 0)
         }
     }
 
-    @Test func generationIsVisibleAcrossInstances() async throws {
-        try await withTemporaryDirectory { directory in
-            let path = databasePath(in: directory)
-            // Two instances on one file behave like the server and the CLI process.
-            let server = try openStorage(path)
-            let cli = try openStorage(path)
+    @Test("A domain added by another instance is announced within 100 ms (SQLite polls, PostgreSQL is told by NOTIFY)", arguments: Backend.allCases)
+    func domainChangesAreAnnounced(_ backend: Backend) async throws {
+        try await withTwoInstances(backend) { (server: any Storage, cli: any Storage) async throws in
+            // The SQLite poll interval a server uses; PostgreSQL does not poll at all.
+            var changes = server.domainChanges(pollInterval: .milliseconds(50)).makeAsyncIterator()
+            // One element at once; the next only after a change.
+            #expect(await changes.next() != nil)
+            // Listening is set up (PostgreSQL) or the poll saw generation 0 (SQLite) before
+            // the change: on PostgreSQL, the element that follows LISTEN.
+            if backend == .postgresql { #expect(await changes.next() != nil) } else { try await Task.sleep(for: .milliseconds(120)) }
+            for round in 0..<3 {
+                let name = "live\(round).example"
+                #expect(try await cli.addDomain(name))
+                // From the commit (the call's return) to the announcement.
+                let started = ContinuousClock.now
+                #expect(await changes.next() != nil)
+                let elapsed = ContinuousClock.now - started
+                #expect(elapsed < .milliseconds(100), "announced after \(elapsed)")
+                #expect(try await server.domains().map(\.name).contains(name))
+            }
+        }
+    }
+
+    @Test(arguments: Backend.allCases) func generationIsVisibleAcrossInstances(_ backend: Backend) async throws {
+        // Two instances on one store behave like the server and the CLI process.
+        try await withTwoInstances(backend) { (server: any Storage, cli: any Storage) async throws in
             #expect(try await server.domainsGeneration() == 0)
 
             #expect(try await cli.addDomain("example.net"))
@@ -224,8 +251,8 @@ struct SQLiteStorageDomainTests {
         }
     }
 
-    @Test func removeDomainCascadesToItsUsers() async throws {
-        try await withStorage { storage in
+    @Test(arguments: Backend.allCases) func removeDomainCascadesToItsUsers(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
             #expect(try await storage.addDomain("example.org"))
             let alice = try jid("alice@example.com")
             let bob = try jid("bob@example.com")
@@ -264,13 +291,15 @@ struct SQLiteStorageDomainTests {
         }
     }
 }
+}
 
 // MARK: Accounts
 
-@Suite("SQLiteStorage: accounts")
-struct SQLiteStorageAccountTests {
-    @Test func createAndReadBackCredentials() async throws {
-        try await withStorage { storage in
+extension StorageBehaviourTests {
+@Suite("accounts")
+struct AccountTests {
+    @Test(arguments: Backend.allCases) func createAndReadBackCredentials(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
             let alice = try jid("alice@example.com")
             #expect(try await storage.userExists(alice) == false)
             #expect(try await storage.credentials(for: alice) == nil)
@@ -285,8 +314,8 @@ struct SQLiteStorageAccountTests {
         }
     }
 
-    @Test func duplicateUserIsRejected() async throws {
-        try await withStorage { storage in
+    @Test(arguments: Backend.allCases) func duplicateUserIsRejected(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
             let alice = try jid("alice@example.com")
             try await storage.createUser(alice, credentials: credentials(1))
             await #expect(throws: StorageError.userExists) {
@@ -297,8 +326,8 @@ struct SQLiteStorageAccountTests {
         }
     }
 
-    @Test func unknownDomainIsRejected() async throws {
-        try await withStorage { storage in
+    @Test(arguments: Backend.allCases) func unknownDomainIsRejected(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
             let dave = try jid("dave@example.net")
             await #expect(throws: StorageError.unknownDomain) {
                 try await storage.createUser(dave, credentials: credentials(1))
@@ -308,8 +337,8 @@ struct SQLiteStorageAccountTests {
         }
     }
 
-    @Test func setCredentialsReplaces() async throws {
-        try await withStorage { storage in
+    @Test(arguments: Backend.allCases) func setCredentialsReplaces(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
             let alice = try jid("alice@example.com")
             try await storage.createUser(alice, credentials: credentials(1))
             try await storage.setCredentials(alice, credentials: credentials(200))
@@ -321,8 +350,8 @@ struct SQLiteStorageAccountTests {
         }
     }
 
-    @Test func usersAreListedPerDomainSorted() async throws {
-        try await withStorage { storage in
+    @Test(arguments: Backend.allCases) func usersAreListedPerDomainSorted(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
             #expect(try await storage.addDomain("example.org"))
             for name in ["zoe@example.com", "bob@example.com", "alice@example.com", "carol@example.org"] {
                 try await storage.createUser(jid(name), credentials: credentials(1))
@@ -334,8 +363,8 @@ struct SQLiteStorageAccountTests {
         }
     }
 
-    @Test func unicodeLocalpartRoundTrips() async throws {
-        try await withStorage { storage in
+    @Test(arguments: Backend.allCases) func unicodeLocalpartRoundTrips(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
             let user = try jid("Zoë.Ünïcode@example.com")
             #expect(user.localpart == "zoë.ünïcode")
             try await storage.createUser(user, credentials: credentials(5))
@@ -344,8 +373,8 @@ struct SQLiteStorageAccountTests {
         }
     }
 
-    @Test func removeUserCascades() async throws {
-        try await withStorage { storage in
+    @Test(arguments: Backend.allCases) func removeUserCascades(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
             let alice = try jid("alice@example.com")
             let bob = try jid("bob@example.com")
             for user in [alice, bob] {
@@ -381,9 +410,9 @@ struct SQLiteStorageAccountTests {
         }
     }
 
-    @Test(arguments: ["alice@example.com/phone", "example.com", "example.com/res"])
-    func nonAccountJIDsAreRejected(_ string: String) async throws {
-        try await withStorage { storage in
+    @Test(arguments: Backend.allCases, ["alice@example.com/phone", "example.com", "example.com/res"])
+    func nonAccountJIDsAreRejected(_ backend: Backend, _ string: String) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
             let bad = try jid(string)
             let contact = try jid("friend@example.org")
             await #expect(throws: StorageError.notAnAccount) { try await storage.createUser(bad, credentials: credentials(1)) }
@@ -404,40 +433,16 @@ struct SQLiteStorageAccountTests {
             #expect(try await storage.users(in: "example.com") == [])
         }
     }
-
-    @Test func corruptUserRowIsAnErrorNotACrash() async throws {
-        try await withStorage { storage in
-            try await storage.createUser(jid("alice@example.com"), credentials: credentials(1))
-            #expect(try await storage.executeRawSQLForTesting("UPDATE users SET jid = 'a@b@c@example.com' WHERE jid = 'alice@example.com'") == 1)
-            let error = await #expect(throws: SQLiteStorageError.self) { try await storage.users(in: "example.com") }
-            guard case .corruptRow(table: "users", _) = error else {
-                Issue.record("unexpected error \(String(describing: error))")
-                return
-            }
-
-            let bob = try jid("bob@example.com")
-            try await storage.createUser(bob, credentials: credentials(2))
-            #expect(try await storage.executeRawSQLForTesting("UPDATE users SET sha1_iterations = 0 WHERE jid = 'bob@example.com'") == 1)
-            let zero = await #expect(throws: SQLiteStorageError.self) { try await storage.credentials(for: bob) }
-            #expect(zero == .corruptRow(table: "users", detail: "sha1_iterations is 0"))
-
-            #expect(try await storage.executeRawSQLForTesting("UPDATE users SET sha1_iterations = 4096, sha256_iterations = 'many' WHERE jid = 'bob@example.com'") == 1)
-            let text = await #expect(throws: SQLiteStorageError.self) { try await storage.credentials(for: bob) }
-            guard case .corruptRow(table: "users", let detail) = text else {
-                Issue.record("unexpected error \(String(describing: text))")
-                return
-            }
-            #expect(detail.hasPrefix("column sha256_iterations"))
-        }
-    }
+}
 }
 
 // MARK: Rosters
 
-@Suite("SQLiteStorage: rosters")
-struct SQLiteStorageRosterTests {
-    @Test func versionsCountChanges() async throws {
-        try await withStorage { storage in
+extension StorageBehaviourTests {
+@Suite("rosters")
+struct RosterTests {
+    @Test(arguments: Backend.allCases) func versionsCountChanges(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
             let alice = try jid("alice@example.com")
             try await storage.createUser(alice, credentials: credentials(1))
             #expect(try await storage.roster(of: alice) == Roster(version: 0, items: []))
@@ -471,8 +476,8 @@ struct SQLiteStorageRosterTests {
         }
     }
 
-    @Test func versionsArePerUser() async throws {
-        try await withStorage { storage in
+    @Test(arguments: Backend.allCases) func versionsArePerUser(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
             let alice = try jid("alice@example.com")
             let bob = try jid("bob@example.com")
             try await storage.createUser(alice, credentials: credentials(1))
@@ -487,8 +492,8 @@ struct SQLiteStorageRosterTests {
         }
     }
 
-    @Test func everyFieldRoundTrips() async throws {
-        try await withStorage { storage in
+    @Test(arguments: Backend.allCases) func everyFieldRoundTrips(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
             let alice = try jid("alice@example.com")
             try await storage.createUser(alice, credentials: credentials(1))
             var expected: [RosterItem] = []
@@ -515,8 +520,8 @@ struct SQLiteStorageRosterTests {
         }
     }
 
-    @Test func unicodeNamesAndGroups() async throws {
-        try await withStorage { storage in
+    @Test(arguments: Backend.allCases) func unicodeNamesAndGroups(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
             let alice = try jid("alice@example.com")
             try await storage.createUser(alice, credentials: credentials(1))
             let groups = ["Família", "友達", "🎉 party", "quote \" slash / backslash \\", "", "Ünïcödé"]
@@ -535,8 +540,8 @@ struct SQLiteStorageRosterTests {
         }
     }
 
-    @Test func contactsMayBeDomainsButNotFullJIDs() async throws {
-        try await withStorage { storage in
+    @Test(arguments: Backend.allCases) func contactsMayBeDomainsButNotFullJIDs(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
             let alice = try jid("alice@example.com")
             try await storage.createUser(alice, credentials: credentials(1))
             let gateway = RosterItem(jid: try jid("gateway.example.org"), subscription: .both)
@@ -549,8 +554,8 @@ struct SQLiteStorageRosterTests {
         }
     }
 
-    @Test func unknownUser() async throws {
-        try await withStorage { storage in
+    @Test(arguments: Backend.allCases) func unknownUser(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
             let ghost = try jid("ghost@example.com")
             let contact = try jid("bob@example.org")
             await #expect(throws: StorageError.userNotFound) {
@@ -561,25 +566,16 @@ struct SQLiteStorageRosterTests {
             #expect(try await storage.roster(of: ghost) == Roster(version: 0, items: []))
         }
     }
-
-    @Test func corruptGroupsAreAnErrorNotACrash() async throws {
-        try await withStorage { storage in
-            let alice = try jid("alice@example.com")
-            try await storage.createUser(alice, credentials: credentials(1))
-            try await storage.putRosterItem(RosterItem(jid: jid("bob@example.org"), groups: ["A"]), of: alice)
-            #expect(try await storage.executeRawSQLForTesting("UPDATE roster_items SET groups_json = '{not json'") == 1)
-            let error = await #expect(throws: SQLiteStorageError.self) { try await storage.roster(of: alice) }
-            #expect(error == .corruptRow(table: "roster_items", detail: "groups_json is not a JSON array of strings"))
-        }
-    }
+}
 }
 
 // MARK: Subscription requests
 
-@Suite("SQLiteStorage: subscription requests")
-struct SQLiteStorageSubscriptionRequestTests {
-    @Test func replaceRemoveAndOrder() async throws {
-        try await withStorage { storage in
+extension StorageBehaviourTests {
+@Suite("subscription requests")
+struct SubscriptionRequestTests {
+    @Test(arguments: Backend.allCases) func replaceRemoveAndOrder(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
             let alice = try jid("alice@example.com")
             try await storage.createUser(alice, credentials: credentials(1))
             #expect(try await storage.subscriptionRequests(of: alice) == [])
@@ -622,8 +618,8 @@ struct SQLiteStorageSubscriptionRequestTests {
         }
     }
 
-    @Test func unknownUser() async throws {
-        try await withStorage { storage in
+    @Test(arguments: Backend.allCases) func unknownUser(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
             let ghost = try jid("ghost@example.com")
             await #expect(throws: StorageError.userNotFound) {
                 try await storage.putSubscriptionRequest(of: ghost, from: jid("bob@example.org"), stanza: "<presence/>")
@@ -633,13 +629,15 @@ struct SQLiteStorageSubscriptionRequestTests {
         }
     }
 }
+}
 
 // MARK: Offline messages
 
-@Suite("SQLiteStorage: offline messages")
-struct SQLiteStorageOfflineMessageTests {
-    @Test func limitIsEnforced() async throws {
-        try await withStorage { storage in
+extension StorageBehaviourTests {
+@Suite("offline messages")
+struct OfflineMessageTests {
+    @Test(arguments: Backend.allCases) func limitIsEnforced(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
             let alice = try jid("alice@example.com")
             try await storage.createUser(alice, credentials: credentials(1))
             for index in 1...3 {
@@ -654,8 +652,8 @@ struct SQLiteStorageOfflineMessageTests {
         }
     }
 
-    @Test func takeReturnsOldestFirstAndDeletes() async throws {
-        try await withStorage { storage in
+    @Test(arguments: Backend.allCases) func takeReturnsOldestFirstAndDeletes(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
             let alice = try jid("alice@example.com")
             let bob = try jid("bob@example.com")
             try await storage.createUser(alice, credentials: credentials(1))
@@ -686,8 +684,8 @@ struct SQLiteStorageOfflineMessageTests {
         }
     }
 
-    @Test func unknownUser() async throws {
-        try await withStorage { storage in
+    @Test(arguments: Backend.allCases) func unknownUser(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
             let ghost = try jid("ghost@example.com")
             await #expect(throws: StorageError.userNotFound) {
                 try await storage.storeOfflineMessage(for: ghost, stanza: "<message/>", limit: 10)
@@ -697,8 +695,8 @@ struct SQLiteStorageOfflineMessageTests {
         }
     }
 
-    @Test func concurrentStoresAreAllKept() async throws {
-        try await withStorage { storage in
+    @Test(arguments: Backend.allCases) func concurrentStoresAreAllKept(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
             let alice = try jid("alice@example.com")
             try await storage.createUser(alice, credentials: credentials(1))
             let results = try await withThrowingTaskGroup(of: Bool.self) { group in
@@ -716,8 +714,8 @@ struct SQLiteStorageOfflineMessageTests {
         }
     }
 
-    @Test func concurrentStoresNeverExceedTheLimit() async throws {
-        try await withStorage { storage in
+    @Test(arguments: Backend.allCases) func concurrentStoresNeverExceedTheLimit(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
             let alice = try jid("alice@example.com")
             try await storage.createUser(alice, credentials: credentials(1))
             let accepted = try await withThrowingTaskGroup(of: Bool.self) { group in
@@ -731,16 +729,13 @@ struct SQLiteStorageOfflineMessageTests {
         }
     }
 
-    @Test func concurrentStoresFromTwoInstances() async throws {
-        try await withTemporaryDirectory { directory in
-            let path = databasePath(in: directory)
-            let first = try openStorage(path)
-            let second = try openStorage(path)
+    @Test(arguments: Backend.allCases) func concurrentStoresFromTwoInstances(_ backend: Backend) async throws {
+        try await withTwoInstances(backend) { (first: any Storage, second: any Storage) async throws in
             #expect(try await first.addDomain("example.com"))
             let alice = try jid("alice@example.com")
             try await second.createUser(alice, credentials: credentials(1))
-            // Two pools on one file contend for SQLite's write lock; the busy timeout makes
-            // them wait for each other instead of failing.
+            // SQLite: two pools on one file contend for the write lock, and the busy timeout
+            // makes them wait. PostgreSQL: two pools lock the account's row in turn.
             let accepted = try await withThrowingTaskGroup(of: Bool.self) { group in
                 for index in 0..<100 {
                     let storage = index % 2 == 0 ? first : second
@@ -754,6 +749,7 @@ struct SQLiteStorageOfflineMessageTests {
             #expect(try await first.offlineMessageCount(for: alice) == 0)
         }
     }
+}
 }
 
 // MARK: Durability
@@ -793,5 +789,97 @@ struct SQLiteStorageDurabilityTests {
             // The version goes on from where it was.
             #expect(try await reopened.putRosterItem(RosterItem(jid: jid("dave@example.org")), of: alice) == 4)
         }
+    }
+}
+
+// MARK: SQLite rows
+
+@Suite("SQLiteStorage: corrupt rows")
+struct SQLiteStorageCorruptRowTests {
+    @Test func corruptUserRowIsAnErrorNotACrash() async throws {
+        try await withSQLiteStorage { storage in
+            try await storage.createUser(jid("alice@example.com"), credentials: credentials(1))
+            #expect(try await storage.executeRawSQLForTesting("UPDATE users SET jid = 'a@b@c@example.com' WHERE jid = 'alice@example.com'") == 1)
+            let error = await #expect(throws: SQLiteStorageError.self) { try await storage.users(in: "example.com") }
+            guard case .corruptRow(table: "users", _) = error else {
+                Issue.record("unexpected error \(String(describing: error))")
+                return
+            }
+
+            let bob = try jid("bob@example.com")
+            try await storage.createUser(bob, credentials: credentials(2))
+            #expect(try await storage.executeRawSQLForTesting("UPDATE users SET sha1_iterations = 0 WHERE jid = 'bob@example.com'") == 1)
+            let zero = await #expect(throws: SQLiteStorageError.self) { try await storage.credentials(for: bob) }
+            #expect(zero == .corruptRow(table: "users", detail: "sha1_iterations is 0"))
+
+            #expect(try await storage.executeRawSQLForTesting("UPDATE users SET sha1_iterations = 4096, sha256_iterations = 'many' WHERE jid = 'bob@example.com'") == 1)
+            let text = await #expect(throws: SQLiteStorageError.self) { try await storage.credentials(for: bob) }
+            guard case .corruptRow(table: "users", let detail) = text else {
+                Issue.record("unexpected error \(String(describing: text))")
+                return
+            }
+            #expect(detail.hasPrefix("column sha256_iterations"))
+        }
+    }
+
+    @Test func corruptGroupsAreAnErrorNotACrash() async throws {
+        try await withSQLiteStorage { storage in
+            let alice = try jid("alice@example.com")
+            try await storage.createUser(alice, credentials: credentials(1))
+            try await storage.putRosterItem(RosterItem(jid: jid("bob@example.org"), groups: ["A"]), of: alice)
+            #expect(try await storage.executeRawSQLForTesting("UPDATE roster_items SET groups_json = '{not json'") == 1)
+            let error = await #expect(throws: SQLiteStorageError.self) { try await storage.roster(of: alice) }
+            #expect(error == .corruptRow(table: "roster_items", detail: "groups_json is not a JSON array of strings"))
+        }
+    }
+}
+
+// MARK: PostgreSQL faults
+
+@Suite("PostgresStorage: faults", .serialized, .postgresServer)
+struct PostgresFaultTests {
+    @Test("An unreachable server is a clear error at start, within the connect timeout")
+    func unreachableAtStart() async throws {
+        let port = try LoopbackPorts.freePort()
+        var settings = try PostgresConnectionSettings(url: "postgresql://braid:secret@127.0.0.1:\(port)/braid?sslmode=disable")
+        settings.connectTimeout = .seconds(2)
+        let storage = try PostgresStorage(settings: settings, eventLoopGroup: MultiThreadedEventLoopGroup.singleton, logger: StorageLocation.quietLogger())
+        let started = ContinuousClock.now
+        let error = await #expect(throws: PostgresStorageError.self) { try await storage.prepare() }
+        #expect(ContinuousClock.now - started < .seconds(5))
+        guard case .unreachable(let database, _) = error else {
+            Issue.record("unexpected \(String(describing: error))")
+            return
+        }
+        // Where, without the password.
+        #expect(database == "braid@127.0.0.1:\(port)/braid")
+        #expect(!"\(String(describing: error))".contains("secret"))
+        await storage.close()
+    }
+
+    @Test("A restarted server: calls during the outage fail with an error, and the storage reconnects by itself; nothing acknowledged is lost")
+    func restartWhileRunning() async throws {
+        let server = try #require(PostgresTestServer.current)
+        var settings = try PostgresConnectionSettings(url: try await server.createDatabase())
+        settings.operationTimeout = .seconds(2)
+        let storage = try PostgresStorage(settings: settings, eventLoopGroup: MultiThreadedEventLoopGroup.singleton, logger: StorageLocation.quietLogger())
+        try await storage.prepare()
+        #expect(try await storage.addDomain("example.com"))
+        let alice = try JID("alice@example.com")
+        try await storage.createUser(alice, credentials: credentials(1))
+        #expect(try await storage.storeOfflineMessage(for: alice, stanza: "<message>before</message>", limit: 10))
+
+        await server.stopServer()
+        // Fails within the operation timeout, not minutes later.
+        let outage = ContinuousClock.now
+        await #expect(throws: PostgresStorageError.self) { try await storage.offlineMessageCount(for: alice) }
+        #expect(ContinuousClock.now - outage < .seconds(4))
+        try await server.restart()
+
+        // Back without a new storage: the pool opens new connections.
+        try await waitUntil(timeout: .seconds(20), "reconnected") { (try? await storage.userExists(alice)) == true }
+        #expect(try await storage.storeOfflineMessage(for: alice, stanza: "<message>after</message>", limit: 10))
+        #expect(try await storage.takeOfflineMessages(for: alice).map(\.stanza) == ["<message>before</message>", "<message>after</message>"])
+        await storage.close()
     }
 }
