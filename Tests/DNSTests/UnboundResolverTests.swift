@@ -318,7 +318,9 @@ struct UnboundResolverTests {
         await #expect(throws: DNSError.timeout(name: "_xmpp-server._tcp.void.braid.test", type: .srv)) {
             try await resolver.srv("_xmpp-server._tcp.void.braid.test")
         }
-        #expect(ContinuousClock.now - start < .seconds(3))
+        // The configured 300 ms, not libunbound's minutes of retries; generous for a loaded
+        // machine (the suites run in parallel with a PostgreSQL server and the lab).
+        #expect(ContinuousClock.now - start < .seconds(10))
 
         // Cancelling the calling task ends the query too.
         let task = Task { try await resolver.addresses("host.void.braid.test") }
