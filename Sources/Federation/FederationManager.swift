@@ -761,7 +761,7 @@ public final class FederationManager: Sendable {
     private func bind(port: Int, directTLS: NIOSSLContext?) async throws -> Int {
         let manager = self
         let limits = XMLStreamLimits(maximumStanzaBytes: configuration.maxStanzaBytes)
-        let channel = try await ServerBootstrap(group: group)
+        let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -775,8 +775,12 @@ public final class FederationManager: Sendable {
                                                contentNamespace: XMLNamespace.server, handler: handler)
                 }
             }
-            .bind(host: configuration.address, port: port)
-            .get()
+        let channel: any Channel
+        do {
+            channel = try await bootstrap.bind(host: configuration.address, port: port).get()
+        } catch {
+            throw ListenerBindFailure(listener: directTLS == nil ? "s2s_starttls" : "s2s_direct_tls", host: configuration.address, port: port, underlying: error)
+        }
         listeners.withLock { $0.append(channel) }
         return channel.localAddress?.port ?? port
     }

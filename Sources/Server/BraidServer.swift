@@ -178,7 +178,7 @@ public final class BraidServer: Service {
         let limits = XMLStreamLimits(maximumStanzaBytes: configuration.c2s.maxStanzaBytes)
         let outboundLimit = configuration.c2s.maxOutboundBytes
         let logger = self.logger
-        let channel = try await ServerBootstrap(group: group)
+        let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -191,8 +191,12 @@ public final class BraidServer: Service {
                                                handler: ClientConnectionHandler(server: server, decoder: decoder, listener: kind, logger: logger))
                 }
             }
-            .bind(host: host, port: port)
-            .get()
+        let channel: any Channel
+        do {
+            channel = try await bootstrap.bind(host: host, port: port).get()
+        } catch {
+            throw ListenerBindFailure(listener: kind.rawValue, host: host, port: port, underlying: error)
+        }
         listeners.withLock { $0[kind] = channel }
     }
 

@@ -34,6 +34,18 @@ public struct StorageSettings: Codable, Sendable, Equatable {
         case operationTimeoutSeconds = "operation_timeout_seconds"
     }
 
+    /// Writes `url` even when nil: the configuration's keys (and the `BRAID_STORAGE_URL`
+    /// environment override) come from the encoded defaults, so an optional left out would
+    /// be an unknown key.
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(backend, forKey: .backend)
+        try container.encode(url, forKey: .url)
+        try container.encode(poolSize, forKey: .poolSize)
+        try container.encode(connectTimeoutSeconds, forKey: .connectTimeoutSeconds)
+        try container.encode(operationTimeoutSeconds, forKey: .operationTimeoutSeconds)
+    }
+
     /// Opens the configured backend. SQLite opens (and migrates) at once; PostgreSQL
     /// connects in ``Storage/prepare()``.
     public func open(dataDirectory: String, logger: Logger, eventLoopGroup: any EventLoopGroup) throws -> any Storage {

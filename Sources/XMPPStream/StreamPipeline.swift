@@ -25,3 +25,21 @@ public enum StreamPipeline {
         try channel.pipeline.syncOperations.addHandler(tls, position: .first)
     }
 }
+
+/// A listener could not be opened: which one, where, and why (a port held by another
+/// server, an address not on this machine), for the operator, instead of a bare errno.
+public struct ListenerBindFailure: Error, CustomStringConvertible, Sendable {
+    public var listener: String
+    public var address: String
+    public var reason: String
+
+    public init(listener: String, host: String, port: Int, underlying: any Error) {
+        self.listener = listener
+        address = "\(host):\(port)"
+        reason = "\(underlying)"
+    }
+
+    public var description: String {
+        "cannot listen on \(address) for \(listener): \(reason)"
+    }
+}

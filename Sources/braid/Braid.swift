@@ -21,7 +21,7 @@ struct Braid: AsyncParsableCommand {
             listeners on ports 5222 (STARTTLS) and 5223 (direct TLS).
             """,
         version: BraidInfo.version,
-        subcommands: [Serve.self, DomainCommand.self, UserCommand.self, CertCommand.self, PoshCommand.self, LinksCommand.self]
+        subcommands: [Serve.self, DomainCommand.self, UserCommand.self, CertCommand.self, PoshCommand.self, LinksCommand.self, StorageCommand.self]
     )
 }
 
@@ -80,6 +80,50 @@ struct Serve: AsyncParsableCommand {
         }
         defer { reloader.cancel() }
         try await group.run()
+    }
+}
+
+// MARK: - storage
+
+struct StorageCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "storage",
+        abstract: "Move data between backends.",
+        subcommands: [Migrate.self])
+
+    struct Migrate: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Copy an SQLite deployment into PostgreSQL.",
+            discussion: """
+                Copies domains, accounts with their SCRAM keys, rosters (with their versions),                 subscription requests and offline messages, row for row. Rows already in                 PostgreSQL are kept, so it can run again (say, once more right before switching);                 every table's rows are counted on both sides at the end. Stop 'braid serve' first                 so that nothing changes meanwhile, then set storage.backend: postgresql and                 storage.url.
+                """)
+        @OptionGroup var options: ConfigOptions
+        @Option(help: ArgumentHelp("The PostgreSQL database to copy into.", valueName: "postgresql://user@host/db")) var to: String
+        @Option(help: ArgumentHelp("The SQLite file to copy from. Default: <data_directory>/braid.sqlite.", valueName: "path")) var from: String?
+
+        func run() async throws {
+            let configuration = try options.load()
+            let path = from ?? "\(configuration.dataDirectory)/braid.sqlite"
+            guard FileManager.default.fileExists(atPath: path) else {
+                throw ValidationError("no SQLite database at \(path)")
+            }
+            var logger = Logger(label: "braid")
+            logger.logLevel = .warning
+            let source = try SQLiteStorage(path: path, logger: logger)
+            var settings = try PostgresConnectionSettings(url: to)
+            settings.connectTimeout = .seconds(max(1, configuration.storage.connectTimeoutSeconds))
+            let target = try PostgresStorage(settings: settings, eventLoopGroup: MultiThreadedEventLoopGroup.singleton, logger: logger)
+            do {
+                let counts = try await StorageMigration.copy(from: source, to: target, logger: logger)
+                for count in counts { print(count) }
+                print("done: every row of \(path) is in \(settings.redactedDescription)")
+                print("next: set storage.backend: postgresql and storage.url (or BRAID_STORAGE_URL), then start braid serve")
+                await target.close()
+            } catch {
+                await target.close()
+                throw CommandFailure("\(error)")
+            }
+        }
     }
 }
 

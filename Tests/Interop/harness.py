@@ -6,6 +6,9 @@ manages domains and accounts through the CLI, stops the server by PID, and runs 
 and a closing `N passed, M failed` line.
 
 The server binary comes from $BRAID_BINARY (default: /work/main/.build/debug/braid).
+With BRAID_INTEROP_STORAGE=postgresql the server (and every CLI command) keeps its data in
+a PostgreSQL server the harness starts (Debian's `postgresql`, as the `postgres` user when
+run as root) and stops by PID; the default is the embedded SQLite.
 Only the standard library is used here, so both suites can import it.
 """
 
@@ -74,6 +77,67 @@ def wait_for_port(port, deadline, process=None):
     raise HarnessError(f"port {port} did not accept connections in time")
 
 
+class PostgresServer:
+    """A throwaway PostgreSQL cluster on a free loopback port, trusting local connections."""
+
+    def __init__(self):
+        versions = sorted(int(name) for name in os.listdir("/usr/lib/postgresql") if name.isdigit()) \
+            if os.path.isdir("/usr/lib/postgresql") else []
+        if not versions:
+            raise HarnessError("PostgreSQL is not installed (apt-get install postgresql)")
+        self.bin = f"/usr/lib/postgresql/{versions[-1]}/bin"
+        self.directory = None
+        self.process = None
+        self.port = None
+
+    def _as_postgres(self, argv):
+        if os.geteuid() == 0:
+            return ["/usr/bin/setpriv", "--reuid=postgres", "--regid=postgres", "--clear-groups", "--"] + argv
+        return argv
+
+    def start(self):
+        self.directory = tempfile.mkdtemp(prefix="braid-interop-pg-")
+        os.chmod(self.directory, 0o777)
+        data = os.path.join(self.directory, "data")
+        subprocess.run(self._as_postgres([f"{self.bin}/initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]),
+                       check=True, capture_output=True, timeout=120)
+        self.port = free_port()
+        log = open(os.path.join(self.directory, "postgres.log"), "ab")
+        self.process = subprocess.Popen(
+            self._as_postgres([f"{self.bin}/postgres", "-D", data, "-p", str(self.port), "-k", self.directory,
+                               "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_terminate_with_parent)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise HarnessError(f"postgres exited with code {self.process.returncode}")
+            ready = subprocess.run([f"{self.bin}/pg_isready", "-h", HOST, "-p", str(self.port), "-U", "postgres"],
+                                   capture_output=True, timeout=10)
+            if ready.returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            raise HarnessError("postgres did not accept connections in time")
+        subprocess.run(["/usr/bin/psql", "-h", HOST, "-p", str(self.port), "-U", "postgres", "-v", "ON_ERROR_STOP=1",
+                        "-c", "CREATE DATABASE braid"], check=True, capture_output=True, timeout=30)
+
+    @property
+    def url(self):
+        return f"postgresql://postgres@{HOST}:{self.port}/braid?sslmode=disable"
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # PostgreSQL's fast shutdown
+            try:
+                self.process.wait(timeout=STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=STOP_GRACE)
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+
+
 class BraidServer:
     """One `braid serve` process with its own data directory, ports and log file.
 
@@ -81,7 +145,7 @@ class BraidServer:
     the server starts.
     """
 
-    def __init__(self, env=None, domains=("localhost",), binary=None):
+    def __init__(self, env=None, domains=("localhost",), binary=None, storage=None, postgres_url=None):
         self.binary = binary or os.environ.get("BRAID_BINARY", DEFAULT_BINARY)
         self.extra_env = dict(env or {})
         self.initial_domains = list(domains)
@@ -91,12 +155,21 @@ class BraidServer:
         self.starttls_port = None
         self.direct_tls_port = None
         self._log_file = None
+        # `storage` overrides BRAID_INTEROP_STORAGE; `postgres_url` uses a database someone
+        # else runs (the server then starts no PostgreSQL of its own).
+        storage = storage or os.environ.get("BRAID_INTEROP_STORAGE", "sqlite")
+        if storage not in ("sqlite", "postgresql"):
+            raise HarnessError(f"BRAID_INTEROP_STORAGE must be sqlite or postgresql, not {storage}")
+        self.postgres_url = postgres_url
+        self.postgres = PostgresServer() if storage == "postgresql" and postgres_url is None else None
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self):
         if not os.access(self.binary, os.X_OK):
             raise HarnessError(f"server binary {self.binary} is missing or not executable (set BRAID_BINARY)")
+        if self.postgres is not None:
+            self.postgres.start()
         self.data_dir = tempfile.mkdtemp(prefix="braid-interop-")
         self.log_path = os.path.join(self.data_dir, "server.log")
         self.starttls_port = free_port()
@@ -111,6 +184,12 @@ class BraidServer:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         wait_for_port(self.starttls_port, deadline, self.process)
         wait_for_port(self.direct_tls_port, deadline, self.process)
+        if self.postgres is not None:
+            # The suite must really run on PostgreSQL: no SQLite file, and the server said so.
+            if os.path.exists(os.path.join(self.data_dir, "braid.sqlite")):
+                raise HarnessError("the server created braid.sqlite although PostgreSQL was configured")
+            if f"127.0.0.1:{self.postgres.port}/braid" not in self.log_since(0):
+                raise HarnessError("the server log does not show the PostgreSQL database being opened")
 
     def stop(self):
         """SIGTERM, then SIGKILL after a bounded wait. Returns the exit code (None if never started)."""
@@ -128,7 +207,13 @@ class BraidServer:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self.postgres is not None:
+            self.postgres.stop()
         return code
+
+    def keep_data(self):
+        """Stops the server but keeps its data directory (for a test that reads it after)."""
+        return self.stop()
 
     def cleanup(self):
         """Removes the data directory (database, certificates, log)."""
@@ -152,6 +237,9 @@ class BraidServer:
             "BRAID_C2S_DIRECT_TLS_PORT": str(self.direct_tls_port),
             "BRAID_LOG_LEVEL": "debug",
         })
+        url = self.postgres_url or (self.postgres.url if self.postgres is not None else None)
+        if url is not None:
+            env.update({"BRAID_STORAGE_BACKEND": "postgresql", "BRAID_STORAGE_URL": url})
         env.update(self.extra_env)
         return env
 

@@ -2,6 +2,7 @@
 # Runs Braid's interop suites (slixmpp clients, then bad input over raw sockets) against
 # $BRAID_BINARY (default: /work/main/.build/debug/braid) with Debian's Python, which has
 # slixmpp. Exits non-zero if either suite fails; ends with each suite's closing line.
+# BRAID_INTEROP_STORAGE=postgresql runs them on PostgreSQL (see harness.py).
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 python=/usr/bin/python3

@@ -730,6 +730,61 @@ async def fresh_directory_any_command_first(ctx):
         assert "localhost" in listed.stdout, f"domain list: {listed.stdout!r} {listed.stderr!r}"
 
 
+@test(timeout=120)
+async def storage_migrate_keeps_logins_and_rosters(ctx):
+    """Issue 12: an SQLite deployment copied into PostgreSQL by `braid storage migrate` keeps
+    every account's login (SCRAM keys) and roster; the server then runs on PostgreSQL."""
+    import subprocess
+    domain = "migrate.example"
+    # Beside the suite's own server: HTTP listeners of their own.
+    def http_ports():
+        return {"BRAID_ADMIN_ADMIN_PORT": str(harness.free_port()), "BRAID_ADMIN_POSH_PORT": str(harness.free_port()),
+                "BRAID_S2S_ENABLED": "false"}
+    before = harness.BraidServer(env=http_ports(), domains=[domain], storage="sqlite")
+    postgres = harness.PostgresServer()
+    after = None
+    try:
+        try:
+            before.start()
+        except harness.HarnessError as error:
+            raise AssertionError(f"{error}: {before.log_since(0)[-1500:]}") from None
+        jid = f"{unique('mig')}@{domain}"
+        before.add_user(jid, PASSWORD)
+        client = await login(before, jid)
+        await roster_set(client, "friend@elsewhere.example", name="Friend", groups=["Pals"])
+        items = await roster_items(client)
+        await close(client)
+        assert "friend@elsewhere.example" in items, f"roster before: {items}"
+        before.stop()
+
+        postgres.start()
+        env = {key: value for key, value in os.environ.items() if not key.startswith("BRAID_")}
+        env["BRAID_DATA_DIRECTORY"] = before.data_dir
+        for attempt in (1, 2):  # the second run copies nothing and still passes its counts
+            result = subprocess.run([before.binary, "storage", "migrate", "--to", postgres.url], cwd=before.data_dir, env=env,
+                                    capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0, f"migrate (run {attempt}) exited {result.returncode}: {result.stderr.strip() or result.stdout.strip()}"
+            assert "users: 1 in SQLite" in result.stdout, f"migrate output: {result.stdout!r}"
+
+        after = harness.BraidServer(env=http_ports(), domains=[], postgres_url=postgres.url)
+        try:
+            after.start()
+        except harness.HarnessError as error:
+            raise AssertionError(f"{error}: {after.log_since(0)[-1500:]}") from None
+        client = await login(after, jid)
+        items = await roster_items(client)
+        await close(client)
+        assert items.get("friend@elsewhere.example", {}).get("name") == "Friend", f"roster after: {items}"
+        assert items["friend@elsewhere.example"].get("groups") == ["Pals"], f"groups after: {items}"
+    finally:
+        if after is not None:
+            after.stop()
+            after.cleanup()
+        before.stop()
+        before.cleanup()
+        postgres.stop()
+
+
 @test(timeout=60)
 def scram_plus_tls_exporter_with_openssl(ctx):
     """Issue 10, item 9: SCRAM-SHA-256-PLUS with `tls-exporter` (RFC 9266) on TLS 1.3, the

@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import Testing
+import TestSupport
 import XMPPCore
 import XMPPStream
 @testable import Server
@@ -363,4 +364,17 @@ struct ClientStreamTests {
         #expect(try await bob.streamErrorCondition() == .systemShutdown)
         await stopping
     }
+
+    @Test("A listener port held by another program stops the start with an error naming the listener and the port")
+    func portInUse() async throws {
+        let held = try LoopbackPorts.boundSocket(type: LoopbackPorts.stream, port: 0)
+        defer { close(held.fd) }
+        _ = listen(held.fd, 1)
+        let error = await #expect(throws: ListenerBindFailure.self) {
+            _ = try await TestServer.start { $0.c2s.starttlsPort = held.port }
+        }
+        #expect(error?.listener == "c2s_starttls")
+        #expect(error?.description.hasPrefix("cannot listen on 127.0.0.1:\(held.port) for c2s_starttls:") == true)
+    }
+
 }

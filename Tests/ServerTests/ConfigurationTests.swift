@@ -1,5 +1,8 @@
 import Foundation
 import Testing
+import Logging
+import NIOPosix
+import Storage
 @testable import Server
 
 @Suite("Configuration")
@@ -72,6 +75,39 @@ struct ConfigurationTests {
         let path = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("docs/braid.example.yaml").path
         let text = try String(contentsOfFile: path, encoding: .utf8)
         #expect(try BraidConfiguration.parse(yaml: text) == BraidConfiguration())
+    }
+
+    @Test("The storage section: SQLite by default, PostgreSQL by URL (from the file or BRAID_STORAGE_URL); bad URLs are refused before anything opens")
+    func storageSection() throws {
+        #expect(BraidConfiguration().storage.backend == .sqlite)
+        let parsed = try BraidConfiguration.parse(yaml: """
+            storage:
+              backend: postgresql
+              url: postgresql://braid@db.example:6432/xmpp?sslmode=require
+              pool_size: 4
+            """)
+        #expect(parsed.storage.backend == .postgresql)
+        #expect(parsed.storage.poolSize == 4)
+        let settings = try PostgresConnectionSettings(url: try #require(parsed.storage.url))
+        #expect(settings.host == "db.example" && settings.port == 6432 && settings.database == "xmpp" && settings.username == "braid")
+        #expect(settings.tls == .require)
+        let fromEnvironment = try BraidConfiguration.parse(yaml: "", environment: [
+            "BRAID_STORAGE_BACKEND": "postgresql", "BRAID_STORAGE_URL": "postgresql://braid:s%40cret@127.0.0.1/braid"])
+        let secret = try PostgresConnectionSettings(url: try #require(fromEnvironment.storage.url))
+        #expect(secret.password == "s@cret")
+        #expect(!secret.redactedDescription.contains("cret"))
+        let socket = try PostgresConnectionSettings(url: "postgresql://braid@/braid?host=/run/postgresql")
+        #expect(socket.socketDirectory == "/run/postgresql")
+        for bad in ["mysql://x/y", "postgresql://h/db?sslmode=sometimes", "postgresql://h/db?application=x"] {
+            #expect(throws: PostgresConnectionSettings.Invalid.self) { try PostgresConnectionSettings(url: bad) }
+        }
+        #expect(throws: ConfigurationError.self) { try BraidConfiguration.parse(yaml: "storage:\n  backend: oracle\n") }
+        #expect(throws: ConfigurationError.self) { try BraidConfiguration.parse(yaml: "storage:\n  urls: x\n") }
+        var missingURL = StorageSettings()
+        missingURL.backend = .postgresql
+        #expect(throws: PostgresConnectionSettings.Invalid.self) {
+            _ = try missingURL.open(dataDirectory: "/nonexistent", logger: Logger(label: "test"), eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
+        }
     }
 
     @Test("Per-peer settings and POSH overrides are keyed by names the operator chooses")

@@ -893,3 +893,58 @@ final class Counter: Sendable {
     func increment() { count.withLock { $0 += 1 } }
     var value: Int { count.withLock { $0 } }
 }
+
+// MARK: Migration
+
+@Suite("braid storage migrate: SQLite into PostgreSQL", .postgresServer)
+struct StorageMigrationTests {
+    @Test("Everything is copied row for row (keys, SCRAM keys, roster versions, timestamps, order); running again copies nothing twice")
+    func copiesEverythingOnce() async throws {
+        try await StorageLocation.with(.sqlite) { sqliteLocation in
+            let source = try #require(try await sqliteLocation.open() as? SQLiteStorage)
+            #expect(try await source.addDomains(["example.com", "bücher.example"]) == 2)
+            let alice = try JID("alice@example.com")
+            let anna = try JID("anna@bücher.example")
+            try await source.createUser(alice, credentials: credentials(1))
+            try await source.createUser(anna, credentials: credentials(2))
+            let item = RosterItem(jid: try JID("bob@example.org"), name: "Bob", subscription: .both, pendingIn: true, approved: true, groups: ["Friends", "友達"])
+            #expect(try await source.putRosterItem(item, of: alice) == 1)
+            #expect(try await source.putRosterItem(RosterItem(jid: try JID("tmp@example.org")), of: alice) == 2)
+            #expect(try await source.removeRosterItem(of: alice, contact: try JID("tmp@example.org")) == 3)
+            try await source.putSubscriptionRequest(of: anna, from: try JID("carol@example.org"), stanza: "<presence type='subscribe'/>")
+            for index in 0..<3 {
+                #expect(try await source.storeOfflineMessage(for: alice, stanza: "<message>\(index)</message>", limit: 10))
+            }
+            let storedAt = try await source.takeOfflineMessages(for: alice).map(\.storedAt)
+            for index in 0..<3 {
+                #expect(try await source.storeOfflineMessage(for: alice, stanza: "<message>\(index)</message>", limit: 10))
+            }
+
+            try await StorageLocation.with(.postgresql) { postgresLocation in
+                let target = try #require(try await postgresLocation.open() as? PostgresStorage)
+                let counts = try await StorageMigration.copy(from: source, to: target, logger: StorageLocation.quietLogger())
+                #expect(counts.map(\.table) == ["domains", "users", "roster_items", "subscription_requests", "offline_messages"])
+                #expect(counts.allSatisfy { $0.source == $0.copied && $0.target == $0.source })
+                #expect(counts.first { $0.table == "offline_messages" }?.source == 3)
+
+                #expect(try await target.domains().map(\.name) == ["bücher.example", "example.com"])
+                #expect(try await target.credentials(for: alice) == credentials(1))
+                #expect(try await target.credentials(for: anna) == credentials(2))
+                // The version as it was: a client's cached roster stays valid.
+                #expect(try await target.roster(of: alice) == Roster(version: 3, items: [item]))
+                #expect(try await target.subscriptionRequests(of: anna).map(\.stanza) == ["<presence type='subscribe'/>"])
+
+                // Again: nothing new, nothing doubled.
+                let again = try await StorageMigration.copy(from: source, to: target, logger: StorageLocation.quietLogger())
+                #expect(again.allSatisfy { $0.copied == 0 && $0.target == $0.source })
+
+                // New rows on PostgreSQL come after the copied ones.
+                #expect(try await target.storeOfflineMessage(for: alice, stanza: "<message>new</message>", limit: 10))
+                let taken = try await target.takeOfflineMessages(for: alice)
+                #expect(taken.map(\.stanza) == ["<message>0</message>", "<message>1</message>", "<message>2</message>", "<message>new</message>"])
+                #expect(taken.prefix(3).allSatisfy { $0.storedAt >= storedAt.min() ?? 0 })
+                #expect(try await target.putRosterItem(RosterItem(jid: try JID("dave@example.org")), of: alice) == 4)
+            }
+        }
+    }
+}

@@ -60,7 +60,14 @@ final class TestServer: Sendable {
         for user in users {
             try await server.context.storage.createUser(try JID(user), credentials: try Self.credentials(password: password))
         }
-        try await server.start()
+        do {
+            try await server.start()
+        } catch {
+            await server.shutdown()
+            try? await group.shutdownGracefully()
+            try? FileManager.default.removeItem(atPath: directory)
+            throw error
+        }
         return TestServer(server: server, directory: directory, group: group)
     }
 
