@@ -802,6 +802,9 @@ class Provider:
             return code
         return None
 
+    def release(self):
+        """After the last stop (teardown): what the provider needed beside its server."""
+
     def restart(self, **switches):
         """Stops the server, changes spec switches (e.g. trust_lab_ca=False), starts it again."""
         self.stop()
@@ -1150,6 +1153,46 @@ modules:
                 if f"Accepted inbound s2s dialback authentication {remote} ->" in line]
 
 
+class LabPostgres:
+    """A PostgreSQL cluster for one Braid provider (BRAID_LAB_STORAGE=postgresql): in the
+    provider's directory, reached by Unix socket only (the socket directory is shared with
+    the provider's namespace through the file system), run as the `postgres` user, stopped
+    by PID at teardown."""
+
+    def __init__(self, directory):
+        versions = sorted(int(name) for name in os.listdir("/usr/lib/postgresql") if name.isdigit()) \
+            if os.path.isdir("/usr/lib/postgresql") else []
+        if not versions:
+            raise LabError("BRAID_LAB_STORAGE=postgresql needs PostgreSQL (apt-get install postgresql)")
+        self.bin = f"/usr/lib/postgresql/{versions[-1]}/bin"
+        self.directory = directory
+        self.service = None
+
+    def _as_postgres(self, argv):
+        return ["setpriv", "--reuid=postgres", "--regid=postgres", "--clear-groups", "--"] + argv
+
+    def start(self):
+        os.makedirs(self.directory, exist_ok=True)
+        os.chmod(self.directory, 0o777)
+        data = os.path.join(self.directory, "data")
+        run(self._as_postgres([f"{self.bin}/initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]))
+        self.service = Service("postgres", self._as_postgres([f"{self.bin}/postgres", "-D", data, "-k", self.directory,
+                                                              "-c", "listen_addresses=", "-c", "fsync=off"]),
+                               os.path.join(self.directory, "postgres.log"))
+        wait_until(lambda: subprocess.run([f"{self.bin}/pg_isready", "-h", self.directory, "-U", "postgres"],
+                                          capture_output=True).returncode == 0, 30, "PostgreSQL to accept connections")
+        run(["psql", "-h", self.directory, "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-c", "CREATE DATABASE braid"])
+
+    @property
+    def url(self):
+        return f"postgresql://postgres@/braid?host={self.directory}"
+
+    def stop(self):
+        if self.service is not None:
+            self.service.stop()
+            self.service = None
+
+
 class BraidProvider(Provider):
     """Braid from $BRAID_BINARY: `braid serve --config braid.yaml` inside its namespace.
 
@@ -1165,11 +1208,16 @@ class BraidProvider(Provider):
         self.config = os.path.join(self.directory, "braid.yaml")
         self.data = os.path.join(self.directory, "data")
         self.peers = {}  # remote domain -> per-peer overrides, written under s2s.peers
+        # BRAID_LAB_STORAGE=postgresql: the provider keeps its data in PostgreSQL.
+        self.postgres = LabPostgres(os.path.join(self.directory, "pg")) \
+            if os.environ.get("BRAID_LAB_STORAGE", "sqlite") == "postgresql" else None
 
     def prepare(self):
         if not os.access(self.binary, os.X_OK):
             raise LabError(f"Braid binary {self.binary} is missing or not executable (set BRAID_BINARY)")
         os.makedirs(self.data, exist_ok=True)
+        if self.postgres is not None and self.postgres.service is None:
+            self.postgres.start()
         self.write_config()
         write_file(os.path.join(self.directory, "domains.txt"), "\n".join(self.all_domains()) + "\n")
         self.cli("domain", "add", "--file", os.path.join(self.directory, "domains.txt"))
@@ -1194,6 +1242,10 @@ class BraidProvider(Provider):
 
     def listen_ports(self):
         return [C2S_PORT, S2S_PORT, S2S_DIRECT_TLS_PORT]
+
+    def release(self):
+        if self.postgres is not None:
+            self.postgres.stop()
 
     def s2s_evidence(self, remote_domains):
         """Braid's own log lines (log_level debug) about s2s with REMOTE_DOMAINS.
@@ -1273,6 +1325,8 @@ def braid_config_yaml(provider):
         f"  forwarders: [{yaml_string(lab.network.resolver_ip)}]",
         f"  trust_anchor_file: {yaml_string(lab.dns.anchor_file)}",
     ]
+    if provider.postgres is not None:
+        lines += ["storage:", "  backend: postgresql", f"  url: {yaml_string(provider.postgres.url)}"]
     for section, values in extra.items():
         lines.append(f"{section}:")
         lines += [f"  {key}: {json.dumps(value)}" for key, value in values.items()]
@@ -1495,6 +1549,10 @@ class Lab:
                 provider.stop()
             except Exception as error:  # noqa: BLE001 - keep tearing down
                 log(f"stopping {provider.name}: {error}")
+            try:
+                provider.release()
+            except Exception as error:  # noqa: BLE001 - keep tearing down
+                log(f"releasing {provider.name}: {error}")
         if self.dns is not None:
             self.dns.stop()
         self.network.teardown()
