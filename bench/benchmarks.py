@@ -33,7 +33,8 @@ FULL = {
             "chat_seconds": 15, "login_rate": 250, "first_rate": 500, "pause": 8,
             "keepalive": {"sessions": 2000, "interval": 15, "rounds": 8}},
     "hosting": {"counts": [1000, 10000], "limit": 240},
-    "micro": {"megabytes": 50, "repetitions": 5, "logins": 2000},
+    "micro": {"megabytes": 50, "repetitions": 5, "logins": 2000,
+              "storage": {"accounts": 2000, "messages": 10000, "contacts": 1000, "domains": 10000}},
 }
 SMOKE = {
     "fanout": {"sizes": [2], "time_limits": {2: 30}, "warm_total": 100},
@@ -41,7 +42,8 @@ SMOKE = {
             "login_rate": 20, "first_rate": 20, "pause": 3,
             "keepalive": {"sessions": 10, "interval": 2, "rounds": 2}},
     "hosting": {"counts": [10, 100], "limit": 60},
-    "micro": {"megabytes": 2, "repetitions": 1, "logins": 50},
+    "micro": {"megabytes": 2, "repetitions": 1, "logins": 50,
+              "storage": {"accounts": 20, "messages": 50, "contacts": 20, "domains": 100}},
 }
 
 
@@ -98,6 +100,9 @@ def check(report, wanted):
             missing.append("micro/parse")
         if not m.get("scram", {}).get("server_logins_per_s"):
             missing.append("micro/scram")
+        storage = m.get("storage", {}).get("results", {})
+        if not storage.get("sqlite") or not storage.get("postgresql"):
+            missing.append("micro/storage")
     return missing
 
 
@@ -182,7 +187,7 @@ def main():
         run_scenario("hosting", lambda: hosting.run(KINDS, h["counts"], braid, h["limit"]), report)
     if "micro" in wanted:
         m = sizes["micro"]
-        run_scenario("micro", lambda: micro.run(m["megabytes"], m["repetitions"], m["logins"], bench_binary), report)
+        run_scenario("micro", lambda: micro.run(m["megabytes"], m["repetitions"], m["logins"], bench_binary, m.get("storage")), report)
 
     report["run_seconds"] = round(time.monotonic() - started, 1)
     with open("/proc/loadavg") as handle:

@@ -1,5 +1,6 @@
 """Micro-benchmarks from braid-bench (release build): stream parse throughput against raw
-expat, and SCRAM-SHA-256 logins per second. In-process routing is not measured: Router's
+expat, SCRAM-SHA-256 logins per second, and storage operations on SQLite and PostgreSQL side
+by side (a PostgreSQL of its own, from the lab library, on a Unix socket). In-process routing is not measured: Router's
 initializer and ClientSession are internal to the Server module, and braid-bench (a
 release executable) cannot use @testable import; the c2s tsung scenario measures routing
 end to end instead."""
@@ -31,7 +32,25 @@ def _json(argv, timeout):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run(megabytes, repetitions, logins, binary=None):
+def storage_run(binary, sizes):
+    """braid-bench storage on SQLite and on a fresh PostgreSQL database."""
+    import tempfile
+    from common import lab
+    directory = tempfile.mkdtemp(prefix="braid-bench-pg-")
+    postgres = lab.LabPostgres(directory)
+    try:
+        postgres.start()
+        argv = [binary, "storage", "--postgres-url", postgres.url, "--json"]
+        for key in ("accounts", "messages", "contacts", "domains"):
+            argv += [f"--{key}", str(sizes[key])]
+        return _json(argv, 1800)
+    finally:
+        postgres.stop()
+        import shutil
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def run(megabytes, repetitions, logins, binary=None, storage=None):
     binary = binary or bench_binary()
     out = {"not_measured": {"routing_in_process": __doc__.split("In-process routing is not measured: ")[1].strip()}}
     try:
@@ -45,5 +64,10 @@ def run(megabytes, repetitions, logins, binary=None):
                                    "--repetitions", str(repetitions), "--json"], 900)
     except Exception as error:  # noqa: BLE001
         out["scram_error"] = str(error)[-500:]
+    if storage:
+        try:
+            out["storage"] = storage_run(binary, storage)
+        except Exception as error:  # noqa: BLE001
+            out["storage_error"] = str(error)[-500:]
     log(f"micro: {json.dumps(out)[:600]}")
     return out

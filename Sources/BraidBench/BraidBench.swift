@@ -2,11 +2,11 @@ import ArgumentParser
 import NIOCore
 
 @main
-struct BraidBench: ParsableCommand {
+struct BraidBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "braid-bench",
         abstract: "In-process micro benchmarks for Braid. Build with -c release for real numbers.",
-        subcommands: [Parse.self, SCRAM.self]
+        subcommands: [Parse.self, SCRAM.self, StorageBench.self]
     )
 }
 
