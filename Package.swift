@@ -270,7 +270,7 @@ let package = Package(
         ),
         .testTarget(
             name: "StorageTests",
-            dependencies: ["Storage", "XMPPCore", "TestSupport"],
+            dependencies: ["Storage", "XMPPCore", "TestSupport", "Trust"],
             swiftSettings: strictSettings
         ),
         .testTarget(

@@ -39,3 +39,16 @@ extension SQLiteStorage {
         }
     }
 }
+
+extension SQLiteStorage {
+    /// Caps the file at its current size plus `extraPages` pages (SQLite's writer connection
+    /// then fails with SQLITE_FULL, "database or disk is full", as on a full disk); a large
+    /// number lifts the cap. Returns the cap.
+    @discardableResult
+    func capSizeForTesting(extraPages: Int) async throws -> Int {
+        try await pool.writeWithoutTransaction { db in
+            let pages = try Int.fetchOne(db, sql: "PRAGMA page_count") ?? 0
+            return try Int.fetchOne(db, sql: "PRAGMA max_page_count = \(pages + extraPages)") ?? 0
+        }
+    }
+}

@@ -322,15 +322,25 @@ struct UnboundResolverTests {
         // machine (the suites run in parallel with a PostgreSQL server and the lab).
         #expect(ContinuousClock.now - start < .seconds(10))
 
-        // Cancelling the calling task ends the query too.
-        let task = Task { try await resolver.addresses("host.void.braid.test") }
-        try await Task.sleep(for: .milliseconds(50))
+        #expect(resolver.inFlightCount == 0)
+        await resolver.shutdown()
+
+        // Cancelling the calling task ends the query too: with a timeout long enough that
+        // the cancellation always comes first, however loaded the machine (with 300 ms, a
+        // slow wake-up let the timeout win).
+        let patient = try UnboundResolver(configuration: .init(
+            forwarders: ["127.0.0.1@\(blackHole.port)"],
+            stubZones: [(zone: "void.braid.test", addresses: ["127.0.0.1@\(blackHole.port)"])],
+            timeout: .seconds(60)
+        ))
+        let task = Task { try await patient.addresses("host.void.braid.test") }
+        try await waitUntil { patient.inFlightCount > 0 }
         task.cancel()
         let result = await task.result
         #expect(throws: CancellationError.self) { try result.get() }
-        // Both queries were withdrawn from libunbound (ub_cancel), not left dangling.
-        #expect(resolver.inFlightCount == 0)
-        await resolver.shutdown()
+        // The queries were withdrawn from libunbound (ub_cancel), not left dangling.
+        #expect(patient.inFlightCount == 0)
+        await patient.shutdown()
     }
 
     @Test func shutdownFailsQueriesStillWaiting() async throws {

@@ -8,6 +8,7 @@ import TestSupport
 import XMPPCore
 @testable import Federation
 @testable import Server
+@testable import Storage
 
 /// Issue 10, the audit's findings: each test failed before its fix.
 @Suite("Hardening: the audit's findings", .serialized)
@@ -146,6 +147,28 @@ struct HardeningTests {
             await bob.close()
         }
         try await group.shutdownGracefully()
+    }
+
+
+    @Test("A full disk (SQLITE_FULL): the sender gets service-unavailable, a metric counts it, the server keeps serving; storing works again once there is room (issue 12)")
+    func fullDisk() async throws {
+        try await withServer { server in
+            let storage = try #require(server.context.storage as? SQLiteStorage)
+            let (alice, _) = try await server.loggedIn("alice@a.example")
+            // Bob is offline: his messages go to storage, which has no room left.
+            try await storage.capSizeForTesting(extraPages: 0)
+            try await alice.sendMessage(to: "bob@b.example", body: String(repeating: "x", count: 5000), id: "full")
+            let refused = try await alice.waitFor { $0.attribute("id") == "full" }
+            #expect(refused.attribute("type") == "error")
+            #expect(refused.firstChild(name: "error", namespace: XMLNamespace.client)?.firstChild(namespace: XMLNamespace.stanzaErrors)?.name == "service-unavailable")
+            #expect(server.metrics.counterTotal("braid_offline_refused_total") >= 1)
+            // Still serving.
+            try await alice.roundTrip()
+            try await storage.capSizeForTesting(extraPages: 1_000_000)
+            try await alice.sendMessage(to: "bob@b.example", body: "room again", id: "ok")
+            try await waitUntil { try await server.context.storage.offlineMessageCount(for: try JID("bob@b.example")) == 1 }
+            await alice.close()
+        }
     }
 
 }

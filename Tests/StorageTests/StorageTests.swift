@@ -3,6 +3,7 @@ import Testing
 import NIOPosix
 import Synchronization
 import TestSupport
+import Trust
 import XMPPCore
 @testable import Storage
 
@@ -892,6 +893,62 @@ final class Counter: Sendable {
 
     func increment() { count.withLock { $0 += 1 } }
     var value: Int { count.withLock { $0 } }
+}
+
+// MARK: TLS
+
+@Suite("PostgresStorage over TLS (sslmode)")
+struct PostgresTLSTests {
+    @Test("verify-full checks the server's certificate against sslrootcert and its name; require encrypts without checking; disable does not encrypt")
+    func sslModes() async throws {
+        let ca = try TestCertificateAuthority(commonName: "Database CA")
+        let certificate = try ca.issue(commonName: "localhost", dnsIDs: ["localhost"])
+        let server = try await PostgresTestServer.start(tls: (certificate.certificateChainPEM, certificate.privateKeyPEM))
+        do {
+            let directory = server.directory
+            let trusted = "\(directory)/ca.pem"
+            try ca.certificatePEM.write(toFile: trusted, atomically: true, encoding: .utf8)
+            let other = "\(directory)/other-ca.pem"
+            try TestCertificateAuthority(commonName: "Someone else").certificatePEM.write(toFile: other, atomically: true, encoding: .utf8)
+            let database = URLComponents(string: try await server.createDatabase())?.path ?? "/postgres"
+
+            func open(_ query: String) async throws -> PostgresStorage {
+                var settings = try PostgresConnectionSettings(url: "postgresql://postgres@localhost:\(server.port)\(database)?\(query)")
+                settings.connectTimeout = .seconds(3)
+                let storage = try PostgresStorage(settings: settings, eventLoopGroup: MultiThreadedEventLoopGroup.singleton, logger: StorageLocation.quietLogger())
+                do {
+                    try await storage.prepare()
+                } catch {
+                    await storage.close()
+                    throw error
+                }
+                return storage
+            }
+            for (query, encrypted) in [("sslmode=verify-full&sslrootcert=\(trusted)", true), ("sslmode=require", true),
+                                       ("sslmode=disable", false), ("sslmode=prefer", true)] {
+                let storage = try await open(query)
+                #expect(try await storage.addDomains(["tls-\(query.hashValue & 0xffff).example"]) == 1, "\(query)")
+                // What the server says about this very connection.
+                var ssl: Bool?
+                for try await value in try await storage.client.query("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").decode(Bool.self) {
+                    ssl = value
+                }
+                #expect(ssl == encrypted, "\(query)")
+                await storage.close()
+            }
+            // A certificate from another CA, or a name it does not carry: refused.
+            await #expect(throws: PostgresStorageError.self) { _ = try await open("sslmode=verify-full&sslrootcert=\(other)") }
+            var wrongName = try PostgresConnectionSettings(url: "postgresql://postgres@127.0.0.1:\(server.port)\(database)?sslmode=verify-full&sslrootcert=\(trusted)")
+            wrongName.connectTimeout = .seconds(3)
+            let misnamed = try PostgresStorage(settings: wrongName, eventLoopGroup: MultiThreadedEventLoopGroup.singleton, logger: StorageLocation.quietLogger())
+            await #expect(throws: PostgresStorageError.self) { try await misnamed.prepare() }
+            await misnamed.close()
+        } catch {
+            await server.stop()
+            throw error
+        }
+        await server.stop()
+    }
 }
 
 // MARK: Migration

@@ -32,11 +32,15 @@ public final class PostgresTestServer: Sendable {
         }
     }
 
-    private init(port: Int, directory: String, binaries: String, process: ChildProcess) {
+    /// Certificate and key files when the server offers TLS.
+    private let tlsFiles: (certificate: String, key: String)?
+
+    private init(port: Int, directory: String, binaries: String, process: ChildProcess, tlsFiles: (certificate: String, key: String)?) {
         self.port = port
         self.directory = directory
         self.binaries = binaries
         self.process = Mutex(process)
+        self.tlsFiles = tlsFiles
     }
 
     /// The highest installed major version's programs.
@@ -60,8 +64,10 @@ public final class PostgresTestServer: Sendable {
         return ("/usr/bin/setpriv", ["--reuid=postgres", "--regid=postgres", "--clear-groups", "--", executable] + arguments)
     }
 
-    /// Creates a cluster and starts the server; returns once it accepts connections.
-    public static func start() async throws -> PostgresTestServer {
+    /// Creates a cluster and starts the server; returns once it accepts connections. With
+    /// `tls` (PEM certificate and key), it offers TLS too (`ssl=on`); plain connections are
+    /// still accepted.
+    public static func start(tls: (certificatePEM: String, keyPEM: String)? = nil) async throws -> PostgresTestServer {
         let binaries = try locateBinaries()
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("braid-pg-\(UUID().uuidString.prefix(8))").path
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
@@ -72,11 +78,24 @@ public final class PostgresTestServer: Sendable {
         let (initdb, initArguments) = command("\(binaries)/initdb", ["-D", "\(directory)/data", "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
         let initialised = try await ChildProcess.run(initdb, initArguments, outputPath: "\(directory)/initdb.log", timeout: .seconds(60))
         guard initialised.exitCode == 0 else { throw Unavailable(description: "initdb failed: \(initialised.output)") }
+        var tlsFiles: (certificate: String, key: String)?
+        if let tls {
+            let files = (certificate: "\(directory)/server.crt", key: "\(directory)/server.key")
+            try tls.certificatePEM.write(toFile: files.certificate, atomically: true, encoding: .utf8)
+            try tls.keyPEM.write(toFile: files.key, atomically: true, encoding: .utf8)
+            // PostgreSQL refuses a key others may read; it runs as postgres.
+            chmod(files.key, 0o600)
+            if geteuid() == 0, let user = getpwnam("postgres") {
+                chown(files.certificate, user.pointee.pw_uid, user.pointee.pw_gid)
+                chown(files.key, user.pointee.pw_uid, user.pointee.pw_gid)
+            }
+            tlsFiles = files
+        }
         var lastFailure = ""
         for _ in 0..<5 {
             let port = try LoopbackPorts.freePort()
-            let process = try launch(binaries: binaries, directory: directory, port: port)
-            let server = PostgresTestServer(port: port, directory: directory, binaries: binaries, process: process)
+            let process = try launch(binaries: binaries, directory: directory, port: port, tlsFiles: tlsFiles)
+            let server = PostgresTestServer(port: port, directory: directory, binaries: binaries, process: process, tlsFiles: tlsFiles)
             if await server.waitUntilReady() { return server }
             lastFailure = process.output
             await server.stopProcess()
@@ -84,12 +103,16 @@ public final class PostgresTestServer: Sendable {
         throw Unavailable(description: "PostgreSQL did not start: \(lastFailure)")
     }
 
-    private static func launch(binaries: String, directory: String, port: Int) throws -> ChildProcess {
-        let (postgres, arguments) = command("\(binaries)/postgres", [
+    private static func launch(binaries: String, directory: String, port: Int, tlsFiles: (certificate: String, key: String)?) throws -> ChildProcess {
+        var options = [
             "-D", "\(directory)/data", "-p", "\(port)", "-k", directory,
             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
             "-c", "full_page_writes=off", "-c", "max_connections=300",
-        ])
+        ]
+        if let tlsFiles {
+            options += ["-c", "ssl=on", "-c", "ssl_cert_file=\(tlsFiles.certificate)", "-c", "ssl_key_file=\(tlsFiles.key)"]
+        }
+        let (postgres, arguments) = command("\(binaries)/postgres", options)
         return try ChildProcess.spawn(postgres, arguments, outputPath: "\(directory)/postgres-\(port).log")
     }
 
@@ -123,7 +146,7 @@ public final class PostgresTestServer: Sendable {
     /// port and data, for tests of a database restarted under a running server.
     public func restart() async throws {
         await stopProcess()
-        let process = try Self.launch(binaries: binaries, directory: directory, port: port)
+        let process = try Self.launch(binaries: binaries, directory: directory, port: port, tlsFiles: tlsFiles)
         self.process.withLock { $0 = process }
         guard await waitUntilReady() else { throw Unavailable(description: "PostgreSQL did not come back: \(process.output)") }
     }
