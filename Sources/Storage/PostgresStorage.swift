@@ -112,12 +112,13 @@ public final class PostgresStorage: Storage {
         let now = Self.nowSeconds()
         let added = try await run("add domains") { [self] in
             try await client.withTransaction(logger: logger) { connection -> Int in
-                var added = 0
-                for name in prepared {
-                    let rows = try await connection.query(
-                        "INSERT INTO domains (name, added_at) VALUES (\(name), \(now)) ON CONFLICT (name) DO NOTHING RETURNING name", logger: logger)
-                    added += try await Self.count(rows)
-                }
+                // One statement for the whole batch: provisioning 10,000 domains is one round
+                // trip, not 10,000.
+                let rows = try await connection.query("""
+                    INSERT INTO domains (name, added_at) SELECT DISTINCT unnest(\(prepared)::text[]), \(now)
+                    ON CONFLICT (name) DO NOTHING RETURNING name
+                    """, logger: logger)
+                let added = try await Self.count(rows)
                 if added > 0 { try await Self.domainsChanged(connection, logger: logger) }
                 return added
             }

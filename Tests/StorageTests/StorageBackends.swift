@@ -40,8 +40,11 @@ final class StorageLocation: Sendable {
         case .sqlite:
             storage = try SQLiteStorage(path: place, logger: Self.quietLogger())
         case .postgresql:
-            storage = try PostgresStorage(settings: try PostgresConnectionSettings(url: place), eventLoopGroup: MultiThreadedEventLoopGroup.singleton,
-                                          logger: Self.quietLogger())
+            var settings = try PostgresConnectionSettings(url: place)
+            // Behaviour, not deadlines: two hundred concurrent stores queue for one account's
+            // row lock, which on a loaded machine takes longer than a server's default bound.
+            settings.operationTimeout = .seconds(120)
+            storage = try PostgresStorage(settings: settings, eventLoopGroup: MultiThreadedEventLoopGroup.singleton, logger: Self.quietLogger())
         }
         try await storage.prepare()
         opened.withLock { $0.append(storage) }
