@@ -316,17 +316,21 @@ public final class FederationLink: Sendable {
         state.awaitAnswer(for: pair, method: method, expires: expires, continuation: continuation) == .send
     }
 
-    /// Delivers the peer's answer to waiting requesters (see
-    /// ``LinkStateMachine/answer(_:_:fromPeer:at:)``). Nil if nobody asked (unsolicited);
-    /// otherwise what the answer authorised, for the caller to route.
-    @discardableResult
+    /// Takes the peer's answer (see ``LinkStateMachine/answer(_:_:fromPeer:at:)``). Nil if
+    /// nobody asked (unsolicited); otherwise what the answer authorised, for the caller to
+    /// route, and the requesters, whom the caller resumes (``resume(_:with:)``) only after
+    /// that: a requester resumed first could find the pair's stanzas still waiting and send
+    /// them again through a second request (seen under load: two `db:result` for one pair).
     func answer(_ pair: DomainPair, _ outcome: PairRequestOutcome, fromPeer: Bool = true) -> LinkStateMachine.AnswerEffects? {
         let now = wallClock.now()
         let effects = state.answer(pair, outcome, fromPeer: fromPeer, at: now)
         if effects.resumeDrain { channel.eventLoop.execute { self.drain() } }
-        guard let waiters = effects.waiters else { return nil }
-        for waiter in waiters { waiter.resume(returning: outcome) }
-        return effects
+        return effects.waiters == nil ? nil : effects
+    }
+
+    /// Resumes the requesters an answer concerned.
+    func resume(_ effects: LinkStateMachine.AnswerEffects, with outcome: PairRequestOutcome) {
+        for waiter in effects.waiters ?? [] { waiter.resume(returning: outcome) }
     }
 
     // MARK: Sending

@@ -653,8 +653,9 @@ public final class FederationManager: Sendable {
         return presented == own
     }
 
-    /// A burst of new links shares one runner: a pass every second while links keep coming,
-    /// and two more after the last (a link's first pairs may take a moment to arrive).
+    /// A burst of new links shares one runner: a first pass after 100 ms, then one every
+    /// second while links keep coming, and two more after the last (a link's first pairs may
+    /// take a moment to arrive).
     private func scheduleDuplicateLinkChecks() {
         let start = duplicateChecks.withLock { checks -> Bool in
             checks.requested = true
@@ -666,8 +667,13 @@ public final class FederationManager: Sendable {
         let manager = self
         Task {
             var quietPasses = 0
+            // The first pass soon (a simultaneous open's second link is usually the one that
+            // just got its pairs, and the duplicate should not outlive that by a second: the
+            // lab counts connections while both sides send), the next ones a second apart.
+            var pause = Duration.milliseconds(100)
             while quietPasses < 2 {
-                try? await Task.sleep(for: .seconds(1))
+                try? await Task.sleep(for: pause)
+                pause = .seconds(1)
                 let requested = manager.duplicateChecks.withLock { checks -> Bool in
                     defer { checks.requested = false }
                     return checks.requested

@@ -78,6 +78,8 @@ final class LinkSession {
             if let proof = effects.proof {
                 manager.authorized(pair, effects.authorized, on: link, method: proof.method)
             }
+            // Routed first, then the requesters go on.
+            link.resume(effects, with: answer)
         case (.result, nil):
             // The peer asserts a further domain. On a link we opened this is only allowed
             // when it is bidirectional (XEP-0288 §2.2).

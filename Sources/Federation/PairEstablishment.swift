@@ -209,7 +209,8 @@ extension FederationManager {
                 link.beginAssertionTrial()
                 link.sendControl(DialbackElement(kind: .result, from: pair.local, to: pair.remote, key: key).element)
                 link.eventLoop.scheduleTask(in: .seconds(timeout)) {
-                    _ = link.answer(pair, .error(StanzaError(.remoteServerTimeout, text: "no answer from \(pair.remote) for \(pair.local)")), fromPeer: false)
+                    let timedOut = FederationLink.PairRequestOutcome.error(StanzaError(.remoteServerTimeout, text: "no answer from \(pair.remote) for \(pair.local)"))
+                    if let effects = link.answer(pair, timedOut, fromPeer: false) { link.resume(effects, with: timedOut) }
                 }
             }
         }
