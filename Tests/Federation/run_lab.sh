@@ -9,6 +9,8 @@
 # a second lab with two Braid providers of 50 domains each) and the graceful-fallback ones
 # (fallback:*, a third lab where every domain has a certificate of its own); see
 # lab/README.md. `--scenarios fallback:` runs only the latter, `--repeat K` K times in a row.
+# BRAID_LAB_STORAGE=postgresql gives every Braid provider a PostgreSQL of its own (needs the
+# postgresql package).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
