@@ -4,7 +4,7 @@ import XMPPStream
 /// The modules every Braid server has.
 public enum StandardModules {
     public static var all: [any BraidModule] {
-        [DiscoModule(), PingModule(), VersionModule(), RosterModule(), CarbonsModule(), LegacySessionModule()]
+        [DiscoModule(), PingModule(), VersionModule(), RosterModule(), CarbonsModule(), LegacySessionModule(), MUCModule()]
     }
 }
 
