@@ -1,0 +1,180 @@
+import Foundation
+import Testing
+import XMPPCore
+import XMPPStream
+@testable import Server
+
+/// The room value alone, without sockets: each event and what it returns, by XEP-0045 section.
+@Suite("MUCRoom: XEP-0045 events, socket-free")
+struct MUCRoomTests {
+    static let room = try! JID("room@conference.example.com")
+    static let t0 = Date(timeIntervalSince1970: 1_800_000_000)
+    static let alice = try! JID("alice@example.com/phone")
+    static let bob = try! JID("bob@example.org/laptop")
+    static let carol = try! JID("carol@example.com/pc")
+
+    static func presence(to nick: String, type: String? = nil, show: String? = nil, join: XMLElement? = nil) -> Stanza {
+        var attributes = [XMLAttribute("to", "\(room)/\(nick)")]
+        if let type { attributes.append(XMLAttribute("type", type)) }
+        var children: [XMLNode] = []
+        if let show { children.append(.element(XMLElement(name: "show", namespace: XMLNamespace.client, text: show))) }
+        children.append(.element(join ?? XMLElement(name: "x", namespace: MUCNamespace.muc)))
+        return Stanza(XMLElement(name: "presence", namespace: XMLNamespace.client, attributes: attributes, children: children))!
+    }
+
+    static func groupchat(_ body: String? = nil, subject: String? = nil, to nick: String? = nil, type: String = "groupchat") -> Stanza {
+        var children: [XMLNode] = []
+        if let body { children.append(.element(XMLElement(name: "body", namespace: XMLNamespace.client, text: body))) }
+        if let subject { children.append(.element(XMLElement(name: "subject", namespace: XMLNamespace.client, text: subject))) }
+        let to = nick.map { "\(room)/\($0)" } ?? room.description
+        return Stanza(XMLElement(name: "message", namespace: XMLNamespace.client, attributes: [XMLAttribute("to", to), XMLAttribute("type", type)], children: children))!
+    }
+
+    /// (from, to) of each element, and its type when it has one.
+    static func summary(_ out: [XMLElement]) -> [String] {
+        out.map { "\($0.name) \($0.attribute("from") ?? "-")→\($0.attribute("to") ?? "-")\($0.attribute("type").map { " " + $0 } ?? "")" }
+    }
+
+    static func statuses(_ element: XMLElement) -> [String] {
+        element.firstChild(name: "x", namespace: MUCNamespace.user)?.children(name: "status", namespace: MUCNamespace.user).compactMap { $0.attribute("code") } ?? []
+    }
+
+    static func errorCondition(_ element: XMLElement) -> String? {
+        element.firstChild(name: "error", namespace: XMLNamespace.client)?.firstChild(namespace: XMLNamespace.stanzaErrors)?.name
+    }
+
+    /// A room with alice (owner, configured) and bob.
+    static func populated() -> MUCRoom {
+        var room = MUCRoom(jid: Self.room)
+        _ = room.presence(presence(to: "alice"), from: alice, nick: "alice", isCreator: true, now: t0)
+        _ = room.configure(by: alice)
+        _ = room.presence(presence(to: "bob"), from: bob, nick: "bob", isCreator: false, now: t0)
+        return room
+    }
+
+    @Test("§10.1: the creator gets 110 and 201 and owns the room; it is locked for others until configured")
+    func creation() {
+        var room = MUCRoom(jid: Self.room)
+        let out = room.presence(Self.presence(to: "alice"), from: Self.alice, nick: "alice", isCreator: true, now: Self.t0)
+        #expect(Self.summary(out) == ["presence room@conference.example.com/alice→alice@example.com/phone", "message room@conference.example.com→alice@example.com/phone groupchat"])
+        #expect(Self.statuses(out[0]) == ["110", "201"])
+        #expect(room.locked)
+        let refused = room.presence(Self.presence(to: "bob"), from: Self.bob, nick: "bob", isCreator: false, now: Self.t0)
+        #expect(Self.errorCondition(refused[0]) == "item-not-found")
+        let byOther = room.configure(by: Self.bob)
+        #expect(byOther == false)
+        let byOwner = room.configure(by: Self.alice)
+        #expect(byOwner)
+        #expect(!room.locked)
+        // Someone who may not create rooms cannot bring one into being.
+        var empty = MUCRoom(jid: Self.room)
+        let refusal1 = empty.presence(Self.presence(to: "bob"), from: Self.bob, nick: "bob", isCreator: false, now: Self.t0)
+        #expect(Self.errorCondition(refusal1[0]) == "not-allowed")
+        #expect(empty.isEmpty)
+    }
+
+    @Test("§7.2.3: the others' presence first, the newcomer to the others, its own presence, history, the subject last")
+    func enteringOrder() {
+        var room = Self.populated()
+        _ = room.message(Self.groupchat("one"), from: Self.alice, nick: nil, now: Self.t0)
+        let out = room.presence(Self.presence(to: "carol"), from: Self.carol, nick: "carol", isCreator: true, now: Self.t0)
+        #expect(Self.summary(out) == [
+            "presence room@conference.example.com/alice→carol@example.com/pc",
+            "presence room@conference.example.com/bob→carol@example.com/pc",
+            "presence room@conference.example.com/carol→alice@example.com/phone",
+            "presence room@conference.example.com/carol→bob@example.org/laptop",
+            "presence room@conference.example.com/carol→carol@example.com/pc",
+            "message room@conference.example.com/alice→carol@example.com/pc groupchat",
+            "message room@conference.example.com→carol@example.com/pc groupchat",
+        ])
+        #expect(Self.statuses(out[4]) == ["110"])
+        // Semi-anonymous: alice (moderator) sees carol's real JID, bob (participant) does not.
+        let item = { (element: XMLElement) in element.firstChild(name: "x", namespace: MUCNamespace.user)?.firstChild(name: "item", namespace: MUCNamespace.user) }
+        #expect(item(out[2])?.attribute("jid") == Self.carol.description)
+        #expect(item(out[3])?.attribute("jid") == nil)
+        #expect(out[5].firstChild(name: "delay", namespace: MUCNamespace.delay)?.attribute("stamp") == "2027-01-15T08:00:00Z")
+    }
+
+    @Test("§7.2.9, §7.6: a nickname in use is a conflict; changing it sends 303 then the new presence")
+    func nicknames() {
+        var room = Self.populated()
+        let conflict = room.presence(Self.presence(to: "alice"), from: Self.carol, nick: "alice", isCreator: true, now: Self.t0)
+        #expect(Self.errorCondition(conflict[0]) == "conflict")
+        let renamed = room.presence(Self.presence(to: "robert"), from: Self.bob, nick: "robert", isCreator: false, now: Self.t0)
+        #expect(Self.summary(renamed) == [
+            "presence room@conference.example.com/bob→alice@example.com/phone unavailable",
+            "presence room@conference.example.com/bob→bob@example.org/laptop unavailable",
+            "presence room@conference.example.com/robert→alice@example.com/phone",
+            "presence room@conference.example.com/robert→bob@example.org/laptop",
+        ])
+        #expect(Self.statuses(renamed[0]) == ["303"])
+        #expect(Self.statuses(renamed[1]) == ["303", "110"])
+        #expect(room.occupant(nick: "robert")?.realJID == Self.bob)
+        // To a nickname someone else holds: refused, and nothing changes.
+        let refusal2 = room.presence(Self.presence(to: "alice"), from: Self.bob, nick: "alice", isCreator: false, now: Self.t0)
+        #expect(Self.errorCondition(refusal2[0]) == "conflict")
+        #expect(room.occupant(nick: "robert") != nil)
+    }
+
+    @Test("§7.4, §7.5, §8.1: groupchat to everyone (history bounded), private to one, the subject by moderators, nothing from outsiders")
+    func messages() {
+        var room = Self.populated()
+        let hi = room.message(Self.groupchat("hi"), from: Self.bob, nick: nil, now: Self.t0)
+        #expect(Self.summary(hi) == [
+            "message room@conference.example.com/bob→alice@example.com/phone groupchat",
+            "message room@conference.example.com/bob→bob@example.org/laptop groupchat",
+        ])
+        let psst = room.message(Self.groupchat("psst", to: "alice", type: "chat"), from: Self.bob, nick: "alice", now: Self.t0)
+        #expect(Self.summary(psst) == [
+            "message room@conference.example.com/bob→alice@example.com/phone chat",
+        ])
+        let refusal3 = room.message(Self.groupchat("?", to: "nobody", type: "chat"), from: Self.bob, nick: "nobody", now: Self.t0)
+        #expect(Self.errorCondition(refusal3[0]) == "item-not-found")
+        let refusal4 = room.message(Self.groupchat("intruder"), from: Self.carol, nick: nil, now: Self.t0)
+        #expect(Self.errorCondition(refusal4[0]) == "not-acceptable")
+        let refusal5 = room.message(Self.groupchat("wrong type", type: "chat"), from: Self.bob, nick: nil, now: Self.t0)
+        #expect(Self.errorCondition(refusal5[0]) == "bad-request")
+        let refusal6 = room.message(Self.groupchat(subject: "bob's"), from: Self.bob, nick: nil, now: Self.t0)
+        #expect(Self.errorCondition(refusal6[0]) == "forbidden")
+        #expect(room.subject == nil)
+        let told = room.message(Self.groupchat(subject: "Plans"), from: Self.alice, nick: nil, now: Self.t0)
+        #expect(told.count == 2)
+        #expect(room.subject?.text == "Plans" && room.subject?.by == "alice")
+        for index in 0..<30 { _ = room.message(Self.groupchat("m\(index)"), from: Self.alice, nick: nil, now: Self.t0) }
+        #expect(room.history.count == room.historyLimit)
+        #expect(room.history.last?.message.body == "m29")
+    }
+
+    @Test("§7.14: leaving tells the others and the occupant (110); a bounced presence removes an occupant; the last one leaving empties the room")
+    func leaving() {
+        var room = Self.populated()
+        let left = room.presence(Self.presence(to: "bob", type: "unavailable"), from: Self.bob, nick: "bob", isCreator: false, now: Self.t0)
+        #expect(Self.summary(left) == [
+            "presence room@conference.example.com/bob→alice@example.com/phone unavailable",
+            "presence room@conference.example.com/bob→bob@example.org/laptop unavailable",
+        ])
+        #expect(Self.statuses(left[1]) == ["110"])
+        _ = room.presence(Self.presence(to: "carol"), from: Self.carol, nick: "carol", isCreator: true, now: Self.t0)
+        let removed = room.remove(realJID: Self.carol)
+        #expect(Self.summary(removed) == ["presence room@conference.example.com/carol→alice@example.com/phone unavailable"])
+        // An unavailable from someone not in the room changes nothing.
+        let nothing = room.presence(Self.presence(to: "bob", type: "unavailable"), from: Self.bob, nick: "bob", isCreator: false, now: Self.t0)
+        #expect(nothing.isEmpty)
+        _ = room.presence(Self.presence(to: "alice", type: "unavailable"), from: Self.alice, nick: "alice", isCreator: true, now: Self.t0)
+        #expect(room.isEmpty)
+    }
+
+    @Test("Presence updates reach everyone, the join element is not repeated, history asked as maxstanzas='0' is none")
+    func updatesAndHistory() {
+        var room = Self.populated()
+        _ = room.message(Self.groupchat("before"), from: Self.alice, nick: nil, now: Self.t0)
+        let away = room.presence(Self.presence(to: "bob", show: "away"), from: Self.bob, nick: "bob", isCreator: false, now: Self.t0)
+        #expect(away.count == 2)
+        #expect(away.allSatisfy { $0.firstChild(name: "show", namespace: XMLNamespace.client)?.text == "away" && $0.firstChild(namespace: MUCNamespace.muc) == nil })
+        let noHistory = XMLElement(name: "x", namespace: MUCNamespace.muc, children: [
+            .element(XMLElement(name: "history", namespace: MUCNamespace.muc, attributes: [XMLAttribute("maxstanzas", "0")])),
+        ])
+        let entered = room.presence(Self.presence(to: "carol", join: noHistory), from: Self.carol, nick: "carol", isCreator: true, now: Self.t0)
+        #expect(!entered.contains { $0.name == "message" && $0.body == "before" })
+    }
+}
