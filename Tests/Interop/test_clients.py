@@ -730,6 +730,54 @@ async def fresh_directory_any_command_first(ctx):
         assert "localhost" in listed.stdout, f"domain list: {listed.stdout!r} {listed.stderr!r}"
 
 
+@test(timeout=60)
+async def muc_room_with_slixmpp(ctx):
+    """Issue 11: slixmpp's XEP-0045 plugin creates a room at conference.DOMAIN (no setup for
+    the domain), accepts it with the configuration form, and two users chat in it, to the room
+    and privately; history reaches a later arrival."""
+    owner_jid = new_account(ctx.server, DOMAIN_A, "mucowner")
+    guest_jid = new_account(ctx.server, DOMAIN_B, "mucguest")
+    late_jid = new_account(ctx.server, DOMAIN_A, "muclate")
+    room = f"{unique('room')}@conference.{DOMAIN_A}"
+    async with Clients(ctx.server) as clients:
+        owner = await login(ctx.server, owner_jid)
+        clients.clients.append(owner)
+        guest = await login(ctx.server, guest_jid)
+        clients.clients.append(guest)
+        for client in (owner, guest):
+            client.register_plugin("xep_0045")
+        presence, subject, occupants, history = await owner["xep_0045"].join_muc_wait(room, "owner", timeout=WAIT)
+        codes = {status for status in presence["muc"]["status_codes"]}
+        assert {110, 201} <= codes, f"creation statuses: {codes}"
+        # A new room is locked until configured (XEP-0045 §10.1): the form, submitted as is.
+        form = await owner["xep_0045"].get_room_config(room)
+        await owner["xep_0045"].set_room_config(room, form)
+        await guest["xep_0045"].join_muc_wait(room, "guest", timeout=WAIT)
+        roster = owner["xep_0045"].get_roster(room)
+        assert set(roster) == {"owner", "guest"}, f"occupants: {roster}"
+
+        async def body_from(client, sender, body):
+            deadline = asyncio.get_running_loop().time() + WAIT
+            while True:
+                message = await next_item(client.messages, f"{body!r} from {sender}",
+                                          timeout=max(0.1, deadline - asyncio.get_running_loop().time()))
+                if str(message["from"]) == sender and message["body"] == body:
+                    return message
+
+        owner.send_message(mto=room, mbody="welcome", mtype="groupchat")
+        for client in (owner, guest):
+            await body_from(client, f"{room}/owner", "welcome")
+        guest.send_message(mto=f"{room}/owner", mbody="just for you", mtype="chat")
+        private = await body_from(owner, f"{room}/guest", "just for you")
+        assert private["type"] == "chat", f"private message type {private['type']}"
+
+        late = await login(ctx.server, late_jid)
+        clients.clients.append(late)
+        late.register_plugin("xep_0045")
+        _, _, occupants, history = await late["xep_0045"].join_muc_wait(room, "late", maxstanzas=5, timeout=WAIT)
+        assert [message["body"] for message in history] == ["welcome"], f"history: {[str(m) for m in history]}"
+
+
 @test(timeout=120)
 async def storage_migrate_keeps_logins_and_rosters(ctx):
     """Issue 12: an SQLite deployment copied into PostgreSQL by `braid storage migrate` keeps
