@@ -16,6 +16,7 @@ enum PostgresStatements {
     /// Every migration, in order; each runs once, in one transaction.
     static let migrations: [(id: String, statements: [String])] = [
         ("v1", schemaV1),
+        ("v2", SQLiteStatements.schemaV2),
     ]
 
     static let schemaV1: [String] = [

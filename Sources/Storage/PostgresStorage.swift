@@ -431,6 +431,47 @@ public final class PostgresStorage: Storage {
         }
     }
 
+    // MARK: Group-chat rooms
+
+    public func groupChatRooms() async throws -> [StoredRoom] {
+        try await run("group-chat rooms") { [self] in
+            var rooms: [StoredRoom] = []
+            for try await (jid, parent, configuration, affiliations, createdAt) in try await client.query(
+                "SELECT jid, parent_domain, configuration, affiliations, created_at FROM muc_rooms ORDER BY jid", logger: logger)
+                .decode((String, String, String, String, Int64).self) {
+                rooms.append(StoredRoom(jid: try Self.jid(jid, in: "muc_rooms"), parentDomain: parent, configuration: configuration,
+                                        affiliations: affiliations, createdAt: createdAt))
+            }
+            return rooms
+        }
+    }
+
+    public func putGroupChatRoom(_ room: StoredRoom) async throws {
+        let parent = try StorageKeys.domain(room.parentDomain)
+        let jid = room.jid.bare.description
+        let (configuration, affiliations, createdAt) = (room.configuration, room.affiliations, room.createdAt)
+        try await run("put group-chat room") { [self] in
+            try await client.withTransaction(logger: logger) { connection in
+                guard try await Self.count(try await connection.query("SELECT 1 FROM domains WHERE name = \(parent) FOR SHARE", logger: logger)) > 0 else {
+                    throw StorageError.unknownDomain
+                }
+                try await connection.query("""
+                    INSERT INTO muc_rooms (jid, parent_domain, configuration, affiliations, created_at)
+                    VALUES (\(jid), \(parent), \(configuration), \(affiliations), \(createdAt))
+                    ON CONFLICT (jid) DO UPDATE SET configuration = excluded.configuration, affiliations = excluded.affiliations
+                    """, logger: logger)
+            }
+        }
+    }
+
+    @discardableResult
+    public func removeGroupChatRoom(_ jid: JID) async throws -> Bool {
+        let key = jid.bare.description
+        return try await run("remove group-chat room") { [self] in
+            try await Self.count(try await client.query("DELETE FROM muc_rooms WHERE jid = \(key) RETURNING jid", logger: logger)) > 0
+        }
+    }
+
     // MARK: Helpers
 
     /// Runs one operation after ``prepare()``, turning the driver's errors into

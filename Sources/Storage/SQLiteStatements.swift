@@ -92,6 +92,20 @@ enum SQLiteStatements {
         "CREATE INDEX offline_messages_by_user ON offline_messages (user_jid, id)",
     ]
 
+    /// Schema version "v2": persistent group-chat rooms (issue 11). The same in PostgreSQL.
+    static let schemaV2: [String] = [
+        """
+        CREATE TABLE muc_rooms (
+            jid TEXT NOT NULL PRIMARY KEY,
+            parent_domain TEXT NOT NULL REFERENCES domains (name) ON DELETE CASCADE,
+            configuration TEXT NOT NULL,
+            affiliations TEXT NOT NULL,
+            created_at BIGINT NOT NULL
+        )
+        """,
+        "CREATE INDEX muc_rooms_by_domain ON muc_rooms (parent_domain)",
+    ]
+
     // MARK: Meta
 
     static let selectMeta = "SELECT value FROM meta WHERE name = ?"

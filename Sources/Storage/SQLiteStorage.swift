@@ -89,6 +89,11 @@ public final class SQLiteStorage: Storage {
                 try db.execute(sql: statement)
             }
         }
+        migrator.registerMigration("v2") { db in
+            for statement in SQL.schemaV2 {
+                try db.execute(sql: statement)
+            }
+        }
         let before = try pool.read { db in try migrator.appliedIdentifiers(db) }
         // A file written by a newer Braid has migrations this one does not know; running
         // on it could corrupt data it does not understand.
@@ -373,6 +378,37 @@ public final class SQLiteStorage: Storage {
         return try await pool.read { db in
             guard let row = try Row.fetchOne(db, sql: SQL.countOfflineMessages, arguments: [key]) else { return 0 }
             return try Self.column(row, atIndex: 0, in: "offline_messages")
+        }
+    }
+
+    // MARK: Group-chat rooms
+
+    public func groupChatRooms() async throws -> [StoredRoom] {
+        try await pool.read { db in
+            try Row.fetchAll(db, sql: "SELECT jid, parent_domain, configuration, affiliations, created_at FROM muc_rooms ORDER BY jid").map { row in
+                StoredRoom(jid: try Self.jidColumn(row, "jid", in: "muc_rooms"), parentDomain: try Self.column(row, "parent_domain", in: "muc_rooms"),
+                           configuration: try Self.column(row, "configuration", in: "muc_rooms"),
+                           affiliations: try Self.column(row, "affiliations", in: "muc_rooms"), createdAt: try Self.column(row, "created_at", in: "muc_rooms"))
+            }
+        }
+    }
+
+    public func putGroupChatRoom(_ room: StoredRoom) async throws {
+        let parent = try StorageKeys.domain(room.parentDomain)
+        try await pool.write { db in
+            guard try Row.fetchOne(db, sql: SQL.domainExists, arguments: [parent]) != nil else { throw StorageError.unknownDomain }
+            try db.execute(sql: """
+                INSERT INTO muc_rooms (jid, parent_domain, configuration, affiliations, created_at) VALUES (?, ?, ?, ?, ?)
+                ON CONFLICT (jid) DO UPDATE SET configuration = excluded.configuration, affiliations = excluded.affiliations
+                """, arguments: [room.jid.bare.description, parent, room.configuration, room.affiliations, room.createdAt])
+        }
+    }
+
+    @discardableResult
+    public func removeGroupChatRoom(_ jid: JID) async throws -> Bool {
+        try await pool.write { db in
+            try db.execute(sql: "DELETE FROM muc_rooms WHERE jid = ?", arguments: [jid.bare.description])
+            return db.changesCount > 0
         }
     }
 

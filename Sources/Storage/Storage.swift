@@ -99,6 +99,20 @@ public protocol Storage: Sendable {
 
     func offlineMessageCount(for user: JID) async throws -> Int
 
+    // MARK: Persistent group-chat rooms (XEP-0045)
+
+    /// Every persistent room. The group-chat module owns the contents of `configuration`
+    /// and `affiliations`; storage keeps them as given.
+    func groupChatRooms() async throws -> [StoredRoom]
+
+    /// Inserts or replaces a room. Throws ``StorageError/unknownDomain`` if its parent
+    /// domain is not hosted (a room goes with its domain).
+    func putGroupChatRoom(_ room: StoredRoom) async throws
+
+    /// Removes a room; returns false if there was none.
+    @discardableResult
+    func removeGroupChatRoom(_ jid: JID) async throws -> Bool
+
     // MARK: Life cycle
 
     /// Connects and brings the schema up to date, if the backend has not yet (a server
@@ -159,6 +173,26 @@ public enum StorageKeys {
     /// A hosted domain name, canonical (U-label, lower case).
     public static func domain(_ name: String) throws -> String {
         try JID(domain: name).domainpart
+    }
+}
+
+/// A persistent group-chat room as stored.
+public struct StoredRoom: Sendable, Hashable {
+    /// The bare room JID (`room@conference.customer.example`).
+    public var jid: JID
+    /// The hosted domain whose service holds it: removing that domain removes the room.
+    public var parentDomain: String
+    public var configuration: String
+    public var affiliations: String
+    /// Seconds since 1970.
+    public var createdAt: Int64
+
+    public init(jid: JID, parentDomain: String, configuration: String, affiliations: String, createdAt: Int64) {
+        self.jid = jid
+        self.parentDomain = parentDomain
+        self.configuration = configuration
+        self.affiliations = affiliations
+        self.createdAt = createdAt
     }
 }
 

@@ -41,6 +41,9 @@ public enum StorageMigration {
         Table(name: "offline_messages", columns: [
             ("id", .integer), ("user_jid", .text), ("stanza", .text), ("stored_at", .integer),
         ], key: ["id"], overridingIdentity: true),
+        Table(name: "muc_rooms", columns: [
+            ("jid", .text), ("parent_domain", .text), ("configuration", .text), ("affiliations", .text), ("created_at", .integer),
+        ], key: ["jid"]),
     ]
 
     public struct Count: Sendable, Equatable, CustomStringConvertible {

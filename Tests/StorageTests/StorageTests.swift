@@ -122,7 +122,7 @@ struct SQLiteStorageOpeningTests {
                 let storage = try openStorage(path)
                 #expect(try await storage.executeRawSQLForTesting("INSERT INTO grdb_migrations (identifier) VALUES ('v99')") == 1)
             }
-            #expect(throws: SQLiteStorageError.schemaTooNew(applied: ["v1", "v99"])) {
+            #expect(throws: SQLiteStorageError.schemaTooNew(applied: ["v1", "v2", "v99"])) {
                 try openStorage(path)
             }
         }
@@ -755,6 +755,41 @@ struct OfflineMessageTests {
 }
 }
 
+// MARK: Group-chat rooms
+
+extension StorageBehaviourTests {
+@Suite("group-chat rooms")
+struct GroupChatRoomTests {
+    @Test(arguments: Backend.allCases) func putListReplaceRemoveAndCascade(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
+            #expect(try await storage.groupChatRooms() == [])
+            let room = StoredRoom(jid: try JID("tea@conference.example.com"), parentDomain: "example.com",
+                                  configuration: "{\"name\":\"Tea\"}", affiliations: "{}", createdAt: 1_800_000_000)
+            try await storage.putGroupChatRoom(room)
+            #expect(try await storage.groupChatRooms() == [room])
+            var changed = room
+            changed.configuration = "{\"name\":\"Tea & cake\"}"
+            changed.createdAt = 1
+            try await storage.putGroupChatRoom(changed)
+            // Replaced, keeping when it was created.
+            var expected = changed
+            expected.createdAt = room.createdAt
+            #expect(try await storage.groupChatRooms() == [expected])
+            await #expect(throws: StorageError.unknownDomain) {
+                try await storage.putGroupChatRoom(StoredRoom(jid: try JID("x@conference.nowhere.example"), parentDomain: "nowhere.example",
+                                                              configuration: "{}", affiliations: "{}", createdAt: 0))
+            }
+            #expect(try await storage.removeGroupChatRoom(try JID("tea@conference.example.com")))
+            #expect(try await storage.removeGroupChatRoom(try JID("tea@conference.example.com")) == false)
+            // A room goes with its domain.
+            try await storage.putGroupChatRoom(room)
+            #expect(try await storage.removeDomain("example.com"))
+            #expect(try await storage.groupChatRooms() == [])
+        }
+    }
+}
+}
+
 // MARK: Durability
 
 @Suite("SQLiteStorage: durability")
@@ -982,7 +1017,7 @@ struct StorageMigrationTests {
             try await StorageLocation.with(.postgresql) { postgresLocation in
                 let target = try #require(try await postgresLocation.open() as? PostgresStorage)
                 let counts = try await StorageMigration.copy(from: source, to: target, logger: StorageLocation.quietLogger())
-                #expect(counts.map(\.table) == ["domains", "users", "roster_items", "subscription_requests", "offline_messages"])
+                #expect(counts.map(\.table) == ["domains", "users", "roster_items", "subscription_requests", "offline_messages", "muc_rooms"])
                 #expect(counts.allSatisfy { $0.source == $0.copied && $0.target == $0.source })
                 #expect(counts.first { $0.table == "offline_messages" }?.source == 3)
 
