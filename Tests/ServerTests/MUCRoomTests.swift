@@ -177,4 +177,120 @@ struct MUCRoomTests {
         let entered = room.presence(Self.presence(to: "carol", join: noHistory), from: Self.carol, nick: "carol", isCreator: true, now: Self.t0)
         #expect(!entered.contains { $0.name == "message" && $0.body == "before" })
     }
+
+    static func configured(_ change: (inout MUCRoomConfiguration) -> Void) -> MUCRoom {
+        var room = MUCRoom(jid: Self.room)
+        _ = room.presence(presence(to: "alice"), from: alice, nick: "alice", isCreator: true, now: t0)
+        var configuration = MUCRoomConfiguration()
+        change(&configuration)
+        _ = room.configure(by: alice, configuration)
+        return room
+    }
+
+    @Test("§7.2.5–§7.2.10: members only, password, full rooms, bans; an owner always enters")
+    func entryRules() {
+        var members = Self.configured { $0.membersOnly = true }
+        let notMember = members.presence(Self.presence(to: "bob"), from: Self.bob, nick: "bob", isCreator: false, now: Self.t0)
+        #expect(Self.errorCondition(notMember[0]) == "registration-required")
+        let made = members.setAffiliation(of: Self.bob.bare, to: "member", by: Self.alice)
+        #expect((try? made.get()) != nil)
+        let entered = members.presence(Self.presence(to: "bob"), from: Self.bob, nick: "bob", isCreator: false, now: Self.t0)
+        #expect(Self.statuses(entered.first { $0.attribute("to") == Self.bob.description && $0.attribute("from") == "\(Self.room)/bob" }!) == ["110"])
+
+        var secret = Self.configured { $0.password = "s3cret" }
+        let withoutPassword = secret.presence(Self.presence(to: "bob"), from: Self.bob, nick: "bob", isCreator: false, now: Self.t0)
+        #expect(Self.errorCondition(withoutPassword[0]) == "not-authorized")
+        let join = XMLElement(name: "x", namespace: MUCNamespace.muc, children: [.element(XMLElement(name: "password", namespace: MUCNamespace.muc, text: "s3cret"))])
+        let withPassword = secret.presence(Self.presence(to: "bob", join: join), from: Self.bob, nick: "bob", isCreator: false, now: Self.t0)
+        #expect(Self.errorCondition(withPassword[0]) == nil)
+
+        var small = Self.configured { $0.maxUsers = 1 }
+        let full = small.presence(Self.presence(to: "bob"), from: Self.bob, nick: "bob", isCreator: false, now: Self.t0)
+        #expect(Self.errorCondition(full[0]) == "service-unavailable")
+
+        var room = Self.populated()
+        let banned = room.setAffiliation(of: Self.bob.bare, to: "outcast", by: Self.alice)
+        let out = (try? banned.get()) ?? []
+        // Everyone learns (301), bob included, and he is out.
+        #expect(Self.summary(out) == [
+            "presence room@conference.example.com/bob→alice@example.com/phone unavailable",
+            "presence room@conference.example.com/bob→bob@example.org/laptop unavailable",
+        ])
+        #expect(Self.statuses(out[0]) == ["301"] && Self.statuses(out[1]) == ["301", "110"])
+        let again = room.presence(Self.presence(to: "bob"), from: Self.bob, nick: "bob", isCreator: false, now: Self.t0)
+        #expect(Self.errorCondition(again[0]) == "forbidden")
+    }
+
+    @Test("§8: moderators kick (307) and give or take voice; participants cannot; owners and admins are not kicked; the last owner stays")
+    func moderation() {
+        var room = Self.populated()
+        _ = room.presence(Self.presence(to: "carol"), from: Self.carol, nick: "carol", isCreator: true, now: Self.t0)
+        if case .failure(let error) = room.setRole(of: "carol", to: "none", by: Self.bob) { #expect(error.condition == .forbidden) } else { Issue.record("a participant kicked") }
+        if case .failure(let error) = room.setRole(of: "alice", to: "none", by: Self.alice) { #expect(error.condition == .notAllowed) } else { Issue.record("an owner was kicked") }
+        let kicked = (try? room.setRole(of: "carol", to: "none", by: Self.alice).get()) ?? []
+        #expect(kicked.count == 3 && kicked.allSatisfy { Self.statuses($0).contains("307") })
+        #expect(room.occupant(nick: "carol") == nil)
+        let silenced = (try? room.setRole(of: "bob", to: "visitor", by: Self.alice).get()) ?? []
+        #expect(silenced.count == 2)
+        let refused = room.message(Self.groupchat("can I speak?"), from: Self.bob, nick: nil, now: Self.t0)
+        #expect(Self.errorCondition(refused[0]) == "forbidden")
+        if case .failure(let error) = room.setAffiliation(of: Self.alice.bare, to: "member", by: Self.alice) { #expect(error.condition == .conflict) } else { Issue.record("the last owner left") }
+        if case .failure(let error) = room.setAffiliation(of: Self.alice.bare, to: "none", by: Self.bob) { #expect(error.condition == .notAllowed) } else { Issue.record("a participant changed an owner") }
+    }
+
+    @Test("Moderated rooms give newcomers no voice; non-anonymous rooms show real JIDs to all (100)")
+    func moderatedAndNonAnonymous() {
+        var moderated = Self.configured { $0.moderated = true }
+        let entered = moderated.presence(Self.presence(to: "bob"), from: Self.bob, nick: "bob", isCreator: false, now: Self.t0)
+        let own = entered.first { $0.attribute("from") == "\(Self.room)/bob" && $0.attribute("to") == Self.bob.description }!
+        #expect(own.firstChild(name: "x", namespace: MUCNamespace.user)?.firstChild(name: "item", namespace: MUCNamespace.user)?.attribute("role") == "visitor")
+        let silent = moderated.message(Self.groupchat("hello?"), from: Self.bob, nick: nil, now: Self.t0)
+        #expect(Self.errorCondition(silent[0]) == "forbidden")
+
+        var open = Self.configured { $0.whoIs = "anyone" }
+        _ = open.presence(Self.presence(to: "bob"), from: Self.bob, nick: "bob", isCreator: false, now: Self.t0)
+        let third = open.presence(Self.presence(to: "carol"), from: Self.carol, nick: "carol", isCreator: false, now: Self.t0)
+        let bobAsSeenByCarol = third.first { $0.attribute("from") == "\(Self.room)/bob" }!
+        #expect(bobAsSeenByCarol.firstChild(name: "x", namespace: MUCNamespace.user)?.firstChild(name: "item", namespace: MUCNamespace.user)?.attribute("jid") == Self.bob.description)
+        #expect(Self.statuses(third.first { $0.attribute("from") == "\(Self.room)/carol" && $0.attribute("to") == Self.carol.description }!) == ["100", "110"])
+    }
+
+    @Test("§10.9: the owner destroys the room; every occupant is told, with the alternate venue")
+    func destroy() {
+        var room = Self.populated()
+        #expect(room.destroy(by: Self.bob, alternate: nil, reason: nil) == nil)
+        let out = room.destroy(by: Self.alice, alternate: "other@conference.example.com", reason: "moving") ?? []
+        #expect(out.count == 2)
+        #expect(out.allSatisfy { $0.firstChild(name: "x", namespace: MUCNamespace.user)?.firstChild(name: "destroy", namespace: MUCNamespace.user)?.attribute("jid") == "other@conference.example.com" })
+        #expect(room.isEmpty && room.isGone)
+    }
+
+    @Test("§10.2: the form's fields set the configuration; values a room cannot take are refused")
+    func configurationForm() throws {
+        func form(_ fields: [(String, String)]) -> XMLElement {
+            XMLElement(name: "x", namespace: MUCNamespace.dataForms, attributes: [XMLAttribute("type", "submit")], children: fields.map { name, value in
+                .element(XMLElement(name: "field", namespace: MUCNamespace.dataForms, attributes: [XMLAttribute("var", name)],
+                                    children: [.element(XMLElement(name: "value", namespace: MUCNamespace.dataForms, text: value))]))
+            })
+        }
+        let applied = try #require(MUCRooms.applyForm(form([
+            ("muc#roomconfig_roomname", "Tea"), ("muc#roomconfig_persistentroom", "1"), ("muc#roomconfig_publicroom", "0"),
+            ("muc#roomconfig_membersonly", "true"), ("muc#roomconfig_passwordprotectedroom", "1"), ("muc#roomconfig_roomsecret", "pw"),
+            ("muc#roomconfig_maxusers", "50"), ("muc#roomconfig_whois", "anyone"), ("muc#roomconfig_unknown", "x"),
+        ]), to: MUCRoomConfiguration()))
+        #expect(applied.name == "Tea" && applied.persistent && !applied.isPublic && applied.membersOnly)
+        #expect(applied.password == "pw" && applied.maxUsers == 50 && applied.whoIs == "anyone")
+        #expect(MUCRooms.applyForm(form([("muc#roomconfig_maxusers", "lots")]), to: MUCRoomConfiguration()) == nil)
+        #expect(MUCRooms.applyForm(form([("muc#roomconfig_whois", "nobody")]), to: MUCRoomConfiguration()) == nil)
+        #expect(MUCRooms.applyForm(form([("muc#roomconfig_passwordprotectedroom", "1")]), to: MUCRoomConfiguration()) == nil)
+        // The form offered carries the room's values.
+        var room = Self.configured { $0.name = "Named" }
+        _ = room.configure(by: Self.alice, applied)
+        let offered = MUCRooms.configurationForm(room)
+        let value = { (name: String) in offered.children(name: "field", namespace: MUCNamespace.dataForms).first { $0.attribute("var") == name }?.firstChild(name: "value", namespace: MUCNamespace.dataForms)?.text }
+        #expect(value("muc#roomconfig_roomname") == "Tea")
+        #expect(value("muc#roomconfig_persistentroom") == "1")
+        #expect(value("muc#roomconfig_maxusers") == "50")
+    }
+
 }

@@ -227,4 +227,68 @@ struct MUCTests {
             await bob.close()
         }
     }
+
+    @Test("A persistent room outlives its last occupant and a restart, with its configuration and members; destroying it removes it for good")
+    func persistentRoom() async throws {
+        let server = try await TestServer.start()
+        let directory = server.directory
+        let room = "club@conference.a.example"
+        do {
+            let (alice, _) = try await server.loggedIn("alice@a.example")
+            try await enter(alice, "\(room)/alice")
+            _ = try await alice.waitFor { $0.firstChild(name: "subject", namespace: XMLNamespace.client) != nil }
+            let form = XMLElement(name: "x", namespace: "jabber:x:data", attributes: [XMLAttribute("type", "submit")], children: [
+                ("muc#roomconfig_persistentroom", "1"), ("muc#roomconfig_roomname", "The Club"), ("muc#roomconfig_membersonly", "1"),
+            ].map { name, value in
+                .element(XMLElement(name: "field", namespace: "jabber:x:data", attributes: [XMLAttribute("var", name)],
+                                    children: [.element(XMLElement(name: "value", namespace: "jabber:x:data", text: value))]))
+            })
+            #expect(try await alice.iq(.set, to: room, payload: XMLElement(name: "query", namespace: Self.owner, children: [.element(form)])).attribute("type") == "result")
+            // carol becomes a member (§10.3 via muc#admin).
+            let made = try await alice.iq(.set, to: room, payload: XMLElement(name: "query", namespace: "http://jabber.org/protocol/muc#admin", children: [
+                .element(XMLElement(name: "item", namespace: "http://jabber.org/protocol/muc#admin", attributes: [XMLAttribute("jid", "carol@a.example"), XMLAttribute("affiliation", "member")])),
+            ]))
+            #expect(made.attribute("type") == "result")
+            try await alice.send(XMLElement(name: "presence", namespace: XMLNamespace.client, attributes: [XMLAttribute("to", "\(room)/alice"), XMLAttribute("type", "unavailable")]))
+            _ = try await alice.waitFor { $0.name == "presence" && $0.attribute("type") == "unavailable" }
+            await alice.close()
+        } catch {
+            await server.stop()
+            throw error
+        }
+        await server.stopKeepingData()
+
+        let again = try await TestServer.start(users: [], directory: directory)
+        do {
+            let (carol, _) = try await again.loggedIn("carol@a.example")
+            let (bob, _) = try await again.loggedIn("bob@b.example")
+            // Still there, empty, with its name and features; members only.
+            let info = try await carol.iq(.get, to: room, payload: XMLElement(name: "query", namespace: DiscoModule.info))
+            let query = try #require(info.firstChild(name: "query", namespace: DiscoModule.info))
+            #expect(query.firstChild(name: "identity", namespace: DiscoModule.info)?.attribute("name") == "The Club")
+            let features = Set(query.children(name: "feature", namespace: DiscoModule.info).compactMap { $0.attribute("var") })
+            #expect(features.isSuperset(of: ["muc_persistent", "muc_membersonly"]))
+            try await enter(bob, "\(room)/bob")
+            let refused = try await bob.waitFor { $0.name == "presence" }
+            #expect(refused.firstChild(name: "error", namespace: XMLNamespace.client)?.firstChild(namespace: XMLNamespace.stanzaErrors)?.name == "registration-required")
+            try await enter(carol, "\(room)/carol")
+            let own = try await carol.waitFor { $0.name == "presence" && $0.attribute("from") == "\(room)/carol" }
+            #expect(item(own)?.attribute("affiliation") == "member")
+            await carol.close()
+            await bob.close()
+            // The owner destroys it: gone from storage too.
+            let (alice, _) = try await again.loggedIn("alice@a.example")
+            let destroyed = try await alice.iq(.set, to: room, payload: XMLElement(name: "query", namespace: Self.owner, children: [
+                .element(XMLElement(name: "destroy", namespace: Self.owner)),
+            ]))
+            #expect(destroyed.attribute("type") == "result")
+            try await waitUntil { try await again.context.storage.groupChatRooms().isEmpty }
+            await alice.close()
+        } catch {
+            await again.stop()
+            throw error
+        }
+        await again.stop()
+    }
+
 }

@@ -28,9 +28,10 @@ final class TestServer: Sendable {
         wallClock: WallClock = .system,
         sessionClock: SessionClock = .system,
         modules: [any BraidModule] = [],
+        directory given: String? = nil,
         configure: (inout BraidConfiguration) -> Void = { _ in }
     ) async throws -> TestServer {
-        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("braid-test-\(UUID().uuidString)").path
+        let directory = given ?? FileManager.default.temporaryDirectory.appendingPathComponent("braid-test-\(UUID().uuidString)").path
         var configuration = BraidConfiguration()
         configuration.dataDirectory = directory
         configuration.defaultDomain = domains[0]
@@ -104,9 +105,14 @@ final class TestServer: Sendable {
     }
 
     func stop() async {
+        await stopKeepingData()
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    /// Stops the server and leaves its data directory for another start (a restart).
+    func stopKeepingData() async {
         await server.shutdown()
         try? await group.shutdownGracefully()
-        try? FileManager.default.removeItem(atPath: directory)
     }
 }
 

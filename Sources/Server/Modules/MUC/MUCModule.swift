@@ -1,4 +1,6 @@
 import Foundation
+import Logging
+import Storage
 import Synchronization
 import XMPPCore
 import XMPPStream
@@ -38,17 +40,27 @@ struct MUCModule: BraidModule {
         }
         guard let room = try? JID(localpart: localpart, domainpart: service.to.domainpart, resourcepart: nil as String?) else { return }
         let router = service.router
-        // One event at a time per room, its stanzas routed before the next.
+        let storage = router.server.storage
+        let logger = router.server.logger
+        await rooms.loadIfNeeded(from: storage, logger: logger)
+        // One event at a time per room, its stanzas routed (and the room saved) before the next.
         _ = try? await router.server.accounts.run(room) {
-            let out = rooms.apply(stanza, from: from, to: service.to, room: room, parent: service.parent, now: Date())
-            for element in out {
+            let effects = rooms.apply(stanza, from: from, to: service.to, room: room, parent: service.parent, now: Date())
+            do {
+                if let saved = effects.save { try await storage.putGroupChatRoom(saved) }
+                if let forgotten = effects.forget { try await storage.removeGroupChatRoom(forgotten) }
+            } catch {
+                logger.error("saving a group-chat room failed", metadata: ["room": "\(room)", "error": "\(error)"])
+            }
+            for element in effects.out {
                 if let reply = Stanza(element) { await router.route(reply) }
             }
         }
     }
 
-    /// Stanzas to the service itself: `disco#items` lists the rooms (§6.3).
+    /// Stanzas to the service itself: `disco#items` lists the public rooms (§6.3).
     private static func handleService(_ service: ServiceStanza, from: JID, rooms: MUCRooms) async {
+        await rooms.loadIfNeeded(from: service.router.server.storage, logger: service.router.server.logger)
         guard let iq = IQ(service.stanza), iq.type == .get, let payload = iq.payload else {
             if IQ(service.stanza)?.type?.isRequest == true { await service.bounce(with: StanzaError(.featureNotImplemented)) }
             return
@@ -59,34 +71,102 @@ struct MUCModule: BraidModule {
         }
         let items = rooms.listed(on: service.to.domainpart).map { room in
             XMLNode.element(XMLElement(name: "item", namespace: payload.namespace, attributes: [
-                XMLAttribute("jid", room.jid.description), XMLAttribute("name", room.jid.localpart ?? ""),
+                XMLAttribute("jid", room.jid.description), XMLAttribute("name", room.configuration.name.isEmpty ? room.jid.localpart ?? "" : room.configuration.name),
             ]))
         }
         await service.send(iq.result(payload: XMLElement(name: "query", namespace: payload.namespace, children: items)).stanza)
     }
 }
 
-/// The rooms that exist, by bare room JID. Each call is one event of one room (the module
+/// The rooms that exist, by bare room JID: the ones with occupants, and the persistent ones
+/// (loaded from storage on first use). Each call is one event of one room (the module
 /// serialises them per room), applied to the room's value under the lock.
 final class MUCRooms: Sendable {
-    private let rooms = Mutex<[JID: MUCRoom]>([:])
-
-    var count: Int { rooms.withLock { $0.count } }
-
-    func room(_ jid: JID) -> MUCRoom? { rooms.withLock { $0[jid] } }
-
-    func listed(on service: String) -> [MUCRoom] {
-        rooms.withLock { Array($0.values) }.filter { $0.jid.domainpart == service && !$0.locked }.sorted { $0.jid.description < $1.jid.description }
+    private struct State {
+        var rooms: [JID: MUCRoom] = [:]
+        var loaded = false
     }
 
-    /// Applies one stanza to its room; returns what to send.
-    func apply(_ stanza: Stanza, from: JID, to: JID, room: JID, parent: String, now: Date) -> [XMLElement] {
-        rooms.withLock { rooms -> [XMLElement] in
-            var state = rooms[room] ?? MUCRoom(jid: room)
-            let out = Self.event(stanza, from: from, to: to, state: &state, parent: parent, now: now)
-            rooms[room] = state.isEmpty ? nil : state
-            return out
+    private let state = Mutex(State())
+    private let loading = Mutex<Task<Void, Never>?>(nil)
+
+    /// What one event changed beyond its stanzas.
+    struct Effects {
+        var out: [XMLElement] = []
+        /// The room to store (persistent, configured or its affiliations changed).
+        var save: StoredRoom?
+        /// The room to forget (destroyed, or made temporary).
+        var forget: JID?
+    }
+
+    var count: Int { state.withLock { $0.rooms.count } }
+
+    func room(_ jid: JID) -> MUCRoom? { state.withLock { $0.rooms[jid] } }
+
+    func listed(on service: String) -> [MUCRoom] {
+        state.withLock { Array($0.rooms.values) }
+            .filter { $0.jid.domainpart == service && !$0.locked && $0.configuration.isPublic }
+            .sorted { $0.jid.description < $1.jid.description }
+    }
+
+    /// Loads the persistent rooms once (concurrent callers share the load).
+    func loadIfNeeded(from storage: any Storage, logger: Logger) async {
+        if state.withLock({ $0.loaded }) { return }
+        let task = loading.withLock { current -> Task<Void, Never> in
+            if let current { return current }
+            let task = Task { [self] in
+                do {
+                    let stored = try await storage.groupChatRooms()
+                    let decoder = JSONDecoder()
+                    state.withLock { state in
+                        for room in stored where state.rooms[room.jid] == nil {
+                            guard let configuration = try? decoder.decode(MUCRoomConfiguration.self, from: Data(room.configuration.utf8)),
+                                  let affiliations = try? decoder.decode([String: String].self, from: Data(room.affiliations.utf8)) else {
+                                logger.error("unreadable group-chat room skipped", metadata: ["room": "\(room.jid)"])
+                                continue
+                            }
+                            let byJID = Dictionary(affiliations.compactMap { key, value in (try? JID(key)).map { ($0, value) } }, uniquingKeysWith: { $1 })
+                            state.rooms[room.jid] = MUCRoom(jid: room.jid, configuration: configuration, affiliations: byJID)
+                        }
+                        state.loaded = true
+                    }
+                } catch {
+                    logger.error("loading group-chat rooms failed; trying again with the next stanza", metadata: ["error": "\(error)"])
+                }
+            }
+            current = task
+            return task
         }
+        await task.value
+        loading.withLock { current in if state.withLock({ !$0.loaded }) { current = nil } }
+    }
+
+    /// Applies one stanza to its room.
+    func apply(_ stanza: Stanza, from: JID, to: JID, room: JID, parent: String, now: Date) -> Effects {
+        state.withLock { state -> Effects in
+            var current = state.rooms[room] ?? MUCRoom(jid: room)
+            let wasPersistent = current.isPersistent
+            let before = (current.configuration, current.affiliations)
+            var effects = Effects()
+            effects.out = Self.event(stanza, from: from, to: to, state: &current, parent: parent, now: now)
+            state.rooms[room] = current.isGone ? nil : current
+            if current.isPersistent && (!wasPersistent || before.0 != current.configuration || before.1 != current.affiliations) {
+                effects.save = Self.stored(current, parent: parent, now: now)
+            } else if wasPersistent && !current.isPersistent {
+                effects.forget = room
+            }
+            return effects
+        }
+    }
+
+    private static func stored(_ room: MUCRoom, parent: String, now: Date) -> StoredRoom {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        let configuration = (try? encoder.encode(room.configuration)).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
+        let affiliations = Dictionary(room.affiliations.map { ($0.key.description, $0.value) }, uniquingKeysWith: { $1 })
+        let affiliationsText = (try? encoder.encode(affiliations)).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
+        return StoredRoom(jid: room.jid, parentDomain: parent, configuration: configuration, affiliations: affiliationsText,
+                          createdAt: Int64(now.timeIntervalSince1970))
     }
 
     private static func event(_ stanza: Stanza, from: JID, to: JID, state: inout MUCRoom, parent: String, now: Date) -> [XMLElement] {
@@ -116,6 +196,7 @@ final class MUCRooms: Sendable {
     private static func iq(_ stanza: Stanza, from: JID, to: JID, state: inout MUCRoom) -> [XMLElement] {
         guard let iq = IQ(stanza), let type = iq.type, type.isRequest else { return [] }
         guard let payload = iq.payload else { return [MUCRoom.error(stanza, StanzaError(.badRequest), from: to)] }
+        let exists = !state.occupants.isEmpty || state.isPersistent
         if let nick = to.resourcepart {
             // XEP-0410: a ping to one's own occupant JID says whether one is still in.
             guard payload.namespace == "urn:xmpp:ping", type == .get else {
@@ -126,33 +207,146 @@ final class MUCRooms: Sendable {
             }
             return [iq.result(payload: nil).stanza.setting(attribute: "from", to: to.description).element]
         }
+        let isOwner = state.owners.contains(from.bare)
         switch (payload.namespace, type) {
-        case ("http://jabber.org/protocol/disco#info", .get) where !state.isEmpty:
-            return [iq.result(payload: DiscoModule.info(identity: ("conference", "text", state.jid.localpart), features: [
-                "http://jabber.org/protocol/muc", "muc_temporary", "muc_open", "muc_semianonymous", "muc_unmoderated", "muc_public",
-            ])).stanza.element]
-        case (MUCNamespace.owner, .get) where state.owners.contains(from.bare):
-            // §10.1.3: the form; every field has the value the room has (nothing is configurable yet).
-            return [iq.result(payload: XMLElement(name: "query", namespace: MUCNamespace.owner, children: [
-                .element(XMLElement(name: "x", namespace: MUCNamespace.dataForms, attributes: [XMLAttribute("type", "form")], children: [
-                    .element(XMLElement(name: "title", namespace: MUCNamespace.dataForms, text: "Configuration of \(state.jid)")),
-                    .element(XMLElement(name: "field", namespace: MUCNamespace.dataForms, attributes: [
-                        XMLAttribute("var", "FORM_TYPE"), XMLAttribute("type", "hidden"),
-                    ], children: [.element(XMLElement(name: "value", namespace: MUCNamespace.dataForms, text: "http://jabber.org/protocol/muc#roomconfig"))])),
-                ])),
-            ])).stanza.element]
-        case (MUCNamespace.owner, .set) where state.owners.contains(from.bare):
-            // §10.1.2 (instant room: an empty submit) and §10.1.3 (a submitted form); a
-            // cancel leaves the room locked.
-            let form = payload.firstChild(name: "x", namespace: MUCNamespace.dataForms)
-            if form?.attribute("type") == "submit" { _ = state.configure(by: from) }
-            return [iq.result(payload: nil).stanza.element]
+        case ("http://jabber.org/protocol/disco#info", .get) where exists:
+            return [iq.result(payload: DiscoModule.info(identity: ("conference", "text", state.configuration.name.isEmpty ? state.jid.localpart : state.configuration.name),
+                                                        features: roomFeatures(state.configuration))).stanza.element]
         case ("http://jabber.org/protocol/disco#info", .get):
             return [MUCRoom.error(stanza, StanzaError(.itemNotFound), from: to)]
+        case (MUCNamespace.owner, .get) where isOwner:
+            return [iq.result(payload: XMLElement(name: "query", namespace: MUCNamespace.owner, children: [.element(configurationForm(state))])).stanza.element]
+        case (MUCNamespace.owner, .set) where isOwner:
+            if let destroy = payload.firstChild(name: "destroy", namespace: MUCNamespace.owner) {
+                // §10.9.
+                let out = state.destroy(by: from, alternate: destroy.attribute("jid"),
+                                        reason: destroy.firstChild(name: "reason", namespace: MUCNamespace.owner)?.text) ?? []
+                return out + [iq.result(payload: nil).stanza.element]
+            }
+            // §10.1.2 (an instant room: an empty submit) and §10.1.3 (a submitted form); a
+            // cancel leaves the room as it was.
+            guard let form = payload.firstChild(name: "x", namespace: MUCNamespace.dataForms) else {
+                return [MUCRoom.error(stanza, StanzaError(.badRequest), from: to)]
+            }
+            if form.attribute("type") == "submit" {
+                guard let configuration = applyForm(form, to: state.configuration) else {
+                    return [MUCRoom.error(stanza, StanzaError(.notAcceptable, text: "a field has a value the room cannot take"), from: to)]
+                }
+                _ = state.configure(by: from, configuration)
+            }
+            return [iq.result(payload: nil).stanza.element]
         case (MUCNamespace.owner, _):
             return [MUCRoom.error(stanza, StanzaError(.forbidden), from: to)]
+        case (MUCNamespace.admin, .set) where exists:
+            var out: [XMLElement] = []
+            for item in payload.children(name: "item", namespace: MUCNamespace.admin) {
+                let result: Result<[XMLElement], StanzaError>
+                if let affiliation = item.attribute("affiliation"), let target = item.attribute("jid").flatMap({ try? JID($0) }) {
+                    result = state.setAffiliation(of: target, to: affiliation, by: from)
+                } else if let role = item.attribute("role"), let nick = item.attribute("nick") {
+                    result = state.setRole(of: nick, to: role, by: from)
+                } else {
+                    result = .failure(StanzaError(.badRequest, text: "an item needs jid and affiliation, or nick and role"))
+                }
+                switch result {
+                case .success(let elements): out += elements
+                case .failure(let error): return out + [MUCRoom.error(stanza, error, from: to)]
+                }
+            }
+            return out + [iq.result(payload: nil).stanza.element]
+        case (MUCNamespace.admin, .get) where exists:
+            // §9.5, §10.5: lists by affiliation, for owners and admins.
+            guard ["owner", "admin"].contains(state.affiliation(of: from)),
+                  let wanted = payload.firstChild(name: "item", namespace: MUCNamespace.admin)?.attribute("affiliation") else {
+                return [MUCRoom.error(stanza, StanzaError(.forbidden), from: to)]
+            }
+            let items = state.members(with: wanted).map { jid in
+                XMLNode.element(XMLElement(name: "item", namespace: MUCNamespace.admin, attributes: [XMLAttribute("affiliation", wanted), XMLAttribute("jid", jid.description)]))
+            }
+            return [iq.result(payload: XMLElement(name: "query", namespace: MUCNamespace.admin, children: items)).stanza.element]
         default:
             return [MUCRoom.error(stanza, StanzaError(.featureNotImplemented), from: to)]
         }
+    }
+
+    static func roomFeatures(_ configuration: MUCRoomConfiguration) -> [String] {
+        ["http://jabber.org/protocol/muc",
+         configuration.persistent ? "muc_persistent" : "muc_temporary",
+         configuration.isPublic ? "muc_public" : "muc_hidden",
+         configuration.membersOnly ? "muc_membersonly" : "muc_open",
+         configuration.moderated ? "muc_moderated" : "muc_unmoderated",
+         configuration.whoIs == "anyone" ? "muc_nonanonymous" : "muc_semianonymous",
+         configuration.password == nil ? "muc_unsecured" : "muc_passwordprotected"]
+    }
+
+    /// §10.2's fields Braid supports, with the room's values.
+    static func configurationForm(_ room: MUCRoom) -> XMLElement {
+        let c = room.configuration
+        func field(_ name: String, _ type: String, _ label: String, _ values: [String], options: [String] = []) -> XMLNode {
+            var children: [XMLNode] = values.map { .element(XMLElement(name: "value", namespace: MUCNamespace.dataForms, text: $0)) }
+            children += options.map { option in
+                .element(XMLElement(name: "option", namespace: MUCNamespace.dataForms, children: [
+                    .element(XMLElement(name: "value", namespace: MUCNamespace.dataForms, text: option)),
+                ]))
+            }
+            return .element(XMLElement(name: "field", namespace: MUCNamespace.dataForms, attributes: [
+                XMLAttribute("var", name), XMLAttribute("type", type), XMLAttribute("label", label),
+            ], children: children))
+        }
+        func flag(_ value: Bool) -> String { value ? "1" : "0" }
+        return XMLElement(name: "x", namespace: MUCNamespace.dataForms, attributes: [XMLAttribute("type", "form")], children: [
+            .element(XMLElement(name: "title", namespace: MUCNamespace.dataForms, text: "Configuration of \(room.jid)")),
+            .element(XMLElement(name: "field", namespace: MUCNamespace.dataForms, attributes: [XMLAttribute("var", "FORM_TYPE"), XMLAttribute("type", "hidden")],
+                                children: [.element(XMLElement(name: "value", namespace: MUCNamespace.dataForms, text: "http://jabber.org/protocol/muc#roomconfig"))])),
+            field("muc#roomconfig_roomname", "text-single", "Name", [c.name]),
+            field("muc#roomconfig_roomdesc", "text-single", "Description", [c.description]),
+            field("muc#roomconfig_persistentroom", "boolean", "Keep the room when it is empty", [flag(c.persistent)]),
+            field("muc#roomconfig_publicroom", "boolean", "List the room publicly", [flag(c.isPublic)]),
+            field("muc#roomconfig_membersonly", "boolean", "Members only", [flag(c.membersOnly)]),
+            field("muc#roomconfig_moderatedroom", "boolean", "Moderated (visitors have no voice)", [flag(c.moderated)]),
+            field("muc#roomconfig_passwordprotectedroom", "boolean", "Password protected", [flag(c.password != nil)]),
+            field("muc#roomconfig_roomsecret", "text-private", "Password", c.password.map { [$0] } ?? []),
+            field("muc#roomconfig_maxusers", "list-single", "Most occupants", [String(c.maxUsers)], options: ["10", "20", "50", "100", "200", "500"]),
+            field("muc#roomconfig_whois", "list-single", "Who may see real JIDs", [c.whoIs], options: ["moderators", "anyone"]),
+            field("muc#roomconfig_changesubject", "boolean", "Participants may change the subject", [flag(c.changeSubject)]),
+        ])
+    }
+
+    /// A submitted form over the current configuration; nil when a value cannot be taken.
+    /// Fields Braid does not know are ignored, as §10.2 allows.
+    static func applyForm(_ form: XMLElement, to current: MUCRoomConfiguration) -> MUCRoomConfiguration? {
+        var c = current
+        var passwordProtected: Bool?
+        var secret: String?
+        for field in form.children(name: "field", namespace: MUCNamespace.dataForms) {
+            guard let name = field.attribute("var") else { continue }
+            let value = field.firstChild(name: "value", namespace: MUCNamespace.dataForms)?.text ?? ""
+            let bool = value == "1" || value == "true"
+            switch name {
+            case "muc#roomconfig_roomname": c.name = value
+            case "muc#roomconfig_roomdesc": c.description = value
+            case "muc#roomconfig_persistentroom": c.persistent = bool
+            case "muc#roomconfig_publicroom": c.isPublic = bool
+            case "muc#roomconfig_membersonly": c.membersOnly = bool
+            case "muc#roomconfig_moderatedroom": c.moderated = bool
+            case "muc#roomconfig_passwordprotectedroom": passwordProtected = bool
+            case "muc#roomconfig_roomsecret": secret = value
+            case "muc#roomconfig_maxusers":
+                guard let number = Int(value), number > 0, number <= 10_000 else { return nil }
+                c.maxUsers = number
+            case "muc#roomconfig_whois":
+                guard ["moderators", "anyone"].contains(value) else { return nil }
+                c.whoIs = value
+            case "muc#roomconfig_changesubject": c.changeSubject = bool
+            default: continue
+            }
+        }
+        if let passwordProtected {
+            c.password = passwordProtected ? (secret?.isEmpty == false ? secret : c.password) : nil
+            if passwordProtected && c.password == nil { return nil }
+        } else if let secret, !secret.isEmpty {
+            c.password = secret
+        }
+        return c
     }
 }

@@ -7,6 +7,7 @@ enum MUCNamespace {
     static let muc = "http://jabber.org/protocol/muc"
     static let user = "http://jabber.org/protocol/muc#user"
     static let owner = "http://jabber.org/protocol/muc#owner"
+    static let admin = "http://jabber.org/protocol/muc#admin"
     static let delay = "urn:xmpp:delay"
     static let dataForms = "jabber:x:data"
 }
@@ -24,6 +25,21 @@ enum MUCNamespace {
 /// (§7.2.9) and changes (303, §7.6); presence updates; leaving (§7.14); groupchat messages
 /// reflected to every occupant (§7.4); private messages (§7.5); the subject, changed by
 /// moderators (§8.1); self-ping (XEP-0410). Semi-anonymous: real JIDs go to moderators only.
+/// A room's configuration (`muc#roomconfig`, XEP-0045 §10.2): what the owner's form sets.
+struct MUCRoomConfiguration: Codable, Sendable, Equatable {
+    var name = ""
+    var description = ""
+    var persistent = false
+    var isPublic = true
+    var membersOnly = false
+    var moderated = false
+    var password: String?
+    var maxUsers = 200
+    /// "moderators" (semi-anonymous) or "anyone" (non-anonymous).
+    var whoIs = "moderators"
+    var changeSubject = false
+}
+
 struct MUCRoom: Sendable {
     struct Occupant: Sendable, Equatable {
         var nick: String
@@ -42,13 +58,43 @@ struct MUCRoom: Sendable {
     private(set) var locked = true
     private(set) var subject: (text: String, by: String)?
     private(set) var history: [(message: XMLElement, at: Date)] = []
-    /// Owners by bare JID (the creator).
-    private(set) var owners: Set<JID> = []
+    /// Affiliations by bare JID: owner, admin, member, outcast (§5.2).
+    private(set) var affiliations: [JID: String] = [:]
+    var configuration = MUCRoomConfiguration()
     let historyLimit: Int
 
     init(jid: JID, historyLimit: Int = 20) {
         self.jid = jid
         self.historyLimit = historyLimit
+    }
+
+    /// A persistent room as it was stored: open (configured), with its affiliations.
+    init(jid: JID, configuration: MUCRoomConfiguration, affiliations: [JID: String], historyLimit: Int = 20) {
+        self.jid = jid
+        self.historyLimit = historyLimit
+        self.configuration = configuration
+        self.affiliations = affiliations
+        locked = false
+    }
+
+    var owners: Set<JID> { Set(affiliations.filter { $0.value == "owner" }.keys) }
+
+    func affiliation(of jid: JID) -> String { affiliations[jid.bare] ?? "none" }
+
+    /// Whether the room outlives its last occupant.
+    var isPersistent: Bool { configuration.persistent && !locked }
+
+    /// A temporary room with nobody in it ends (§10.1.2 note); a persistent one stays.
+    var isGone: Bool { occupants.isEmpty && !isPersistent }
+
+    private var nonAnonymous: Bool { configuration.whoIs == "anyone" }
+
+    private func role(for affiliation: String) -> String {
+        switch affiliation {
+        case "owner", "admin": "moderator"
+        case "member": "participant"
+        default: configuration.moderated ? "visitor" : "participant"
+        }
     }
 
     var isEmpty: Bool { occupants.isEmpty }
@@ -79,14 +125,35 @@ struct MUCRoom: Sendable {
             // §10.1.1: a locked room is entered by no one but its owner.
             return [Self.error(stanza, StanzaError(.itemNotFound, text: "the room is being set up"), from: roomJID(nick))]
         }
+        let affiliation = affiliation(of: from)
+        if affiliation == "outcast" {
+            // §7.2.7: banned.
+            return [Self.error(stanza, StanzaError(.forbidden, text: "you are banned from this room"), from: roomJID(nick))]
+        }
+        let privileged = affiliation == "owner" || affiliation == "admin"
+        if configuration.membersOnly && affiliation == "none" {
+            // §7.2.6.
+            return [Self.error(stanza, StanzaError(.registrationRequired, text: "this room is for members only"), from: roomJID(nick))]
+        }
+        if let password = configuration.password, !privileged {
+            // §7.2.5.
+            let given = stanza.element.firstChild(name: "x", namespace: MUCNamespace.muc)?.firstChild(name: "password", namespace: MUCNamespace.muc)?.text
+            guard given == password else {
+                return [Self.error(stanza, StanzaError(.notAuthorized, text: "a password is required"), from: roomJID(nick))]
+            }
+        }
+        if occupants.count >= max(1, configuration.maxUsers) && !privileged {
+            // §7.2.10.
+            return [Self.error(stanza, StanzaError(.serviceUnavailable, text: "the room is full"), from: roomJID(nick))]
+        }
         if occupant(nick: nick) != nil {
             // §7.2.9.
             return [Self.error(stanza, StanzaError(.conflict, text: "that nickname is taken"), from: roomJID(nick))]
         }
         let created = occupants.isEmpty && owners.isEmpty
-        if created { owners.insert(from.bare) }
-        let owner = owners.contains(from.bare)
-        let newcomer = Occupant(nick: nick, realJID: from, affiliation: owner ? "owner" : "none", role: owner ? "moderator" : "participant",
+        if created { affiliations[from.bare] = "owner" }
+        let current = self.affiliation(of: from)
+        let newcomer = Occupant(nick: nick, realJID: from, affiliation: current, role: role(for: current),
                                 presence: Self.shownPresence(stanza.element))
         var out: [XMLElement] = []
         // The others, to the newcomer.
@@ -99,7 +166,7 @@ struct MUCRoom: Sendable {
             out.append(presenceElement(of: newcomer, to: other, statuses: []))
         }
         // Self-presence, last of the presence (§7.2.3).
-        out.append(presenceElement(of: newcomer, to: newcomer, statuses: created ? ["110", "201"] : ["110"]))
+        out.append(presenceElement(of: newcomer, to: newcomer, statuses: (nonAnonymous ? ["100"] : []) + (created ? ["110", "201"] : ["110"])))
         // History (§7.2.15), as much as asked.
         let join = stanza.element.firstChild(name: "x", namespace: MUCNamespace.muc)
         let wanted = join?.firstChild(name: "history", namespace: MUCNamespace.muc)?.attribute("maxstanzas").flatMap(Int.init) ?? historyLimit
@@ -184,9 +251,13 @@ struct MUCRoom: Sendable {
         guard type == "groupchat" else {
             return [Self.error(stanza, StanzaError(.badRequest, text: "messages to the room are of type groupchat"), from: jid)]
         }
+        guard sender.role != "visitor" else {
+            // §7.4: in a moderated room, visitors have no voice.
+            return [Self.error(stanza, StanzaError(.forbidden, text: "you have no voice in this room"), from: jid)]
+        }
         if let subjectElement = stanza.element.firstChild(name: "subject", namespace: stanza.element.namespace) {
-            // §8.1: moderators change the subject.
-            guard sender.role == "moderator" else {
+            // §8.1: moderators change the subject, and participants when the room lets them.
+            guard sender.role == "moderator" || configuration.changeSubject else {
                 return [Self.error(stanza, StanzaError(.forbidden, text: "only moderators may change the subject"), from: jid)]
             }
             subject = (subjectElement.text, sender.nick)
@@ -199,13 +270,104 @@ struct MUCRoom: Sendable {
         return occupants.map { reflected.setting(attribute: "to", to: $0.realJID.description) }
     }
 
-    // MARK: Configuration
+    // MARK: Configuration and administration
 
     /// The owner accepted the instant room or submitted a configuration (§10.1.2, §10.1.3).
-    mutating func configure(by requester: JID) -> Bool {
+    mutating func configure(by requester: JID, _ configuration: MUCRoomConfiguration? = nil) -> Bool {
         guard owners.contains(requester.bare) else { return false }
+        if let configuration { self.configuration = configuration }
         locked = false
         return true
+    }
+
+    /// An affiliation change by `actor` (§9.1–§9.8, §10.3–§10.7). Owners change anything;
+    /// admins change members, outcasts and the unaffiliated, never owners or admins. An
+    /// occupant banned, or no longer a member of a members-only room, leaves (301, 321);
+    /// the others learn of the change.
+    mutating func setAffiliation(of target: JID, to affiliation: String, by actor: JID) -> Result<[XMLElement], StanzaError> {
+        let actorAffiliation = self.affiliation(of: actor)
+        let targetAffiliation = self.affiliation(of: target)
+        guard ["owner", "admin", "member", "outcast", "none"].contains(affiliation) else { return .failure(StanzaError(.badRequest)) }
+        let privileged: Set<String> = ["owner", "admin"]
+        guard actorAffiliation == "owner" || (actorAffiliation == "admin" && !privileged.contains(affiliation) && !privileged.contains(targetAffiliation)) else {
+            return .failure(StanzaError(.notAllowed, text: "not allowed to change that affiliation"))
+        }
+        if targetAffiliation == "owner" && affiliation != "owner" && owners.count == 1 {
+            // §10.5: the last owner stays.
+            return .failure(StanzaError(.conflict, text: "a room keeps at least one owner"))
+        }
+        affiliations[target.bare] = affiliation == "none" ? nil : affiliation
+        var out: [XMLElement] = []
+        for index in occupants.indices where occupants[index].realJID.bare == target.bare {
+            occupants[index].affiliation = affiliation
+            occupants[index].role = role(for: affiliation)
+        }
+        let removedStatus: String? = affiliation == "outcast" ? "301" : (configuration.membersOnly && affiliation == "none" ? "321" : nil)
+        for occupant in occupants where occupant.realJID.bare == target.bare {
+            if let removedStatus {
+                out += removeWithStatus(occupant, status: removedStatus)
+            } else {
+                out += occupants.map { presenceElement(of: occupant, to: $0, statuses: $0.realJID == occupant.realJID ? ["110"] : []) }
+            }
+        }
+        return .success(out)
+    }
+
+    /// A role change by a moderator (§8.2 kick, §8.3–§8.6 voice, §9.6 moderators).
+    mutating func setRole(of nick: String, to role: String, by actor: JID) -> Result<[XMLElement], StanzaError> {
+        guard let actorOccupant = occupant(realJID: actor), actorOccupant.role == "moderator" else {
+            return .failure(StanzaError(.forbidden, text: "only moderators change roles"))
+        }
+        guard let target = occupant(nick: nick) else { return .failure(StanzaError(.itemNotFound, text: "no such occupant")) }
+        guard ["none", "visitor", "participant", "moderator"].contains(role) else { return .failure(StanzaError(.badRequest)) }
+        // §8.2: nobody kicks or silences someone of higher affiliation, or an owner or admin.
+        if ["owner", "admin"].contains(target.affiliation) && role != "moderator" {
+            return .failure(StanzaError(.notAllowed, text: "owners and admins cannot be kicked or silenced"))
+        }
+        if role == "moderator" && !["owner", "admin"].contains(actorOccupant.affiliation) {
+            return .failure(StanzaError(.notAllowed, text: "only owners and admins make moderators"))
+        }
+        if role == "none" { return .success(removeWithStatus(target, status: "307")) }
+        guard let index = occupants.firstIndex(where: { $0.realJID == target.realJID }) else { return .success([]) }
+        occupants[index].role = role
+        let changed = occupants[index]
+        return .success(occupants.map { presenceElement(of: changed, to: $0, statuses: $0.realJID == changed.realJID ? ["110"] : []) })
+    }
+
+    /// Occupants with an affiliation, for the admin's lists (§9.5, §10.5).
+    func members(with affiliation: String) -> [JID] {
+        affiliations.filter { $0.value == affiliation }.keys.sorted { $0.description < $1.description }
+    }
+
+    /// §10.9: the owner destroys the room; everyone leaves with the reason and, if given,
+    /// where to go instead.
+    mutating func destroy(by actor: JID, alternate: String?, reason: String?) -> [XMLElement]? {
+        guard owners.contains(actor.bare) else { return nil }
+        var destroyAttributes: [XMLAttribute] = []
+        if let alternate { destroyAttributes.append(XMLAttribute("jid", alternate)) }
+        let destroyElement = XMLElement(name: "destroy", namespace: MUCNamespace.user, attributes: destroyAttributes,
+                                        children: reason.map { [.element(XMLElement(name: "reason", namespace: MUCNamespace.user, text: $0))] } ?? [])
+        let out = occupants.map { occupant in
+            XMLElement(name: "presence", namespace: XMLNamespace.client, attributes: [
+                XMLAttribute("from", roomJID(occupant.nick).description), XMLAttribute("to", occupant.realJID.description), XMLAttribute("type", "unavailable"),
+            ], children: [.element(XMLElement(name: "x", namespace: MUCNamespace.user, children: [
+                .element(XMLElement(name: "item", namespace: MUCNamespace.user, attributes: [XMLAttribute("affiliation", "none"), XMLAttribute("role", "none")])),
+                .element(destroyElement),
+            ]))])
+        }
+        occupants = []
+        configuration.persistent = false
+        return out
+    }
+
+    /// Removes an occupant with a status (301 banned, 307 kicked, 321 membership), telling
+    /// everyone, the occupant included.
+    private mutating func removeWithStatus(_ occupant: Occupant, status: String) -> [XMLElement] {
+        var leaving = occupant
+        leaving.role = "none"
+        let out = occupants.map { presenceElement(of: leaving, to: $0, statuses: $0.realJID == occupant.realJID ? [status, "110"] : [status], unavailable: true) }
+        occupants.removeAll { $0.realJID == occupant.realJID }
+        return out
     }
 
     // MARK: Elements
@@ -216,8 +378,9 @@ struct MUCRoom: Sendable {
 
     private func presenceElement(of occupant: Occupant, to recipient: Occupant, statuses: [String], unavailable: Bool = false, newNick: String? = nil) -> XMLElement {
         var itemAttributes = [XMLAttribute("affiliation", occupant.affiliation), XMLAttribute("role", unavailable && newNick == nil ? "none" : occupant.role)]
-        // Semi-anonymous: the real JID goes to moderators (and to the occupant itself).
-        if recipient.role == "moderator" || recipient.realJID == occupant.realJID {
+        // Semi-anonymous: the real JID goes to moderators (and to the occupant itself);
+        // non-anonymous: to everyone.
+        if nonAnonymous || recipient.role == "moderator" || recipient.realJID == occupant.realJID {
             itemAttributes.append(XMLAttribute("jid", occupant.realJID.description))
         }
         if let newNick { itemAttributes.append(XMLAttribute("nick", newNick)) }
