@@ -65,7 +65,7 @@ public final class BraidServer: Service {
         // reported there, before anything listens).
         let storage = try configuration.storage.open(dataDirectory: dataDirectory, logger: logger, eventLoopGroup: group)
         // Modules register once, and the tables freeze before anything runs.
-        let dispatcher = try ModuleBuilder.with(StandardModules.all + modules, serviceSettings: configuration.services).freeze()
+        let dispatcher = try ModuleBuilder.with(StandardModules.all(configuration) + modules, serviceSettings: configuration.services).freeze()
         let domains = DomainRegistry(serviceLabels: dispatcher.serviceLabels)
         let certificates = CertificateManager(directory: "\(dataDirectory)/certs", selfSignMissing: configuration.tls.selfSignMissing, domains: domains, logger: logger)
         try certificates.loadConfigured(configuration.tls.certificates)

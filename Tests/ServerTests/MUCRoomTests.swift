@@ -293,4 +293,52 @@ struct MUCRoomTests {
         #expect(value("muc#roomconfig_maxusers") == "50")
     }
 
+
+    @Test("XEP-0421: one occupant-id per bare real JID, the same under any nickname, different for others, never the sender's own claim")
+    func occupantIDs() {
+        var room = Self.populated()
+        room.occupantIDKey = [1, 2, 3]
+        let id = { (element: XMLElement) in element.firstChild(name: "occupant-id", namespace: MUCNamespace.occupantID)?.attribute("id") }
+        let claimed = Stanza(XMLElement(name: "message", namespace: XMLNamespace.client, attributes: [XMLAttribute("to", Self.room.description), XMLAttribute("type", "groupchat")], children: [
+            .element(XMLElement(name: "body", namespace: XMLNamespace.client, text: "hi")),
+            .element(XMLElement(name: "occupant-id", namespace: MUCNamespace.occupantID, attributes: [XMLAttribute("id", "forged")])),
+        ]))!
+        let fromBob = room.message(claimed, from: Self.bob, nick: nil, now: Self.t0)
+        #expect(fromBob.allSatisfy { $0.children(name: "occupant-id", namespace: MUCNamespace.occupantID).count == 1 && id($0) != "forged" })
+        let bobID = id(fromBob[0])
+        let fromAlice = room.message(Self.groupchat("hello"), from: Self.alice, nick: nil, now: Self.t0)
+        #expect(id(fromAlice[0]) != bobID)
+        // Another client of bob's, under another nickname: the same id.
+        let bobPhone = try! JID("bob@example.org/phone")
+        let entered = room.presence(Self.presence(to: "bobby"), from: bobPhone, nick: "bobby", isCreator: false, now: Self.t0)
+        #expect(id(entered.first { $0.attribute("from") == "\(Self.room)/bobby" }!) == bobID)
+    }
+
+    @Test("§7.8.2: an occupant's invitation goes on from the room; in a members-only room only owners and admins invite, and the invitee becomes a member")
+    func invitations() {
+        func invite(_ to: String) -> Stanza {
+            Stanza(XMLElement(name: "message", namespace: XMLNamespace.client, attributes: [XMLAttribute("to", Self.room.description)], children: [
+                .element(XMLElement(name: "x", namespace: MUCNamespace.user, children: [
+                    .element(XMLElement(name: "invite", namespace: MUCNamespace.user, attributes: [XMLAttribute("to", to)], children: [
+                        .element(XMLElement(name: "reason", namespace: MUCNamespace.user, text: "join us")),
+                    ])),
+                ])),
+            ]))!
+        }
+        var room = Self.populated()
+        let sent = room.message(invite("dave@example.net"), from: Self.bob, nick: nil, now: Self.t0)
+        #expect(Self.summary(sent) == ["message room@conference.example.com→dave@example.net"])
+        let forwarded = sent[0].firstChild(name: "x", namespace: MUCNamespace.user)?.firstChild(name: "invite", namespace: MUCNamespace.user)
+        #expect(forwarded?.attribute("from") == "bob@example.org")
+        #expect(forwarded?.firstChild(name: "reason", namespace: MUCNamespace.user)?.text == "join us")
+
+        var members = Self.configured { $0.membersOnly = true }
+        _ = members.setAffiliation(of: Self.bob.bare, to: "member", by: Self.alice)
+        _ = members.presence(Self.presence(to: "bob"), from: Self.bob, nick: "bob", isCreator: false, now: Self.t0)
+        let byMember = members.message(invite("dave@example.net"), from: Self.bob, nick: nil, now: Self.t0)
+        #expect(Self.errorCondition(byMember[0]) == "forbidden")
+        _ = members.message(invite("dave@example.net"), from: Self.alice, nick: nil, now: Self.t0)
+        #expect(members.affiliation(of: try! JID("dave@example.net")) == "member")
+    }
+
 }

@@ -291,4 +291,24 @@ struct MUCTests {
         await again.stop()
     }
 
+
+    @Test("Limits: nicknames and subjects too long, and more rooms than a service may hold, get the errors; the operator sets them (muc section)")
+    func limits() async throws {
+        try await withServer(configure: { $0.muc.maxRoomsPerService = 1; $0.muc.maxNickLength = 8; $0.muc.maxSubjectLength = 10 }) { server in
+            let (alice, _) = try await server.loggedIn("alice@a.example")
+            try await enter(alice, "one@conference.a.example/averylongnickname")
+            let longNick = try await alice.waitFor { $0.name == "presence" }
+            #expect(longNick.firstChild(name: "error", namespace: XMLNamespace.client)?.firstChild(namespace: XMLNamespace.stanzaErrors)?.name == "not-acceptable")
+            try await create(alice, room: "one@conference.a.example", nick: "alice")
+            try await enter(alice, "two@conference.a.example/alice")
+            let tooMany = try await alice.waitFor { $0.name == "presence" && $0.attribute("from") == "two@conference.a.example/alice" }
+            #expect(tooMany.firstChild(name: "error", namespace: XMLNamespace.client)?.firstChild(namespace: XMLNamespace.stanzaErrors)?.name == "resource-constraint")
+            try await alice.send(XMLElement(name: "message", namespace: XMLNamespace.client, attributes: [
+                XMLAttribute("to", "one@conference.a.example"), XMLAttribute("type", "groupchat"), XMLAttribute("id", "long"),
+            ], children: [.element(XMLElement(name: "subject", namespace: XMLNamespace.client, text: "a subject far too long"))]))
+            #expect(try await alice.waitFor { $0.attribute("id") == "long" }.attribute("type") == "error")
+            await alice.close()
+        }
+    }
+
 }

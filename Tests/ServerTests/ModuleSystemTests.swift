@@ -194,10 +194,10 @@ struct ModuleSystemTests {
             var configuration = BraidConfiguration()
             configuration.services[name] = settings
             #expect(throws: ConfigurationError.self) {
-                _ = try ModuleBuilder.with(StandardModules.all + [EchoService()], serviceSettings: configuration.services).freeze()
+                _ = try ModuleBuilder.with(StandardModules.all() + [EchoService()], serviceSettings: configuration.services).freeze()
             }
             do {
-                _ = try ModuleBuilder.with(StandardModules.all + [EchoService()], serviceSettings: configuration.services).freeze()
+                _ = try ModuleBuilder.with(StandardModules.all() + [EchoService()], serviceSettings: configuration.services).freeze()
             } catch {
                 #expect(error.description == problem)
             }

@@ -35,6 +35,8 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
     public var services: [String: ServiceSettings] = [:]
     /// Where data lives: SQLite under `data_directory` (the default) or PostgreSQL.
     public var storage = StorageSettings()
+    /// Group chat (XEP-0045) limits.
+    public var muc = MUCSettings()
 
     public init() {}
 
@@ -44,7 +46,31 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
         case logLevel = "log_level"
         case c2s, auth, tls, offline
         case streamManagement = "stream_management"
-        case s2s, dns, admin, services, storage
+        case s2s, dns, admin, services, storage, muc
+    }
+
+    /// Limits of the group-chat service (`muc`); beyond them, the XEP's errors.
+    public struct MUCSettings: Codable, Sendable, Equatable {
+        /// Rooms one service (one hosted domain's `conference.`) may hold.
+        public var maxRoomsPerService = 1000
+        /// The most occupants a room may be configured for.
+        public var maxOccupantsPerRoom = 500
+        /// Characters in a nickname.
+        public var maxNickLength = 64
+        /// Characters in a subject.
+        public var maxSubjectLength = 1024
+        /// Messages kept as a room's history for newcomers.
+        public var historyLength = 20
+
+        public init() {}
+
+        enum CodingKeys: String, CodingKey {
+            case maxRoomsPerService = "max_rooms_per_service"
+            case maxOccupantsPerRoom = "max_occupants_per_room"
+            case maxNickLength = "max_nick_length"
+            case maxSubjectLength = "max_subject_length"
+            case historyLength = "history_length"
+        }
     }
 
     /// One service's settings (`services.NAME`); what is not given keeps the module's default.

@@ -3,8 +3,9 @@ import XMPPStream
 
 /// The modules every Braid server has.
 public enum StandardModules {
-    public static var all: [any BraidModule] {
-        [DiscoModule(), PingModule(), VersionModule(), RosterModule(), CarbonsModule(), LegacySessionModule(), MUCModule()]
+    public static func all(_ configuration: BraidConfiguration = BraidConfiguration()) -> [any BraidModule] {
+        [DiscoModule(), PingModule(), VersionModule(), RosterModule(), CarbonsModule(), LegacySessionModule(),
+         MUCModule(settings: configuration.muc)]
     }
 }
 

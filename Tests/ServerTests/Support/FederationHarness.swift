@@ -95,7 +95,7 @@ struct FederatedPair {
         // With service modules, each provider's certificates also name its service domains
         // (`echo.a.example`), as a provider's would (a SAN per service, or a wildcard).
         var builder = ModuleBuilder()
-        for module in StandardModules.all + modules { builder.add(module) }
+        for module in StandardModules.all() + modules { builder.add(module) }
         let labels = try builder.freeze().serviceLabels.sorted()
         func withServices(_ domains: [String]) -> [String] {
             domains + labels.flatMap { label in domains.map { "\(label).\($0)" } }

@@ -16,10 +16,16 @@ struct MUCModule: BraidModule {
     static let label = "conference"
     static let features = [
         "http://jabber.org/protocol/muc", "http://jabber.org/protocol/disco#info", "http://jabber.org/protocol/disco#items",
-        "urn:xmpp:ping",
+        "urn:xmpp:ping", "urn:xmpp:occupant-id:0",
     ]
 
-    let rooms = MUCRooms()
+    let settings: BraidConfiguration.MUCSettings
+    let rooms: MUCRooms
+
+    init(settings: BraidConfiguration.MUCSettings = .init()) {
+        self.settings = settings
+        rooms = MUCRooms(settings: settings)
+    }
 
     var name: String { "muc" }
 
@@ -45,7 +51,7 @@ struct MUCModule: BraidModule {
         await rooms.loadIfNeeded(from: storage, logger: logger)
         // One event at a time per room, its stanzas routed (and the room saved) before the next.
         _ = try? await router.server.accounts.run(room) {
-            let effects = rooms.apply(stanza, from: from, to: service.to, room: room, parent: service.parent, now: Date())
+            let effects = rooms.apply(stanza, from: from, to: service.to, room: room, parent: service.parent, now: Date(), occupantIDKey: router.server.secret)
             do {
                 if let saved = effects.save { try await storage.putGroupChatRoom(saved) }
                 if let forgotten = effects.forget { try await storage.removeGroupChatRoom(forgotten) }
@@ -89,6 +95,11 @@ final class MUCRooms: Sendable {
 
     private let state = Mutex(State())
     private let loading = Mutex<Task<Void, Never>?>(nil)
+    let settings: BraidConfiguration.MUCSettings
+
+    init(settings: BraidConfiguration.MUCSettings = .init()) {
+        self.settings = settings
+    }
 
     /// What one event changed beyond its stanzas.
     struct Effects {
@@ -126,7 +137,7 @@ final class MUCRooms: Sendable {
                                 continue
                             }
                             let byJID = Dictionary(affiliations.compactMap { key, value in (try? JID(key)).map { ($0, value) } }, uniquingKeysWith: { $1 })
-                            state.rooms[room.jid] = MUCRoom(jid: room.jid, configuration: configuration, affiliations: byJID)
+                            state.rooms[room.jid] = MUCRoom(jid: room.jid, configuration: configuration, affiliations: byJID, historyLimit: settings.historyLength)
                         }
                         state.loaded = true
                     }
@@ -142,12 +153,19 @@ final class MUCRooms: Sendable {
     }
 
     /// Applies one stanza to its room.
-    func apply(_ stanza: Stanza, from: JID, to: JID, room: JID, parent: String, now: Date) -> Effects {
+    func apply(_ stanza: Stanza, from: JID, to: JID, room: JID, parent: String, now: Date, occupantIDKey: [UInt8] = []) -> Effects {
         state.withLock { state -> Effects in
-            var current = state.rooms[room] ?? MUCRoom(jid: room)
+            let exists = state.rooms[room] != nil
+            var current = state.rooms[room] ?? MUCRoom(jid: room, historyLimit: settings.historyLength)
+            if !exists { current.configuration.maxUsers = min(current.configuration.maxUsers, settings.maxOccupantsPerRoom) }
+            current.occupantIDKey = occupantIDKey
             let wasPersistent = current.isPersistent
             let before = (current.configuration, current.affiliations)
             var effects = Effects()
+            if let refusal = limitRefusal(stanza, to: to, room: current, exists: exists, roomsOnService: state.rooms.keys.filter { $0.domainpart == room.domainpart }.count) {
+                effects.out = [refusal]
+                return effects
+            }
             effects.out = Self.event(stanza, from: from, to: to, state: &current, parent: parent, now: now)
             state.rooms[room] = current.isGone ? nil : current
             if current.isPersistent && (!wasPersistent || before.0 != current.configuration || before.1 != current.affiliations) {
@@ -157,6 +175,35 @@ final class MUCRooms: Sendable {
             }
             return effects
         }
+    }
+
+    /// The configured limits, checked before the room sees the stanza: nicknames and
+    /// subjects too long, too many rooms on one service.
+    private func limitRefusal(_ stanza: Stanza, to: JID, room: MUCRoom, exists: Bool, roomsOnService: Int) -> XMLElement? {
+        switch stanza.kind {
+        case .presence where !stanza.isError && stanza.typeAttribute != "unavailable":
+            if let nick = to.resourcepart, nick.count > settings.maxNickLength || nick.unicodeScalars.contains(where: { $0.properties.generalCategory == .control })
+                || nick != nick.trimmingCharacters(in: .whitespaces) {
+                return MUCRoom.error(stanza, StanzaError(.notAcceptable, text: "nicknames are at most \(settings.maxNickLength) characters, without control characters or outer spaces"), from: to)
+            }
+            if !exists && roomsOnService >= settings.maxRoomsPerService {
+                return MUCRoom.error(stanza, StanzaError(.resourceConstraint, text: "this service holds no more rooms"), from: to)
+            }
+        case .message where !stanza.isError:
+            if let subject = stanza.element.firstChild(name: "subject", namespace: stanza.element.namespace), subject.text.count > settings.maxSubjectLength {
+                return MUCRoom.error(stanza, StanzaError(.notAcceptable, text: "subjects are at most \(settings.maxSubjectLength) characters"), from: to)
+            }
+        case .iq:
+            // The form's "most occupants" cannot pass the service's limit.
+            if let form = IQ(stanza)?.payload?.firstChild(name: "x", namespace: MUCNamespace.dataForms),
+               let field = form.children(name: "field", namespace: MUCNamespace.dataForms).first(where: { $0.attribute("var") == "muc#roomconfig_maxusers" }),
+               let value = Int(field.firstChild(name: "value", namespace: MUCNamespace.dataForms)?.text ?? ""), value > settings.maxOccupantsPerRoom {
+                return MUCRoom.error(stanza, StanzaError(.notAcceptable, text: "rooms here hold at most \(settings.maxOccupantsPerRoom) occupants"), from: to)
+            }
+        default:
+            break
+        }
+        return nil
     }
 
     private static func stored(_ room: MUCRoom, parent: String, now: Date) -> StoredRoom {

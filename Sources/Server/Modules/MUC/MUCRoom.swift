@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import XMPPCore
 import XMPPStream
@@ -9,6 +10,7 @@ enum MUCNamespace {
     static let owner = "http://jabber.org/protocol/muc#owner"
     static let admin = "http://jabber.org/protocol/muc#admin"
     static let delay = "urn:xmpp:delay"
+    static let occupantID = "urn:xmpp:occupant-id:0"
     static let dataForms = "jabber:x:data"
 }
 
@@ -62,6 +64,10 @@ struct MUCRoom: Sendable {
     private(set) var affiliations: [JID: String] = [:]
     var configuration = MUCRoomConfiguration()
     let historyLimit: Int
+    /// XEP-0421: each occupant's id is a keyed hash of the room and its bare real JID, the
+    /// same for all its clients and nicknames, revealing nothing of the JID. The key is the
+    /// server's (per process, for now).
+    var occupantIDKey: [UInt8] = []
 
     init(jid: JID, historyLimit: Int = 20) {
         self.jid = jid
@@ -237,6 +243,9 @@ struct MUCRoom: Sendable {
             return [Self.error(stanza, StanzaError(.notAcceptable, text: "only occupants may send messages to the room"), from: nick.map(roomJID) ?? jid)]
         }
         let type = stanza.typeAttribute ?? "normal"
+        if nick == nil, let invite = stanza.element.firstChild(name: "x", namespace: MUCNamespace.user)?.firstChild(name: "invite", namespace: MUCNamespace.user) {
+            return invitation(invite, from: sender, stanza: stanza)
+        }
         if let nick {
             // A private message (§7.5), to the occupant's real JID, from the sender's nick.
             guard type != "groupchat" else {
@@ -262,12 +271,43 @@ struct MUCRoom: Sendable {
             }
             subject = (subjectElement.text, sender.nick)
         }
-        let reflected = stanza.element.setting(attribute: "from", to: roomJID(sender.nick).description)
+        // XEP-0421 §4: the room's occupant-id, never one the sender put there.
+        let withoutClaims = XMLElement(name: stanza.element.name, namespace: stanza.element.namespace, attributes: stanza.element.attributes,
+                                       children: stanza.element.children.filter { node in
+                                           guard case .element(let child) = node else { return true }
+                                           return child.namespace != MUCNamespace.occupantID
+                                       })
+        let reflected = withoutClaims.setting(attribute: "from", to: roomJID(sender.nick).description).appending(occupantIDElement(sender.realJID))
         if stanza.element.firstChild(name: "body", namespace: stanza.element.namespace) != nil {
             history.append((reflected.setting(attribute: "to", to: nil), now))
             if history.count > historyLimit { history.removeFirst(history.count - historyLimit) }
         }
         return occupants.map { reflected.setting(attribute: "to", to: $0.realJID.description) }
+    }
+
+    /// §7.8.2: a mediated invitation, sent on by the room from its bare JID. In a
+    /// members-only room only owners and admins invite, and their invitee becomes a member.
+    private mutating func invitation(_ invite: XMLElement, from sender: Occupant, stanza: Stanza) -> [XMLElement] {
+        guard let invitee = invite.attribute("to").flatMap({ try? JID($0) }) else {
+            return [Self.error(stanza, StanzaError(.badRequest, text: "an invitation needs 'to'"), from: jid)]
+        }
+        if configuration.membersOnly {
+            guard ["owner", "admin"].contains(sender.affiliation) else {
+                return [Self.error(stanza, StanzaError(.forbidden, text: "only owners and admins invite to this room"), from: jid)]
+            }
+            if affiliation(of: invitee) == "none" { affiliations[invitee.bare] = "member" }
+        }
+        var children: [XMLNode] = [.element(XMLElement(name: "invite", namespace: MUCNamespace.user, attributes: [XMLAttribute("from", sender.realJID.bare.description)],
+                                                       children: invite.children(name: "reason", namespace: MUCNamespace.user).map { .element($0) }))]
+        if let password = configuration.password {
+            children.append(.element(XMLElement(name: "password", namespace: MUCNamespace.user, text: password)))
+        }
+        return [XMLElement(name: "message", namespace: XMLNamespace.client, attributes: [
+            XMLAttribute("from", jid.description), XMLAttribute("to", invitee.description),
+        ], children: [
+            .element(XMLElement(name: "x", namespace: MUCNamespace.user, children: children)),
+            .element(XMLElement(name: "body", namespace: XMLNamespace.client, text: "\(sender.realJID.bare) invites you to the room \(jid)")),
+        ])]
     }
 
     // MARK: Configuration and administration
@@ -390,7 +430,17 @@ struct MUCRoom: Sendable {
         if unavailable { attributes.append(XMLAttribute("type", "unavailable")) }
         let shown = unavailable ? [] : occupant.presence.children
         return XMLElement(name: "presence", namespace: XMLNamespace.client, attributes: attributes,
-                          children: shown + [.element(XMLElement(name: "x", namespace: MUCNamespace.user, children: x))])
+                          children: shown + [.element(XMLElement(name: "x", namespace: MUCNamespace.user, children: x)), .element(occupantIDElement(occupant.realJID))])
+    }
+
+    /// XEP-0421's element for the occupant whose real JID is `realJID`.
+    func occupantIDElement(_ realJID: JID) -> XMLElement {
+        var data = [UInt8](jid.description.utf8)
+        data.append(0)
+        data += [UInt8](realJID.bare.description.utf8)
+        let code = HMAC<SHA256>.authenticationCode(for: data, using: SymmetricKey(data: occupantIDKey.isEmpty ? [0] : occupantIDKey))
+        let id = Data(code).base64EncodedString().prefix(22)
+        return XMLElement(name: "occupant-id", namespace: MUCNamespace.occupantID, attributes: [XMLAttribute("id", String(id))])
     }
 
     /// What of a client's presence the room shows: its children, less the join element.
