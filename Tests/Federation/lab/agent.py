@@ -35,6 +35,12 @@ one process per user would be too heavy on two cores):
   pool_received  {clear}              [[to, from, id, body], ...] received, and message errors
                                       [[to, from, id, condition, text], ...]
   pool_status    {}                   clients connected now, and disconnections seen
+  pool_muc_create {rooms: [[jid, room, nick], ...], timeout}  enter each new room and accept it
+                                      as an instant room (XEP-0045 §10.1.2)
+  pool_muc_join  {joins: [[jid, room, nick], ...], timeout}  enter rooms; returns how many
+                                      entries were confirmed (status 110) and the errors
+  pool_groupchat {messages: [[from, room, id, body], ...]}  groupchat messages (received ones
+                                      are recorded like chat messages, `from` the room)
 Started with --quiet, the agent logs warnings only (no XML transcript).
 """
 
@@ -46,6 +52,11 @@ import sys
 
 import slixmpp
 from slixmpp.exceptions import IqError, IqTimeout
+from slixmpp.xmlstream import ET
+
+MUC = "http://jabber.org/protocol/muc"
+MUC_USER = "http://jabber.org/protocol/muc#user"
+MUC_OWNER = "http://jabber.org/protocol/muc#owner"
 
 
 class Agent:
@@ -214,6 +225,8 @@ class Pool:
         self.errors = []
         self.disconnections = 0
         self.streaming = []
+        self.entered = set()      # (jid, room) whose entry the room confirmed (status 110)
+        self.entry_errors = []    # [jid, room, condition]
 
     def _on_error(self, jid, message):
         # slixmpp fires message_error for every <message type='error'> with an <error/>
@@ -222,8 +235,59 @@ class Pool:
                             message["error"]["condition"], message["error"]["text"]])
 
     def _on_message(self, jid, message):
-        if message["type"] in ("chat", "normal") and message["body"]:
+        if message["type"] in ("chat", "normal", "groupchat") and message["body"]:
             self.received.append([jid, message["from"].bare, message["id"], message["body"]])
+
+    def _on_presence(self, jid, presence):
+        room = presence["from"].bare
+        if presence["type"] == "error":
+            self.entry_errors.append([jid, room, presence["error"]["condition"]])
+            return
+        x = presence.xml.find(f"{{{MUC_USER}}}x")
+        if x is not None and any(status.get("code") == "110" for status in x.findall(f"{{{MUC_USER}}}status")):
+            self.entered.add((jid, room))
+
+    def _enter(self, jid, room, nick):
+        presence = self.clients[jid].make_presence(pto=f"{room}/{nick}")
+        presence.append(ET.Element(f"{{{MUC}}}x"))
+        presence.send()
+
+    async def _until_entered(self, pairs, timeout):
+        loop = asyncio.get_event_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if all(pair in self.entered for pair in pairs):
+                break
+            if any((error[0], error[1]) in pairs for error in self.entry_errors):
+                break
+            await asyncio.sleep(0.05)
+        return sum(1 for pair in pairs if pair in self.entered)
+
+    async def muc_create(self, rooms, timeout):
+        for jid, room, nick in rooms:
+            self._enter(jid, room, nick)
+        entered = await self._until_entered({(jid, room) for jid, room, _ in rooms}, timeout)
+        for jid, room, _ in rooms:
+            client = self.clients[jid]
+            iq = client.make_iq_set(ito=room)
+            query = ET.Element(f"{{{MUC_OWNER}}}query")
+            ET.SubElement(query, "{jabber:x:data}x", {"type": "submit"})
+            iq.append(query)
+            await iq.send(timeout=timeout)
+        return {"entered": entered, "errors": self.entry_errors}
+
+    async def muc_join(self, joins, timeout):
+        for jid, room, nick in joins:
+            self._enter(jid, room, nick)
+        entered = await self._until_entered({(jid, room) for jid, room, _ in joins}, timeout)
+        return {"entered": entered, "errors": self.entry_errors}
+
+    def groupchat(self, messages):
+        for sender, room, message_id, body in messages:
+            message = self.clients[sender].make_message(mto=room, mbody=body, mtype="groupchat")
+            message["id"] = message_id
+            message.send()
+        return {"sent": len(messages)}
 
     async def connect(self, jids, password, host, port, ca, timeout, no_name_check=False):
         """NO_NAME_CHECK: the server's certificate is not checked at all (c2s to a domain its
@@ -256,6 +320,7 @@ class Pool:
                 client.add_event_handler("disconnected", on_disconnect)
                 client.add_event_handler("message", lambda message: self._on_message(jid, message))
                 client.add_event_handler("message_error", lambda message: self._on_error(jid, message))
+                client.add_event_handler("presence", lambda presence: self._on_presence(jid, presence))
                 client.connect(address=(host, port))
                 outcome = await asyncio.wait_for(done, timeout)
                 if outcome != "ok":
@@ -308,8 +373,14 @@ class Pool:
         return {}
 
     async def handle(self, name, command):
-        if name in ("pool_send", "pool_stream", "pool_received", "pool_status"):
+        if name in ("pool_send", "pool_stream", "pool_received", "pool_status", "pool_groupchat"):
             command.pop("timeout", None)
+        if name == "pool_muc_create":
+            return await self.muc_create(command["rooms"], command["timeout"])
+        if name == "pool_muc_join":
+            return await self.muc_join(command["joins"], command["timeout"])
+        if name == "pool_groupchat":
+            return self.groupchat(command["messages"])
         if name == "pool_connect":
             return await self.connect(**command)
         if name == "pool_send":

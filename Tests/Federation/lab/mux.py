@@ -42,7 +42,7 @@ import lab as L
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCENARIO_NAMES = ["mux:scale", "mux:mixed-proofs", "mux:posh-failure", "mux:prosody", "mux:ejabberd",
-                  "mux:malicious", "mux:lifecycle", "mux:cert-reload"]
+                  "mux:malicious", "mux:lifecycle", "mux:cert-reload", "mux:muc"]
 SCALE_DOMAINS = 50
 CLASSIC_DOMAINS = 5
 POSH_DOMAINS = [f"cposh{index}.test" for index in (1, 2, 3)]
@@ -50,6 +50,11 @@ DANE_DOMAINS = [f"cdane{index}.test" for index in (1, 2, 3)]
 DIALBACK_DOMAINS = [f"cdb{index}.test" for index in (1, 2, 3)]
 BAD_POSH_DOMAIN = "cbad1.test"
 LATE_DOMAIN = "blate1.test"
+# Group chat (issue 11): braid's first domains' conference services, named by its certificate
+# and published in DNS as a provider would, so braid2's users reach them on the one link.
+MUC_HOSTS = [f"b{index}.test" for index in range(1, 6)]
+MUC_SERVICES = [f"conference.{domain}" for domain in MUC_HOSTS]
+MUC_GUEST_DOMAINS = 20
 DANE_HOST = "danehost.test"
 WEB_HOST_NUMBER = 40
 EVIL_HOST_NUMBER = 41
@@ -94,7 +99,7 @@ def specs(domains=SCALE_DOMAINS, subnet=L.DEFAULT_SUBNET, peer_settings=True):
     braid_s2s = dict(common)
     if peer_settings:
         braid_s2s["peers"] = {BAD_POSH_DOMAIN: {"require_certificates": True}}
-    braid = L.ProviderSpec("braid", "braid", "b", domains, 1, direct_tls=True, cert_names=(LATE_DOMAIN,),
+    braid = L.ProviderSpec("braid", "braid", "b", domains, 1, direct_tls=True, cert_names=(LATE_DOMAIN, *MUC_SERVICES),
                            settings={"s2s": braid_s2s})
     braid2 = L.ProviderSpec("braid", "braid2", "c", domains, 1, direct_tls=True,
                             extra_domains=tuple(POSH_DOMAINS + DANE_DOMAINS + DIALBACK_DOMAINS + [BAD_POSH_DOMAIN]),
@@ -156,6 +161,8 @@ def extra_records(lab):
     for port in (L.S2S_PORT, L.S2S_DIRECT_TLS_PORT):
         records.append((L.ZONE, f"_{port}._tcp.{DANE_HOST}", "TLSA", f"3 1 1 {digest}"))
     srv(LATE_DOMAIN, braid.host, braid)
+    for service in MUC_SERVICES:
+        srv(service, braid.host, braid)
     return records
 
 
@@ -230,6 +237,7 @@ def build_scenarios(lab):
         ("mux:malicious", lambda lab, details: scenario_malicious(lab, details, braid, braid2)),
         ("mux:lifecycle", lambda lab, details: scenario_lifecycle(lab, details, braid, braid2)),
         ("mux:cert-reload", lambda lab, details: scenario_cert_reload(lab, details, braid, braid2)),
+        ("mux:muc", lambda lab, details: scenario_muc(lab, details, braid, braid2)),
     ]
 
 
@@ -260,6 +268,15 @@ class Pool:
     def count(self, expected, timeout):
         return L.step(f"wait at {self.provider.name}", self.agent.call, "pool_wait", timeout=timeout,
                       count=expected)
+
+    def muc_create(self, rooms, timeout=60):
+        return L.step(f"create rooms at {self.provider.name}", self.agent.call, "pool_muc_create", timeout=timeout, rooms=rooms)
+
+    def muc_join(self, joins, timeout=90):
+        return L.step(f"enter rooms from {self.provider.name}", self.agent.call, "pool_muc_join", timeout=timeout, joins=joins)
+
+    def groupchat(self, messages):
+        return L.step(f"groupchat from {self.provider.name}", self.agent.call, "pool_groupchat", messages=messages)
 
     def take(self, clear=True):
         return L.step(f"received at {self.provider.name}", self.agent.call, "pool_received", clear=clear)
@@ -1169,3 +1186,64 @@ if __name__ == "__main__":
     else:
         print(__doc__)
         sys.exit(2)
+
+
+def scenario_muc(lab, details, a, b):
+    """Issue 11: A's customers' group chats, B's customers in them. Every user of B's first 20
+    domains enters a room at each of 5 of A's conference services (`conference.bN.test`, no
+    setup per domain) and writes to each; everyone in a room gets every message. All of it
+    over exactly one TCP connection between the providers, nothing lost."""
+    rooms = [f"lab-{RUN_TAG}@{service}" for service in MUC_SERVICES]
+    owners = first_users(a, MUC_HOSTS)
+    guests = first_users(b, b.domains[:MUC_GUEST_DOMAINS])
+    pool_a, pool_b = Pool(lab, a, owners), Pool(lab, b, guests)
+    L.quiesce(lab, [a, b])
+    _, before_a, before_b = links_between(lab, a, b)
+    opens = {p.name: L.tcp_counters(p.ns)["ActiveOpens"] for p in (a, b)}
+    details.append(f"s2s connections before: {before_a} ({a.name}'s count), {before_b} ({b.name}'s)")
+    peak = [0, 0]
+
+    def sample():
+        _, count_a, count_b = links_between(lab, a, b)
+        peak[0], peak[1] = max(peak[0], count_a), max(peak[1], count_b)
+
+    created = pool_a.muc_create([[owner, room, "owner"] for owner, room in zip(owners, rooms)])
+    if created["entered"] != len(rooms):
+        raise L.ScenarioFailure(f"{created['entered']} of {len(rooms)} rooms created: {created['errors'][:5]}")
+    started = time.monotonic()
+    joined = pool_b.muc_join([[guest, room, guest.split("@")[1]] for guest in guests for room in rooms])
+    sample()
+    details.append(f"{joined['entered']} of {len(guests) * len(rooms)} entries from {b.name} confirmed in "
+                   f"{time.monotonic() - started:.1f}s")
+    if joined["entered"] != len(guests) * len(rooms):
+        raise L.ScenarioFailure(f"only {joined['entered']} of {len(guests) * len(rooms)} entries confirmed: {joined['errors'][:5]}")
+    pool_a.take()
+    pool_b.take()
+    messages = [[guest, room, f"muc-{RUN_TAG}-{index}-{number}", f"{guest} in {room}"]
+                for index, guest in enumerate(guests) for number, room in enumerate(rooms)]
+    pool_b.groupchat(messages)
+    # Each message reaches every occupant: the other guests and the sender (reflected), and
+    # the room's owner at A.
+    expected_b, expected_a = len(messages) * len(guests), len(messages)
+    elapsed = wait_all([(pool_b, expected_b), (pool_a, expected_a)], 120, sample)
+    got_b, got_a = pool_b.take(), pool_a.take()
+    details.append(f"groupchat: {len(messages)} messages, {len(got_b['received'])} of {expected_b} deliveries at {b.name}, "
+                   f"{len(got_a['received'])} of {expected_a} at {a.name}, "
+                   + (f"after {elapsed:.1f}s" if elapsed is not None else "NOT all delivered"))
+    problems = []
+    for label, got, expected in ((b.name, got_b, expected_b), (a.name, got_a, expected_a)):
+        unique_deliveries = {(to, message_id) for to, _, message_id, _ in got["received"]}
+        if len(got["received"]) != expected or len(unique_deliveries) != expected:
+            problems.append(f"{label}: {len(got['received'])} deliveries ({len(unique_deliveries)} distinct), expected {expected}")
+        if got["errors"]:
+            problems.append(f"{label}: errors {got['errors'][:3]}")
+    _, count_a, count_b = links_between(lab, a, b)
+    opened = {p.name: L.tcp_counters(p.ns)["ActiveOpens"] - opens[p.name] for p in (a, b)}
+    details.append(f"s2s connections after: {count_a} / {count_b}; most at once: {peak[0]}/{peak[1]}; "
+                   f"TCP connections opened: " + ", ".join(f"{name} {value}" for name, value in opened.items()))
+    if count_a != 1 or count_b != 1 or peak[0] > 1 or peak[1] > 1:
+        problems.append(f"expected exactly 1 s2s connection between {a.name} and {b.name}, saw {count_a}/{count_b} (peak {peak[0]}/{peak[1]})")
+    for pool in (pool_a, pool_b):
+        pool.agent.close()
+    if problems:
+        raise L.ScenarioFailure("; ".join(problems))
