@@ -42,7 +42,7 @@ import lab as L
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCENARIO_NAMES = ["mux:scale", "mux:mixed-proofs", "mux:posh-failure", "mux:prosody", "mux:ejabberd",
-                  "mux:malicious", "mux:lifecycle", "mux:cert-reload", "mux:muc"]
+                  "mux:malicious", "mux:lifecycle", "mux:cert-reload", "mux:muc", "mux:muc-classic"]
 SCALE_DOMAINS = 50
 CLASSIC_DOMAINS = 5
 POSH_DOMAINS = [f"cposh{index}.test" for index in (1, 2, 3)]
@@ -238,6 +238,7 @@ def build_scenarios(lab):
         ("mux:lifecycle", lambda lab, details: scenario_lifecycle(lab, details, braid, braid2)),
         ("mux:cert-reload", lambda lab, details: scenario_cert_reload(lab, details, braid, braid2)),
         ("mux:muc", lambda lab, details: scenario_muc(lab, details, braid, braid2)),
+        ("mux:muc-classic", lambda lab, details: scenario_muc_classic(lab, details, braid)),
     ]
 
 
@@ -1245,5 +1246,42 @@ def scenario_muc(lab, details, a, b):
         problems.append(f"expected exactly 1 s2s connection between {a.name} and {b.name}, saw {count_a}/{count_b} (peak {peak[0]}/{peak[1]})")
     for pool in (pool_a, pool_b):
         pool.agent.close()
+    if problems:
+        raise L.ScenarioFailure("; ".join(problems))
+
+
+def scenario_muc_classic(lab, details, braid):
+    """Issue 11: users of Prosody and ejabberd servers enter a Braid room (classic federation:
+    a connection per pair, dialback where they do not trust the lab CA) and talk with its
+    owner and each other."""
+    room = f"classic-{RUN_TAG}@{MUC_SERVICES[0]}"
+    owner = first_users(braid, MUC_HOSTS[:1])[0]
+    pool_braid = Pool(lab, braid, [owner])
+    guests = {kind: first_users(named(lab, kind), named(lab, kind).domains[:3]) for kind in ("prosody", "ejabberd")}
+    pools = {kind: Pool(lab, named(lab, kind), jids) for kind, jids in guests.items()}
+    created = pool_braid.muc_create([[owner, room, "owner"]])
+    if created["entered"] != 1:
+        raise L.ScenarioFailure(f"room not created: {created['errors'][:3]}")
+    for kind, pool in pools.items():
+        joined = pool.muc_join([[guest, room, guest.replace("@", "-at-")] for guest in guests[kind]])
+        details.append(f"{kind}: {joined['entered']} of {len(guests[kind])} entries confirmed")
+        if joined["entered"] != len(guests[kind]):
+            raise L.ScenarioFailure(f"{kind} users could not all enter: {joined['errors'][:3]}")
+    for pool in [pool_braid, *pools.values()]:
+        pool.take()
+    everyone = [owner] + [jid for jids in guests.values() for jid in jids]
+    messages = {kind: [[guest, room, f"mucc-{RUN_TAG}-{guest}", f"hello from {guest}"] for guest in guests[kind]] for kind in pools}
+    for kind, pool in pools.items():
+        pool.groupchat(messages[kind])
+    sent = sum(len(m) for m in messages.values())
+    expectations = [(pool_braid, sent)] + [(pools[kind], sent * len(guests[kind])) for kind in pools]
+    elapsed = wait_all(expectations, 90)
+    problems = []
+    for label, pool, expected in [("braid", pool_braid, sent)] + [(kind, pools[kind], sent * len(guests[kind])) for kind in pools]:
+        got = pool.take()
+        details.append(f"{label}: {len(got['received'])} of {expected} deliveries" + (f", errors {got['errors'][:2]}" if got["errors"] else ""))
+        if len(got["received"]) != expected or got["errors"]:
+            problems.append(f"{label}: {len(got['received'])} of {expected} deliveries")
+    details.append(f"{len(everyone)} occupants, {sent} messages, " + (f"all delivered after {elapsed:.1f}s" if elapsed is not None else "NOT all delivered"))
     if problems:
         raise L.ScenarioFailure("; ".join(problems))
