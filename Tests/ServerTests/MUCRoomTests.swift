@@ -341,4 +341,28 @@ struct MUCRoomTests {
         #expect(members.affiliation(of: try! JID("dave@example.net")) == "member")
     }
 
+
+    @Test("§7.2.15: history by maxstanzas, maxchars, seconds and since; nothing asked is all the room keeps")
+    func historyRequests() {
+        let history: [(message: XMLElement, at: Date)] = (0..<5).map { index in
+            (Self.groupchat("m\(index)").element.setting(attribute: "from", to: "\(Self.room)/alice"), Self.t0.addingTimeInterval(Double(index) * 60))
+        }
+        let now = Self.t0.addingTimeInterval(300)
+        func bodies(_ attributes: [XMLAttribute]?) -> [String] {
+            let request = attributes.map { XMLElement(name: "history", namespace: MUCNamespace.muc, attributes: $0) }
+            return MUCRoom.historyAsked(request, from: history, room: Self.room, now: now).compactMap { $0.body }
+        }
+        #expect(bodies(nil) == ["m0", "m1", "m2", "m3", "m4"])
+        #expect(bodies([XMLAttribute("maxstanzas", "2")]) == ["m3", "m4"])
+        #expect(bodies([XMLAttribute("maxstanzas", "0")]) == [])
+        #expect(bodies([XMLAttribute("seconds", "130")]) == ["m3", "m4"])
+        #expect(bodies([XMLAttribute("since", "2027-01-15T08:02:00Z")]) == ["m2", "m3", "m4"])
+        let one = XMLFragment.serialize(history[4].message).count
+        #expect(bodies([XMLAttribute("maxchars", "\(one)")]) == ["m4"])
+        #expect(bodies([XMLAttribute("maxchars", "0")]) == [])
+        #expect(MUCRoom.historyAsked(nil, from: history, room: Self.room, now: now).allSatisfy {
+            $0.firstChild(name: "delay", namespace: MUCNamespace.delay)?.attribute("from") == Self.room.description
+        })
+    }
+
 }

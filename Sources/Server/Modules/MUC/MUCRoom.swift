@@ -119,10 +119,10 @@ struct MUCRoom: Sendable {
             return update(current, stanza: stanza)
         }
         if unavailable { return [] }
-        return join(stanza, from: from, nick: nick, isCreator: isCreator)
+        return join(stanza, from: from, nick: nick, isCreator: isCreator, now: now)
     }
 
-    private mutating func join(_ stanza: Stanza, from: JID, nick: String, isCreator: Bool) -> [XMLElement] {
+    private mutating func join(_ stanza: Stanza, from: JID, nick: String, isCreator: Bool, now: Date) -> [XMLElement] {
         if occupants.isEmpty && !isCreator && owners.isEmpty {
             // A room that does not exist is created only by whom the service lets.
             return [Self.error(stanza, StanzaError(.notAllowed, text: "rooms here are created by the domain's users"), from: roomJID(nick))]
@@ -175,18 +175,45 @@ struct MUCRoom: Sendable {
         out.append(presenceElement(of: newcomer, to: newcomer, statuses: (nonAnonymous ? ["100"] : []) + (created ? ["110", "201"] : ["110"])))
         // History (§7.2.15), as much as asked.
         let join = stanza.element.firstChild(name: "x", namespace: MUCNamespace.muc)
-        let wanted = join?.firstChild(name: "history", namespace: MUCNamespace.muc)?.attribute("maxstanzas").flatMap(Int.init) ?? historyLimit
-        for entry in history.suffix(max(0, wanted)) {
-            out.append(entry.message.setting(attribute: "to", to: from.description).appending(
-                XMLElement(name: "delay", namespace: MUCNamespace.delay, attributes: [
-                    XMLAttribute("from", jid.description), XMLAttribute("stamp", Self.stamp(entry.at)),
-                ])))
+        for message in Self.historyAsked(join?.firstChild(name: "history", namespace: MUCNamespace.muc), from: history, room: jid, now: now) {
+            out.append(message.setting(attribute: "to", to: from.description))
         }
         // The subject, always, last (§7.2.16).
         out.append(XMLElement(name: "message", namespace: XMLNamespace.client, attributes: [
             XMLAttribute("from", subject.map { roomJID($0.by).description } ?? jid.description), XMLAttribute("to", from.description), XMLAttribute("type", "groupchat"),
         ], children: [.element(XMLElement(name: "subject", namespace: XMLNamespace.client, text: subject?.text ?? ""))]))
         return out
+    }
+
+    /// §7.2.15: the history a newcomer asked for, the newest kept; each of `maxstanzas`,
+    /// `maxchars` (counted on the messages as sent), `seconds` and `since` limits it, and
+    /// nothing asked means all the room keeps.
+    static func historyAsked(_ request: XMLElement?, from history: [(message: XMLElement, at: Date)], room: JID, now: Date) -> [XMLElement] {
+        var entries = history
+        if let seconds = request?.attribute("seconds").flatMap(Int.init) {
+            entries = entries.filter { now.timeIntervalSince($0.at) <= Double(seconds) }
+        }
+        if let since = request?.attribute("since").flatMap({ ISO8601DateFormatter().date(from: $0) }) {
+            entries = entries.filter { $0.at >= since }
+        }
+        if let maxStanzas = request?.attribute("maxstanzas").flatMap(Int.init) {
+            entries = Array(entries.suffix(max(0, maxStanzas)))
+        }
+        if let maxChars = request?.attribute("maxchars").flatMap(Int.init) {
+            var total = 0
+            var kept: [(message: XMLElement, at: Date)] = []
+            for entry in entries.reversed() {
+                total += XMLFragment.serialize(entry.message).count
+                if total > maxChars { break }
+                kept.insert(entry, at: 0)
+            }
+            entries = kept
+        }
+        return entries.map { entry in
+            entry.message.appending(XMLElement(name: "delay", namespace: MUCNamespace.delay, attributes: [
+                XMLAttribute("from", room.description), XMLAttribute("stamp", stamp(entry.at)),
+            ]))
+        }
     }
 
     private mutating func leave(_ occupant: Occupant) -> [XMLElement] {
