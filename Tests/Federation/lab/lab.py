@@ -67,7 +67,9 @@ def set_namespace_prefix(prefix):
     NS_PREFIX = prefix
     DNS_NS = prefix + "dns"
 BRIDGE = "br0"
-DEFAULT_SUBNET = "10.77.54"        # the lab's /24; nothing outside the lab's namespaces uses it
+# The lab's /24; nothing outside the lab's namespaces uses it. BRAID_LAB_SUBNET (with
+# BRAID_LAB_PREFIX) lets a second lab run beside one already running.
+DEFAULT_SUBNET = os.environ.get("BRAID_LAB_SUBNET", "10.77.54")
 RESOLVER_HOST = 1                  # unbound, on the bridge
 AUTH_DNS_HOST = 2                  # knot, second address on the bridge
 FIRST_PROVIDER_HOST = 11           # providers get .11, .12, ...
