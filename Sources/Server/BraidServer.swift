@@ -64,6 +64,9 @@ public final class BraidServer: Service {
         // SQLite opens here; PostgreSQL connects in start() (an unreachable server is
         // reported there, before anything listens).
         let storage = try configuration.storage.open(dataDirectory: dataDirectory, logger: logger, eventLoopGroup: group)
+        guard ["domain", "local", "anyone"].contains(configuration.muc.roomCreators) else {
+            throw ConfigurationError("muc.room_creators: '\(configuration.muc.roomCreators)' is not domain, local or anyone")
+        }
         // Modules register once, and the tables freeze before anything runs.
         let dispatcher = try ModuleBuilder.with(StandardModules.all(configuration) + modules, serviceSettings: configuration.services).freeze()
         let domains = DomainRegistry(serviceLabels: dispatcher.serviceLabels)

@@ -311,4 +311,24 @@ struct MUCTests {
         }
     }
 
+
+    @Test("muc.room_creators: local lets the users of any hosted domain create rooms; a bad value stops the start; the room's disco#info carries the muc#roominfo form")
+    func roomCreatorsAndRoomInfo() async throws {
+        try await withServer(configure: { $0.muc.roomCreators = "local" }) { server in
+            let (bob, _) = try await server.loggedIn("bob@b.example")
+            try await create(bob, room: "bobs@conference.a.example", nick: "bob")
+            let info = try await bob.iq(.get, to: "bobs@conference.a.example", payload: XMLElement(name: "query", namespace: DiscoModule.info))
+            let form = info.firstChild(name: "query", namespace: DiscoModule.info)?.firstChild(name: "x", namespace: "jabber:x:data")
+            let fields = Dictionary((form?.children(name: "field", namespace: "jabber:x:data") ?? []).compactMap { field in
+                field.attribute("var").map { ($0, field.firstChild(name: "value", namespace: "jabber:x:data")?.text ?? "") }
+            }, uniquingKeysWith: { $1 })
+            #expect(fields["FORM_TYPE"] == "http://jabber.org/protocol/muc#roominfo")
+            #expect(fields["muc#roominfo_occupants"] == "1")
+            await bob.close()
+        }
+        await #expect(throws: ConfigurationError.self) {
+            _ = try await TestServer.start { $0.muc.roomCreators = "everybody" }
+        }
+    }
+
 }

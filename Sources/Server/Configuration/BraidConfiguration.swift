@@ -61,6 +61,10 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
         public var maxSubjectLength = 1024
         /// Messages kept as a room's history for newcomers.
         public var historyLength = 20
+        /// Who may create rooms: `domain` (the users of the hosted domain whose service it
+        /// is, as Prosody 13 does), `local` (the users of any domain hosted here) or
+        /// `anyone` (users of other servers too).
+        public var roomCreators = "domain"
 
         public init() {}
 
@@ -70,6 +74,7 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
             case maxNickLength = "max_nick_length"
             case maxSubjectLength = "max_subject_length"
             case historyLength = "history_length"
+            case roomCreators = "room_creators"
         }
     }
 

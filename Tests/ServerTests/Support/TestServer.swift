@@ -54,7 +54,14 @@ final class TestServer: Sendable {
         var logger = Logger(label: "braid.test")
         logger.logLevel = ProcessInfo.processInfo.environment["BRAID_TEST_LOG"].flatMap(Logger.Level.init(rawValue:)) ?? .critical
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
-        let server = try BraidServer(configuration: configuration, logger: logger, eventLoopGroup: group, wallClock: wallClock, sessionClock: sessionClock, modules: modules)
+        let server: BraidServer
+        do {
+            server = try BraidServer(configuration: configuration, logger: logger, eventLoopGroup: group, wallClock: wallClock, sessionClock: sessionClock, modules: modules)
+        } catch {
+            try? await group.shutdownGracefully()
+            try? FileManager.default.removeItem(atPath: directory)
+            throw error
+        }
         for domain in domains {
             try await server.context.storage.addDomain(try JID(domain: domain).domainpart)
         }

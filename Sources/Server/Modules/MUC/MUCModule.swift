@@ -51,7 +51,13 @@ struct MUCModule: BraidModule {
         await rooms.loadIfNeeded(from: storage, logger: logger)
         // One event at a time per room, its stanzas routed (and the room saved) before the next.
         _ = try? await router.server.accounts.run(room) {
-            let effects = rooms.apply(stanza, from: from, to: service.to, room: room, parent: service.parent, now: Date(), occupantIDKey: router.server.secret)
+            let mayCreate: Bool = switch rooms.settings.roomCreators {
+            case "anyone": true
+            case "local": from.localpart != nil && router.server.domains.isHosted(from.domainpart)
+            default: from.localpart != nil && from.domainpart == service.parent
+            }
+            let effects = rooms.apply(stanza, from: from, to: service.to, room: room, parent: service.parent, now: Date(),
+                                      occupantIDKey: router.server.secret, mayCreate: mayCreate)
             do {
                 if let saved = effects.save { try await storage.putGroupChatRoom(saved) }
                 if let forgotten = effects.forget { try await storage.removeGroupChatRoom(forgotten) }
@@ -153,7 +159,8 @@ final class MUCRooms: Sendable {
     }
 
     /// Applies one stanza to its room.
-    func apply(_ stanza: Stanza, from: JID, to: JID, room: JID, parent: String, now: Date, occupantIDKey: [UInt8] = []) -> Effects {
+    func apply(_ stanza: Stanza, from: JID, to: JID, room: JID, parent: String, now: Date, occupantIDKey: [UInt8] = [],
+               mayCreate: Bool? = nil) -> Effects {
         state.withLock { state -> Effects in
             let exists = state.rooms[room] != nil
             var current = state.rooms[room] ?? MUCRoom(jid: room, historyLimit: settings.historyLength)
@@ -166,7 +173,8 @@ final class MUCRooms: Sendable {
                 effects.out = [refusal]
                 return effects
             }
-            effects.out = Self.event(stanza, from: from, to: to, state: &current, parent: parent, now: now)
+            let creator = mayCreate ?? (from.domainpart == parent && from.localpart != nil)
+            effects.out = Self.event(stanza, from: from, to: to, state: &current, mayCreate: creator, now: now)
             state.rooms[room] = current.isGone ? nil : current
             if current.isPersistent && (!wasPersistent || before.0 != current.configuration || before.1 != current.affiliations) {
                 effects.save = Self.stored(current, parent: parent, now: now)
@@ -216,7 +224,7 @@ final class MUCRooms: Sendable {
                           createdAt: Int64(now.timeIntervalSince1970))
     }
 
-    private static func event(_ stanza: Stanza, from: JID, to: JID, state: inout MUCRoom, parent: String, now: Date) -> [XMLElement] {
+    private static func event(_ stanza: Stanza, from: JID, to: JID, state: inout MUCRoom, mayCreate: Bool, now: Date) -> [XMLElement] {
         switch stanza.kind {
         case .presence:
             if stanza.isError {
@@ -227,8 +235,7 @@ final class MUCRooms: Sendable {
                 // §7.2.6: entering needs a nickname.
                 return [MUCRoom.error(stanza, StanzaError(.jidMalformed, text: "a nickname is required"), from: to)]
             }
-            // Rooms are created by the users of the domain the service belongs to.
-            let mayCreate = from.domainpart == parent && from.localpart != nil
+            // Who may create rooms is the operator's choice (muc.room_creators).
             return state.presence(stanza, from: from, nick: nick, isCreator: mayCreate, now: now)
         case .message:
             if stanza.isError {
@@ -257,8 +264,9 @@ final class MUCRooms: Sendable {
         let isOwner = state.owners.contains(from.bare)
         switch (payload.namespace, type) {
         case ("http://jabber.org/protocol/disco#info", .get) where exists:
-            return [iq.result(payload: DiscoModule.info(identity: ("conference", "text", state.configuration.name.isEmpty ? state.jid.localpart : state.configuration.name),
-                                                        features: roomFeatures(state.configuration))).stanza.element]
+            let info = DiscoModule.info(identity: ("conference", "text", state.configuration.name.isEmpty ? state.jid.localpart : state.configuration.name),
+                                        features: roomFeatures(state.configuration))
+            return [iq.result(payload: info.appending(roomInfoForm(state))).stanza.element]
         case ("http://jabber.org/protocol/disco#info", .get):
             return [MUCRoom.error(stanza, StanzaError(.itemNotFound), from: to)]
         case (MUCNamespace.owner, .get) where isOwner:
@@ -314,6 +322,23 @@ final class MUCRooms: Sendable {
         default:
             return [MUCRoom.error(stanza, StanzaError(.featureNotImplemented), from: to)]
         }
+    }
+
+    /// §6.4: the `muc#roominfo` form in the room's disco#info (XEP-0128).
+    static func roomInfoForm(_ room: MUCRoom) -> XMLElement {
+        func field(_ name: String, _ value: String) -> XMLNode {
+            .element(XMLElement(name: "field", namespace: MUCNamespace.dataForms, attributes: [XMLAttribute("var", name)],
+                                children: [.element(XMLElement(name: "value", namespace: MUCNamespace.dataForms, text: value))]))
+        }
+        return XMLElement(name: "x", namespace: MUCNamespace.dataForms, attributes: [XMLAttribute("type", "result")], children: [
+            .element(XMLElement(name: "field", namespace: MUCNamespace.dataForms, attributes: [XMLAttribute("var", "FORM_TYPE"), XMLAttribute("type", "hidden")],
+                                children: [.element(XMLElement(name: "value", namespace: MUCNamespace.dataForms, text: "http://jabber.org/protocol/muc#roominfo"))])),
+            field("muc#roominfo_description", room.configuration.description),
+            field("muc#roominfo_occupants", String(room.occupants.count)),
+            field("muc#roominfo_subject", room.subject?.text ?? ""),
+            field("muc#roomconfig_roomname", room.configuration.name),
+            field("muc#roomconfig_changesubject", room.configuration.changeSubject ? "1" : "0"),
+        ])
     }
 
     static func roomFeatures(_ configuration: MUCRoomConfiguration) -> [String] {
