@@ -566,13 +566,7 @@ public final class PostgresStorage: Storage {
     }
 
     private static func rosterItem(_ client: PostgresClient, _ key: String, _ contactKey: String, logger: Logger) async throws -> RosterItem? {
-        for try await row in try await client.query("""
-            SELECT contact_jid, name, subscription, pending_out, pending_in, approved, groups_json
-            FROM roster_items WHERE user_jid = \(key) AND contact_jid = \(contactKey)
-            """, logger: logger).decode(RosterRow.self) {
-            return try rosterItem(row)
-        }
-        return nil
+        try await client.withConnection { connection in try await rosterItem(connection, key, contactKey, logger: logger) }
     }
 
     private static func rosterItem(_ row: RosterRow) throws -> RosterItem {
@@ -599,15 +593,14 @@ public final class PostgresStorage: Storage {
     }
 
     private static func encodeGroups(_ groups: [String]) throws -> String {
-        String(decoding: try JSONEncoder().encode(groups), as: UTF8.self)
+        try RosterGroupsColumn.encode(groups)
     }
 
     private static func decodeGroups(_ json: String) throws -> [String] {
-        do {
-            return try JSONDecoder().decode([String].self, from: Data(json.utf8))
-        } catch {
+        guard let groups = RosterGroupsColumn.decode(json) else {
             throw PostgresStorageError.corruptRow(table: "roster_items", detail: "groups_json is not a JSON array of strings")
         }
+        return groups
     }
 
     private static func nowSeconds() -> Int64 {

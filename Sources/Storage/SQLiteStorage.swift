@@ -486,15 +486,14 @@ public final class SQLiteStorage: Storage {
     }
 
     private static func encodeGroups(_ groups: [String]) throws -> String {
-        String(decoding: try JSONEncoder().encode(groups), as: UTF8.self)
+        try RosterGroupsColumn.encode(groups)
     }
 
     private static func decodeGroups(_ json: String) throws -> [String] {
-        do {
-            return try JSONDecoder().decode([String].self, from: Data(json.utf8))
-        } catch {
+        guard let groups = RosterGroupsColumn.decode(json) else {
             throw SQLiteStorageError.corruptRow(table: "roster_items", detail: "groups_json is not a JSON array of strings")
         }
+        return groups
     }
 
     /// Decodes a column, turning NULL where a value is required, or a value of the wrong

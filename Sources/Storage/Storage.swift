@@ -1,3 +1,4 @@
+import Foundation
 import XMPPCore
 
 /// Everything Braid persists, behind one protocol.
@@ -151,6 +152,19 @@ extension Storage {
             }
             continuation.onTermination = { _ in task.cancel() }
         }
+    }
+}
+
+/// A roster item's groups as both backends store them: a JSON array of strings (always
+/// read and written with the item; no query looks inside).
+enum RosterGroupsColumn {
+    static func encode(_ groups: [String]) throws -> String {
+        String(decoding: try JSONEncoder().encode(groups), as: UTF8.self)
+    }
+
+    /// Nil when the column does not hold a JSON array of strings.
+    static func decode(_ json: String) -> [String]? {
+        try? JSONDecoder().decode([String].self, from: Data(json.utf8))
     }
 }
 
