@@ -62,9 +62,10 @@ struct MUCRoomTests {
         let refused = room.presence(Self.presence(to: "bob"), from: Self.bob, nick: "bob", isCreator: false, now: Self.t0)
         #expect(Self.errorCondition(refused[0]) == "item-not-found")
         let byOther = room.configure(by: Self.bob)
-        #expect(byOther == false)
+        #expect(byOther == nil)
         let byOwner = room.configure(by: Self.alice)
-        #expect(byOwner)
+        // Opening the locked room tells nobody of a change: there was no configuration before.
+        #expect(byOwner?.isEmpty == true)
         #expect(!room.locked)
         // Someone who may not create rooms cannot bring one into being.
         var empty = MUCRoom(jid: Self.room)
@@ -365,4 +366,151 @@ struct MUCRoomTests {
         })
     }
 
+
+    // MARK: Nicknames (RFC 8266), private messages, history length, voice, rate, configuration changes
+
+    @Test("RFC 8266: nicknames are enforced (NFKC, spaces folded; 210 says so), compared without case, and refused when they have controls")
+    func nicknameProfile() {
+        var room = Self.populated()
+        let wide = room.presence(Self.presence(to: "\u{FF43}\u{FF41}\u{FF52}\u{FF4F}\u{FF4C}"), from: Self.carol, nick: "\u{FF43}\u{FF41}\u{FF52}\u{FF4F}\u{FF4C}",
+                                 isCreator: false, now: Self.t0)
+        let own = wide.first { $0.attribute("to") == Self.carol.description && $0.name == "presence" && $0.attribute("from") == "\(Self.room)/carol" }
+        #expect(own != nil, "the fullwidth nickname is shown as its NFKC form")
+        #expect(own.map(Self.statuses) == ["210", "110"])
+        #expect(room.occupant(nick: "carol")?.realJID == Self.carol)
+
+        var spaced = Self.populated()
+        let folded = spaced.presence(Self.presence(to: " Carol\u{00A0}\u{00A0} Jones "), from: Self.carol, nick: " Carol\u{00A0}\u{00A0} Jones ", isCreator: false, now: Self.t0)
+        #expect(folded.contains { $0.attribute("from") == "\(Self.room)/Carol Jones" && Self.statuses($0) == ["210", "110"] })
+
+        // Alice is alice: the same name to the room.
+        let conflict = room.presence(Self.presence(to: "ALICE"), from: Self.bob, nick: "ALICE", isCreator: false, now: Self.t0)
+        #expect(Self.errorCondition(conflict[0]) == "conflict")
+        #expect(room.occupant(nick: "Alice")?.realJID == Self.alice)
+        // An occupant may change the case of its own nickname.
+        let recased = room.presence(Self.presence(to: "Alice"), from: Self.alice, nick: "Alice", isCreator: false, now: Self.t0)
+        #expect(recased.contains { $0.attribute("from") == "\(Self.room)/Alice" && $0.attribute("type") == nil })
+        // Controls and nothing-but-spaces are no nicknames.
+        for bad in ["bell\u{7}", "   "] {
+            var fresh = Self.populated()
+            let refused = fresh.presence(Self.presence(to: "x"), from: Self.carol, nick: bad, isCreator: false, now: Self.t0)
+            #expect(Self.errorCondition(refused[0]) == "jid-malformed", "\(bad.debugDescription)")
+            #expect(fresh.occupant(realJID: Self.carol) == nil)
+        }
+    }
+
+    @Test("muc#roomconfig_allowpm: who may send private messages")
+    func privateMessageRule() {
+        func attempt(_ rule: String, from sender: JID, senderRole: String? = nil) -> String? {
+            var room = Self.configured { $0.allowPrivateMessages = rule }
+            _ = room.presence(Self.presence(to: "bob"), from: Self.bob, nick: "bob", isCreator: false, now: Self.t0)
+            if let senderRole { _ = room.setRole(of: "bob", to: senderRole, by: Self.alice) }
+            let to = sender == Self.alice ? "bob" : "alice"
+            let out = room.message(Self.groupchat("psst", to: to, type: "chat"), from: sender, nick: to, now: Self.t0)
+            return out.first.flatMap(Self.errorCondition)
+        }
+        #expect(attempt("anyone", from: Self.bob, senderRole: "visitor") == nil)
+        #expect(attempt("participants", from: Self.bob) == nil)
+        #expect(attempt("participants", from: Self.bob, senderRole: "visitor") == "forbidden")
+        #expect(attempt("moderators", from: Self.bob) == "forbidden")
+        #expect(attempt("moderators", from: Self.alice) == nil)
+        #expect(attempt("none", from: Self.alice) == "forbidden")
+    }
+
+    @Test("muc#maxhistoryfetch: a room keeps the history its owner set, never more than the service's")
+    func roomHistoryLength() {
+        var short = Self.configured { $0.historyLength = 2 }
+        for index in 0..<5 { _ = short.message(Self.groupchat("m\(index)"), from: Self.alice, nick: nil, now: Self.t0) }
+        #expect(short.history.map { $0.message.body } == ["m3", "m4"])
+        var long = Self.configured { $0.historyLength = 1000 }
+        for index in 0..<30 { _ = long.message(Self.groupchat("m\(index)"), from: Self.alice, nick: nil, now: Self.t0) }
+        #expect(long.history.count == long.historyLimit)
+    }
+
+    @Test("§7.13, §8.6: a visitor's voice request reaches the moderators; a moderator's approval makes it a participant")
+    func voiceRequests() {
+        var room = Self.configured { $0.moderated = true }
+        _ = room.presence(Self.presence(to: "bob"), from: Self.bob, nick: "bob", isCreator: false, now: Self.t0)
+        #expect(room.occupant(nick: "bob")?.role == "visitor")
+        func form(_ type: String, _ fields: [(String, String)]) -> Stanza {
+            let x = XMLElement(name: "x", namespace: MUCNamespace.dataForms, attributes: [XMLAttribute("type", type)], children: fields.map { name, value in
+                .element(XMLElement(name: "field", namespace: MUCNamespace.dataForms, attributes: [XMLAttribute("var", name)],
+                                    children: [.element(XMLElement(name: "value", namespace: MUCNamespace.dataForms, text: value))]))
+            })
+            return Stanza(XMLElement(name: "message", namespace: XMLNamespace.client, attributes: [XMLAttribute("to", Self.room.description)], children: [.element(x)]))!
+        }
+        let asked = room.message(form("submit", [("FORM_TYPE", MUCNamespace.request), ("muc#role", "participant")]), from: Self.bob, nick: nil, now: Self.t0)
+        #expect(Self.summary(asked) == ["message room@conference.example.com→alice@example.com/phone"])
+        let forwarded = asked.first?.firstChild(name: "x", namespace: MUCNamespace.dataForms).map(MUCRoom.formValues) ?? [:]
+        #expect(forwarded["muc#roomnick"] == "bob" && forwarded["muc#jid"] == Self.bob.description && forwarded["muc#request_allow"] == "false")
+        #expect(room.occupant(nick: "bob")?.role == "visitor")
+        // A visitor cannot approve itself; the moderator's approval gives voice.
+        _ = room.message(form("submit", [("FORM_TYPE", MUCNamespace.request), ("muc#roomnick", "bob"), ("muc#request_allow", "true")]), from: Self.bob, nick: nil, now: Self.t0)
+        #expect(room.occupant(nick: "bob")?.role == "visitor")
+        let approved = room.message(form("submit", [("FORM_TYPE", MUCNamespace.request), ("muc#role", "participant"), ("muc#roomnick", "bob"), ("muc#request_allow", "true")]),
+                                    from: Self.alice, nick: nil, now: Self.t0)
+        #expect(room.occupant(nick: "bob")?.role == "participant")
+        #expect(approved.count == 2 && approved.allSatisfy { $0.name == "presence" })
+        let spoken = room.message(Self.groupchat("thanks"), from: Self.bob, nick: nil, now: Self.t0)
+        #expect(spoken.allSatisfy { Self.errorCondition($0) == nil } && spoken.count == 2)
+    }
+
+    @Test("muc.messages_per_second: an occupant beyond its burst waits (resource-constraint); the allowance refills with time")
+    func messageRate() {
+        var room = Self.populated()
+        room.messageRate = MUCMessageRate(perSecond: 1, burst: 2)
+        let first = room.message(Self.groupchat("1"), from: Self.bob, nick: nil, now: Self.t0)
+        let second = room.message(Self.groupchat("2"), from: Self.bob, nick: nil, now: Self.t0)
+        let third = room.message(Self.groupchat("3"), from: Self.bob, nick: nil, now: Self.t0)
+        #expect(Self.errorCondition(first[0]) == nil && Self.errorCondition(second[0]) == nil)
+        #expect(Self.errorCondition(third[0]) == "resource-constraint")
+        #expect(third[0].firstChild(name: "error", namespace: XMLNamespace.client)?.attribute("type") == "wait")
+        #expect(room.history.map { $0.message.body } == ["1", "2"])
+        let later = room.message(Self.groupchat("4"), from: Self.bob, nick: nil, now: Self.t0.addingTimeInterval(1))
+        #expect(Self.errorCondition(later[0]) == nil)
+        // Another occupant has its own allowance.
+        let other = room.message(Self.groupchat("alice"), from: Self.alice, nick: nil, now: Self.t0)
+        #expect(Self.errorCondition(other[0]) == nil)
+    }
+
+    @Test("§10.2.1: a configuration change is announced (104, 172); making the room members-only removes non-members (322)")
+    func configurationChanges() {
+        var room = Self.populated()
+        var configuration = room.configuration
+        configuration.name = "Plans"
+        configuration.whoIs = "anyone"
+        let renamed = room.configure(by: Self.alice, configuration) ?? []
+        #expect(Self.summary(renamed) == [
+            "message room@conference.example.com→alice@example.com/phone groupchat",
+            "message room@conference.example.com→bob@example.org/laptop groupchat",
+        ])
+        #expect(renamed.allSatisfy { Self.statuses($0) == ["104", "172"] })
+        #expect(room.configure(by: Self.alice, configuration)?.isEmpty == true, "no change, no notice")
+        configuration.membersOnly = true
+        let closed = room.configure(by: Self.alice, configuration) ?? []
+        #expect(Self.summary(closed) == [
+            "presence room@conference.example.com/bob→alice@example.com/phone unavailable",
+            "presence room@conference.example.com/bob→bob@example.org/laptop unavailable",
+            "message room@conference.example.com→alice@example.com/phone groupchat",
+        ])
+        #expect(Self.statuses(closed[0]) == ["322"] && Self.statuses(closed[1]) == ["322", "110"])
+        #expect(room.occupant(realJID: Self.bob) == nil)
+    }
+
+    @Test("Stored configurations from before a field existed load with its default; the form reads allowpm and maxhistoryfetch")
+    func configurationCompatibility() throws {
+        let old = try JSONDecoder().decode(MUCRoomConfiguration.self, from: Data(#"{"name":"Old","persistent":true,"maxUsers":30}"#.utf8))
+        #expect(old.name == "Old" && old.persistent && old.maxUsers == 30)
+        #expect(old.allowPrivateMessages == "anyone" && old.historyLength == nil && old.whoIs == "moderators")
+        func form(_ fields: [(String, String)]) -> XMLElement {
+            XMLElement(name: "x", namespace: MUCNamespace.dataForms, attributes: [XMLAttribute("type", "submit")], children: fields.map { name, value in
+                .element(XMLElement(name: "field", namespace: MUCNamespace.dataForms, attributes: [XMLAttribute("var", name)],
+                                    children: [.element(XMLElement(name: "value", namespace: MUCNamespace.dataForms, text: value))]))
+            })
+        }
+        let applied = MUCRooms.applyForm(form([("muc#roomconfig_allowpm", "moderators"), ("muc#maxhistoryfetch", "5")]), to: MUCRoomConfiguration())
+        #expect(applied?.allowPrivateMessages == "moderators" && applied?.historyLength == 5)
+        #expect(MUCRooms.applyForm(form([("muc#roomconfig_allowpm", "everybody")]), to: MUCRoomConfiguration()) == nil)
+        #expect(MUCRooms.applyForm(form([("muc#maxhistoryfetch", "-1")]), to: MUCRoomConfiguration()) == nil)
+    }
 }

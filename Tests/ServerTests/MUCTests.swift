@@ -294,7 +294,11 @@ struct MUCTests {
 
     @Test("Limits: nicknames and subjects too long, and more rooms than a service may hold, get the errors; the operator sets them (muc section)")
     func limits() async throws {
-        try await withServer(configure: { $0.muc.maxRoomsPerService = 1; $0.muc.maxNickLength = 8; $0.muc.maxSubjectLength = 10 }) { server in
+        // A refill so slow that no message is earned back during the test.
+        try await withServer(configure: {
+            $0.muc.maxRoomsPerService = 1; $0.muc.maxNickLength = 8; $0.muc.maxSubjectLength = 10
+            $0.muc.messagesPerSecond = 0.001; $0.muc.messageBurst = 2
+        }) { server in
             let (alice, _) = try await server.loggedIn("alice@a.example")
             try await enter(alice, "one@conference.a.example/averylongnickname")
             let longNick = try await alice.waitFor { $0.name == "presence" }
@@ -307,6 +311,19 @@ struct MUCTests {
                 XMLAttribute("to", "one@conference.a.example"), XMLAttribute("type", "groupchat"), XMLAttribute("id", "long"),
             ], children: [.element(XMLElement(name: "subject", namespace: XMLNamespace.client, text: "a subject far too long"))]))
             #expect(try await alice.waitFor { $0.attribute("id") == "long" }.attribute("type") == "error")
+            // muc.messages_per_second and message_burst: two are reflected, the third is
+            // refused with resource-constraint.
+            for id in ["m1", "m2", "m3"] {
+                try await alice.send(XMLElement(name: "message", namespace: XMLNamespace.client, attributes: [
+                    XMLAttribute("to", "one@conference.a.example"), XMLAttribute("type", "groupchat"), XMLAttribute("id", id),
+                ], children: [.element(XMLElement(name: "body", namespace: XMLNamespace.client, text: id))]))
+            }
+            for id in ["m1", "m2"] {
+                #expect(try await alice.waitFor { $0.attribute("id") == id }.attribute("type") == "groupchat")
+            }
+            let refused = try await alice.waitFor { $0.attribute("id") == "m3" }
+            #expect(refused.attribute("type") == "error")
+            #expect(refused.firstChild(name: "error", namespace: XMLNamespace.client)?.firstChild(namespace: XMLNamespace.stanzaErrors)?.name == "resource-constraint")
             await alice.close()
         }
     }

@@ -65,6 +65,10 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
         /// is, as Prosody 13 does), `local` (the users of any domain hosted here) or
         /// `anyone` (users of other servers too).
         public var roomCreators = "domain"
+        /// Messages one occupant may send to a room per second, sustained (0: no limit) …
+        public var messagesPerSecond: Double = 5
+        /// … and in one burst; beyond them the sender gets `resource-constraint` and waits.
+        public var messageBurst: Double = 20
 
         public init() {}
 
@@ -75,6 +79,8 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
             case maxSubjectLength = "max_subject_length"
             case historyLength = "history_length"
             case roomCreators = "room_creators"
+            case messagesPerSecond = "messages_per_second"
+            case messageBurst = "message_burst"
         }
     }
 

@@ -22,4 +22,22 @@ public enum PRECISProfiles {
     public static func localpart(_ s: String) throws(JIDError) -> String {
         try JID.prepareLocalpart(s[...])
     }
+
+    /// The parts of the Nickname profile (RFC 8266) that need XMPPCore's tables. The profile
+    /// also needs NFKC, which the standard library does not offer; callers with Foundation
+    /// compose it (`MUCNickname` in the server) from these two:
+    ///
+    /// The FreeformClass check (RFC 8264 §4.3), which the profile's strings must pass.
+    /// Errors are reported with the `.resourcepart` part: a nickname is a room JID's resource.
+    public static func checkFreeformClass(_ s: String) throws(JIDError) {
+        let scalars = Array(s.unicodeScalars)
+        guard !scalars.isEmpty else { throw JIDError(.resourcepart, .empty) }
+        try CodePointRules.validate(scalars, part: .resourcepart, allowFreeformOnly: true, property: CodePointRules.precis)
+    }
+
+    /// Unicode toLowerCase (with the Final_Sigma rule), the case mapping of the PRECIS
+    /// profiles that compare without case (RFC 8264 §9.3; RFC 8266 §2.4).
+    public static func lowercased(_ s: String) -> String {
+        String(String.UnicodeScalarView(UCD.lowercased(Array(s.unicodeScalars))))
+    }
 }

@@ -166,6 +166,8 @@ final class MUCRooms: Sendable {
             var current = state.rooms[room] ?? MUCRoom(jid: room, historyLimit: settings.historyLength)
             if !exists { current.configuration.maxUsers = min(current.configuration.maxUsers, settings.maxOccupantsPerRoom) }
             current.occupantIDKey = occupantIDKey
+            current.messageRate = settings.messagesPerSecond > 0
+                ? MUCMessageRate(perSecond: settings.messagesPerSecond, burst: max(1, settings.messageBurst)) : nil
             let wasPersistent = current.isPersistent
             let before = (current.configuration, current.affiliations)
             var effects = Effects()
@@ -190,9 +192,9 @@ final class MUCRooms: Sendable {
     private func limitRefusal(_ stanza: Stanza, to: JID, room: MUCRoom, exists: Bool, roomsOnService: Int) -> XMLElement? {
         switch stanza.kind {
         case .presence where !stanza.isError && stanza.typeAttribute != "unavailable":
-            if let nick = to.resourcepart, nick.count > settings.maxNickLength || nick.unicodeScalars.contains(where: { $0.properties.generalCategory == .control })
-                || nick != nick.trimmingCharacters(in: .whitespaces) {
-                return MUCRoom.error(stanza, StanzaError(.notAcceptable, text: "nicknames are at most \(settings.maxNickLength) characters, without control characters or outer spaces"), from: to)
+            // The nickname's characters are the room's to check (RFC 8266, `MUCNickname`).
+            if let nick = to.resourcepart, nick.count > settings.maxNickLength {
+                return MUCRoom.error(stanza, StanzaError(.notAcceptable, text: "nicknames are at most \(settings.maxNickLength) characters"), from: to)
             }
             if !exists && roomsOnService >= settings.maxRoomsPerService {
                 return MUCRoom.error(stanza, StanzaError(.resourceConstraint, text: "this service holds no more rooms"), from: to)
@@ -287,7 +289,7 @@ final class MUCRooms: Sendable {
                 guard let configuration = applyForm(form, to: state.configuration) else {
                     return [MUCRoom.error(stanza, StanzaError(.notAcceptable, text: "a field has a value the room cannot take"), from: to)]
                 }
-                _ = state.configure(by: from, configuration)
+                return (state.configure(by: from, configuration) ?? []) + [iq.result(payload: nil).stanza.element]
             }
             return [iq.result(payload: nil).stanza.element]
         case (MUCNamespace.owner, _):
@@ -381,6 +383,10 @@ final class MUCRooms: Sendable {
             field("muc#roomconfig_maxusers", "list-single", "Most occupants", [String(c.maxUsers)], options: ["10", "20", "50", "100", "200", "500"]),
             field("muc#roomconfig_whois", "list-single", "Who may see real JIDs", [c.whoIs], options: ["moderators", "anyone"]),
             field("muc#roomconfig_changesubject", "boolean", "Participants may change the subject", [flag(c.changeSubject)]),
+            field("muc#roomconfig_allowpm", "list-single", "Who may send private messages", [c.allowPrivateMessages],
+                  options: ["anyone", "participants", "moderators", "none"]),
+            field("muc#maxhistoryfetch", "text-single", "Messages of history for newcomers (at most \(room.historyLimit))",
+                  [String(min(room.historyLimit, c.historyLength ?? room.historyLimit))]),
         ])
     }
 
@@ -410,6 +416,12 @@ final class MUCRooms: Sendable {
                 guard ["moderators", "anyone"].contains(value) else { return nil }
                 c.whoIs = value
             case "muc#roomconfig_changesubject": c.changeSubject = bool
+            case "muc#roomconfig_allowpm":
+                guard ["anyone", "participants", "moderators", "none"].contains(value) else { return nil }
+                c.allowPrivateMessages = value
+            case "muc#maxhistoryfetch":
+                guard let number = Int(value), number >= 0 else { return nil }
+                c.historyLength = number
             default: continue
             }
         }

@@ -12,6 +12,7 @@ enum MUCNamespace {
     static let delay = "urn:xmpp:delay"
     static let occupantID = "urn:xmpp:occupant-id:0"
     static let dataForms = "jabber:x:data"
+    static let request = "http://jabber.org/protocol/muc#request"
 }
 
 /// One group-chat room as a value: its occupants, subject and history, and per-event methods
@@ -40,11 +41,68 @@ struct MUCRoomConfiguration: Codable, Sendable, Equatable {
     /// "moderators" (semi-anonymous) or "anyone" (non-anonymous).
     var whoIs = "moderators"
     var changeSubject = false
+    /// Who may send private messages (`muc#roomconfig_allowpm`): anyone, participants,
+    /// moderators or none.
+    var allowPrivateMessages = "anyone"
+    /// Messages of history kept for newcomers (`muc#maxhistoryfetch`); nil is the service's
+    /// `muc.history_length`, which also bounds it.
+    var historyLength: Int?
+
+    init() {}
+
+    /// Rooms stored before a field existed keep its default (each key is optional here).
+    init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        let defaults = MUCRoomConfiguration()
+        name = try container.decodeIfPresent(String.self, forKey: .name) ?? defaults.name
+        description = try container.decodeIfPresent(String.self, forKey: .description) ?? defaults.description
+        persistent = try container.decodeIfPresent(Bool.self, forKey: .persistent) ?? defaults.persistent
+        isPublic = try container.decodeIfPresent(Bool.self, forKey: .isPublic) ?? defaults.isPublic
+        membersOnly = try container.decodeIfPresent(Bool.self, forKey: .membersOnly) ?? defaults.membersOnly
+        moderated = try container.decodeIfPresent(Bool.self, forKey: .moderated) ?? defaults.moderated
+        password = try container.decodeIfPresent(String.self, forKey: .password)
+        maxUsers = try container.decodeIfPresent(Int.self, forKey: .maxUsers) ?? defaults.maxUsers
+        whoIs = try container.decodeIfPresent(String.self, forKey: .whoIs) ?? defaults.whoIs
+        changeSubject = try container.decodeIfPresent(Bool.self, forKey: .changeSubject) ?? defaults.changeSubject
+        allowPrivateMessages = try container.decodeIfPresent(String.self, forKey: .allowPrivateMessages) ?? defaults.allowPrivateMessages
+        historyLength = try container.decodeIfPresent(Int.self, forKey: .historyLength)
+    }
+}
+
+/// How fast one occupant may send to a room: a token bucket, `perSecond` refilled up to
+/// `burst` (`muc.messages_per_second`, `muc.message_burst`).
+struct MUCMessageRate: Sendable, Equatable {
+    var perSecond: Double
+    var burst: Double
+}
+
+/// One occupant's bucket: what it may still send, as of `at`.
+struct MessageAllowance: Sendable, Equatable {
+    var tokens: Double
+    var at: Date
+
+    /// A new occupant starts with a full bucket, whatever the rate (`take` caps it).
+    init(at: Date) {
+        tokens = .infinity
+        self.at = at
+    }
+
+    /// Takes one message's worth; false when the occupant has sent too fast.
+    mutating func take(now: Date, rate: MUCMessageRate) -> Bool {
+        tokens = min(rate.burst, tokens + max(0, now.timeIntervalSince(at)) * rate.perSecond)
+        at = now
+        guard tokens >= 1 else { return false }
+        tokens -= 1
+        return true
+    }
 }
 
 struct MUCRoom: Sendable {
     struct Occupant: Sendable, Equatable {
+        /// The nickname as shown (RFC 8266 enforced) …
         var nick: String
+        /// … and as compared (`MUCNickname.key`).
+        var nickKey: String
         /// The real full JID of the occupant's client.
         var realJID: JID
         var affiliation: String
@@ -52,6 +110,8 @@ struct MUCRoom: Sendable {
         /// The occupant's last presence, as the room shows it (its children, without the
         /// `muc` join element).
         var presence: XMLElement
+        /// What it may still send (`MUCMessageRate`).
+        var allowance: MessageAllowance
     }
 
     let jid: JID
@@ -68,6 +128,8 @@ struct MUCRoom: Sendable {
     /// same for all its clients and nicknames, revealing nothing of the JID. The key is the
     /// server's (per process, for now).
     var occupantIDKey: [UInt8] = []
+    /// The service's per-occupant message rate; nil is unlimited.
+    var messageRate: MUCMessageRate?
 
     init(jid: JID, historyLimit: Int = 20) {
         self.jid = jid
@@ -105,24 +167,36 @@ struct MUCRoom: Sendable {
 
     var isEmpty: Bool { occupants.isEmpty }
 
-    func occupant(nick: String) -> Occupant? { occupants.first { $0.nick == nick } }
+    /// The occupant whose nickname compares equal to `nick` under RFC 8266 (`Alice` is
+    /// `alice`).
+    func occupant(nick: String) -> Occupant? {
+        let key = MUCNickname(nick)?.key ?? nick
+        return occupants.first { $0.nickKey == key }
+    }
     func occupant(realJID: JID) -> Occupant? { occupants.first { $0.realJID == realJID } }
 
     // MARK: Presence
 
     /// Presence from `from` (a real full JID) to `room/nick`.
-    mutating func presence(_ stanza: Stanza, from: JID, nick: String, isCreator: Bool, now: Date) -> [XMLElement] {
+    /// `nick` is the nickname as the client asked for it; the room enforces the Nickname
+    /// profile (RFC 8266) and, when that changed it, says so with 210 (§7.2.3).
+    mutating func presence(_ stanza: Stanza, from: JID, nick requested: String, isCreator: Bool, now: Date) -> [XMLElement] {
         let unavailable = stanza.typeAttribute == "unavailable"
-        if let current = occupant(realJID: from) {
-            if unavailable { return leave(current) }
-            if current.nick != nick { return changeNick(current, to: nick, stanza: stanza) }
+        let current = occupant(realJID: from)
+        if let current, unavailable { return leave(current) }
+        if unavailable { return [] }
+        guard let nick = MUCNickname(requested) else {
+            return [Self.error(stanza, StanzaError(.jidMalformed, text: "that nickname has characters a nickname cannot have"), from: roomJID(requested))]
+        }
+        if let current {
+            if current.nick != nick.shown { return changeNick(current, to: nick, stanza: stanza) }
             return update(current, stanza: stanza)
         }
-        if unavailable { return [] }
-        return join(stanza, from: from, nick: nick, isCreator: isCreator, now: now)
+        return join(stanza, from: from, nick: nick, requested: requested, isCreator: isCreator, now: now)
     }
 
-    private mutating func join(_ stanza: Stanza, from: JID, nick: String, isCreator: Bool, now: Date) -> [XMLElement] {
+    private mutating func join(_ stanza: Stanza, from: JID, nick enforced: MUCNickname, requested: String, isCreator: Bool, now: Date) -> [XMLElement] {
+        let nick = requested
         if occupants.isEmpty && !isCreator && owners.isEmpty {
             // A room that does not exist is created only by whom the service lets.
             return [Self.error(stanza, StanzaError(.notAllowed, text: "rooms here are created by the domain's users"), from: roomJID(nick))]
@@ -152,15 +226,15 @@ struct MUCRoom: Sendable {
             // §7.2.10.
             return [Self.error(stanza, StanzaError(.serviceUnavailable, text: "the room is full"), from: roomJID(nick))]
         }
-        if occupant(nick: nick) != nil {
+        if occupants.contains(where: { $0.nickKey == enforced.key }) {
             // §7.2.9.
             return [Self.error(stanza, StanzaError(.conflict, text: "that nickname is taken"), from: roomJID(nick))]
         }
         let created = occupants.isEmpty && owners.isEmpty
         if created { affiliations[from.bare] = "owner" }
         let current = self.affiliation(of: from)
-        let newcomer = Occupant(nick: nick, realJID: from, affiliation: current, role: role(for: current),
-                                presence: Self.shownPresence(stanza.element))
+        let newcomer = Occupant(nick: enforced.shown, nickKey: enforced.key, realJID: from, affiliation: current, role: role(for: current),
+                                presence: Self.shownPresence(stanza.element), allowance: MessageAllowance(at: now))
         var out: [XMLElement] = []
         // The others, to the newcomer.
         for other in occupants {
@@ -172,7 +246,8 @@ struct MUCRoom: Sendable {
             out.append(presenceElement(of: newcomer, to: other, statuses: []))
         }
         // Self-presence, last of the presence (§7.2.3).
-        out.append(presenceElement(of: newcomer, to: newcomer, statuses: (nonAnonymous ? ["100"] : []) + (created ? ["110", "201"] : ["110"])))
+        let modified = enforced.shown != requested ? ["210"] : []
+        out.append(presenceElement(of: newcomer, to: newcomer, statuses: (nonAnonymous ? ["100"] : []) + modified + (created ? ["110", "201"] : ["110"])))
         // History (§7.2.15), as much as asked.
         let join = stanza.element.firstChild(name: "x", namespace: MUCNamespace.muc)
         for message in Self.historyAsked(join?.firstChild(name: "history", namespace: MUCNamespace.muc), from: history, room: jid, now: now) {
@@ -226,8 +301,9 @@ struct MUCRoom: Sendable {
         return out
     }
 
-    private mutating func changeNick(_ occupant: Occupant, to nick: String, stanza: Stanza) -> [XMLElement] {
-        if self.occupant(nick: nick) != nil {
+    private mutating func changeNick(_ occupant: Occupant, to enforced: MUCNickname, stanza: Stanza) -> [XMLElement] {
+        let nick = enforced.shown
+        if occupants.contains(where: { $0.nickKey == enforced.key && $0.realJID != occupant.realJID }) {
             return [Self.error(stanza, StanzaError(.conflict, text: "that nickname is taken"), from: roomJID(nick))]
         }
         var out: [XMLElement] = []
@@ -238,6 +314,7 @@ struct MUCRoom: Sendable {
         }
         guard let index = occupants.firstIndex(where: { $0.realJID == occupant.realJID }) else { return out }
         occupants[index].nick = nick
+        occupants[index].nickKey = enforced.key
         occupants[index].presence = Self.shownPresence(stanza.element)
         let renamed = occupants[index]
         for other in occupants {
@@ -269,7 +346,17 @@ struct MUCRoom: Sendable {
             // §7.4, §7.5: only occupants speak.
             return [Self.error(stanza, StanzaError(.notAcceptable, text: "only occupants may send messages to the room"), from: nick.map(roomJID) ?? jid)]
         }
+        if let messageRate, let index = occupants.firstIndex(where: { $0.realJID == from }),
+           !occupants[index].allowance.take(now: now, rate: messageRate) {
+            // The service's limit (muc.messages_per_second): the sender waits; the room is
+            // not flooded.
+            return [Self.error(stanza, StanzaError(.resourceConstraint, text: "you are sending too fast; wait a moment"), from: nick.map(roomJID) ?? jid)]
+        }
         let type = stanza.typeAttribute ?? "normal"
+        if nick == nil, let form = stanza.element.firstChild(name: "x", namespace: MUCNamespace.dataForms),
+           Self.formType(form) == MUCNamespace.request {
+            return voiceRequest(form, from: sender, stanza: stanza)
+        }
         if nick == nil, let invite = stanza.element.firstChild(name: "x", namespace: MUCNamespace.user)?.firstChild(name: "invite", namespace: MUCNamespace.user) {
             return invitation(invite, from: sender, stanza: stanza)
         }
@@ -277,6 +364,9 @@ struct MUCRoom: Sendable {
             // A private message (§7.5), to the occupant's real JID, from the sender's nick.
             guard type != "groupchat" else {
                 return [Self.error(stanza, StanzaError(.badRequest, text: "groupchat messages go to the room"), from: roomJID(nick))]
+            }
+            guard mayPrivateMessage(sender) else {
+                return [Self.error(stanza, StanzaError(.forbidden, text: "private messages are not allowed in this room"), from: roomJID(nick))]
             }
             guard let target = occupant(nick: nick) else {
                 return [Self.error(stanza, StanzaError(.itemNotFound, text: "no such occupant"), from: roomJID(nick))]
@@ -307,9 +397,69 @@ struct MUCRoom: Sendable {
         let reflected = withoutClaims.setting(attribute: "from", to: roomJID(sender.nick).description).appending(occupantIDElement(sender.realJID))
         if stanza.element.firstChild(name: "body", namespace: stanza.element.namespace) != nil {
             history.append((reflected.setting(attribute: "to", to: nil), now))
-            if history.count > historyLimit { history.removeFirst(history.count - historyLimit) }
+            let kept = min(historyLimit, max(0, configuration.historyLength ?? historyLimit))
+            if history.count > kept { history.removeFirst(history.count - kept) }
         }
         return occupants.map { reflected.setting(attribute: "to", to: $0.realJID.description) }
+    }
+
+    /// `muc#roomconfig_allowpm`: whether `sender` may send private messages here.
+    private func mayPrivateMessage(_ sender: Occupant) -> Bool {
+        switch configuration.allowPrivateMessages {
+        case "none": false
+        case "moderators": sender.role == "moderator"
+        case "participants": sender.role != "visitor"
+        default: true
+        }
+    }
+
+    /// §7.13 and §8.6: a visitor asks for voice with a `muc#request` form, which goes to every
+    /// moderator; a moderator's submitted form with `muc#request_allow` true grants it.
+    private mutating func voiceRequest(_ form: XMLElement, from sender: Occupant, stanza: Stanza) -> [XMLElement] {
+        let fields = Self.formValues(form)
+        if sender.role == "moderator", let nick = fields["muc#roomnick"] {
+            guard fields["muc#request_allow"] == "1" || fields["muc#request_allow"] == "true" else { return [] }
+            guard let target = occupant(nick: nick), target.role == "visitor" else { return [] }
+            switch setRole(of: target.nick, to: "participant", by: sender.realJID) {
+            case .success(let out): return out
+            case .failure(let error): return [Self.error(stanza, error, from: jid)]
+            }
+        }
+        guard sender.role == "visitor", (fields["muc#role"] ?? "participant") == "participant" else {
+            // A participant has its voice already; anything else is not a voice request.
+            return sender.role == "visitor" ? [Self.error(stanza, StanzaError(.badRequest, text: "only voice can be requested"), from: jid)] : []
+        }
+        func field(_ name: String, _ type: String, _ label: String?, _ value: String) -> XMLNode {
+            var attributes = [XMLAttribute("var", name), XMLAttribute("type", type)]
+            if let label { attributes.append(XMLAttribute("label", label)) }
+            return .element(XMLElement(name: "field", namespace: MUCNamespace.dataForms, attributes: attributes,
+                                       children: [.element(XMLElement(name: "value", namespace: MUCNamespace.dataForms, text: value))]))
+        }
+        let request = XMLElement(name: "x", namespace: MUCNamespace.dataForms, attributes: [XMLAttribute("type", "form")], children: [
+            .element(XMLElement(name: "title", namespace: MUCNamespace.dataForms, text: "Voice request")),
+            field("FORM_TYPE", "hidden", nil, MUCNamespace.request),
+            field("muc#role", "list-single", "Requested role", "participant"),
+            field("muc#jid", "jid-single", "User ID", sender.realJID.description),
+            field("muc#roomnick", "text-single", "Room nickname", sender.nick),
+            field("muc#request_allow", "boolean", "Grant voice to this person?", "false"),
+        ])
+        return occupants.filter { $0.role == "moderator" }.map { moderator in
+            XMLElement(name: "message", namespace: XMLNamespace.client, attributes: [
+                XMLAttribute("from", jid.description), XMLAttribute("to", moderator.realJID.description),
+            ], children: [.element(request)])
+        }
+    }
+
+    static func formType(_ form: XMLElement) -> String? { formValues(form)["FORM_TYPE"] }
+
+    /// A data form's fields, by `var`, first value each.
+    static func formValues(_ form: XMLElement) -> [String: String] {
+        var values: [String: String] = [:]
+        for field in form.children(name: "field", namespace: MUCNamespace.dataForms) {
+            guard let name = field.attribute("var") else { continue }
+            values[name] = field.firstChild(name: "value", namespace: MUCNamespace.dataForms)?.text ?? ""
+        }
+        return values
     }
 
     /// §7.8.2: a mediated invitation, sent on by the room from its bare JID. In a
@@ -339,12 +489,34 @@ struct MUCRoom: Sendable {
 
     // MARK: Configuration and administration
 
-    /// The owner accepted the instant room or submitted a configuration (§10.1.2, §10.1.3).
-    mutating func configure(by requester: JID, _ configuration: MUCRoomConfiguration? = nil) -> Bool {
-        guard owners.contains(requester.bare) else { return false }
+    /// The owner accepted the instant room or submitted a configuration (§10.1.2, §10.1.3);
+    /// nil when `requester` is no owner. A room already open tells its occupants that its
+    /// configuration changed (104, with 172 or 173 when who sees real JIDs changed, §10.2.1);
+    /// a room made members-only removes whoever is no member (322, §9.3 note).
+    mutating func configure(by requester: JID, _ configuration: MUCRoomConfiguration? = nil) -> [XMLElement]? {
+        guard owners.contains(requester.bare) else { return nil }
+        let before = self.configuration
+        let wasLocked = locked
         if let configuration { self.configuration = configuration }
         locked = false
-        return true
+        var out: [XMLElement] = []
+        if self.configuration.membersOnly && !before.membersOnly {
+            for occupant in occupants where occupant.affiliation == "none" {
+                out += removeWithStatus(occupant, status: "322")
+            }
+        }
+        guard !wasLocked, before != self.configuration else { return out }
+        var statuses = ["104"]
+        if before.whoIs != self.configuration.whoIs { statuses.append(self.configuration.whoIs == "anyone" ? "172" : "173") }
+        let x = XMLElement(name: "x", namespace: MUCNamespace.user, children: statuses.map {
+            .element(XMLElement(name: "status", namespace: MUCNamespace.user, attributes: [XMLAttribute("code", $0)]))
+        })
+        out += occupants.map { occupant in
+            XMLElement(name: "message", namespace: XMLNamespace.client, attributes: [
+                XMLAttribute("from", jid.description), XMLAttribute("to", occupant.realJID.description), XMLAttribute("type", "groupchat"),
+            ], children: [.element(x)])
+        }
+        return out
     }
 
     /// An affiliation change by `actor` (§9.1–§9.8, §10.3–§10.7). Owners change anything;
