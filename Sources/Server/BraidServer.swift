@@ -255,6 +255,9 @@ public final class BraidServer: Service {
         for channel in channels {
             try? await channel.close()
         }
+        // The modules speak while clients and peers are still connected (a room's occupants
+        // get 332), then federation and the streams close.
+        await context.router.modules.shutdown(router: context.router)
         await federation?.shutdown()
         await admin.shutdown()
         let sessions = context.sessions.allSessions()

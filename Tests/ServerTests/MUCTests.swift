@@ -348,4 +348,25 @@ struct MUCTests {
         }
     }
 
+
+    @Test("A graceful shutdown tells every occupant of every room that it leaves with the server (332), before the stream closes")
+    func shutdownTellsOccupants() async throws {
+        let server = try await TestServer.start()
+        do {
+            let (alice, _) = try await server.loggedIn("alice@a.example")
+            let (bob, _) = try await server.loggedIn("bob@b.example")
+            try await create(alice, room: "talk@conference.a.example", nick: "alice")
+            try await enter(bob, "talk@conference.a.example/bob")
+            _ = try await bob.waitFor { $0.firstChild(name: "subject", namespace: XMLNamespace.client) != nil }
+            let stopping = Task { await server.stop() }
+            for (client, nick) in [(alice, "alice"), (bob, "bob")] {
+                let gone = try await client.waitFor { $0.name == "presence" && $0.attribute("from") == "talk@conference.a.example/\(nick)" && $0.attribute("type") == "unavailable" }
+                #expect(statuses(gone) == ["332", "110"])
+            }
+            await stopping.value
+        } catch {
+            await server.stop()
+            throw error
+        }
+    }
 }

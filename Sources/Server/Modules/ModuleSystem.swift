@@ -139,6 +139,7 @@ public struct ModuleBuilder {
     private(set) var sentObservers: [Registered<@Sendable (SentMessage) async -> Void>] = []
     private(set) var deliveredObservers: [Registered<@Sendable (DeliveredMessage) -> Void>] = []
     private(set) var services: [String: Registered<ServiceRegistration>] = [:]
+    private(set) var shutdownHandlers: [Registered<@Sendable (Router) async -> Void>] = []
     /// The operator's settings for services, by module name (`services.NAME`).
     private let serviceSettings: [String: BraidConfiguration.ServiceSettings]
     /// Settings naming a service nobody registered, or a label that is not one DNS label.
@@ -209,6 +210,13 @@ public struct ModuleBuilder {
         deliveredObservers.append(Registered(module: current, handler: observer))
     }
 
+    /// Called once when the server shuts down gracefully, after the listeners close and
+    /// before the streams do: what a module still has to tell its users (a room's occupants
+    /// learn of the shutdown) is routed while they are connected.
+    public mutating func onShutdown(_ handler: @escaping @Sendable (Router) async -> Void) {
+        shutdownHandlers.append(Registered(module: current, handler: handler))
+    }
+
     /// A service on `registration.label` under every hosted domain, unless the operator
     /// moved it (`services.NAME.subdomain`) or turned it off (`services.NAME.enabled`). One
     /// module per label.
@@ -262,6 +270,7 @@ public final class ModuleDispatcher: Sendable {
     private let deliveredObservers: [@Sendable (DeliveredMessage) -> Void]
     /// Services by label.
     let services: [String: ServiceRegistration]
+    private let shutdownHandlers: [@Sendable (Router) async -> Void]
 
     init(_ builder: ModuleBuilder) {
         serverIQ = builder.serverIQ.mapValues(\.handler)
@@ -276,6 +285,12 @@ public final class ModuleDispatcher: Sendable {
         sentObservers = builder.sentObservers.map(\.handler)
         deliveredObservers = builder.deliveredObservers.map(\.handler)
         services = builder.services.mapValues(\.handler)
+        shutdownHandlers = builder.shutdownHandlers.map(\.handler)
+    }
+
+    /// The modules' last words (`onShutdown`), in registration order.
+    func shutdown(router: Router) async {
+        for handler in shutdownHandlers { await handler(router) }
     }
 
     /// The service labels, for the domain registry.

@@ -35,6 +35,12 @@ struct MUCModule: BraidModule {
                                             features: Self.features) { service in
             await Self.handle(service, rooms: rooms)
         })
+        builder.onShutdown { router in
+            // §7.14, status 332: every occupant learns the room is going away with the server.
+            for element in rooms.shutDown() {
+                if let stanza = Stanza(element) { await router.route(stanza) }
+            }
+        }
     }
 
     static func handle(_ service: ServiceStanza, rooms: MUCRooms) async {
@@ -117,6 +123,20 @@ final class MUCRooms: Sendable {
     }
 
     var count: Int { state.withLock { $0.rooms.count } }
+
+    /// The server is stopping: every occupant of every room leaves with 332; persistent rooms
+    /// stay stored.
+    func shutDown() -> [XMLElement] {
+        state.withLock { state in
+            var out: [XMLElement] = []
+            for jid in Array(state.rooms.keys) {
+                guard var room = state.rooms[jid] else { continue }
+                out += room.shutDown()
+                state.rooms[jid] = room.isGone ? nil : room
+            }
+            return out
+        }
+    }
 
     func room(_ jid: JID) -> MUCRoom? { state.withLock { $0.rooms[jid] } }
 

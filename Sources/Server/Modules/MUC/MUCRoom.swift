@@ -599,6 +599,18 @@ struct MUCRoom: Sendable {
         return out
     }
 
+    /// The service is shutting down (332): each occupant is told its own departure; the
+    /// others need not be told, they leave too.
+    mutating func shutDown() -> [XMLElement] {
+        let out = occupants.map { occupant in
+            var leaving = occupant
+            leaving.role = "none"
+            return presenceElement(of: leaving, to: occupant, statuses: ["332", "110"], unavailable: true)
+        }
+        occupants = []
+        return out
+    }
+
     /// Removes an occupant with a status (301 banned, 307 kicked, 321 membership), telling
     /// everyone, the occupant included.
     private mutating func removeWithStatus(_ occupant: Occupant, status: String) -> [XMLElement] {
