@@ -176,6 +176,12 @@ class BraidServer:
         self.direct_tls_port = free_port()
         for domain in self.initial_domains:
             self.add_domain(domain)
+        self._launch()
+
+    def _launch(self):
+        """Starts `braid serve` on this server's data and ports; returns once both listeners
+        accept connections."""
+        offset = self.log_size()
         self._log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [self.binary, "serve"], env=self._env(), cwd=self.data_dir,
@@ -188,11 +194,26 @@ class BraidServer:
             # The suite must really run on PostgreSQL: no SQLite file, and the server said so.
             if os.path.exists(os.path.join(self.data_dir, "braid.sqlite")):
                 raise HarnessError("the server created braid.sqlite although PostgreSQL was configured")
-            if f"127.0.0.1:{self.postgres.port}/braid" not in self.log_since(0):
+            if f"127.0.0.1:{self.postgres.port}/braid" not in self.log_since(offset):
                 raise HarnessError("the server log does not show the PostgreSQL database being opened")
+
+    def restart(self):
+        """Stops the server process (SIGTERM) and starts it again on the same data directory,
+        database and ports, as an operator's restart would; returns the stopped process's
+        exit code."""
+        code = self._stop_process()
+        self._launch()
+        return code
 
     def stop(self):
         """SIGTERM, then SIGKILL after a bounded wait. Returns the exit code (None if never started)."""
+        code = self._stop_process()
+        if self.postgres is not None:
+            self.postgres.stop()
+        return code
+
+    def _stop_process(self):
+        """Stops `braid serve` alone (the data and any PostgreSQL stay); returns its exit code."""
         code = None
         if self.process is not None:
             if self.process.poll() is None:
@@ -207,8 +228,6 @@ class BraidServer:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
-        if self.postgres is not None:
-            self.postgres.stop()
         return code
 
     def keep_data(self):

@@ -4,11 +4,13 @@
 Covers SCRAM-SHA-256 logins on two hosted domains (STARTTLS and direct TLS), SASL failures,
 cross-domain presence subscriptions, Unicode messages, offline delivery with XEP-0203 delay
 (its order relative to live messages, and the per-account limit), XEP-0198 resumption after
-a dropped TCP connection, domains added at run time, directed messages and roster pushes.
+a dropped TCP connection, domains added at run time, directed messages and roster pushes;
+group chat (XEP-0045): rooms, kicks, bans, destruction, persistent rooms across a restart,
+and invitations (mediated, and XEP-0249's direct ones).
 
 Run with Debian's Python (the one that has slixmpp):
     /usr/bin/python3 Tests/Interop/test_clients.py
-Set INTEROP_DEBUG=1 to see slixmpp's own log.
+Set INTEROP_DEBUG=1 to see slixmpp's own log, INTEROP_ONLY=name,name to run only those tests.
 """
 
 import asyncio
@@ -27,6 +29,9 @@ import harness  # noqa: E402
 from harness import test, unique  # noqa: E402
 
 from slixmpp import ClientXMPP, JID  # noqa: E402
+from slixmpp.exceptions import IqError, PresenceError  # noqa: E402
+from slixmpp.xmlstream.handler import Callback  # noqa: E402
+from slixmpp.xmlstream.matcher import StanzaPath  # noqa: E402
 
 DOMAIN_A = "alpha.test"
 DOMAIN_B = "beta.test"
@@ -776,6 +781,411 @@ async def muc_room_with_slixmpp(ctx):
         late.register_plugin("xep_0045")
         _, _, occupants, history = await late["xep_0045"].join_muc_wait(room, "late", maxstanzas=5, timeout=WAIT)
         assert [message["body"] for message in history] == ["welcome"], f"history: {[str(m) for m in history]}"
+
+
+# -- group chat: moderation, destruction, persistence, invitations --------------------------
+
+MUC_USER = "http://jabber.org/protocol/muc#user"
+DISCO_INFO = "http://jabber.org/protocol/disco#info"
+DATA_FORMS = "jabber:x:data"
+
+
+async def muc_login(clients, jid):
+    """Logs `jid` in with slixmpp's XEP-0045 plugin and a queue of the room presence it gets."""
+    client = await clients.login(jid)
+    client.register_plugin("xep_0045")
+    client.muc_presences = asyncio.Queue()
+    client.add_event_handler("groupchat_presence", client.muc_presences.put_nowait)
+    return client
+
+
+async def enter(client, room, nick):
+    """Enters `room` as `nick` (slixmpp's join_muc_wait); returns the self-presence. A refusal
+    raises slixmpp's PresenceError."""
+    try:
+        presence, _subject, _occupants, _history = await client["xep_0045"].join_muc_wait(room, nick, timeout=WAIT)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"{client.boundjid}: entering {room}/{nick} got no answer within {WAIT}s") from None
+    return presence
+
+
+async def entry_refused(client, room, nick, problems):
+    """Tries to enter `room` as `nick`, which must be refused; returns the error condition.
+
+    slixmpp's join_muc_wait recognises a refusal only when it carries the join element
+    (<x xmlns='http://jabber.org/protocol/muc'/>) back, as every refusal in XEP-0045 §7.2
+    does; without it the client waits forever. The refusal is read from the raw stanza, and
+    a missing join element goes to `problems` rather than ending the test.
+    """
+    loop = asyncio.get_running_loop()
+    refusal = loop.create_future()
+    occupant = JID(f"{room}/{nick}")
+
+    def on_error(presence):
+        if presence["from"] == occupant and not refusal.done():
+            refusal.set_result(presence)
+    handler = f"refusal {unique('h')}"
+    client.register_handler(Callback(handler, StanzaPath("presence@type=error"), on_error))
+    joining = asyncio.ensure_future(enter(client, room, nick))
+    try:
+        await asyncio.wait({joining, refusal}, timeout=WAIT, return_when=asyncio.FIRST_COMPLETED)
+        if not refusal.done():
+            if joining.done():
+                raise AssertionError(f"{client.boundjid} entered {room} as {nick}: {joining.result()}")
+            raise AssertionError(f"{client.boundjid}: entering {room} as {nick} got no answer within {WAIT}s")
+        error = refusal.result()
+        if error.xml.find("{http://jabber.org/protocol/muc}x") is None:
+            problems.append(f"the refusal of {occupant} (<{error['error']['condition']}/>) lacks the "
+                            f"<x xmlns='http://jabber.org/protocol/muc'/> join element, so slixmpp's join_muc_wait "
+                            f"never returns: {error}")
+        else:
+            try:
+                await asyncio.wait_for(joining, WAIT)
+            except PresenceError as seen:
+                assert seen.condition == error["error"]["condition"], f"slixmpp saw <{seen.condition}/>: {error}"
+            except asyncio.TimeoutError:
+                raise AssertionError(f"slixmpp did not see the refusal {error}") from None
+        return error["error"]["condition"]
+    finally:
+        client.remove_handler(handler)
+        joining.cancel()
+        await asyncio.gather(joining, return_exceptions=True)
+
+
+async def iq_refused(request, what):
+    """Awaits an IQ request that must fail; returns its IqError."""
+    try:
+        result = await request
+    except IqError as error:
+        return error
+    raise AssertionError(f"{what} was accepted: {result}")
+
+
+def muc_x(presence):
+    x = presence.xml.find(f"{{{MUC_USER}}}x")
+    assert x is not None, f"no muc#user <x/> in {presence}"
+    return x
+
+
+def status_codes(presence):
+    return {status.get("code") for status in muc_x(presence).findall(f"{{{MUC_USER}}}status")}
+
+
+def muc_item(presence):
+    item = muc_x(presence).find(f"{{{MUC_USER}}}item")
+    assert item is not None, f"no <item/> in {presence}"
+    return item
+
+
+def item_reason(presence):
+    return muc_item(presence).findtext(f"{{{MUC_USER}}}reason")
+
+
+async def create_room(owner, room, nick, **fields):
+    """`owner` creates `room` (status 201) and submits the configuration form with `fields`
+    ({field var: value}) changed; the room is unlocked when this returns."""
+    presence = await enter(owner, room, nick)
+    assert {"110", "201"} <= status_codes(presence), f"creating {room}: statuses {status_codes(presence)}"
+    form = await owner["xep_0045"].get_room_config(room, timeout=WAIT)
+    for var, value in fields.items():
+        assert var in form.get_fields(), f"the configuration form of {room} has no {var}: {list(form.get_fields())}"
+        form.field[var]["value"] = value
+    await owner["xep_0045"].set_room_config(room, form, timeout=WAIT)
+
+
+async def room_presence(client, occupant, what, unavailable=True, timeout=WAIT):
+    """The next room presence from `occupant` (an occupant JID) at `client`, of type
+    unavailable or not; others before it are skipped."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        presence = await next_item(client.muc_presences, f"{what} at {client.boundjid}", timeout=max(0.1, deadline - loop.time()))
+        if str(presence["from"]) == occupant and (presence["type"] == "unavailable") == unavailable:
+            return presence
+
+
+async def room_body(client, room, what, timeout=WAIT):
+    """The next message with a body from `room` (or one of its occupants) at `client`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        message = await next_item(client.messages, f"{what} at {client.boundjid}", timeout=max(0.1, deadline - loop.time()))
+        if message["from"].bare == room and message["body"]:
+            return message
+
+
+async def room_info(client, room):
+    """disco#info of `room`: (identities, features, muc#roominfo fields). Raises IqError."""
+    result = await client.make_iq_get(queryxmlns=DISCO_INFO, ito=room).send(timeout=WAIT)
+    query = result.xml.find(f"{{{DISCO_INFO}}}query")
+    assert query is not None, f"disco#info of {room} without a query: {result}"
+    identities = [(identity.get("category"), identity.get("type"), identity.get("name"))
+                  for identity in query.findall(f"{{{DISCO_INFO}}}identity")]
+    features = {feature.get("var") for feature in query.findall(f"{{{DISCO_INFO}}}feature")}
+    roominfo = {}
+    for form in query.findall(f"{{{DATA_FORMS}}}x"):
+        fields = {field.get("var"): field.findtext(f"{{{DATA_FORMS}}}value") for field in form.findall(f"{{{DATA_FORMS}}}field")}
+        if fields.get("FORM_TYPE") == "http://jabber.org/protocol/muc#roominfo":
+            roominfo = fields
+    return identities, features, roominfo
+
+
+@test(timeout=60)
+async def muc_kick_with_reason(ctx):
+    """Kicking (muc#admin role 'none' with a reason): a participant may not; the owner may.
+    The kicked occupant gets its unavailable presence with 307 and 110, everyone else with
+    307, all with role 'none' and the reason; after it, a groupchat message of the kicked
+    user bounces with not-acceptable and reaches nobody."""
+    owner_jid = new_account(ctx.server, DOMAIN_A, "kickowner")
+    victim_jid = new_account(ctx.server, DOMAIN_B, "kicked")
+    witness_jid = new_account(ctx.server, DOMAIN_A, "kickwitness")
+    room = f"{unique('kick')}@conference.{DOMAIN_A}"
+    reason = f"mind your manners ✂ {unique('r')}"
+    problems = []
+    async with Clients(ctx.server) as clients:
+        owner = await muc_login(clients, owner_jid)
+        victim = await muc_login(clients, victim_jid)
+        witness = await muc_login(clients, witness_jid)
+        await create_room(owner, room, "owner")
+        await enter(victim, room, "victim")
+        await enter(witness, room, "witness")
+
+        # Only moderators kick; a participant's attempt is refused and changes nothing.
+        error = await iq_refused(witness["xep_0045"].set_role(room, "victim", "none", timeout=WAIT), "a participant's kick")
+        assert error.condition == "forbidden", f"a participant's kick: <{error.condition}/>, expected <forbidden/>"
+
+        await owner["xep_0045"].set_role(room, "victim", "none", reason=reason, timeout=WAIT)
+        for client, itself in ((victim, True), (witness, False), (owner, False)):
+            presence = await room_presence(client, f"{room}/victim", "the kicked occupant's unavailable presence")
+            codes = status_codes(presence)
+            assert "307" in codes, f"{client.boundjid}: kick presence without status 307: {presence}"
+            assert ("110" in codes) == itself, f"{client.boundjid}: status 110 {'missing' if itself else 'wrongly present'}: {presence}"
+            assert muc_item(presence).get("role") == "none", f"{client.boundjid}: kick presence with role {muc_item(presence).get('role')!r}"
+            if item_reason(presence) != reason:
+                problems.append(f"{client.boundjid} got the kick presence without the reason {reason!r}: {presence}")
+        assert "victim" not in witness["xep_0045"].get_roster(room), f"witness's occupants: {witness['xep_0045'].get_roster(room)}"
+
+        # Out of the room: a groupchat message bounces, and the others never get it (the
+        # owner's next message, sent after the bounce, is the first body they see).
+        victim.send_message(mto=room, mbody="am I still here?", mtype="groupchat")
+        bounce = await next_item(victim.message_errors, "the bounce of the kicked user's groupchat message")
+        assert bounce["from"].bare == room, f"bounce from {bounce['from']}"
+        assert bounce["error"]["condition"] == "not-acceptable", f"bounce: {bounce}"
+        owner.send_message(mto=room, mbody="order restored", mtype="groupchat")
+        for client in (witness, owner):
+            message = await room_body(client, room, "the owner's message after the kick")
+            assert message["body"] == "order restored", f"{client.boundjid} got {message['body']!r} from {message['from']}"
+    assert not problems, "; ".join(problems)
+
+
+@test(timeout=60)
+async def muc_ban_and_outcast_list(ctx):
+    """Banning (muc#admin affiliation 'outcast' on the bare JID): a participant may not
+    (forbidden); the owner may. The banned occupant leaves with 301 (and 110 for itself,
+    301 for the others), role 'none', affiliation 'outcast'; it cannot enter again under any
+    nickname (forbidden); the outcast list holds its bare JID; lifting the ban lets it in."""
+    owner_jid = new_account(ctx.server, DOMAIN_A, "banowner")
+    target_jid = new_account(ctx.server, DOMAIN_B, "banned")
+    witness_jid = new_account(ctx.server, DOMAIN_A, "banwitness")
+    room = f"{unique('ban')}@conference.{DOMAIN_A}"
+    problems = []
+    async with Clients(ctx.server) as clients:
+        owner = await muc_login(clients, owner_jid)
+        target = await muc_login(clients, target_jid)
+        witness = await muc_login(clients, witness_jid)
+        await create_room(owner, room, "owner")
+        await enter(target, room, "target")
+        await enter(witness, room, "witness")
+
+        # Only admins and owners ban: anyone else is refused with forbidden.
+        error = await iq_refused(witness["xep_0045"].set_affiliation(room, "outcast", jid=target_jid, timeout=WAIT),
+                                 "a participant's ban")
+        if error.condition != "forbidden":
+            problems.append(f"a participant's ban was refused with <{error.condition}/>, expected <forbidden/> ({error.iq})")
+
+        await owner["xep_0045"].set_affiliation(room, "outcast", jid=target_jid, reason="spam", timeout=WAIT)
+        for client, itself in ((target, True), (witness, False), (owner, False)):
+            presence = await room_presence(client, f"{room}/target", "the banned occupant's unavailable presence")
+            codes = status_codes(presence)
+            assert "301" in codes, f"{client.boundjid}: ban presence without status 301: {presence}"
+            assert ("110" in codes) == itself, f"{client.boundjid}: status 110 {'missing' if itself else 'wrongly present'}: {presence}"
+            item = muc_item(presence)
+            assert (item.get("affiliation"), item.get("role")) == ("outcast", "none"), f"{client.boundjid}: ban presence item {item.attrib}"
+
+        for nick in ("target", "another-nick"):
+            condition = await entry_refused(target, room, nick, problems)
+            assert condition == "forbidden", f"banned user entering as {nick}: <{condition}/>, expected <forbidden/>"
+        outcasts = await owner["xep_0045"].get_affiliation_list(room, "outcast", timeout=WAIT)
+        assert [str(jid) for jid in outcasts] == [target_jid], f"outcast list: {outcasts}"
+
+        await owner["xep_0045"].set_affiliation(room, "none", jid=target_jid, timeout=WAIT)
+        assert await owner["xep_0045"].get_affiliation_list(room, "outcast", timeout=WAIT) == [], "outcast list after lifting the ban"
+        presence = await enter(target, room, "target")
+        assert muc_item(presence).get("affiliation") == "none", f"after the ban was lifted: {presence}"
+        await room_presence(witness, f"{room}/target", "the pardoned user's presence", unavailable=False)
+    assert not problems, "; ".join(problems)
+
+
+@test(timeout=60)
+async def muc_destroy_with_alternate_venue(ctx):
+    """Destroying a room (muc#owner <destroy jid=... ><reason/>): a non-owner is refused with
+    forbidden; the owner's request removes every occupant with one unavailable presence
+    carrying <destroy/> with the alternate venue and the reason; afterwards the room is gone
+    (disco#info: item-not-found) and entering it creates a new, locked room (201) owned by
+    whoever enters."""
+    owner_jid = new_account(ctx.server, DOMAIN_A, "destroyowner")
+    guest_jid = new_account(ctx.server, DOMAIN_B, "destroyguest")
+    other_jid = new_account(ctx.server, DOMAIN_A, "destroyother")
+    room = f"{unique('doomed')}@conference.{DOMAIN_A}"
+    venue = f"{unique('venue')}@conference.{DOMAIN_A}"
+    reason = f"moving house ⌂ {unique('r')}"
+    async with Clients(ctx.server) as clients:
+        owner = await muc_login(clients, owner_jid)
+        guest = await muc_login(clients, guest_jid)
+        other = await muc_login(clients, other_jid)
+        await create_room(owner, room, "owner")
+        for client, nick in ((guest, "guest"), (other, "other")):
+            await enter(client, room, nick)
+
+        error = await iq_refused(guest["xep_0045"].destroy(room, reason="mine now", timeout=WAIT), "a participant's destroy")
+        assert error.condition == "forbidden", f"a participant's destroy: <{error.condition}/>, expected <forbidden/>"
+        assert (await room_info(owner, room))[0], "the room is gone after a refused destroy"
+
+        await owner["xep_0045"].destroy(room, reason=reason, altroom=venue, timeout=WAIT)
+        for client, nick in ((owner, "owner"), (guest, "guest"), (other, "other")):
+            presence = await room_presence(client, f"{room}/{nick}", "the destroy presence")
+            destroy = muc_x(presence).find(f"{{{MUC_USER}}}destroy")
+            assert destroy is not None, f"{client.boundjid}: unavailable presence without <destroy/>: {presence}"
+            assert destroy.get("jid") == venue, f"{client.boundjid}: alternate venue {destroy.get('jid')!r}, expected {venue}"
+            assert destroy.findtext(f"{{{MUC_USER}}}reason") == reason, f"{client.boundjid}: destroy reason: {presence}"
+            # A roster get is answered after the room's stanzas to this client: what the room
+            # sent is all in the queue now, and it is one presence, the client's own.
+            await roster_items(client)
+            others = []
+            while not client.muc_presences.empty():
+                others.append(client.muc_presences.get_nowait())
+            assert not others, f"{client.boundjid}: more presence after the destroy: {[str(p) for p in others]}"
+
+        error = await iq_refused(room_info(guest, room), "disco#info of the destroyed room")
+        assert error.condition == "item-not-found", f"disco#info of the destroyed room: <{error.condition}/>"
+        # The name is free again: whoever enters creates a new room, and owns it.
+        presence = await enter(other, room, "other")
+        assert {"110", "201"} <= status_codes(presence), f"entering the destroyed room's name: statuses {status_codes(presence)}"
+        assert muc_item(presence).get("affiliation") == "owner", f"the new room's creator: {muc_item(presence).attrib}"
+
+
+@test(timeout=150)
+async def muc_persistent_room_survives_restart(ctx):
+    """A persistent, members-only room with a name and a member, configured through the
+    owner's form, is there after the server restarts on the same storage: entering does not
+    create it (no 201), the member is still a member, others are refused
+    (registration-required), disco#info shows the name; destroyed, it stays gone after
+    another restart."""
+    side = harness.BraidServer(env={"BRAID_ADMIN_ADMIN_PORT": str(harness.free_port()),
+                                    "BRAID_ADMIN_POSH_PORT": str(harness.free_port()), "BRAID_S2S_ENABLED": "false"},
+                               domains=[DOMAIN_A, DOMAIN_B])
+    try:
+        try:
+            side.start()
+        except harness.HarnessError as error:
+            raise AssertionError(f"{error}: {side.log_since(0)[-1500:]}") from None
+        owner_jid = new_account(side, DOMAIN_A, "keeper")
+        member_jid = new_account(side, DOMAIN_B, "member")
+        outsider_jid = new_account(side, DOMAIN_A, "outsider")
+        room = f"{unique('kept')}@conference.{DOMAIN_A}"
+        name = f"Kept room ✓ {unique('n')}"
+        problems = []
+
+        async with Clients(side) as clients:
+            owner = await muc_login(clients, owner_jid)
+            await create_room(owner, room, "owner", **{"muc#roomconfig_roomname": name, "muc#roomconfig_persistentroom": True,
+                                                       "muc#roomconfig_membersonly": True})
+            await owner["xep_0045"].set_affiliation(room, "member", jid=member_jid, timeout=WAIT)
+            assert [str(jid) for jid in await owner["xep_0045"].get_affiliation_list(room, "member", timeout=WAIT)] == [member_jid]
+        # Everyone has left; the room stays, and so it does across a restart.
+
+        def restart():
+            try:
+                side.restart()
+            except harness.HarnessError as error:
+                raise AssertionError(f"restart: {error}: {side.log_since(0)[-1500:]}") from None
+
+        restart()
+        async with Clients(side) as clients:
+            member = await muc_login(clients, member_jid)
+            presence = await enter(member, room, "member")
+            assert "201" not in status_codes(presence), f"the room was created anew after the restart: {presence}"
+            assert muc_item(presence).get("affiliation") == "member", f"member after the restart: {muc_item(presence).attrib}"
+
+            outsider = await muc_login(clients, outsider_jid)
+            condition = await entry_refused(outsider, room, "outsider", problems)
+            assert condition == "registration-required", f"a non-member after the restart: <{condition}/>"
+
+            owner = await muc_login(clients, owner_jid)
+            identities, features, roominfo = await room_info(owner, room)
+            assert ("conference", "text", name) in identities, f"identities after the restart: {identities}"
+            assert {"muc_persistent", "muc_membersonly"} <= features, f"features after the restart: {sorted(features)}"
+            assert roominfo.get("muc#roomconfig_roomname") == name, f"muc#roominfo after the restart: {roominfo}"
+            presence = await enter(owner, room, "owner")
+            assert "201" not in status_codes(presence), f"owner entering after the restart: {presence}"
+            assert muc_item(presence).get("affiliation") == "owner", f"owner after the restart: {muc_item(presence).attrib}"
+            members = await owner["xep_0045"].get_affiliation_list(room, "member", timeout=WAIT)
+            assert [str(jid) for jid in members] == [member_jid], f"member list after the restart: {members}"
+
+            await owner["xep_0045"].destroy(room, reason="done", timeout=WAIT)
+
+        restart()
+        async with Clients(side) as clients:
+            owner = await muc_login(clients, owner_jid)
+            error = await iq_refused(room_info(owner, room), "disco#info of the destroyed persistent room after a restart")
+            assert error.condition == "item-not-found", f"the destroyed room after a restart: <{error.condition}/>"
+        assert not problems, "; ".join(problems)
+    except BaseException:
+        print("    --- the restarted server's log (last lines) ---", flush=True)
+        for line in side.log_since(0).rstrip("\n").splitlines()[-harness.LOG_TAIL_LINES:]:
+            print("    | " + line, flush=True)
+        raise
+    finally:
+        side.stop()
+        side.cleanup()
+
+
+@test(timeout=60)
+async def muc_invitations_direct_and_mediated(ctx):
+    """A XEP-0249 direct invitation (jabber:x:conference, to the invitee's bare JID) reaches
+    the invitee from the inviter with the room and reason; a mediated one (muc#user <invite/>
+    sent to the room) arrives from the room with the inviter's bare JID and the reason; the
+    invitee then enters."""
+    inviter_jid = new_account(ctx.server, DOMAIN_A, "inviter")
+    invitee_jid = new_account(ctx.server, DOMAIN_B, "invitee")
+    room = f"{unique('party')}@conference.{DOMAIN_A}"
+    async with Clients(ctx.server) as clients:
+        inviter = await muc_login(clients, inviter_jid)
+        inviter.register_plugin("xep_0249")
+        invitee = await muc_login(clients, invitee_jid)
+        invitee.register_plugin("xep_0249")
+        direct, mediated = asyncio.Queue(), asyncio.Queue()
+        invitee.add_event_handler("groupchat_direct_invite", direct.put_nowait)
+        invitee.add_event_handler("groupchat_invite", mediated.put_nowait)
+        await create_room(inviter, room, "host")
+
+        reason = f"come along ☺ {unique('r')}"
+        inviter["xep_0249"].send_invitation(invitee_jid, room, reason=reason)
+        invitation = await next_item(direct, "the direct invitation")
+        assert invitation["from"] == inviter.boundjid.full, f"direct invitation from {invitation['from']}"
+        assert invitation["groupchat_invite"]["jid"] == room, f"direct invitation to {invitation['groupchat_invite']['jid']}"
+        assert invitation["groupchat_invite"]["reason"] == reason, f"direct invitation: {invitation}"
+
+        reason = f"really, come ☺ {unique('r')}"
+        inviter["xep_0045"].invite(room, invitee_jid, reason=reason)
+        invitation = await next_item(mediated, "the mediated invitation")
+        assert invitation["from"] == room, f"mediated invitation from {invitation['from']}, expected the room"
+        invite = invitation["muc"]["invite"]
+        assert invite["from"].bare == inviter_jid, f"mediated invitation names {invite['from']} as the inviter"
+        assert invite["reason"] == reason, f"mediated invitation: {invitation}"
+
+        await enter(invitee, room, "guest")
+        await room_presence(inviter, f"{room}/guest", "the invitee entering", unavailable=False)
 
 
 @test(timeout=120)

@@ -210,16 +210,30 @@ struct MUCRoomTests {
         #expect(Self.errorCondition(full[0]) == "service-unavailable")
 
         var room = Self.populated()
-        let banned = room.setAffiliation(of: Self.bob.bare, to: "outcast", by: Self.alice)
+        if case .failure(let error) = room.setAffiliation(of: Self.alice.bare, to: "outcast", by: Self.bob) {
+            #expect(error.condition == .forbidden, "§9: a participant is no admin")
+        } else { Issue.record("a participant banned someone") }
+        let banned = room.setAffiliation(of: Self.bob.bare, to: "outcast", by: Self.alice, reason: "spam")
         let out = (try? banned.get()) ?? []
-        // Everyone learns (301), bob included, and he is out.
+        // Everyone learns (301), bob first, with the reason and who did it, and he is out.
         #expect(Self.summary(out) == [
-            "presence room@conference.example.com/bob→alice@example.com/phone unavailable",
             "presence room@conference.example.com/bob→bob@example.org/laptop unavailable",
+            "presence room@conference.example.com/bob→alice@example.com/phone unavailable",
         ])
-        #expect(Self.statuses(out[0]) == ["301"] && Self.statuses(out[1]) == ["301", "110"])
+        #expect(Self.statuses(out[0]) == ["301", "110"] && Self.statuses(out[1]) == ["301"])
+        let item = out[0].firstChild(name: "x", namespace: MUCNamespace.user)?.firstChild(name: "item", namespace: MUCNamespace.user)
+        #expect(item?.firstChild(name: "reason", namespace: MUCNamespace.user)?.text == "spam")
+        #expect(item?.firstChild(name: "actor", namespace: MUCNamespace.user)?.attribute("nick") == "alice")
         let again = room.presence(Self.presence(to: "bob"), from: Self.bob, nick: "bob", isCreator: false, now: Self.t0)
         #expect(Self.errorCondition(again[0]) == "forbidden")
+        // §7.2: a refused entry carries the muc element (clients recognise the refusal by it),
+        // and never the password that was given.
+        #expect(again[0].firstChild(name: "x", namespace: MUCNamespace.muc) != nil)
+        #expect(withPassword.isEmpty == false)
+        let wrong = XMLElement(name: "x", namespace: MUCNamespace.muc, children: [.element(XMLElement(name: "password", namespace: MUCNamespace.muc, text: "guess"))])
+        let refusedPassword = secret.presence(Self.presence(to: "carol", join: wrong), from: Self.carol, nick: "carol", isCreator: false, now: Self.t0)
+        #expect(Self.errorCondition(refusedPassword[0]) == "not-authorized")
+        #expect(refusedPassword[0].firstChild(name: "x", namespace: MUCNamespace.muc)?.children.isEmpty == true)
     }
 
     @Test("§8: moderators kick (307) and give or take voice; participants cannot; owners and admins are not kicked; the last owner stays")
@@ -228,15 +242,21 @@ struct MUCRoomTests {
         _ = room.presence(Self.presence(to: "carol"), from: Self.carol, nick: "carol", isCreator: true, now: Self.t0)
         if case .failure(let error) = room.setRole(of: "carol", to: "none", by: Self.bob) { #expect(error.condition == .forbidden) } else { Issue.record("a participant kicked") }
         if case .failure(let error) = room.setRole(of: "alice", to: "none", by: Self.alice) { #expect(error.condition == .notAllowed) } else { Issue.record("an owner was kicked") }
-        let kicked = (try? room.setRole(of: "carol", to: "none", by: Self.alice).get()) ?? []
+        let kicked = (try? room.setRole(of: "carol", to: "none", by: Self.alice, reason: "be nice").get()) ?? []
         #expect(kicked.count == 3 && kicked.allSatisfy { Self.statuses($0).contains("307") })
+        #expect(kicked.first?.attribute("to") == Self.carol.description, "§8.2: the kicked occupant hears it first")
+        #expect(kicked.allSatisfy { $0.firstChild(name: "x", namespace: MUCNamespace.user)?.firstChild(name: "item", namespace: MUCNamespace.user)?
+            .firstChild(name: "reason", namespace: MUCNamespace.user)?.text == "be nice" })
         #expect(room.occupant(nick: "carol") == nil)
         let silenced = (try? room.setRole(of: "bob", to: "visitor", by: Self.alice).get()) ?? []
         #expect(silenced.count == 2)
         let refused = room.message(Self.groupchat("can I speak?"), from: Self.bob, nick: nil, now: Self.t0)
         #expect(Self.errorCondition(refused[0]) == "forbidden")
         if case .failure(let error) = room.setAffiliation(of: Self.alice.bare, to: "member", by: Self.alice) { #expect(error.condition == .conflict) } else { Issue.record("the last owner left") }
-        if case .failure(let error) = room.setAffiliation(of: Self.alice.bare, to: "none", by: Self.bob) { #expect(error.condition == .notAllowed) } else { Issue.record("a participant changed an owner") }
+        if case .failure(let error) = room.setAffiliation(of: Self.alice.bare, to: "none", by: Self.bob) { #expect(error.condition == .forbidden) } else { Issue.record("a participant changed an owner") }
+        // §9.1: an admin cannot touch an owner.
+        _ = room.setAffiliation(of: Self.bob.bare, to: "admin", by: Self.alice)
+        if case .failure(let error) = room.setAffiliation(of: Self.alice.bare, to: "member", by: Self.bob) { #expect(error.condition == .notAllowed) } else { Issue.record("an admin demoted an owner") }
     }
 
     @Test("Moderated rooms give newcomers no voice; non-anonymous rooms show real JIDs to all (100)")
@@ -489,11 +509,11 @@ struct MUCRoomTests {
         configuration.membersOnly = true
         let closed = room.configure(by: Self.alice, configuration) ?? []
         #expect(Self.summary(closed) == [
-            "presence room@conference.example.com/bob→alice@example.com/phone unavailable",
             "presence room@conference.example.com/bob→bob@example.org/laptop unavailable",
+            "presence room@conference.example.com/bob→alice@example.com/phone unavailable",
             "message room@conference.example.com→alice@example.com/phone groupchat",
         ])
-        #expect(Self.statuses(closed[0]) == ["322"] && Self.statuses(closed[1]) == ["322", "110"])
+        #expect(Self.statuses(closed[0]) == ["322", "110"] && Self.statuses(closed[1]) == ["322"])
         #expect(room.occupant(realJID: Self.bob) == nil)
     }
 

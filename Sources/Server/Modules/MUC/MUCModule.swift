@@ -318,10 +318,11 @@ final class MUCRooms: Sendable {
             var out: [XMLElement] = []
             for item in payload.children(name: "item", namespace: MUCNamespace.admin) {
                 let result: Result<[XMLElement], StanzaError>
+                let reason = item.firstChild(name: "reason", namespace: MUCNamespace.admin)?.text
                 if let affiliation = item.attribute("affiliation"), let target = item.attribute("jid").flatMap({ try? JID($0) }) {
-                    result = state.setAffiliation(of: target, to: affiliation, by: from)
+                    result = state.setAffiliation(of: target, to: affiliation, by: from, reason: reason)
                 } else if let role = item.attribute("role"), let nick = item.attribute("nick") {
-                    result = state.setRole(of: nick, to: role, by: from)
+                    result = state.setRole(of: nick, to: role, by: from, reason: reason)
                 } else {
                     result = .failure(StanzaError(.badRequest, text: "an item needs jid and affiliation, or nick and role"))
                 }
@@ -330,7 +331,13 @@ final class MUCRooms: Sendable {
                 case .failure(let error): return out + [MUCRoom.error(stanza, error, from: to)]
                 }
             }
-            return out + [iq.result(payload: nil).stanza.element]
+            // §8.2, §9.1: whoever was removed hears it first, then the moderator gets the
+            // result, then the others.
+            let removedFirst = out.prefix { element in
+                element.attribute("type") == "unavailable"
+                    && (element.firstChild(name: "x", namespace: MUCNamespace.user)?.children(name: "status", namespace: MUCNamespace.user).contains { $0.attribute("code") == "110" } ?? false)
+            }
+            return Array(removedFirst) + [iq.result(payload: nil).stanza.element] + out.dropFirst(removedFirst.count)
         case (MUCNamespace.admin, .get) where exists:
             // §9.5, §10.5: lists by affiliation, for owners and admins.
             guard ["owner", "admin"].contains(state.affiliation(of: from)),

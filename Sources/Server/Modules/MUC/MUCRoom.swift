@@ -523,12 +523,17 @@ struct MUCRoom: Sendable {
     /// admins change members, outcasts and the unaffiliated, never owners or admins. An
     /// occupant banned, or no longer a member of a members-only room, leaves (301, 321);
     /// the others learn of the change.
-    mutating func setAffiliation(of target: JID, to affiliation: String, by actor: JID) -> Result<[XMLElement], StanzaError> {
+    mutating func setAffiliation(of target: JID, to affiliation: String, by actor: JID, reason: String? = nil) -> Result<[XMLElement], StanzaError> {
         let actorAffiliation = self.affiliation(of: actor)
         let targetAffiliation = self.affiliation(of: target)
         guard ["owner", "admin", "member", "outcast", "none"].contains(affiliation) else { return .failure(StanzaError(.badRequest)) }
         let privileged: Set<String> = ["owner", "admin"]
-        guard actorAffiliation == "owner" || (actorAffiliation == "admin" && !privileged.contains(affiliation) && !privileged.contains(targetAffiliation)) else {
+        guard privileged.contains(actorAffiliation) else {
+            // §9: only admins and owners change affiliations; anyone else is forbidden.
+            return .failure(StanzaError(.forbidden, text: "only owners and admins change affiliations"))
+        }
+        guard actorAffiliation == "owner" || (!privileged.contains(affiliation) && !privileged.contains(targetAffiliation)) else {
+            // §9.1: an admin cannot touch owners and admins, nor make them.
             return .failure(StanzaError(.notAllowed, text: "not allowed to change that affiliation"))
         }
         if targetAffiliation == "owner" && affiliation != "owner" && owners.count == 1 {
@@ -544,7 +549,7 @@ struct MUCRoom: Sendable {
         let removedStatus: String? = affiliation == "outcast" ? "301" : (configuration.membersOnly && affiliation == "none" ? "321" : nil)
         for occupant in occupants where occupant.realJID.bare == target.bare {
             if let removedStatus {
-                out += removeWithStatus(occupant, status: removedStatus)
+                out += removeWithStatus(occupant, status: removedStatus, reason: reason, actor: self.occupant(realJID: actor)?.nick)
             } else {
                 out += occupants.map { presenceElement(of: occupant, to: $0, statuses: $0.realJID == occupant.realJID ? ["110"] : []) }
             }
@@ -553,7 +558,7 @@ struct MUCRoom: Sendable {
     }
 
     /// A role change by a moderator (§8.2 kick, §8.3–§8.6 voice, §9.6 moderators).
-    mutating func setRole(of nick: String, to role: String, by actor: JID) -> Result<[XMLElement], StanzaError> {
+    mutating func setRole(of nick: String, to role: String, by actor: JID, reason: String? = nil) -> Result<[XMLElement], StanzaError> {
         guard let actorOccupant = occupant(realJID: actor), actorOccupant.role == "moderator" else {
             return .failure(StanzaError(.forbidden, text: "only moderators change roles"))
         }
@@ -566,7 +571,7 @@ struct MUCRoom: Sendable {
         if role == "moderator" && !["owner", "admin"].contains(actorOccupant.affiliation) {
             return .failure(StanzaError(.notAllowed, text: "only owners and admins make moderators"))
         }
-        if role == "none" { return .success(removeWithStatus(target, status: "307")) }
+        if role == "none" { return .success(removeWithStatus(target, status: "307", reason: reason, actor: actorOccupant.nick)) }
         guard let index = occupants.firstIndex(where: { $0.realJID == target.realJID }) else { return .success([]) }
         occupants[index].role = role
         let changed = occupants[index]
@@ -612,11 +617,15 @@ struct MUCRoom: Sendable {
     }
 
     /// Removes an occupant with a status (301 banned, 307 kicked, 321 membership), telling
-    /// everyone, the occupant included.
-    private mutating func removeWithStatus(_ occupant: Occupant, status: String) -> [XMLElement] {
+    /// the occupant first, then everyone else (§8.2), with the moderator's reason and nick.
+    private mutating func removeWithStatus(_ occupant: Occupant, status: String, reason: String? = nil, actor: String? = nil) -> [XMLElement] {
         var leaving = occupant
         leaving.role = "none"
-        let out = occupants.map { presenceElement(of: leaving, to: $0, statuses: $0.realJID == occupant.realJID ? [status, "110"] : [status], unavailable: true) }
+        let ordered = occupants.filter { $0.realJID == occupant.realJID } + occupants.filter { $0.realJID != occupant.realJID }
+        let out = ordered.map {
+            presenceElement(of: leaving, to: $0, statuses: $0.realJID == occupant.realJID ? [status, "110"] : [status], unavailable: true,
+                            reason: reason, actor: actor)
+        }
         occupants.removeAll { $0.realJID == occupant.realJID }
         return out
     }
@@ -627,7 +636,8 @@ struct MUCRoom: Sendable {
         (try? JID(localpart: jid.localpart, domainpart: jid.domainpart, resourcepart: nick)) ?? jid
     }
 
-    private func presenceElement(of occupant: Occupant, to recipient: Occupant, statuses: [String], unavailable: Bool = false, newNick: String? = nil) -> XMLElement {
+    private func presenceElement(of occupant: Occupant, to recipient: Occupant, statuses: [String], unavailable: Bool = false, newNick: String? = nil,
+                                 reason: String? = nil, actor: String? = nil) -> XMLElement {
         var itemAttributes = [XMLAttribute("affiliation", occupant.affiliation), XMLAttribute("role", unavailable && newNick == nil ? "none" : occupant.role)]
         // Semi-anonymous: the real JID goes to moderators (and to the occupant itself);
         // non-anonymous: to everyone.
@@ -635,7 +645,10 @@ struct MUCRoom: Sendable {
             itemAttributes.append(XMLAttribute("jid", occupant.realJID.description))
         }
         if let newNick { itemAttributes.append(XMLAttribute("nick", newNick)) }
-        var x: [XMLNode] = [.element(XMLElement(name: "item", namespace: MUCNamespace.user, attributes: itemAttributes))]
+        var itemChildren: [XMLNode] = []
+        if let actor { itemChildren.append(.element(XMLElement(name: "actor", namespace: MUCNamespace.user, attributes: [XMLAttribute("nick", actor)]))) }
+        if let reason { itemChildren.append(.element(XMLElement(name: "reason", namespace: MUCNamespace.user, text: reason))) }
+        var x: [XMLNode] = [.element(XMLElement(name: "item", namespace: MUCNamespace.user, attributes: itemAttributes, children: itemChildren))]
         x += statuses.map { .element(XMLElement(name: "status", namespace: MUCNamespace.user, attributes: [XMLAttribute("code", $0)])) }
         var attributes = [XMLAttribute("from", roomJID(occupant.nick).description), XMLAttribute("to", recipient.realJID.description)]
         if unavailable { attributes.append(XMLAttribute("type", "unavailable")) }
@@ -662,8 +675,14 @@ struct MUCRoom: Sendable {
         })
     }
 
+    /// An error reply. A refused entry carries an empty `<x xmlns='…muc'/>` as every
+    /// refusal in §7.2 does: clients tell a refused join from other presence errors by it
+    /// (slixmpp waits for it). The password, if any, is not echoed.
     static func error(_ stanza: Stanza, _ error: StanzaError, from: JID) -> XMLElement {
-        (stanza.errorReply(error, from: from.description) ?? stanza).element
+        let reply = (stanza.errorReply(error, from: from.description) ?? stanza).element
+        guard stanza.kind == .presence, stanza.element.firstChild(name: "x", namespace: MUCNamespace.muc) != nil else { return reply }
+        return XMLElement(name: reply.name, namespace: reply.namespace, attributes: reply.attributes,
+                          children: [.element(XMLElement(name: "x", namespace: MUCNamespace.muc))] + reply.children)
     }
 
     static func stamp(_ date: Date) -> String {
