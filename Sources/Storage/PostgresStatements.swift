@@ -17,6 +17,7 @@ enum PostgresStatements {
     static let migrations: [(id: String, statements: [String])] = [
         ("v1", schemaV1),
         ("v2", SQLiteStatements.schemaV2.map(dialect)),
+        ("v3", SQLiteStatements.schemaV3.map(dialect)),
     ]
 
     /// The SQLite schema in PostgreSQL's dialect: the two spots marked `PostgreSQL:` there.

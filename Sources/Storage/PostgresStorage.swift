@@ -472,6 +472,80 @@ public final class PostgresStorage: Storage {
         }
     }
 
+    // MARK: Account stores
+
+    public func storeEntries(_ store: String, of user: JID) async throws -> [StoredEntry] {
+        let key = try StorageKeys.account(user)
+        return try await run("account store entries") { [self] in
+            var entries: [StoredEntry] = []
+            for try await (entryKey, value, seq, updatedAt) in try await client.query(
+                "SELECT entry_key, value, seq, updated_at FROM account_store WHERE user_jid = \(key) AND store = \(store) ORDER BY seq", logger: logger)
+                .decode((String, String, Int64, Int64).self) {
+                entries.append(StoredEntry(key: entryKey, value: value, seq: seq, updatedAt: updatedAt))
+            }
+            return entries
+        }
+    }
+
+    public func storeEntry(_ store: String, of user: JID, key entryKey: String) async throws -> StoredEntry? {
+        let key = try StorageKeys.account(user)
+        return try await run("account store entry") { [self] in
+            for try await (found, value, seq, updatedAt) in try await client.query(
+                "SELECT entry_key, value, seq, updated_at FROM account_store WHERE user_jid = \(key) AND store = \(store) AND entry_key = \(entryKey)",
+                logger: logger).decode((String, String, Int64, Int64).self) {
+                return StoredEntry(key: found, value: value, seq: seq, updatedAt: updatedAt)
+            }
+            return nil
+        }
+    }
+
+    public func putStoreEntry(_ store: String, of user: JID, key entryKey: String, value: String, keepLast: Int?) async throws {
+        let key = try StorageKeys.account(user)
+        let now = Self.nowMilliseconds()
+        let keep = keepLast.map { Int64(max(0, $0)) }
+        try await run("put account store entry") { [self] in
+            try await client.withTransaction(logger: logger) { connection in
+                // The account's row lock serialises writers of its stores (the next seq).
+                guard try await Self.rosterVersion(connection, key, lock: true, logger: logger) != nil else { throw StorageError.userNotFound }
+                var seq: Int64 = 1
+                for try await next in try await connection.query(
+                    "SELECT COALESCE(MAX(seq), 0) + 1 FROM account_store WHERE user_jid = \(key) AND store = \(store)", logger: logger).decode(Int64.self) {
+                    seq = next
+                }
+                try await connection.query("""
+                    INSERT INTO account_store (user_jid, store, entry_key, value, seq, updated_at)
+                    VALUES (\(key), \(store), \(entryKey), \(value), \(seq), \(now))
+                    ON CONFLICT (user_jid, store, entry_key) DO UPDATE SET
+                        value = excluded.value, seq = excluded.seq, updated_at = excluded.updated_at
+                    """, logger: logger)
+                if let keep {
+                    try await connection.query("""
+                        DELETE FROM account_store WHERE user_jid = \(key) AND store = \(store) AND seq <= (
+                            SELECT seq FROM account_store WHERE user_jid = \(key) AND store = \(store) ORDER BY seq DESC LIMIT 1 OFFSET \(keep))
+                        """, logger: logger)
+                }
+            }
+        }
+    }
+
+    @discardableResult
+    public func removeStoreEntry(_ store: String, of user: JID, key entryKey: String) async throws -> Bool {
+        let key = try StorageKeys.account(user)
+        return try await run("remove account store entry") { [self] in
+            try await Self.count(try await client.query(
+                "DELETE FROM account_store WHERE user_jid = \(key) AND store = \(store) AND entry_key = \(entryKey) RETURNING entry_key", logger: logger)) > 0
+        }
+    }
+
+    @discardableResult
+    public func removeStore(_ store: String, of user: JID) async throws -> Int {
+        let key = try StorageKeys.account(user)
+        return try await run("remove account store") { [self] in
+            try await Self.count(try await client.query(
+                "DELETE FROM account_store WHERE user_jid = \(key) AND store = \(store) RETURNING entry_key", logger: logger))
+        }
+    }
+
     // MARK: Helpers
 
     /// Runs one operation after ``prepare()``, turning the driver's errors into

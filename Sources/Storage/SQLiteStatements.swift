@@ -106,6 +106,25 @@ enum SQLiteStatements {
         "CREATE INDEX muc_rooms_by_domain ON muc_rooms (parent_domain)",
     ]
 
+    /// Schema version "v3": account stores, the keyed values feature modules keep per
+    /// account (PEP nodes and items, private XML, vCards, block lists). The same in
+    /// PostgreSQL. `seq` orders a store's entries by last write (PEP's item order and
+    /// `max_items` trimming).
+    static let schemaV3: [String] = [
+        """
+        CREATE TABLE account_store (
+            user_jid TEXT NOT NULL REFERENCES users (jid) ON DELETE CASCADE,
+            store TEXT NOT NULL,
+            entry_key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            PRIMARY KEY (user_jid, store, entry_key)
+        )
+        """,
+        "CREATE INDEX account_store_by_seq ON account_store (user_jid, store, seq)",
+    ]
+
     // MARK: Meta
 
     static let selectMeta = "SELECT value FROM meta WHERE name = ?"
@@ -176,6 +195,25 @@ enum SQLiteStatements {
         """
     static let deleteSubscriptionRequest = "DELETE FROM subscription_requests WHERE user_jid = ? AND contact_jid = ?"
     static let selectSubscriptionRequests = "SELECT stanza, stored_at FROM subscription_requests WHERE user_jid = ? ORDER BY seq"
+
+    // MARK: Account stores
+
+    static let selectStoreEntries = "SELECT entry_key, value, seq, updated_at FROM account_store WHERE user_jid = ? AND store = ? ORDER BY seq"
+    static let selectStoreEntry = "SELECT entry_key, value, seq, updated_at FROM account_store WHERE user_jid = ? AND store = ? AND entry_key = ?"
+    static let nextStoreSeq = "SELECT COALESCE(MAX(seq), 0) + 1 FROM account_store WHERE user_jid = ? AND store = ?"
+    static let upsertStoreEntry = """
+        INSERT INTO account_store (user_jid, store, entry_key, value, seq, updated_at) VALUES (?, ?, ?, ?, ?, ?)
+        ON CONFLICT (user_jid, store, entry_key) DO UPDATE SET
+            value = excluded.value, seq = excluded.seq, updated_at = excluded.updated_at
+        """
+    /// Keeps the newest `?` entries (the subquery is NULL, deleting nothing, when there are
+    /// not more than that).
+    static let trimStore = """
+        DELETE FROM account_store WHERE user_jid = ? AND store = ? AND seq <= (
+            SELECT seq FROM account_store WHERE user_jid = ? AND store = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)
+        """
+    static let deleteStoreEntry = "DELETE FROM account_store WHERE user_jid = ? AND store = ? AND entry_key = ?"
+    static let deleteStore = "DELETE FROM account_store WHERE user_jid = ? AND store = ?"
 
     // MARK: Offline messages
 

@@ -94,6 +94,11 @@ public final class SQLiteStorage: Storage {
                 try db.execute(sql: statement)
             }
         }
+        migrator.registerMigration("v3") { db in
+            for statement in SQL.schemaV3 {
+                try db.execute(sql: statement)
+            }
+        }
         let before = try pool.read { db in try migrator.appliedIdentifiers(db) }
         // A file written by a newer Braid has migrations this one does not know; running
         // on it could corrupt data it does not understand.
@@ -410,6 +415,61 @@ public final class SQLiteStorage: Storage {
             try db.execute(sql: "DELETE FROM muc_rooms WHERE jid = ?", arguments: [jid.bare.description])
             return db.changesCount > 0
         }
+    }
+
+    // MARK: Account stores
+
+    public func storeEntries(_ store: String, of user: JID) async throws -> [StoredEntry] {
+        let key = try Self.accountKey(user)
+        return try await pool.read { db in
+            try Row.fetchAll(db, sql: SQL.selectStoreEntries, arguments: [key, store]).map(Self.storedEntry)
+        }
+    }
+
+    public func storeEntry(_ store: String, of user: JID, key entryKey: String) async throws -> StoredEntry? {
+        let key = try Self.accountKey(user)
+        return try await pool.read { db in
+            try Row.fetchOne(db, sql: SQL.selectStoreEntry, arguments: [key, store, entryKey]).map(Self.storedEntry)
+        }
+    }
+
+    public func putStoreEntry(_ store: String, of user: JID, key entryKey: String, value: String, keepLast: Int?) async throws {
+        let key = try Self.accountKey(user)
+        let now = Self.nowMilliseconds()
+        try await pool.write { db in
+            guard try Row.fetchOne(db, sql: SQL.userExists, arguments: [key]) != nil else { throw StorageError.userNotFound }
+            guard let seqRow = try Row.fetchOne(db, sql: SQL.nextStoreSeq, arguments: [key, store]) else {
+                throw SQLiteStorageError.corruptRow(table: "account_store", detail: "no next sequence number")
+            }
+            let seq: Int64 = try Self.column(seqRow, atIndex: 0, in: "account_store")
+            try db.execute(sql: SQL.upsertStoreEntry, arguments: [key, store, entryKey, value, seq, now])
+            if let keepLast {
+                try db.execute(sql: SQL.trimStore, arguments: [key, store, key, store, max(0, keepLast)])
+            }
+        }
+    }
+
+    @discardableResult
+    public func removeStoreEntry(_ store: String, of user: JID, key entryKey: String) async throws -> Bool {
+        let key = try Self.accountKey(user)
+        return try await pool.write { db in
+            try db.execute(sql: SQL.deleteStoreEntry, arguments: [key, store, entryKey])
+            return db.changesCount > 0
+        }
+    }
+
+    @discardableResult
+    public func removeStore(_ store: String, of user: JID) async throws -> Int {
+        let key = try Self.accountKey(user)
+        return try await pool.write { db in
+            try db.execute(sql: SQL.deleteStore, arguments: [key, store])
+            return db.changesCount
+        }
+    }
+
+    private static func storedEntry(_ row: Row) throws -> StoredEntry {
+        StoredEntry(key: try column(row, "entry_key", in: "account_store"), value: try column(row, "value", in: "account_store"),
+                    seq: try column(row, "seq", in: "account_store"), updatedAt: try column(row, "updated_at", in: "account_store"))
     }
 
     // MARK: Keys

@@ -114,6 +114,30 @@ public protocol Storage: Sendable {
     @discardableResult
     func removeGroupChatRoom(_ jid: JID) async throws -> Bool
 
+    // MARK: Account stores (a module's keyed values per account)
+
+    /// The entries of `store` for `user`, oldest write first. A module owns its store names
+    /// (`pep`, `pep/NODE`, `private`, `vcard`, `blocklist` …) and the contents of values, as a
+    /// Prosody module owns its map store; storage keeps them as given, and removing the
+    /// account removes them.
+    func storeEntries(_ store: String, of user: JID) async throws -> [StoredEntry]
+
+    /// One entry, or nil.
+    func storeEntry(_ store: String, of user: JID, key: String) async throws -> StoredEntry?
+
+    /// Inserts or replaces an entry; a replaced entry becomes the newest. With `keepLast`,
+    /// then removes the oldest entries beyond that many, in the same transaction. Throws
+    /// ``StorageError/userNotFound`` if the account does not exist.
+    func putStoreEntry(_ store: String, of user: JID, key: String, value: String, keepLast: Int?) async throws
+
+    /// Removes an entry; false if there was none.
+    @discardableResult
+    func removeStoreEntry(_ store: String, of user: JID, key: String) async throws -> Bool
+
+    /// Removes every entry of `store` for `user`; returns how many there were.
+    @discardableResult
+    func removeStore(_ store: String, of user: JID) async throws -> Int
+
     // MARK: Life cycle
 
     /// Connects and brings the schema up to date, if the backend has not yet (a server
@@ -187,6 +211,23 @@ public enum StorageKeys {
     /// A hosted domain name, canonical (U-label, lower case).
     public static func domain(_ name: String) throws -> String {
         try JID(domain: name).domainpart
+    }
+}
+
+/// One entry of an account store.
+public struct StoredEntry: Sendable, Hashable {
+    public var key: String
+    public var value: String
+    /// Write order within the store: a later write has a larger one.
+    public var seq: Int64
+    /// Milliseconds since 1970, of the last write.
+    public var updatedAt: Int64
+
+    public init(key: String, value: String, seq: Int64, updatedAt: Int64) {
+        self.key = key
+        self.value = value
+        self.seq = seq
+        self.updatedAt = updatedAt
     }
 }
 

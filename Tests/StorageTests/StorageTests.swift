@@ -122,7 +122,7 @@ struct SQLiteStorageOpeningTests {
                 let storage = try openStorage(path)
                 #expect(try await storage.executeRawSQLForTesting("INSERT INTO grdb_migrations (identifier) VALUES ('v99')") == 1)
             }
-            #expect(throws: SQLiteStorageError.schemaTooNew(applied: ["v1", "v2", "v99"])) {
+            #expect(throws: SQLiteStorageError.schemaTooNew(applied: ["v1", "v2", "v3", "v99"])) {
                 try openStorage(path)
             }
         }
@@ -790,6 +790,72 @@ struct GroupChatRoomTests {
 }
 }
 
+// MARK: Account stores
+
+extension StorageBehaviourTests {
+@Suite("account stores")
+struct AccountStoreTests {
+    @Test("Entries per account and store, in write order; a rewrite moves an entry last; keepLast trims the oldest; removal; unknown accounts; the account's removal takes them", arguments: Backend.allCases)
+    func entriesInWriteOrder(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
+            let alice = try JID("alice@example.com")
+            let bob = try JID("bob@example.com")
+            try await storage.createUser(alice, credentials: credentials(1))
+            try await storage.createUser(bob, credentials: credentials(2))
+            #expect(try await storage.storeEntries("pep/urn:xmpp:avatar:data", of: alice) == [])
+            for (key, value) in [("a", "<item id='a'/>"), ("b", "<item id='b'/>"), ("c", "<item id='c'/>")] {
+                try await storage.putStoreEntry("pep/urn:xmpp:avatar:data", of: alice, key: key, value: value, keepLast: nil)
+            }
+            #expect(try await storage.storeEntries("pep/urn:xmpp:avatar:data", of: alice).map(\.key) == ["a", "b", "c"])
+            // Rewriting "a" makes it the newest, with its new value.
+            try await storage.putStoreEntry("pep/urn:xmpp:avatar:data", of: alice, key: "a", value: "<item id='a'>2</item>", keepLast: nil)
+            let entries = try await storage.storeEntries("pep/urn:xmpp:avatar:data", of: alice)
+            #expect(entries.map(\.key) == ["b", "c", "a"])
+            #expect(entries.last?.value == "<item id='a'>2</item>")
+            #expect(entries.map(\.seq) == entries.map(\.seq).sorted() && Set(entries.map(\.seq)).count == 3)
+            #expect(try await storage.storeEntry("pep/urn:xmpp:avatar:data", of: alice, key: "c")?.value == "<item id='c'/>")
+            #expect(try await storage.storeEntry("pep/urn:xmpp:avatar:data", of: alice, key: "zz") == nil)
+            // keepLast: 2 keeps the two newest.
+            try await storage.putStoreEntry("pep/urn:xmpp:avatar:data", of: alice, key: "d", value: "<item id='d'/>", keepLast: 2)
+            #expect(try await storage.storeEntries("pep/urn:xmpp:avatar:data", of: alice).map(\.key) == ["a", "d"])
+            // Stores and accounts are separate.
+            try await storage.putStoreEntry("private", of: alice, key: "storage:bookmarks", value: "<storage/>", keepLast: nil)
+            try await storage.putStoreEntry("pep/urn:xmpp:avatar:data", of: bob, key: "x", value: "<item id='x'/>", keepLast: 1)
+            #expect(try await storage.storeEntries("private", of: alice).map(\.key) == ["storage:bookmarks"])
+            #expect(try await storage.storeEntries("pep/urn:xmpp:avatar:data", of: bob).map(\.key) == ["x"])
+            #expect(try await storage.removeStoreEntry("pep/urn:xmpp:avatar:data", of: alice, key: "a"))
+            #expect(try await storage.removeStoreEntry("pep/urn:xmpp:avatar:data", of: alice, key: "a") == false)
+            #expect(try await storage.removeStore("pep/urn:xmpp:avatar:data", of: alice) == 1)
+            #expect(try await storage.storeEntries("pep/urn:xmpp:avatar:data", of: alice) == [])
+            #expect(try await storage.storeEntries("private", of: alice).count == 1)
+            await #expect(throws: StorageError.userNotFound) {
+                try await storage.putStoreEntry("private", of: try JID("nobody@example.com"), key: "k", value: "v", keepLast: nil)
+            }
+            #expect(try await storage.removeUser(alice))
+            #expect(try await storage.storeEntries("private", of: alice) == [])
+            #expect(try await storage.storeEntries("pep/urn:xmpp:avatar:data", of: bob).count == 1)
+        }
+    }
+
+    @Test("Concurrent writers of one store each get their own place in the order, and keepLast holds", arguments: Backend.allCases)
+    func concurrentWriters(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
+            let alice = try JID("alice@example.com")
+            try await storage.createUser(alice, credentials: credentials(1))
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for index in 0..<20 {
+                    group.addTask { try await storage.putStoreEntry("pep/n", of: alice, key: "k\(index)", value: "\(index)", keepLast: 10) }
+                }
+                try await group.waitForAll()
+            }
+            let entries = try await storage.storeEntries("pep/n", of: alice)
+            #expect(entries.count == 10)
+            #expect(Set(entries.map(\.seq)).count == 10)
+        }
+    }
+}
+}
+
 // MARK: Durability
 
 @Suite("SQLiteStorage: durability")
@@ -1013,11 +1079,13 @@ struct StorageMigrationTests {
             for index in 0..<3 {
                 #expect(try await source.storeOfflineMessage(for: alice, stanza: "<message>\(index)</message>", limit: 10))
             }
+            try await source.putStoreEntry("pep", of: alice, key: "urn:xmpp:avatar:data", value: "{}", keepLast: nil)
+            try await source.putStoreEntry("private", of: anna, key: "storage:bookmarks", value: "<storage xmlns='storage:bookmarks'/>", keepLast: nil)
 
             try await StorageLocation.with(.postgresql) { postgresLocation in
                 let target = try #require(try await postgresLocation.open() as? PostgresStorage)
                 let counts = try await StorageMigration.copy(from: source, to: target, logger: StorageLocation.quietLogger())
-                #expect(counts.map(\.table) == ["domains", "users", "roster_items", "subscription_requests", "offline_messages", "muc_rooms"])
+                #expect(counts.map(\.table) == ["domains", "users", "roster_items", "subscription_requests", "offline_messages", "muc_rooms", "account_store"])
                 #expect(counts.allSatisfy { $0.source == $0.copied && $0.target == $0.source })
                 #expect(counts.first { $0.table == "offline_messages" }?.source == 3)
 
@@ -1027,6 +1095,8 @@ struct StorageMigrationTests {
                 // The version as it was: a client's cached roster stays valid.
                 #expect(try await target.roster(of: alice) == Roster(version: 3, items: [item]))
                 #expect(try await target.subscriptionRequests(of: anna).map(\.stanza) == ["<presence type='subscribe'/>"])
+                #expect(try await target.storeEntries("private", of: anna) == (try await source.storeEntries("private", of: anna)))
+                #expect(try await target.storeEntry("pep", of: alice, key: "urn:xmpp:avatar:data")?.value == "{}")
 
                 // Again: nothing new, nothing doubled.
                 let again = try await StorageMigration.copy(from: source, to: target, logger: StorageLocation.quietLogger())
