@@ -115,6 +115,54 @@ struct ModuleSystemTests {
         }
     }
 
+    /// A route filter that keeps alice's stanzas from bob (answering messages with an
+    /// application condition) and a client-stanza handler that answers pings to nobody.
+    struct FilteringModule: BraidModule {
+        static let condition = "urn:braid:test:filtered"
+        let seen: Seen
+        var name: String { "filtering" }
+
+        func register(in builder: inout ModuleBuilder) {
+            let seen = self.seen
+            builder.onRoute { routed in
+                guard routed.from?.bare.description == "alice@a.example", routed.to.bare.description == "bob@b.example" else { return .pass }
+                seen.append("filtered:\(routed.stanza.kind.rawValue):\(routed.stanza.id ?? "")")
+                if routed.stanza.kind == .message { await routed.bounce(with: StanzaError(.notAcceptable), extra: XMLElement(name: "filtered", namespace: Self.condition)) }
+                return .handled
+            }
+            builder.onClientStanza { client in
+                guard client.stanza.kind == .iq, client.stanza.element.firstChild(name: "ping", namespace: "urn:braid:test:client") != nil else { return .pass }
+                seen.append("client:\(client.session.jid.bare)")
+                await client.bounce(with: StanzaError(.featureNotImplemented))
+                return .handled
+            }
+        }
+    }
+
+    @Test("onRoute filters see every routed stanza with its sender (drop, or answer with an application condition); onClientStanza sees what a client sends before the server acts")
+    func routeFiltersAndClientStanzas() async throws {
+        let seen = Seen()
+        try await withServer(modules: [FilteringModule(seen: seen)]) { server in
+            let (alice, _) = try await server.loggedIn("alice@a.example")
+            let (bob, _) = try await server.loggedIn("bob@b.example")
+            let (carol, _) = try await server.loggedIn("carol@a.example")
+            try await bob.sendPresence()
+            try await alice.sendMessage(to: "bob@b.example", body: "blocked", id: "m1")
+            let refused = try await alice.waitFor { $0.attribute("id") == "m1" }
+            #expect(refused.attribute("type") == "error")
+            #expect(refused.firstChild(name: "error", namespace: XMLNamespace.client)?.firstChild(name: "filtered", namespace: FilteringModule.condition) != nil)
+            try await carol.sendMessage(to: "bob@b.example", body: "through", id: "m2")
+            let delivered = try await bob.waitFor { $0.name == "message" && $0.body != nil }
+            #expect(delivered.attribute("id") == "m2", "only alice's message is kept from bob")
+            let answered = try await carol.iq(.get, to: nil, payload: XMLElement(name: "ping", namespace: "urn:braid:test:client"))
+            #expect(answered.attribute("type") == "error")
+            #expect(seen.all.contains("filtered:message:m1") && seen.all.contains("client:carol@a.example"))
+            await alice.close()
+            await bob.close()
+            await carol.close()
+        }
+    }
+
     @Test("conference-style services: every hosted domain has one, listed in disco#items, with its own disco#info; stanzas reach the module")
     func serviceDomainsLocally() async throws {
         try await withServer(modules: [EchoService()]) { server in

@@ -54,6 +54,41 @@ public struct LocalStanza: Sendable {
 
 public typealias StanzaHandler = @Sendable (LocalStanza) async -> StanzaDisposition
 
+/// Any stanza one of the account's clients sent, stamped with its full JID, before the
+/// server acts on it (`to` nil: for the server on the account's behalf, or undirected
+/// presence).
+public struct ClientStanza: Sendable {
+    public let stanza: Stanza
+    public let to: JID?
+    public let session: ClientSession
+    let router: Router
+
+    /// Answers the client with an error (RFC 6120 §8.3).
+    public func bounce(with error: StanzaError, extra: XMLElement? = nil) async {
+        await router.bounce(stanza, with: error, extra: extra)
+    }
+}
+
+public typealias ClientStanzaHandler = @Sendable (ClientStanza) async -> StanzaDisposition
+
+/// A stanza on its way through the router, with its authenticated `from`: from a local
+/// client, from a module or service, or from a peer server. Filters see it before it goes to
+/// a local account, a service or another server.
+public struct RoutedStanza: Sendable {
+    public let stanza: Stanza
+    public let from: JID?
+    public let to: JID
+    let router: Router
+
+    /// Answers the sender with an error (RFC 6120 §8.3), with an application-specific
+    /// condition element when given.
+    public func bounce(with error: StanzaError, extra: XMLElement? = nil) async {
+        await router.bounce(stanza, with: error, extra: extra)
+    }
+}
+
+public typealias RouteFilter = @Sendable (RoutedStanza) async -> StanzaDisposition
+
 /// A message one of the account's clients sent, stamped, before it is routed.
 public struct SentMessage: Sendable {
     public let message: Message
@@ -140,6 +175,8 @@ public struct ModuleBuilder {
     private(set) var deliveredObservers: [Registered<@Sendable (DeliveredMessage) -> Void>] = []
     private(set) var services: [String: Registered<ServiceRegistration>] = [:]
     private(set) var shutdownHandlers: [Registered<@Sendable (Router) async -> Void>] = []
+    private(set) var clientStanzaHandlers: [Prioritized<ClientStanzaHandler>] = []
+    private(set) var routeFilters: [Prioritized<RouteFilter>] = []
     /// The operator's settings for services, by module name (`services.NAME`).
     private let serviceSettings: [String: BraidConfiguration.ServiceSettings]
     /// Settings naming a service nobody registered, or a label that is not one DNS label.
@@ -210,6 +247,22 @@ public struct ModuleBuilder {
         deliveredObservers.append(Registered(module: current, handler: observer))
     }
 
+    /// Offers every stanza a local client sends (stamped, before the server acts on it) to
+    /// `handler`, highest priority first; `.handled` stops it there. For what a client says
+    /// about itself (entity capabilities in its presence) and what it may not send at all
+    /// (to a JID it blocked).
+    public mutating func onClientStanza(priority: Int = 0, _ handler: @escaping ClientStanzaHandler) {
+        clientStanzaHandlers.append(Prioritized(module: current, namespace: nil, priority: priority, handler: handler))
+    }
+
+    /// Offers every stanza the router is about to deliver or forward (whoever sent it) to
+    /// `filter`, highest priority first; `.handled` stops it there (the filter dropped it or
+    /// answered it). For rules between two parties wherever they are (blocking, XEP-0191).
+    /// Filters run on every routed stanza: they must answer fast for the common case.
+    public mutating func onRoute(priority: Int = 0, _ filter: @escaping RouteFilter) {
+        routeFilters.append(Prioritized(module: current, namespace: nil, priority: priority, handler: filter))
+    }
+
     /// Called once when the server shuts down gracefully, after the listeners close and
     /// before the streams do: what a module still has to tell its users (a room's occupants
     /// learn of the shutdown) is routed while they are connected.
@@ -271,6 +324,8 @@ public final class ModuleDispatcher: Sendable {
     /// Services by label.
     let services: [String: ServiceRegistration]
     private let shutdownHandlers: [@Sendable (Router) async -> Void]
+    private let clientStanzaHandlers: [ClientStanzaHandler]
+    private let routeFilters: [RouteFilter]
 
     init(_ builder: ModuleBuilder) {
         serverIQ = builder.serverIQ.mapValues(\.handler)
@@ -286,6 +341,29 @@ public final class ModuleDispatcher: Sendable {
         deliveredObservers = builder.deliveredObservers.map(\.handler)
         services = builder.services.mapValues(\.handler)
         shutdownHandlers = builder.shutdownHandlers.map(\.handler)
+        clientStanzaHandlers = Self.byPriority(builder.clientStanzaHandlers)
+        routeFilters = Self.byPriority(builder.routeFilters)
+    }
+
+    /// Highest priority first; among equals, in registration order.
+    private static func byPriority<Handler>(_ entries: [ModuleBuilder.Prioritized<Handler>]) -> [Handler] {
+        entries.enumerated().sorted { ($0.element.priority, -$0.offset) > ($1.element.priority, -$1.offset) }.map(\.element.handler)
+    }
+
+    /// A client's stanza, to the modules that asked; true when one handled it.
+    func offerClientStanza(_ stanza: Stanza, to target: JID?, session: ClientSession, router: Router) async -> Bool {
+        guard !clientStanzaHandlers.isEmpty else { return false }
+        let offered = ClientStanza(stanza: stanza, to: target, session: session, router: router)
+        for handler in clientStanzaHandlers where await handler(offered) == .handled { return true }
+        return false
+    }
+
+    /// A stanza about to be delivered or forwarded, to the filters; true when one handled it.
+    func filterRouted(_ stanza: Stanza, to target: JID, router: Router) async -> Bool {
+        guard !routeFilters.isEmpty else { return false }
+        let routed = RoutedStanza(stanza: stanza, from: try? stanza.from(), to: target, router: router)
+        for filter in routeFilters where await filter(routed) == .handled { return true }
+        return false
     }
 
     /// The modules' last words (`onShutdown`), in registration order.

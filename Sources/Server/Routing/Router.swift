@@ -47,6 +47,7 @@ public final class Router: SessionOwner {
             await deliverError(to: session, replyingTo: stamped, StanzaError(.jidMalformed))
             return
         }
+        if await modules.offerClientStanza(stamped, to: target, session: session, router: self) { return }
         switch stamped.kind {
         case .presence:
             await presence.outbound(stamped, to: target, from: session, router: self)
@@ -78,6 +79,7 @@ public final class Router: SessionOwner {
             logger.debug("dropping stanza without 'to'", metadata: ["kind": "\(stanza.kind.rawValue)"])
             return
         }
+        if await modules.filterRouted(stanza, to: target, router: self) { return }
         switch server.domains.served(target.domainpart) {
         case .hosted:
             await deliverLocally(stanza, to: target)
@@ -185,10 +187,22 @@ public final class Router: SessionOwner {
 
     /// Sends the error reply for `stanza` back to its sender (RFC 6120 §8.3). Error stanzas
     /// are never answered with errors.
-    public func bounce(_ stanza: Stanza, with error: StanzaError) async {
-        guard let reply = stanza.errorReply(error) else { return }
+    public func bounce(_ stanza: Stanza, with error: StanzaError, extra: XMLElement? = nil) async {
+        guard var reply = stanza.errorReply(error) else { return }
+        if let extra, let withExtra = Self.addingToError(reply, extra) { reply = withExtra }
         server.metrics.stanzaErrorSent(error.condition)
         await route(reply)
+    }
+
+    /// An application-specific condition (RFC 6120 §8.3.3.2) added to an error stanza's
+    /// `<error/>`.
+    private static func addingToError(_ reply: Stanza, _ extra: XMLElement) -> Stanza? {
+        let element = reply.element
+        let children = element.children.map { node -> XMLNode in
+            guard case .element(let child) = node, child.name == "error" else { return node }
+            return .element(child.appending(extra))
+        }
+        return Stanza(XMLElement(name: element.name, namespace: element.namespace, attributes: element.attributes, children: children))
     }
 
     /// An error straight back to a local session (for stanzas whose `to` cannot be parsed).
