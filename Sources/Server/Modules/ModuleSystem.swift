@@ -36,6 +36,15 @@ public struct IQRequest: Sendable {
 
 public typealias IQHandler = @Sendable (IQRequest) async -> IQResponse
 
+/// An identity an account shows in `disco#info` (XEP-0030).
+public struct AccountIdentity: Sendable, Hashable {
+    public var category: String
+    public var type: String
+}
+
+/// Items of an account's `disco#items`: (account, requester, router) → `<item/>` elements.
+public typealias AccountItemsProvider = @Sendable (JID, JID, Router) async -> [XMLElement]
+
 /// What a stanza handler did with a stanza it was offered.
 public enum StanzaDisposition: Sendable, Equatable {
     /// Taken care of: nobody else sees it, and the built-in delivery does not run.
@@ -170,6 +179,8 @@ public struct ModuleBuilder {
     private(set) var accountIQ: [String: Registered<IQHandler>] = [:]
     private(set) var serverFeatures: [String] = []
     private(set) var accountFeatures: [String] = []
+    private(set) var accountIdentities: [AccountIdentity] = []
+    private(set) var accountItemProviders: [Registered<AccountItemsProvider>] = []
     private(set) var stanzaHandlers: [StanzaKind: [Prioritized<StanzaHandler>]] = [:]
     private(set) var sentObservers: [Registered<@Sendable (SentMessage) async -> Void>] = []
     private(set) var deliveredObservers: [Registered<@Sendable (DeliveredMessage) -> Void>] = []
@@ -222,6 +233,19 @@ public struct ModuleBuilder {
     /// A feature in the accounts' `disco#info`.
     public mutating func accountFeature(_ feature: String) {
         if !accountFeatures.contains(feature) { accountFeatures.append(feature) }
+    }
+
+    /// An identity in the accounts' `disco#info` besides `account/registered` (PEP's
+    /// `pubsub/pep`, XEP-0163 §6.1).
+    public mutating func accountIdentity(category: String, type: String) {
+        let identity = AccountIdentity(category: category, type: type)
+        if !accountIdentities.contains(identity) { accountIdentities.append(identity) }
+    }
+
+    /// Items in an account's `disco#items` (without a node): the provider answers what the
+    /// requester may see (PEP lists the nodes it may read).
+    public mutating func onAccountItems(_ provider: @escaping AccountItemsProvider) {
+        accountItemProviders.append(Registered(module: current, handler: provider))
     }
 
     /// Offers message or presence stanzas for local accounts to `handler` before the built-in
@@ -318,6 +342,8 @@ public final class ModuleDispatcher: Sendable {
     private let accountIQ: [String: IQHandler]
     let serverFeatures: [String]
     let accountFeatures: [String]
+    let accountIdentities: [AccountIdentity]
+    private let accountItemProviders: [AccountItemsProvider]
     private let stanzaHandlers: [StanzaKind: [(namespace: String?, handler: StanzaHandler)]]
     private let sentObservers: [@Sendable (SentMessage) async -> Void]
     private let deliveredObservers: [@Sendable (DeliveredMessage) -> Void]
@@ -332,6 +358,8 @@ public final class ModuleDispatcher: Sendable {
         accountIQ = builder.accountIQ.mapValues(\.handler)
         serverFeatures = builder.serverFeatures.sorted()
         accountFeatures = builder.accountFeatures.sorted()
+        accountIdentities = builder.accountIdentities
+        accountItemProviders = builder.accountItemProviders.map(\.handler)
         // Highest priority first; among equals, in registration order.
         stanzaHandlers = builder.stanzaHandlers.mapValues { entries in
             entries.enumerated().sorted { ($0.element.priority, -$0.offset) > ($1.element.priority, -$1.offset) }
@@ -348,6 +376,13 @@ public final class ModuleDispatcher: Sendable {
     /// Highest priority first; among equals, in registration order.
     private static func byPriority<Handler>(_ entries: [ModuleBuilder.Prioritized<Handler>]) -> [Handler] {
         entries.enumerated().sorted { ($0.element.priority, -$0.offset) > ($1.element.priority, -$1.offset) }.map(\.element.handler)
+    }
+
+    /// The `disco#items` of an account, as `requester` may see them.
+    func accountItems(of account: JID, requester: JID, router: Router) async -> [XMLElement] {
+        var items: [XMLElement] = []
+        for provider in accountItemProviders { items += await provider(account, requester, router) }
+        return items
     }
 
     /// A client's stanza, to the modules that asked; true when one handled it.

@@ -62,9 +62,19 @@ struct DiscoModule: BraidModule {
             return .error(StanzaError(.serviceUnavailable))
         }
         if request.payload.namespace == Self.items {
-            return .result(XMLElement(name: "query", namespace: Self.items))
+            let items = await request.router.modules.accountItems(of: request.target, requester: request.requester, router: request.router)
+            return .result(XMLElement(name: "query", namespace: Self.items, children: items.map { .element($0) }))
         }
-        return .result(Self.info(identity: ("account", "registered", nil), features: [Self.info] + request.router.modules.accountFeatures))
+        var info = Self.info(identity: ("account", "registered", nil), features: [Self.info] + request.router.modules.accountFeatures)
+        // Identities go before features; `info` puts its one identity first.
+        let extra = request.router.modules.accountIdentities.map { identity in
+            XMLNode.element(XMLElement(name: "identity", namespace: Self.info, attributes: [XMLAttribute("category", identity.category), XMLAttribute("type", identity.type)]))
+        }
+        if !extra.isEmpty {
+            info = XMLElement(name: info.name, namespace: info.namespace, attributes: info.attributes,
+                              children: Array(info.children.prefix(1)) + extra + info.children.dropFirst())
+        }
+        return .result(info)
     }
 
     /// A `disco#info` answer.
