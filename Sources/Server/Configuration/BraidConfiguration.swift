@@ -37,6 +37,7 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
     public var storage = StorageSettings()
     /// Group chat (XEP-0045) limits.
     public var muc = MUCSettings()
+    public var pep = PEPSettings()
 
     public init() {}
 
@@ -46,7 +47,7 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
         case logLevel = "log_level"
         case c2s, auth, tls, offline
         case streamManagement = "stream_management"
-        case s2s, dns, admin, services, storage, muc
+        case s2s, dns, admin, services, storage, muc, pep
     }
 
     /// Limits of the group-chat service (`muc`); beyond them, the XEP's errors.
@@ -81,6 +82,33 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
             case roomCreators = "room_creators"
             case messagesPerSecond = "messages_per_second"
             case messageBurst = "message_burst"
+        }
+    }
+
+    /// Limits of personal eventing (`pep`, XEP-0163); beyond them, the XEP-0060 errors.
+    public struct PEPSettings: Codable, Sendable, Equatable {
+        /// Items one node keeps at most (its `pubsub#max_items` cannot exceed it; `max` is it).
+        public var maxItemsPerNode = 1000
+        /// Nodes one account may have.
+        public var maxNodesPerAccount = 256
+        /// Bytes of one item's payload (avatars are the largest, base64).
+        public var maxItemBytes = 262_144
+        /// Distinct entity-capabilities hashes remembered (XEP-0115), shared by all accounts.
+        public var capsCacheSize = 10_000
+        /// Seconds to wait for a client's answer about its capabilities.
+        public var capsQueryTimeoutSeconds: Double = 10
+        /// Resources of contacts one account keeps track of for notifications.
+        public var maxInterestedResources = 10_000
+
+        public init() {}
+
+        enum CodingKeys: String, CodingKey {
+            case maxItemsPerNode = "max_items_per_node"
+            case maxNodesPerAccount = "max_nodes_per_account"
+            case maxItemBytes = "max_item_bytes"
+            case capsCacheSize = "caps_cache_size"
+            case capsQueryTimeoutSeconds = "caps_query_timeout_seconds"
+            case maxInterestedResources = "max_interested_resources"
         }
     }
 

@@ -16,6 +16,9 @@ public enum IQResponse: Sendable {
     case result(XMLElement?)
     /// An `error`.
     case error(StanzaError)
+    /// An `error` with an application-specific condition (RFC 6120 §8.3.3.2), such as
+    /// XEP-0060's `<precondition-not-met/>`.
+    case errorWithCondition(StanzaError, XMLElement)
     /// The module answered by itself, or the request needs no answer.
     case handled
 }

@@ -5,7 +5,8 @@ import XMPPStream
 public enum StandardModules {
     public static func all(_ configuration: BraidConfiguration = BraidConfiguration()) -> [any BraidModule] {
         [DiscoModule(), PingModule(), VersionModule(), RosterModule(), CarbonsModule(), LegacySessionModule(),
-         MUCModule(settings: configuration.muc)]
+         MUCModule(settings: configuration.muc),
+         PEPModule(settings: configuration.pep)]
     }
 }
 

@@ -178,6 +178,8 @@ public final class Router: SessionOwner {
             await route(iq.result(payload: payload).stanza)
         case .error(let error):
             await bounce(iq.stanza, with: error)
+        case .errorWithCondition(let error, let condition):
+            await bounce(iq.stanza, with: error, extra: condition)
         case .handled:
             break
         }
