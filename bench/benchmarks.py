@@ -5,11 +5,13 @@
                                    and docs/benchmarks/*.png
     sudo bench/run --smoke         tiny sizes (CI): writes to /tmp/braid-bench-smoke, checks that
                                    every scenario produced its figures, exits 1 if one did not
-    options: --only fanout,c2s,hosting,micro   --braid PATH   --out DIR   --no-build
+    options: --only fanout,c2s,hosting,muc,micro   --braid PATH   --out DIR   --no-build
              --build-config debug   --wait-for FILE   --report-only (md and plots from the json)
 
 Scenarios (each module's docstring has the details): fanout.py (s2s fan-out over the
-federation lab), c2s.py (tsung), hosting.py (hosted domains), micro.py (braid-bench).
+federation lab), c2s.py (tsung), hosting.py (hosted domains), muc.py (group chat: one room
+with N occupants, and the MUC service's cost per hosted domain), micro.py (braid-bench).
+--braid PATH runs that binary (nothing is built; with --build-config debug for a debug one).
 Needs root (network namespaces) and Debian's prosody, ejabberd, tsung, knot, unbound,
 python3-matplotlib (Scripts/setup bench).
 """
@@ -33,6 +35,9 @@ FULL = {
             "chat_seconds": 15, "login_rate": 250, "first_rate": 500, "pause": 8,
             "keepalive": {"sessions": 2000, "interval": 15, "rounds": 8}},
     "hosting": {"counts": [1000, 10000], "limit": 240},
+    "muc": {"occupants": [100, 1000], "probes": 20, "offered_deliveries_per_second": 20000,
+            "sustain": {"senders": 10, "seconds": 20, "drain_timeout": 30}, "driver_processes": 2,
+            "service_domains": 10000, "service_repeats": 5},
     "micro": {"megabytes": 50, "repetitions": 5, "logins": 2000,
               "storage": {"accounts": 2000, "messages": 10000, "contacts": 1000, "domains": 10000}},
 }
@@ -42,6 +47,9 @@ SMOKE = {
             "login_rate": 20, "first_rate": 20, "pause": 3,
             "keepalive": {"sessions": 10, "interval": 2, "rounds": 2}},
     "hosting": {"counts": [10, 100], "limit": 60},
+    "muc": {"occupants": [10], "probes": 5, "offered_deliveries_per_second": 1000,
+            "sustain": {"senders": 3, "seconds": 3, "drain_timeout": 15}, "driver_processes": 2,
+            "service_domains": 300, "service_repeats": 1},
     "micro": {"megabytes": 2, "repetitions": 1, "logins": 50,
               "storage": {"accounts": 20, "messages": 50, "contacts": 20, "domains": 100}},
 }
@@ -94,6 +102,18 @@ def check(report, wanted):
         for kind in KINDS:
             if not any(r.get("start_seconds") is not None and r.get("idle_rss_kib") for r in rows.get(kind, [])):
                 missing.append(f"hosting/{kind}")
+    if "muc" in wanted:
+        m = s.get("muc", {})
+        rooms = m.get("rooms", [])
+        for n in report["sizes"]["muc"]["occupants"]:
+            for kind in KINDS:
+                if not any(r["kind"] == kind and r["occupants"] == n and r.get("probe_all_median_ms") is not None
+                           and r.get("deliveries_per_cpu_second") for r in rooms):
+                    missing.append(f"muc-room-{n}/{kind}")
+        service = m.get("service", {})
+        if service.get("rss_per_domain_bytes") is None or (service.get("on") or {}).get("start_seconds") is None \
+                or (service.get("off") or {}).get("start_seconds") is None:
+            missing.append("muc-service/braid")
     if "micro" in wanted:
         m = s.get("micro", {})
         if not m.get("parse", {}).get("braid_mb_per_s"):
@@ -122,7 +142,7 @@ def wait_quiet(flag, limit):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--only", default="fanout,c2s,hosting,micro")
+    parser.add_argument("--only", default="fanout,c2s,hosting,muc,micro")
     parser.add_argument("--braid", help="braid binary (default: build .build/release/braid)")
     parser.add_argument("--out", help="output directory (default docs/ for a full run, /tmp/braid-bench-smoke for --smoke)")
     parser.add_argument("--no-build", action="store_true", help="use the existing binaries in .build/CONFIG")
@@ -185,6 +205,9 @@ def main():
         import hosting
         h = sizes["hosting"]
         run_scenario("hosting", lambda: hosting.run(KINDS, h["counts"], braid, h["limit"]), report)
+    if "muc" in wanted:
+        import muc
+        run_scenario("muc", lambda: muc.run(KINDS, braid, sizes["muc"]), report)
     if "micro" in wanted:
         m = sizes["micro"]
         run_scenario("micro", lambda: micro.run(m["megabytes"], m["repetitions"], m["logins"], bench_binary, m.get("storage")), report)

@@ -180,19 +180,9 @@ def established(ns):
 
 
 def start_server(kind, ns, workdir, users, braid_binary):
-    directory = os.path.join(workdir, kind)
-    if kind == "braid":
-        server = servers.BraidServer(ns.ns, directory, [DOMAIN], braid_binary, extra_env=BRAID_ENV)
-    else:
-        server = servers.SERVERS[kind](ns.ns, directory, [DOMAIN])
     made = time.monotonic()
-    if kind != "ejabberd":
-        server.add_users(users)
-    server.start()
-    if not server.wait_ready(120):
-        raise lab.LabError(f"{kind} did not answer on 5222")
-    if kind == "ejabberd":
-        server.add_users(users)
+    server = servers.start_with_users(kind, ns.ns, os.path.join(workdir, kind), [DOMAIN], users, braid_binary,
+                                      braid_env=BRAID_ENV)
     log(f"c2s {kind}: {users} accounts, server up ({time.monotonic() - made:.1f}s)")
     return server
 

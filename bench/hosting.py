@@ -74,16 +74,20 @@ def measure_peer(kind, ns, count, limit):
     return figures
 
 
-def measure_braid(ns, braid_binary, counts, limit):
+def measure_braid(ns, braid_binary, counts, limit, config=None):
+    """bench/hosting_scale.py in NS for COUNTS; CONFIG: a braid.yaml for the servers it starts."""
     out = os.path.join(tempfile.mkdtemp(prefix="braidbench-host-braid-"), "hosting.json")
     try:
         lab.run(ns.argv([PYTHON, os.path.join(HERE, "hosting_scale.py"), "--braid", braid_binary,
-                         "--counts", ",".join(str(c) for c in counts), "--json", out]),
+                         "--counts", ",".join(str(c) for c in counts), "--json", out]
+                        + (["--config", config] if config else [])),
                 timeout=limit * len(counts) + 120)
         with open(out) as handle:
             results = json.load(handle)["results"]
     except Exception as error:  # noqa: BLE001
         return [{"domains": c, "error": f"{type(error).__name__}: {str(error)[-400:]}"} for c in counts]
+    finally:
+        shutil.rmtree(os.path.dirname(out), ignore_errors=True)
     log(f"hosting braid: {json.dumps(results)}")
     return results
 

@@ -10,7 +10,7 @@ For each N it measures, on a fresh data directory:
     the CLI returned (the server's pick-up delay).
 The cost per domain is the RSS growth over the one-domain baseline, divided by N.
 
-Usage: bench/hosting_scale.py --braid PATH [--counts 1,1000,10000] [--json out.json]
+Usage: bench/hosting_scale.py --braid PATH [--counts 1,1000,10000] [--config braid.yaml] [--json out.json]
 Network: 127.0.0.1 only. Every server started is stopped by PID.
 """
 
@@ -63,7 +63,8 @@ def rss_kib(pid):
     return 0
 
 
-def measure(braid, count):
+def measure(braid, count, config=None):
+    """One fresh server with COUNT domains; CONFIG: a braid.yaml for it (BRAID_CONFIG), or none."""
     directory = tempfile.mkdtemp(prefix="braid-scale-")
     port = free_port()
     environment = dict(os.environ,
@@ -73,6 +74,9 @@ def measure(braid, count):
                        BRAID_C2S_DIRECT_TLS_PORT=str(free_port()),
                        BRAID_DEFAULT_DOMAIN="customer0.example",
                        BRAID_LOG_LEVEL="warning")
+    environment.pop("BRAID_CONFIG", None)
+    if config:
+        environment["BRAID_CONFIG"] = config
     server = None
     try:
         names = os.path.join(directory, "domains.txt")
@@ -126,10 +130,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--braid", required=True, help="path to the braid binary (a release build for real numbers)")
     parser.add_argument("--counts", default="1,1000,10000")
+    parser.add_argument("--config", help="a braid.yaml for every server started (default: none, the defaults)")
     parser.add_argument("--json", help="write the results here")
     arguments = parser.parse_args()
 
-    results = [measure(arguments.braid, int(count)) for count in arguments.counts.split(",")]
+    results = [measure(arguments.braid, int(count), arguments.config) for count in arguments.counts.split(",")]
     baseline = next((r for r in results if r["domains"] == 1), results[0])
     for result in results:
         extra = result["idle_rss_kib"] - baseline["idle_rss_kib"]

@@ -117,6 +117,30 @@ def goals(report):
         per = big.get("rss_per_domain_bytes")
         add("hosting: < 4 KiB per idle domain", f"{fmt(per)} B", f"{per / 4096:.3f}× the limit" if per is not None else "—",
             per < 4096 if per is not None else None)
+    mu = s.get("muc", {})
+    if mu.get("rooms"):
+        ratios, measured = {}, []
+        for n in sorted({r["occupants"] for r in mu["rooms"]}):
+            by = {r["kind"]: r.get("deliveries_per_cpu_second") for r in mu["rooms"] if r["occupants"] == n}
+            peers = [(k, by.get(k)) for k in ("prosody", "ejabberd") if by.get(k)]
+            best = max(peers, key=lambda x: x[1]) if peers else None
+            measured.append(f"N={n:,}: Braid {fmt(by.get('braid'), 0)}; " + "; ".join(f"{NAMES[k]} {fmt(v, 0)}" for k, v in peers))
+            if by.get("braid") and best:
+                ratios[n] = (by["braid"] / best[1], best[0])
+        # A debug build's CPU cost says nothing about the goal: measured, not judged.
+        judged = report.get("build_config") != "debug"
+        add("MUC: deliveries per server CPU-second ≥ 2× the faster peer (every N)",
+            " — ".join(measured) + ("" if judged else " (debug build: not judged)"),
+            ", ".join(f"N={n:,}: {r:.2f}× {NAMES[k]}" for n, (r, k) in sorted(ratios.items())) or "—",
+            all(r >= 2 for r, _ in ratios.values()) if judged and ratios and len(ratios) == len({r["occupants"] for r in mu["rooms"]}) else None)
+    service = mu.get("service", {})
+    if service.get("domains"):
+        per = service.get("rss_per_domain_bytes")
+        n = service["domains"]
+        add("MUC service: < 100 bytes per hosted domain (10,000 domains)",
+            f"{fmt(per)} B at {n:,} domains ((idle RSS on − off) / domains, median of {service.get('repeats')})",
+            f"{per / 100:.2f}× the limit" if per is not None else "—",
+            (per < 100) if per is not None and n >= 10000 and report.get("build_config") != "debug" else None)
     return rows
 
 
@@ -203,6 +227,90 @@ def plots(report, directory):
 
 
 # -- the note ------------------------------------------------------------------------------
+
+def muc_section(mu, report):
+    lines = ["## Group chat (XEP-0045)", "",
+             "One room, `bench@conference.muc.test`, N occupants, each a client session of its own (SASL PLAIN inside "
+             "STARTTLS) held by bench/mucdriver.py, in a loopback-only namespace. The first occupant creates the room and "
+             "submits its configuration (`muc#roomconfig_maxusers` N); the others enter, and timing starts once every "
+             "occupant has seen every occupant's presence. **All occupants**: one groupchat message from one occupant "
+             "(another each time), time until every occupant, the sender included, has it; median and p95 over the "
+             "messages. **Sustained**: several occupants send at a fixed offered rate, the same for every server; "
+             "deliveries counted at the receivers, server CPU over the window from /proc, deliveries per CPU-second. "
+             "Latency p50/p99 under that load; lost = sent × N − delivered. Driver CPU: the driver's processes over the "
+             "same window (busiest: its busiest process's share of one core; near 1 would mean the driver, not the "
+             "server, set the pace). Ratios: the other server's all-occupants p50 over Braid's (above 1: Braid is faster), "
+             "Braid's deliveries per CPU-second over the other server's (above 1: Braid does more with a CPU-second). "
+             "An arrival is stamped when the driver reads that occupant's socket, so the all-occupants time includes the "
+             "driver reading N sockets.", ""]
+    rooms = mu.get("rooms", [])
+    byn = {}
+    for r in rooms:
+        byn.setdefault(r["occupants"], {})[r["kind"]] = r
+    for n in sorted(byn):
+        row_of = byn[n]
+        braid = row_of.get("braid", {})
+        offered = next((r.get("offered_deliveries_per_second") for r in row_of.values() if r.get("offered_deliveries_per_second")), None)
+        lines += [f"### {n:,} occupants", "",
+                  f"Offered: {fmt(offered, 0)} deliveries/s ({report['sizes']['muc']['sustain']['senders']} senders); "
+                  f"{report['sizes']['muc']['probes']} single messages.", ""]
+        rows = []
+        for kind in KINDS:
+            r = row_of.get(kind)
+            if not r:
+                continue
+            if r.get("error") and r.get("deliveries_per_cpu_second") is None:
+                rows.append((NAMES[kind], *["—"] * 11, "error: " + r["error"][:160]))
+                continue
+            dpc, bdpc = r.get("deliveries_per_cpu_second"), braid.get("deliveries_per_cpu_second")
+            med, bmed = r.get("probe_all_median_ms"), braid.get("probe_all_median_ms")
+            notes = []
+            if r.get("second_before_configuration") == "entered":
+                notes.append("a second user entered before the owner configured the room")
+            if r.get("configuration") not in (None, "result"):
+                notes.append(f"configuration answered {r['configuration']}")
+            if r.get("out_of_order"):
+                notes.append(f"{r['out_of_order']} out of order")
+            if r.get("errors_seen"):
+                notes.append(f"errors seen by the clients {r['errors_seen']}")
+            if r.get("connections_lost"):
+                notes.append(f"{len(r['connections_lost'])} connection(s) lost: {r['connections_lost'][0][:80]}")
+            if r.get("probes_complete") and r["probes_complete"].split("/")[0] != r["probes_complete"].split("/")[1]:
+                notes.append(f"probes complete {r['probes_complete']}")
+            if r.get("error"):
+                notes.append(r["error"][:120])
+            rows.append((NAMES[kind], fmt(r.get("join_seconds"), 2), fmt(med, 2), fmt(r.get("probe_all_p95_ms"), 2),
+                         f"{med / bmed:.2f}×" if med and bmed else "—",
+                         fmt(r.get("deliveries_per_second"), 0), fmt(r.get("lost")),
+                         f"{fmt(r.get('latency_p50_ms'), 1)} / {fmt(r.get('latency_p99_ms'), 1)}",
+                         cpu(r.get("server_cpu_seconds")), fmt(dpc, 0),
+                         f"{bdpc / dpc:.2f}×" if dpc and bdpc else "—",
+                         f"{cpu(r.get('driver_cpu_seconds'))} ({fmt(r.get('driver_busiest_process_share'), 2)})",
+                         "; ".join(notes)))
+        lines += [table(["server", "join s", "all occupants p50 ms", "p95 ms", "p50 ÷ Braid's", "deliveries/s", "lost",
+                         "latency p50 / p99 ms", "server CPU s", "deliveries/CPU-s", "Braid ÷ this",
+                         "driver CPU s (busiest)", "note"], rows), ""]
+        mem = [f"{NAMES[k]} {fmt(row_of[k].get('rss_per_occupant_kib'), 1)} KiB" for k in KINDS
+               if row_of.get(k, {}).get("rss_per_occupant_kib") is not None]
+        if mem:
+            lines += ["RSS per occupant (session and room, all in, minus the server before any client): " + "; ".join(mem) + ".", ""]
+    service = mu.get("service", {})
+    if service.get("domains"):
+        on, off = service.get("on") or {}, service.get("off") or {}
+        lines += ["### Cost of the group-chat service (Braid)", "",
+                  f"Braid with {service['domains']:,} hosted domains, `services: muc: enabled: true` and `false` in braid.yaml, "
+                  f"alternating, {service.get('repeats')} time(s) each (medians; bench/hosting_scale.py: start until the first "
+                  "domain is served, idle RSS 2 s later).", "",
+                  table(["Braid", "start s", "idle RSS MiB"], [
+                      ("MUC on", fmt(on.get("start_seconds"), 3), fmt((on.get("idle_rss_kib") or 0) / 1024, 1) if on.get("idle_rss_kib") else "—"),
+                      ("MUC off", fmt(off.get("start_seconds"), 3), fmt((off.get("idle_rss_kib") or 0) / 1024, 1) if off.get("idle_rss_kib") else "—"),
+                      ("the service", f"{fmt(service.get('start_delta_seconds'), 3)} s", f"{fmt(service.get('rss_per_domain_bytes'))} bytes per domain"),
+                  ]), ""]
+        if service.get("error"):
+            lines += [f"- error: {service['error'][:300]}", ""]
+    lines += ["Tuning:", ""] + [f"- {NAMES.get(k, k)}: " + "; ".join(t) for k, t in mu.get("tuning", {}).items()] + [""]
+    return lines
+
 
 def write(report, out):
     os.makedirs(out, exist_ok=True)
@@ -323,6 +431,10 @@ def write(report, out):
         if "hosting.png" in images:
             lines += ["", "![hosting](benchmarks/hosting.png)"]
         lines += ["", "Tuning:", ""] + [f"- {NAMES[k]}: " + "; ".join(t) for k, t in hs.get("tuning", {}).items()] + [""]
+
+    mu = s.get("muc", {})
+    if mu.get("rooms") or mu.get("service"):
+        lines += muc_section(mu, report)
 
     mi = s.get("micro", {})
     if mi:

@@ -178,8 +178,13 @@ class BraidServer(LocalServer):
 class ProsodyServer(LocalServer):
     kind = "prosody"
 
-    def __init__(self, ns, directory, domains):
+    def __init__(self, ns, directory, domains, muc=None, network=None):
         super().__init__(ns, directory, domains)
+        # muc: None (no group chat) or the options of a `Component "conference.DOMAIN" "muc"`
+        # written after each VirtualHost ({} for Prosody's defaults). network: more
+        # network_settings (net.server_epoll's options) beside the backlog.
+        self.muc = muc
+        self.network = dict(network or {})
         self.config = os.path.join(directory, "prosody.cfg.lua")
         self.data = os.path.join(directory, "data")
         self.certs = os.path.join(directory, "certs")
@@ -199,7 +204,7 @@ modules_enabled = {{ "roster", "saslauth", "tls", "disco", "ping", "posix", "adm
 modules_disabled = {{ "s2s" }}
 interfaces = {{ "{ADDRESS}" }}
 c2s_ports = {{ {C2S_PORT} }}
-network_settings = {{ tcp_backlog = 1024 }}
+network_settings = {{ tcp_backlog = 1024{"".join(f"; {k} = {_lua(v)}" for k, v in sorted(self.network.items()))} }}
 ssl = {{ certificate = "{self.certs}/server.crt", key = "{self.certs}/server.key" }}
 c2s_require_encryption = true
 authentication = "internal_hashed"
@@ -207,6 +212,9 @@ storage = "internal"
 allow_registration = false
 """
         text += "".join(f'VirtualHost "{d}"\n' for d in self.domains)
+        if self.muc is not None:
+            options = "".join(f"\t{key} = {_lua(value)}\n" for key, value in sorted(self.muc.items()))
+            text += "".join(f'Component "conference.{d}" "muc"\n{options}' for d in self.domains)
         lab.write_file(self.config, text, 0o640)
 
     def add_users(self, count):
@@ -250,8 +258,10 @@ class EjabberdServer(LocalServer):
     node = "ejabberd@localhost"
     dist_port = 4370
 
-    def __init__(self, ns, directory, domains):
+    def __init__(self, ns, directory, domains, muc=None):
         super().__init__(ns, directory, domains)
+        # muc: None (no group chat) or mod_muc's options; its host is conference.@HOST@.
+        self.muc = muc
         self.etc = os.path.join(directory, "etc")
         self.config = os.path.join(self.etc, "ejabberd.yml")
         self.ctl = os.path.join(self.etc, "ejabberdctl.cfg")
@@ -310,8 +320,20 @@ modules:
   mod_disco: {{}}
   mod_ping: {{}}
   mod_roster: {{}}
-""", 0o640)
+{self._muc_yaml()}""", 0o640)
         lab.chown_tree(self.directory, "ejabberd")
+
+    def _muc_yaml(self):
+        if self.muc is None:
+            return ""
+        lines = ["  mod_muc:", '    host: "conference.@HOST@"']
+        for key, value in sorted(self.muc.items()):
+            if isinstance(value, dict):
+                lines.append(f"    {key}:")
+                lines += [f"      {k}: {v}" for k, v in sorted(value.items())]
+            else:
+                lines.append(f"    {key}: {value}")
+        return "\n".join(lines) + "\n"
 
     def _env(self):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ERL", "EJABBERD"))}
@@ -353,6 +375,38 @@ modules:
         result = self._erl(f"R = rpc:call('{self.node}', ejabberd_admin, reload_config, [], 600000), "
                            "io:format(\"~p~n\", [R]), halt(0).", timeout=620)
         return result.stdout.strip()
+
+
+def _lua(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return '"%s"' % value
+
+
+def start_with_users(kind, ns, directory, domains, users, braid_binary, braid_env=None, options=None, timeout=120):
+    """A server of KIND for DOMAINS with USERS accounts (user1..userN on the first domain),
+    started and answering on 5222. ejabberd registers its accounts over distribution, so
+    after its start; the others before. braid_env: Braid's extra environment; options:
+    Prosody's or ejabberd's extra constructor arguments (muc=..., network=...)."""
+    if kind == "braid":
+        server = BraidServer(ns, directory, domains, braid_binary, extra_env=braid_env)
+    else:
+        server = SERVERS[kind](ns, directory, domains, **(options or {}))
+    if kind != "ejabberd":
+        server.add_users(users)
+    server.start()
+    if not server.wait_ready(timeout):
+        server.stop()
+        raise lab.LabError(f"{kind} did not answer on {C2S_PORT}")
+    if kind == "ejabberd":
+        try:
+            server.add_users(users)
+        except Exception:
+            server.stop()
+            raise
+    return server
 
 
 def lab_nofile():
