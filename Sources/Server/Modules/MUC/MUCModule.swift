@@ -102,7 +102,21 @@ struct MUCModule: BraidModule {
 final class MUCRooms: Sendable {
     private struct State {
         var rooms: [JID: MUCRoom] = [:]
+        /// Rooms per service domain, kept with `rooms` (the limit check is O(1)).
+        var perService: [String: Int] = [:]
         var loaded = false
+
+        mutating func set(_ room: MUCRoom?, at jid: JID) {
+            let had: Bool
+            if let room {
+                had = rooms.updateValue(room, forKey: jid) != nil
+                if !had { perService[jid.domainpart, default: 0] += 1 }
+            } else {
+                had = rooms.removeValue(forKey: jid) != nil
+                if had { perService[jid.domainpart, default: 1] -= 1 }
+            }
+            if perService[jid.domainpart] == 0 { perService[jid.domainpart] = nil }
+        }
     }
 
     private let state = Mutex(State())
@@ -132,7 +146,7 @@ final class MUCRooms: Sendable {
             for jid in Array(state.rooms.keys) {
                 guard var room = state.rooms[jid] else { continue }
                 out += room.shutDown()
-                state.rooms[jid] = room.isGone ? nil : room
+                state.set(room.isGone ? nil : room, at: jid)
             }
             return out
         }
@@ -163,7 +177,7 @@ final class MUCRooms: Sendable {
                                 continue
                             }
                             let byJID = Dictionary(affiliations.compactMap { key, value in (try? JID(key)).map { ($0, value) } }, uniquingKeysWith: { $1 })
-                            state.rooms[room.jid] = MUCRoom(jid: room.jid, configuration: configuration, affiliations: byJID, historyLimit: settings.historyLength)
+                            state.set(MUCRoom(jid: room.jid, configuration: configuration, affiliations: byJID, historyLimit: settings.historyLength), at: room.jid)
                         }
                         state.loaded = true
                     }
@@ -178,12 +192,16 @@ final class MUCRooms: Sendable {
         loading.withLock { current in if state.withLock({ !$0.loaded }) { current = nil } }
     }
 
-    /// Applies one stanza to its room.
+    /// Applies one stanza to its room. The caller runs one event per room at a time (the
+    /// module's per-room serializer), so the room's value is taken out, changed without the
+    /// lock, and put back: rooms do not wait for each other, and building the copies of a
+    /// message for a large room holds no lock.
     func apply(_ stanza: Stanza, from: JID, to: JID, room: JID, parent: String, now: Date, occupantIDKey: [UInt8] = [],
                mayCreate: Bool? = nil) -> Effects {
-        state.withLock { state -> Effects in
-            let exists = state.rooms[room] != nil
-            var current = state.rooms[room] ?? MUCRoom(jid: room, historyLimit: settings.historyLength)
+        let (stored, roomsOnService) = state.withLock { ($0.rooms[room], $0.perService[room.domainpart] ?? 0) }
+        do {
+            let exists = stored != nil
+            var current = stored ?? MUCRoom(jid: room, historyLimit: settings.historyLength)
             if !exists { current.configuration.maxUsers = min(current.configuration.maxUsers, settings.maxOccupantsPerRoom) }
             current.occupantIDKey = occupantIDKey
             current.messageRate = settings.messagesPerSecond > 0
@@ -191,13 +209,14 @@ final class MUCRooms: Sendable {
             let wasPersistent = current.isPersistent
             let before = (current.configuration, current.affiliations)
             var effects = Effects()
-            if let refusal = limitRefusal(stanza, to: to, room: current, exists: exists, roomsOnService: state.rooms.keys.filter { $0.domainpart == room.domainpart }.count) {
+            if let refusal = limitRefusal(stanza, to: to, room: current, exists: exists, roomsOnService: roomsOnService) {
                 effects.out = [refusal]
                 return effects
             }
             let creator = mayCreate ?? (from.domainpart == parent && from.localpart != nil)
             effects.out = Self.event(stanza, from: from, to: to, state: &current, mayCreate: creator, now: now)
-            state.rooms[room] = current.isGone ? nil : current
+            let result = current
+            state.withLock { $0.set(result.isGone ? nil : result, at: room) }
             if current.isPersistent && (!wasPersistent || before.0 != current.configuration || before.1 != current.affiliations) {
                 effects.save = Self.stored(current, parent: parent, now: now)
             } else if wasPersistent && !current.isPersistent {
@@ -208,7 +227,8 @@ final class MUCRooms: Sendable {
     }
 
     /// The configured limits, checked before the room sees the stanza: nicknames and
-    /// subjects too long, too many rooms on one service.
+    /// subjects too long, too many rooms on one service (rooms created at the same moment by
+    /// different users may pass that check together: it bounds, by a few, not exactly).
     private func limitRefusal(_ stanza: Stanza, to: JID, room: MUCRoom, exists: Bool, roomsOnService: Int) -> XMLElement? {
         switch stanza.kind {
         case .presence where !stanza.isError && stanza.typeAttribute != "unavailable":
