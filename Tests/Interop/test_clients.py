@@ -6,7 +6,8 @@ cross-domain presence subscriptions, Unicode messages, offline delivery with XEP
 (its order relative to live messages, and the per-account limit), XEP-0198 resumption after
 a dropped TCP connection, domains added at run time, directed messages and roster pushes;
 group chat (XEP-0045): rooms, kicks, bans, destruction, persistent rooms across a restart,
-and invitations (mediated, and XEP-0249's direct ones).
+and invitations (mediated, and XEP-0249's direct ones); OMEMO between two users over PEP
+(omemo_client.py, python-omemo from Debian).
 
 Run with Debian's Python (the one that has slixmpp):
     /usr/bin/python3 Tests/Interop/test_clients.py
@@ -1312,6 +1313,30 @@ async def slixmpp_defaults_log_in(ctx):
         plus_failures = [failure for failure in client.sasl_failures if "unsupported-channel-binding-type" in failure]
         assert plus_failures, f"no RFC 5802 error text in {client.sasl_failures}"
         assert await roster_items(client) == {}, "session does not answer"
+
+
+@test(timeout=90)
+async def omemo_session_between_two_users(ctx):
+    """Issue 13: OMEMO 0.3 (XEP-0384, `eu.siacs.conversations.axolotl`, as Conversations, Dino
+    and Gajim use it) between two users, with the client in omemo_client.py (python-omemo and
+    oldmemo from Debian). Caps with devicelist+notify and a mutual presence subscription;
+    each publishes its bundle and device list to PEP with publish-options
+    access_model=open, fetches the other's device list (which must list the other's device),
+    alice's message is decrypted by bob and bob's reply by alice, and each gets a PEP
+    notification of the other's device list. `omemo_client.py --selftest-prosody` runs the
+    same scenario against Prosody 0.12."""
+    try:
+        import omemo_client
+    except ImportError as error:
+        raise AssertionError(f"OMEMO client libraries missing ({error}); Scripts/setup test installs "
+                             "python3-omemo, python3-oldmemo and python3-xmlschema") from None
+    alice_jid = new_account(ctx.server, DOMAIN_A, "alice")
+    bob_jid = new_account(ctx.server, DOMAIN_B, "bob")
+    async with Clients(ctx.server) as clients:
+        # No initial presence yet: omemo_client sends it once its caps (+notify) are set.
+        alice = await clients.login(alice_jid, presence=False)
+        bob = await clients.login(bob_jid, presence=False)
+        await omemo_client.omemo_conversation(alice, bob)
 
 
 def main():

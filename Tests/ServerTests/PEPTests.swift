@@ -269,4 +269,37 @@ struct PEPTests {
         }
         await again.stop()
     }
+
+    @Test("Over federation: a remote contact's capabilities are learned across the link, it gets notifications and reads the owner's nodes")
+    func remoteContact() async throws {
+        try await withFederation { pair in
+            try await pair.a.context.storage.putRosterItem(RosterItem(jid: try JID("bob@b.example"), subscription: .both), of: try JID("alice@a.example"))
+            try await pair.b.context.storage.putRosterItem(RosterItem(jid: try JID("alice@a.example"), subscription: .both), of: try JID("bob@b.example"))
+            let (alice, _) = try await pair.a.loggedIn("alice@a.example")
+            let (bob, bobJID) = try await pair.b.loggedIn("bob@b.example")
+            try await alice.sendPresence()
+            let bobCaps = Capabilities(name: "bob far away", notify: [Self.devicelist])
+            try await available(bob, bobCaps)
+            // Two queries may come: bob's own server's and alice's (over the link); answer both.
+            try await answerCapsQuery(bob, bobCaps)
+            _ = try await alice.waitFor(timeout: .seconds(10)) { $0.name == "presence" && $0.attribute("from") == bobJID.description }
+            let fromA = try await bob.waitFor(timeout: .seconds(10)) { element in
+                element.name == "iq" && element.attribute("from") == "alice@a.example"
+                    && element.firstChild(name: "query", namespace: DiscoModule.info)?.attribute("node") == "\(bobCaps.node)#\(bobCaps.ver)"
+            }
+            try await bob.send(XMLElement(name: "iq", namespace: XMLNamespace.client, attributes: [
+                XMLAttribute("type", "result"), XMLAttribute("id", fromA.attribute("id") ?? ""), XMLAttribute("to", "alice@a.example"),
+            ], children: [.element(bobCaps.info.setting(attribute: "node", to: "\(bobCaps.node)#\(bobCaps.ver)"))]))
+            #expect(try await alice.iq(.set, payload: Self.publish(node: Self.devicelist, id: "current", payload: Self.deviceList([42]))).attribute("type") == "result")
+            let notification = try await bob.waitFor(timeout: .seconds(10)) { Self.event($0) != nil }
+            #expect(notification.attribute("from") == "alice@a.example")
+            let read = try await bob.iq(.get, to: "alice@a.example", payload: Self.items(node: Self.devicelist))
+            #expect(read.attribute("type") == "result")
+            // Both sides sent presence at once: a second link from the simultaneous open is
+            // merged away by the duplicate pass; the pairs end on one link.
+            try await waitUntil(timeout: .seconds(10), "one link between the providers") { await pair.a.openLinkSnapshots.count == 1 }
+            await alice.close()
+            await bob.close()
+        }
+    }
 }
