@@ -5,6 +5,8 @@ import XMPPStream
 public enum StandardModules {
     public static func all(_ configuration: BraidConfiguration = BraidConfiguration()) -> [any BraidModule] {
         [DiscoModule(), PingModule(), VersionModule(), RosterModule(), CarbonsModule(), LegacySessionModule(),
+         BlockingModule(),
+         PrivateStorageModule(), VCardModule(), PasswordChangeModule(),
          MUCModule(settings: configuration.muc),
          PEPModule(settings: configuration.pep)]
     }
