@@ -125,7 +125,8 @@ struct AccountDataTests {
 
             // The per-account limit: as many as allowed, then one more is refused.
             let many = (0..<PrivateStorageModule.maximumFragments).map { XMLElement(name: "item\($0)", namespace: Self.prefsNS, text: "\($0)") }
-            let filled = try await alice.iq(.set, payload: XMLElement(name: "query", namespace: Self.privateNS, children: many.map { .element($0) }))
+            // One durable write per fragment: seconds on a loaded machine.
+            let filled = try await alice.iq(.set, timeout: .seconds(60), payload: XMLElement(name: "query", namespace: Self.privateNS, children: many.map { .element($0) }))
             #expect(filled.attribute("type") == "result")
             let overflow = try await alice.iq(.set, payload: privateQuery(XMLElement(name: "one-more", namespace: Self.prefsNS, text: "!")))
             #expect(condition(overflow) == "resource-constraint")

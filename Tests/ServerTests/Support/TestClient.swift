@@ -292,11 +292,14 @@ final class TestClient: Sendable {
     }
 
     /// Sends an IQ and waits for its reply.
-    func iq(_ type: IQType, to: String? = nil, id: String = ServerContext.randomIdentifier(bytes: 4), payload: XMLElement) async throws -> XMLElement {
+    /// Sends an IQ and waits for its reply (`timeout` for requests that write much, on a
+    /// loaded machine).
+    func iq(_ type: IQType, to: String? = nil, id: String = ServerContext.randomIdentifier(bytes: 4), timeout: Duration = .seconds(5),
+            payload: XMLElement) async throws -> XMLElement {
         var attributes = [XMLAttribute("type", type.rawValue), XMLAttribute("id", id)]
         if let to { attributes.append(XMLAttribute("to", to)) }
         try await send(XMLElement(name: "iq", namespace: XMLNamespace.client, attributes: attributes, children: [.element(payload)]))
-        return try await waitFor { $0.name == "iq" && $0.attribute("id") == id && ($0.attribute("type") == "result" || $0.attribute("type") == "error") }
+        return try await waitFor(timeout: timeout) { $0.name == "iq" && $0.attribute("id") == id && ($0.attribute("type") == "result" || $0.attribute("type") == "error") }
     }
 
     func sendMessage(to: String, body: String, type: String = "chat", id: String? = nil) async throws {
