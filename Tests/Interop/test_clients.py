@@ -759,6 +759,11 @@ async def muc_room_with_slixmpp(ctx):
         form = await owner["xep_0045"].get_room_config(room)
         await owner["xep_0045"].set_room_config(room, form)
         await guest["xep_0045"].join_muc_wait(room, "guest", timeout=WAIT)
+        # The guest's presence reaches the owner on the owner's own connection, which may be
+        # read a moment after the guest's: wait (bounded) for it.
+        deadline = asyncio.get_running_loop().time() + WAIT
+        while set(owner["xep_0045"].get_roster(room)) != {"owner", "guest"} and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
         roster = owner["xep_0045"].get_roster(room)
         assert set(roster) == {"owner", "guest"}, f"occupants: {roster}"
 
