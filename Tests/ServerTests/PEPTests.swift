@@ -12,6 +12,7 @@ import XMPPStream
 struct PEPTests {
     static let devicelist = "eu.siacs.conversations.axolotl.devicelist"
     static let avatar = "urn:xmpp:avatar:metadata"
+    static let bookmarks2 = "urn:xmpp:bookmarks:1"
 
     /// A client's capabilities: its presence `<c/>` and the `disco#info` it answers with.
     struct Capabilities {
@@ -300,6 +301,77 @@ struct PEPTests {
             try await waitUntil(timeout: .seconds(10), "one link between the providers") { await pair.a.openLinkSnapshots.count == 1 }
             await alice.close()
             await bob.close()
+        }
+    }
+
+    /// The new way (as Conversations publishes), then a retraction: private XML follows.
+    func bookmarksBackToPrivate(_ alice: TestClient) async throws {
+        let legacyNS = "storage:bookmarks"
+        let added = XMLElement(name: "conference", namespace: Self.bookmarks2, attributes: [XMLAttribute("name", "Club"), XMLAttribute("autojoin", "true")],
+                           children: [.element(XMLElement(name: "nick", namespace: Self.bookmarks2, text: "ally"))])
+        let published = try await alice.iq(.set, payload: Self.publish(node: Self.bookmarks2, id: "club@conference.a.example", payload: added, options: [
+            ("pubsub#persist_items", "true"), ("pubsub#max_items", "max"), ("pubsub#send_last_published_item", "never"), ("pubsub#access_model", "whitelist"),
+        ]))
+        #expect(published.attribute("type") == "result", "Conversations' publish-options are the node's")
+        let retracted = try await alice.iq(.set, payload: XMLElement(name: "pubsub", namespace: PubSubNamespace.pubsub, children: [
+            .element(XMLElement(name: "retract", namespace: PubSubNamespace.pubsub, attributes: [XMLAttribute("node", Self.bookmarks2)], children: [
+                .element(XMLElement(name: "item", namespace: PubSubNamespace.pubsub, attributes: [XMLAttribute("id", "work@conference.b.example")])),
+            ])),
+        ]))
+        #expect(retracted.attribute("type") == "result")
+        let legacy = try await alice.iq(.get, payload: XMLElement(name: "query", namespace: "jabber:iq:private", children: [
+            .element(XMLElement(name: "storage", namespace: legacyNS)),
+        ]))
+        let stored = legacy.firstChild(name: "query", namespace: "jabber:iq:private")?.firstChild(name: "storage", namespace: legacyNS)
+        let rooms = Set(stored?.children(name: "conference", namespace: legacyNS).compactMap { $0.attribute("jid") } ?? [])
+        #expect(rooms == ["tea@conference.a.example", "club@conference.a.example"])
+        #expect(stored?.children(name: "conference", namespace: legacyNS).first { $0.attribute("jid") == "club@conference.a.example" }?
+            .firstChild(name: "nick", namespace: legacyNS)?.text == "ally")
+        #expect(stored?.firstChild(name: "url", namespace: legacyNS)?.attribute("url") == "https://a.example", "what else the storage held stays")
+    }
+
+    /// A XEP-0048 `<conference/>`.
+    static func legacyConference(_ jid: String, _ name: String, autojoin: Bool, nick: String) -> XMLNode {
+        .element(XMLElement(name: "conference", namespace: "storage:bookmarks", attributes: [
+            XMLAttribute("jid", jid), XMLAttribute("name", name), XMLAttribute("autojoin", autojoin ? "true" : "false"),
+        ], children: [.element(XMLElement(name: "nick", namespace: "storage:bookmarks", text: nick))]))
+    }
+
+    @Test("XEP-0402 §5.3: bookmarks written in private XML become PEP items (notified), PEP items and retractions are written back to private XML, URLs kept")
+    func bookmarksCompatibility() async throws {
+        try await withServer { server in
+            let legacyNS = "storage:bookmarks"
+            let (alice, _) = try await server.loggedIn("alice@a.example")
+            // A second resource that follows bookmarks (as Conversations does).
+            let (watcher, watcherJID) = try await server.loggedIn("alice@a.example", resource: "watcher")
+            let caps = Capabilities(name: "bookmarks client", notify: [Self.bookmarks2])
+            try await available(watcher, caps)
+            try await answerCapsQuery(watcher, caps)
+            let info = try await alice.iq(.get, to: "alice@a.example", payload: XMLElement(name: "query", namespace: DiscoModule.info))
+            // (Written without a closure inside #expect: that shape crashes Swift 6.3.1's
+            // SendNonSendable pass in this function.)
+            let features = info.firstChild(name: "query", namespace: DiscoModule.info)?.children(name: "feature", namespace: DiscoModule.info).compactMap { $0.attribute("var") } ?? []
+            #expect(features.contains("urn:xmpp:bookmarks:1#compat"))
+
+            let storage = XMLElement(name: "storage", namespace: legacyNS, children: [
+                Self.legacyConference("tea@conference.a.example", "Tea", autojoin: true, nick: "al"),
+                Self.legacyConference("work@conference.b.example", "Work", autojoin: false, nick: "alice"),
+                .element(XMLElement(name: "url", namespace: legacyNS, attributes: [XMLAttribute("name", "Home"), XMLAttribute("url", "https://a.example")])),
+            ])
+            #expect(try await alice.iq(.set, payload: XMLElement(name: "query", namespace: "jabber:iq:private", children: [.element(storage)])).attribute("type") == "result")
+            let notified = try await watcher.waitFor { Self.event($0)?.firstChild(name: "items", namespace: PubSubNamespace.event)?.attribute("node") == Self.bookmarks2 }
+            #expect(notified.attribute("to") == watcherJID.description)
+            let items = try await alice.iq(.get, to: "alice@a.example", payload: Self.items(node: Self.bookmarks2))
+            let conferences = items.firstChild(name: "pubsub", namespace: PubSubNamespace.pubsub)?.firstChild(name: "items", namespace: PubSubNamespace.pubsub)?
+                .children(name: "item", namespace: PubSubNamespace.pubsub) ?? []
+            #expect(Set(conferences.compactMap { $0.attribute("id") }) == ["tea@conference.a.example", "work@conference.b.example"])
+            let tea = conferences.first { $0.attribute("id") == "tea@conference.a.example" }?.firstChild(name: "conference", namespace: Self.bookmarks2)
+            #expect(tea?.attribute("name") == "Tea" && tea?.attribute("autojoin") == "true")
+            #expect(tea?.firstChild(name: "nick", namespace: Self.bookmarks2)?.text == "al")
+
+            try await bookmarksBackToPrivate(alice)
+            await alice.close()
+            await watcher.close()
         }
     }
 }

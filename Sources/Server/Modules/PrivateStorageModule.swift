@@ -16,6 +16,13 @@ struct PrivateStorageModule: BraidModule {
     /// Most fragments one account keeps, so the store cannot grow without bound.
     static let maximumFragments = 128
 
+    /// Where XEP-0048 bookmarks written here also go (XEP-0402 §5.3: the PEP bookmarks).
+    var bookmarks: PEPService?
+
+    init(bookmarks: PEPService? = nil) {
+        self.bookmarks = bookmarks
+    }
+
     var name: String { "private" }
 
     func register(in builder: inout ModuleBuilder) {
@@ -35,12 +42,27 @@ struct PrivateStorageModule: BraidModule {
                 return try await Self.get(fragments, account: request.target, server: server)
             case .set:
                 try await Self.set(fragments, account: request.target, server: server)
+                if let bookmarks, let legacy = fragments.first(where: { Self.key(of: $0) == Bookmarks.privateKey }) {
+                    await Self.syncBookmarks(legacy, account: request.target, pep: bookmarks, router: request.router)
+                }
                 return .result(nil)
             case .result, .error, nil:
                 return .error(StanzaError(.badRequest))
             }
         } catch {
             return .error(error)
+        }
+    }
+
+    /// XEP-0402 §5.3: bookmarks written the old way reach the PEP ones (after the write, on
+    /// the account's serializer; a failure there is logged, the private write stands).
+    private static func syncBookmarks(_ legacy: XMLElement, account: JID, pep: PEPService, router: Router) async {
+        do {
+            try await router.server.accounts.run(account) {
+                try await pep.bookmarksChanged(legacy: legacy, owner: account, router: router, fromPrivate: true)
+            }
+        } catch {
+            router.logger.error("bookmarks from private XML not carried to PEP", metadata: ["account": "\(account)", "error": "\(error)"])
         }
     }
 

@@ -4,11 +4,12 @@ import XMPPStream
 /// The modules every Braid server has.
 public enum StandardModules {
     public static func all(_ configuration: BraidConfiguration = BraidConfiguration()) -> [any BraidModule] {
-        [DiscoModule(), PingModule(), VersionModule(), RosterModule(), CarbonsModule(), LegacySessionModule(),
-         BlockingModule(),
-         PrivateStorageModule(), VCardModule(), PasswordChangeModule(),
-         MUCModule(settings: configuration.muc),
-         PEPModule(settings: configuration.pep)]
+        let pep = PEPModule(settings: configuration.pep)
+        return [DiscoModule(), PingModule(), VersionModule(), RosterModule(), CarbonsModule(), LegacySessionModule(),
+                BlockingModule(),
+                PrivateStorageModule(bookmarks: pep.service), VCardModule(), PasswordChangeModule(),
+                MUCModule(settings: configuration.muc),
+                pep]
     }
 }
 

@@ -42,7 +42,7 @@ struct PEPModule: BraidModule {
     func register(in builder: inout ModuleBuilder) {
         let service = self.service
         builder.accountIdentity(category: "pubsub", type: "pep")
-        for feature in Self.features { builder.accountFeature(feature) }
+        for feature in Self.features + Bookmarks.features { builder.accountFeature(feature) }
         builder.onAccountIQ(PubSubNamespace.pubsub) { request in await service.pubsub(request) }
         builder.onAccountIQ(PubSubNamespace.owner) { request in await service.owner(request) }
         builder.onAccountItems { account, requester, router in await service.discoItems(of: account, requester: requester, router: router) }
@@ -175,20 +175,20 @@ final class PEPService: Sendable {
 
     // MARK: Storage
 
-    private static func store(_ node: String) -> String { "pep/" + node }
+    static func store(_ node: String) -> String { "pep/" + node }
 
-    private func configuration(of node: String, owner: JID, storage: any Storage) async throws -> PEPNodeConfiguration? {
+    func configuration(of node: String, owner: JID, storage: any Storage) async throws -> PEPNodeConfiguration? {
         guard let entry = try await storage.storeEntry("pep", of: owner, key: node) else { return nil }
         return try JSONDecoder().decode(PEPNodeConfiguration.self, from: Data(entry.value.utf8))
     }
 
-    private func save(_ configuration: PEPNodeConfiguration, node: String, owner: JID, storage: any Storage) async throws {
+    func save(_ configuration: PEPNodeConfiguration, node: String, owner: JID, storage: any Storage) async throws {
         let encoder = JSONEncoder()
         encoder.outputFormatting = .sortedKeys
         try await storage.putStoreEntry("pep", of: owner, key: node, value: String(decoding: try encoder.encode(configuration), as: UTF8.self), keepLast: nil)
     }
 
-    private struct Item {
+    struct Item {
         var id: String
         var payload: XMLElement?
     }
@@ -199,7 +199,7 @@ final class PEPService: Sendable {
         }
     }
 
-    private func itemElement(_ item: Item, namespace: String, withPayload: Bool = true) -> XMLElement {
+    func itemElement(_ item: Item, namespace: String, withPayload: Bool = true) -> XMLElement {
         XMLElement(name: "item", namespace: namespace, attributes: [XMLAttribute("id", item.id)],
                    children: withPayload ? item.payload.map { [.element($0)] } ?? [] : [])
     }
@@ -329,6 +329,12 @@ final class PEPService: Sendable {
             XMLElement(name: "items", namespace: PubSubNamespace.event, attributes: [XMLAttribute("node", node)],
                        children: [.element(self.itemElement(published, namespace: PubSubNamespace.event, withPayload: configuration.deliverPayloads))])
         }
+        // XEP-0402 §5.3: the other bookmark stores follow.
+        if node == Bookmarks.node {
+            try await bookmarkItemsChanged(owner: owner, router: router)
+        } else if node == Bookmarks.legacyNamespace, payload.name == "storage", payload.namespace == Bookmarks.legacyNamespace {
+            try await bookmarksChanged(legacy: payload, owner: owner, router: router, fromPrivate: false)
+        }
         return .result(XMLElement(name: "pubsub", namespace: PubSubNamespace.pubsub, children: [
             .element(XMLElement(name: "publish", namespace: PubSubNamespace.pubsub, attributes: [XMLAttribute("node", node)], children: [
                 .element(XMLElement(name: "item", namespace: PubSubNamespace.pubsub, attributes: [XMLAttribute("id", id)])),
@@ -346,6 +352,7 @@ final class PEPService: Sendable {
         var removed: [String] = []
         for id in ids where try await storage.removeStoreEntry(Self.store(node), of: owner, key: id) { removed.append(id) }
         guard !removed.isEmpty else { throw PEPRefusal(StanzaError(.itemNotFound)) }
+        if node == Bookmarks.node { try await bookmarkItemsChanged(owner: owner, router: router) }
         let notifyAttribute = retract.attribute("notify")
         if configuration.notifyRetract || notifyAttribute == "true" || notifyAttribute == "1" {
             await notify(owner: owner, node: node, configuration: configuration, router: router) {
@@ -420,12 +427,14 @@ final class PEPService: Sendable {
                 case (.set, "delete"):
                     try await storage.removeStore(Self.store(node), of: owner)
                     try await storage.removeStoreEntry("pep", of: owner, key: node)
+                    if node == Bookmarks.node { try await self.bookmarkItemsChanged(owner: owner, router: router) }
                     await self.notify(owner: owner, node: node, configuration: configuration, router: router) {
                         XMLElement(name: "delete", namespace: PubSubNamespace.event, attributes: [XMLAttribute("node", node)])
                     }
                     return .result(nil)
                 case (.set, "purge"):
                     try await storage.removeStore(Self.store(node), of: owner)
+                    if node == Bookmarks.node { try await self.bookmarkItemsChanged(owner: owner, router: router) }
                     await self.notify(owner: owner, node: node, configuration: configuration, router: router) {
                         XMLElement(name: "purge", namespace: PubSubNamespace.event, attributes: [XMLAttribute("node", node)])
                     }
@@ -474,7 +483,7 @@ final class PEPService: Sendable {
 
     /// Sends an event to every interested resource the node's access model allows: the
     /// owner's, and its contacts' (XEP-0163 §4.3).
-    private func notify(owner: JID, node: String, configuration: PEPNodeConfiguration, router: Router, _ event: () -> XMLElement) async {
+    func notify(owner: JID, node: String, configuration: PEPNodeConfiguration, router: Router, _ event: () -> XMLElement) async {
         let (recipients, unresolved) = interested(in: node, owner: owner)
         guard !recipients.isEmpty || !unresolved.isEmpty else { return }
         let roster = (try? await router.server.storage.roster(of: owner).items) ?? []
