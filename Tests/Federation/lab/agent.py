@@ -37,8 +37,9 @@ one process per user would be too heavy on two cores):
   pool_status    {}                   clients connected now, and disconnections seen
   pool_muc_create {rooms: [[jid, room, nick], ...], timeout}  enter each new room and accept it
                                       as an instant room (XEP-0045 §10.1.2)
-  pool_muc_join  {joins: [[jid, room, nick], ...], timeout}  enter rooms; returns how many
-                                      entries were confirmed (status 110) and the errors
+  pool_muc_join  {joins: [[jid, room, nick], ...], timeout}  enter rooms (local or remote);
+                                      returns how many entries were confirmed (status 110),
+                                      which ([[jid, room], ...]) and the errors
   pool_groupchat {messages: [[from, room, id, body], ...]}  groupchat messages (received ones
                                       are recorded like chat messages, `from` the room)
 Started with --quiet, the agent logs warnings only (no XML transcript).
@@ -256,9 +257,9 @@ class Pool:
         loop = asyncio.get_event_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
-            if all(pair in self.entered for pair in pairs):
-                break
-            if any((error[0], error[1]) in pairs for error in self.entry_errors):
+            # Settled: every entry confirmed or refused (an error presence from the room).
+            refused = {(error[0], error[1]) for error in self.entry_errors}
+            if all(pair in self.entered or pair in refused for pair in pairs):
                 break
             await asyncio.sleep(0.05)
         return sum(1 for pair in pairs if pair in self.entered)
@@ -279,8 +280,10 @@ class Pool:
     async def muc_join(self, joins, timeout):
         for jid, room, nick in joins:
             self._enter(jid, room, nick)
-        entered = await self._until_entered({(jid, room) for jid, room, _ in joins}, timeout)
-        return {"entered": entered, "errors": self.entry_errors}
+        pairs = {(jid, room) for jid, room, _ in joins}
+        entered = await self._until_entered(pairs, timeout)
+        return {"entered": entered, "confirmed": sorted([jid, room] for jid, room in pairs if (jid, room) in self.entered),
+                "errors": self.entry_errors}
 
     def groupchat(self, messages):
         for sender, room, message_id, body in messages:

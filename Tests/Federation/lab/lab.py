@@ -654,6 +654,11 @@ class ProviderSpec:
     per_domain_shared_key  with per_domain_certs: every per-domain certificate certifies the
                   same key (the provider's own), as with ACME key reuse; a DANE-EE `3 1 1`
                   record of one domain then matches the certificates of all of them
+    muc_domains   Prosody and ejabberd: a group chat (XEP-0045) service `conference.D` for
+                  each domain D listed (one of the provider's domains): a `muc` Component in
+                  Prosody, mod_muc for D's host in ejabberd. The service is named in the
+                  provider's certificate (or gets one of its own with per_domain_certs) and
+                  has SRV records like a domain's, so that peers can reach and authenticate it
     """
     kind: str
     name: str
@@ -671,6 +676,7 @@ class ProviderSpec:
     dialback: bool = True
     per_domain_hosts: bool = False
     per_domain_shared_key: bool = False
+    muc_domains: tuple = ()
 
 
 def default_specs(with_braid, domains=3, users=3):
@@ -716,18 +722,25 @@ class Provider:
         return (self.domains + list(self.spec.extra_domains)
                 + [self.bogus_domain, self.srv_dead_domain, self.srv_dot_domain])
 
+    def muc_services(self):
+        """The group chat services (spec.muc_domains): `conference.D` for each D."""
+        return [f"conference.{domain}" for domain in self.spec.muc_domains]
+
     def certificate_names(self):
         """DNS names of the provider's certificate: its domains (not the extra ones), its
-        host name and the spec's cert_names. With per_domain_certs only the host name and
-        cert_names: each domain has a certificate of its own (domain_certs)."""
+        group chat services, its host name and the spec's cert_names. With per_domain_certs
+        only the host name and cert_names: each domain and service has a certificate of its
+        own (domain_certs)."""
         if self.spec.per_domain_certs:
             return [self.host] + list(self.spec.cert_names)
         return ([domain for domain in self.all_domains() if domain not in self.spec.extra_domains]
-                + [self.host] + list(self.spec.cert_names))
+                + self.muc_services() + [self.host] + list(self.spec.cert_names))
 
     def per_domain_certificate_domains(self):
-        """The domains that get a certificate of their own with per_domain_certs."""
-        return [domain for domain in self.all_domains() if domain not in self.spec.extra_domains]
+        """The domains (and group chat services) that get a certificate of their own with
+        per_domain_certs."""
+        return ([domain for domain in self.all_domains() if domain not in self.spec.extra_domains]
+                + self.muc_services())
 
     def srv_host(self, domain):
         """The SRV target host name of DOMAIN: the provider's host name, or with
@@ -767,6 +780,13 @@ class Provider:
                 # XEP-0368: same priority, preferred by weight.
                 records.append((zone, f"_xmpps-server._tcp.{domain}", "SRV",
                                 f"0 10 {S2S_DIRECT_TLS_PORT} {s2s_target}"))
+        # Group chat services are reached like domains: SRV to the provider's host name
+        # (whose A record is above), no A record of their own.
+        for service in self.muc_services():
+            records.append((ZONE, f"_xmpp-server._tcp.{service}", "SRV", f"0 5 {S2S_PORT} {target}"))
+            if self.spec.direct_tls:
+                records.append((ZONE, f"_xmpps-server._tcp.{service}", "SRV",
+                                f"0 10 {S2S_DIRECT_TLS_PORT} {target}"))
         # The bogus domain also gets an address record, so that a server falling back from
         # SRV to A/AAAA would find the provider too: fail-closed must hold either way.
         records.append((BOGUS_ZONE, self.bogus_domain, "A", self.ip))
@@ -933,6 +953,12 @@ unbound = {{ trustfile = "{self.lab.dns.anchor_file}" }}
 """
         for domain in self.all_domains():
             text += f'\nVirtualHost "{domain}"\n'
+        # Group chat services (spec.muc_domains). Components inherit tls, dialback, s2s and
+        # s2s_bidi from the global modules, so they federate like the VirtualHosts. Anyone,
+        # remote users too, may create rooms; a new room stays locked until its owner
+        # accepts the configuration (the lab's owners submit the instant-room form).
+        for service in self.muc_services():
+            text += f'\nComponent "{service}" "muc"\n    restrict_room_creation = false\n'
         write_file(self.config, text, 0o640)
         if os.path.isdir(self.directory):
             chown_tree(self.directory, "prosody")
@@ -1050,6 +1076,17 @@ EJABBERD_BYPASS_WARNINGS=true
         # Without mod_s2s_dialback ejabberd neither offers nor answers dialback: SASL
         # EXTERNAL is its only s2s authentication.
         dialback = "  mod_s2s_dialback: {}\n" if spec.dialback else ""
+        modules = "  mod_disco: {}\n  mod_ping: {}\n  mod_roster: {}\n" + dialback
+        # Group chat (spec.muc_domains): mod_muc only for those hosts, as `conference.HOST`.
+        # host_config's modules are merged with the global ones; listing them all again
+        # keeps the host's modules the same whichever way a version merges.
+        muc_hosts = ""
+        if spec.muc_domains:
+            muc_hosts = "host_config:\n" + "".join(
+                f"  {domain}:\n    modules:\n"
+                + "".join(f"    {line}\n" for line in modules.splitlines())
+                + '      mod_muc:\n        hosts: ["conference.@HOST@"]\n        access_create: all\n'
+                for domain in spec.muc_domains)
         # Without ca_file ejabberd uses the system bundle, where the lab CA is not.
         ca_line = f'ca_file: "{self.lab.ca.cert}"' if spec.trust_lab_ca else ""
         direct_tls = f"""  - port: {S2S_DIRECT_TLS_PORT}
@@ -1095,10 +1132,7 @@ access_rules:
     allow: all
 s2s_access: s2s
 modules:
-  mod_disco: {{}}
-  mod_ping: {{}}
-  mod_roster: {{}}
-{dialback}""", 0o640)
+{modules}{muc_hosts}""", 0o640)
         if os.path.isdir(self.directory):
             chown_tree(self.directory, "ejabberd")
 
@@ -1996,7 +2030,7 @@ def textwrap_indent(text, prefix="      | "):
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenarios", default="",
+    parser.add_argument("--scenarios", "--only", default="",
                         help="comma-separated scenario names or prefixes (default: all); see --list")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit (no lab is built)")
     parser.add_argument("--with-braid", action="store_true",

@@ -42,7 +42,8 @@ import lab as L
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCENARIO_NAMES = ["mux:scale", "mux:mixed-proofs", "mux:posh-failure", "mux:prosody", "mux:ejabberd",
-                  "mux:malicious", "mux:lifecycle", "mux:cert-reload", "mux:muc", "mux:muc-classic"]
+                  "mux:malicious", "mux:lifecycle", "mux:cert-reload", "mux:muc", "mux:muc-classic",
+                  "mux:muc-at-prosody", "mux:muc-at-ejabberd"]
 SCALE_DOMAINS = 50
 CLASSIC_DOMAINS = 5
 POSH_DOMAINS = [f"cposh{index}.test" for index in (1, 2, 3)]
@@ -55,6 +56,10 @@ LATE_DOMAIN = "blate1.test"
 MUC_HOSTS = [f"b{index}.test" for index in range(1, 6)]
 MUC_SERVICES = [f"conference.{domain}" for domain in MUC_HOSTS]
 MUC_GUEST_DOMAINS = 20
+# The other way round (mux:muc-at-prosody, mux:muc-at-ejabberd): Prosody's and ejabberd's own
+# group chat services, on their first domain, with braid's users as remote occupants.
+REMOTE_MUC_DOMAIN_INDEX = 0
+REMOTE_MUC_GUESTS = 4
 DANE_HOST = "danehost.test"
 WEB_HOST_NUMBER = 40
 EVIL_HOST_NUMBER = 41
@@ -105,9 +110,13 @@ def specs(domains=SCALE_DOMAINS, subnet=L.DEFAULT_SUBNET, peer_settings=True):
                             extra_domains=tuple(POSH_DOMAINS + DANE_DOMAINS + DIALBACK_DOMAINS + [BAD_POSH_DOMAIN]),
                             settings={"s2s": dict(common), "tls": {"domains": braid2_served(domains)}})
     return [braid, braid2,
-            L.ProviderSpec("prosody", "prosody", "p", CLASSIC_DOMAINS, 1),
+            # A group chat service at p1.test and e1.test (mux:muc-at-prosody, -ejabberd):
+            # named in the certificate and published in DNS like a domain.
+            L.ProviderSpec("prosody", "prosody", "p", CLASSIC_DOMAINS, 1,
+                           muc_domains=(f"p{REMOTE_MUC_DOMAIN_INDEX + 1}.test",)),
             L.ProviderSpec("prosody", "prosody2", "q", CLASSIC_DOMAINS, 1),
-            L.ProviderSpec("ejabberd", "ejabberd", "e", CLASSIC_DOMAINS, 1),
+            L.ProviderSpec("ejabberd", "ejabberd", "e", CLASSIC_DOMAINS, 1,
+                           muc_domains=(f"e{REMOTE_MUC_DOMAIN_INDEX + 1}.test",)),
             L.ProviderSpec("ejabberd", "ejabberd2", "f", CLASSIC_DOMAINS, 1)]
 
 
@@ -239,6 +248,12 @@ def build_scenarios(lab):
         ("mux:cert-reload", lambda lab, details: scenario_cert_reload(lab, details, braid, braid2)),
         ("mux:muc", lambda lab, details: scenario_muc(lab, details, braid, braid2)),
         ("mux:muc-classic", lambda lab, details: scenario_muc_classic(lab, details, braid)),
+        # Braid's users in rooms of the others: distinct braid domains for each, from the end
+        # of the list (the other scenarios use the first ones).
+        ("mux:muc-at-prosody", lambda lab, details: scenario_muc_remote(
+            lab, details, braid, "prosody", braid.domains[-2 * REMOTE_MUC_GUESTS:-REMOTE_MUC_GUESTS])),
+        ("mux:muc-at-ejabberd", lambda lab, details: scenario_muc_remote(
+            lab, details, braid, "ejabberd", braid.domains[-REMOTE_MUC_GUESTS:])),
     ]
 
 
@@ -1297,3 +1312,163 @@ def scenario_muc_classic(lab, details, braid):
     details.append(f"{len(everyone)} occupants, {sent} messages, " + (f"all delivered after {elapsed:.1f}s" if elapsed is not None else "NOT all delivered"))
     if problems:
         raise L.ScenarioFailure("; ".join(problems))
+
+
+def scenario_muc_remote(lab, details, braid, kind, braid_domains):
+    """Issue 11 §3: braid's users in a room of KIND's own group chat service. A user of KIND
+    creates an instant room at `conference.<its domain>`, a second local user and the first
+    users of BRAID_DOMAINS enter it, everyone writes once, and every occupant must get every
+    message exactly once (counted per recipient and message). Each braid domain ⇄ the service
+    is a domain pair of classic s2s: the new connections between braid and KIND must stay
+    within the classic bound (one per pair and direction; braid opens at most one per pair).
+
+    ejabberd's own resolver now and then fails to resolve lab names (see mux:ejabberd): a
+    braid user whose entry is lost that way, while the lab's resolver answers the same name
+    validated from ejabberd's namespace, is left out with a NOTE."""
+    host = named(lab, kind)
+    service = host.muc_services()[0]
+    # A room of its own per run (--repeat): new, so that its creation (status 201) and the
+    # instant-room form are part of every run, whatever became of the previous run's room.
+    room = f"remote-{RUN_TAG}-{random.getrandbits(24):06x}@{service}"
+    owner, local_guest = first_users(host, host.domains[:2])
+    guests = first_users(braid, braid_domains)
+    pool_host, pool_braid = Pool(lab, host, [owner, local_guest]), Pool(lab, braid, guests)
+    L.quiesce(lab, [braid, host])
+    for provider in (braid, host):
+        provider.mark_log()
+    out_before, in_before = (set(side) for side in lab.connections(braid, host))
+    opens = {p.name: L.tcp_counters(p.ns)["ActiveOpens"] for p in (braid, host)}
+    seen_out, seen_in, peak = set(out_before), set(in_before), [0]
+
+    def sample():
+        out, into = lab.connections(braid, host)
+        seen_out.update(out)
+        seen_in.update(into)
+        peak[0] = max(peak[0], len(out) + len(into), links_between(lab, braid, host)[2])
+
+    details.append(f"s2s connections between {braid.name} and {kind} before: {len(out_before) + len(in_before)} "
+                   f"({braid.name} opened {len(out_before)}, {kind} {len(in_before)})")
+    created = pool_host.muc_create([[owner, room, "owner"]])
+    if created["entered"] != 1:
+        raise L.ScenarioFailure(f"{owner} could not create {room}: {created['errors'][:3]}")
+    local = pool_host.muc_join([[local_guest, room, "local"]], timeout=30)
+    if local["entered"] != 1:
+        raise L.ScenarioFailure(f"{local_guest} could not enter {room}: {local['errors'][:3]}")
+    started = time.monotonic()
+    joined = pool_braid.muc_join([[guest, room, guest.split("@")[1]] for guest in guests], timeout=45)
+    sample()
+    confirmed = {jid for jid, _ in joined["confirmed"]}
+    details.append(f"{room} created by {owner} (instant room), {local_guest} entered; {len(confirmed)} of "
+                   f"{len(guests)} {braid.name} users entered (status 110 over federation) in "
+                   f"{time.monotonic() - started:.1f}s")
+    missing = [guest for guest in guests if guest not in confirmed]
+    if missing:
+        missing_domains = [guest.split("@")[1] for guest in missing]
+        errors = [error for error in joined["errors"] if error[0] in missing]
+        dns = [line.strip()[:240] for line in host.log_since_mark().splitlines()
+               if "DNS lookup failed" in line and any(domain in line for domain in missing_domains)]
+        # Only ejabberd's own resolver: the lab's DNS must answer the same names, validated,
+        # in ejabberd's namespace, and every missing user's domain must be among the failures.
+        lab_dns_fine = all(dig_validated(lab, host, f"_xmpp-server._tcp.{domain}") for domain in missing_domains)
+        own_failure = kind == "ejabberd" and lab_dns_fine and all(
+            any(domain in line for line in dns) for domain in missing_domains)
+        if not own_failure:
+            braid_lines = [line.strip()[:300] for line in braid.log_since_mark().splitlines()
+                           if service in line and re.search(r"error|fail|refus|timeout|bounce", line, re.I)]
+            details.extend(f"{braid.name} log: {line}" for line in braid_lines[:5])
+            details.extend(f"{kind} log: {line}" for line in dns[:3])
+            raise L.ScenarioFailure(f"{len(missing)} of {len(guests)} {braid.name} users could not enter {room}: "
+                                    f"{missing}; errors {errors[:3]}")
+        details.append(f"NOTE: ejabberd could not resolve {', '.join(missing_domains)} itself (the lab's resolver "
+                       f"answers them validated from its namespace): {dns[0]}; left out: {', '.join(missing)}")
+        guests = [guest for guest in guests if guest in confirmed]
+        if not guests:
+            details.append(f"NOTE: no {braid.name} user in the room; nothing to exchange")
+            return
+    pool_host.take()
+    pool_braid.take()
+    locals_ = [owner, local_guest]
+    occupants = locals_ + guests
+    messages = [[sender, room, f"mucr-{kind}-{RUN_TAG}-{index}", f"{sender} in {room} #{index}"]
+                for index, sender in enumerate(occupants)]
+    by_sender = {jid: [m for m in messages if m[0] == jid] for jid in occupants}
+    pool_host.groupchat([m for jid in locals_ for m in by_sender[jid]])
+    pool_braid.groupchat([m for jid in guests for m in by_sender[jid]])
+    expected_host, expected_braid = len(messages) * len(locals_), len(messages) * len(guests)
+    elapsed = wait_all([(pool_host, expected_host), (pool_braid, expected_braid)], 90, sample)
+    sample()
+    got_host, got_braid = pool_host.take(), pool_braid.take()
+    details.append(f"groupchat: {len(occupants)} occupants ({len(locals_)} at {kind}, {len(guests)} at {braid.name}), "
+                   f"{len(messages)} messages, {len(got_host['received'])} of {expected_host} deliveries at {kind}, "
+                   f"{len(got_braid['received'])} of {expected_braid} at {braid.name}, "
+                   + (f"after {elapsed:.1f}s" if elapsed is not None else "NOT all delivered"))
+    problems = []
+    for label, got, recipients in ((kind, got_host, locals_), (braid.name, got_braid, guests)):
+        problems += check_room_deliveries(details, label, room, messages, recipients, got)
+    out_after, in_after = (set(side) for side in lab.connections(braid, host))
+    opened = {p.name: L.tcp_counters(p.ns)["ActiveOpens"] - opens[p.name] for p in (braid, host)}
+    new_out, new_in = out_after - out_before, in_after - in_before
+    pairs = len(braid_domains)
+    details.append(f"s2s connections between {braid.name} and {kind} after: {len(out_after) + len(in_after)} "
+                   f"established, {len(new_out) + len(new_in)} of them new ({braid.name} opened {len(new_out)}, "
+                   f"{kind} {len(new_in)}); {len(seen_out - out_before) + len(seen_in - in_before)} new seen in all, "
+                   f"most at once {peak[0]}; TCP connections opened: {braid.name} {opened[braid.name]}, "
+                   f"{kind} {opened[host.name]}; {pairs} domain pairs ({braid.name} domain ⇄ {service}), "
+                   f"classic bound {2 * pairs}")
+    samples = metrics(braid, ["braid_s2s_links", "braid_s2s_pairs"])
+    details.append(f"{braid.name} metrics (all peers): " + (", ".join(
+        f"{sample}={value:g}" for sample, value in sorted(samples.items()) if value) or "(none)"))
+    details.append(f"{kind}: " + (host.s2s_evidence([service] + list(braid_domains)).replace("\n", " | ")[:600]
+                                  or "no s2s evidence"))
+    refusals = [line.strip()[:300] for line in braid.log_since_mark().splitlines()
+                if "security: refused stanza" in line or (service in line and "error" in line.lower())]
+    if refusals:
+        details.append(f"{braid.name} logged {len(refusals)} refusals/errors naming {service}, e.g. {refusals[0]}")
+    if len(new_out) + len(new_in) > 2 * pairs:
+        problems.append(f"{len(new_out) + len(new_in)} new s2s connections between {braid.name} and {kind} for "
+                        f"{pairs} domain pairs, more than the classic {2 * pairs}")
+    if opened[braid.name] > pairs:
+        problems.append(f"{braid.name} opened {opened[braid.name]} TCP connections for {pairs} domain pairs")
+    for pool in (pool_host, pool_braid):
+        pool.agent.close()
+    if problems:
+        raise L.ScenarioFailure("; ".join(problems))
+
+
+def dig_validated(lab, provider, name, rtype="SRV"):
+    """Whether the lab's resolver answers NAME in PROVIDER's namespace, NOERROR and validated."""
+    rcode, flags = L.dig_flags(lab.dns.kdig(provider.ns, "+dnssec", name, rtype))
+    return rcode == "NOERROR" and "ad" in flags
+
+
+def check_room_deliveries(details, label, room, messages, recipients, got):
+    """Every message of MESSAGES ([[from, room, id, body]]) reached each of RECIPIENTS exactly
+    once from ROOM. Counted by body (unique per message), so a room that rewrote message ids
+    would still be counted right; whether the ids came through is reported. Returns problems."""
+    bodies = {body: message_id for _, _, message_id, body in messages}
+    counts, ids_kept, others = {}, 0, []
+    for to, sender, message_id, body in got["received"]:
+        if sender != room or body not in bodies:
+            others.append([to, sender, message_id, body[:60]])
+            continue
+        counts[(to, body)] = counts.get((to, body), 0) + 1
+        ids_kept += message_id == bodies[body]
+    expected = [(to, body) for to in recipients for body in bodies]
+    lost = [key for key in expected if key not in counts]
+    duplicated = [key for key, count in counts.items() if count > 1]
+    strays = [key for key in counts if key not in set(expected)]
+    details.append(f"{label}: {len(expected)} expected deliveries to {len(recipients)} occupants, "
+                   f"{len(expected) - len(lost)} delivered, {len(lost)} lost, {len(duplicated)} duplicated; "
+                   f"message ids kept by the room: {ids_kept} of {sum(counts.values())}"
+                   + (f"; {len(others)} other messages, e.g. {others[:2]}" if others else "")
+                   + (f"; errors {got['errors'][:2]}" if got["errors"] else ""))
+    problems = []
+    if lost:
+        problems.append(f"{label}: {len(lost)} of {len(expected)} deliveries lost, e.g. {lost[:3]}")
+    if duplicated:
+        problems.append(f"{label}: {len(duplicated)} delivered more than once, e.g. {duplicated[:3]}")
+    if strays:
+        problems.append(f"{label}: delivered to a non-occupant: {strays[:3]}")
+    if got["errors"]:
+        problems.append(f"{label}: {len(got['errors'])} message errors, e.g. {got['errors'][:2]}")
+    return problems
