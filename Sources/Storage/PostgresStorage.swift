@@ -546,6 +546,85 @@ public final class PostgresStorage: Storage {
         }
     }
 
+    // MARK: Message archive
+
+    public func archive(_ message: ArchivedMessage, for user: JID, expireBefore: Int64?) async throws {
+        let key = try StorageKeys.account(user)
+        let (id, with, stamp, stanza) = (message.id, message.with, message.stamp, message.stanza)
+        try await run("archive message") { [self] in
+            try await client.withTransaction(logger: logger) { connection in
+                guard try await Self.count(try await connection.query("SELECT 1 FROM users WHERE jid = \(key) FOR SHARE", logger: logger)) > 0 else {
+                    throw StorageError.userNotFound
+                }
+                try await connection.query("""
+                    INSERT INTO archive (user_jid, stanza_id, with_jid, stamp, stanza) VALUES (\(key), \(id), \(with), \(stamp), \(stanza))
+                    """, logger: logger)
+                if let expireBefore {
+                    try await connection.query("DELETE FROM archive WHERE user_jid = \(key) AND stamp < \(expireBefore)", logger: logger)
+                }
+            }
+        }
+    }
+
+    public func archivedMessages(_ query: ArchiveQuery, for user: JID) async throws -> ArchivePage {
+        let key = try StorageKeys.account(user)
+        return try await run("archive query") { [self] in
+            try await client.withConnection { connection in
+                func rowID(_ stanzaID: String) async throws -> Int64 {
+                    for try await id in try await connection.query("SELECT id FROM archive WHERE user_jid = \(key) AND stanza_id = \(stanzaID)", logger: logger)
+                        .decode(Int64.self) {
+                        return id
+                    }
+                    throw StorageError.itemNotFound
+                }
+                let afterRow = try await query.after.asyncMap(rowID)
+                let beforeRow = try await query.before.asyncMap(rowID)
+                var filtered = ArchiveSQL(style: .dollar)
+                let filters = filtered.filters(user: key, query: query)
+                func count(_ sql: String, _ built: ArchiveSQL) async throws -> Int {
+                    for try await total in try await connection.query(Self.statement(sql, built), logger: logger).decode(Int64.self) { return Int(total) }
+                    return 0
+                }
+                let total = try await count("SELECT COUNT(*) FROM archive WHERE \(filters)", filtered)
+                var page = filtered
+                var bounds = ""
+                if let afterRow { bounds += " AND id > \(page.bind(.integer(afterRow)))" }
+                if let beforeRow { bounds += " AND id < \(page.bind(.integer(beforeRow)))" }
+                let limit = max(0, query.limit)
+                let sql = """
+                    SELECT id, stanza_id, with_jid, stamp, stanza FROM archive WHERE \(filters)\(bounds)
+                    ORDER BY id \(query.backwards ? "DESC" : "ASC") LIMIT \(page.bind(.integer(Int64(limit + 1))))
+                    """
+                var rows: [(Int64, ArchivedMessage)] = []
+                for try await (id, stanzaID, with, stamp, stanza) in try await connection.query(Self.statement(sql, page), logger: logger)
+                    .decode((Int64, String, String, Int64, String).self) {
+                    rows.append((id, ArchivedMessage(id: stanzaID, with: with, stamp: stamp, stanza: stanza)))
+                }
+                let complete = rows.count <= limit
+                var kept = Array(rows.prefix(limit))
+                if query.backwards { kept.reverse() }
+                var firstIndex = 0
+                if let first = kept.first?.0 {
+                    var before = filtered
+                    let clause = "\(filters) AND id < \(before.bind(.integer(first)))"
+                    firstIndex = try await count("SELECT COUNT(*) FROM archive WHERE \(clause)", before)
+                }
+                return ArchivePage(messages: kept.map(\.1), complete: complete, count: total, firstIndex: firstIndex)
+            }
+        }
+    }
+
+    private static func statement(_ sql: String, _ built: ArchiveSQL) -> PostgresQuery {
+        var bindings = PostgresBindings()
+        for parameter in built.parameters {
+            switch parameter {
+            case .text(let text): bindings.append(text)
+            case .integer(let number): bindings.append(number)
+            }
+        }
+        return PostgresQuery(unsafeSQL: sql, binds: bindings)
+    }
+
     // MARK: Helpers
 
     /// Runs one operation after ``prepare()``, turning the driver's errors into

@@ -99,6 +99,11 @@ public final class SQLiteStorage: Storage {
                 try db.execute(sql: statement)
             }
         }
+        migrator.registerMigration("v4") { db in
+            for statement in ArchiveSQL.schemaV4 {
+                try db.execute(sql: statement)
+            }
+        }
         let before = try pool.read { db in try migrator.appliedIdentifiers(db) }
         // A file written by a newer Braid has migrations this one does not know; running
         // on it could corrupt data it does not understand.
@@ -470,6 +475,68 @@ public final class SQLiteStorage: Storage {
     private static func storedEntry(_ row: Row) throws -> StoredEntry {
         StoredEntry(key: try column(row, "entry_key", in: "account_store"), value: try column(row, "value", in: "account_store"),
                     seq: try column(row, "seq", in: "account_store"), updatedAt: try column(row, "updated_at", in: "account_store"))
+    }
+
+    // MARK: Message archive
+
+    public func archive(_ message: ArchivedMessage, for user: JID, expireBefore: Int64?) async throws {
+        let key = try Self.accountKey(user)
+        try await pool.write { db in
+            guard try Row.fetchOne(db, sql: SQL.userExists, arguments: [key]) != nil else { throw StorageError.userNotFound }
+            try db.execute(sql: "INSERT INTO archive (user_jid, stanza_id, with_jid, stamp, stanza) VALUES (?, ?, ?, ?, ?)",
+                           arguments: [key, message.id, message.with, message.stamp, message.stanza])
+            if let expireBefore {
+                try db.execute(sql: "DELETE FROM archive WHERE user_jid = ? AND stamp < ?", arguments: [key, expireBefore])
+            }
+        }
+    }
+
+    public func archivedMessages(_ query: ArchiveQuery, for user: JID) async throws -> ArchivePage {
+        let key = try Self.accountKey(user)
+        return try await pool.read { db in
+            func rowID(_ stanzaID: String) throws -> Int64 {
+                guard let row = try Row.fetchOne(db, sql: "SELECT id FROM archive WHERE user_jid = ? AND stanza_id = ?", arguments: [key, stanzaID]) else {
+                    throw StorageError.itemNotFound
+                }
+                return try Self.column(row, atIndex: 0, in: "archive")
+            }
+            let afterRow = try query.after.map(rowID)
+            let beforeRow = try query.before.map(rowID)
+            var filtered = ArchiveSQL(style: .question)
+            let filters = filtered.filters(user: key, query: query)
+            let count = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM archive WHERE \(filters)", arguments: Self.arguments(filtered)) ?? 0
+            var page = filtered
+            var bounds = ""
+            if let afterRow { bounds += " AND id > \(page.bind(.integer(afterRow)))" }
+            if let beforeRow { bounds += " AND id < \(page.bind(.integer(beforeRow)))" }
+            let limit = max(0, query.limit)
+            let rows = try Row.fetchAll(db, sql: """
+                SELECT id, stanza_id, with_jid, stamp, stanza FROM archive WHERE \(filters)\(bounds)
+                ORDER BY id \(query.backwards ? "DESC" : "ASC") LIMIT \(page.bind(.integer(Int64(limit + 1))))
+                """, arguments: Self.arguments(page))
+            var kept: [(Int64, ArchivedMessage)] = try rows.prefix(limit).map { row in
+                (try Self.column(row, "id", in: "archive"),
+                 ArchivedMessage(id: try Self.column(row, "stanza_id", in: "archive"), with: try Self.column(row, "with_jid", in: "archive"),
+                                 stamp: try Self.column(row, "stamp", in: "archive"), stanza: try Self.column(row, "stanza", in: "archive")))
+            }
+            if query.backwards { kept.reverse() }
+            var firstIndex = 0
+            if let first = kept.first?.0 {
+                var before = filtered
+                let clause = "\(filters) AND id < \(before.bind(.integer(first)))"
+                firstIndex = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM archive WHERE \(clause)", arguments: Self.arguments(before)) ?? 0
+            }
+            return ArchivePage(messages: kept.map(\.1), complete: rows.count <= limit, count: count, firstIndex: firstIndex)
+        }
+    }
+
+    private static func arguments(_ sql: ArchiveSQL) -> StatementArguments {
+        StatementArguments(sql.parameters.map { parameter -> any DatabaseValueConvertible in
+            switch parameter {
+            case .text(let text): text
+            case .integer(let number): number
+            }
+        })
     }
 
     // MARK: Keys

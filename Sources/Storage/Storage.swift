@@ -138,6 +138,17 @@ public protocol Storage: Sendable {
     @discardableResult
     func removeStore(_ store: String, of user: JID) async throws -> Int
 
+    // MARK: Message archive (XEP-0313)
+
+    /// Appends a message to `user`'s archive. Throws ``StorageError/userNotFound`` if the
+    /// account does not exist. With `expireBefore` (milliseconds since 1970), also removes the account's entries
+    /// older than that, in the same transaction (retention).
+    func archive(_ message: ArchivedMessage, for user: JID, expireBefore: Int64?) async throws
+
+    /// One page of `user`'s archive (see ``ArchiveQuery``). Throws
+    /// ``StorageError/itemNotFound`` when an `after`/`before` id is not in the archive.
+    func archivedMessages(_ query: ArchiveQuery, for user: JID) async throws -> ArchivePage
+
     // MARK: Life cycle
 
     /// Connects and brings the schema up to date, if the backend has not yet (a server
@@ -211,6 +222,75 @@ public enum StorageKeys {
     /// A hosted domain name, canonical (U-label, lower case).
     public static func domain(_ name: String) throws -> String {
         try JID(domain: name).domainpart
+    }
+}
+
+/// One archived message (XEP-0313).
+public struct ArchivedMessage: Sendable, Hashable {
+    /// The archive's id for it (XEP-0359 `stanza-id`), unique within the archive.
+    public var id: String
+    /// The other party's bare JID (the sender for messages received, the recipient for sent).
+    public var with: String
+    /// Milliseconds since 1970, when it was archived.
+    public var stamp: Int64
+    /// The message as archived.
+    public var stanza: String
+
+    public init(id: String, with: String, stamp: Int64, stanza: String) {
+        self.id = id
+        self.with = with
+        self.stamp = stamp
+        self.stanza = stanza
+    }
+}
+
+/// A question to an archive: filters (XEP-0313 §4.1.1 and `#extended`), and a page
+/// (XEP-0059): after or before an id (an empty `before` is the last page), at most `limit`.
+public struct ArchiveQuery: Sendable, Hashable {
+    public var with: String?
+    public var start: Int64?
+    public var end: Int64?
+    /// Entries after this id (RSM `after`, or the form's `after-id`).
+    public var after: String?
+    /// Entries before this id (RSM `before`, or the form's `before-id`).
+    public var before: String?
+    /// The last page (RSM `<before/>` without an id).
+    public var lastPage = false
+    /// Only these ids (the form's `ids`).
+    public var ids: [String]?
+    public var limit: Int
+
+    public init(with: String? = nil, start: Int64? = nil, end: Int64? = nil, after: String? = nil, before: String? = nil,
+                lastPage: Bool = false, ids: [String]? = nil, limit: Int) {
+        self.with = with
+        self.start = start
+        self.end = end
+        self.after = after
+        self.before = before
+        self.lastPage = lastPage
+        self.ids = ids
+        self.limit = limit
+    }
+
+    /// Paging backwards: the page is the newest `limit` before its bound.
+    public var backwards: Bool { before != nil || lastPage }
+}
+
+/// A page of an archive, oldest first.
+public struct ArchivePage: Sendable, Hashable {
+    public var messages: [ArchivedMessage]
+    /// No more entries lie beyond the page in the direction of paging.
+    public var complete: Bool
+    /// Entries matching the filters, all pages together.
+    public var count: Int
+    /// The position of the page's first entry among them (RSM `index`).
+    public var firstIndex: Int
+
+    public init(messages: [ArchivedMessage], complete: Bool, count: Int, firstIndex: Int) {
+        self.messages = messages
+        self.complete = complete
+        self.count = count
+        self.firstIndex = firstIndex
     }
 }
 
@@ -350,4 +430,6 @@ public enum StorageError: Error, Sendable, Hashable {
     case unknownDomain
     /// The JID given where a bare account JID is expected has a resource or no localpart.
     case notAnAccount
+    /// An id named in a query (an archive page's `after` or `before`) is not there.
+    case itemNotFound
 }

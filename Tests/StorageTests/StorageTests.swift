@@ -122,7 +122,7 @@ struct SQLiteStorageOpeningTests {
                 let storage = try openStorage(path)
                 #expect(try await storage.executeRawSQLForTesting("INSERT INTO grdb_migrations (identifier) VALUES ('v99')") == 1)
             }
-            #expect(throws: SQLiteStorageError.schemaTooNew(applied: ["v1", "v2", "v3", "v99"])) {
+            #expect(throws: SQLiteStorageError.schemaTooNew(applied: ["v1", "v2", "v3", "v4", "v99"])) {
                 try openStorage(path)
             }
         }
@@ -856,6 +856,88 @@ struct AccountStoreTests {
 }
 }
 
+// MARK: Message archive
+
+extension StorageBehaviourTests {
+@Suite("message archive")
+struct ArchiveTests {
+    /// alice's archive: m0…m9, one second apart, with bob (even) and carol (odd).
+    static func filled(_ storage: any Storage) async throws -> JID {
+        let alice = try JID("alice@example.com")
+        try await storage.createUser(alice, credentials: credentials(1))
+        for index in 0..<10 {
+            try await storage.archive(ArchivedMessage(id: "m\(index)", with: index % 2 == 0 ? "bob@example.org" : "carol@example.org",
+                                                      stamp: 1_000_000 + Int64(index) * 1000, stanza: "<message>\(index)</message>"), for: alice, expireBefore: nil)
+        }
+        return alice
+    }
+
+    @Test("Pages forwards and backwards (XEP-0059), with count, index and completeness; the last page; unknown ids", arguments: Backend.allCases)
+    func paging(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
+            let alice = try await Self.filled(storage)
+            let first = try await storage.archivedMessages(ArchiveQuery(limit: 4), for: alice)
+            #expect(first.messages.map(\.id) == ["m0", "m1", "m2", "m3"] && !first.complete && first.count == 10 && first.firstIndex == 0)
+            let second = try await storage.archivedMessages(ArchiveQuery(after: "m3", limit: 4), for: alice)
+            #expect(second.messages.map(\.id) == ["m4", "m5", "m6", "m7"] && !second.complete && second.firstIndex == 4)
+            let third = try await storage.archivedMessages(ArchiveQuery(after: "m7", limit: 4), for: alice)
+            #expect(third.messages.map(\.id) == ["m8", "m9"] && third.complete && third.firstIndex == 8)
+            let last = try await storage.archivedMessages(ArchiveQuery(lastPage: true, limit: 3), for: alice)
+            #expect(last.messages.map(\.id) == ["m7", "m8", "m9"] && !last.complete && last.firstIndex == 7)
+            let earlier = try await storage.archivedMessages(ArchiveQuery(before: "m7", limit: 3), for: alice)
+            #expect(earlier.messages.map(\.id) == ["m4", "m5", "m6"] && !earlier.complete)
+            let earliest = try await storage.archivedMessages(ArchiveQuery(before: "m2", limit: 3), for: alice)
+            #expect(earliest.messages.map(\.id) == ["m0", "m1"] && earliest.complete && earliest.firstIndex == 0)
+            let between = try await storage.archivedMessages(ArchiveQuery(after: "m2", before: "m6", limit: 10), for: alice)
+            #expect(between.messages.map(\.id) == ["m3", "m4", "m5"])
+            let empty = try await storage.archivedMessages(ArchiveQuery(after: "m9", limit: 5), for: alice)
+            #expect(empty.messages.isEmpty && empty.complete && empty.count == 10)
+            let none = try await storage.archivedMessages(ArchiveQuery(limit: 0), for: alice)
+            #expect(none.messages.isEmpty && !none.complete && none.count == 10, "max 0 asks for the count alone")
+            await #expect(throws: StorageError.itemNotFound) { _ = try await storage.archivedMessages(ArchiveQuery(after: "nope", limit: 5), for: alice) }
+            await #expect(throws: StorageError.itemNotFound) { _ = try await storage.archivedMessages(ArchiveQuery(before: "nope", limit: 5), for: alice) }
+            // Another account's ids are not this one's.
+            let bob = try JID("bob@example.com")
+            try await storage.createUser(bob, credentials: credentials(2))
+            await #expect(throws: StorageError.itemNotFound) { _ = try await storage.archivedMessages(ArchiveQuery(after: "m1", limit: 5), for: bob) }
+        }
+    }
+
+    @Test("Filters: with, start, end, ids; the count and index follow the filters", arguments: Backend.allCases)
+    func filters(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
+            let alice = try await Self.filled(storage)
+            let bob = try await storage.archivedMessages(ArchiveQuery(with: "bob@example.org", limit: 2), for: alice)
+            #expect(bob.messages.map(\.id) == ["m0", "m2"] && bob.count == 5 && !bob.complete)
+            let bobNext = try await storage.archivedMessages(ArchiveQuery(with: "bob@example.org", after: "m2", limit: 2), for: alice)
+            #expect(bobNext.messages.map(\.id) == ["m4", "m6"] && bobNext.firstIndex == 2)
+            let window = try await storage.archivedMessages(ArchiveQuery(start: 1_003_000, end: 1_005_000, limit: 10), for: alice)
+            #expect(window.messages.map(\.id) == ["m3", "m4", "m5"] && window.complete && window.count == 3)
+            let picked = try await storage.archivedMessages(ArchiveQuery(ids: ["m8", "m1", "zz"], limit: 10), for: alice)
+            #expect(picked.messages.map(\.id) == ["m1", "m8"] && picked.count == 2)
+            #expect(try await storage.archivedMessages(ArchiveQuery(ids: [], limit: 10), for: alice).messages.isEmpty)
+            #expect(try await storage.archivedMessages(ArchiveQuery(with: "dave@example.org", limit: 10), for: alice).count == 0)
+        }
+    }
+
+    @Test("Retention removes older entries as new ones come; the account's removal takes its archive; unknown accounts", arguments: Backend.allCases)
+    func retentionAndRemoval(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
+            let alice = try await Self.filled(storage)
+            try await storage.archive(ArchivedMessage(id: "new", with: "bob@example.org", stamp: 2_000_000, stanza: "<message/>"), for: alice, expireBefore: 1_005_000)
+            let kept = try await storage.archivedMessages(ArchiveQuery(limit: 20), for: alice)
+            #expect(kept.messages.map(\.id) == ["m5", "m6", "m7", "m8", "m9", "new"])
+            await #expect(throws: StorageError.userNotFound) {
+                try await storage.archive(ArchivedMessage(id: "x", with: "b@example.org", stamp: 1, stanza: "<message/>"), for: try JID("nobody@example.com"), expireBefore: nil)
+            }
+            #expect(try await storage.removeUser(alice))
+            try await storage.createUser(alice, credentials: credentials(1))
+            #expect(try await storage.archivedMessages(ArchiveQuery(limit: 20), for: alice).count == 0)
+        }
+    }
+}
+}
+
 // MARK: Durability
 
 @Suite("SQLiteStorage: durability")
@@ -1080,12 +1162,13 @@ struct StorageMigrationTests {
                 #expect(try await source.storeOfflineMessage(for: alice, stanza: "<message>\(index)</message>", limit: 10))
             }
             try await source.putStoreEntry("pep", of: alice, key: "urn:xmpp:avatar:data", value: "{}", keepLast: nil)
+            try await source.archive(ArchivedMessage(id: "a1", with: "bob@example.org", stamp: 1000, stanza: "<message/>"), for: alice, expireBefore: nil)
             try await source.putStoreEntry("private", of: anna, key: "storage:bookmarks", value: "<storage xmlns='storage:bookmarks'/>", keepLast: nil)
 
             try await StorageLocation.with(.postgresql) { postgresLocation in
                 let target = try #require(try await postgresLocation.open() as? PostgresStorage)
                 let counts = try await StorageMigration.copy(from: source, to: target, logger: StorageLocation.quietLogger())
-                #expect(counts.map(\.table) == ["domains", "users", "roster_items", "subscription_requests", "offline_messages", "muc_rooms", "account_store"])
+                #expect(counts.map(\.table) == ["domains", "users", "roster_items", "subscription_requests", "offline_messages", "muc_rooms", "archive", "account_store"])
                 #expect(counts.allSatisfy { $0.source == $0.copied && $0.target == $0.source })
                 #expect(counts.first { $0.table == "offline_messages" }?.source == 3)
 
@@ -1097,6 +1180,7 @@ struct StorageMigrationTests {
                 #expect(try await target.subscriptionRequests(of: anna).map(\.stanza) == ["<presence type='subscribe'/>"])
                 #expect(try await target.storeEntries("private", of: anna) == (try await source.storeEntries("private", of: anna)))
                 #expect(try await target.storeEntry("pep", of: alice, key: "urn:xmpp:avatar:data")?.value == "{}")
+                #expect(try await target.archivedMessages(ArchiveQuery(limit: 10), for: alice).messages.map(\.id) == ["a1"])
 
                 // Again: nothing new, nothing doubled.
                 let again = try await StorageMigration.copy(from: source, to: target, logger: StorageLocation.quietLogger())

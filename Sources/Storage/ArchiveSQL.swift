@@ -1,0 +1,67 @@
+/// The statements of an archive query, for both backends: the filters of ``ArchiveQuery``
+/// as one `WHERE` clause with its parameters, written once with a placeholder style per
+/// backend (`?` for SQLite, `$n` for PostgreSQL).
+struct ArchiveSQL {
+    enum Parameter: Sendable, Equatable {
+        case text(String)
+        case integer(Int64)
+    }
+
+    enum Placeholders {
+        case question, dollar
+    }
+
+    private(set) var parameters: [Parameter] = []
+    let style: Placeholders
+
+    init(style: Placeholders) {
+        self.style = style
+    }
+
+    /// A placeholder for a new parameter.
+    mutating func bind(_ parameter: Parameter) -> String {
+        parameters.append(parameter)
+        return style == .question ? "?" : "$\(parameters.count)"
+    }
+
+    /// The filters (not the page bounds): the account, `with`, the time range, the ids.
+    mutating func filters(user: String, query: ArchiveQuery) -> String {
+        var clauses = ["user_jid = \(bind(.text(user)))"]
+        if let with = query.with { clauses.append("with_jid = \(bind(.text(with)))") }
+        if let start = query.start { clauses.append("stamp >= \(bind(.integer(start)))") }
+        if let end = query.end { clauses.append("stamp <= \(bind(.integer(end)))") }
+        if let ids = query.ids {
+            // No ids asked: nothing matches (IN () is not SQL).
+            clauses.append(ids.isEmpty ? "1 = 0" : "stanza_id IN (\(ids.map { bind(.text($0)) }.joined(separator: ", ")))")
+        }
+        return clauses.joined(separator: " AND ")
+    }
+
+    /// Schema version "v4": the message archive (issue 14). Append-only; ordered by `id`;
+    /// indexed for an account's pages, by correspondent, by time, and by stanza id.
+    static let schemaV4: [String] = [
+        // PostgreSQL: id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY.
+        """
+        CREATE TABLE archive (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            user_jid TEXT NOT NULL REFERENCES users (jid) ON DELETE CASCADE,
+            stanza_id TEXT NOT NULL,
+            with_jid TEXT NOT NULL,
+            stamp BIGINT NOT NULL,
+            stanza TEXT NOT NULL
+        )
+        """,
+        "CREATE UNIQUE INDEX archive_by_stanza_id ON archive (user_jid, stanza_id)",
+        "CREATE INDEX archive_by_user ON archive (user_jid, id)",
+        "CREATE INDEX archive_by_with ON archive (user_jid, with_jid, id)",
+        "CREATE INDEX archive_by_stamp ON archive (user_jid, stamp)",
+    ]
+}
+
+extension Optional {
+    /// `map` with an async transform.
+    func asyncMap<Result>(_ transform: (Wrapped) async throws -> Result) async rethrows -> Result? {
+        guard let value = self else { return nil }
+        return try await transform(value)
+    }
+}
