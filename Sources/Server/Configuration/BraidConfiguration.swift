@@ -38,6 +38,7 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
     /// Group chat (XEP-0045) limits.
     public var muc = MUCSettings()
     public var pep = PEPSettings()
+    public var mam = MAMSettings()
 
     public init() {}
 
@@ -47,7 +48,7 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
         case logLevel = "log_level"
         case c2s, auth, tls, offline
         case streamManagement = "stream_management"
-        case s2s, dns, admin, services, storage, muc, pep
+        case s2s, dns, admin, services, storage, muc, pep, mam
     }
 
     /// Limits of the group-chat service (`muc`); beyond them, the XEP's errors.
@@ -109,6 +110,30 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
             case capsCacheSize = "caps_cache_size"
             case capsQueryTimeoutSeconds = "caps_query_timeout_seconds"
             case maxInterestedResources = "max_interested_resources"
+        }
+    }
+
+    /// The message archive (`mam`, XEP-0313).
+    public struct MAMSettings: Codable, Sendable, Equatable {
+        /// Days a message is kept; 0 keeps it for good.
+        public var retentionDays = 0
+        /// Per hosted domain, in place of `retention_days` (customer.example: 30).
+        public var domainRetentionDays: [String: Int] = [:]
+        /// Messages in one page when the client does not say (RSM `max`) …
+        public var defaultPageSize = 50
+        /// … and at most, whatever it says.
+        public var maxPageSize = 250
+        /// What an account without preferences archives: always, never or roster.
+        public var defaultPreference = "always"
+
+        public init() {}
+
+        enum CodingKeys: String, CodingKey {
+            case retentionDays = "retention_days"
+            case domainRetentionDays = "domain_retention_days"
+            case defaultPageSize = "default_page_size"
+            case maxPageSize = "max_page_size"
+            case defaultPreference = "default_preference"
         }
     }
 
@@ -341,6 +366,7 @@ extension BraidConfiguration {
         "s2s.peers": FederationConfiguration.PeerSettings.configurationKeys,
         "s2s.posh_connect_overrides": nil,
         "services": ServiceSettings.configurationKeys,
+        "mam.domain_retention_days": nil,
     ]
 
     /// Rejects keys the defaults do not have. Lists (like `tls.certificates`) are checked by

@@ -54,6 +54,9 @@ public enum StanzaDisposition: Sendable, Equatable {
     case handled
     /// Not this handler's: the next one (by priority), then the built-in delivery, gets it.
     case pass
+    /// Changed: the next handlers and the built-in delivery get this stanza instead (the
+    /// archive stamps its `stanza-id` on a message it keeps).
+    case replace(Stanza)
 }
 
 /// A stanza for a local account (bare or full JID), offered to modules before the built-in
@@ -253,11 +256,13 @@ public struct ModuleBuilder {
 
     /// Offers message or presence stanzas for local accounts to `handler` before the built-in
     /// delivery: those with a child element in `namespace` (nil: every one), highest priority
-    /// first. The first that answers ``StanzaDisposition/handled`` wins. One handler per
-    /// (kind, namespace); IQs go to ``onAccountIQ(_:_:)`` instead.
+    /// first. The first that answers ``StanzaDisposition/handled`` wins; one that answers
+    /// `.replace` hands the next ones its version. One handler per (kind, namespace) that
+    /// claims a namespace; those for every stanza (nil) are observers or stampers and may be
+    /// several (the archive, PEP's presence watch). IQs go to ``onAccountIQ(_:_:)`` instead.
     public mutating func onStanza(_ kind: StanzaKind, namespace: String?, priority: Int = 0, _ handler: @escaping StanzaHandler) {
         precondition(kind != .iq, "IQs are dispatched by namespace: use onAccountIQ or onServerIQ (\(current))")
-        if let existing = stanzaHandlers[kind]?.first(where: { $0.namespace == namespace }) {
+        if namespace != nil, let existing = stanzaHandlers[kind]?.first(where: { $0.namespace == namespace }) {
             preconditionFailure("\(kind.rawValue) handler for \(namespace ?? "every stanza") registered by \(existing.module) and \(current)")
         }
         stanzaHandlers[kind, default: []].append(Prioritized(module: current, namespace: namespace, priority: priority, handler: handler))
@@ -388,20 +393,32 @@ public final class ModuleDispatcher: Sendable {
         return items
     }
 
-    /// A client's stanza, to the modules that asked; true when one handled it.
-    func offerClientStanza(_ stanza: Stanza, to target: JID?, session: ClientSession, router: Router) async -> Bool {
-        guard !clientStanzaHandlers.isEmpty else { return false }
-        let offered = ClientStanza(stanza: stanza, to: target, session: session, router: router)
-        for handler in clientStanzaHandlers where await handler(offered) == .handled { return true }
-        return false
+    /// A client's stanza, to the modules that asked: nil when one handled it, else the
+    /// stanza as they left it.
+    func offerClientStanza(_ stanza: Stanza, to target: JID?, session: ClientSession, router: Router) async -> Stanza? {
+        var current = stanza
+        for handler in clientStanzaHandlers {
+            switch await handler(ClientStanza(stanza: current, to: target, session: session, router: router)) {
+            case .handled: return nil
+            case .pass: continue
+            case .replace(let replaced): current = replaced
+            }
+        }
+        return current
     }
 
-    /// A stanza about to be delivered or forwarded, to the filters; true when one handled it.
-    func filterRouted(_ stanza: Stanza, to target: JID, router: Router) async -> Bool {
-        guard !routeFilters.isEmpty else { return false }
-        let routed = RoutedStanza(stanza: stanza, from: try? stanza.from(), to: target, router: router)
-        for filter in routeFilters where await filter(routed) == .handled { return true }
-        return false
+    /// A stanza about to be delivered or forwarded, to the filters: nil when one handled it,
+    /// else the stanza as they left it.
+    func filterRouted(_ stanza: Stanza, to target: JID, router: Router) async -> Stanza? {
+        var current = stanza
+        for filter in routeFilters {
+            switch await filter(RoutedStanza(stanza: current, from: try? current.from(), to: target, router: router)) {
+            case .handled: return nil
+            case .pass: continue
+            case .replace(let replaced): current = replaced
+            }
+        }
+        return current
     }
 
     /// The modules' last words (`onShutdown`), in registration order.
@@ -427,16 +444,20 @@ public final class ModuleDispatcher: Sendable {
         return await handler(IQRequest(iq: iq, payload: payload, target: account, requester: requester, session: session, router: router))
     }
 
-    /// Offers a message or presence for a local account to the modules; true when one
-    /// handled it.
-    func offer(_ stanza: Stanza, to target: JID, router: Router) async -> Bool {
-        guard let handlers = stanzaHandlers[stanza.kind], !handlers.isEmpty else { return false }
-        let local = LocalStanza(stanza: stanza, to: target, router: router)
+    /// Offers a message or presence for a local account to the modules: nil when one
+    /// handled it, else the stanza as they left it, for the built-in delivery.
+    func offer(_ stanza: Stanza, to target: JID, router: Router) async -> Stanza? {
+        guard let handlers = stanzaHandlers[stanza.kind], !handlers.isEmpty else { return stanza }
+        var current = stanza
         for entry in handlers {
-            if let namespace = entry.namespace, stanza.element.firstChild(namespace: namespace) == nil { continue }
-            if await entry.handler(local) == .handled { return true }
+            if let namespace = entry.namespace, current.element.firstChild(namespace: namespace) == nil { continue }
+            switch await entry.handler(LocalStanza(stanza: current, to: target, router: router)) {
+            case .handled: return nil
+            case .pass: continue
+            case .replace(let replaced): current = replaced
+            }
         }
-        return false
+        return current
     }
 
     func messageSent(_ message: Message, session: ClientSession, router: Router) async {

@@ -38,16 +38,16 @@ public final class Router: SessionOwner {
         guard let stanza = Stanza(element) else { return }
         // RFC 6120 §8.1.2.1: the server stamps `from` with the sender's full JID, whatever
         // the client put there.
-        let stamped = stanza.stamped(from: session.jid)
+        let sent = stanza.stamped(from: session.jid)
         let target: JID?
         do {
-            target = try stamped.to()
+            target = try sent.to()
         } catch {
             // RFC 7622 §4: a malformed address in a stanza gets a stanza error.
-            await deliverError(to: session, replyingTo: stamped, StanzaError(.jidMalformed))
+            await deliverError(to: session, replyingTo: sent, StanzaError(.jidMalformed))
             return
         }
-        if await modules.offerClientStanza(stamped, to: target, session: session, router: self) { return }
+        guard let stamped = await modules.offerClientStanza(sent, to: target, session: session, router: self) else { return }
         switch stamped.kind {
         case .presence:
             await presence.outbound(stamped, to: target, from: session, router: self)
@@ -79,7 +79,7 @@ public final class Router: SessionOwner {
             logger.debug("dropping stanza without 'to'", metadata: ["kind": "\(stanza.kind.rawValue)"])
             return
         }
-        if await modules.filterRouted(stanza, to: target, router: self) { return }
+        guard let stanza = await modules.filterRouted(stanza, to: target, router: self) else { return }
         switch server.domains.served(target.domainpart) {
         case .hosted:
             await deliverLocally(stanza, to: target)
@@ -114,9 +114,12 @@ public final class Router: SessionOwner {
             await handleDomainStanza(stanza, domain: target.domain)
             return
         }
-        // Modules see messages and presence for accounts first (by payload namespace).
-        if stanza.kind != .iq, await modules.offer(stanza, to: target, router: self) {
-            return
+        // Modules see messages and presence for accounts first (by payload namespace), and
+        // may change them (the archive's stanza-id).
+        var stanza = stanza
+        if stanza.kind != .iq {
+            guard let offered = await modules.offer(stanza, to: target, router: self) else { return }
+            stanza = offered
         }
         switch stanza.kind {
         case .message:
