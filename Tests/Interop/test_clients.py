@@ -789,6 +789,60 @@ async def muc_room_with_slixmpp(ctx):
         assert [message["body"] for message in history] == ["welcome"], f"history: {[str(m) for m in history]}"
 
 
+# -- history on every device: the message archive (XEP-0313) ----------------------------------
+
+@test(timeout=60)
+async def mam_second_device_pages_history_with_slixmpp(ctx):
+    """Issue 14: slixmpp's XEP-0313 plugin on a second device pages through what the first
+    device received, forwards and backwards, and every message carries the stanza-id
+    (XEP-0359) the archive gave it."""
+    alice_jid = new_account(ctx.server, DOMAIN_A, "mamalice")
+    bob_jid = new_account(ctx.server, DOMAIN_B, "mambob")
+    bodies = [f"history {index} — ✓" for index in range(7)]
+    async with Clients(ctx.server) as clients:
+        alice = await clients.login(alice_jid)
+        phone = await clients.login(bob_jid)
+        for body in bodies:
+            alice.send_message(mto=bob_jid, mbody=body, mtype="chat")
+        delivered = []
+        for body in bodies:
+            message = await next_item(phone.messages, f"{body!r} on the phone")
+            assert message["body"] == body, f"phone got {message['body']!r}"
+            stanza_id = message.xml.find("{urn:xmpp:sid:0}stanza-id")
+            assert stanza_id is not None and stanza_id.get("by") == bob_jid, f"no stanza-id by {bob_jid}: {message}"
+            delivered.append(stanza_id.get("id"))
+
+        laptop = await login(ctx.server, bob_jid + "/laptop")
+        clients.clients.append(laptop)
+        laptop.register_plugin("xep_0313")
+        forwards = []
+        async for message in laptop["xep_0313"].iterate(with_jid=JID(alice_jid), rsm={"max": 3}):
+            forwards.append(message)
+        got = [m["mam_result"]["forwarded"]["stanza"]["body"] for m in forwards]
+        assert got == bodies, f"forwards: {got}"
+        assert [m["mam_result"]["id"] for m in forwards] == delivered, "the archive's ids are the delivered stanza-ids"
+        stamps = [m["mam_result"]["forwarded"]["delay"]["stamp"] for m in forwards]
+        assert all(stamp is not None for stamp in stamps) and stamps == sorted(stamps), f"delay stamps {stamps}"
+        # Backwards, page by page, from before the newest message (slixmpp's own reverse
+        # iterator stops after one page: it takes first index + page size == count as the end,
+        # which holds for the newest page; and it sends <before>True</before> for "the last
+        # page", so that case is left to the Swift tests).
+        backwards = []
+        anchor = delivered[-1]
+        while True:
+            page = await laptop["xep_0313"].retrieve(rsm={"max": 2, "before": anchor}, timeout=WAIT)
+            got = [m["mam_result"]["forwarded"]["stanza"]["body"] for m in page["mam"]["results"]]
+            backwards = got + backwards
+            if page["mam_fin"]["complete"] or not got:
+                break
+            anchor = page["mam_fin"]["rsm"]["first"]
+        assert backwards == bodies[:-1], f"backwards: {backwards}"
+        # alice's archive has what she sent.
+        alice.register_plugin("xep_0313")
+        sent = [m["mam_result"]["forwarded"]["stanza"]["body"] async for m in alice["xep_0313"].iterate(rsm={"max": 10})]
+        assert sent == bodies, f"alice's archive: {sent}"
+
+
 # -- group chat: moderation, destruction, persistence, invitations --------------------------
 
 MUC_USER = "http://jabber.org/protocol/muc#user"
