@@ -374,4 +374,29 @@ struct PEPTests {
             await watcher.close()
         }
     }
+
+    @Test("XEP-0163 §4.3.4: a contact whose subscription is approved while it is online gets the last items it wants at once")
+    func newSubscriberGetsLastItem() async throws {
+        try await withServer { server in
+            // alice already follows bob's presence (so she knows his capabilities); bob asks
+            // for hers later.
+            try await server.context.storage.putRosterItem(RosterItem(jid: try JID("bob@b.example"), subscription: .to), of: try JID("alice@a.example"))
+            try await server.context.storage.putRosterItem(RosterItem(jid: try JID("alice@a.example"), subscription: .from), of: try JID("bob@b.example"))
+            let (alice, _) = try await server.loggedIn("alice@a.example")
+            try await alice.sendPresence()
+            #expect(try await alice.iq(.set, payload: Self.publish(node: Self.avatar, id: "pic", payload: XMLElement(name: "metadata", namespace: Self.avatar))).attribute("type") == "result")
+            let (bob, bobJID) = try await server.loggedIn("bob@b.example")
+            let bobCaps = Capabilities(name: "bob, avatar-minded", notify: [Self.avatar])
+            try await available(bob, bobCaps)
+            try await answerCapsQuery(bob, bobCaps)
+            _ = try await alice.waitFor { $0.name == "presence" && $0.attribute("from") == bobJID.description }
+            try await bob.sendPresence(type: "subscribe", to: "alice@a.example")
+            _ = try await alice.waitFor { $0.name == "presence" && $0.attribute("type") == "subscribe" }
+            try await alice.sendPresence(type: "subscribed", to: "bob@b.example")
+            let last = try await bob.waitFor { Self.event($0)?.firstChild(name: "items", namespace: PubSubNamespace.event)?.attribute("node") == Self.avatar }
+            #expect(last.attribute("from") == "alice@a.example")
+            await alice.close()
+            await bob.close()
+        }
+    }
 }

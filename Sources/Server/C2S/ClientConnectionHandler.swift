@@ -416,6 +416,16 @@ final class ClientConnectionHandler: ChannelInboundHandler {
             }
             return
         }
+        if element.namespace == XMLNamespace.clientState {
+            // XEP-0352: <active/> and <inactive/> (anything else in the namespace is ignored,
+            // never a stream error: clients send these without always checking the feature).
+            switch element.name {
+            case "inactive": session.setInactive(true)
+            case "active": session.setInactive(false)
+            default: break
+            }
+            return
+        }
         guard Stanza(element) != nil else {
             // RFC 6120 §4.8.4: a first-level element that is not a stanza is never routed.
             failStream(StreamError(.unsupportedStanzaType), reason: "unexpected <\(element.name)> in \(element.namespace)")

@@ -124,6 +124,8 @@ final class RosterService: Sendable {
             } else if let version = try await self.server.storage.removeRosterItem(of: account, contact: contact) {
                 await self.push(RosterItem(jid: contact), removed: true, version: version, account: account)
             }
+            let router = self.server.router
+            await router.modules.rosterChanged(account: account, contact: contact, before: existing, after: updated, router: router)
             return result
         }
     }

@@ -20,6 +20,9 @@ public struct ServerMetrics: Sendable {
     /// Sessions whose connection dropped and that wait for resumption (XEP-0198).
     let smAwaitingResumption: Counter
     let startupSeconds: Meter
+    /// XEP-0352: stanzas held back for inactive clients, and sent later.
+    let csiHeld: Counter
+    let csiFlushed: Counter
 
     public init(registry: MetricsRegistry) {
         self.registry = registry
@@ -40,6 +43,8 @@ public struct ServerMetrics: Sendable {
         smResumed = Counter(label: "braid_sm_resumed_total", factory: registry)
         smAwaitingResumption = Counter(label: "braid_sm_awaiting_resumption_total", factory: registry)
         startupSeconds = Meter(label: "braid_startup_seconds", factory: registry)
+        csiHeld = Counter(label: "braid_csi_held_total", factory: registry)
+        csiFlushed = Counter(label: "braid_csi_flushed_total", factory: registry)
     }
 
     func authentication(mechanism: String, succeeded: Bool) {

@@ -1,3 +1,4 @@
+import Storage
 import XMPPCore
 
 /// A feature of the server, in Prosody's manner: one type that registers its handlers on a
@@ -104,6 +105,16 @@ public struct RoutedStanza: Sendable {
 
 public typealias RouteFilter = @Sendable (RoutedStanza) async -> StanzaDisposition
 
+/// A roster item that changed (RFC 6121 §3: a subscription granted or cancelled, an item
+/// added or removed), after it was stored and pushed.
+public struct RosterChange: Sendable {
+    public let account: JID
+    public let contact: JID
+    public let before: RosterItem?
+    public let after: RosterItem?
+    let router: Router
+}
+
 /// A message one of the account's clients sent, stamped, before it is routed.
 public struct SentMessage: Sendable {
     public let message: Message
@@ -193,6 +204,7 @@ public struct ModuleBuilder {
     private(set) var services: [String: Registered<ServiceRegistration>] = [:]
     private(set) var shutdownHandlers: [Registered<@Sendable (Router) async -> Void>] = []
     private(set) var clientStanzaHandlers: [Prioritized<ClientStanzaHandler>] = []
+    private(set) var rosterObservers: [Registered<@Sendable (RosterChange) async -> Void>] = []
     private(set) var routeFilters: [Prioritized<RouteFilter>] = []
     /// The operator's settings for services, by module name (`services.NAME`).
     private let serviceSettings: [String: BraidConfiguration.ServiceSettings]
@@ -295,6 +307,12 @@ public struct ModuleBuilder {
         routeFilters.append(Prioritized(module: current, namespace: nil, priority: priority, handler: filter))
     }
 
+    /// Called after a roster item changed by the subscription logic (PEP sends a new
+    /// subscriber the last items, XEP-0163 §4.3.4).
+    public mutating func onRosterChange(_ observer: @escaping @Sendable (RosterChange) async -> Void) {
+        rosterObservers.append(Registered(module: current, handler: observer))
+    }
+
     /// Called once when the server shuts down gracefully, after the listeners close and
     /// before the streams do: what a module still has to tell its users (a room's occupants
     /// learn of the shutdown) is routed while they are connected.
@@ -359,6 +377,7 @@ public final class ModuleDispatcher: Sendable {
     let services: [String: ServiceRegistration]
     private let shutdownHandlers: [@Sendable (Router) async -> Void]
     private let clientStanzaHandlers: [ClientStanzaHandler]
+    private let rosterObservers: [@Sendable (RosterChange) async -> Void]
     private let routeFilters: [RouteFilter]
 
     init(_ builder: ModuleBuilder) {
@@ -378,6 +397,7 @@ public final class ModuleDispatcher: Sendable {
         services = builder.services.mapValues(\.handler)
         shutdownHandlers = builder.shutdownHandlers.map(\.handler)
         clientStanzaHandlers = Self.byPriority(builder.clientStanzaHandlers)
+        rosterObservers = builder.rosterObservers.map(\.handler)
         routeFilters = Self.byPriority(builder.routeFilters)
     }
 
@@ -419,6 +439,12 @@ public final class ModuleDispatcher: Sendable {
             }
         }
         return current
+    }
+
+    func rosterChanged(account: JID, contact: JID, before: RosterItem?, after: RosterItem?, router: Router) async {
+        guard !rosterObservers.isEmpty else { return }
+        let change = RosterChange(account: account, contact: contact, before: before, after: after, router: router)
+        for observer in rosterObservers { await observer(change) }
     }
 
     /// The modules' last words (`onShutdown`), in registration order.

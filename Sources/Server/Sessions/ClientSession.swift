@@ -53,7 +53,15 @@ public final class ClientSession: Sendable {
         var resumeTimer: SessionClock.Timer?
         var ackRequestTimer: SessionClock.Timer?
         var readingPaused = false
+        /// XEP-0352: the client said it is inactive; what can wait is held back.
+        var inactive = false
+        /// Held while inactive, oldest first; one entry per key (a newer presence from the
+        /// same contact replaces the older one, which no longer matters).
+        var held: [(key: String, element: XMLElement)] = []
     }
+
+    /// The most stanzas held for an inactive client before they are sent anyway.
+    static let maxHeld = 500
 
     /// XEP-0198 bookkeeping.
     struct StreamManagementState {
@@ -130,7 +138,64 @@ public final class ClientSession: Sendable {
         }
     }
 
+    /// XEP-0352: the client becomes inactive (what can wait is held back) or active again
+    /// (everything held is sent at once).
+    public func setInactive(_ inactive: Bool) {
+        loop.execute {
+            self.state.value.inactive = inactive
+            if !inactive { self.flushHeld() }
+        }
+    }
+
+    /// What an inactive client does not need at once: presence updates (not subscriptions)
+    /// and messages that carry only a chat state. The key says what a newer one replaces.
+    static func holdKey(_ element: XMLElement) -> String? {
+        switch element.name {
+        case "presence":
+            let type = element.attribute("type")
+            guard type == nil || type == "unavailable" else { return nil }
+            return "presence " + (element.attribute("from") ?? "")
+        case "message":
+            guard element.firstChild(name: "body", namespace: element.namespace) == nil,
+                  element.children.contains(where: { node in
+                      if case .element(let child) = node { return child.namespace == "http://jabber.org/protocol/chatstates" }
+                      return false
+                  }),
+                  !element.children.contains(where: { node in
+                      if case .element(let child) = node { return child.namespace != "http://jabber.org/protocol/chatstates" && child.name != "thread" }
+                      return false
+                  }) else { return nil }
+            return "chatstate " + (element.attribute("from") ?? "")
+        default:
+            return nil
+        }
+    }
+
+    private func flushHeld() {
+        let held = state.value.held
+        guard !held.isEmpty else { return }
+        state.value.held = []
+        settings.metrics.csiFlushed.increment(by: Int64(held.count))
+        for entry in held { sendOnLoop(entry.element) }
+        state.value.connection?.flush()
+    }
+
     private func deliverOnLoop(_ element: XMLElement) {
+        if state.value.inactive, !state.value.ended {
+            if let key = Self.holdKey(element) {
+                state.value.held.removeAll { $0.key == key }
+                state.value.held.append((key, element))
+                settings.metrics.csiHeld.increment()
+                if state.value.held.count > Self.maxHeld { flushHeld() }
+                return
+            }
+            // Something that matters: what was held goes first, so the order stays.
+            flushHeld()
+        }
+        sendOnLoop(element)
+    }
+
+    private func sendOnLoop(_ element: XMLElement) {
         var current = state.value
         if current.ended {
             // Sent to a session that is gone: hand it back so it is stored or bounced.

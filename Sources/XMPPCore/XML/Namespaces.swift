@@ -32,6 +32,8 @@ public enum XMLNamespace {
     public static let bidiRequestsFeature = "urn:braid:features:bidi-requests:0"
     /// XEP-0198 stream management.
     public static let streamManagement = "urn:xmpp:sm:3"
+    /// XEP-0352 client state indication.
+    public static let clientState = "urn:xmpp:csi:0"
 
     /// True for the two namespaces stanzas live in. RFC 6120 §4.8.3 re-scopes stanzas
     /// between them when a server forwards from a client stream to a server stream.

@@ -327,6 +327,8 @@ public struct ClientNegotiation: Sendable {
             if configuration.streamManagement {
                 children.append(.element(XMLElement(name: "sm", namespace: XMLNamespace.streamManagement)))
             }
+            // XEP-0352 §2: client state indication.
+            children.append(.element(XMLElement(name: "csi", namespace: XMLNamespace.clientState)))
         }
         return XMLElement(name: "features", namespace: XMLNamespace.streams, children: children)
     }

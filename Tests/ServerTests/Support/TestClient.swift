@@ -15,6 +15,9 @@ final class TestClient: Sendable {
     private let events: EventQueue
     /// Elements read while waiting for something else, handed out first afterwards.
     private let backlog = Mutex<[XMLElement]>([])
+    /// The stream features offered after authentication, from the last `login`.
+    private let authenticatedFeatures = Mutex<XMLElement?>(nil)
+    var featuresAfterAuthentication: XMLElement? { authenticatedFeatures.withLock { $0 } }
     let port: Int
 
     enum ClientEvent: Sendable {
@@ -207,6 +210,8 @@ final class TestClient: Sendable {
         try await sendHeader(to: domain)
         features = try await nextElement()
         guard features.firstChild(name: "bind", namespace: XMLNamespace.bind) != nil else { throw Failure(description: "no bind offered: \(features)") }
+        let offered = features
+        authenticatedFeatures.withLock { $0 = offered }
         return try await bind(resource: options.resource)
     }
 

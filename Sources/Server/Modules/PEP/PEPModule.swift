@@ -61,6 +61,13 @@ struct PEPModule: BraidModule {
             }
             return .pass
         }
+        // XEP-0163 §4.3.4: a contact that just got a presence subscription gets the last
+        // items its resources want.
+        builder.onRosterChange { change in
+            let granted: (RosterItem?) -> Bool = { $0?.subscription == .from || $0?.subscription == .both }
+            guard granted(change.after), !granted(change.before) else { return }
+            service.subscriptionGranted(owner: change.account, contact: change.contact, router: change.router)
+        }
         // Answers to the service's own caps queries.
         builder.onRoute(priority: 100) { routed in
             service.takeAnswer(routed.stanza) ? .handled : .pass
@@ -127,6 +134,20 @@ final class PEPService: Sendable {
             }
         default:
             break
+        }
+    }
+
+    /// `contact` may now see `owner`'s presence-model nodes: its resources the service knows
+    /// get the last items they want.
+    func subscriptionGranted(owner: JID, contact: JID, router: Router) {
+        let resources = state.withLock { ($0.interested[owner.bare] ?? [:]).filter { $0.key.bare == contact.bare } }
+        for (resource, claim) in resources {
+            Task {
+                guard let features = await self.caps.resolve(claim, entity: resource, ask: { entity, node in
+                    await self.ask(entity, node: node, from: owner.bare, router: router)
+                }) else { return }
+                await self.sendLastItems(of: owner.bare, to: resource, features: features, router: router)
+            }
         }
     }
 
