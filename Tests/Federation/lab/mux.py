@@ -9,7 +9,9 @@ own, built after the classic one (lab.py's main() does it when Braid is in the l
            cposh1…3 (proven by POSH), cdane1…3 (DANE: secure SRV to danehost.test and a
            DANE-EE TLSA record there), cdb1…3 (dialback only), cbad1 (POSH with a wrong
            fingerprint until the posh-failure scenario fixes it)
-  prosody, prosody2, ejabberd, ejabberd2   5 domains each, for the classic comparisons
+  prosody, prosody2, ejabberd, ejabberd2   5 domains each, for the classic comparisons;
+           prosody and ejabberd also run a group chat service, conference.p1.test and
+           conference.e1.test (mux:muc-at-prosody, mux:muc-at-ejabberd)
   web      a small HTTPS server (this file, `posh-server`) serving the customers' POSH
            documents, with a lab-CA certificate for those names
   evil     made by mux:malicious: a scripted s2s peer (this file, `evil-peer`)
