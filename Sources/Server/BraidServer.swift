@@ -67,6 +67,9 @@ public final class BraidServer: Service {
         guard ["domain", "local", "anyone"].contains(configuration.muc.roomCreators) else {
             throw ConfigurationError("muc.room_creators: '\(configuration.muc.roomCreators)' is not domain, local or anyone")
         }
+        if let problem = configuration.contactAddresses.problems.first {
+            throw ConfigurationError(problem)
+        }
         // Modules register once, and the tables freeze before anything runs.
         let dispatcher = try ModuleBuilder.with(StandardModules.all(configuration) + modules, serviceSettings: configuration.services).freeze()
         let domains = DomainRegistry(serviceLabels: dispatcher.serviceLabels)

@@ -258,3 +258,51 @@ struct ModuleSystemTests {
     }
 
 }
+
+@Suite("Contact addresses (XEP-0157)")
+struct ContactAddressTests {
+    static func fields(_ info: XMLElement) -> [String: [String]] {
+        let form = info.firstChild(name: "query", namespace: DiscoModule.info)?.children(name: "x", namespace: "jabber:x:data")
+            .first { $0.children(name: "field", namespace: "jabber:x:data").contains { $0.attribute("var") == "FORM_TYPE" && $0.firstChild(name: "value", namespace: "jabber:x:data")?.text == DiscoModule.serverInfo } }
+        var fields: [String: [String]] = [:]
+        for field in form?.children(name: "field", namespace: "jabber:x:data") ?? [] {
+            guard let name = field.attribute("var"), name != "FORM_TYPE" else { continue }
+            fields[name] = field.children(name: "value", namespace: "jabber:x:data").map(\.text)
+        }
+        return fields
+    }
+
+    @Test("The provider's addresses on every hosted domain, a domain's own replacing a kind; bad kinds and non-URIs stop the start")
+    func perDomain() async throws {
+        let yaml = """
+            contact_addresses:
+              abuse: ["mailto:abuse@provider.example"]
+              support: ["https://provider.example/help"]
+              domains:
+                b.example:
+                  support: ["xmpp:help@b.example"]
+            """
+        let parsed = try BraidConfiguration.parse(yaml: yaml)
+        #expect(parsed.contactAddresses.forDomain("b.example")["support"] == ["xmpp:help@b.example"])
+        try await withServer(configure: { $0.contactAddresses = parsed.contactAddresses }) { server in
+            let (alice, _) = try await server.loggedIn("alice@a.example")
+            let a = try await alice.iq(.get, to: "a.example", payload: XMLElement(name: "query", namespace: DiscoModule.info))
+            #expect(Self.fields(a) == ["abuse-addresses": ["mailto:abuse@provider.example"], "support-addresses": ["https://provider.example/help"]])
+            let b = try await alice.iq(.get, to: "b.example", payload: XMLElement(name: "query", namespace: DiscoModule.info))
+            #expect(Self.fields(b) == ["abuse-addresses": ["mailto:abuse@provider.example"], "support-addresses": ["xmpp:help@b.example"]])
+            await alice.close()
+        }
+        // None configured: no form.
+        try await withServer { server in
+            let (alice, _) = try await server.loggedIn("alice@a.example")
+            #expect(Self.fields(try await alice.iq(.get, to: "a.example", payload: XMLElement(name: "query", namespace: DiscoModule.info))).isEmpty)
+            await alice.close()
+        }
+        for bad in ["contact_addresses:\n  complaints: [\"mailto:x@y\"]\n", "contact_addresses:\n  abuse: [\"abuse at provider\"]\n"] {
+            let configuration = try BraidConfiguration.parse(yaml: bad)
+            await #expect(throws: ConfigurationError.self) {
+                _ = try await TestServer.start { $0.contactAddresses = configuration.contactAddresses }
+            }
+        }
+    }
+}

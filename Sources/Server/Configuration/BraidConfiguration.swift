@@ -39,6 +39,7 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
     public var muc = MUCSettings()
     public var pep = PEPSettings()
     public var mam = MAMSettings()
+    public var contactAddresses = ContactAddresses()
 
     public init() {}
 
@@ -49,6 +50,7 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
         case c2s, auth, tls, offline
         case streamManagement = "stream_management"
         case s2s, dns, admin, services, storage, muc, pep, mam
+        case contactAddresses = "contact_addresses"
     }
 
     /// Limits of the group-chat service (`muc`); beyond them, the XEP's errors.
@@ -134,6 +136,64 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
             case defaultPageSize = "default_page_size"
             case maxPageSize = "max_page_size"
             case defaultPreference = "default_preference"
+        }
+    }
+
+    /// Contact addresses (XEP-0157) in every hosted domain's `disco#info`: URIs (`mailto:`,
+    /// `xmpp:`, `https:`) by kind, for all domains, and per domain (a kind given for a domain
+    /// replaces the provider's for that kind).
+    public struct ContactAddresses: Codable, Sendable, Equatable {
+        public var addresses: [String: [String]] = [:]
+        public var domains: [String: [String: [String]]] = [:]
+
+        /// The kinds XEP-0157 §3 registers (`abuse` is the field `abuse-addresses`).
+        public static let kinds = ["abuse", "admin", "feedback", "sales", "security", "status", "support"]
+
+        public init() {}
+
+        /// The addresses for `domain`, by kind.
+        public func forDomain(_ domain: String) -> [String: [String]] {
+            addresses.merging(domains[domain] ?? [:]) { _, perDomain in perDomain }
+        }
+
+        /// What is wrong: unknown kinds, values that are not URIs.
+        public var problems: [String] {
+            var problems: [String] = []
+            for (place, table) in [("contact_addresses", addresses)] + domains.map({ ("contact_addresses.domains.\($0.key)", $0.value) }) {
+                for (kind, uris) in table {
+                    if !Self.kinds.contains(kind) { problems.append("\(place).\(kind): not one of \(Self.kinds.joined(separator: ", "))") }
+                    for uri in uris where !uri.contains(":") || uri.contains(" ") {
+                        problems.append("\(place).\(kind): '\(uri)' is not a URI (mailto:, xmpp:, https:)")
+                    }
+                }
+            }
+            return problems.sorted()
+        }
+
+        // In YAML the provider's kinds sit beside `domains` (contact_addresses.abuse: [...]).
+        public init(from decoder: any Decoder) throws {
+            let container = try decoder.container(keyedBy: AnyKey.self)
+            for key in container.allKeys {
+                if key.stringValue == "domains" {
+                    domains = try container.decode([String: [String: [String]]].self, forKey: key)
+                } else {
+                    addresses[key.stringValue] = try container.decode([String].self, forKey: key)
+                }
+            }
+        }
+
+        public func encode(to encoder: any Encoder) throws {
+            var container = encoder.container(keyedBy: AnyKey.self)
+            for (kind, uris) in addresses { try container.encode(uris, forKey: AnyKey(kind)) }
+            try container.encode(domains, forKey: AnyKey("domains"))
+        }
+
+        struct AnyKey: CodingKey {
+            var stringValue: String
+            var intValue: Int? { nil }
+            init(_ string: String) { stringValue = string }
+            init?(stringValue: String) { self.stringValue = stringValue }
+            init?(intValue: Int) { nil }
         }
     }
 
@@ -367,6 +427,8 @@ extension BraidConfiguration {
         "s2s.posh_connect_overrides": nil,
         "services": ServiceSettings.configurationKeys,
         "mam.domain_retention_days": nil,
+        // Kinds are checked when the server starts (ContactAddresses.problems).
+        "contact_addresses": nil,
     ]
 
     /// Rejects keys the defaults do not have. Lists (like `tls.certificates`) are checked by

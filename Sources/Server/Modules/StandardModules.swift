@@ -5,7 +5,7 @@ import XMPPStream
 public enum StandardModules {
     public static func all(_ configuration: BraidConfiguration = BraidConfiguration()) -> [any BraidModule] {
         let pep = PEPModule(settings: configuration.pep)
-        return [DiscoModule(), PingModule(), VersionModule(), RosterModule(), CarbonsModule(), LegacySessionModule(),
+        return [DiscoModule(contactAddresses: configuration.contactAddresses), PingModule(), VersionModule(), RosterModule(), CarbonsModule(), LegacySessionModule(),
                 BlockingModule(),
                 PrivateStorageModule(bookmarks: pep.service), VCardModule(), PasswordChangeModule(),
                 MUCModule(settings: configuration.muc),
@@ -28,6 +28,9 @@ extension ModuleBuilder {
 struct DiscoModule: BraidModule {
     static let info = "http://jabber.org/protocol/disco#info"
     static let items = "http://jabber.org/protocol/disco#items"
+    static let serverInfo = "http://jabber.org/network/serverinfo"
+
+    var contactAddresses = BraidConfiguration.ContactAddresses()
 
     var name: String { "disco" }
 
@@ -44,7 +47,24 @@ struct DiscoModule: BraidModule {
         guard request.iq.type == .get else { return .error(StanzaError(.badRequest)) }
         // Node queries are not supported; answering an empty identity list would lie.
         if request.payload.attribute("node") != nil { return .error(StanzaError(.itemNotFound)) }
-        return .result(Self.info(identity: ("server", "im", "Braid"), features: request.router.modules.serverFeatures))
+        let info = Self.info(identity: ("server", "im", "Braid"), features: request.router.modules.serverFeatures)
+        guard let form = Self.contactForm(contactAddresses.forDomain(request.target.domainpart)) else { return .result(info) }
+        return .result(info.appending(form))
+    }
+
+    /// XEP-0157: the `serverinfo` form (XEP-0128) with the domain's contact addresses; nil
+    /// when there are none.
+    static func contactForm(_ addresses: [String: [String]]) -> XMLElement? {
+        let kinds = BraidConfiguration.ContactAddresses.kinds.filter { !(addresses[$0] ?? []).isEmpty }
+        guard !kinds.isEmpty else { return nil }
+        let dataForms = "jabber:x:data"
+        var fields: [XMLNode] = [.element(XMLElement(name: "field", namespace: dataForms, attributes: [XMLAttribute("var", "FORM_TYPE"), XMLAttribute("type", "hidden")],
+                                                     children: [.element(XMLElement(name: "value", namespace: dataForms, text: serverInfo))]))]
+        for kind in kinds {
+            fields.append(.element(XMLElement(name: "field", namespace: dataForms, attributes: [XMLAttribute("var", "\(kind)-addresses"), XMLAttribute("type", "list-multi")],
+                                              children: (addresses[kind] ?? []).map { .element(XMLElement(name: "value", namespace: dataForms, text: $0)) })))
+        }
+        return XMLElement(name: "x", namespace: dataForms, attributes: [XMLAttribute("type", "result")], children: fields)
     }
 
     private func serverItems(_ request: IQRequest) async -> IQResponse {
