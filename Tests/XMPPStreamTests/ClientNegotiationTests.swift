@@ -141,7 +141,7 @@ struct ClientNegotiationTests {
         #expect(negotiation.username == "juliet")
         // The restarted stream offers binding and stream management.
         let offered = features(of: negotiation.headerReceived(header(), isHosted: true))?.elements.map(\.name)
-        #expect(offered == ["bind", "session", "ver", "sm"])
+        #expect(offered == ["bind", "session", "ver", "sm", "csi"])
     }
 
     @Test("An authorization identity other than the account is refused")

@@ -40,6 +40,7 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
     public var pep = PEPSettings()
     public var mam = MAMSettings()
     public var contactAddresses = ContactAddresses()
+    public var push = PushSettings()
 
     public init() {}
 
@@ -51,6 +52,7 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
         case streamManagement = "stream_management"
         case s2s, dns, admin, services, storage, muc, pep, mam
         case contactAddresses = "contact_addresses"
+        case push
     }
 
     /// Limits of the group-chat service (`muc`); beyond them, the XEP's errors.
@@ -136,6 +138,27 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
             case defaultPageSize = "default_page_size"
             case maxPageSize = "max_page_size"
             case defaultPreference = "default_preference"
+        }
+    }
+
+    /// Push notifications (XEP-0357): what a notification to the app server says.
+    public struct PushSettings: Codable, Sendable, Equatable {
+        /// The sender's bare JID in the notification (the app server, Apple or Google see it).
+        public var includeSender = false
+        /// The message body in the notification.
+        public var includeBody = false
+        /// Errors in a row from an app server after which the registration is dropped.
+        public var maxErrors = 3
+        /// Registrations one account may have (one per device).
+        public var maxRegistrations = 20
+
+        public init() {}
+
+        enum CodingKeys: String, CodingKey {
+            case includeSender = "include_sender"
+            case includeBody = "include_body"
+            case maxErrors = "max_errors"
+            case maxRegistrations = "max_registrations"
         }
     }
 

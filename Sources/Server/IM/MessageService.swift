@@ -63,6 +63,8 @@ final class MessageService: Sendable {
     private func deliverToBare(_ stanza: Stanza, message: Message, account: JID, router: Router) async {
         enum Outcome: Sendable {
             case done
+            /// Delivered or stored, and no device has it yet.
+            case waiting(WaitingMessage.Where)
             case bounce(StanzaError)
         }
         let server = self.server
@@ -76,7 +78,7 @@ final class MessageService: Sendable {
                     let chosen = candidates.filter { $0.priority == top }
                     for entry in chosen { entry.session.deliver(stanza.element) }
                     router.modules.messageDelivered(message, account: account, resources: Set(chosen.map { $0.session.jid }), router: router)
-                    return .done
+                    return chosen.allSatisfy { $0.session.isWaitingForResumption } ? .waiting(.awaitingResumption) : .done
                 case .headline:
                     for entry in candidates { entry.session.deliver(stanza.element) }
                     return .done
@@ -89,15 +91,20 @@ final class MessageService: Sendable {
             // §8.5.2.2: no available resource.
             switch message.type {
             case .normal, .chat:
-                return await self.storeOffline(stanza, account: account) ? .done : .bounce(StanzaError(.serviceUnavailable))
+                return await self.storeOffline(stanza, account: account) ? .waiting(.offline) : .bounce(StanzaError(.serviceUnavailable))
             case .groupchat:
                 return .bounce(StanzaError(.serviceUnavailable))
             case .headline, .error:
                 return .done
             }
         }) ?? .bounce(StanzaError(.internalServerError))
-        if case .bounce(let error) = outcome {
+        switch outcome {
+        case .bounce(let error):
             await router.bounce(stanza, with: error)
+        case .waiting(let place):
+            await router.modules.messageWaiting(message, account: account, waiting: place, router: router)
+        case .done:
+            break
         }
     }
 

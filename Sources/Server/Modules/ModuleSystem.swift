@@ -105,6 +105,16 @@ public struct RoutedStanza: Sendable {
 
 public typealias RouteFilter = @Sendable (RoutedStanza) async -> StanzaDisposition
 
+/// A message for an account that no device has now: stored offline, or handed to sessions
+/// that all wait for resumption (XEP-0198). Push (XEP-0357) wakes the devices.
+public struct WaitingMessage: Sendable {
+    public enum Where: Sendable { case offline, awaitingResumption }
+    public let message: Message
+    public let account: JID
+    public let waiting: Where
+    let router: Router
+}
+
 /// A roster item that changed (RFC 6121 §3: a subscription granted or cancelled, an item
 /// added or removed), after it was stored and pushed.
 public struct RosterChange: Sendable {
@@ -205,6 +215,7 @@ public struct ModuleBuilder {
     private(set) var shutdownHandlers: [Registered<@Sendable (Router) async -> Void>] = []
     private(set) var clientStanzaHandlers: [Prioritized<ClientStanzaHandler>] = []
     private(set) var rosterObservers: [Registered<@Sendable (RosterChange) async -> Void>] = []
+    private(set) var waitingObservers: [Registered<@Sendable (WaitingMessage) async -> Void>] = []
     private(set) var routeFilters: [Prioritized<RouteFilter>] = []
     /// The operator's settings for services, by module name (`services.NAME`).
     private let serviceSettings: [String: BraidConfiguration.ServiceSettings]
@@ -307,6 +318,12 @@ public struct ModuleBuilder {
         routeFilters.append(Prioritized(module: current, namespace: nil, priority: priority, handler: filter))
     }
 
+    /// Called when a message reached no device of its account (stored offline, or waiting
+    /// with sessions that wait for resumption).
+    public mutating func onMessageWaiting(_ observer: @escaping @Sendable (WaitingMessage) async -> Void) {
+        waitingObservers.append(Registered(module: current, handler: observer))
+    }
+
     /// Called after a roster item changed by the subscription logic (PEP sends a new
     /// subscriber the last items, XEP-0163 §4.3.4).
     public mutating func onRosterChange(_ observer: @escaping @Sendable (RosterChange) async -> Void) {
@@ -378,6 +395,7 @@ public final class ModuleDispatcher: Sendable {
     private let shutdownHandlers: [@Sendable (Router) async -> Void]
     private let clientStanzaHandlers: [ClientStanzaHandler]
     private let rosterObservers: [@Sendable (RosterChange) async -> Void]
+    private let waitingObservers: [@Sendable (WaitingMessage) async -> Void]
     private let routeFilters: [RouteFilter]
 
     init(_ builder: ModuleBuilder) {
@@ -398,6 +416,7 @@ public final class ModuleDispatcher: Sendable {
         shutdownHandlers = builder.shutdownHandlers.map(\.handler)
         clientStanzaHandlers = Self.byPriority(builder.clientStanzaHandlers)
         rosterObservers = builder.rosterObservers.map(\.handler)
+        waitingObservers = builder.waitingObservers.map(\.handler)
         routeFilters = Self.byPriority(builder.routeFilters)
     }
 
@@ -439,6 +458,12 @@ public final class ModuleDispatcher: Sendable {
             }
         }
         return current
+    }
+
+    func messageWaiting(_ message: Message, account: JID, waiting: WaitingMessage.Where, router: Router) async {
+        guard !waitingObservers.isEmpty else { return }
+        let event = WaitingMessage(message: message, account: account, waiting: waiting, router: router)
+        for observer in waitingObservers { await observer(event) }
     }
 
     func rosterChanged(account: JID, contact: JID, before: RosterItem?, after: RosterItem?, router: Router) async {

@@ -9,7 +9,7 @@ public enum StandardModules {
                 BlockingModule(),
                 PrivateStorageModule(bookmarks: pep.service), VCardModule(), PasswordChangeModule(),
                 MUCModule(settings: configuration.muc),
-                MAMModule(settings: configuration.mam),
+                MAMModule(settings: configuration.mam), PushModule(settings: configuration.push),
                 pep]
     }
 }

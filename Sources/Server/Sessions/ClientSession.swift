@@ -32,6 +32,10 @@ public final class ClientSession: Sendable {
     private let inboundStream: AsyncStream<XMLElement>
     /// Stanzas received but not processed yet; reading pauses above a high-water mark.
     private let pendingInbound = Atomic<Int>(0)
+    /// The connection is gone and the session waits for the client to resume it (XEP-0198):
+    /// what is sent to it now reaches no device until then (push, XEP-0357, wakes it).
+    private let waitingForResumption = Atomic<Bool>(false)
+    public var isWaitingForResumption: Bool { waitingForResumption.load(ordering: .relaxed) }
     let settings: Settings
 
     struct Settings: Sendable {
@@ -321,6 +325,7 @@ public final class ClientSession: Sendable {
         if state.value.streamManagement?.resumable == true {
             logger.debug("connection lost; waiting for resumption", metadata: ["seconds": "\(settings.resumeTimeout.nanoseconds / 1_000_000_000)"])
             settings.metrics.smAwaitingResumption.increment()
+            waitingForResumption.store(true, ordering: .relaxed)
             state.value.resumeTimer = settings.clock.schedule(on: loop, in: settings.resumeTimeout) {
                 self.logger.debug("resumption window expired")
                 self.end()
