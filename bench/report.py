@@ -331,6 +331,14 @@ def write(report, out):
              "- Everything runs on this one machine, one server at a time; the load generators (the Python "
              "driver, tsung) share the 2 cores with the server under test, so absolute rates are low and a "
              "ratio near 1 often means the generator, not the server, was the limit.", ""]
+    # A scenario measured in a run of its own (bench/run --only X) and merged into this report.
+    for name, extra in sorted((report.get("separate_runs") or {}).items()):
+        em = extra.get("machine", {})
+        ev = em.get("versions", {})
+        lines[-1:-1] = [f"- The {name} section comes from a separate run (`bench/run --only {name}`), {em.get('date', '?')}, "
+                        f"{fmt(extra.get('run_seconds'))} s: Braid {extra.get('braid', ev.get('braid_commit', '?'))}; load average at start "
+                        f"{em.get('load_average_at_start')}, at end {em.get('load_average_at_end')}; Prosody {ev.get('prosody', '?')}; "
+                        f"ejabberd {ev.get('ejabberd', '?')}"]
     if report.get("missing_figures"):
         lines += [f"**Scenarios that produced no figures:** {', '.join(report['missing_figures'])}", ""]
 
