@@ -7,7 +7,7 @@ public enum StandardModules {
         let pep = PEPModule(settings: configuration.pep)
         return [DiscoModule(contactAddresses: configuration.contactAddresses), PingModule(), VersionModule(), RosterModule(), CarbonsModule(), LegacySessionModule(),
                 BlockingModule(),
-                PrivateStorageModule(bookmarks: pep.service), VCardModule(), PasswordChangeModule(),
+                PrivateStorageModule(bookmarks: pep.service), VCardModule(avatars: pep.service), PasswordChangeModule(),
                 MUCModule(settings: configuration.muc),
                 MAMModule(settings: configuration.mam), PushModule(settings: configuration.push),
                 pep]

@@ -80,6 +80,9 @@ struct PEPModule: BraidModule {
 final class PEPService: Sendable {
     let settings: BraidConfiguration.PEPSettings
     let caps: EntityCaps
+    /// XEP-0153 photo hashes, shared with the vCard module: the avatar conversion
+    /// (Avatars.swift, XEP-0398) changes the vCard photo from here.
+    let photoHashes = VCardPhotoHashes()
 
     private struct State {
         /// Per owner (bare JID): the available resources that told it their capabilities.
@@ -356,6 +359,8 @@ final class PEPService: Sendable {
         } else if node == Bookmarks.legacyNamespace, payload.name == "storage", payload.namespace == Bookmarks.legacyNamespace {
             try await bookmarksChanged(legacy: payload, owner: owner, router: router, fromPrivate: false)
         }
+        // XEP-0398 §3.1: the vCard photo follows the avatar.
+        if node == Avatars.metadataNode { await avatarMetadataChanged(owner: owner, router: router) }
         return .result(XMLElement(name: "pubsub", namespace: PubSubNamespace.pubsub, children: [
             .element(XMLElement(name: "publish", namespace: PubSubNamespace.pubsub, attributes: [XMLAttribute("node", node)], children: [
                 .element(XMLElement(name: "item", namespace: PubSubNamespace.pubsub, attributes: [XMLAttribute("id", id)])),
@@ -374,6 +379,7 @@ final class PEPService: Sendable {
         for id in ids where try await storage.removeStoreEntry(Self.store(node), of: owner, key: id) { removed.append(id) }
         guard !removed.isEmpty else { throw PEPRefusal(StanzaError(.itemNotFound)) }
         if node == Bookmarks.node { try await bookmarkItemsChanged(owner: owner, router: router) }
+        if node == Avatars.metadataNode { await avatarMetadataChanged(owner: owner, router: router) }
         let notifyAttribute = retract.attribute("notify")
         if configuration.notifyRetract || notifyAttribute == "true" || notifyAttribute == "1" {
             await notify(owner: owner, node: node, configuration: configuration, router: router) {
@@ -449,6 +455,7 @@ final class PEPService: Sendable {
                     try await storage.removeStore(Self.store(node), of: owner)
                     try await storage.removeStoreEntry("pep", of: owner, key: node)
                     if node == Bookmarks.node { try await self.bookmarkItemsChanged(owner: owner, router: router) }
+                    if node == Avatars.metadataNode { await self.avatarMetadataChanged(owner: owner, router: router) }
                     await self.notify(owner: owner, node: node, configuration: configuration, router: router) {
                         XMLElement(name: "delete", namespace: PubSubNamespace.event, attributes: [XMLAttribute("node", node)])
                     }
@@ -456,6 +463,7 @@ final class PEPService: Sendable {
                 case (.set, "purge"):
                     try await storage.removeStore(Self.store(node), of: owner)
                     if node == Bookmarks.node { try await self.bookmarkItemsChanged(owner: owner, router: router) }
+                    if node == Avatars.metadataNode { await self.avatarMetadataChanged(owner: owner, router: router) }
                     await self.notify(owner: owner, node: node, configuration: configuration, router: router) {
                         XMLElement(name: "purge", namespace: PubSubNamespace.event, attributes: [XMLAttribute("node", node)])
                     }
