@@ -41,6 +41,7 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
     public var mam = MAMSettings()
     public var contactAddresses = ContactAddresses()
     public var push = PushSettings()
+    public var externalServices = ExternalServices()
 
     public init() {}
 
@@ -53,6 +54,7 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
         case s2s, dns, admin, services, storage, muc, pep, mam
         case contactAddresses = "contact_addresses"
         case push
+        case externalServices = "external_services"
     }
 
     /// Limits of the group-chat service (`muc`); beyond them, the XEP's errors.
@@ -138,6 +140,42 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
             case defaultPageSize = "default_page_size"
             case maxPageSize = "max_page_size"
             case defaultPreference = "default_preference"
+        }
+    }
+
+    /// STUN and TURN servers for calls (XEP-0215), with TURN credentials computed from a secret
+    /// shared with the TURN server, as coturn's REST API (`use-auth-secret`) expects.
+    public struct ExternalServices: Codable, Sendable, Equatable {
+        public struct Service: Codable, Sendable, Equatable {
+            /// stun, turn, turns.
+            public var type: String
+            public var host: String
+            public var port: Int?
+            /// udp or tcp.
+            public var transport: String?
+            /// Whether it needs credentials (TURN does).
+            public var restricted: Bool?
+
+            public init(type: String, host: String, port: Int? = nil, transport: String? = nil, restricted: Bool? = nil) {
+                self.type = type
+                self.host = host
+                self.port = port
+                self.transport = transport
+                self.restricted = restricted
+            }
+        }
+
+        public var services: [Service] = []
+        /// The TURN server's shared secret (coturn `static-auth-secret`); empty: none.
+        public var secret = ""
+        /// How long computed credentials are valid.
+        public var credentialSeconds = 86_400
+
+        public init() {}
+
+        enum CodingKeys: String, CodingKey {
+            case services, secret
+            case credentialSeconds = "credential_seconds"
         }
     }
 

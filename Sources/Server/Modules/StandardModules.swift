@@ -10,6 +10,7 @@ public enum StandardModules {
                 PrivateStorageModule(bookmarks: pep.service), VCardModule(avatars: pep.service), PasswordChangeModule(),
                 MUCModule(settings: configuration.muc),
                 MAMModule(settings: configuration.mam), PushModule(settings: configuration.push),
+                ExternalServicesModule(settings: configuration.externalServices),
                 pep]
     }
 }
