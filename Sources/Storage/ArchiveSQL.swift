@@ -13,9 +13,15 @@ struct ArchiveSQL {
 
     private(set) var parameters: [Parameter] = []
     let style: Placeholders
+    /// The table (`archive` for accounts, `room_archive` for rooms) and the column that
+    /// names whose archive a row is in.
+    let table: String
+    let ownerColumn: String
 
-    init(style: Placeholders) {
+    init(style: Placeholders, table: String = "archive", ownerColumn: String = "user_jid") {
         self.style = style
+        self.table = table
+        self.ownerColumn = ownerColumn
     }
 
     /// A placeholder for a new parameter.
@@ -26,7 +32,7 @@ struct ArchiveSQL {
 
     /// The filters (not the page bounds): the account, `with`, the time range, the ids.
     mutating func filters(user: String, query: ArchiveQuery) -> String {
-        var clauses = ["user_jid = \(bind(.text(user)))"]
+        var clauses = ["\(ownerColumn) = \(bind(.text(user)))"]
         if let with = query.with { clauses.append("with_jid = \(bind(.text(with)))") }
         if let start = query.start { clauses.append("stamp >= \(bind(.integer(start)))") }
         if let end = query.end { clauses.append("stamp <= \(bind(.integer(end)))") }
@@ -55,6 +61,28 @@ struct ArchiveSQL {
         "CREATE INDEX archive_by_user ON archive (user_jid, id)",
         "CREATE INDEX archive_by_with ON archive (user_jid, with_jid, id)",
         "CREATE INDEX archive_by_stamp ON archive (user_jid, stamp)",
+    ]
+
+    /// Schema version "v5": group-chat rooms' archives (XEP-0313 on rooms). A room is not an
+    /// account and a temporary one has no row anywhere, so its entries hang on the hosted
+    /// domain whose service holds it (removing the domain removes them).
+    static let schemaV5: [String] = [
+        // PostgreSQL: id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY.
+        """
+        CREATE TABLE room_archive (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            room_jid TEXT NOT NULL,
+            parent_domain TEXT NOT NULL REFERENCES domains (name) ON DELETE CASCADE,
+            stanza_id TEXT NOT NULL,
+            with_jid TEXT NOT NULL,
+            stamp BIGINT NOT NULL,
+            stanza TEXT NOT NULL
+        )
+        """,
+        "CREATE UNIQUE INDEX room_archive_by_stanza_id ON room_archive (room_jid, stanza_id)",
+        "CREATE INDEX room_archive_by_room ON room_archive (room_jid, id)",
+        "CREATE INDEX room_archive_by_stamp ON room_archive (room_jid, stamp)",
+        "CREATE INDEX room_archive_by_domain ON room_archive (parent_domain)",
     ]
 }
 

@@ -567,11 +567,47 @@ public final class PostgresStorage: Storage {
     }
 
     public func archivedMessages(_ query: ArchiveQuery, for user: JID) async throws -> ArchivePage {
-        let key = try StorageKeys.account(user)
-        return try await run("archive query") { [self] in
+        try await archivePage(query, table: "archive", ownerColumn: "user_jid", owner: try StorageKeys.account(user))
+    }
+
+    public func archiveRoomMessage(_ message: ArchivedMessage, room: JID, parentDomain: String, expireBefore: Int64?) async throws {
+        let roomKey = room.bare.description
+        let parent = try StorageKeys.domain(parentDomain)
+        let (id, with, stamp, stanza) = (message.id, message.with, message.stamp, message.stanza)
+        try await run("archive room message") { [self] in
+            try await client.withTransaction(logger: logger) { connection in
+                guard try await Self.count(try await connection.query("SELECT 1 FROM domains WHERE name = \(parent) FOR SHARE", logger: logger)) > 0 else {
+                    throw StorageError.unknownDomain
+                }
+                try await connection.query("""
+                    INSERT INTO room_archive (room_jid, parent_domain, stanza_id, with_jid, stamp, stanza)
+                    VALUES (\(roomKey), \(parent), \(id), \(with), \(stamp), \(stanza))
+                    """, logger: logger)
+                if let expireBefore {
+                    try await connection.query("DELETE FROM room_archive WHERE room_jid = \(roomKey) AND stamp < \(expireBefore)", logger: logger)
+                }
+            }
+        }
+    }
+
+    public func archivedRoomMessages(_ query: ArchiveQuery, room: JID) async throws -> ArchivePage {
+        try await archivePage(query, table: "room_archive", ownerColumn: "room_jid", owner: room.bare.description)
+    }
+
+    @discardableResult
+    public func removeRoomArchive(_ room: JID) async throws -> Int {
+        let roomKey = room.bare.description
+        return try await run("remove room archive") { [self] in
+            try await Self.count(try await client.query("DELETE FROM room_archive WHERE room_jid = \(roomKey) RETURNING id", logger: logger))
+        }
+    }
+
+    /// One page of an archive: an account's or a room's (the same queries on two tables).
+    private func archivePage(_ query: ArchiveQuery, table: String, ownerColumn: String, owner key: String) async throws -> ArchivePage {
+        try await run("archive query") { [self] in
             try await client.withConnection { connection in
                 func rowID(_ stanzaID: String) async throws -> Int64 {
-                    for try await id in try await connection.query("SELECT id FROM archive WHERE user_jid = \(key) AND stanza_id = \(stanzaID)", logger: logger)
+                    for try await id in try await connection.query(PostgresQuery(unsafeSQL: "SELECT id FROM \(table) WHERE \(ownerColumn) = $1 AND stanza_id = $2", binds: Self.bindings([key, stanzaID])), logger: logger)
                         .decode(Int64.self) {
                         return id
                     }
@@ -579,20 +615,20 @@ public final class PostgresStorage: Storage {
                 }
                 let afterRow = try await query.after.asyncMap(rowID)
                 let beforeRow = try await query.before.asyncMap(rowID)
-                var filtered = ArchiveSQL(style: .dollar)
+                var filtered = ArchiveSQL(style: .dollar, table: table, ownerColumn: ownerColumn)
                 let filters = filtered.filters(user: key, query: query)
                 func count(_ sql: String, _ built: ArchiveSQL) async throws -> Int {
                     for try await total in try await connection.query(Self.statement(sql, built), logger: logger).decode(Int64.self) { return Int(total) }
                     return 0
                 }
-                let total = try await count("SELECT COUNT(*) FROM archive WHERE \(filters)", filtered)
+                let total = try await count("SELECT COUNT(*) FROM \(table) WHERE \(filters)", filtered)
                 var page = filtered
                 var bounds = ""
                 if let afterRow { bounds += " AND id > \(page.bind(.integer(afterRow)))" }
                 if let beforeRow { bounds += " AND id < \(page.bind(.integer(beforeRow)))" }
                 let limit = max(0, query.limit)
                 let sql = """
-                    SELECT id, stanza_id, with_jid, stamp, stanza FROM archive WHERE \(filters)\(bounds)
+                    SELECT id, stanza_id, with_jid, stamp, stanza FROM \(table) WHERE \(filters)\(bounds)
                     ORDER BY id \(query.backwards ? "DESC" : "ASC") LIMIT \(page.bind(.integer(Int64(limit + 1))))
                     """
                 var rows: [(Int64, ArchivedMessage)] = []
@@ -607,11 +643,17 @@ public final class PostgresStorage: Storage {
                 if let first = kept.first?.0 {
                     var before = filtered
                     let clause = "\(filters) AND id < \(before.bind(.integer(first)))"
-                    firstIndex = try await count("SELECT COUNT(*) FROM archive WHERE \(clause)", before)
+                    firstIndex = try await count("SELECT COUNT(*) FROM \(table) WHERE \(clause)", before)
                 }
                 return ArchivePage(messages: kept.map(\.1), complete: complete, count: total, firstIndex: firstIndex)
             }
         }
+    }
+
+    private static func bindings(_ texts: [String]) -> PostgresBindings {
+        var bindings = PostgresBindings()
+        for text in texts { bindings.append(text) }
+        return bindings
     }
 
     private static func statement(_ sql: String, _ built: ArchiveSQL) -> PostgresQuery {

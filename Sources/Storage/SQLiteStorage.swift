@@ -104,6 +104,11 @@ public final class SQLiteStorage: Storage {
                 try db.execute(sql: statement)
             }
         }
+        migrator.registerMigration("v5") { db in
+            for statement in ArchiveSQL.schemaV5 {
+                try db.execute(sql: statement)
+            }
+        }
         let before = try pool.read { db in try migrator.appliedIdentifiers(db) }
         // A file written by a newer Braid has migrations this one does not know; running
         // on it could corrupt data it does not understand.
@@ -492,26 +497,56 @@ public final class SQLiteStorage: Storage {
     }
 
     public func archivedMessages(_ query: ArchiveQuery, for user: JID) async throws -> ArchivePage {
-        let key = try Self.accountKey(user)
-        return try await pool.read { db in
+        try await archivePage(query, table: "archive", ownerColumn: "user_jid", owner: try Self.accountKey(user))
+    }
+
+    public func archiveRoomMessage(_ message: ArchivedMessage, room: JID, parentDomain: String, expireBefore: Int64?) async throws {
+        let roomKey = room.bare.description
+        let parent = try StorageKeys.domain(parentDomain)
+        try await pool.write { db in
+            guard try Row.fetchOne(db, sql: SQL.domainExists, arguments: [parent]) != nil else { throw StorageError.unknownDomain }
+            try db.execute(sql: "INSERT INTO room_archive (room_jid, parent_domain, stanza_id, with_jid, stamp, stanza) VALUES (?, ?, ?, ?, ?, ?)",
+                           arguments: [roomKey, parent, message.id, message.with, message.stamp, message.stanza])
+            if let expireBefore {
+                try db.execute(sql: "DELETE FROM room_archive WHERE room_jid = ? AND stamp < ?", arguments: [roomKey, expireBefore])
+            }
+        }
+    }
+
+    public func archivedRoomMessages(_ query: ArchiveQuery, room: JID) async throws -> ArchivePage {
+        try await archivePage(query, table: "room_archive", ownerColumn: "room_jid", owner: room.bare.description)
+    }
+
+    @discardableResult
+    public func removeRoomArchive(_ room: JID) async throws -> Int {
+        let roomKey = room.bare.description
+        return try await pool.write { db in
+            try db.execute(sql: "DELETE FROM room_archive WHERE room_jid = ?", arguments: [roomKey])
+            return db.changesCount
+        }
+    }
+
+    /// One page of an archive: an account's or a room's (the same queries on two tables).
+    private func archivePage(_ query: ArchiveQuery, table: String, ownerColumn: String, owner key: String) async throws -> ArchivePage {
+        try await pool.read { db in
             func rowID(_ stanzaID: String) throws -> Int64 {
-                guard let row = try Row.fetchOne(db, sql: "SELECT id FROM archive WHERE user_jid = ? AND stanza_id = ?", arguments: [key, stanzaID]) else {
+                guard let row = try Row.fetchOne(db, sql: "SELECT id FROM \(table) WHERE \(ownerColumn) = ? AND stanza_id = ?", arguments: [key, stanzaID]) else {
                     throw StorageError.itemNotFound
                 }
                 return try Self.column(row, atIndex: 0, in: "archive")
             }
             let afterRow = try query.after.map(rowID)
             let beforeRow = try query.before.map(rowID)
-            var filtered = ArchiveSQL(style: .question)
+            var filtered = ArchiveSQL(style: .question, table: table, ownerColumn: ownerColumn)
             let filters = filtered.filters(user: key, query: query)
-            let count = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM archive WHERE \(filters)", arguments: Self.arguments(filtered)) ?? 0
+            let count = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM \(table) WHERE \(filters)", arguments: Self.arguments(filtered)) ?? 0
             var page = filtered
             var bounds = ""
             if let afterRow { bounds += " AND id > \(page.bind(.integer(afterRow)))" }
             if let beforeRow { bounds += " AND id < \(page.bind(.integer(beforeRow)))" }
             let limit = max(0, query.limit)
             let rows = try Row.fetchAll(db, sql: """
-                SELECT id, stanza_id, with_jid, stamp, stanza FROM archive WHERE \(filters)\(bounds)
+                SELECT id, stanza_id, with_jid, stamp, stanza FROM \(table) WHERE \(filters)\(bounds)
                 ORDER BY id \(query.backwards ? "DESC" : "ASC") LIMIT \(page.bind(.integer(Int64(limit + 1))))
                 """, arguments: Self.arguments(page))
             var kept: [(Int64, ArchivedMessage)] = try rows.prefix(limit).map { row in
@@ -524,7 +559,7 @@ public final class SQLiteStorage: Storage {
             if let first = kept.first?.0 {
                 var before = filtered
                 let clause = "\(filters) AND id < \(before.bind(.integer(first)))"
-                firstIndex = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM archive WHERE \(clause)", arguments: Self.arguments(before)) ?? 0
+                firstIndex = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM \(table) WHERE \(clause)", arguments: Self.arguments(before)) ?? 0
             }
             return ArchivePage(messages: kept.map(\.1), complete: rows.count <= limit, count: count, firstIndex: firstIndex)
         }

@@ -149,6 +149,17 @@ public protocol Storage: Sendable {
     /// ``StorageError/itemNotFound`` when an `after`/`before` id is not in the archive.
     func archivedMessages(_ query: ArchiveQuery, for user: JID) async throws -> ArchivePage
 
+    /// Appends a message to a group-chat room's archive. Throws ``StorageError/unknownDomain``
+    /// if the room's hosted domain is not there (the archive goes with its domain).
+    func archiveRoomMessage(_ message: ArchivedMessage, room: JID, parentDomain: String, expireBefore: Int64?) async throws
+
+    /// One page of a room's archive, as ``archivedMessages(_:for:)``.
+    func archivedRoomMessages(_ query: ArchiveQuery, room: JID) async throws -> ArchivePage
+
+    /// Removes a room's archive (the room was destroyed); returns how many entries.
+    @discardableResult
+    func removeRoomArchive(_ room: JID) async throws -> Int
+
     // MARK: Life cycle
 
     /// Connects and brings the schema up to date, if the backend has not yet (a server

@@ -47,6 +47,9 @@ public enum StorageMigration {
         Table(name: "archive", columns: [
             ("id", .integer), ("user_jid", .text), ("stanza_id", .text), ("with_jid", .text), ("stamp", .integer), ("stanza", .text),
         ], key: ["id"], overridingIdentity: true),
+        Table(name: "room_archive", columns: [
+            ("id", .integer), ("room_jid", .text), ("parent_domain", .text), ("stanza_id", .text), ("with_jid", .text), ("stamp", .integer), ("stanza", .text),
+        ], key: ["id"], overridingIdentity: true),
         Table(name: "account_store", columns: [
             ("user_jid", .text), ("store", .text), ("entry_key", .text), ("value", .text), ("seq", .integer), ("updated_at", .integer),
         ], key: ["user_jid", "store", "entry_key"]),

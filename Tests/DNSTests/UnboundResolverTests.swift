@@ -358,7 +358,9 @@ struct UnboundResolverTests {
         await resolver.shutdown()
         let result = await task.result
         #expect(throws: DNSError.shutdown) { try result.get() }
-        #expect(ContinuousClock.now - start < .seconds(5))
+        // Well below the 30 s timeout: the shutdown ended the query, not the timeout (5 s was
+        // exceeded once, 5.3 s, with two test runs and a lab on the 2 cores).
+        #expect(ContinuousClock.now - start < .seconds(20))
         #expect(resolver.inFlightCount == 0)
     }
 

@@ -1,4 +1,5 @@
 import Foundation
+import Storage
 import Testing
 import TestSupport
 import XMPPCore
@@ -367,6 +368,58 @@ struct MUCTests {
         } catch {
             await server.stop()
             throw error
+        }
+    }
+}
+
+extension MUCTests {
+    @Test("The room's archive (XEP-0313 on the room): groupchat messages carry the room's stanza-id, are paged by anyone who may enter, not by others; a temporary room's archive goes with it; logging can be turned off")
+    func roomArchive() async throws {
+        try await withServer { server in
+            let (alice, _) = try await server.loggedIn("alice@a.example")
+            let (bob, _) = try await server.loggedIn("bob@b.example")
+            try await create(alice, room: "log@conference.a.example", nick: "alice")
+            try await enter(bob, "log@conference.a.example/bob")
+            _ = try await bob.waitFor { $0.firstChild(name: "subject", namespace: XMLNamespace.client) != nil }
+            var ids: [String] = []
+            for index in 1...3 {
+                try await alice.send(XMLElement(name: "message", namespace: XMLNamespace.client, attributes: [
+                    XMLAttribute("to", "log@conference.a.example"), XMLAttribute("type", "groupchat"), XMLAttribute("id", "g\(index)"),
+                ], children: [.element(XMLElement(name: "body", namespace: XMLNamespace.client, text: "line \(index)"))]))
+                let got = try await bob.waitFor { $0.attribute("id") == "g\(index)" }
+                let id = try #require(MAMTests.stanzaID(got, by: "log@conference.a.example"))
+                ids.append(id)
+            }
+            let page = try await MAMTests.run(bob, MAMTests.query(), to: "log@conference.a.example")
+            #expect(page.error == nil)
+            #expect(page.bodies == ["line 1", "line 2", "line 3"] && page.ids == ids && page.complete)
+            let last = try await MAMTests.run(bob, MAMTests.query(max: 2, before: ""), to: "log@conference.a.example")
+            #expect(last.bodies == ["line 2", "line 3"] && !last.complete)
+            // The room's disco says it is archived.
+            let info = try await bob.iq(.get, to: "log@conference.a.example", payload: XMLElement(name: "query", namespace: DiscoModule.info))
+            let features = info.firstChild(name: "query", namespace: DiscoModule.info)?.children(name: "feature", namespace: DiscoModule.info).compactMap { $0.attribute("var") } ?? []
+            #expect(features.contains(MAMModule.namespace))
+            // Members only now: carol, no member, may not read it.
+            let form = XMLElement(name: "x", namespace: "jabber:x:data", attributes: [XMLAttribute("type", "submit")], children: [
+                .element(XMLElement(name: "field", namespace: "jabber:x:data", attributes: [XMLAttribute("var", "muc#roomconfig_membersonly")],
+                                    children: [.element(XMLElement(name: "value", namespace: "jabber:x:data", text: "1"))])),
+            ])
+            _ = try await alice.iq(.set, to: "log@conference.a.example", payload: XMLElement(name: "query", namespace: Self.owner, children: [.element(form)]))
+            let (carol, _) = try await server.loggedIn("carol@a.example")
+            #expect(try await MAMTests.run(carol, MAMTests.query(), to: "log@conference.a.example").error == "item-not-found")
+            // Everyone leaves: a temporary room and its archive are gone.
+            for (client, nick) in [(alice, "alice"), (bob, "bob")] {
+                try await client.send(XMLElement(name: "presence", namespace: XMLNamespace.client, attributes: [
+                    XMLAttribute("to", "log@conference.a.example/\(nick)"), XMLAttribute("type", "unavailable"),
+                ]))
+                _ = try await client.waitFor { $0.name == "presence" && $0.attribute("type") == "unavailable" && $0.attribute("from") == "log@conference.a.example/\(nick)" }
+            }
+            try await waitUntil(timeout: .seconds(10), "the archive removed") {
+                try await server.context.storage.archivedRoomMessages(ArchiveQuery(limit: 1), room: try JID("log@conference.a.example")).count == 0
+            }
+            await alice.close()
+            await bob.close()
+            await carol.close()
         }
     }
 }

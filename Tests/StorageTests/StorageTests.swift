@@ -122,7 +122,7 @@ struct SQLiteStorageOpeningTests {
                 let storage = try openStorage(path)
                 #expect(try await storage.executeRawSQLForTesting("INSERT INTO grdb_migrations (identifier) VALUES ('v99')") == 1)
             }
-            #expect(throws: SQLiteStorageError.schemaTooNew(applied: ["v1", "v2", "v3", "v4", "v99"])) {
+            #expect(throws: SQLiteStorageError.schemaTooNew(applied: ["v1", "v2", "v3", "v4", "v5", "v99"])) {
                 try openStorage(path)
             }
         }
@@ -920,6 +920,32 @@ struct ArchiveTests {
         }
     }
 
+    @Test("Rooms have archives of their own: paged the same way, removed when the room is destroyed or its domain goes", arguments: Backend.allCases)
+    func roomArchives(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
+            let tea = try JID("tea@conference.example.com")
+            let cake = try JID("cake@conference.example.com")
+            for index in 0..<5 {
+                try await storage.archiveRoomMessage(ArchivedMessage(id: "t\(index)", with: "\(tea)/n\(index)", stamp: 1000 + Int64(index), stanza: "<message>\(index)</message>"),
+                                                     room: tea, parentDomain: "example.com", expireBefore: nil)
+            }
+            try await storage.archiveRoomMessage(ArchivedMessage(id: "c0", with: "\(cake)/n", stamp: 1000, stanza: "<message/>"), room: cake, parentDomain: "example.com", expireBefore: nil)
+            let last = try await storage.archivedRoomMessages(ArchiveQuery(lastPage: true, limit: 2), room: tea)
+            #expect(last.messages.map(\.id) == ["t3", "t4"] && last.count == 5 && !last.complete)
+            let first = try await storage.archivedRoomMessages(ArchiveQuery(limit: 2), room: tea)
+            #expect(first.messages.map(\.id) == ["t0", "t1"])
+            await #expect(throws: StorageError.itemNotFound) { _ = try await storage.archivedRoomMessages(ArchiveQuery(after: "c0", limit: 2), room: tea) }
+            await #expect(throws: StorageError.unknownDomain) {
+                try await storage.archiveRoomMessage(ArchivedMessage(id: "x", with: "x", stamp: 1, stanza: "<message/>"), room: try JID("r@conference.nowhere.example"),
+                                                     parentDomain: "nowhere.example", expireBefore: nil)
+            }
+            #expect(try await storage.removeRoomArchive(tea) == 5)
+            #expect(try await storage.archivedRoomMessages(ArchiveQuery(limit: 10), room: tea).count == 0)
+            #expect(try await storage.removeDomain("example.com"))
+            #expect(try await storage.archivedRoomMessages(ArchiveQuery(limit: 10), room: cake).count == 0, "the domain's rooms' archives go with it")
+        }
+    }
+
     @Test("Retention removes older entries as new ones come; the account's removal takes its archive; unknown accounts", arguments: Backend.allCases)
     func retentionAndRemoval(_ backend: Backend) async throws {
         try await withStorage(backend) { (storage: any Storage) async throws in
@@ -1099,7 +1125,9 @@ struct PostgresTLSTests {
 
             func open(_ query: String) async throws -> PostgresStorage {
                 var settings = try PostgresConnectionSettings(url: "postgresql://postgres@localhost:\(server.port)\(database)?\(query)")
-                settings.connectTimeout = .seconds(3)
+                // Generous: a TLS connection that should succeed once took over 3 s with two
+                // test runs on the 2 cores; refusals here are TLS errors, not timeouts.
+                settings.connectTimeout = .seconds(15)
                 let storage = try PostgresStorage(settings: settings, eventLoopGroup: MultiThreadedEventLoopGroup.singleton, logger: StorageLocation.quietLogger())
                 do {
                     try await storage.prepare()
@@ -1163,12 +1191,14 @@ struct StorageMigrationTests {
             }
             try await source.putStoreEntry("pep", of: alice, key: "urn:xmpp:avatar:data", value: "{}", keepLast: nil)
             try await source.archive(ArchivedMessage(id: "a1", with: "bob@example.org", stamp: 1000, stanza: "<message/>"), for: alice, expireBefore: nil)
+            try await source.archiveRoomMessage(ArchivedMessage(id: "r1", with: "tea@conference.example.com/al", stamp: 1000, stanza: "<message/>"),
+                                                room: try JID("tea@conference.example.com"), parentDomain: "example.com", expireBefore: nil)
             try await source.putStoreEntry("private", of: anna, key: "storage:bookmarks", value: "<storage xmlns='storage:bookmarks'/>", keepLast: nil)
 
             try await StorageLocation.with(.postgresql) { postgresLocation in
                 let target = try #require(try await postgresLocation.open() as? PostgresStorage)
                 let counts = try await StorageMigration.copy(from: source, to: target, logger: StorageLocation.quietLogger())
-                #expect(counts.map(\.table) == ["domains", "users", "roster_items", "subscription_requests", "offline_messages", "muc_rooms", "archive", "account_store"])
+                #expect(counts.map(\.table) == ["domains", "users", "roster_items", "subscription_requests", "offline_messages", "muc_rooms", "archive", "room_archive", "account_store"])
                 #expect(counts.allSatisfy { $0.source == $0.copied && $0.target == $0.source })
                 #expect(counts.first { $0.table == "offline_messages" }?.source == 3)
 
@@ -1181,6 +1211,7 @@ struct StorageMigrationTests {
                 #expect(try await target.storeEntries("private", of: anna) == (try await source.storeEntries("private", of: anna)))
                 #expect(try await target.storeEntry("pep", of: alice, key: "urn:xmpp:avatar:data")?.value == "{}")
                 #expect(try await target.archivedMessages(ArchiveQuery(limit: 10), for: alice).messages.map(\.id) == ["a1"])
+                #expect(try await target.archivedRoomMessages(ArchiveQuery(limit: 10), room: try JID("tea@conference.example.com")).messages.map(\.id) == ["r1"])
 
                 // Again: nothing new, nothing doubled.
                 let again = try await StorageMigration.copy(from: source, to: target, logger: StorageLocation.quietLogger())

@@ -200,59 +200,75 @@ struct MAMModule: BraidModule {
     }
 
     private func query(_ request: IQRequest) async -> IQResponse {
-        let query: ArchiveQuery
-        switch archiveQuery(request.payload) {
-        case .success(let parsed): query = parsed
+        let router = request.router
+        let session = request.session
+        let outcome = await Self.answer(request.payload, archive: request.target, requester: request.requester, settings: settings, router: router,
+                                        fetch: { query in try await router.server.storage.archivedMessages(query, for: request.target) },
+                                        deliver: { result in
+                                            // Results reach the asking session before the answer (§4.2): straight to it.
+                                            if let session {
+                                                session.deliver(result)
+                                            } else if let stanza = Stanza(result) {
+                                                await router.route(stanza)
+                                            }
+                                        })
+        switch outcome {
+        case .success(let fin): return .result(fin)
         case .failure(let error): return .error(error)
         }
-        let router = request.router
+    }
+
+    /// A MAM query on any archive (an account's, a room's): parses it, fetches the page,
+    /// hands each result to `deliver` in order, and returns the `<fin/>` (or the error).
+    static func answer(_ payload: XMLElement, archive: JID, requester: JID, settings: BraidConfiguration.MAMSettings, router: Router,
+                       fetch: (ArchiveQuery) async throws -> ArchivePage, deliver: (XMLElement) async -> Void) async -> Result<XMLElement, StanzaError> {
+        let query: ArchiveQuery
+        switch MAMModule(settings: settings).archiveQuery(payload) {
+        case .success(let parsed): query = parsed
+        case .failure(let error): return .failure(error)
+        }
         let page: ArchivePage
         do {
-            page = try await router.server.storage.archivedMessages(query, for: request.target)
+            page = try await fetch(query)
         } catch StorageError.itemNotFound {
             // §4.1.3 / XEP-0059 §2.6: an id the archive does not hold.
-            return .error(StanzaError(.itemNotFound))
+            return .failure(StanzaError(.itemNotFound))
         } catch {
-            router.logger.error("archive query failed", metadata: ["account": "\(request.target)", "error": "\(error)"])
-            return .error(StanzaError(.internalServerError))
+            router.logger.error("archive query failed", metadata: ["archive": "\(archive)", "error": "\(error)"])
+            return .failure(StanzaError(.internalServerError))
         }
-        let queryID = request.payload.attribute("queryid")
-        let flipped = request.payload.firstChild(name: "flip-page", namespace: Self.namespace) != nil
+        let queryID = payload.attribute("queryid")
+        let flipped = payload.firstChild(name: "flip-page", namespace: namespace) != nil
         let messages = flipped ? page.messages.reversed() : page.messages
         for message in messages {
             guard let original = try? XMLFragment.parse(message.stanza) else {
-                router.logger.error("unreadable archived message skipped", metadata: ["account": "\(request.target)", "id": "\(message.id)"])
+                router.logger.error("unreadable archived message skipped", metadata: ["archive": "\(archive)", "id": "\(message.id)"])
                 continue
             }
             var resultAttributes = [XMLAttribute("id", message.id)]
             if let queryID { resultAttributes.append(XMLAttribute("queryid", queryID)) }
             let result = XMLElement(name: "message", namespace: XMLNamespace.client, attributes: [
-                XMLAttribute("from", request.target.description), XMLAttribute("to", request.requester.description),
+                XMLAttribute("from", archive.description), XMLAttribute("to", requester.description),
                 XMLAttribute("id", ServerContext.randomIdentifier(bytes: 6)),
-            ], children: [.element(XMLElement(name: "result", namespace: Self.namespace, attributes: resultAttributes, children: [
-                .element(XMLElement(name: "forwarded", namespace: Self.forward, children: [
-                    .element(XMLElement(name: "delay", namespace: Self.delay, attributes: [XMLAttribute("stamp", MessageService.timestamp(millisecondsSince1970: message.stamp))])),
+            ], children: [.element(XMLElement(name: "result", namespace: namespace, attributes: resultAttributes, children: [
+                .element(XMLElement(name: "forwarded", namespace: forward, children: [
+                    .element(XMLElement(name: "delay", namespace: delay, attributes: [XMLAttribute("stamp", MessageService.timestamp(millisecondsSince1970: message.stamp))])),
                     .element(original.rescopingContent(to: XMLNamespace.client)),
                 ])),
             ]))])
-            // Results reach the asking session before the answer (§4.2): straight to it.
-            if let session = request.session {
-                session.deliver(result)
-            } else if let stanza = Stanza(result) {
-                await router.route(stanza)
-            }
+            await deliver(result)
         }
         var set: [XMLNode] = []
         if let first = messages.first, let last = messages.last {
-            set.append(.element(XMLElement(name: "first", namespace: Self.rsm, attributes: flipped ? [] : [XMLAttribute("index", String(page.firstIndex))], text: first.id)))
-            set.append(.element(XMLElement(name: "last", namespace: Self.rsm, text: last.id)))
+            set.append(.element(XMLElement(name: "first", namespace: rsm, attributes: flipped ? [] : [XMLAttribute("index", String(page.firstIndex))], text: first.id)))
+            set.append(.element(XMLElement(name: "last", namespace: rsm, text: last.id)))
         }
-        set.append(.element(XMLElement(name: "count", namespace: Self.rsm, text: String(page.count))))
+        set.append(.element(XMLElement(name: "count", namespace: rsm, text: String(page.count))))
         var finAttributes: [XMLAttribute] = []
         if let queryID { finAttributes.append(XMLAttribute("queryid", queryID)) }
         if page.complete { finAttributes.append(XMLAttribute("complete", "true")) }
-        return .result(XMLElement(name: "fin", namespace: Self.namespace, attributes: finAttributes, children: [
-            .element(XMLElement(name: "set", namespace: Self.rsm, children: set)),
+        return .success(XMLElement(name: "fin", namespace: namespace, attributes: finAttributes, children: [
+            .element(XMLElement(name: "set", namespace: rsm, children: set)),
         ]))
     }
 

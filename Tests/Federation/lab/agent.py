@@ -10,18 +10,41 @@ as events, which `wait` picks from, so a command may ask for an event that arriv
 Every command that waits takes a `timeout` (seconds); nothing here waits unbounded.
 
 Commands:
-  connect    {jid, password, host, port, ca, timeout}   log in (STARTTLS, SASL, bind), send
-                                                        roster fetch, initial presence;
-                                                        returns full_jid
+  connect    {jid, password, host, port, ca, timeout, omemo?}  log in (STARTTLS, SASL,
+                                                        bind), send roster fetch, initial
+                                                        presence; returns full_jid
   subscribe  {to}            presence type=subscribe
   approve    {to}            presence type=subscribed
   message    {to, body, id}  a chat message
   wait       {kind, from?, id?, body?, timeout}  first matching event, removed from the queue
-  events     {}              events not consumed yet (for diagnostics)
+  events     {clear?}        events not consumed yet (for diagnostics); with clear, forgets them
   roster     {timeout}       roster from the server: {jid: subscription}
   ping       {to, timeout}   XEP-0199 ping; returns type result|error (+condition)|timeout
+  unroster   {to, timeout}   removes TO from the roster (subscription='remove', which also
+                             cancels the subscriptions both ways, RFC 6121 §2.5)
   disconnect {timeout}
 Event kinds: message, message_error, subscribe, subscribed, available, presence_error.
+
+OMEMO (XEP-0384 0.3, `eu.siacs.conversations.axolotl`) with Tests/Interop/omemo_client.py
+(python3-omemo, python3-oldmemo; imported only when asked for). `connect` with `omemo: true`
+announces XEP-0115 caps with `eu.siacs.conversations.axolotl.devicelist+notify` before the
+initial presence (omemo_client.OmemoPeer.announce); then:
+  omemo_start        {timeout}         own identity (in memory): bundle and device list
+                                       published to the account's PEP with publish-options
+                                       access_model=open; returns device, identity (hex)
+  omemo_devices      {jid, timeout}    JID's device list fetched from its PEP now: devices
+  omemo_bundle       {jid, device, timeout}  JID's bundle of DEVICE fetched now: identity
+                                       (hex), signed_pre_key, pre_keys (count)
+  omemo_send         {to, text, timeout}  encrypted chat message(s); returns messages, keys
+  omemo_receive      {from, timeout}   decrypts OMEMO messages until one with content from
+                                       FROM: plaintext, device
+  omemo_notification {jid, device, timeout}  until a PEP notification of JID's device list
+                                       lists DEVICE: devices, and every device-list
+                                       notification seen so far (notifications)
+  omemo_access       {timeout}         pubsub#access_model of the own device-list and bundle
+                                       nodes, from their owner configuration (XEP-0060 §8.2)
+  omemo_reset        {timeout}         empties the own device list and deletes the own
+                                       bundle node (so that a repeated run starts clean)
 
 Client pools (many clients in one process, for the multiplexing scenarios in mux.py, where
 one process per user would be too heavy on two cores):
@@ -48,8 +71,10 @@ Started with --quiet, the agent logs warnings only (no XML transcript).
 import asyncio
 import json
 import logging
+import os
 import ssl
 import sys
+import time
 
 import slixmpp
 from slixmpp.exceptions import IqError, IqTimeout
@@ -58,6 +83,37 @@ from slixmpp.xmlstream import ET
 MUC = "http://jabber.org/protocol/muc"
 MUC_USER = "http://jabber.org/protocol/muc#user"
 MUC_OWNER = "http://jabber.org/protocol/muc#owner"
+# Tests/Interop, where omemo_client.py is (imported on first use: python3-omemo, -oldmemo).
+INTEROP = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "Interop"))
+
+
+def omemo_module():
+    """Tests/Interop/omemo_client.py, and a subclass of its OmemoPeer that also keeps every
+    device-list notification it sees (OmemoPeer's own queue is consumed by its waits)."""
+    # OMEMO_TRACE makes omemo_client print stanzas to stdout, which is our command channel;
+    # the agent's log (DEBUG) has the XML anyway.
+    os.environ.pop("OMEMO_TRACE", None)
+    if INTEROP not in sys.path:
+        sys.path.insert(0, INTEROP)
+    import omemo_client
+
+    class LabOmemoPeer(omemo_client.OmemoPeer):
+        def __init__(self, client):
+            super().__init__(client)
+            self.started = time.monotonic()
+            self.seen = []   # [{from, devices, at}] of every device-list notification
+
+        def _on_event(self, stanza):
+            event = f"{{{omemo_client.NS_PUBSUB_EVENT}}}"
+            items = stanza.xml.find(f"{event}event/{event}items")
+            if items is not None and items.get("node") == omemo_client.NODE_DEVICELIST:
+                devices = [int(device.get("id")) for device in items.iter(f"{{{omemo_client.NS_OMEMO}}}device")
+                           if (device.get("id") or "").isdigit()]
+                self.seen.append({"from": str(stanza["from"]), "devices": devices,
+                                  "at": round(time.monotonic() - self.started, 3)})
+            super()._on_event(stanza)
+
+    return omemo_client, LabOmemoPeer
 
 
 class Agent:
@@ -65,6 +121,8 @@ class Agent:
         self.client = None
         self.events = []
         self.changed = asyncio.Condition()
+        self.omemo = None       # a LabOmemoPeer once connected with omemo: true
+        self.omemo_client = None
 
     # -- events pushed by the server --
 
@@ -84,7 +142,7 @@ class Agent:
 
     # -- commands --
 
-    async def connect(self, jid, password, host, port, ca, timeout):
+    async def connect(self, jid, password, host, port, ca, timeout, omemo=False):
         client = slixmpp.ClientXMPP(jid, password)
         self.client = client
         client.ca_certs = ca
@@ -120,7 +178,13 @@ class Agent:
         # (RFC 6121 §2.1.6), and Prosody sends subscription presence and roster pushes only
         # to interested resources.
         await client.get_roster(timeout=timeout)
-        client.send_presence()
+        if omemo:
+            # Caps with devicelist+notify first, then the initial presence (which carries them).
+            self.omemo_client, peer_type = omemo_module()
+            self.omemo = peer_type(client)
+            await self.omemo.announce()
+        else:
+            client.send_presence()
         return {"full_jid": str(client.boundjid)}
 
     def _on_message(self, message):
@@ -179,7 +243,81 @@ class Agent:
         except IqTimeout:
             return {"type": "timeout"}
 
+    async def unroster(self, to, timeout):
+        iq = self.client.Iq()
+        iq["type"] = "set"
+        query = ET.Element("{jabber:iq:roster}query")
+        ET.SubElement(query, "{jabber:iq:roster}item", jid=to, subscription="remove")
+        iq.append(query)
+        await iq.send(timeout=timeout)
+        return {}
+
+    # -- OMEMO (omemo_client.OmemoPeer) --
+
+    async def omemo_command(self, name, command):
+        peer, module = self.omemo, self.omemo_client
+        if peer is None:
+            raise RuntimeError("not connected with omemo: true")
+        timeout = command.get("timeout", 20)
+
+        async def bounded(coroutine):
+            try:
+                return await asyncio.wait_for(coroutine, timeout)
+            except asyncio.TimeoutError:
+                raise RuntimeError(f"{name} did not finish within {timeout}s") from None
+
+        if name == "omemo_start":
+            device = await bounded(peer.start())
+            own = (await peer.manager.get_own_device_information())[0]
+            return {"device": device, "identity": own.identity_key.hex()}
+        if name == "omemo_devices":
+            return {"devices": sorted(await bounded(peer.device_list(command["jid"])))}
+        if name == "omemo_bundle":
+            bundle = await bounded(peer.manager._download_bundle(module.NS_OMEMO, command["jid"], command["device"]))
+            return {"identity": bundle.identity_key.hex(), "signed_pre_key": bundle.signed_pre_key_id,
+                    "pre_keys": len(bundle.pre_key_ids)}
+        if name == "omemo_send":
+            messages = await bounded(peer.send(command["to"], command["text"]))
+            return {"messages": len(messages), "keys": sum(len(message.keys) for message in messages)}
+        if name == "omemo_receive":
+            # OmemoPeer.receive raises AssertionError with the reason after its own timeout.
+            plaintext, device = await peer.receive(command["from"], timeout=timeout)
+            return {"plaintext": plaintext, "device": device}
+        if name == "omemo_notification":
+            devices = await peer.device_list_notification(command["jid"], command["device"], timeout=timeout)
+            return {"devices": sorted(devices), "notifications": peer.seen}
+        if name == "omemo_access":
+            # The access model the server applied to our own nodes (owner configuration,
+            # XEP-0060 §8.2): publish-options asked for `open`.
+            access = {}
+            for node in (module.NODE_DEVICELIST, module.NODE_BUNDLE.format(peer.device_id)):
+                pubsub = ET.Element(f"{{{module.NS_PUBSUB_OWNER}}}pubsub")
+                ET.SubElement(pubsub, f"{{{module.NS_PUBSUB_OWNER}}}configure", node=node)
+                iq = self.client.make_iq_get()  # no 'to': our own account's PEP service
+                iq.append(pubsub)
+                try:
+                    result = await iq.send(timeout=timeout)
+                except (IqError, IqTimeout) as error:
+                    access[node] = {"error": module.describe_iq_error(error)}
+                    continue
+                values = [field.findtext("{jabber:x:data}value") for field in result.xml.iter("{jabber:x:data}field")
+                          if field.get("var") == "pubsub#access_model"]
+                access[node] = {"access_model": values[0] if values else None}
+            return {"access": access}
+        if name == "omemo_reset":
+            done = []
+            if peer.device_id is not None:
+                await bounded(peer.manager._delete_bundle(module.NS_OMEMO, peer.device_id))
+                done.append(f"bundle node of device {peer.device_id} deleted")
+            await bounded(peer.manager._publish(module.NODE_DEVICELIST, ET.Element(f"{{{module.NS_OMEMO}}}list")))
+            done.append("empty device list published")
+            return {"done": done}
+        raise RuntimeError(f"unknown command {name}")
+
     async def disconnect(self, timeout):
+        if self.omemo is not None:
+            await self.omemo.close()
+            self.omemo = None
         if self.client is not None:
             try:
                 await asyncio.wait_for(self.client.disconnect(wait=1.0), timeout)
@@ -207,7 +345,14 @@ class Agent:
             kind, timeout = command.pop("kind"), command.pop("timeout")
             return await self.wait(kind, timeout, **command)
         if name == "events":
-            return {"events": self.events}
+            events = self.events
+            if command.get("clear"):
+                self.events = []
+            return {"events": events}
+        if name == "unroster":
+            return await self.unroster(command["to"], command.get("timeout", 10))
+        if name.startswith("omemo_"):
+            return await self.omemo_command(name, command)
         if name == "roster":
             return await self.roster(command["timeout"])
         if name == "ping":

@@ -659,6 +659,9 @@ class ProviderSpec:
                   Prosody, mod_muc for D's host in ejabberd. The service is named in the
                   provider's certificate (or gets one of its own with per_domain_certs) and
                   has SRV records like a domain's, so that peers can reach and authenticate it
+    pep           Prosody and ejabberd: personal eventing (XEP-0163), for the OMEMO scenarios
+                  (mux:omemo-*): Prosody loads mod_pep; ejabberd gets mod_caps and mod_pubsub
+                  with the `pep` plugin (Braid always has PEP)
     """
     kind: str
     name: str
@@ -677,6 +680,7 @@ class ProviderSpec:
     per_domain_hosts: bool = False
     per_domain_shared_key: bool = False
     muc_domains: tuple = ()
+    pep: bool = False
 
 
 def default_specs(with_braid, domains=3, users=3):
@@ -923,6 +927,8 @@ class ProsodyProvider(Provider):
             modules.append("dialback")
         if spec.bidi:
             modules.append("s2s_bidi")
+        if spec.pep:
+            modules.append("pep")
         # Without cafile Prosody uses the system store, where the lab CA is not: the peer's
         # certificate then cannot authenticate it and dialback has to.
         ssl = f'{{ cafile = "{self.lab.ca.cert}" }}' if spec.trust_lab_ca else "{ }"
@@ -1077,6 +1083,10 @@ EJABBERD_BYPASS_WARNINGS=true
         # EXTERNAL is its only s2s authentication.
         dialback = "  mod_s2s_dialback: {}\n" if spec.dialback else ""
         modules = "  mod_disco: {}\n  mod_ping: {}\n  mod_roster: {}\n" + dialback
+        if spec.pep:
+            # PEP is mod_pubsub's `pep` plugin; mod_caps learns which contacts want which
+            # nodes (`NODE+notify` in their XEP-0115 caps).
+            modules += '  mod_caps: {}\n  mod_pubsub:\n    plugins: ["flat", "pep"]\n'
         # Group chat (spec.muc_domains): mod_muc only for those hosts, as `conference.HOST`.
         # host_config's modules are merged with the global ones; listing them all again
         # keeps the host's modules the same whichever way a version merges.
@@ -1406,7 +1416,7 @@ class Agent:
     def call(self, cmd, timeout=STEP_TIMEOUT, **fields):
         """Sends CMD; returns the reply dict, raises AgentError on an error reply."""
         payload = {"cmd": cmd, **fields}
-        if cmd in ("connect", "wait", "roster", "ping", "disconnect") or cmd.startswith("pool_"):
+        if cmd in ("connect", "wait", "roster", "ping", "unroster", "disconnect") or cmd.startswith(("pool_", "omemo_")):
             payload["timeout"] = timeout
         try:
             self.process.stdin.write((json.dumps(payload) + "\n").encode())
@@ -1430,9 +1440,10 @@ class Agent:
             raise AgentError(f"{self.jid}: {cmd} failed: {reply.get('error')}")
         return reply
 
-    def connect(self):
+    def connect(self, **options):
+        """Logs in; OPTIONS go to agent.py's connect (e.g. omemo=True)."""
         reply = self.call("connect", jid=self.jid, password=PASSWORD, host=self.provider.ip,
-                          port=C2S_PORT, ca=self.lab.ca.cert)
+                          port=C2S_PORT, ca=self.lab.ca.cert, **options)
         self.full_jid = reply["full_jid"]
         return self.full_jid
 
@@ -1682,16 +1693,7 @@ def exchange(lab, a, a_jid, b, b_jid, details):
     for provider in (a, b):
         provider.mark_log()
     agent_a, agent_b = lab.connect_agents([(a, a_jid), (b, b_jid)])
-    started = time.monotonic()
-
-    for (x, x_jid), (y, y_jid) in (((agent_a, a_jid), (agent_b, b_jid)), ((agent_b, b_jid), (agent_a, a_jid))):
-        step(f"{x_jid} subscribes to {y_jid}", x.call, "subscribe", to=y_jid)
-        step(f"{y_jid} gets the subscription request", y.wait, "subscribe", **{"from": x_jid})
-        step(f"{y_jid} approves", y.call, "approve", to=x_jid)
-        step(f"{x_jid} gets subscribed", x.wait, "subscribed", **{"from": y_jid})
-        # Approval makes Y's server send Y's current presence to X.
-        step(f"{x_jid} sees {y_jid}'s presence", x.wait, "available", full_from=y.full_jid)
-    details.append(f"mutual presence subscription {a_jid} ⇄ {b_jid} in {time.monotonic() - started:.2f}s")
+    subscribe_mutually(details, agent_a, agent_b)
     for agent, other in ((agent_a, b_jid), (agent_b, a_jid)):
         roster = step(f"roster of {agent.jid}", agent.call, "roster")["roster"]
         expect(roster.get(other) == "both",
@@ -1715,6 +1717,20 @@ def exchange(lab, a, a_jid, b, b_jid, details):
     for agent in (agent_a, agent_b):
         agent.close()
     details.append(conns.report("after (clients gone)"))
+
+
+def subscribe_mutually(details, agent_a, agent_b):
+    """AGENT_A subscribes to AGENT_B and B approves, then the other way round; each step
+    waits for its effect (request, `subscribed`, the other's available presence)."""
+    started = time.monotonic()
+    for x, y in ((agent_a, agent_b), (agent_b, agent_a)):
+        step(f"{x.jid} subscribes to {y.jid}", x.call, "subscribe", to=y.jid)
+        step(f"{y.jid} gets the subscription request", y.wait, "subscribe", **{"from": x.jid})
+        step(f"{y.jid} approves", y.call, "approve", to=x.jid)
+        step(f"{x.jid} gets subscribed", x.wait, "subscribed", **{"from": y.jid})
+        # Approval makes Y's server send Y's current presence to X.
+        step(f"{x.jid} sees {y.jid}'s presence", x.wait, "available", full_from=y.full_jid)
+    details.append(f"mutual presence subscription {agent_a.jid} ⇄ {agent_b.jid} in {time.monotonic() - started:.2f}s")
 
 
 class UserAllocator:

@@ -11,7 +11,9 @@ own, built after the classic one (lab.py's main() does it when Braid is in the l
            fingerprint until the posh-failure scenario fixes it)
   prosody, prosody2, ejabberd, ejabberd2   5 domains each, for the classic comparisons;
            prosody and ejabberd also run a group chat service, conference.p1.test and
-           conference.e1.test (mux:muc-at-prosody, mux:muc-at-ejabberd)
+           conference.e1.test (mux:muc-at-prosody, mux:muc-at-ejabberd); prosody2 and
+           ejabberd2 run PEP and have a sixth domain, q6 and f6, for mux:omemo-prosody and
+           mux:omemo-ejabberd (OMEMO with a braid user, Tests/Interop/omemo_client.py)
   web      a small HTTPS server (this file, `posh-server`) serving the customers' POSH
            documents, with a lab-CA certificate for those names
   evil     made by mux:malicious: a scripted s2s peer (this file, `evil-peer`)
@@ -45,7 +47,7 @@ import lab as L
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCENARIO_NAMES = ["mux:scale", "mux:mixed-proofs", "mux:posh-failure", "mux:prosody", "mux:ejabberd",
                   "mux:malicious", "mux:lifecycle", "mux:cert-reload", "mux:muc", "mux:muc-classic",
-                  "mux:muc-at-prosody", "mux:muc-at-ejabberd"]
+                  "mux:muc-at-prosody", "mux:muc-at-ejabberd", "mux:omemo-prosody", "mux:omemo-ejabberd"]
 SCALE_DOMAINS = 50
 CLASSIC_DOMAINS = 5
 POSH_DOMAINS = [f"cposh{index}.test" for index in (1, 2, 3)]
@@ -116,10 +118,12 @@ def specs(domains=SCALE_DOMAINS, subnet=L.DEFAULT_SUBNET, peer_settings=True):
             # named in the certificate and published in DNS like a domain.
             L.ProviderSpec("prosody", "prosody", "p", CLASSIC_DOMAINS, 1,
                            muc_domains=(f"p{REMOTE_MUC_DOMAIN_INDEX + 1}.test",)),
-            L.ProviderSpec("prosody", "prosody2", "q", CLASSIC_DOMAINS, 1),
+            # prosody2 and ejabberd2 run PEP and have a sixth domain (q6, f6) for the OMEMO
+            # scenarios, which the classic comparisons (first five domains) do not use.
+            L.ProviderSpec("prosody", "prosody2", "q", CLASSIC_DOMAINS + 1, 1, pep=True),
             L.ProviderSpec("ejabberd", "ejabberd", "e", CLASSIC_DOMAINS, 1,
                            muc_domains=(f"e{REMOTE_MUC_DOMAIN_INDEX + 1}.test",)),
-            L.ProviderSpec("ejabberd", "ejabberd2", "f", CLASSIC_DOMAINS, 1)]
+            L.ProviderSpec("ejabberd", "ejabberd2", "f", CLASSIC_DOMAINS + 1, 1, pep=True)]
 
 
 def braid2_served(domains):
@@ -256,6 +260,10 @@ def build_scenarios(lab):
             lab, details, braid, "prosody", braid.domains[-2 * REMOTE_MUC_GUESTS:-REMOTE_MUC_GUESTS])),
         ("mux:muc-at-ejabberd", lambda lab, details: scenario_muc_remote(
             lab, details, braid, "ejabberd", braid.domains[-REMOTE_MUC_GUESTS:])),
+        # OMEMO across federation (issue 13): braid's user of b42 (b41) and q6 at prosody2
+        # (f6 at ejabberd2), domains no other scenario's checks depend on.
+        ("mux:omemo-prosody", lambda lab, details: scenario_omemo(lab, details, braid, "prosody")),
+        ("mux:omemo-ejabberd", lambda lab, details: scenario_omemo(lab, details, braid, "ejabberd")),
     ]
 
 
@@ -1474,3 +1482,199 @@ def check_room_deliveries(details, label, room, messages, recipients, got):
     if got["errors"]:
         problems.append(f"{label}: {len(got['errors'])} message errors, e.g. {got['errors'][:2]}")
     return problems
+
+
+# -- OMEMO across federation (issue 13) --------------------------------------------------
+
+OMEMO_KINDS = ("prosody", "ejabberd")
+OMEMO_DEVICELIST = "eu.siacs.conversations.axolotl.devicelist"
+
+
+def omemo_users(braid, host, kind):
+    """(braid's user, the peer's user). Braid's: a domain from the end of its list, just before
+    the eight of mux:muc-at-prosody and -ejabberd (b42 with Prosody, b41 with ejabberd at 50
+    domains). The peer's: the first user of its provider's sixth domain (q6, f6), which the
+    classic comparison (the first five) never uses. Only mux:scale logs braid's user in too,
+    and it counts braid⇄braid2 connections only."""
+    offset = 2 * REMOTE_MUC_GUESTS + 1 + OMEMO_KINDS.index(kind)
+    return braid.users(braid.domains[-offset])[0], host.users(host.domains[CLASSIC_DOMAINS])[0]
+
+
+def forget_each_other(details, a, b, timeout=20):
+    """Removes A and B from each other's roster if either lists the other (a repeated run, or
+    an earlier failure, leaves the subscription: a second one would be answered by the server,
+    RFC 6121 §3.1.3, and never reach the client), waits (bounded) until neither does, then
+    forgets the events that caused. Returns True if there was anything to remove."""
+    def listed():
+        return {agent.jid: L.step(f"roster of {agent.jid}", agent.call, "roster")["roster"].get(other.jid)
+                for agent, other in ((a, b), (b, a))}
+    found = listed()
+    if not any(found.values()):
+        return False
+    first = dict(found)
+    deadline = time.monotonic() + timeout
+    while any(found.values()):
+        if time.monotonic() > deadline:
+            raise L.ScenarioFailure(f"HARNESS: roster entries left from an earlier run could not be removed "
+                                    f"in {timeout}s: {found}")
+        # The removal sends unsubscribe and unsubscribed to the other side, whose entry then
+        # stays as 'none' until it is removed as well.
+        for agent, other in ((a, b), (b, a)):
+            if found[agent.jid]:
+                L.step(f"{agent.jid} removes {other.jid} from its roster", agent.call, "unroster", to=other.jid)
+        time.sleep(0.3)
+        found = listed()
+    for agent in (a, b):
+        agent.call("events", clear=True)
+    details.append(f"roster entries from an earlier run removed first: {first}")
+    return True
+
+
+def omemo_evidence(braid, host, agents, jids):
+    """On failure: the last PEP/OMEMO stanzas (and errors) of each client's transcript, and
+    the servers' log lines naming the other side's JIDs."""
+    lines = []
+    for agent in agents:
+        text = L.log_tail(agent.log_path, 3000)
+        stanzas = [line.strip() for line in text.splitlines()
+                   if ("SEND:" in line or "RECV:" in line)
+                   and re.search(r"pubsub|axolotl|type=.error|caps", line)]
+        lines += [f"{agent.jid} transcript: {line[:900]}" for line in stanzas[-8:]]
+    for provider in (braid, host):
+        named_lines = [line.strip()[:400] for line in provider.log_since_mark().splitlines()
+                       if any(jid in line for jid in jids)
+                       and re.search(r"pep|pubsub|error|refus|fail|caps|disco", line, re.I)]
+        lines += [f"{provider.name} log: {line}" for line in named_lines[-8:]]
+    return lines
+
+
+def scenario_omemo(lab, details, braid, kind):
+    """Issue 13: OMEMO (XEP-0384 0.3, `eu.siacs.conversations.axolotl`) between a user of a
+    braid customer domain and a user of a KIND provider (prosody2 or ejabberd2, which run
+    PEP), each in its own provider's namespace, with Tests/Interop/omemo_client.py inside
+    agent.py. Caps with devicelist+notify before the initial presence; mutual presence
+    subscription over s2s; each publishes its bundle and device list to its own server's PEP
+    with publish-options access_model=open; each fetches the other's device list and bundle
+    from the other server's PEP across s2s (the bundle's identity key must be the one its
+    owner generated); an encrypted message each way must decrypt to the text sent, from the
+    sender's device; each must have had a PEP notification of the other's device list,
+    sent by the other's server across s2s."""
+    host = named(lab, f"{kind}2")
+    braid_jid, peer_jid = omemo_users(braid, host, kind)
+    L.quiesce(lab, [braid, host])
+    for provider in (braid, host):
+        provider.mark_log()
+    out_before, in_before = (set(side) for side in lab.connections(braid, host))
+    opens = {p.name: L.tcp_counters(p.ns)["ActiveOpens"] for p in (braid, host)}
+    details.append(f"s2s connections between {braid.name} and {host.name} before: "
+                   f"{len(out_before) + len(in_before)} ({braid.name} opened {len(out_before)}, "
+                   f"{host.name} {len(in_before)})")
+    agent_braid = L.Agent(lab, braid, braid_jid)
+    agent_peer = L.Agent(lab, host, peer_jid)
+    agents = (agent_braid, agent_peer)
+    server = {braid_jid: braid.name, peer_jid: host.name}
+    started = time.monotonic()
+    passed = False
+    try:
+        for agent in agents:
+            L.step(f"log in {agent.jid} (OMEMO client, caps with {OMEMO_DEVICELIST}+notify)",
+                   agent.connect, omemo=True)
+        forget_each_other(details, agent_braid, agent_peer)
+        L.subscribe_mutually(details, agent_braid, agent_peer)
+
+        device, identity = {}, {}
+        for agent in agents:
+            t0 = time.monotonic()
+            reply = L.step(f"{agent.jid} publishes its OMEMO bundle and device list to {server[agent.jid]}'s PEP "
+                           f"(publish-options access_model=open)", agent.call, "omemo_start", timeout=30)
+            device[agent.jid], identity[agent.jid] = reply["device"], reply["identity"]
+            elapsed = time.monotonic() - t0
+            # publish-options are a precondition (XEP-0060 §7.1.5): the server either applies
+            # them or refuses the publish. What it applied, from the nodes' configuration:
+            access = L.step(f"{agent.jid} reads its nodes' access model", agent.call, "omemo_access")["access"]
+            models = {node.rsplit(".", 1)[-1]: value.get("access_model", value.get("error")) for node, value in access.items()}
+            details.append(f"{agent.jid}: device {reply['device']}, bundle and device list published to "
+                           f"{server[agent.jid]}'s PEP in {elapsed:.2f}s; pubsub#access_model of its nodes: {models}")
+            wrong = {node: value for node, value in access.items() if "access_model" in value and value["access_model"] != "open"}
+            L.expect(not wrong, f"{server[agent.jid]} accepted publish-options access_model=open for {agent.jid} "
+                                f"but configured {wrong}")
+
+        for agent, other in ((agent_braid, agent_peer), (agent_peer, agent_braid)):
+            what = f"{agent.jid} ({server[agent.jid]}) fetches from {other.jid}'s PEP at {server[other.jid]}"
+            t0 = time.monotonic()
+            devices = L.step(f"{what}: device list", agent.call, "omemo_devices", jid=other.jid, timeout=30)["devices"]
+            L.expect(device[other.jid] in devices,
+                     f"{what}: the device list is {devices}, without device {device[other.jid]}")
+            bundle = L.step(f"{what}: bundle of device {device[other.jid]}", agent.call, "omemo_bundle",
+                            jid=other.jid, device=device[other.jid], timeout=30)
+            L.expect(bundle["identity"] == identity[other.jid],
+                     f"{what}: the bundle's identity key {bundle['identity'][:16]}… is not the one "
+                     f"{other.jid} generated ({identity[other.jid][:16]}…)")
+            details.append(f"{what} across s2s: device list {devices}, bundle of device {device[other.jid]} "
+                           f"(identity key {bundle['identity'][:16]}…, as generated; signed pre-key "
+                           f"{bundle['signed_pre_key']}, {bundle['pre_keys']} pre-keys) in {time.monotonic() - t0:.2f}s")
+
+        texts = {agent_braid.jid: f"OMEMO {braid_jid} → {peer_jid}: Grüße 🔐 <&> {RUN_TAG}",
+                 agent_peer.jid: f"OMEMO {peer_jid} → {braid_jid}: ça marche ✓ 你好 {RUN_TAG}"}
+        decrypted = 0
+        for x, y in ((agent_braid, agent_peer), (agent_peer, agent_braid)):
+            t0 = time.monotonic()
+            sent = L.step(f"{x.jid} encrypts for {y.jid}", x.call, "omemo_send", to=y.jid, text=texts[x.jid], timeout=30)
+            got = L.step(f"{y.jid} decrypts {x.jid}'s message", y.call, "omemo_receive", timeout=30, **{"from": x.jid})
+            L.expect(got["plaintext"] == texts[x.jid],
+                     f"{y.jid} decrypted {got['plaintext']!r}, {x.jid} sent {texts[x.jid]!r}")
+            L.expect(got["device"] == device[x.jid],
+                     f"{y.jid}: the message came from device {got['device']}, {x.jid}'s is {device[x.jid]}")
+            decrypted += 1
+            details.append(f"{x.jid} → {y.jid}: {sent['messages']} OMEMO message, key encrypted for "
+                           f"{sent['keys']} device(s); decrypted to the text sent ({got['plaintext']!r}) from "
+                           f"device {got['device']} in {time.monotonic() - t0:.2f}s")
+
+        notified = 0
+        for agent, other in ((agent_braid, agent_peer), (agent_peer, agent_braid)):
+            got = L.step(f"{agent.jid} gets a PEP notification of {other.jid}'s device list from {server[other.jid]}",
+                         agent.call, "omemo_notification", jid=other.jid, device=device[other.jid], timeout=30)
+            from_other = [n for n in got["notifications"] if n["from"].split("/")[0] == other.jid]
+            own = [n for n in got["notifications"] if n["from"].split("/")[0] == agent.jid]
+            notified += 1
+            details.append(f"{agent.jid} had {len(from_other)} device-list notification(s) of {other.jid} from "
+                           f"{server[other.jid]} across s2s (" + "; ".join(f"{n['devices']} at {n['at']:.2f}s"
+                                                                        for n in from_other)
+                           + f"; seconds since its login) and {len(own)} of its own from {server[agent.jid]}")
+        details.append(f"OMEMO {braid.name} ⇄ {host.name}: {decrypted} of 2 messages decrypted, {notified} of 2 "
+                       f"device-list notifications across s2s, in {time.monotonic() - started:.1f}s")
+        passed = True
+    finally:
+        if not passed:
+            details.extend(omemo_evidence(braid, host, agents, [braid_jid, peer_jid]))
+        out_after, in_after = (set(side) for side in lab.connections(braid, host))
+        opened = {p.name: L.tcp_counters(p.ns)["ActiveOpens"] - opens[p.name] for p in (braid, host)}
+        details.append(f"s2s connections between {braid.name} and {host.name} after: "
+                       f"{len(out_after) + len(in_after)} established ({braid.name} opened "
+                       f"{len(out_after - out_before)} new, {host.name} {len(in_after - in_before)} new); "
+                       f"TCP connections opened in each namespace: {braid.name} {opened[braid.name]}, "
+                       f"{host.name} {opened[host.name]} (each counts its client's own c2s connection)")
+        domain = braid_jid.split("@")[1]
+        with contextlib.suppress(L.LabError):
+            evidence = host.s2s_evidence([domain])
+            details.append(f"{host.name}'s view of its s2s sessions with {domain}: "
+                           + (evidence.replace("\n", " | ")[:600] if evidence else
+                              "no new authentication logged (the previous run's connections were reused)"))
+        # Leave no state behind for the next run or scenario: empty device lists, no bundle
+        # nodes, no subscription. Best effort; a repeated run cleans the roster up anyway.
+        cleanup = []
+        for agent in agents:
+            with contextlib.suppress(L.AgentError):
+                if agent.full_jid:
+                    cleanup += agent.call("omemo_reset", timeout=15)["done"]
+        try:
+            if all(agent.full_jid for agent in agents):
+                for agent, other in ((agent_braid, agent_peer), (agent_peer, agent_braid)):
+                    agent.call("unroster", to=other.jid)
+                cleanup.append("roster entries removed")
+        except L.AgentError as error:
+            cleanup.append(f"NOTE: roster clean-up failed: {error}")
+        if cleanup:
+            details.append("clean-up: " + "; ".join(cleanup))
+        for agent in agents:
+            agent.close()

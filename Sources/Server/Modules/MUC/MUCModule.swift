@@ -55,6 +55,10 @@ struct MUCModule: BraidModule {
         let storage = router.server.storage
         let logger = router.server.logger
         await rooms.loadIfNeeded(from: storage, logger: logger)
+        if service.to.resourcepart == nil, let iq = IQ(stanza), iq.type == .set, let payload = iq.payload, payload.namespace == MAMModule.namespace, payload.name == "query" {
+            await queryArchive(iq, payload: payload, from: from, room: room, service: service, rooms: rooms)
+            return
+        }
         // One event at a time per room, its stanzas routed (and the room saved) before the next.
         _ = try? await router.server.accounts.run(room) {
             let mayCreate: Bool = switch rooms.settings.roomCreators {
@@ -67,12 +71,36 @@ struct MUCModule: BraidModule {
             do {
                 if let saved = effects.save { try await storage.putGroupChatRoom(saved) }
                 if let forgotten = effects.forget { try await storage.removeGroupChatRoom(forgotten) }
+                if let archived = effects.archive {
+                    try await storage.archiveRoomMessage(archived, room: room, parentDomain: service.parent, expireBefore: nil)
+                }
+                if effects.removeArchive { try await storage.removeRoomArchive(room) }
             } catch {
                 logger.error("saving a group-chat room failed", metadata: ["room": "\(room)", "error": "\(error)"])
             }
             for element in effects.out {
                 if let reply = Stanza(element) { await router.route(reply) }
             }
+        }
+    }
+
+    /// XEP-0313 on a room: its archive, for whoever may enter it (an occupant, or anyone when
+    /// the room is open); the same `item-not-found` as for a room that does not exist
+    /// otherwise.
+    private static func queryArchive(_ iq: IQ, payload: XMLElement, from: JID, room: JID, service: ServiceStanza, rooms: MUCRooms) async {
+        guard let current = rooms.room(room), current.configuration.logging,
+              current.occupant(realJID: from) != nil || (!current.configuration.membersOnly && current.configuration.password == nil)
+                || ["owner", "admin", "member"].contains(current.affiliation(of: from)) else {
+            await service.bounce(with: StanzaError(.itemNotFound))
+            return
+        }
+        let router = service.router
+        let outcome = await MAMModule.answer(payload, archive: room, requester: from, settings: BraidConfiguration.MAMSettings(), router: router,
+                                             fetch: { query in try await router.server.storage.archivedRoomMessages(query, room: room) },
+                                             deliver: { result in if let stanza = Stanza(result) { await router.route(stanza) } })
+        switch outcome {
+        case .success(let fin): await service.send(iq.result(payload: fin).stanza.setting(attribute: "from", to: room.description))
+        case .failure(let error): await service.bounce(with: error)
         }
     }
 
@@ -134,6 +162,10 @@ final class MUCRooms: Sendable {
         var save: StoredRoom?
         /// The room to forget (destroyed, or made temporary).
         var forget: JID?
+        /// A message for the room's archive (XEP-0313), and the archive to remove (the room
+        /// is gone: destroyed, or temporary and empty).
+        var archive: ArchivedMessage?
+        var removeArchive = false
     }
 
     var count: Int { state.withLock { $0.rooms.count } }
@@ -214,13 +246,21 @@ final class MUCRooms: Sendable {
                 return effects
             }
             let creator = mayCreate ?? (from.domainpart == parent && from.localpart != nil)
-            effects.out = Self.event(stanza, from: from, to: to, state: &current, mayCreate: creator, now: now)
+            let stanzaID = stanza.kind == .message && stanza.typeAttribute == "groupchat" && to.resourcepart == nil && !stanza.isError
+                ? ServerContext.randomIdentifier(bytes: 12) : nil
+            effects.out = Self.event(stanza, from: from, to: to, state: &current, mayCreate: creator, now: now, stanzaID: stanzaID)
+            if let stanzaID, let kept = current.history.last, kept.message.children(name: "stanza-id", namespace: MAMModule.stanzaIDs).contains(where: { $0.attribute("id") == stanzaID }) {
+                effects.archive = ArchivedMessage(id: stanzaID, with: kept.message.attribute("from") ?? room.description,
+                                                  stamp: Int64((kept.at.timeIntervalSince1970 * 1000).rounded(.down)), stanza: XMLFragment.serialize(kept.message))
+            }
+            if exists && current.isGone { effects.removeArchive = true }
             let result = current
             state.withLock { $0.set(result.isGone ? nil : result, at: room) }
             if current.isPersistent && (!wasPersistent || before.0 != current.configuration || before.1 != current.affiliations) {
                 effects.save = Self.stored(current, parent: parent, now: now)
             } else if wasPersistent && !current.isPersistent {
                 effects.forget = room
+                effects.removeArchive = effects.removeArchive || current.isEmpty
             }
             return effects
         }
@@ -266,7 +306,7 @@ final class MUCRooms: Sendable {
                           createdAt: Int64(now.timeIntervalSince1970))
     }
 
-    private static func event(_ stanza: Stanza, from: JID, to: JID, state: inout MUCRoom, mayCreate: Bool, now: Date) -> [XMLElement] {
+    private static func event(_ stanza: Stanza, from: JID, to: JID, state: inout MUCRoom, mayCreate: Bool, now: Date, stanzaID: String? = nil) -> [XMLElement] {
         switch stanza.kind {
         case .presence:
             if stanza.isError {
@@ -283,7 +323,7 @@ final class MUCRooms: Sendable {
             if stanza.isError {
                 return state.remove(realJID: from)
             }
-            return state.message(stanza, from: from, nick: to.resourcepart, now: now)
+            return state.message(stanza, from: from, nick: to.resourcepart, now: now, stanzaID: stanzaID)
         case .iq:
             return iq(stanza, from: from, to: to, state: &state)
         }
@@ -398,6 +438,7 @@ final class MUCRooms: Sendable {
          configuration.moderated ? "muc_moderated" : "muc_unmoderated",
          configuration.whoIs == "anyone" ? "muc_nonanonymous" : "muc_semianonymous",
          configuration.password == nil ? "muc_unsecured" : "muc_passwordprotected"]
+            + (configuration.logging ? [MAMModule.namespace, MAMModule.stanzaIDs] : [])
     }
 
     /// §10.2's fields Braid supports, with the room's values.
@@ -432,6 +473,7 @@ final class MUCRooms: Sendable {
             field("muc#roomconfig_changesubject", "boolean", "Participants may change the subject", [flag(c.changeSubject)]),
             field("muc#roomconfig_allowpm", "list-single", "Who may send private messages", [c.allowPrivateMessages],
                   options: ["anyone", "participants", "moderators", "none"]),
+            field("muc#roomconfig_enablelogging", "boolean", "Keep an archive of the discussion (XEP-0313)", [flag(c.logging)]),
             field("muc#maxhistoryfetch", "text-single", "Messages of history for newcomers (at most \(room.historyLimit))",
                   [String(min(room.historyLimit, c.historyLength ?? room.historyLimit))]),
         ])
@@ -466,6 +508,7 @@ final class MUCRooms: Sendable {
             case "muc#roomconfig_allowpm":
                 guard ["anyone", "participants", "moderators", "none"].contains(value) else { return nil }
                 c.allowPrivateMessages = value
+            case "muc#roomconfig_enablelogging": c.logging = bool
             case "muc#maxhistoryfetch":
                 guard let number = Int(value), number >= 0 else { return nil }
                 c.historyLength = number

@@ -47,6 +47,9 @@ struct MUCRoomConfiguration: Codable, Sendable, Equatable {
     /// Messages of history kept for newcomers (`muc#maxhistoryfetch`); nil is the service's
     /// `muc.history_length`, which also bounds it.
     var historyLength: Int?
+    /// Whether the room keeps an archive of what is said (`muc#roomconfig_enablelogging`;
+    /// XEP-0313 on the room's JID).
+    var logging = true
 
     init() {}
 
@@ -66,6 +69,7 @@ struct MUCRoomConfiguration: Codable, Sendable, Equatable {
         changeSubject = try container.decodeIfPresent(Bool.self, forKey: .changeSubject) ?? defaults.changeSubject
         allowPrivateMessages = try container.decodeIfPresent(String.self, forKey: .allowPrivateMessages) ?? defaults.allowPrivateMessages
         historyLength = try container.decodeIfPresent(Int.self, forKey: .historyLength)
+        logging = try container.decodeIfPresent(Bool.self, forKey: .logging) ?? defaults.logging
     }
 }
 
@@ -341,7 +345,9 @@ struct MUCRoom: Sendable {
     // MARK: Messages
 
     /// A message from `from` to the room (`nick` nil) or to an occupant.
-    mutating func message(_ stanza: Stanza, from: JID, nick: String?, now: Date) -> [XMLElement] {
+    /// `stanzaID` is the id a groupchat message gets in the room's archive (XEP-0359), stamped
+    /// on every copy and kept with the history.
+    mutating func message(_ stanza: Stanza, from: JID, nick: String?, now: Date, stanzaID: String? = nil) -> [XMLElement] {
         guard let sender = occupant(realJID: from) else {
             // §7.4, §7.5: only occupants speak.
             return [Self.error(stanza, StanzaError(.notAcceptable, text: "only occupants may send messages to the room"), from: nick.map(roomJID) ?? jid)]
@@ -394,7 +400,10 @@ struct MUCRoom: Sendable {
                                            guard case .element(let child) = node else { return true }
                                            return child.namespace != MUCNamespace.occupantID
                                        })
-        let reflected = withoutClaims.setting(attribute: "from", to: roomJID(sender.nick).description).appending(occupantIDElement(sender.realJID))
+        var reflected = withoutClaims.setting(attribute: "from", to: roomJID(sender.nick).description).appending(occupantIDElement(sender.realJID))
+        if let stanzaID, configuration.logging {
+            reflected = MAMModule.stamped(reflected, id: stanzaID, by: jid)
+        }
         if stanza.element.firstChild(name: "body", namespace: stanza.element.namespace) != nil {
             history.append((reflected.setting(attribute: "to", to: nil), now))
             let kept = min(historyLimit, max(0, configuration.historyLength ?? historyLimit))
