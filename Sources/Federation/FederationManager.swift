@@ -601,11 +601,19 @@ public final class FederationManager: Sendable {
             var refusedAny: Bool
             var answersRequests: Bool
             var localCertificate: [UInt8]?
+            var peerCertificateHash: Int?
+            /// The server at the other end: its address and the certificate it presents. Two
+            /// providers behind one address (or loopback in tests) are not one server.
+            var peerServer: String? {
+                guard let ip = link.peerIP, let hash = peerCertificateHash else { return nil }
+                return "\(ip)|\(hash)"
+            }
         }
         let gathered = await FederationLink.onLoops(openLinks) { link -> Facts? in
             guard !link.isClosed, link.isBidirectional, let streamID = link.streamID else { return nil }
             return Facts(link: link, streamID: streamID, pairs: Set(link.authorizations.map(\.pair)), refusedAny: link.hasRefusedAny,
-                         answersRequests: link.peerAnswersRequestsOnItsLinks, localCertificate: link.localCertificate)
+                         answersRequests: link.peerAnswersRequestsOnItsLinks, localCertificate: link.localCertificate,
+                         peerCertificateHash: link.peerCertificateHash)
         }
         let links = gathered.compactMap { $0 ?? nil }
         let incoming = links.filter { $0.link.origin == .incoming }
@@ -614,8 +622,13 @@ public final class FederationManager: Sendable {
         // thousands of links, and comparing every pair of them on every new link took the
         // whole CPU.
         var byRemote: [String: [Facts]] = [:]
+        // And by the server at the other end: a simultaneous open can leave two links that
+        // carry different pairs (a1→b1 ours, b2→a2 theirs), which share no remote domain.
+        // The pair rules below still decide whether ours may move.
+        var byPeer: [String: [Facts]] = [:]
         for theirs in incoming {
             for remote in Set(theirs.pairs.map(\.remote)) { byRemote[remote, default: []].append(theirs) }
+            if let server = theirs.peerServer { byPeer[server, default: []].append(theirs) }
         }
         // Moving pairs that would need a request is safe only while the peer has refused
         // none of our domains: a peer that requires certificates per domain would refuse
@@ -624,7 +637,8 @@ public final class FederationManager: Sendable {
         let refusingPeers = Set(links.filter(\.refusedAny).compactMap(\.link.peerIP))
         for ours in links where ours.link.origin == .outgoing {
             var seen = Set<String>()
-            let candidates = Set(ours.pairs.map(\.remote)).flatMap { byRemote[$0] ?? [] }.filter { seen.insert($0.link.id).inserted }
+            let sameServer = ours.peerServer.flatMap { byPeer[$0] } ?? []
+            let candidates = (Set(ours.pairs.map(\.remote)).flatMap { byRemote[$0] ?? [] } + sameServer).filter { seen.insert($0.link.id).inserted }
             for theirs in candidates where ours.streamID > theirs.streamID {
                 let peerRefused = ours.refusedAny || theirs.refusedAny || [ours.link.peerIP, theirs.link.peerIP].contains { $0.map(refusingPeers.contains) == true }
                 // And only pairs whose local domain the peer's link already carries, or whose

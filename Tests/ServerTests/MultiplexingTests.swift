@@ -454,4 +454,31 @@ extension MultiplexingTests {
             for client in Array(a.values) + Array(b.values) { await client.close() }
         }
     }
+
+    @Test("A simultaneous open whose two links carry different domain pairs still ends on one link (the CI lab found two left after a1→b1 and b2→a2 opened at once)")
+    func simultaneousOpenWithDisjointPairs() async throws {
+        let aDomains = ["a1.example", "a2.example"]
+        let bDomains = ["b1.example", "b2.example"]
+        try await withFederation(aDomains: aDomains, aUsers: ["user@a1.example", "user@a2.example"], bDomains: bDomains, bUsers: ["user@b1.example", "user@b2.example"]) { pair in
+            let a = try await clients(pair.a, ["user@a1.example", "user@a2.example"])
+            let b = try await clients(pair.b, ["user@b1.example", "user@b2.example"])
+            // Each side opens for a pair of its own, at the same moment.
+            async let first: Void = a["user@a1.example"]!.sendMessage(to: "user@b1.example", body: "a1 to b1")
+            async let second: Void = b["user@b2.example"]!.sendMessage(to: "user@a2.example", body: "b2 to a2")
+            _ = try await (first, second)
+            #expect(try await receive(1, on: b["user@b1.example"]!) == ["a1 to b1"])
+            #expect(try await receive(1, on: a["user@a2.example"]!) == ["b2 to a2"])
+            try await waitUntil(timeout: .seconds(15), "one link between the providers") {
+                let (a, b) = (await openLinks(pair.a).count, await openLinks(pair.b).count)
+                return a == 1 && b == 1
+            }
+            // And both pairs still work, on it.
+            try await a["user@a1.example"]!.sendMessage(to: "user@b1.example", body: "again")
+            try await b["user@b2.example"]!.sendMessage(to: "user@a2.example", body: "again")
+            #expect(try await receive(1, on: b["user@b1.example"]!) == ["again"])
+            #expect(try await receive(1, on: a["user@a2.example"]!) == ["again"])
+            #expect(await openLinks(pair.a).count == 1)
+            for client in Array(a.values) + Array(b.values) { await client.close() }
+        }
+    }
 }
