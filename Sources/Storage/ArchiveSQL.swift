@@ -43,6 +43,11 @@ struct ArchiveSQL {
         return clauses.joined(separator: " AND ")
     }
 
+    /// An account's quota (SQLite; parameters: account, account, quota): everything from the
+    /// entry after the newest `quota` back goes. Fewer entries: the inner query is NULL and
+    /// nothing matches.
+    static let trimToQuota = "DELETE FROM archive WHERE user_jid = ? AND id <= (SELECT id FROM archive WHERE user_jid = ? ORDER BY id DESC LIMIT 1 OFFSET ?)"
+
     /// Schema version "v4": the message archive (issue 14). Append-only; ordered by `id`;
     /// indexed for an account's pages, by correspondent, by time, and by stanza id.
     static let schemaV4: [String] = [

@@ -548,7 +548,7 @@ public final class PostgresStorage: Storage {
 
     // MARK: Message archive
 
-    public func archive(_ message: ArchivedMessage, for user: JID, expireBefore: Int64?) async throws {
+    public func archive(_ message: ArchivedMessage, for user: JID, expireBefore: Int64?, keepLast: Int?) async throws {
         let key = try StorageKeys.account(user)
         let (id, with, stamp, stanza) = (message.id, message.with, message.stamp, message.stanza)
         try await run("archive message") { [self] in
@@ -556,11 +556,20 @@ public final class PostgresStorage: Storage {
                 guard try await Self.count(try await connection.query("SELECT 1 FROM users WHERE jid = \(key) FOR SHARE", logger: logger)) > 0 else {
                     throw StorageError.userNotFound
                 }
-                try await connection.query("""
-                    INSERT INTO archive (user_jid, stanza_id, with_jid, stamp, stanza) VALUES (\(key), \(id), \(with), \(stamp), \(stanza))
+                let inserted = try await connection.query("""
+                    INSERT INTO archive (user_jid, stanza_id, with_jid, stamp, stanza) VALUES (\(key), \(id), \(with), \(stamp), \(stanza)) RETURNING id
                     """, logger: logger)
+                var rowID: Int64 = 1
+                for try await (value) in inserted.decode(Int64.self) { rowID = value }
                 if let expireBefore {
                     try await connection.query("DELETE FROM archive WHERE user_jid = \(key) AND stamp < \(expireBefore)", logger: logger)
+                }
+                if let keepLast, rowID % archiveQuotaCheckInterval == 0 {
+                    let quota = max(0, keepLast)
+                    try await connection.query("""
+                        DELETE FROM archive WHERE user_jid = \(key)
+                        AND id <= (SELECT id FROM archive WHERE user_jid = \(key) ORDER BY id DESC LIMIT 1 OFFSET \(quota))
+                        """, logger: logger)
                 }
             }
         }

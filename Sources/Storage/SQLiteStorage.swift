@@ -484,7 +484,7 @@ public final class SQLiteStorage: Storage {
 
     // MARK: Message archive
 
-    public func archive(_ message: ArchivedMessage, for user: JID, expireBefore: Int64?) async throws {
+    public func archive(_ message: ArchivedMessage, for user: JID, expireBefore: Int64?, keepLast: Int?) async throws {
         let key = try Self.accountKey(user)
         try await pool.write { db in
             guard try Row.fetchOne(db, sql: SQL.userExists, arguments: [key]) != nil else { throw StorageError.userNotFound }
@@ -492,6 +492,9 @@ public final class SQLiteStorage: Storage {
                            arguments: [key, message.id, message.with, message.stamp, message.stanza])
             if let expireBefore {
                 try db.execute(sql: "DELETE FROM archive WHERE user_jid = ? AND stamp < ?", arguments: [key, expireBefore])
+            }
+            if let keepLast, db.lastInsertedRowID % archiveQuotaCheckInterval == 0 {
+                try db.execute(sql: ArchiveSQL.trimToQuota, arguments: [key, key, max(0, keepLast)])
             }
         }
     }

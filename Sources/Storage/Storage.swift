@@ -142,8 +142,10 @@ public protocol Storage: Sendable {
 
     /// Appends a message to `user`'s archive. Throws ``StorageError/userNotFound`` if the
     /// account does not exist. With `expireBefore` (milliseconds since 1970), also removes the account's entries
-    /// older than that, in the same transaction (retention).
-    func archive(_ message: ArchivedMessage, for user: JID, expireBefore: Int64?) async throws
+    /// older than that, in the same transaction (retention). With `keepLast`, the account's
+    /// oldest entries beyond that many go too (a quota); checked on about one append in
+    /// ``archiveQuotaCheckInterval``, so an archive may exceed it by that much for a while.
+    func archive(_ message: ArchivedMessage, for user: JID, expireBefore: Int64?, keepLast: Int?) async throws
 
     /// One page of `user`'s archive (see ``ArchiveQuery``). Throws
     /// ``StorageError/itemNotFound`` when an `after`/`before` id is not in the archive.
@@ -443,4 +445,15 @@ public enum StorageError: Error, Sendable, Hashable {
     case notAnAccount
     /// An id named in a query (an archive page's `after` or `before`) is not there.
     case itemNotFound
+}
+
+/// How often an append checks the archive's quota (on appends whose row id is a multiple of
+/// it): counting an account's entries on every append would cost more than the append.
+public let archiveQuotaCheckInterval: Int64 = 64
+
+extension Storage {
+    /// An append without a quota.
+    public func archive(_ message: ArchivedMessage, for user: JID, expireBefore: Int64?) async throws {
+        try await archive(message, for: user, expireBefore: expireBefore, keepLast: nil)
+    }
 }

@@ -205,6 +205,17 @@ class BraidServer:
         self._launch()
         return code
 
+    def crash_and_restart(self):
+        """Kills the server with SIGKILL (no shutdown of any kind, as a power cut would for
+        the process) and starts it again on the same data, database and ports."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=STOP_GRACE)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        self._launch()
+
     def stop(self):
         """SIGTERM, then SIGKILL after a bounded wait. Returns the exit code (None if never started)."""
         code = self._stop_process()

@@ -58,7 +58,7 @@ class Client(ClientXMPP):
     """A slixmpp client set up for tests: no certificate checks, no automatic subscription
     handling, and queues of what it receives."""
 
-    def __init__(self, jid, password, mechanism="SCRAM-SHA-256", stream_management=False):
+    def __init__(self, jid, password, mechanism="SCRAM-SHA-256", stream_management=False, plugins=()):
         super().__init__(jid, password, sasl_mech=mechanism)
         # Self-signed certificates: verification off; ALPN for direct TLS (XEP-0368).
         self.ssl_context.check_hostname = False
@@ -69,6 +69,9 @@ class Client(ClientXMPP):
             self.register_plugin("xep_0198")
             # Request an ack after every stanza sent, so acknowledgements never lag behind.
             self["xep_0198"].window = 1
+        # Plugins that read the stream features (XEP-0352's) must be there before connecting.
+        for plugin in plugins:
+            self.register_plugin(plugin)
         # Tests decide themselves how to answer subscription requests.
         self.auto_authorize = None
         self.auto_subscribe = False
@@ -157,11 +160,11 @@ def start_connect(client, server, direct_tls):
 
 
 async def login(server, jid, password=PASSWORD, direct_tls=False, stream_management=False,
-                presence=True, timeout=LOGIN_TIMEOUT, mechanism="SCRAM-SHA-256"):
+                presence=True, timeout=LOGIN_TIMEOUT, mechanism="SCRAM-SHA-256", plugins=()):
     """Connects and authenticates with SCRAM-SHA-256 (or `mechanism`; None for slixmpp's
     defaults); returns the client once the session (and, if asked for, XEP-0198) is up.
     Raises LoginFailed with the reason otherwise."""
-    client = Client(jid, password, mechanism=mechanism, stream_management=stream_management)
+    client = Client(jid, password, mechanism=mechanism, stream_management=stream_management, plugins=plugins)
     loop = asyncio.get_running_loop()
     outcome = loop.create_future()
 

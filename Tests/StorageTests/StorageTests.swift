@@ -961,6 +961,34 @@ struct ArchiveTests {
             #expect(try await storage.archivedMessages(ArchiveQuery(limit: 20), for: alice).count == 0)
         }
     }
+
+    @Test("A quota keeps the newest messages: checked every archiveQuotaCheckInterval appends, the archive never holds more than quota + interval", arguments: Backend.allCases)
+    func quotaKeepsTheNewest(_ backend: Backend) async throws {
+        try await withStorage(backend) { (storage: any Storage) async throws in
+            let alice = try JID("alice@example.com")
+            try await storage.createUser(alice, credentials: credentials(1))
+            let quota = 10
+            let appends = Int(archiveQuotaCheckInterval) * 3 + 5
+            var peak = 0
+            for index in 0..<appends {
+                try await storage.archive(ArchivedMessage(id: "q\(index)", with: "bob@example.org", stamp: Int64(index), stanza: "<message/>"),
+                                          for: alice, expireBefore: nil, keepLast: quota)
+                peak = max(peak, try await storage.archivedMessages(ArchiveQuery(limit: 1), for: alice).count)
+            }
+            #expect(peak <= quota + Int(archiveQuotaCheckInterval), "the archive grew to \(peak)")
+            let kept = try await storage.archivedMessages(ArchiveQuery(limit: 500), for: alice).messages.map(\.id)
+            // Trimmed at least once (three intervals passed), the newest always kept, in order.
+            #expect(kept.count < appends && kept.count >= quota)
+            #expect(kept == (appends - kept.count..<appends).map { "q\($0)" })
+            // Without a quota nothing is trimmed.
+            let bob = try JID("bob@example.com")
+            try await storage.createUser(bob, credentials: credentials(2))
+            for index in 0..<Int(archiveQuotaCheckInterval) * 2 {
+                try await storage.archive(ArchivedMessage(id: "b\(index)", with: "alice@example.com", stamp: Int64(index), stanza: "<message/>"), for: bob, expireBefore: nil)
+            }
+            #expect(try await storage.archivedMessages(ArchiveQuery(limit: 1), for: bob).count == Int(archiveQuotaCheckInterval) * 2)
+        }
+    }
 }
 }
 

@@ -131,6 +131,10 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
         public var maxPageSize = 250
         /// What an account without preferences archives: always, never or roster.
         public var defaultPreference = "always"
+        /// Messages kept per account, the oldest going first; 0 keeps every one (the
+        /// retention still applies). Checked every 64 appends, so an archive may hold up to
+        /// 64 more for a while.
+        public var maxMessagesPerAccount = 0
 
         public init() {}
 
@@ -140,6 +144,7 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
             case defaultPageSize = "default_page_size"
             case maxPageSize = "max_page_size"
             case defaultPreference = "default_preference"
+            case maxMessagesPerAccount = "max_messages_per_account"
         }
     }
 

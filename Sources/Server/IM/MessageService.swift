@@ -38,6 +38,11 @@ final class MessageService: Sendable {
                 // §8.5.3.1: the resource exists.
                 entry.session.deliver(stanza.element)
                 router.modules.messageDelivered(message, account: account, resources: [target], router: router)
+                // A device that lost its connection and may resume (XEP-0198) has not got it
+                // yet: push wakes it (XEP-0357 §5.2), as for a message to the bare JID.
+                if entry.session.isWaitingForResumption, message.type == .chat || message.type == .normal {
+                    await router.modules.messageWaiting(message, account: account, waiting: .awaitingResumption, router: router)
+                }
                 return
             }
             // §8.5.3.2.1: no such resource.

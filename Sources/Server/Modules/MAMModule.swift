@@ -99,7 +99,8 @@ struct MAMModule: BraidModule {
         let expireBefore = days > 0 ? now - Int64(days) * 86_400_000 : nil
         do {
             try await router.server.storage.archive(ArchivedMessage(id: id, with: with.description, stamp: now, stanza: XMLFragment.serialize(element)),
-                                                    for: account, expireBefore: expireBefore)
+                                                    for: account, expireBefore: expireBefore,
+                                                    keepLast: settings.maxMessagesPerAccount > 0 ? settings.maxMessagesPerAccount : nil)
             return true
         } catch StorageError.userNotFound {
             // No such account: nothing to keep (the delivery rules answer the sender).

@@ -156,7 +156,11 @@ struct PushModule: BraidModule {
             return true
         }
         if outcomes.failed(account: account, key: key) >= settings.maxErrors {
-            try? await router.server.storage.removeStoreEntry("push", of: account, key: key)
+            do {
+                try await router.server.storage.removeStoreEntry("push", of: account, key: key)
+            } catch {
+                router.logger.error("dropping a push registration failed", metadata: ["account": "\(account)", "error": "\(error)"])
+            }
             outcomes.succeeded(account: account, key: key)
             router.logger.notice("push registration dropped after repeated errors from the app server",
                                  metadata: ["account": "\(account)", "registration": "\(key.replacingOccurrences(of: "\n", with: " "))"])

@@ -28,8 +28,8 @@ public final class ClientSession: Sendable {
     public let loop: any EventLoop
     let logger: Logger
     private let state: NIOLoopBoundBox<State>
-    private let inbound: AsyncStream<XMLElement>.Continuation
-    private let inboundStream: AsyncStream<XMLElement>
+    private let inbound: AsyncStream<InboundStanza>.Continuation
+    private let inboundStream: AsyncStream<InboundStanza>
     /// Stanzas received but not processed yet; reading pauses above a high-water mark.
     private let pendingInbound = Atomic<Int>(0)
     /// The connection is gone and the session waits for the client to resume it (XEP-0198):
@@ -70,8 +70,16 @@ public final class ClientSession: Sendable {
     /// XEP-0198 bookkeeping.
     struct StreamManagementState {
         var resumable: Bool
-        /// Stanzas received from the client since enabling (the `h` we report).
+        /// Stanzas received from the client since enabling: the `h` of `<resumed/>` (what is
+        /// still being processed then is processed all the same, by this process).
+        var receivedInbound: UInt32 = 0
+        /// Of those, the ones processed (routed, stored, archived): the `h` of `<a/>`. An
+        /// acknowledgement hands the stanzas over for good (XEP-0198 §4), so it waits for
+        /// that work: a crash right after it loses nothing that was acknowledged.
         var handledInbound: UInt32 = 0
+        /// An `<r/>` that came while stanzas before it were still being processed: answered
+        /// when processing reaches this count.
+        var ackDueAt: UInt32?
         /// Stanzas sent to the client since enabling.
         var sentOutbound: UInt32 = 0
         /// The `h` of the last acknowledgement from the client.
@@ -90,14 +98,21 @@ public final class ClientSession: Sendable {
         logger[metadataKey: "jid"] = "\(jid)"
         self.logger = logger
         state = NIOLoopBoundBox(State(connection: channel, owner: owner), eventLoop: channel.eventLoop)
-        (inboundStream, inbound) = AsyncStream.makeStream(of: XMLElement.self)
+        (inboundStream, inbound) = AsyncStream.makeStream(of: InboundStanza.self)
+    }
+
+    /// A stanza from the client, and whether XEP-0198 counts it (it arrived after `<enable/>`).
+    struct InboundStanza: Sendable {
+        var element: XMLElement
+        var counted: Bool
     }
 
     /// Processes inbound stanzas one at a time, in order, until the session ends. The server
     /// runs this in a task per session.
     func runInboundProcessing(owner: any SessionOwner) async {
-        for await element in inboundStream {
-            await owner.process(element, from: self)
+        for await stanza in inboundStream {
+            await owner.process(stanza.element, from: self)
+            if stanza.counted { loop.execute { self.inboundHandled() } }
             let remaining = pendingInbound.subtract(1, ordering: .relaxed).newValue
             if remaining == Self.resumeReadingBelow { resumeReading() }
         }
@@ -111,8 +126,9 @@ public final class ClientSession: Sendable {
     /// A stanza from the client: counted for XEP-0198 and queued for in-order processing.
     func received(_ element: XMLElement) {
         loop.preconditionInEventLoop()
-        if state.value.streamManagement != nil {
-            state.value.streamManagement?.handledInbound &+= 1
+        let counted = state.value.streamManagement != nil
+        if counted {
+            state.value.streamManagement?.receivedInbound &+= 1
         }
         let queued = pendingInbound.add(1, ordering: .relaxed).newValue
         if queued == Self.pauseReadingAbove, let channel = state.value.connection {
@@ -120,7 +136,27 @@ public final class ClientSession: Sendable {
             state.value.readingPaused = true
             channel.setOption(ChannelOptions.autoRead, value: false).whenFailure { _ in }
         }
-        inbound.yield(element)
+        inbound.yield(InboundStanza(element: element, counted: counted))
+    }
+
+    /// A counted stanza was processed (routed, stored, archived): it may now be acknowledged,
+    /// and an `<r/>` that waited for it is answered.
+    private func inboundHandled() {
+        guard var sm = state.value.streamManagement else { return }
+        sm.handledInbound &+= 1
+        var answer: XMLElement?
+        if let due = sm.ackDueAt, sm.handledInbound == due {
+            sm.ackDueAt = nil
+            answer = Self.ack(sm.handledInbound)
+        }
+        state.value.streamManagement = sm
+        if let answer, let channel = state.value.connection {
+            channel.writeAndFlush(StreamOutput.element(answer), promise: nil)
+        }
+    }
+
+    static func ack(_ handled: UInt32) -> XMLElement {
+        XMLElement(name: "a", namespace: XMLNamespace.streamManagement, attributes: [XMLAttribute("h", "\(handled)")])
     }
 
     private func resumeReading() {
@@ -274,8 +310,11 @@ public final class ClientSession: Sendable {
             }
             return .enabled(XMLElement(name: "enabled", namespace: XMLNamespace.streamManagement, attributes: attributes), resumable: resumable)
         case "r":
-            guard let sm = state.value.streamManagement else { return .reply(Self.smFailed(.unexpectedRequest)) }
-            return .reply(XMLElement(name: "a", namespace: XMLNamespace.streamManagement, attributes: [XMLAttribute("h", "\(sm.handledInbound)")]))
+            guard var sm = state.value.streamManagement else { return .reply(Self.smFailed(.unexpectedRequest)) }
+            guard sm.handledInbound != sm.receivedInbound else { return .reply(Self.ack(sm.handledInbound)) }
+            sm.ackDueAt = sm.receivedInbound
+            state.value.streamManagement = sm
+            return .none
         case "a":
             guard let value = element.attribute("h").flatMap(UInt32.init) else {
                 return .streamError(StreamError(.undefinedCondition, text: "invalid h"))
@@ -401,9 +440,13 @@ public final class ClientSession: Sendable {
         loop.preconditionInEventLoop()
         var adopted = sm
         adopted.sentSinceRequest = 0
+        // What the old session still processes is this process's to finish; the new one
+        // counts on from everything received.
+        adopted.handledInbound = adopted.receivedInbound
+        adopted.ackDueAt = nil
         state.value.streamManagement = adopted
         return XMLElement(name: "resumed", namespace: XMLNamespace.streamManagement, attributes: [
-            XMLAttribute("h", "\(sm.handledInbound)"), XMLAttribute("previd", id),
+            XMLAttribute("h", "\(sm.receivedInbound)"), XMLAttribute("previd", id),
         ])
     }
 

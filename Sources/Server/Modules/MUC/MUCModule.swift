@@ -61,6 +61,7 @@ struct MUCModule: BraidModule {
         }
         // One event at a time per room, its stanzas routed (and the room saved) before the next.
         _ = try? await router.server.accounts.run(room) {
+            await rooms.restoreHistoryIfNeeded(room, from: storage, logger: logger)
             let mayCreate: Bool = switch rooms.settings.roomCreators {
             case "anyone": true
             case "local": from.localpart != nil && router.server.domains.isHosted(from.domainpart)
@@ -185,6 +186,29 @@ final class MUCRooms: Sendable {
     }
 
     func room(_ jid: JID) -> MUCRoom? { state.withLock { $0.rooms[jid] } }
+
+    /// A persistent room's history after a restart comes from its archive: read once, under
+    /// the room's serializer, before its first event.
+    func restoreHistoryIfNeeded(_ jid: JID, from storage: any Storage, logger: Logger) async {
+        guard let current = room(jid), current.historyInArchive else { return }
+        var entries: [(message: XMLElement, at: Date)] = []
+        if current.configuration.logging {
+            do {
+                let page = try await storage.archivedRoomMessages(ArchiveQuery(lastPage: true, limit: current.historyLimit), room: jid)
+                entries = page.messages.compactMap { archived in
+                    (try? XMLFragment.parse(archived.stanza)).map { ($0, Date(timeIntervalSince1970: Double(archived.stamp) / 1000)) }
+                }
+            } catch {
+                // The room works without its history; the next restart tries again.
+                logger.error("reading a room's history from its archive failed", metadata: ["room": "\(jid)", "error": "\(error)"])
+            }
+        }
+        state.withLock { state in
+            guard var room = state.rooms[jid] else { return }
+            room.restoreHistory(entries)
+            state.rooms[jid] = room
+        }
+    }
 
     func listed(on service: String) -> [MUCRoom] {
         state.withLock { Array($0.rooms.values) }

@@ -134,6 +134,9 @@ struct MUCRoom: Sendable {
     var occupantIDKey: [UInt8] = []
     /// The service's per-occupant message rate; nil is unlimited.
     var messageRate: MUCMessageRate?
+    /// Loaded from storage after a restart: its history is still in the room's archive
+    /// (XEP-0313), read before the room's first event.
+    private(set) var historyInArchive = false
 
     init(jid: JID, historyLimit: Int = 20) {
         self.jid = jid
@@ -147,6 +150,16 @@ struct MUCRoom: Sendable {
         self.configuration = configuration
         self.affiliations = affiliations
         locked = false
+        historyInArchive = true
+    }
+
+    /// The newest messages of the room's archive, oldest first, as the history newcomers
+    /// get (§7.2.15), when the room was loaded from storage and nothing was said since.
+    mutating func restoreHistory(_ entries: [(message: XMLElement, at: Date)]) {
+        defer { historyInArchive = false }
+        guard historyInArchive, history.isEmpty else { return }
+        let kept = min(historyLimit, max(0, configuration.historyLength ?? historyLimit))
+        history = Array(entries.suffix(kept))
     }
 
     var owners: Set<JID> { Set(affiliations.filter { $0.value == "owner" }.keys) }
