@@ -305,4 +305,30 @@ struct ContactAddressTests {
             }
         }
     }
+
+    @Test("The server's caps (XEP-0115 §6.3) are in the stream features: ver hashes the domain's disco#info, contact form included, and NODE#VER answers it")
+    func capsInStreamFeatures() async throws {
+        let parsed = try BraidConfiguration.parse(yaml: "contact_addresses:\n  domains:\n    b.example:\n      abuse: [\"mailto:abuse@b.example\"]\n")
+        try await withServer(configure: { $0.contactAddresses = parsed.contactAddresses }) { server in
+            var vers: [String: String] = [:]
+            for (domain, user) in [("a.example", "alice@a.example"), ("b.example", "bob@b.example")] {
+                let (client, _) = try await server.loggedIn(user)
+                let caps = try #require(client.featuresAfterAuthentication?.firstChild(name: "c", namespace: "http://jabber.org/protocol/caps"))
+                #expect(caps.attribute("hash") == "sha-1" && caps.attribute("node") == DiscoModule.capsNode)
+                let ver = try #require(caps.attribute("ver"))
+                let info = try await client.iq(.get, to: domain, payload: XMLElement(name: "query", namespace: DiscoModule.info))
+                let query = try #require(info.firstChild(name: "query", namespace: DiscoModule.info))
+                #expect(EntityCaps.verificationString(query).map(EntityCaps.sha1Base64) == ver, "ver is the hash of what disco#info answers")
+                let byNode = try await client.iq(.get, to: domain, payload: XMLElement(name: "query", namespace: DiscoModule.info, attributes: [XMLAttribute("node", DiscoModule.capsNode + "#" + ver)]))
+                #expect(byNode.attribute("type") == "result")
+                #expect(byNode.firstChild(name: "query", namespace: DiscoModule.info)?.attribute("node") == DiscoModule.capsNode + "#" + ver)
+                let wrongNode = try await client.iq(.get, to: domain, payload: XMLElement(name: "query", namespace: DiscoModule.info, attributes: [XMLAttribute("node", DiscoModule.capsNode + "#nope")]))
+                #expect(wrongNode.attribute("type") == "error")
+                vers[domain] = ver
+                await client.close()
+            }
+            // b.example's contact form is part of what it announces.
+            #expect(vers["a.example"] != vers["b.example"])
+        }
+    }
 }

@@ -45,7 +45,8 @@ final class ClientConnectionHandler: ChannelInboundHandler {
                 allowPLAIN: settings.allowPlain,
                 scramIterations: server.configuration.auth.scramIterations,
                 serverSecret: server.secret,
-                streamManagement: server.configuration.streamManagement.enabled),
+                streamManagement: server.configuration.streamManagement.enabled,
+                capabilities: { [server] domain in DiscoModule.capabilities(of: domain, server: server) }),
             makeStreamID: { ServerContext.randomIdentifier(bytes: 16) })
         if listener == .c2sDirectTLS {
             negotiation.startedWithTLS(channelBindings: [])

@@ -46,11 +46,37 @@ struct DiscoModule: BraidModule {
 
     private func serverInfo(_ request: IQRequest) async -> IQResponse {
         guard request.iq.type == .get else { return .error(StanzaError(.badRequest)) }
-        // Node queries are not supported; answering an empty identity list would lie.
-        if request.payload.attribute("node") != nil { return .error(StanzaError(.itemNotFound)) }
-        let info = Self.info(identity: ("server", "im", "Braid"), features: request.router.modules.serverFeatures)
-        guard let form = Self.contactForm(contactAddresses.forDomain(request.target.domainpart)) else { return .result(info) }
-        return .result(info.appending(form))
+        let info = Self.domainInfo(request.target.domainpart, features: request.router.modules.serverFeatures, contactAddresses: contactAddresses)
+        guard let node = request.payload.attribute("node") else { return .result(info) }
+        // XEP-0115 §6.2: the node of our caps (NODE#VER) answers as the plain query; other
+        // nodes are not supported, and an empty identity list would lie.
+        guard node == Self.capsNode + "#" + (Self.capsVer(info) ?? "") else { return .error(StanzaError(.itemNotFound)) }
+        return .result(XMLElement(name: info.name, namespace: info.namespace, attributes: [XMLAttribute("node", node)], children: info.children))
+    }
+
+    /// A hosted domain's `disco#info`: the server identity, every module's server features,
+    /// and the domain's contact addresses (XEP-0157).
+    static func domainInfo(_ domain: String, features: [String], contactAddresses: BraidConfiguration.ContactAddresses) -> XMLElement {
+        let info = Self.info(identity: ("server", "im", "Braid"), features: features)
+        guard let form = Self.contactForm(contactAddresses.forDomain(domain)) else { return info }
+        return info.appending(form)
+    }
+
+    /// XEP-0115's node for Braid: a URI naming the software. The project has no public
+    /// address yet, so it names it under the reserved `.invalid` domain.
+    static let capsNode = "https://braid.invalid/caps"
+
+    static func capsVer(_ info: XMLElement) -> String? {
+        EntityCaps.verificationString(info).map(EntityCaps.sha1Base64)
+    }
+
+    /// The `<c/>` a client finds in the stream features of `domain` (XEP-0115 §6.3).
+    static func capabilities(of domain: String, server: ServerContext) -> XMLElement? {
+        let info = domainInfo(domain, features: server.router.modules.serverFeatures, contactAddresses: server.configuration.contactAddresses)
+        guard let ver = capsVer(info) else { return nil }
+        return XMLElement(name: "c", namespace: "http://jabber.org/protocol/caps", attributes: [
+            XMLAttribute("hash", "sha-1"), XMLAttribute("node", capsNode), XMLAttribute("ver", ver),
+        ])
     }
 
     /// XEP-0157: the `serverinfo` form (XEP-0128) with the domain's contact addresses; nil

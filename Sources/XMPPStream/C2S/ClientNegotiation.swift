@@ -21,13 +21,18 @@ public struct ClientNegotiation: Sendable {
         public var serverSecret: [UInt8]
         /// Offer XEP-0198 stream management.
         public var streamManagement: Bool
+        /// The server's entity capabilities for a domain (XEP-0115 §6.3: its `<c/>` in the
+        /// stream features, so a client knows the server's features without asking).
+        public var capabilities: (@Sendable (_ domain: String) -> XMLElement?)?
 
-        public init(requireTLS: Bool = true, allowPLAIN: Bool = true, scramIterations: Int = 10_000, serverSecret: [UInt8], streamManagement: Bool = true) {
+        public init(requireTLS: Bool = true, allowPLAIN: Bool = true, scramIterations: Int = 10_000, serverSecret: [UInt8], streamManagement: Bool = true,
+                    capabilities: (@Sendable (_ domain: String) -> XMLElement?)? = nil) {
             self.requireTLS = requireTLS
             self.allowPLAIN = allowPLAIN
             self.scramIterations = scramIterations
             self.serverSecret = serverSecret
             self.streamManagement = streamManagement
+            self.capabilities = capabilities
         }
     }
 
@@ -329,6 +334,10 @@ public struct ClientNegotiation: Sendable {
             }
             // XEP-0352 §2: client state indication.
             children.append(.element(XMLElement(name: "csi", namespace: XMLNamespace.clientState)))
+        }
+        // Over TLS only: before it the features are for getting there.
+        if phase != .plaintext, let domain, let caps = configuration.capabilities?(domain) {
+            children.append(.element(caps))
         }
         return XMLElement(name: "features", namespace: XMLNamespace.streams, children: children)
     }
