@@ -478,7 +478,7 @@ struct MUCRoomTests {
     @Test("muc.messages_per_second: an occupant beyond its burst waits (resource-constraint); the allowance refills with time")
     func messageRate() {
         var room = Self.populated()
-        room.messageRate = MUCMessageRate(perSecond: 1, burst: 2)
+        room.messageRate = SendingRate(perSecond: 1, burst: 2)
         let first = room.message(Self.groupchat("1"), from: Self.bob, nick: nil, now: Self.t0)
         let second = room.message(Self.groupchat("2"), from: Self.bob, nick: nil, now: Self.t0)
         let third = room.message(Self.groupchat("3"), from: Self.bob, nick: nil, now: Self.t0)

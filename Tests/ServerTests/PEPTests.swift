@@ -172,6 +172,45 @@ struct PEPTests {
         }
     }
 
+    @Test("pep.notifications_per_second: a publish whose notifications exhaust the allowance goes out whole, the next waits (resource-constraint, wait) until it refills")
+    func notificationRate() async throws {
+        try await withServer(configure: { $0.pep.notificationsPerSecond = 2; $0.pep.notificationBurst = 2 }) { server in
+            try await befriend(server, "alice@a.example", "bob@b.example")
+            let caps = Capabilities(name: "client", notify: [Self.devicelist])
+            let (alice, _) = try await server.loggedIn("alice@a.example")
+            try await available(alice, caps)
+            try await answerCapsQuery(alice, caps)
+            let (bob, _) = try await server.loggedIn("bob@b.example")
+            try await available(bob, caps)
+            _ = try await alice.waitFor { $0.name == "presence" && $0.attribute("from")?.hasPrefix("bob@b.example") == true }
+            // Two notifications (alice's own resource and bob's) spend the burst of two.
+            let first = try await alice.iq(.set, payload: Self.publish(node: Self.devicelist, id: "current", payload: Self.deviceList([1])))
+            #expect(first.attribute("type") == "result")
+            _ = try await bob.waitFor { Self.event($0) != nil }
+            let refused = try await alice.iq(.set, payload: Self.publish(node: Self.devicelist, id: "current", payload: Self.deviceList([2])))
+            #expect(refused.attribute("type") == "error")
+            #expect(Self.errorCondition(refused).0 == "resource-constraint")
+            #expect(refused.firstChild(name: "error", namespace: XMLNamespace.client)?.attribute("type") == "wait")
+            // Refilled within a second: accepted again (polled, bounded).
+            let deadline = ContinuousClock.now + .seconds(5)
+            var accepted = false
+            while !accepted, ContinuousClock.now < deadline {
+                let again = try await alice.iq(.set, payload: Self.publish(node: Self.devicelist, id: "current", payload: Self.deviceList([3])))
+                accepted = again.attribute("type") == "result"
+                if !accepted { try await Task.sleep(for: .milliseconds(100)) }
+            }
+            #expect(accepted, "the allowance refilled")
+            // And its notification reaches bob.
+            _ = try await bob.waitFor { element in
+                Self.event(element)?.firstChild(name: "items", namespace: PubSubNamespace.event)?.firstChild(name: "item", namespace: PubSubNamespace.event)?
+                    .firstChild(name: "list", namespace: "eu.siacs.conversations.axolotl")?.firstChild(name: "device", namespace: "eu.siacs.conversations.axolotl")?
+                    .attribute("id") == "3"
+            }
+            await alice.close()
+            await bob.close()
+        }
+    }
+
     @Test("A contact that comes online gets the last item of each node it wants; one without +notify gets none")
     func lastItemOnPresence() async throws {
         try await withServer { server in

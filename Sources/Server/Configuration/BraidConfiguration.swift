@@ -106,6 +106,11 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
         public var capsQueryTimeoutSeconds: Double = 10
         /// Resources of contacts one account keeps track of for notifications.
         public var maxInterestedResources = 10_000
+        /// Notifications one account's publishes may cause per second, with a burst: a
+        /// publish to 1,000 contacts goes out whole, and the account's next publishes get
+        /// `resource-constraint` (wait) until the allowance has refilled. 0: no limit.
+        public var notificationsPerSecond: Double = 1_000
+        public var notificationBurst: Double = 10_000
 
         public init() {}
 
@@ -116,6 +121,8 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
             case capsCacheSize = "caps_cache_size"
             case capsQueryTimeoutSeconds = "caps_query_timeout_seconds"
             case maxInterestedResources = "max_interested_resources"
+            case notificationsPerSecond = "notifications_per_second"
+            case notificationBurst = "notification_burst"
         }
     }
 

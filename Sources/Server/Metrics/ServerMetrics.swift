@@ -23,6 +23,10 @@ public struct ServerMetrics: Sendable {
     /// XEP-0352: stanzas held back for inactive clients, and sent later.
     let csiHeld: Counter
     let csiFlushed: Counter
+    /// PEP (XEP-0163): notifications sent, and publishes refused because their account had
+    /// sent too many notifications (`pep.notifications_per_second`).
+    let pepNotifications: Counter
+    let pepRateLimited: Counter
 
     public init(registry: MetricsRegistry) {
         self.registry = registry
@@ -45,6 +49,8 @@ public struct ServerMetrics: Sendable {
         startupSeconds = Meter(label: "braid_startup_seconds", factory: registry)
         csiHeld = Counter(label: "braid_csi_held_total", factory: registry)
         csiFlushed = Counter(label: "braid_csi_flushed_total", factory: registry)
+        pepNotifications = Counter(label: "braid_pep_notifications_total", factory: registry)
+        pepRateLimited = Counter(label: "braid_pep_rate_limited_total", factory: registry)
     }
 
     func authentication(mechanism: String, succeeded: Bool) {

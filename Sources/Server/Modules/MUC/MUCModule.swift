@@ -261,7 +261,7 @@ final class MUCRooms: Sendable {
             if !exists { current.configuration.maxUsers = min(current.configuration.maxUsers, settings.maxOccupantsPerRoom) }
             current.occupantIDKey = occupantIDKey
             current.messageRate = settings.messagesPerSecond > 0
-                ? MUCMessageRate(perSecond: settings.messagesPerSecond, burst: max(1, settings.messageBurst)) : nil
+                ? SendingRate(perSecond: settings.messagesPerSecond, burst: max(1, settings.messageBurst)) : nil
             let wasPersistent = current.isPersistent
             let before = (current.configuration, current.affiliations)
             var effects = Effects()

@@ -73,34 +73,6 @@ struct MUCRoomConfiguration: Codable, Sendable, Equatable {
     }
 }
 
-/// How fast one occupant may send to a room: a token bucket, `perSecond` refilled up to
-/// `burst` (`muc.messages_per_second`, `muc.message_burst`).
-struct MUCMessageRate: Sendable, Equatable {
-    var perSecond: Double
-    var burst: Double
-}
-
-/// One occupant's bucket: what it may still send, as of `at`.
-struct MessageAllowance: Sendable, Equatable {
-    var tokens: Double
-    var at: Date
-
-    /// A new occupant starts with a full bucket, whatever the rate (`take` caps it).
-    init(at: Date) {
-        tokens = .infinity
-        self.at = at
-    }
-
-    /// Takes one message's worth; false when the occupant has sent too fast.
-    mutating func take(now: Date, rate: MUCMessageRate) -> Bool {
-        tokens = min(rate.burst, tokens + max(0, now.timeIntervalSince(at)) * rate.perSecond)
-        at = now
-        guard tokens >= 1 else { return false }
-        tokens -= 1
-        return true
-    }
-}
-
 struct MUCRoom: Sendable {
     struct Occupant: Sendable, Equatable {
         /// The nickname as shown (RFC 8266 enforced) …
@@ -114,8 +86,8 @@ struct MUCRoom: Sendable {
         /// The occupant's last presence, as the room shows it (its children, without the
         /// `muc` join element).
         var presence: XMLElement
-        /// What it may still send (`MUCMessageRate`).
-        var allowance: MessageAllowance
+        /// What it may still send (`SendingRate`).
+        var allowance: SendingAllowance
     }
 
     let jid: JID
@@ -133,7 +105,7 @@ struct MUCRoom: Sendable {
     /// server's (per process, for now).
     var occupantIDKey: [UInt8] = []
     /// The service's per-occupant message rate; nil is unlimited.
-    var messageRate: MUCMessageRate?
+    var messageRate: SendingRate?
     /// Loaded from storage after a restart: its history is still in the room's archive
     /// (XEP-0313), read before the room's first event.
     private(set) var historyInArchive = false
@@ -251,7 +223,7 @@ struct MUCRoom: Sendable {
         if created { affiliations[from.bare] = "owner" }
         let current = self.affiliation(of: from)
         let newcomer = Occupant(nick: enforced.shown, nickKey: enforced.key, realJID: from, affiliation: current, role: role(for: current),
-                                presence: Self.shownPresence(stanza.element), allowance: MessageAllowance(at: now))
+                                presence: Self.shownPresence(stanza.element), allowance: SendingAllowance(at: now))
         var out: [XMLElement] = []
         // The others, to the newcomer.
         for other in occupants {

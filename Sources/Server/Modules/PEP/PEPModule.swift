@@ -88,6 +88,40 @@ final class PEPService: Sendable {
         /// Per owner (bare JID): the available resources that told it their capabilities.
         var interested: [JID: [JID: EntityCaps.Claim]] = [:]
         var queries: [String: CheckedContinuation<XMLElement?, Never>] = [:]
+        /// Per publishing account: the notifications it may still cause.
+        var allowances: [JID: SendingAllowance] = [:]
+    }
+
+    var notificationRate: SendingRate? {
+        settings.notificationsPerSecond > 0 ? SendingRate(perSecond: settings.notificationsPerSecond, burst: max(1, settings.notificationBurst)) : nil
+    }
+
+    /// Whether `owner` may publish now: false while its notifications are over the rate.
+    func mayNotify(_ owner: JID, now: Date = Date()) -> Bool {
+        guard let rate = notificationRate else { return true }
+        return state.withLock { state in
+            var allowance = state.allowances[owner] ?? SendingAllowance(at: now)
+            let may = allowance.mayStart(now: now, rate: rate)
+            state.allowances[owner] = allowance
+            return may
+        }
+    }
+
+    /// Counts `count` notifications caused by `owner`.
+    func notified(_ count: Int, by owner: JID, now: Date = Date()) {
+        guard let rate = notificationRate, count > 0 else { return }
+        state.withLock { state in
+            var allowance = state.allowances[owner] ?? SendingAllowance(at: now)
+            allowance.spend(count, now: now, rate: rate)
+            state.allowances[owner] = allowance
+            // Bounded: accounts whose bucket is full again need no entry.
+            if state.allowances.count > 10_000 {
+                state.allowances = state.allowances.filter { _, value in
+                    var refilled = value
+                    return !(refilled.mayStart(now: now, rate: rate) && refilled.tokens >= rate.burst)
+                }
+            }
+        }
     }
 
     private let state = Mutex(State())
@@ -312,6 +346,11 @@ final class PEPService: Sendable {
     /// as preconditions on an existing node.
     private func publish(_ publish: XMLElement, options: XMLElement?, owner: JID, router: Router) async throws -> IQResponse {
         guard let node = publish.attribute("node"), !node.isEmpty else { throw PEPRefusal(StanzaError(.badRequest), PubSubNamespace.errors, "nodeid-required") }
+        guard mayNotify(owner) else {
+            router.server.metrics.pepRateLimited.increment()
+            router.logger.info("PEP publish refused: the account's notifications are over the rate", metadata: ["account": "\(owner)", "node": "\(node)"])
+            throw PEPRefusal(StanzaError(.resourceConstraint, type: .wait, text: "too many notifications; publish again in a moment"))
+        }
         let storage = router.server.storage
         let items = publish.children(name: "item", namespace: PubSubNamespace.pubsub)
         // §7.1.3.6: PEP publishes one item at a time, with one payload.
@@ -518,10 +557,14 @@ final class PEPService: Sendable {
         let roster = (try? await router.server.storage.roster(of: owner).items) ?? []
         let byJID = Dictionary(roster.map { ($0.jid, $0) }, uniquingKeysWith: { first, _ in first })
         let payload = event()
+        var sent = 0
         for recipient in recipients {
             guard PEPAccess.decide(configuration, owner: owner, requester: recipient, rosterItem: byJID[recipient.bare]) == .allowed else { continue }
             await send(payload, from: owner, to: recipient, router: router)
+            sent += 1
         }
+        router.server.metrics.pepNotifications.increment(by: Int64(sent))
+        notified(sent, by: owner)
         // A resource that came online a moment ago and whose answer about its capabilities
         // is still on its way is notified once it is known, without holding up the owner.
         for (recipient, claim) in unresolved
