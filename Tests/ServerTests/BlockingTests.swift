@@ -228,13 +228,26 @@ struct BlockingTests {
             let foreignBlock = try await bob.iq(.set, to: "alice@a.example", payload: BlockingModule.element("block", items: try jids(["carol@a.example"])))
             #expect(condition(foreignBlock) == "service-unavailable")
             #expect(try await blocklist(alice).isEmpty)
-            // The limit (BlockingModule.maxItems).
-            let many = try (0...BlockingModule.maxItems).map { try JID("user\($0)@many.example") }
+            // The limit (blocking.max_items, 1,000 by default).
+            let many = try (0...BraidConfiguration.BlockingSettings().maxItems).map { try JID("user\($0)@many.example") }
             let tooMany = try await alice.iq(.set, payload: BlockingModule.element("block", items: many))
             #expect(condition(tooMany) == "resource-constraint")
             #expect(try await blocklist(alice).isEmpty)
             await alice.close()
             await bob.close()
+        }
+    }
+
+    @Test("blocking.max_items is the operator's: with 3, a fourth JID is refused (resource-constraint) and the list keeps the three")
+    func configuredLimit() async throws {
+        try await withServer(configure: { $0.blocking.maxItems = 3 }) { server in
+            let (alice, _) = try await server.loggedIn("alice@a.example")
+            let three = try await alice.iq(.set, payload: BlockingModule.element("block", items: try jids(["x1@many.example", "x2@many.example", "x3@many.example"])))
+            #expect(three.attribute("type") == "result")
+            let fourth = try await alice.iq(.set, payload: BlockingModule.element("block", items: try jids(["x4@many.example"])))
+            #expect(condition(fourth) == "resource-constraint")
+            #expect(try await blocklist(alice).count == 3)
+            await alice.close()
         }
     }
 

@@ -42,6 +42,7 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
     public var contactAddresses = ContactAddresses()
     public var push = PushSettings()
     public var externalServices = ExternalServices()
+    public var blocking = BlockingSettings()
 
     public init() {}
 
@@ -55,6 +56,19 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
         case contactAddresses = "contact_addresses"
         case push
         case externalServices = "external_services"
+        case blocking
+    }
+
+    /// Blocking (XEP-0191).
+    public struct BlockingSettings: Codable, Sendable, Equatable {
+        /// JIDs one account may block; a block beyond it gets `resource-constraint`.
+        public var maxItems = 1000
+
+        public init() {}
+
+        enum CodingKeys: String, CodingKey {
+            case maxItems = "max_items"
+        }
     }
 
     /// Limits of the group-chat service (`muc`); beyond them, the XEP's errors.

@@ -27,9 +27,9 @@ struct BlockingModule: BraidModule {
     static let errors = "urn:xmpp:blocking:errors"
     /// The account store holding the list: the key is the blocked JID, the value unused.
     static let store = "blocklist"
-    /// The most JIDs one account may block; a block beyond it gets `resource-constraint`.
-    /// A constant until the configuration has a key for it.
-    static let maxItems = 1000
+    /// The most JIDs one account may block (`blocking.max_items`); a block beyond it gets
+    /// `resource-constraint`.
+    var maxItems = BraidConfiguration.BlockingSettings().maxItems
     static let blockedMetric = "braid_blocked_stanzas_total"
 
     /// Per server: `StandardModules.all` makes a module per server, so two servers in one
@@ -138,9 +138,9 @@ struct BlockingModule: BraidModule {
                     switch command {
                     case .block(let items):
                         let added = items.filter { !before.items.contains($0) }
-                        guard before.count + added.count <= Self.maxItems else {
-                            server.logger.info("block list full", metadata: ["account": "\(account)", "limit": "\(Self.maxItems)"])
-                            return .failure(StanzaError(.resourceConstraint, text: "at most \(Self.maxItems) blocked JIDs"))
+                        guard before.count + added.count <= maxItems else {
+                            server.logger.info("block list full", metadata: ["account": "\(account)", "limit": "\(maxItems)"])
+                            return .failure(StanzaError(.resourceConstraint, text: "at most \(maxItems) blocked JIDs"))
                         }
                         for jid in added {
                             try await server.storage.putStoreEntry(Self.store, of: account, key: jid.description, value: "", keepLast: nil)

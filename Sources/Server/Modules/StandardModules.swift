@@ -6,7 +6,7 @@ public enum StandardModules {
     public static func all(_ configuration: BraidConfiguration = BraidConfiguration()) -> [any BraidModule] {
         let pep = PEPModule(settings: configuration.pep)
         return [DiscoModule(contactAddresses: configuration.contactAddresses), PingModule(), VersionModule(), RosterModule(), CarbonsModule(), LegacySessionModule(),
-                BlockingModule(),
+                BlockingModule(maxItems: configuration.blocking.maxItems),
                 PrivateStorageModule(bookmarks: pep.service), VCardModule(avatars: pep.service), PasswordChangeModule(),
                 MUCModule(settings: configuration.muc),
                 MAMModule(settings: configuration.mam), PushModule(settings: configuration.push),
