@@ -115,14 +115,24 @@ public final class SQLiteStorage: Storage {
         if try pool.read({ db in try migrator.hasBeenSuperseded(db) }) {
             throw SQLiteStorageError.schemaTooNew(applied: before.sorted())
         }
-        do {
-            try migrator.migrate(pool)
-        } catch {
-            // Another process opening the same new file can apply a migration between GRDB's
-            // check and its own attempt, which then fails on CREATE TABLE. That is fine as
-            // long as the schema ended up complete.
-            guard try pool.read({ db in try migrator.hasCompletedMigrations(db) }) else { throw error }
-            logger.debug("Migrations were applied concurrently by another connection", metadata: ["path": "\(path)", "error": "\(error)"])
+        // Another process opening the same new file can apply a migration between GRDB's
+        // check and its own attempt, which then fails on CREATE TABLE. That is fine once the
+        // schema is complete; while the other opener is still part-way (v2 of five done), try
+        // again shortly: the next attempt skips what it applied. Bounded: 5 s.
+        var attempts = 0
+        while true {
+            do {
+                try migrator.migrate(pool)
+                break
+            } catch {
+                if try pool.read({ db in try migrator.hasCompletedMigrations(db) }) {
+                    logger.debug("Migrations were applied concurrently by another connection", metadata: ["path": "\(path)", "error": "\(error)"])
+                    break
+                }
+                attempts += 1
+                guard attempts < 100 else { throw error }
+                usleep(50_000)
+            }
         }
         let after = try pool.read { db in try migrator.appliedMigrations(db) }
         let applied = after.filter { !before.contains($0) }
