@@ -30,6 +30,8 @@ public final class ServerContext: Sendable {
     let accounts = AccountSerializer()
     /// Session tasks still processing inbound stanzas; shutdown waits for them.
     let activeProcessing = Atomic<Int>(0)
+    /// In-band registration attempts per client address (XEP-0077).
+    let registrationThrottle = RegistrationThrottle()
 
     init(configuration: BraidConfiguration, storage: any Storage, domains: DomainRegistry, certificates: CertificateManager, metrics: ServerMetrics,
          sessionClock: SessionClock = .system, logger: Logger) {

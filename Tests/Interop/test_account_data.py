@@ -403,6 +403,101 @@ async def registration_of_new_accounts_refused(ctx):
     assert jid in list_users(ctx.server, DOMAIN_A), "the account was removed"
 
 
+OPEN_DOMAIN = "open.test"
+CLOSED_DOMAIN = "closed.test"
+REGISTRATION_ATTEMPTS = 4
+
+
+async def try_registration(server, jid, password):
+    """slixmpp's XEP-0077 plugin as a user would drive it: on the iq-register feature it asks
+    for the form and the 'register' handler sends username and password. Returns (whether
+    iq-register was offered, the registration's outcome: 'created', an error condition, or
+    None when no form was asked for, whether the login that follows succeeded)."""
+    client = Client(jid, password)
+    # slixmpp 1.8.3 holds back every stanza but bind before the session starts; the
+    # registration get and set must go out before it.
+    client._always_send_everything = True
+    registration = asyncio.get_running_loop().create_future()
+    ended = asyncio.get_running_loop().create_future()
+    offered = []
+
+    def record_features(stanza):
+        if isinstance(stanza, StreamFeatures) and "starttls" in client.features and "mechanisms" not in client.features:
+            offered.append(stanza.xml.find("{http://jabber.org/features/iq-register}register") is not None)
+        return stanza
+
+    async def on_register(form):
+        assert form["register"]["instructions"], f"no instructions in the form: {form}"
+        request = client.Iq()
+        request["type"] = "set"
+        request["register"]["username"] = client.boundjid.user
+        request["register"]["password"] = client.password
+        try:
+            await request.send(timeout=WAIT)
+            registration.done() or registration.set_result("created")
+        except IqError as error:
+            registration.done() or registration.set_result(error.condition)
+    client.add_filter("in", record_features)
+    client.add_event_handler("register", on_register)
+    for event in ("session_start", "failed_all_auth", "stream_error", "disconnected"):
+        client.add_event_handler(event, lambda _payload, event=event: ended.done() or ended.set_result(event))
+    client.connect((harness.HOST, server.starttls_port))
+    try:
+        outcome = await asyncio.wait_for(ended, LOGIN_TIMEOUT)
+        return (offered == [True], registration.result() if registration.done() else None, outcome == "session_start")
+    finally:
+        await close(client)
+
+
+@test(timeout=120)
+async def in_band_registration_on_an_open_domain(ctx):
+    """registration.domains opens one domain: after TLS it offers iq-register, slixmpp's
+    XEP-0077 plugin gets the form, creates an account and logs in with it on the same
+    stream. A taken name gets conflict, a short password not-acceptable; a domain not listed
+    offers nothing; the fifth attempt from one address within the hour gets
+    resource-constraint and creates nothing."""
+    side = harness.BraidServer(env={"BRAID_ADMIN_ADMIN_PORT": str(harness.free_port()), "BRAID_ADMIN_POSH_PORT": str(harness.free_port()),
+                                    "BRAID_S2S_ENABLED": "false", "BRAID_REGISTRATION_DOMAINS": f'["{OPEN_DOMAIN}"]',
+                                    "BRAID_REGISTRATION_ATTEMPTS_PER_ADDRESS_PER_HOUR": str(REGISTRATION_ATTEMPTS)},
+                               domains=[OPEN_DOMAIN, CLOSED_DOMAIN])
+    try:
+        side.start()
+        first = f"{unique('newcomer')}@{OPEN_DOMAIN}"
+        offered, outcome, logged_in = await try_registration(side, first, "long enough ✓")
+        assert offered, "iq-register not offered on the open domain"
+        assert outcome == "created" and logged_in, f"registering {first}: {outcome}, logged in: {logged_in}"
+        assert first in list_users(side, OPEN_DOMAIN)
+
+        offered, outcome, logged_in = await try_registration(side, first, "another password")
+        assert outcome == "conflict" and not logged_in, f"registering a taken name: {outcome}, logged in: {logged_in}"
+        short = f"{unique('short')}@{OPEN_DOMAIN}"
+        offered, outcome, _ = await try_registration(side, short, "short")
+        assert outcome == "not-acceptable", f"a short password: {outcome}"
+        assert short not in list_users(side, OPEN_DOMAIN)
+
+        closed = f"{unique('closed')}@{CLOSED_DOMAIN}"
+        offered, outcome, logged_in = await try_registration(side, closed, "long enough ✓")
+        assert not offered and outcome is None and not logged_in, f"the closed domain: offered {offered}, {outcome}"
+        assert closed not in list_users(side, CLOSED_DOMAIN)
+
+        # Three attempts so far from 127.0.0.1; one more is allowed, then none this hour.
+        fourth = f"{unique('fourth')}@{OPEN_DOMAIN}"
+        _, outcome, logged_in = await try_registration(side, fourth, "long enough ✓")
+        assert outcome == "created" and logged_in, f"the fourth attempt: {outcome}"
+        fifth = f"{unique('fifth')}@{OPEN_DOMAIN}"
+        _, outcome, _ = await try_registration(side, fifth, "long enough ✓")
+        assert outcome == "resource-constraint", f"the fifth attempt within the hour: {outcome}"
+        assert fifth not in list_users(side, OPEN_DOMAIN)
+    except BaseException:
+        print("    --- the registration server's log (last lines) ---", flush=True)
+        for line in side.log_since(0).rstrip("\n").splitlines()[-harness.LOG_TAIL_LINES:]:
+            print("    | " + line, flush=True)
+        raise
+    finally:
+        side.stop()
+        side.cleanup()
+
+
 def main():
     return harness.run_suite(harness.collect_tests(globals()), domains=[DOMAIN_A, DOMAIN_B])
 

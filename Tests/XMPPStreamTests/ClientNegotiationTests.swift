@@ -95,6 +95,33 @@ struct ClientNegotiationTests {
         #expect(plain.offeredMechanisms(secured: true) == ["SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"])
     }
 
+    @Test("XEP-0077: iq-register is offered over TLS only on open domains; the register query (get or set) reaches the server there, anything else before authentication is refused")
+    func inBandRegistration() {
+        let configuration = ClientNegotiation.Configuration(scramIterations: 4096, serverSecret: Self.secret, registrationOpen: { $0 == "open.example" })
+        func secured(_ domain: String) -> (ClientNegotiation, XMLElement?) {
+            var negotiation = ClientNegotiation(configuration: configuration, makeStreamID: { "sid" })
+            let first = features(of: negotiation.headerReceived(header(to: domain), isHosted: true))
+            #expect(first?.firstChild(name: "register", namespace: "http://jabber.org/features/iq-register") == nil, "not before TLS")
+            _ = negotiation.elementReceived(XMLElement(name: "starttls", namespace: XMLNamespace.tls))
+            negotiation.tlsEstablished(channelBindings: [])
+            let secured = features(of: negotiation.headerReceived(header(to: domain), isHosted: true))
+            return (negotiation, secured)
+        }
+        func request(_ type: String, _ payload: XMLElement) -> XMLElement {
+            XMLElement(name: "iq", namespace: XMLNamespace.client, attributes: [XMLAttribute("type", type), XMLAttribute("id", "r1")], children: [.element(payload)])
+        }
+        let query = XMLElement(name: "query", namespace: "jabber:iq:register")
+        var (open, openFeatures) = secured("open.example")
+        #expect(openFeatures?.firstChild(name: "register", namespace: "http://jabber.org/features/iq-register") != nil)
+        #expect(open.elementReceived(request("get", query)) == .registration(request("get", query)))
+        #expect(open.elementReceived(request("set", query)) == .registration(request("set", query)))
+        // Another payload is still a stanza before authentication.
+        #expect(streamError(of: open.elementReceived(request("get", XMLElement(name: "query", namespace: "jabber:iq:roster")))) == .notAuthorized)
+        var (closed, closedFeatures) = secured("closed.example")
+        #expect(closedFeatures?.firstChild(name: "register", namespace: "http://jabber.org/features/iq-register") == nil)
+        #expect(streamError(of: closed.elementReceived(request("get", query))) == .notAuthorized)
+    }
+
     @Test("A restart must address the same domain")
     func sameDomainAfterRestart() {
         var negotiation = machine()

@@ -46,7 +46,8 @@ final class ClientConnectionHandler: ChannelInboundHandler {
                 scramIterations: server.configuration.auth.scramIterations,
                 serverSecret: server.secret,
                 streamManagement: server.configuration.streamManagement.enabled,
-                capabilities: { [server] domain in DiscoModule.capabilities(of: domain, server: server) }),
+                capabilities: { [server] domain in DiscoModule.capabilities(of: domain, server: server) },
+                registrationOpen: { [server] domain in server.configuration.registration.isOpen(domain) && server.domains.isHosted(domain) }),
             makeStreamID: { ServerContext.randomIdentifier(bytes: 16) })
         if listener == .c2sDirectTLS {
             negotiation.startedWithTLS(channelBindings: [])
@@ -199,6 +200,8 @@ final class ClientConnectionHandler: ChannelInboundHandler {
             lookUpSCRAMKeys(username: username, hash: hash, context: context)
         case .verifyPassword(let username, let password):
             verifyPassword(username: username, password: password, context: context)
+        case .registration(let iq):
+            register(iq, context: context)
         case .bind(let requested, let iqID):
             bind(requested: requested, iqID: iqID, context: context)
         case .resume(let previousID, let handled):
@@ -239,6 +242,23 @@ final class ClientConnectionHandler: ChannelInboundHandler {
     private func write(_ output: StreamOutput, context: ChannelHandlerContext) {
         lastWrite = clock.now()
         context.write(wrapOutboundOut(output), promise: nil)
+    }
+
+    // MARK: In-band registration (XEP-0077)
+
+    private func register(_ iq: XMLElement, context: ChannelHandlerContext) {
+        guard let domain = negotiation.domain else { return }
+        let server = self.server
+        let address = context.channel.remoteAddress?.ipAddress
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        context.eventLoop.makeFutureWithTask {
+            await InBandRegistration.answer(iq, domain: domain, address: address, server: server)
+        }.whenSuccess { reply in
+            let (handler, context) = loopBound.value
+            guard !handler.closing else { return }
+            handler.write(.element(reply), context: context)
+            context.flush()
+        }
     }
 
     // MARK: SASL

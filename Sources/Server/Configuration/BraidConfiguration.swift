@@ -43,6 +43,7 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
     public var push = PushSettings()
     public var externalServices = ExternalServices()
     public var blocking = BlockingSettings()
+    public var registration = RegistrationSettings()
 
     public init() {}
 
@@ -56,7 +57,31 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
         case contactAddresses = "contact_addresses"
         case push
         case externalServices = "external_services"
-        case blocking
+        case blocking, registration
+    }
+
+    /// In-band registration (XEP-0077): off unless a domain is listed.
+    public struct RegistrationSettings: Codable, Sendable, Equatable {
+        /// Hosted domains where anyone may create an account from a client; `"*"` is every
+        /// hosted domain. Empty (the default): accounts come from `braid user add` only.
+        public var domains: [String] = []
+        /// Registration attempts one client address may make per hour (an IPv6 address
+        /// counts by its /64, which one host usually holds whole).
+        public var attemptsPerAddressPerHour = 3
+        /// The shortest password accepted for a new account.
+        public var minPasswordLength = 8
+
+        public init() {}
+
+        enum CodingKeys: String, CodingKey {
+            case domains
+            case attemptsPerAddressPerHour = "attempts_per_address_per_hour"
+            case minPasswordLength = "min_password_length"
+        }
+
+        public func isOpen(_ domain: String) -> Bool {
+            domains.contains("*") || domains.contains { $0.lowercased() == domain.lowercased() }
+        }
     }
 
     /// Blocking (XEP-0191).

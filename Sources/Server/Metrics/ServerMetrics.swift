@@ -53,6 +53,11 @@ public struct ServerMetrics: Sendable {
         pepRateLimited = Counter(label: "braid_pep_rate_limited_total", factory: registry)
     }
 
+    /// In-band registration attempts by outcome: created, conflict, refused, rate-limited, failed.
+    func registrations(_ outcome: String) {
+        Counter(label: "braid_registrations_total", dimensions: [("outcome", outcome)], factory: registry).increment()
+    }
+
     func authentication(mechanism: String, succeeded: Bool) {
         Counter(label: succeeded ? "braid_auth_successes_total" : "braid_auth_failures_total",
                 dimensions: [("mechanism", mechanism)], factory: registry).increment()

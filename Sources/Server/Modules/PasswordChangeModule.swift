@@ -3,10 +3,11 @@ import XMPPCore
 import XMPPStream
 
 /// XEP-0077 `jabber:iq:register`, for accounts that exist: a logged-in user changes its
-/// password (§3.3). Accounts are made by the operator (`braid user add`): in-band
-/// registration stays off, so no `iq-register` stream feature is offered, a stream that has
-/// not authenticated may send no stanza at all (RFC 6120 §6.4.1: `not-authorized`), and an
-/// attempt to register any other account is refused. Removing an account in-band (§3.2) is
+/// password (§3.3). Accounts are made by the operator (`braid user add`), or, on the domains
+/// listed in `registration.domains`, by anyone before logging in (`InBandRegistration`, in
+/// the client stream's negotiation); elsewhere no `iq-register` stream feature is offered and
+/// a stream that has not authenticated may send no stanza at all (RFC 6120 §6.4.1:
+/// `not-authorized`). A logged-in user's attempt to register any other account is refused. Removing an account in-band (§3.2) is
 /// refused too (see ``changePassword(_:account:server:)``).
 ///
 /// Clients send the request with no `to` (slixmpp) or to their domain (Conversations, Gajim),

@@ -24,9 +24,14 @@ public struct ClientNegotiation: Sendable {
         /// The server's entity capabilities for a domain (XEP-0115 §6.3: its `<c/>` in the
         /// stream features, so a client knows the server's features without asking).
         public var capabilities: (@Sendable (_ domain: String) -> XMLElement?)?
+        /// Whether anyone may create an account on a domain in-band (XEP-0077): the
+        /// `iq-register` feature is offered over TLS before authentication, and registration
+        /// requests then reach the server (``Action/registration(_:)``).
+        public var registrationOpen: (@Sendable (_ domain: String) -> Bool)?
 
         public init(requireTLS: Bool = true, allowPLAIN: Bool = true, scramIterations: Int = 10_000, serverSecret: [UInt8], streamManagement: Bool = true,
-                    capabilities: (@Sendable (_ domain: String) -> XMLElement?)? = nil) {
+                    capabilities: (@Sendable (_ domain: String) -> XMLElement?)? = nil, registrationOpen: (@Sendable (_ domain: String) -> Bool)? = nil) {
+            self.registrationOpen = registrationOpen
             self.requireTLS = requireTLS
             self.allowPLAIN = allowPLAIN
             self.scramIterations = scramIterations
@@ -86,6 +91,9 @@ public struct ClientNegotiation: Sendable {
         case lookUpSCRAMKeys(username: String, hash: SCRAMHash)
         /// Check a PLAIN password and report with ``passwordChecked(_:)``.
         case verifyPassword(username: String, password: String)
+        /// A `jabber:iq:register` request before authentication, on a domain open to
+        /// registration: the server answers it on the stream, which stays where it was.
+        case registration(XMLElement)
         /// Bind `resource` (nil: generate one) for the authenticated account and report with
         /// ``bindSucceeded(_:iqID:)`` or ``bindFailed(_:iqID:)``.
         case bind(requestedResource: String?, iqID: String)
@@ -190,6 +198,9 @@ public struct ClientNegotiation: Sendable {
         case .featuresSent(.secured):
             if element.name == "auth" && element.namespace == XMLNamespace.sasl {
                 return beginSASL(element, secured: true)
+            }
+            if isRegistrationRequest(element) {
+                return .registration(element)
             }
             return refuseBeforeNegotiation(element)
         case .authenticating(let exchange):
@@ -316,6 +327,9 @@ public struct ClientNegotiation: Sendable {
             }
         case .secured:
             children.append(.element(mechanisms(secured: true)))
+            if let domain, configuration.registrationOpen?(domain) == true {
+                children.append(.element(XMLElement(name: "register", namespace: "http://jabber.org/features/iq-register")))
+            }
             if !channelBindings.isEmpty {
                 // XEP-0440: which channel-binding types SCRAM-*-PLUS can use here.
                 children.append(.element(XMLElement(name: "sasl-channel-binding", namespace: "urn:xmpp:sasl-cb:0", children: channelBindings.map {
@@ -340,6 +354,16 @@ public struct ClientNegotiation: Sendable {
             children.append(.element(caps))
         }
         return XMLElement(name: "features", namespace: XMLNamespace.streams, children: children)
+    }
+
+    /// XEP-0077 §3.1 before authentication: an IQ get or set whose payload is the register
+    /// query, on a domain open to registration, over TLS.
+    private func isRegistrationRequest(_ element: XMLElement) -> Bool {
+        guard element.name == "iq", element.namespace == XMLNamespace.client, let domain,
+              configuration.registrationOpen?(domain) == true,
+              ["get", "set"].contains(element.attribute("type") ?? ""), element.attribute("id") != nil else { return false }
+        let payloads = Array(element.elements)
+        return payloads.count == 1 && payloads[0].name == "query" && payloads[0].namespace == "jabber:iq:register"
     }
 
     /// Mechanisms in order of preference. PLAIN only inside TLS (RFC 6120 §6.3.4); the -PLUS
