@@ -47,7 +47,8 @@ struct FallbackTests {
         }
         for (receiver, client) in receivers {
             let expected = Set(senders.keys.map { "\(label) \($0)→\(receiver)" })
-            #expect(try await receive(expected.count, on: client) == expected)
+            let got = try await receive(expected.count, on: client)
+            #expect(got == expected, "\(receiver): missing \(expected.subtracting(got).sorted()), unexpected \(got.subtracting(expected).sorted())")
         }
     }
 
