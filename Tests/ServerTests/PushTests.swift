@@ -105,4 +105,38 @@ struct PushTests {
             await bob.close()
         }
     }
+
+    @Test("Over federation: the app server is an entity of another provider (a client at b.example); it gets the publish over the link and its answer comes back, so the registration stays")
+    func appServerAcrossFederation() async throws {
+        try await withFederation(aUsers: ["alice@a.example", "carol@a.example"], bUsers: ["bob@b.example"]) { pair in
+            let (app, appJID) = try await pair.b.loggedIn("bob@b.example")
+            let (alice, _) = try await pair.a.loggedIn("alice@a.example")
+            let enable = XMLElement(name: "enable", namespace: PushModule.namespace, attributes: [XMLAttribute("jid", appJID.description), XMLAttribute("node", "phone")], children: [
+                .element(PushModule.form(PubSubNamespace.publishOptions, ["secret": ["k"]])),
+            ])
+            #expect(try await alice.iq(.set, payload: enable).attribute("type") == "result")
+            await alice.close()
+            try await waitUntil(timeout: .seconds(10), "alice's session gone") { pair.a.context.sessions.entries(of: try JID("alice@a.example")).isEmpty }
+            let (carol, _) = try await pair.a.loggedIn("carol@a.example")
+            for index in 1...2 {
+                try await carol.sendMessage(to: "alice@a.example", body: "message \(index)", id: "m\(index)")
+                let publish = try await app.waitFor(timeout: .seconds(15)) { $0.name == "iq" && $0.attribute("type") == "set" }
+                #expect(publish.attribute("from") == "alice@a.example")
+                let published = publish.firstChild(name: "pubsub", namespace: PubSubNamespace.pubsub)?.firstChild(name: "publish", namespace: PubSubNamespace.pubsub)
+                #expect(published?.attribute("node") == "phone")
+                let summary = Self.fields(published?.firstChild(name: "item", namespace: PubSubNamespace.pubsub)?
+                    .firstChild(name: "notification", namespace: PushModule.namespace)?.firstChild(name: "x", namespace: "jabber:x:data"))
+                #expect(summary["message-count"] == ["\(index)"])
+                // The app server's answer goes back across the link to alice's bare JID.
+                try await app.send(XMLElement(name: "iq", namespace: XMLNamespace.client, attributes: [
+                    XMLAttribute("type", "result"), XMLAttribute("id", publish.attribute("id") ?? ""), XMLAttribute("to", "alice@a.example"),
+                ]))
+            }
+            // Answered with results: still registered, and no error came back to the app server.
+            #expect(try await pair.a.context.storage.storeEntries("push", of: try JID("alice@a.example")).count == 1)
+            #expect(await app.expectSilence() == nil)
+            await carol.close()
+            await app.close()
+        }
+    }
 }
