@@ -174,6 +174,10 @@ class BraidServer:
         self.log_path = os.path.join(self.data_dir, "server.log")
         self.starttls_port = free_port()
         self.direct_tls_port = free_port()
+        # Every other listener on a free loopback port too, so two suites (or two servers
+        # of one suite) never collide on the defaults (5269, 5270, 5280, 443).
+        self.other_ports = {name: str(free_port()) for name in (
+            "BRAID_S2S_STARTTLS_PORT", "BRAID_S2S_DIRECT_TLS_PORT", "BRAID_ADMIN_ADMIN_PORT", "BRAID_ADMIN_POSH_PORT")}
         for domain in self.initial_domains:
             self.add_domain(domain)
         self._launch()
@@ -266,7 +270,10 @@ class BraidServer:
             "BRAID_C2S_STARTTLS_PORT": str(self.starttls_port),
             "BRAID_C2S_DIRECT_TLS_PORT": str(self.direct_tls_port),
             "BRAID_LOG_LEVEL": "debug",
+            "BRAID_S2S_ADDRESS": HOST,
+            "BRAID_ADMIN_POSH_ADDRESS": HOST,
         })
+        env.update(getattr(self, "other_ports", {}))
         url = self.postgres_url or (self.postgres.url if self.postgres is not None else None)
         if url is not None:
             env.update({"BRAID_STORAGE_BACKEND": "postgresql", "BRAID_STORAGE_URL": url})
