@@ -5,15 +5,17 @@
                                    and docs/benchmarks/*.png
     sudo bench/run --smoke         tiny sizes (CI): writes to /tmp/braid-bench-smoke, checks that
                                    every scenario produced its figures, exits 1 if one did not
-    options: --only fanout,c2s,hosting,muc,micro   --braid PATH   --out DIR   --no-build
+    options: --only fanout,c2s,hosting,muc,mam,micro   --braid PATH   --out DIR   --no-build
              --build-config debug   --wait-for FILE   --report-only (md and plots from the json)
 
 Scenarios (each module's docstring has the details): fanout.py (s2s fan-out over the
 federation lab), c2s.py (tsung), hosting.py (hosted domains), muc.py (group chat: one room
-with N occupants, and the MUC service's cost per hosted domain), micro.py (braid-bench).
+with N occupants, and the MUC service's cost per hosted domain), mam.py (message archive:
+query latency at 10^4..10^6 archived messages, messaging with the archive on and off),
+micro.py (braid-bench).
 --braid PATH runs that binary (nothing is built; with --build-config debug for a debug one).
 Needs root (network namespaces) and Debian's prosody, ejabberd, tsung, knot, unbound,
-python3-matplotlib (Scripts/setup bench).
+python3-matplotlib (Scripts/setup bench); mam also lua-dbi-sqlite3 and erlang-p1-sqlite3.
 """
 
 import argparse
@@ -38,6 +40,8 @@ FULL = {
     "muc": {"occupants": [100, 1000], "probes": 20, "offered_deliveries_per_second": 20000,
             "sustain": {"senders": 10, "seconds": 20, "drain_timeout": 30}, "driver_processes": 2,
             "service_domains": 10000, "service_repeats": 5},
+    "mam": {"accounts": 100, "steps": [10000, 100000, 1000000], "populate_limit": 420, "window": 400,
+            "queries": 400, "page": 50, "throughput": {"rate": 300, "seconds": 15, "window": 400, "saturate_seconds": 15}},
     "micro": {"megabytes": 50, "repetitions": 5, "logins": 2000,
               "storage": {"accounts": 2000, "messages": 10000, "contacts": 1000, "domains": 10000}},
 }
@@ -50,6 +54,8 @@ SMOKE = {
     "muc": {"occupants": [10], "probes": 5, "offered_deliveries_per_second": 1000,
             "sustain": {"senders": 3, "seconds": 3, "drain_timeout": 15}, "driver_processes": 2,
             "service_domains": 300, "service_repeats": 1},
+    "mam": {"accounts": 10, "steps": [1000], "populate_limit": 60, "window": 100, "queries": 40, "page": 50,
+            "throughput": {"rate": 100, "seconds": 2, "window": 100, "saturate_seconds": 2}},
     "micro": {"megabytes": 2, "repetitions": 1, "logins": 50,
               "storage": {"accounts": 20, "messages": 50, "contacts": 20, "domains": 100}},
 }
@@ -114,6 +120,15 @@ def check(report, wanted):
         if service.get("rss_per_domain_bytes") is None or (service.get("on") or {}).get("start_seconds") is None \
                 or (service.get("off") or {}).get("start_seconds") is None:
             missing.append("muc-service/braid")
+    if "mam" in wanted:
+        rows = s.get("mam", {}).get("results", {})
+        for kind in KINDS:
+            entry = rows.get(kind, {})
+            if not any(step.get("p99_ms") is not None and step.get("archived_rows") for step in entry.get("steps", [])):
+                missing.append(f"mam-queries/{kind}")
+            for mode in ("on", "off"):
+                if not ((entry.get(mode) or {}).get("saturated") or {}).get("delivered_per_second"):
+                    missing.append(f"mam-{mode}/{kind}")
     if "micro" in wanted:
         m = s.get("micro", {})
         if not m.get("parse", {}).get("braid_mb_per_s"):
@@ -142,7 +157,7 @@ def wait_quiet(flag, limit):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--only", default="fanout,c2s,hosting,muc,micro")
+    parser.add_argument("--only", default="fanout,c2s,hosting,muc,mam,micro")
     parser.add_argument("--braid", help="braid binary (default: build .build/release/braid)")
     parser.add_argument("--out", help="output directory (default docs/ for a full run, /tmp/braid-bench-smoke for --smoke)")
     parser.add_argument("--no-build", action="store_true", help="use the existing binaries in .build/CONFIG")
@@ -179,7 +194,7 @@ def main():
     os.chmod(os.path.dirname(private), 0o755)
     braid_source = braid
     braid = private
-    if bench_binary:
+    if bench_binary and ("micro" in wanted or os.path.exists(bench_binary)):
         private_bench = os.path.join(os.path.dirname(private), "braid-bench")
         shutil.copy2(bench_binary, private_bench)
         bench_binary = private_bench
@@ -208,6 +223,9 @@ def main():
     if "muc" in wanted:
         import muc
         run_scenario("muc", lambda: muc.run(KINDS, braid, sizes["muc"]), report)
+    if "mam" in wanted:
+        import mam
+        run_scenario("mam", lambda: mam.run(KINDS, braid, sizes["mam"]), report)
     if "micro" in wanted:
         m = sizes["micro"]
         run_scenario("micro", lambda: micro.run(m["megabytes"], m["repetitions"], m["logins"], bench_binary, m.get("storage")), report)

@@ -141,6 +141,35 @@ def goals(report):
             f"{fmt(per)} B at {n:,} domains ((idle RSS on − off) / domains, median of {service.get('repeats')})",
             f"{per / 100:.2f}× the limit" if per is not None else "—",
             (per < 100) if per is not None and n >= 10000 and report.get("build_config") != "debug" else None)
+    ma = s.get("mam", {}).get("results", {})
+    if ma:
+        judged = report.get("build_config") != "debug"
+        b = ma.get("braid", {})
+        steps = [x for x in b.get("steps", []) if x.get("p99_ms") is not None]
+        top = max(steps, key=lambda x: x.get("archived_rows") or 0, default=None)
+        peers = []
+        for kind in ("prosody", "ejabberd"):
+            ps = [x for x in ma.get(kind, {}).get("steps", []) if x.get("p99_ms") is not None]
+            if ps:
+                last = max(ps, key=lambda x: x.get("archived_rows") or 0)
+                peers.append(f"{NAMES[kind]} {fmt(last['p99_ms'], 1)} ms at {fmt(last.get('archived_rows'))} rows")
+        if top:
+            rows_at = top.get("archived_rows") or 0
+            add("MAM: a page of 50 from 1,000,000 archived messages (100 accounts × 10,000) in < 20 ms p99 on SQLite",
+                f"Braid p99 {fmt(top['p99_ms'], 1)} ms (p50 {fmt(top['p50_ms'], 1)} ms) at {fmt(rows_at)} rows; " + "; ".join(peers)
+                + ("" if judged else " (debug build: not judged)"),
+                f"{top['p99_ms'] / 20:.2f}× the limit",
+                (top["p99_ms"] < 20) if judged and rows_at >= 1_000_000 else None)
+        on = ((b.get("on") or {}).get("saturated") or {})
+        off = ((b.get("off") or {}).get("saturated") or {})
+        ratio = b.get("on_over_off_messages_per_second")
+        if on.get("delivered_per_second") and off.get("delivered_per_second"):
+            add("MAM: archiving slows the messaging benchmark by ≤ 10 % (Braid, archive on vs off)",
+                f"Braid {fmt(on['delivered_per_second'], 0)} msg/s with the archive, {fmt(off['delivered_per_second'], 0)} without "
+                f"({report['sizes']['mam']['throughput']['window']} in flight); messages per server CPU-second "
+                f"{fmt(on.get('messages_per_cpu_second'), 0)} / {fmt(off.get('messages_per_cpu_second'), 0)}"
+                + ("" if judged else " (debug build: not judged)"),
+                f"on ÷ off = {ratio:.2f}×" if ratio else "—", (ratio >= 0.9) if judged and ratio else None)
     return rows
 
 
@@ -223,6 +252,31 @@ def plots(report, directory):
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
         save(fig, "hosting.png")
+
+    ma = s.get("mam", {}).get("results", {})
+    if ma:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for kind in KINDS:
+            steps = [x for x in ma.get(kind, {}).get("steps", []) if x.get("p99_ms") is not None and x.get("archived_rows")]
+            if steps:
+                axes[0].plot([x["archived_rows"] for x in steps], [x["p99_ms"] for x in steps], "o-", color=COLORS[kind],
+                             label=f"{NAMES[kind]} p99")
+                axes[0].plot([x["archived_rows"] for x in steps], [x["p50_ms"] for x in steps], "o--", color=COLORS[kind],
+                             alpha=0.6, label=f"{NAMES[kind]} p50")
+        axes[0].axhline(20, color="gray", linestyle=":", label="goal: p99 20 ms at 10⁶")
+        axes[0].set(xlabel="archived rows (all accounts)", ylabel="ms per page of 50", xscale="log", yscale="log",
+                    title="MAM query latency")
+        xs = range(len(KINDS))
+        for offset, mode, alpha in ((-0.2, "on", 1.0), (0.2, "off", 0.45)):
+            values = [(((ma.get(k, {}).get(mode) or {}).get("saturated") or {}).get("delivered_per_second") or 0) for k in KINDS]
+            axes[1].bar([x + offset for x in xs], values, width=0.4, color=[COLORS[k] for k in KINDS], alpha=alpha,
+                        label=f"archive {mode}")
+        axes[1].set_xticks(list(xs), [NAMES[k] for k in KINDS])
+        axes[1].set(ylabel="delivered messages/s (saturated)", yscale="log", title="Messaging, archive on (solid) / off (pale)")
+        for ax in axes:
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        save(fig, "mam.png")
     return made
 
 
@@ -309,6 +363,101 @@ def muc_section(mu, report):
         if service.get("error"):
             lines += [f"- error: {service['error'][:300]}", ""]
     lines += ["Tuning:", ""] + [f"- {NAMES.get(k, k)}: " + "; ".join(t) for k, t in mu.get("tuning", {}).items()] + [""]
+    return lines
+
+
+def mam_section(ma, report, images):
+    z = report["sizes"]["mam"]
+    t = z["throughput"]
+    lines = ["## Message archive (XEP-0313)", "",
+             f"{z['accounts']} accounts on mam.test, each a client session of its own (SASL PLAIN inside STARTTLS) held by "
+             "bench/mamdriver.py in a loopback-only namespace; all three servers keep the archive in SQLite (Tuning). "
+             "**Queries**: the accounts message each other through the server (each account with two contacts, sending as "
+             "many as it receives), as fast as the server takes them "
+             f"({z['window']} in flight), until the archives hold the step's number of **archived rows**: a message between two "
+             "local accounts is archived twice (sender's and recipient's archive), so 10⁶ rows are 500,000 messages, "
+             f"10,000 rows in each of {z['accounts']} archives; the rows are counted in the server's database after each step. "
+             f"Then {z['queries']} queries for a page of {z['page']} (RSM max), one at a time, from the accounts' sessions, "
+             "over four kinds: the latest page (RSM `<before/>`), the latest page with one contact (`with`), the first page "
+             "after the middle of the archive (`start`), the page before that one (RSM `before` id). Latency: from sending the "
+             "query to reading the final `<iq/>` after the results. Each server has "
+             f"{z['populate_limit']} s to populate its archives in all; a step it does not reach in that time is measured at "
+             "the size it reached. **On / off**: two fresh servers, the archive on and off, "
+             f"{t['rate']} msg/s offered for {t['seconds']} s (latency: send to receipt), then {t['window']} messages in flight "
+             f"for {t['saturate_seconds']} s (delivered messages/s); server CPU from /proc over each window; messages per server "
+             "CPU-second; driver share: the driver process's share of one core over the window (near 1: the driver set the "
+             "pace).", ""]
+    rows = []
+    for kind in KINDS:
+        e = ma.get(kind, {})
+        for x in e.get("steps", []):
+            if x.get("not_started"):
+                rows.append((NAMES[kind], fmt(x["target_rows"]), "not started", "—", "—", "—", "—", "—", "—", "—", "—", "—",
+                             x["not_started"]))
+                continue
+            k = x.get("by_kind") or {}
+            notes = []
+            if x.get("reached") is False:
+                notes.append(f"did not reach {x['target_rows']:,} rows in {z['populate_limit']} s")
+            if x.get("stalled"):
+                notes.append(x["stalled"])
+            if x.get("query_errors"):
+                notes.append(f"{x['query_errors']} query errors: {(x.get('query_first_errors') or [''])[0][:100]}")
+            if x.get("bounced"):
+                notes.append(f"{x['bounced']} bounced")
+            short = [f"{n} {v.get('mean_results')}" for n, v in k.items() if v.get("mean_results") is not None and v["mean_results"] < z["page"]]
+            if short:
+                notes.append("mean results below a page: " + ", ".join(short))
+            rows.append((NAMES[kind], fmt(x["target_rows"]), fmt(x.get("archived_rows")),
+                         fmt(x.get("elapsed_populating_seconds"), 0), fmt(x.get("populate_messages_per_second"), 0),
+                         fmt(x.get("p50_ms"), 2), fmt(x.get("p99_ms"), 2), fmt(x.get("max_ms"), 1),
+                         *[f"{fmt((k.get(n) or {}).get('p50_ms'), 1)} / {fmt((k.get(n) or {}).get('p99_ms'), 1)}"
+                           for n in ("latest", "with", "start", "before")],
+                         fmt((x.get("db_bytes") or 0) / 2**20, 0) if x.get("db_bytes") else "—", "; ".join(notes)))
+        if e.get("archive_error"):
+            rows.append((NAMES[kind], *["—"] * 12, "error: " + e["archive_error"][:200]))
+    lines += ["### Query latency, a page of 50", "",
+              table(["server", "target rows", "rows in the database", "populating s (so far)", "populating msg/s",
+                     "p50 ms", "p99 ms", "max ms", "latest p50 / p99", "with p50 / p99", "start p50 / p99",
+                     "before-id p50 / p99", "database MiB", "note"], rows), ""]
+    rows = []
+    for kind in KINDS:
+        e = ma.get(kind, {})
+        for mode in ("on", "off"):
+            m = e.get(mode) or {}
+            f, sat = m.get("fixed") or {}, m.get("saturated") or {}
+            if not f and not sat:
+                rows.append((NAMES[kind], mode, *["—"] * 9, "error: " + (m.get("error") or "no figures")[:200]))
+                continue
+            ratio = ""
+            if mode == "on" and e.get("on_over_off_messages_per_second"):
+                ratio = f"{e['on_over_off_messages_per_second']:.2f}× msg/s, {fmt(e.get('on_over_off_messages_per_cpu_second'), 2)}× per CPU-s"
+            notes = []
+            if f and f.get("complete") is False:
+                notes.append(f"fixed rate not sustained: {fmt(f.get('delivered'))} of {fmt(f.get('sent'))} delivered "
+                             f"within 30 s of the last send")
+            if sat.get("backlog_at_start"):
+                notes.append(f"saturated run started with {fmt(sat['backlog_at_start'])} messages of the fixed run still in "
+                             "flight (they fill the window and count as delivered)")
+            for label, w in (("fixed", f), ("saturated", sat)):
+                if w.get("lost") and w.get("lost") > 0:
+                    notes.append(f"{label}: {w['lost']} not delivered")
+                if w.get("stalled"):
+                    notes.append(f"{label}: {w['stalled']}")
+            rows.append((NAMES[kind], mode, fmt(f.get("delivered_per_second"), 0),
+                         f"{fmt(f.get('latency_p50_ms'), 1)} / {fmt(f.get('latency_p99_ms'), 1)}",
+                         cpu(f.get("server_cpu_seconds")), fmt(f.get("messages_per_cpu_second"), 0),
+                         fmt(sat.get("delivered_per_second"), 0),
+                         f"{fmt(sat.get('latency_p50_ms'), 1)} / {fmt(sat.get('latency_p99_ms'), 1)}",
+                         cpu(sat.get("server_cpu_seconds")), fmt(sat.get("messages_per_cpu_second"), 0),
+                         fmt(sat.get("driver_share"), 2), "; ".join(filter(None, [ratio] + notes))))
+    lines += ["### Messaging with the archive on and off", "",
+              table(["server", "archive", f"{t['rate']} msg/s offered: delivered/s", "latency p50 / p99 ms", "server CPU s",
+                     "msg/CPU-s", "saturated: delivered msg/s", "latency p50 / p99 ms", "server CPU s", "msg/CPU-s",
+                     "driver share", "on ÷ off; note"], rows), ""]
+    if "mam.png" in images:
+        lines += ["![mam](benchmarks/mam.png)", ""]
+    lines += ["Tuning:", ""] + [f"- {NAMES.get(k, k)}: " + "; ".join(v) for k, v in (report["scenarios"]["mam"].get("tuning") or {}).items()] + [""]
     return lines
 
 
@@ -443,6 +592,10 @@ def write(report, out):
     mu = s.get("muc", {})
     if mu.get("rooms") or mu.get("service"):
         lines += muc_section(mu, report)
+
+    ma = s.get("mam", {})
+    if ma.get("results"):
+        lines += mam_section(ma["results"], report, images)
 
     mi = s.get("micro", {})
     if mi:
