@@ -1255,3 +1255,66 @@ struct StorageMigrationTests {
         }
     }
 }
+
+/// Group commit (CommitBatcher): appends that come while a commit is under way go together
+/// in the next one, and each caller still gets its own outcome.
+@Suite("Group commit of archive appends")
+struct GroupCommitTests {
+    @Test("Concurrent submits share commits; each gets its own outcome, in order within a batch")
+    func batches() async throws {
+        let sizes = Mutex<[Int]>([])
+        let batcher = CommitBatcher<Int>(maxBatch: 16) { items in
+            sizes.withLock { $0.append(items.count) }
+            // A commit takes time (an fsync): that is what lets others queue behind it.
+            try? await Task.sleep(for: .milliseconds(5))
+            return items.map { $0 % 10 == 7 ? StorageError.userNotFound : nil }
+        }
+        let outcomes = await withTaskGroup(of: (Int, Bool).self) { group in
+            for index in 0..<100 {
+                group.addTask {
+                    do {
+                        try await batcher.submit(index)
+                        return (index, true)
+                    } catch {
+                        return (index, false)
+                    }
+                }
+            }
+            return await group.reduce(into: [Int: Bool]()) { $0[$1.0] = $1.1 }
+        }
+        #expect(outcomes.count == 100)
+        #expect(outcomes.filter { !$0.value }.keys.sorted() == [7, 17, 27, 37, 47, 57, 67, 77, 87, 97])
+        let recorded = sizes.withLock { $0 }
+        #expect(recorded.reduce(0, +) == 100)
+        #expect(recorded.count < 100, "appends were batched: \(recorded.count) commits")
+        #expect(recorded.allSatisfy { $0 <= 16 })
+    }
+
+    @Test("On SQLite, 200 appends at once from many sessions: every row for an existing account is kept, the one for a missing account fails alone")
+    func sqliteConcurrentAppends() async throws {
+        try await withStorage(.sqlite) { (storage: any Storage) async throws in
+            let accounts = try (0..<10).map { try JID("user\($0)@example.com") }
+            for account in accounts { try await storage.createUser(account, credentials: credentials(1)) }
+            let missing = try JID("nobody@example.com")
+            let failures = try await withThrowingTaskGroup(of: Int.self) { group in
+                for index in 0..<200 {
+                    let account = index == 150 ? missing : accounts[index % 10]
+                    group.addTask {
+                        do {
+                            try await storage.archive(ArchivedMessage(id: "g\(index)", with: "peer@example.org", stamp: Int64(index), stanza: "<message/>"),
+                                                      for: account, expireBefore: nil)
+                            return 0
+                        } catch StorageError.userNotFound {
+                            return 1
+                        }
+                    }
+                }
+                return try await group.reduce(0, +)
+            }
+            #expect(failures == 1)
+            var total = 0
+            for account in accounts { total += try await storage.archivedMessages(ArchiveQuery(limit: 1), for: account).count }
+            #expect(total == 199)
+        }
+    }
+}
