@@ -5,14 +5,15 @@
                                    and docs/benchmarks/*.png
     sudo bench/run --smoke         tiny sizes (CI): writes to /tmp/braid-bench-smoke, checks that
                                    every scenario produced its figures, exits 1 if one did not
-    options: --only fanout,c2s,hosting,muc,mam,micro   --braid PATH   --out DIR   --no-build
+    options: --only fanout,c2s,hosting,muc,mam,pep,micro   --braid PATH   --out DIR   --no-build
              --build-config debug   --wait-for FILE   --report-only (md and plots from the json)
 
 Scenarios (each module's docstring has the details): fanout.py (s2s fan-out over the
 federation lab), c2s.py (tsung), hosting.py (hosted domains), muc.py (group chat: one room
 with N occupants, and the MUC service's cost per hosted domain), mam.py (message archive:
 query latency at 10^4..10^6 archived messages, messaging with the archive on and off),
-micro.py (braid-bench).
+pep.py (personal eventing: one publish to 1,000 local and remote contacts, and the caps
+cache's memory at 10,000 distinct vers), micro.py (braid-bench).
 --braid PATH runs that binary (nothing is built; with --build-config debug for a debug one).
 Needs root (network namespaces) and Debian's prosody, ejabberd, tsung, knot, unbound,
 python3-matplotlib (Scripts/setup bench); mam also lua-dbi-sqlite3 and erlang-p1-sqlite3.
@@ -42,6 +43,8 @@ FULL = {
             "service_domains": 10000, "service_repeats": 5},
     "mam": {"accounts": 100, "steps": [10000, 100000, 1000000], "populate_limit": 420, "window": 400,
             "queries": 400, "page": 50, "throughput": {"rate": 300, "seconds": 15, "window": 400, "saturate_seconds": 15}},
+    "pep": {"local": 750, "remote": 250, "publishes": 20, "warmups": 2, "publish_interval": 1.2, "probe_timeout": 30,
+            "driver_processes": 2, "caps": {"distinct": 10000, "steps": [1000], "query_timeout": 10, "timeout": 600, "settle": 15, "control": True}},
     "micro": {"megabytes": 50, "repetitions": 5, "logins": 2000,
               "storage": {"accounts": 2000, "messages": 10000, "contacts": 1000, "domains": 10000}},
 }
@@ -56,6 +59,8 @@ SMOKE = {
             "service_domains": 300, "service_repeats": 1},
     "mam": {"accounts": 10, "steps": [1000], "populate_limit": 60, "window": 100, "queries": 40, "page": 50,
             "throughput": {"rate": 100, "seconds": 2, "window": 100, "saturate_seconds": 2}},
+    "pep": {"local": 4, "remote": 2, "publishes": 2, "warmups": 1, "publish_interval": 0.5, "probe_timeout": 10,
+            "driver_processes": 2, "caps": {"distinct": 20, "query_timeout": 5, "timeout": 60, "settle": 3, "control": True}},
     "micro": {"megabytes": 2, "repetitions": 1, "logins": 50,
               "storage": {"accounts": 20, "messages": 50, "contacts": 20, "domains": 100}},
 }
@@ -129,6 +134,13 @@ def check(report, wanted):
             for mode in ("on", "off"):
                 if not ((entry.get(mode) or {}).get("saturated") or {}).get("delivered_per_second"):
                     missing.append(f"mam-{mode}/{kind}")
+    if "pep" in wanted:
+        rows = s.get("pep", {}).get("results", [])
+        for kind in KINDS:
+            if not any(r["kind"] == kind and r.get("all_p50_ms") is not None and r.get("lost") is not None for r in rows):
+                missing.append(f"pep-fanout/{kind}")
+        if not any(r["kind"] == "braid" and r.get("caps_bytes_per_entry") is not None for r in rows):
+            missing.append("pep-caps/braid")
     if "micro" in wanted:
         m = s.get("micro", {})
         if not m.get("parse", {}).get("braid_mb_per_s"):
@@ -157,7 +169,7 @@ def wait_quiet(flag, limit):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--only", default="fanout,c2s,hosting,muc,mam,micro")
+    parser.add_argument("--only", default="fanout,c2s,hosting,muc,mam,pep,micro")
     parser.add_argument("--braid", help="braid binary (default: build .build/release/braid)")
     parser.add_argument("--out", help="output directory (default docs/ for a full run, /tmp/braid-bench-smoke for --smoke)")
     parser.add_argument("--no-build", action="store_true", help="use the existing binaries in .build/CONFIG")
@@ -226,6 +238,9 @@ def main():
     if "mam" in wanted:
         import mam
         run_scenario("mam", lambda: mam.run(KINDS, braid, sizes["mam"]), report)
+    if "pep" in wanted:
+        import pep
+        run_scenario("pep", lambda: pep.run(KINDS, braid, sizes["pep"]), report)
     if "micro" in wanted:
         m = sizes["micro"]
         run_scenario("micro", lambda: micro.run(m["megabytes"], m["repetitions"], m["logins"], bench_binary, m.get("storage")), report)

@@ -461,6 +461,75 @@ def mam_section(ma, report, images):
     return lines
 
 
+def pep_section(pe, report):
+    z = report["sizes"]["pep"]
+    c = z["caps"]
+    lines = ["## Personal eventing (XEP-0163): PEP fan-out and the caps cache", "",
+             f"Per server kind, the federation lab builds two providers of that kind (real DNSSEC): A hosts the publisher and "
+             f"{z['local']:,} local contacts, B {z['remote']:,} remote contacts (reached over s2s); every contact has a presence "
+             "subscription both ways with the publisher (written into each server's roster storage before its start; "
+             "ejabberd: mod_admin_extra:add_rosteritem). bench/pepdriver.py, in A's namespace, logs everyone in as real client "
+             "sessions (STARTTLS, SASL PLAIN); the contacts announce XEP-0115 caps whose features include NODE+notify (one ver for "
+             "all, as one client kind would) and answer the servers' disco#info queries. After "
+             f"{z.get('warmups', 2)} warm-up publishes, the publisher publishes {z['publishes']} items, one every "
+             f"{z.get('publish_interval', 1.2)} s. **All contacts**: from sending the publish until the last contact has the "
+             "notification (p50 and max over the publishes); **lost**: notifications that did not arrive within "
+             f"{z.get('probe_timeout', 30)} s; **duplicates**: a notification a session received a second time. **CPU**: the "
+             "servers' CPU seconds (/proc, all their processes) from each publish until its last notification arrived, summed, "
+             "per 1,000 notifications delivered (A alone; A + B). **Caps cache**: then the local contacts change their presence "
+             f"to new vers one after another until {c['distinct']:,} distinct vers were announced, each answered when A's server "
+             "asks with disco#info; bytes per entry = (A's RSS 3 s after the last answer − 3 s before the first) / the vers it "
+             "asked about. The RSS difference also holds whatever else the presence changes left behind (no control run).", ""]
+    rows = []
+    for r in pe.get("results", []):
+        notes = []
+        if r.get("error"):
+            notes.append("error: " + r["error"][:200])
+        results = r.get("publish_results") or {}
+        if any(k != "result" for k in results):
+            notes.append("publish answers: " + ", ".join(f"{k[:80]} ×{v}" for k, v in results.items()))
+        if r.get("errors_seen"):
+            notes.append(f"errors {r['errors_seen']}")
+        if r.get("connections_lost"):
+            notes.append(f"{len(r['connections_lost'])} connections lost")
+        if any(m for m in (r.get("warmup_missing") or [])):
+            notes.append(f"warm-ups missing {r['warmup_missing']}")
+        rows.append((NAMES[r["kind"]], f"{fmt(r.get('local'))} + {fmt(r.get('remote'))}",
+                     f"{fmt(r.get('complete'))}/{fmt(r.get('publishes'))}",
+                     fmt(r.get("all_p50_ms"), 1), fmt(r.get("all_max_ms"), 1), fmt(r.get("delivery_median_ms"), 1),
+                     f"{fmt(r.get('lost'))} of {fmt(r.get('expected'))}", fmt(r.get("duplicates")),
+                     fmt(r.get("cpu_a_per_1000"), 3), fmt(r.get("cpu_total_per_1000"), 3),
+                     "; ".join(notes)))
+    lines += ["### Fan-out of one publish", "",
+              table(["server", "contacts (local + remote)", "publishes complete", "all contacts p50 ms", "all contacts max ms",
+                     "median delivery ms", "lost", "duplicates", "CPU s / 1,000 notifications (A)",
+                     "CPU s / 1,000 (A + B)", "note"], rows), ""]
+    rows = []
+    for r in pe.get("results", []):
+        before, after = r.get("caps_rss_before_kib"), r.get("caps_rss_after_kib")
+        steps = r.get("caps_steps") or []
+        on_the_way = ", ".join(f"{fmt(x['rss_kib'] / 1024, 1)} at {fmt(x['vers_learned'])}" for x in steps[:-1])
+        rows.append((NAMES[r["kind"]], fmt(r.get("caps_distinct")), fmt(r.get("caps_vers_queried")), fmt(r.get("caps_timeouts")),
+                     fmt(r.get("caps_seconds"), 1), fmt(before / 1024, 1) if before else "—", on_the_way or "—",
+                     fmt(after / 1024, 1) if after else "—", fmt(r.get("caps_bytes_per_entry"), 0),
+                     fmt(r.get("caps_marginal_bytes_per_entry"), 0),
+                     (f"{fmt(((r.get('caps_control') or {}).get('rss_after_kib') or 0) / 1024, 1)} "
+                      f"({fmt((r.get('caps_control') or {}).get('queries'))} queries)") if r.get("caps_control") else "—",
+                     fmt(r.get("caps_net_bytes_per_entry"), 0)))
+    lines += [f"### Caps cache at {c['distinct']:,} distinct vers", "",
+              f"RSS after: {c.get('settle', 15)} s after the last answer. Marginal: (RSS at the end − RSS at the first step) / the "
+              "entries learned in between, which leaves out what the first burst of queries left in the allocator. Control: then "
+              f"{c['distinct'] - 1:,} presence changes again, to vers the server already knows, at the same pace (the server "
+              f"should ask nothing); RSS {c.get('settle', 15)} s later. Net: ((RSS after − before) − (RSS after the control − RSS "
+              "after)) / entries. The control runs after the cache filled, so it may reuse memory the first phase freed: read "
+              "net as a lower bound of the cache's own cost.", "",
+              table(["server", "distinct vers announced", "vers the server asked about", "not asked within "
+                     f"{c.get('query_timeout', 10)} s", "seconds", "RSS before MiB", "RSS on the way MiB", "RSS after MiB",
+                     "bytes per entry", "marginal bytes per entry", "RSS after the control MiB", "net bytes per entry"], rows), ""]
+    lines += ["Tuning:", ""] + [f"- {NAMES.get(k, k)}: " + "; ".join(v) for k, v in (pe.get("tuning") or {}).items()] + [""]
+    return lines
+
+
 def write(report, out):
     os.makedirs(out, exist_ok=True)
     images = plots(report, os.path.join(out, "benchmarks"))
@@ -596,6 +665,10 @@ def write(report, out):
     ma = s.get("mam", {})
     if ma.get("results"):
         lines += mam_section(ma["results"], report, images)
+
+    pe = s.get("pep", {})
+    if pe.get("results"):
+        lines += pep_section(pe, report)
 
     mi = s.get("micro", {})
     if mi:
