@@ -652,9 +652,28 @@ public final class FederationManager: Sendable {
                 guard await ours.link.onLoop({ $0.beginRetiring() }) == true else { break }
                 logger.info("closing our link: the peer opened one to us at the same time", metadata: [
                     "link": "\(ours.link.id.prefix(8))", "kept": "\(theirs.link.id.prefix(8))", "peer": "\(ours.link.peerAddress)"])
+                await awaitAcknowledgements(on: ours.link, within: .seconds(2))
                 ours.link.closeStream()
                 break
             }
+        }
+    }
+
+    /// Before a retired link closes, the peer acknowledges what it received (XEP-0198 `<r/>`):
+    /// whatever stays unacknowledged is re-sent on the link that is kept, and a stanza
+    /// without an id cannot be recognised there as a copy of one the peer already has (the
+    /// clean-clone CI saw a message delivered twice that way). Bounded: a peer that does not
+    /// answer in time gets the re-send as before.
+    private func awaitAcknowledgements(on link: FederationLink, within limit: Duration) async {
+        guard (await link.onLoop({ link -> Int in
+            let owed = link.unacknowledgedCount
+            if owed > 0 { link.sendControl(XMLElement(name: "r", namespace: XMLNamespace.streamManagement)) }
+            return owed
+        }) ?? 0) > 0 else { return }
+        let deadline = ContinuousClock.now + limit
+        while ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(10))
+            guard let owed = await link.onLoop({ $0.isClosed ? 0 : $0.unacknowledgedCount }), owed > 0 else { return }
         }
     }
 
