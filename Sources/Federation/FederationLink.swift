@@ -371,9 +371,6 @@ public final class FederationLink: Sendable {
         // If the socket is full, the handler calls drain() again when it becomes writable.
     }
 
-    /// Stanzas sent on this link that the peer has not acknowledged yet.
-    var unacknowledgedCount: Int { state.unacknowledgedCount }
-
     /// Writes a first-level element that is not a stanza (dialback, stream management).
     func sendControl(_ element: XMLElement) {
         channel.writeAndFlush(StreamOutput.element(element), promise: nil)

@@ -278,6 +278,15 @@ public final class FederationManager: Sendable {
     /// Sends a stanza from a local domain to a remote one, on the link authorised for its
     /// pair, or sets one up (joining an existing link where the rules allow).
     public func send(_ stanza: Stanza) async {
+        // A message without an id gets one before it leaves. A link that is retired or lost
+        // re-sends what the peer had not acknowledged, and the peer's re-send filter knows a
+        // copy only by its id: without one, a message the peer already had was delivered
+        // twice (the clean-clone CI saw it). RFC 6120 §8.1.3 leaves the id optional; one added
+        // in transit changes nothing for the recipient.
+        var stanza = stanza
+        if stanza.kind == .message, (stanza.id ?? "").isEmpty {
+            stanza = stanza.setting(attribute: "id", to: "braid-" + UUID().uuidString.lowercased())
+        }
         guard let to = try? stanza.to(), let from = try? stanza.from() else {
             await host.bounce(stanza, with: StanzaError(.jidMalformed))
             return
@@ -652,28 +661,9 @@ public final class FederationManager: Sendable {
                 guard await ours.link.onLoop({ $0.beginRetiring() }) == true else { break }
                 logger.info("closing our link: the peer opened one to us at the same time", metadata: [
                     "link": "\(ours.link.id.prefix(8))", "kept": "\(theirs.link.id.prefix(8))", "peer": "\(ours.link.peerAddress)"])
-                await awaitAcknowledgements(on: ours.link, within: .seconds(2))
                 ours.link.closeStream()
                 break
             }
-        }
-    }
-
-    /// Before a retired link closes, the peer acknowledges what it received (XEP-0198 `<r/>`):
-    /// whatever stays unacknowledged is re-sent on the link that is kept, and a stanza
-    /// without an id cannot be recognised there as a copy of one the peer already has (the
-    /// clean-clone CI saw a message delivered twice that way). Bounded: a peer that does not
-    /// answer in time gets the re-send as before.
-    private func awaitAcknowledgements(on link: FederationLink, within limit: Duration) async {
-        guard (await link.onLoop({ link -> Int in
-            let owed = link.unacknowledgedCount
-            if owed > 0 { link.sendControl(XMLElement(name: "r", namespace: XMLNamespace.streamManagement)) }
-            return owed
-        }) ?? 0) > 0 else { return }
-        let deadline = ContinuousClock.now + limit
-        while ContinuousClock.now < deadline {
-            try? await Task.sleep(for: .milliseconds(10))
-            guard let owed = await link.onLoop({ $0.isClosed ? 0 : $0.unacknowledgedCount }), owed > 0 else { return }
         }
     }
 

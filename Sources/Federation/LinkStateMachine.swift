@@ -408,9 +408,6 @@ struct LinkStateMachine: Sendable {
 
     // MARK: Closing
 
-    /// Stanzas sent and not yet acknowledged (XEP-0198).
-    var unacknowledgedCount: Int { streamManagement?.unacked.count ?? 0 }
-
     /// Retires the link; false if it already was, or is closed (close it once).
     mutating func beginRetiring() -> Bool {
         guard phase != .retiring && phase != .closed else { return false }

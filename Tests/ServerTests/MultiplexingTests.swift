@@ -481,4 +481,18 @@ extension MultiplexingTests {
             for client in Array(a.values) + Array(b.values) { await client.close() }
         }
     }
+
+    @Test("A message sent without an id leaves with one, so a copy re-sent after a link is retired or lost is recognised by the peer (one with an id keeps it)")
+    func messagesLeaveWithAnID() async throws {
+        try await withFederation { pair in
+            let a = try await clients(pair.a, ["alice@a.example"])
+            let b = try await clients(pair.b, ["bob@b.example"])
+            try await a["alice@a.example"]!.sendMessage(to: "bob@b.example", body: "no id")
+            let stamped = try await b["bob@b.example"]!.waitFor { $0.name == "message" && $0.body == "no id" }
+            #expect(stamped.attribute("id")?.hasPrefix("braid-") == true)
+            try await a["alice@a.example"]!.sendMessage(to: "bob@b.example", body: "with id", id: "client-1")
+            #expect(try await b["bob@b.example"]!.waitFor { $0.name == "message" && $0.body == "with id" }.attribute("id") == "client-1")
+            for client in Array(a.values) + Array(b.values) { await client.close() }
+        }
+    }
 }
