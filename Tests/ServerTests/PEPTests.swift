@@ -174,7 +174,9 @@ struct PEPTests {
 
     @Test("pep.notifications_per_second: a publish whose notifications exhaust the allowance goes out whole, the next waits (resource-constraint, wait) until it refills")
     func notificationRate() async throws {
-        try await withServer(configure: { $0.pep.notificationsPerSecond = 2; $0.pep.notificationBurst = 2 }) { server in
+        // Slow to refill (one notification every 10 s), so a loaded machine cannot refill the
+        // allowance between the two publishes (at 2 per second, CI once did).
+        try await withServer(configure: { $0.pep.notificationsPerSecond = 0.1; $0.pep.notificationBurst = 2 }) { server in
             try await befriend(server, "alice@a.example", "bob@b.example")
             let caps = Capabilities(name: "client", notify: [Self.devicelist])
             let (alice, _) = try await server.loggedIn("alice@a.example")
@@ -191,13 +193,13 @@ struct PEPTests {
             #expect(refused.attribute("type") == "error")
             #expect(Self.errorCondition(refused).0 == "resource-constraint")
             #expect(refused.firstChild(name: "error", namespace: XMLNamespace.client)?.attribute("type") == "wait")
-            // Refilled within a second: accepted again (polled, bounded).
-            let deadline = ContinuousClock.now + .seconds(5)
+            // Refilled after about 10 s: accepted again (polled, bounded).
+            let deadline = ContinuousClock.now + .seconds(30)
             var accepted = false
             while !accepted, ContinuousClock.now < deadline {
                 let again = try await alice.iq(.set, payload: Self.publish(node: Self.devicelist, id: "current", payload: Self.deviceList([3])))
                 accepted = again.attribute("type") == "result"
-                if !accepted { try await Task.sleep(for: .milliseconds(100)) }
+                if !accepted { try await Task.sleep(for: .milliseconds(250)) }
             }
             #expect(accepted, "the allowance refilled")
             // And its notification reaches bob.
