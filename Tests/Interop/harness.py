@@ -413,6 +413,40 @@ def _print_log_tail(text):
             print("    | " + line, flush=True)
 
 
+class SideServer:
+    """A second `braid serve` for one test (its own configuration), used with `async with`
+    or `with`: started on entry; on a failure its log's last lines are printed; always
+    stopped and removed on exit. Its other listeners get free ports (see BraidServer)."""
+
+    def __init__(self, env=None, domains=("localhost",), title="the test's own server"):
+        self.server = BraidServer(env=env, domains=domains)
+        self.title = title
+
+    def __enter__(self):
+        try:
+            self.server.start()
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self.server
+
+    def __exit__(self, kind, error, trace):
+        if kind is not None:
+            lines = self.server.log_since(0).rstrip("\n").splitlines()[-LOG_TAIL_LINES:]
+            print(f"    --- {self.title}'s log (last {len(lines)} lines) ---", flush=True)
+            for line in lines:
+                print("    | " + line, flush=True)
+        self.server.stop()
+        self.server.cleanup()
+        return False
+
+    async def __aenter__(self):
+        return self.__enter__()
+
+    async def __aexit__(self, kind, error, trace):
+        return self.__exit__(kind, error, trace)
+
+
 def run_suite(tests, env=None, domains=("localhost",), setup=None, teardown=None):
     """Starts a server, runs `setup(ctx)`, every test, `teardown(ctx)`, stops the server.
 

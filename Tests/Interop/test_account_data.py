@@ -456,12 +456,9 @@ async def in_band_registration_on_an_open_domain(ctx):
     stream. A taken name gets conflict, a short password not-acceptable; a domain not listed
     offers nothing; the fifth attempt from one address within the hour gets
     resource-constraint and creates nothing."""
-    side = harness.BraidServer(env={"BRAID_ADMIN_ADMIN_PORT": str(harness.free_port()), "BRAID_ADMIN_POSH_PORT": str(harness.free_port()),
-                                    "BRAID_S2S_ENABLED": "false", "BRAID_REGISTRATION_DOMAINS": f'["{OPEN_DOMAIN}"]',
-                                    "BRAID_REGISTRATION_ATTEMPTS_PER_ADDRESS_PER_HOUR": str(REGISTRATION_ATTEMPTS)},
-                               domains=[OPEN_DOMAIN, CLOSED_DOMAIN])
-    try:
-        side.start()
+    env = {"BRAID_S2S_ENABLED": "false", "BRAID_REGISTRATION_DOMAINS": f'["{OPEN_DOMAIN}"]',
+           "BRAID_REGISTRATION_ATTEMPTS_PER_ADDRESS_PER_HOUR": str(REGISTRATION_ATTEMPTS)}
+    with harness.SideServer(env=env, domains=[OPEN_DOMAIN, CLOSED_DOMAIN], title="the registration server") as side:
         first = f"{unique('newcomer')}@{OPEN_DOMAIN}"
         offered, outcome, logged_in = await try_registration(side, first, "long enough ✓")
         assert offered, "iq-register not offered on the open domain"
@@ -488,14 +485,6 @@ async def in_band_registration_on_an_open_domain(ctx):
         _, outcome, _ = await try_registration(side, fifth, "long enough ✓")
         assert outcome == "resource-constraint", f"the fifth attempt within the hour: {outcome}"
         assert fifth not in list_users(side, OPEN_DOMAIN)
-    except BaseException:
-        print("    --- the registration server's log (last lines) ---", flush=True)
-        for line in side.log_since(0).rstrip("\n").splitlines()[-harness.LOG_TAIL_LINES:]:
-            print("    | " + line, flush=True)
-        raise
-    finally:
-        side.stop()
-        side.cleanup()
 
 
 def main():
