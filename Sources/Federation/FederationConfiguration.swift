@@ -58,6 +58,9 @@ public struct FederationConfiguration: Codable, Sendable, Equatable {
     /// A peer certificate with less time than this left is not relied on for a new proof
     /// (twice the revalidation interval, at most ten seconds).
     public var certificateMinimumLifetimeSeconds: Double { min(10, revalidationIntervalSeconds * 2) }
+    /// A pass renews a proof with less than this left (two passes' worth, so one failed
+    /// renewal is tried again before the proof lapses).
+    public var renewalMarginSeconds: Double { max(2, revalidationIntervalSeconds * 2) }
     /// Seconds a peer's DNS location is remembered.
     public var locationCacheSeconds: Int = 300
     /// Seconds before the first retry of a failed peer or pair (doubling, up to a minute).

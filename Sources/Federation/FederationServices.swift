@@ -46,7 +46,10 @@ extension FederationManager {
             locator: DNSPeerLocator(locator: serviceLocator, logger: logger),
             group: group, logger: logger, metrics: metrics,
             additionalProofs: { validator in
-                [POSHProof(fetcher: poshFetcher), DANEProof(source: DNSDANESource(locator: serviceLocator, minimumLifetime: daneLifetime), validator: validator)]
+                // Fetched again before a pass would find the proof about to lapse (PairProofs'
+                // renewal margin), so a renewal gets a new `expires` while the old one holds.
+                [POSHProof(fetcher: poshFetcher, refreshAhead: .seconds(configuration.renewalMarginSeconds)),
+                 DANEProof(source: DNSDANESource(locator: serviceLocator, minimumLifetime: daneLifetime), validator: validator)]
             },
             revocation: revocation,
             wallClock: wallClock,

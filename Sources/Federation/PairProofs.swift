@@ -163,7 +163,7 @@ extension FederationManager {
         let now = time ?? wallClock.now()
         defer { metrics.revalidationPasses.increment() }
         await retireDuplicateLinks()
-        let margin = max(2.0, configuration.revalidationIntervalSeconds * 2)
+        let margin = configuration.renewalMarginSeconds
         for link in openLinks {
             // What this pass looks at, read in one step of the link's loop.
             let read = await link.onLoop { link in

@@ -38,6 +38,13 @@ public protocol POSHFetching: Sendable {
 /// most `maximumCache`), a failure for `failureCache`. When an entry is stale the whole chain
 /// is fetched again from the source domain (§6). Concurrent proofs for one domain share one
 /// fetch.
+///
+/// A document is fetched again *before* it expires, once it is in its refresh window (the
+/// last half of its lifetime, at most `refreshAhead` or a minute, whichever is longer), so
+/// that a proof relying on it can be renewed while it still holds. A failed fetch in that
+/// window keeps the material that is still valid and is tried again later: one slow fetch
+/// must not lapse the proof and reset a link carrying every other pair (seen in the lab,
+/// issue 10). Nothing is used past its `expires`.
 public final class POSHProof: DomainProof, Sendable {
     public var method: ProofMethod { .posh }
 
@@ -45,6 +52,7 @@ public final class POSHProof: DomainProof, Sendable {
     private let service: String
     private let maximumCache: TimeInterval
     private let failureCache: TimeInterval
+    private let refreshAhead: TimeInterval
     private let now: @Sendable () -> Date
     private let cache = Mutex<[String: Entry]>([:])
 
@@ -57,7 +65,8 @@ public final class POSHProof: DomainProof, Sendable {
     }
 
     private enum Entry: Sendable {
-        case resolved(Resolution, until: Date)
+        /// Served from the cache until `refreshFrom`, then fetched again; unusable at `until`.
+        case resolved(Resolution, until: Date, refreshFrom: Date)
         case pending(Task<Resolution, Never>)
     }
 
@@ -71,18 +80,22 @@ public final class POSHProof: DomainProof, Sendable {
     ///     (RFC 7712 §5.2, RFC 7711 §8).
     ///   - maximumCache: the longest a document is trusted, whatever its `expires`.
     ///   - failureCache: how long "nothing usable" is remembered before asking again.
+    ///   - refreshAhead: how long before a document expires it is fetched again, at least
+    ///     (the caller's renewal margin); never more than half the document's lifetime.
     ///   - now: the clock, for tests.
     public init(
         fetcher: any POSHFetching,
         service: String = "xmpp-server",
         maximumCache: Duration = .seconds(86_400),
         failureCache: Duration = .seconds(60),
+        refreshAhead: Duration = .seconds(60),
         now: @escaping @Sendable () -> Date = Date.init
     ) {
         self.fetcher = fetcher
         self.service = service
         self.maximumCache = Self.seconds(maximumCache)
         self.failureCache = Self.seconds(failureCache)
+        self.refreshAhead = Self.seconds(refreshAhead)
         self.now = now
     }
 
@@ -137,24 +150,28 @@ public final class POSHProof: DomainProof, Sendable {
             case wait(Task<Resolution, Never>)
         }
         let step: Step = cache.withLock { entries in
+            // Material still valid while a new copy is fetched: kept if that fetch fails.
+            let stillValid: (resolution: Resolution, until: Date)?
             switch entries[domain] {
-            case .resolved(let resolution, let until) where current < until:
+            case .resolved(let resolution, _, let refreshFrom) where current < refreshFrom:
                 return .cached(resolution)
+            case .resolved(let resolution, let until, _) where current < until:
+                stillValid = (resolution, until)
             case .pending(let task):
                 return .wait(task)
             case .resolved, nil:
-                // The fetch runs in its own task so that a caller giving up (a cancelled
-                // stream) does not cancel it for the others waiting on it. It takes the lock
-                // only after this critical section ends, so it always finds its own entry.
-                let task = Task { [self] in
-                    let started = now()
-                    let resolution = await lookUp(domain, at: started)
-                    store(resolution, for: domain, fetchedAt: started)
-                    return resolution
-                }
-                entries[domain] = .pending(task)
-                return .wait(task)
+                stillValid = nil
             }
+            // The fetch runs in its own task so that a caller giving up (a cancelled stream)
+            // does not cancel it for the others waiting on it. It takes the lock only after
+            // this critical section ends, so it always finds its own entry.
+            let task = Task { [self] in
+                let started = now()
+                let fetched = await lookUp(domain, at: started)
+                return store(fetched, for: domain, fetchedAt: started, stillValid: stillValid)
+            }
+            entries[domain] = .pending(task)
+            return .wait(task)
         }
         switch step {
         case .cached(let resolution): return resolution
@@ -162,25 +179,46 @@ public final class POSHProof: DomainProof, Sendable {
         }
     }
 
-    private func store(_ resolution: Resolution, for domain: String, fetchedAt: Date) {
-        let until: Date = switch resolution {
-        case .published(_, let validUntil): validUntil
-        case .unavailable: fetchedAt + failureCache
-        }
+    /// Caches what a fetch found and returns what callers use: the fetched resolution, or the
+    /// still-valid material when a refresh found nothing usable (tried again after half its
+    /// remaining time, so a revalidation pass before it lapses retries).
+    private func store(_ fetched: Resolution, for domain: String, fetchedAt: Date,
+                       stillValid: (resolution: Resolution, until: Date)?) -> Resolution {
         let current = now()
+        let result: Resolution
+        let until: Date
+        let refreshFrom: Date
+        switch fetched {
+        case .published(_, let validUntil):
+            result = fetched
+            until = validUntil
+            let lifetime = validUntil.timeIntervalSince(fetchedAt)
+            refreshFrom = validUntil - min(lifetime / 2, max(refreshAhead, 60))
+        case .unavailable:
+            if let stillValid, case .published = stillValid.resolution, stillValid.until > current {
+                result = stillValid.resolution
+                until = stillValid.until
+                refreshFrom = min(until, current + max(1, until.timeIntervalSince(current) / 2))
+            } else {
+                result = fetched
+                until = fetchedAt + failureCache
+                refreshFrom = until
+            }
+        }
         cache.withLock { entries in
             if until > current {
-                entries[domain] = .resolved(resolution, until: until)
+                entries[domain] = .resolved(result, until: until, refreshFrom: refreshFrom)
             } else {
                 entries[domain] = nil
             }
             if entries.count > Self.sweepThreshold {
                 entries = entries.filter { _, entry in
-                    if case .resolved(_, let until) = entry { return until > current }
+                    if case .resolved(_, let until, _) = entry { return until > current }
                     return true
                 }
             }
         }
+        return result
     }
 
     /// Fetches `domain`'s document, following one reference (RFC 7711 §3.2).

@@ -335,6 +335,51 @@ extension POSHTests {
             #expect(await cappedProof.prove("tenant.example", evidence: try Self.evidence(Self.hosting)) == .proven(.posh, expires: clock.now + 120))
         }
 
+        @Test("A document is fetched again before it expires; a failed refresh keeps it until then, never after")
+        func refreshAhead() async throws {
+            let clock = ManualClock()
+            let document = try Self.fingerprintsDocument(Self.hosting, algorithms: [.sha256], expires: 20)
+            let fetcher = FakePOSHFetcher([Self.sourceURL: .document(document)])
+            let proof = POSHProof(fetcher: fetcher, refreshAhead: .seconds(10), now: { clock.now })
+            let evidence = try Self.evidence(Self.hosting)
+            let start = clock.now
+            #expect(await proof.prove("tenant.example", evidence: evidence) == .proven(.posh, expires: start + 20))
+            // Outside the refresh window (the last half of the 20 s): the cache answers.
+            clock.advance(9)
+            #expect(await proof.prove("tenant.example", evidence: evidence) == .proven(.posh, expires: start + 20))
+            #expect(fetcher.calls.count == 1)
+            // In it: fetched again, and the renewal gets a later expiry while the first holds.
+            clock.advance(2)
+            #expect(await proof.prove("tenant.example", evidence: evidence) == .proven(.posh, expires: start + 31))
+            #expect(fetcher.calls.count == 2)
+            // The next refresh fails (the server is unreachable): the material fetched at 11 s
+            // is still valid until 31 s, so the proof holds, and the next call tries again.
+            fetcher.set(Self.sourceURL, .failure)
+            clock.advance(11)
+            #expect(await proof.prove("tenant.example", evidence: evidence) == .proven(.posh, expires: start + 31))
+            #expect(fetcher.calls.count == 3)
+            clock.advance(5)
+            #expect(await proof.prove("tenant.example", evidence: evidence) == .proven(.posh, expires: start + 31))
+            #expect(fetcher.calls.count == 4)
+            // Past its expires nothing is kept: the failure is the answer.
+            clock.advance(6)
+            guard case .notApplicable = await proof.prove("tenant.example", evidence: evidence) else {
+                Issue.record("material was used past its expires")
+                return
+            }
+            #expect(fetcher.calls.count == 5)
+            // A refresh that finds another certificate listed replaces the old material at once.
+            fetcher.set(Self.sourceURL, .document(document))
+            clock.advance(61)
+            #expect(await proof.prove("tenant.example", evidence: evidence) == .proven(.posh, expires: clock.now + 20))
+            fetcher.set(Self.sourceURL, .document(try Self.fingerprintsDocument(Self.other, algorithms: [.sha256], expires: 20)))
+            clock.advance(12)
+            guard case .refuted = await proof.prove("tenant.example", evidence: evidence) else {
+                Issue.record("a changed document did not replace the still-valid one")
+                return
+            }
+        }
+
         @Test("A reference to a reference, or to a non-HTTPS URL, is not followed further")
         func badReferences() async throws {
             let secondURL = "https://third.example/.well-known/posh/xmpp-server.json"
@@ -386,11 +431,12 @@ extension POSHTests {
             let proof = POSHProof(fetcher: fetcher, now: { clock.now })
             let evidence = try Self.evidence(Self.hosting)
             #expect(await proof.prove("tenant.example", evidence: evidence) == .proven(.posh, expires: start + 1000))
-            clock.advance(999)
-            // A cache hit keeps the expiry of the fetch, not "now + expires".
+            clock.advance(900)
+            // A cache hit (before the last minute, the refresh window) keeps the expiry of
+            // the fetch, not "now + expires".
             #expect(await proof.prove("tenant.example", evidence: evidence) == .proven(.posh, expires: start + 1000))
             #expect(fetcher.calls.count == 2)
-            clock.advance(1)
+            clock.advance(100)
             // Stale: the tenant withdrew the reference meanwhile.
             fetcher.set(Self.sourceURL, .notFound)
             guard case .notApplicable = await proof.prove("tenant.example", evidence: evidence) else {
