@@ -139,6 +139,8 @@ let package = Package(
                 "DNS",
                 "Admin",
                 "CBoringSSLExporter",
+                // The HTTPS listener's routes that modules add (file upload, host-meta).
+                .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),

@@ -42,6 +42,7 @@ public final class AdminServer: Sendable {
     private let isHosted: @Sendable (String) -> Bool
     private let metrics: @Sendable () async -> String
     private let links: @Sendable () async -> [LinkSnapshot]
+    private let web: WebExtensions
     private let logger: Logger
     /// The provider host name in canonical form, if configured and valid.
     private let providerHostName: String?
@@ -65,6 +66,7 @@ public final class AdminServer: Sendable {
     ///     served only for hosted domains and the provider's host name.
     ///   - metrics: the Prometheus text exposition of the server's metrics.
     ///   - links: the federation links now.
+    ///   - web: what the server serves on the HTTPS listener besides POSH.
     ///   - logger: for the listeners.
     public init(
         configuration: AdminConfiguration,
@@ -72,6 +74,7 @@ public final class AdminServer: Sendable {
         isHosted: @escaping @Sendable (String) -> Bool,
         metrics: @escaping @Sendable () async -> String,
         links: @escaping @Sendable () async -> [LinkSnapshot],
+        web: WebExtensions = WebExtensions(),
         logger: Logger
     ) {
         self.configuration = configuration
@@ -79,6 +82,7 @@ public final class AdminServer: Sendable {
         self.isHosted = isHosted
         self.metrics = metrics
         self.links = links
+        self.web = web
         self.logger = logger
         self.providerHostName = configuration.poshHostName.flatMap { try? JID(domain: $0).domainpart }
     }
@@ -215,6 +219,7 @@ public final class AdminServer: Sendable {
                     body: ResponseBody(byteBuffer: ByteBuffer(string: document)))
             }
         }
+        web.routes(router)
         return router
     }
 
@@ -282,6 +287,16 @@ public final class AdminServer: Sendable {
             status: .ok,
             headers: [.contentType: "application/json"],
             body: ResponseBody(byteBuffer: ByteBuffer(bytes: data)))
+    }
+}
+
+/// What the server adds to the HTTPS listener besides POSH documents: the feature modules'
+/// routes (file upload, host-meta), added when the listener starts.
+public struct WebExtensions: Sendable {
+    public var routes: @Sendable (Router<BasicRequestContext>) -> Void
+
+    public init(routes: @escaping @Sendable (Router<BasicRequestContext>) -> Void = { _ in }) {
+        self.routes = routes
     }
 }
 

@@ -98,9 +98,13 @@ public final class BraidServer: Service {
         }
         let registry = metricsRegistry
         let federationManager = federation
+        let serverContext = context
+        let webRoutes = WebExtensions(routes: { router in
+            for install in dispatcher.httpRoutes { install(router, serverContext) }
+        })
         admin = AdminServer(configuration: configuration.admin, tls: context.certificates.store,
                             isHosted: { domains.isServed($0) }, metrics: { await registry.prometheusText() },
-                            links: { await federationManager?.links ?? [] }, logger: logger)
+                            links: { await federationManager?.links ?? [] }, web: webRoutes, logger: logger)
         metrics.startupSeconds.set(Self.seconds(ContinuousClock.now - started))
     }
 

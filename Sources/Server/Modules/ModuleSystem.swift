@@ -217,6 +217,7 @@ public struct ModuleBuilder {
     private(set) var rosterObservers: [Registered<@Sendable (RosterChange) async -> Void>] = []
     private(set) var waitingObservers: [Registered<@Sendable (WaitingMessage) async -> Void>] = []
     private(set) var routeFilters: [Prioritized<RouteFilter>] = []
+    private(set) var httpRoutes: [Registered<HTTPRouteInstaller>] = []
     /// The operator's settings for services, by module name (`services.NAME`).
     private let serviceSettings: [String: BraidConfiguration.ServiceSettings]
     /// Settings naming a service nobody registered, or a label that is not one DNS label.
@@ -330,6 +331,13 @@ public struct ModuleBuilder {
         rosterObservers.append(Registered(module: current, handler: observer))
     }
 
+    /// Routes the module serves on the HTTPS listener (file upload, host-meta), added to the
+    /// listener's router when it starts. Paths are the module's own: two modules must not
+    /// claim one.
+    public mutating func onHTTP(_ install: @escaping HTTPRouteInstaller) {
+        httpRoutes.append(Registered(module: current, handler: install))
+    }
+
     /// Called once when the server shuts down gracefully, after the listeners close and
     /// before the streams do: what a module still has to tell its users (a room's occupants
     /// learn of the shutdown) is routed while they are connected.
@@ -397,6 +405,8 @@ public final class ModuleDispatcher: Sendable {
     private let rosterObservers: [@Sendable (RosterChange) async -> Void]
     private let waitingObservers: [@Sendable (WaitingMessage) async -> Void]
     private let routeFilters: [RouteFilter]
+    /// What the modules serve over HTTPS, in registration order.
+    let httpRoutes: [HTTPRouteInstaller]
 
     init(_ builder: ModuleBuilder) {
         serverIQ = builder.serverIQ.mapValues(\.handler)
@@ -418,6 +428,7 @@ public final class ModuleDispatcher: Sendable {
         rosterObservers = builder.rosterObservers.map(\.handler)
         waitingObservers = builder.waitingObservers.map(\.handler)
         routeFilters = Self.byPriority(builder.routeFilters)
+        httpRoutes = builder.httpRoutes.map(\.handler)
     }
 
     /// Highest priority first; among equals, in registration order.
