@@ -148,6 +148,9 @@ let package = Package(
                 "CBoringSSLExporter",
                 // The HTTPS listener's routes that modules add (file upload, host-meta).
                 .product(name: "Hummingbird", package: "hummingbird"),
+                // XMPP over WebSocket (RFC 7395) on that listener.
+                .product(name: "NIOWebSocket", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),

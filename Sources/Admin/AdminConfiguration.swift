@@ -16,6 +16,16 @@ public struct AdminConfiguration: Codable, Sendable, Equatable {
     public var poshHostName: String? = nil
     /// The `expires` of the documents served, in seconds (RFC 7711 §3.1).
     public var poshExpiresSeconds: Int = 86_400
+    /// The path of XMPP over WebSocket (RFC 7395) on the HTTPS listener; null turns it off.
+    public var webSocketPath: String? = "/xmpp-websocket"
+    /// Origins (`https://chat.example.com`) whose pages may open a WebSocket stream; empty
+    /// allows every origin. Logging in still needs the user's password, so a foreign page
+    /// gains nothing it could not get by connecting itself.
+    public var webSocketAllowedOrigins: [String] = []
+    /// The WebSocket URL host-meta announces (`{domain}` is replaced by the domain asked
+    /// for), for a listener behind a proxy; null: this listener, under the name the client
+    /// used.
+    public var webSocketURL: String? = nil
 
     public init() {}
 
@@ -42,6 +52,9 @@ public struct AdminConfiguration: Codable, Sendable, Equatable {
         case poshPort = "posh_port"
         case poshHostName = "posh_host_name"
         case poshExpiresSeconds = "posh_expires_seconds"
+        case webSocketPath = "websocket_path"
+        case webSocketAllowedOrigins = "websocket_allowed_origins"
+        case webSocketURL = "websocket_url"
     }
 
     /// Missing keys keep their defaults.
@@ -54,6 +67,9 @@ public struct AdminConfiguration: Codable, Sendable, Equatable {
         poshPort = try container.contains(.poshPort) ? container.decodeIfPresent(Int.self, forKey: .poshPort) : defaults.poshPort
         poshHostName = try container.decodeIfPresent(String.self, forKey: .poshHostName)
         poshExpiresSeconds = try container.decodeIfPresent(Int.self, forKey: .poshExpiresSeconds) ?? defaults.poshExpiresSeconds
+        webSocketPath = try container.contains(.webSocketPath) ? container.decodeIfPresent(String.self, forKey: .webSocketPath) : defaults.webSocketPath
+        webSocketAllowedOrigins = try container.decodeIfPresent([String].self, forKey: .webSocketAllowedOrigins) ?? defaults.webSocketAllowedOrigins
+        webSocketURL = try container.decodeIfPresent(String.self, forKey: .webSocketURL)
     }
 
     /// Written out in full, nulls included: the configuration loader learns the valid keys
@@ -67,5 +83,8 @@ public struct AdminConfiguration: Codable, Sendable, Equatable {
         try container.encode(poshPort, forKey: .poshPort)
         try container.encode(poshHostName, forKey: .poshHostName)
         try container.encode(poshExpiresSeconds, forKey: .poshExpiresSeconds)
+        try container.encode(webSocketPath, forKey: .webSocketPath)
+        try container.encode(webSocketAllowedOrigins, forKey: .webSocketAllowedOrigins)
+        try container.encode(webSocketURL, forKey: .webSocketURL)
     }
 }

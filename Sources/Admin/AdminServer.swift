@@ -116,7 +116,9 @@ public final class AdminServer: Sendable {
                     poshPort = try await launch(
                         name: "posh",
                         router: makePOSHRouter(),
-                        server: try .tls(.http1(configuration: .init(idleTimeout: .seconds(30))), tlsConfiguration: tlsConfiguration),
+                        server: try .tls(HTTPServerBuilder { [web] responder in
+                            WebChannel(responder: responder, webSocket: web.webSocket, idleTimeout: .seconds(30))
+                        }, tlsConfiguration: tlsConfiguration),
                         address: configuration.poshAddress,
                         port: port)
                     logger.info("POSH listener started", metadata: ["address": "\(configuration.poshAddress)", "port": "\(poshPort ?? port)"])
@@ -219,8 +221,45 @@ public final class AdminServer: Sendable {
                     body: ResponseBody(byteBuffer: ByteBuffer(string: document)))
             }
         }
+        if let webSocket = web.webSocket {
+            addHostMeta(to: router, webSocketPath: webSocket.path)
+        }
         web.routes(router)
         return router
+    }
+
+    // MARK: XEP-0156 discovery
+
+    /// `/.well-known/host-meta` (XRD, RFC 6415) and `host-meta.json` for every hosted domain,
+    /// naming the WebSocket endpoint (XEP-0156 §3.3). Browser clients fetch them from
+    /// another origin, hence `Access-Control-Allow-Origin: *` (XEP-0156 §4).
+    private func addHostMeta(to router: Router<BasicRequestContext>, webSocketPath: String) {
+        router.get("/.well-known/host-meta") { [self] request, _ -> Response in
+            guard let url = webSocketURL(forHost: request.head.authority, path: webSocketPath) else { return Response(status: .notFound) }
+            let xml = "<?xml version='1.0' encoding='utf-8'?>\n<XRD xmlns='http://docs.oasis-open.org/ns/xri/xrd-1.0'>\n"
+                + "  <Link rel='\(HostMeta.webSocketRelation)' href='\(HostMeta.escaped(url))'/>\n</XRD>\n"
+            return HostMeta.response(xml, type: "application/xrd+xml; charset=utf-8")
+        }
+        router.get("/.well-known/host-meta.json") { [self] request, _ -> Response in
+            guard let url = webSocketURL(forHost: request.head.authority, path: webSocketPath) else { return Response(status: .notFound) }
+            let document = HostMeta.Document(links: [.init(rel: HostMeta.webSocketRelation, href: url)])
+            let data = try JSONEncoder().encode(document)
+            return HostMeta.response(String(decoding: data, as: UTF8.self), type: "application/json")
+        }
+        router.on("/.well-known/host-meta", method: .options) { _, _ in HostMeta.preflight() }
+        router.on("/.well-known/host-meta.json", method: .options) { _, _ in HostMeta.preflight() }
+    }
+
+    /// The WebSocket URL announced to a client that asked `host` (the `Host` header, with
+    /// the port it used): the configured one, or this listener under the name the client
+    /// reached. Nil for a name that is neither hosted nor the provider's.
+    func webSocketURL(forHost host: String?, path: String) -> String? {
+        guard let domain = Self.domain(fromHost: host), isHosted(domain) || domain == providerHostName else { return nil }
+        if let configured = configuration.webSocketURL {
+            return configured.replacingOccurrences(of: "{domain}", with: domain)
+        }
+        let authority = (host ?? domain).trimmingCharacters(in: .whitespaces)
+        return "wss://\(authority)\(path)"
     }
 
     /// The fingerprints document for the name in a `Host` header, or nil (404) when that
@@ -294,9 +333,40 @@ public final class AdminServer: Sendable {
 /// routes (file upload, host-meta), added when the listener starts.
 public struct WebExtensions: Sendable {
     public var routes: @Sendable (Router<BasicRequestContext>) -> Void
+    /// XMPP over WebSocket (RFC 7395), announced by the host-meta documents (XEP-0156).
+    public var webSocket: (any WebSocketEndpoint)?
 
-    public init(routes: @escaping @Sendable (Router<BasicRequestContext>) -> Void = { _ in }) {
+    public init(routes: @escaping @Sendable (Router<BasicRequestContext>) -> Void = { _ in }, webSocket: (any WebSocketEndpoint)? = nil) {
         self.routes = routes
+        self.webSocket = webSocket
+    }
+}
+
+/// The XEP-0156 documents' parts.
+enum HostMeta {
+    static let webSocketRelation = "urn:xmpp:alt-connections:websocket"
+
+    struct Document: Encodable {
+        struct Link: Encodable {
+            var rel: String
+            var href: String
+        }
+
+        var links: [Link]
+    }
+
+    static func response(_ body: String, type: String) -> Response {
+        Response(status: .ok, headers: [.contentType: type, .accessControlAllowOrigin: "*"], body: ResponseBody(byteBuffer: ByteBuffer(string: body)))
+    }
+
+    static func preflight() -> Response {
+        Response(status: .noContent, headers: [.accessControlAllowOrigin: "*", .accessControlAllowMethods: "GET, OPTIONS", .accessControlMaxAge: "86400"])
+    }
+
+    /// For a single-quoted XML attribute.
+    static func escaped(_ value: String) -> String {
+        value.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "'", with: "&apos;")
+            .replacingOccurrences(of: "<", with: "&lt;")
     }
 }
 

@@ -99,9 +99,13 @@ public final class BraidServer: Service {
         let registry = metricsRegistry
         let federationManager = federation
         let serverContext = context
+        let webSocket = configuration.admin.webSocketPath.map { path in
+            ClientWebSocketEndpoint(server: serverContext, path: path,
+                                    allowedOrigins: Set(configuration.admin.webSocketAllowedOrigins.map { $0.lowercased() }), logger: logger)
+        }
         let webRoutes = WebExtensions(routes: { router in
             for install in dispatcher.httpRoutes { install(router, serverContext) }
-        })
+        }, webSocket: webSocket)
         admin = AdminServer(configuration: configuration.admin, tls: context.certificates.store,
                             isHosted: { domains.isServed($0) }, metrics: { await registry.prometheusText() },
                             links: { await federationManager?.links ?? [] }, web: webRoutes, logger: logger)

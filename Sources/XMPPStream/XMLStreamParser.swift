@@ -111,7 +111,7 @@ public final class XMLStreamParser {
         queued.append(bytes)
     }
 
-    static func isXMLWhitespace(_ byte: UInt8) -> Bool {
+    public static func isXMLWhitespace(_ byte: UInt8) -> Bool {
         byte == UInt8(ascii: " ") || byte == UInt8(ascii: "\t") || byte == UInt8(ascii: "\r") || byte == UInt8(ascii: "\n")
     }
 

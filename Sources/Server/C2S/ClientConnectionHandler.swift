@@ -17,7 +17,9 @@ final class ClientConnectionHandler: ChannelInboundHandler {
     typealias OutboundOut = StreamOutput
 
     private let server: ServerContext
-    private let decoder: XMLStreamDecoder
+    /// The TCP stream's decoder, which restarts with the stream; nil for WebSocket, where
+    /// each `<open/>` is a message of its own and there is nothing to restart.
+    private let decoder: XMLStreamDecoder?
     private let listener: ListenerKind
     private var negotiation: ClientNegotiation
     private var logger: Logger
@@ -33,7 +35,7 @@ final class ClientConnectionHandler: ChannelInboundHandler {
     private var lastWrite: NIODeadline
     private var rateLimiter: TokenBucket
 
-    init(server: ServerContext, decoder: XMLStreamDecoder, listener: ListenerKind, logger: Logger) {
+    init(server: ServerContext, decoder: XMLStreamDecoder?, listener: ListenerKind, logger: Logger) {
         self.server = server
         self.decoder = decoder
         self.listener = listener
@@ -49,7 +51,8 @@ final class ClientConnectionHandler: ChannelInboundHandler {
                 capabilities: { [server] domain in DiscoModule.capabilities(of: domain, server: server) },
                 registrationOpen: { [server] domain in server.configuration.registration.isOpen(domain) && server.domains.isHosted(domain) }),
             makeStreamID: { ServerContext.randomIdentifier(bytes: 16) })
-        if listener == .c2sDirectTLS {
+        if listener == .c2sDirectTLS || listener == .c2sWebSocket {
+            // WebSocket runs over the HTTPS listener's TLS (RFC 7395 §3.1: wss).
             negotiation.startedWithTLS(channelBindings: [])
         }
         clock = server.sessionClock
@@ -102,6 +105,10 @@ final class ClientConnectionHandler: ChannelInboundHandler {
             // Direct TLS: SCRAM-*-PLUS binds to the certificate chosen for this domain.
             if listener == .c2sDirectTLS, negotiation.channelBindingMissing, let to = header.to {
                 negotiation.setChannelBindings(channelBindings(context: context, domain: to))
+            } else if listener == .c2sWebSocket, negotiation.channelBindingMissing {
+                // The HTTPS listener chose its certificate by SNI, maybe the provider's name
+                // rather than this domain's: only tls-exporter, which binds the session itself.
+                negotiation.setChannelBindings(channelBindings(context: context, domain: nil))
             }
             let hosted = header.to.flatMap { try? JID(domain: $0) }.map { server.domains.isHosted($0.domainpart) } ?? false
             run(negotiation.headerReceived(header, isHosted: hosted), context: context)
@@ -113,6 +120,10 @@ final class ClientConnectionHandler: ChannelInboundHandler {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is ClientActivity {
+            lastRead = clock.now()
+            return
+        }
         if case TLSUserEvent.handshakeCompleted = event, case .negotiatingTLS = negotiation.state, let domain = negotiation.domain {
             negotiation.tlsEstablished(channelBindings: channelBindings(context: context, domain: domain))
             // A new stream begins inside TLS; ours opens when the client's header arrives, so
@@ -125,8 +136,8 @@ final class ClientConnectionHandler: ChannelInboundHandler {
 
     /// SCRAM-*-PLUS bindings for this connection: `tls-exporter` from the live TLS session
     /// (TLS 1.3), and `tls-server-end-point` for the certificate chosen for `domain`.
-    private func channelBindings(context: ChannelHandlerContext, domain: String) -> [ChannelBinding] {
-        let serverEndPoint = server.certificates.channelBinding(for: domain)
+    private func channelBindings(context: ChannelHandlerContext, domain: String?) -> [ChannelBinding] {
+        let serverEndPoint = domain.flatMap { server.certificates.channelBinding(for: $0) }
         guard let tls = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self) else {
             return serverEndPoint.map { [$0] } ?? []
         }
@@ -163,7 +174,7 @@ final class ClientConnectionHandler: ChannelInboundHandler {
         case .startTLS(let domain):
             // Cleartext after <starttls/> in the same read is an injection attempt (RFC 6120
             // §5.4.3.3, and the STARTTLS command-injection class of bugs).
-            decoder.restart(leftover: .reject, context: context)
+            decoder?.restart(leftover: .reject, context: context)
             if let sslContext = server.certificates.serverContext(for: domain) {
                 proceed(with: sslContext, context: context)
             } else {
@@ -193,7 +204,7 @@ final class ClientConnectionHandler: ChannelInboundHandler {
             logger.info("authenticated")
             write(.element(element), context: context)
             context.flush()
-            decoder.restart(leftover: .parse, context: context)
+            decoder?.restart(leftover: .parse, context: context)
             // RFC 6120 §6.4.6: the stream is replaced; the next one is opened by the client.
             headerSent = false
         case .lookUpSCRAMKeys(let username, let hash):

@@ -27,9 +27,12 @@ public struct ServerMetrics: Sendable {
     /// sent too many notifications (`pep.notifications_per_second`).
     let pepNotifications: Counter
     let pepRateLimited: Counter
+    /// WebSocket upgrades refused (no `xmpp` subprotocol, an origin not allowed).
+    let webSocketUpgradesRefused: Counter
 
     public init(registry: MetricsRegistry) {
         self.registry = registry
+        webSocketUpgradesRefused = Counter(label: "braid_websocket_upgrades_refused_total", factory: registry)
         connectionsAccepted = Dictionary(uniqueKeysWithValues: ListenerKind.allCases.map {
             ($0, Counter(label: "braid_connections_accepted_total", dimensions: [("listener", $0.rawValue)], factory: registry))
         })
@@ -78,4 +81,6 @@ public struct ServerMetrics: Sendable {
 public enum ListenerKind: String, Sendable, CaseIterable {
     case c2sStartTLS = "c2s_starttls"
     case c2sDirectTLS = "c2s_direct_tls"
+    /// XMPP over WebSocket (RFC 7395) on the HTTPS listener.
+    case c2sWebSocket = "c2s_websocket"
 }
