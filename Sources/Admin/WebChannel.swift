@@ -77,6 +77,9 @@ struct WebChannel: ServerChildChannel, HTTPChannelHandler {
             if let endpoint = webSocket {
                 upgraders.append(NIOTypedWebSocketServerUpgrader<Upgrade>(
                     maxFrameSize: endpoint.maximumMessageBytes,
+                    // The endpoint answers protocol errors (an oversized frame) in its own
+                    // protocol first: XMPP's stream error, then the close frame.
+                    enableAutomaticErrorHandling: false,
                     shouldUpgrade: { channel, head in
                         upgradeAsked.value = true
                         guard Self.path(of: head.uri) == endpoint.path else {

@@ -164,6 +164,25 @@ final class WebSocketXMPPFraming: ChannelDuplexHandler {
         buffer.moveReaderIndex(forwardBy: end + 1 - view.startIndex)
     }
 
+    /// WebSocket protocol errors (a frame or message over the size limit, an unmasked client
+    /// frame, bad fragmentation) end the stream as XMPP's errors do (RFC 6120 §4.9.3.16
+    /// policy-violation for the size, RFC 7395 §3.6 for the close).
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if let webSocketError = error as? NIOWebSocketError {
+            let tooLarge = webSocketError == .invalidFrameLength
+            fail(StreamError(tooLarge ? .policyViolation : .badFormat,
+                             text: tooLarge ? "WebSocket message larger than the stanza limit" : "WebSocket protocol error: \(webSocketError)"),
+                 context: context)
+            return
+        }
+        if error is NIOWebSocketFrameAggregator.Error {
+            // Too many or too large fragments for one message.
+            fail(StreamError(.policyViolation, text: "WebSocket message over the limits: \(error)"), context: context)
+            return
+        }
+        context.fireErrorCaught(error)
+    }
+
     private func fail(_ error: StreamError, context: ChannelHandlerContext) {
         guard !failed else { return }
         failed = true
