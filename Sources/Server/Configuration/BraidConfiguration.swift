@@ -44,6 +44,8 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
     public var externalServices = ExternalServices()
     public var blocking = BlockingSettings()
     public var registration = RegistrationSettings()
+    /// HTTP file upload (XEP-0363) at `upload.DOMAIN`.
+    public var upload = UploadSettings()
 
     public init() {}
 
@@ -57,7 +59,62 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
         case contactAddresses = "contact_addresses"
         case push
         case externalServices = "external_services"
-        case blocking, registration
+        case blocking, registration, upload
+    }
+
+    /// HTTP file upload (`upload`, XEP-0363): slots at `upload.DOMAIN`, files served by the
+    /// HTTPS listener (`admin.posh_port`). Sizes are bytes; a limit of 0 is no limit.
+    public struct UploadSettings: Codable, Sendable, Equatable {
+        /// The largest file; announced in the service's `disco#info` (`max-file-size`).
+        public var maxFileSize = 100 * 1024 * 1024
+        /// Bytes one account may have stored (files not expired yet, and slots not used yet).
+        public var quotaBytesPerAccount = 1024 * 1024 * 1024
+        /// Bytes all accounts of one hosted domain may have stored.
+        public var quotaBytesPerDomain = 0
+        /// Bytes one account may upload in 24 hours.
+        public var bytesPerDayPerAccount = 1024 * 1024 * 1024
+        /// Slot requests one account may make per minute (with a burst of as many).
+        public var slotsPerMinute = 30
+        /// Days a file is kept (and its GET URL works); 0 keeps files for good.
+        public var retentionDays = 30
+        /// Per hosted domain, in place of `retention_days` (customer.example: 7).
+        public var domainRetentionDays: [String: Int] = [:]
+        /// Seconds a PUT URL is valid after the slot is given.
+        public var putURLSeconds = 300
+        /// Seconds a PUT may go without receiving any bytes, and seconds a whole PUT may take,
+        /// before it is cut off (slow senders hold a connection and a temporary file).
+        public var putIdleSeconds = 30
+        public var putTimeoutSeconds = 3600
+        /// How often expired files, and files of removed accounts and domains, are deleted.
+        public var cleanupIntervalSeconds: Double = 3600
+        /// Where URLs point, e.g. `https://upload.provider.example` (a proxy in front); empty:
+        /// `https://` + `admin.posh_host_name` (else the service domain) + the HTTPS port.
+        public var baseURL = ""
+        /// Where files are kept; empty: `uploads` under `data_directory`.
+        public var directory = ""
+
+        public init() {}
+
+        enum CodingKeys: String, CodingKey {
+            case maxFileSize = "max_file_size"
+            case quotaBytesPerAccount = "quota_bytes_per_account"
+            case quotaBytesPerDomain = "quota_bytes_per_domain"
+            case bytesPerDayPerAccount = "bytes_per_day_per_account"
+            case slotsPerMinute = "slots_per_minute"
+            case retentionDays = "retention_days"
+            case domainRetentionDays = "domain_retention_days"
+            case putURLSeconds = "put_url_seconds"
+            case putIdleSeconds = "put_idle_seconds"
+            case putTimeoutSeconds = "put_timeout_seconds"
+            case cleanupIntervalSeconds = "cleanup_interval_seconds"
+            case baseURL = "base_url"
+            case directory
+        }
+
+        /// Days files of `domain` are kept (0: for good).
+        public func retentionDays(for domain: String) -> Int {
+            domainRetentionDays[domain] ?? retentionDays
+        }
     }
 
     /// In-band registration (XEP-0077): off unless a domain is listed.
@@ -539,6 +596,7 @@ extension BraidConfiguration {
         "s2s.posh_connect_overrides": nil,
         "services": ServiceSettings.configurationKeys,
         "mam.domain_retention_days": nil,
+        "upload.domain_retention_days": nil,
         // Kinds are checked when the server starts (ContactAddresses.problems).
         "contact_addresses": nil,
     ]

@@ -75,6 +75,30 @@ public struct ServerMetrics: Sendable {
     func stanzaErrorSent(_ condition: StanzaError.Condition) {
         Counter(label: "braid_stanza_errors_sent_total", dimensions: [("condition", condition.rawValue)], factory: registry).increment()
     }
+
+    /// File upload (XEP-0363): slot requests by outcome (granted, not-allowed, bad-request,
+    /// file-too-large, quota, rate-limited, unavailable).
+    func uploadSlot(_ outcome: String) {
+        Counter(label: "braid_upload_slots_total", dimensions: [("outcome", outcome)], factory: registry).increment()
+    }
+
+    /// File upload: PUTs by outcome (stored, forbidden, conflict, too-large, bad-request,
+    /// timeout, failed), and the bytes stored.
+    func uploadPut(_ outcome: String, bytes: Int = 0) {
+        Counter(label: "braid_upload_puts_total", dimensions: [("outcome", outcome)], factory: registry).increment()
+        if bytes > 0 { Counter(label: "braid_upload_bytes_stored_total", factory: registry).increment(by: Int64(bytes)) }
+    }
+
+    /// File upload: GETs and HEADs by status (200, 206, 403, 404, 416).
+    func uploadGet(status: Int) {
+        Counter(label: "braid_upload_gets_total", dimensions: [("status", String(status))], factory: registry).increment()
+    }
+
+    /// File upload: files deleted by the cleanup, by reason (expired, account, domain).
+    func uploadRemoved(_ reason: String, count: Int) {
+        guard count > 0 else { return }
+        Counter(label: "braid_upload_files_removed_total", dimensions: [("reason", reason)], factory: registry).increment(by: Int64(count))
+    }
 }
 
 /// The listeners whose connections are counted.

@@ -11,6 +11,7 @@ public enum StandardModules {
                 MUCModule(settings: configuration.muc),
                 MAMModule(settings: configuration.mam), PushModule(settings: configuration.push),
                 ExternalServicesModule(settings: configuration.externalServices),
+                UploadModule(configuration: configuration),
                 pep]
     }
 }
