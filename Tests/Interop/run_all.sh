@@ -12,7 +12,7 @@ trap 'rm -f "$output"' EXIT
 
 status=0
 summary=()
-for suite in test_clients.py test_account_data.py test_blocking.py test_pep.py test_mobile.py test_upload.py test_bad_input.py; do
+for suite in test_clients.py test_account_data.py test_blocking.py test_pep.py test_mobile.py test_upload.py test_bad_input.py test_browser.py; do
     echo "== $suite"
     "$python" "$here/$suite" | tee "$output"
     code=${PIPESTATUS[0]}
