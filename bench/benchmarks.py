@@ -5,7 +5,10 @@
                                    and docs/benchmarks/*.png
     sudo bench/run --smoke         tiny sizes (CI): writes to /tmp/braid-bench-smoke, checks that
                                    every scenario produced its figures, exits 1 if one did not
-    options: --only fanout,c2s,hosting,muc,mam,pep,micro   --braid PATH   --out DIR   --no-build
+    sudo bench/run --only web      some scenarios: they replace their sections in the existing
+                                   report of the same mode (full or smoke) in --out, the others
+                                   are kept; the run's machine facts are recorded per scenario
+    options: --only fanout,c2s,hosting,muc,mam,pep,web,micro   --braid PATH   --out DIR   --no-build
              --build-config debug   --wait-for FILE   --report-only (md and plots from the json)
 
 Scenarios (each module's docstring has the details): fanout.py (s2s fan-out over the
@@ -13,7 +16,8 @@ federation lab), c2s.py (tsung), hosting.py (hosted domains), muc.py (group chat
 with N occupants, and the MUC service's cost per hosted domain), mam.py (message archive:
 query latency at 10^4..10^6 archived messages, messaging with the archive on and off),
 pep.py (personal eventing: one publish to 1,000 local and remote contacts, and the caps
-cache's memory at 10,000 distinct vers), micro.py (braid-bench).
+cache's memory at 10,000 distinct vers), web.py (XMPP over WebSocket beside TCP, HTTP file
+upload throughput and memory), micro.py (braid-bench).
 --braid PATH runs that binary (nothing is built; with --build-config debug for a debug one).
 Needs root (network namespaces) and Debian's prosody, ejabberd, tsung, knot, unbound,
 python3-matplotlib (Scripts/setup bench); mam also lua-dbi-sqlite3 and erlang-p1-sqlite3.
@@ -31,6 +35,7 @@ import common  # noqa: E402
 from common import ROOT, log  # noqa: E402
 
 KINDS = ["braid", "prosody", "ejabberd"]
+SCENARIOS = ["fanout", "c2s", "hosting", "muc", "mam", "pep", "web", "micro"]
 
 FULL = {
     "fanout": {"sizes": [10, 30, 100], "time_limits": {10: 60, 30: 120, 100: 180}, "warm_total": 20000},
@@ -47,6 +52,8 @@ FULL = {
             "driver_processes": 2, "caps": {"distinct": 10000, "steps": [1000], "query_timeout": 10, "timeout": 600, "settle": 15, "control": True}},
     "micro": {"megabytes": 50, "repetitions": 5, "logins": 2000,
               "storage": {"accounts": 2000, "messages": 10000, "contacts": 1000, "domains": 10000}},
+    "web": {"pairs": 50, "window": 16, "seconds": 10, "warmup": 2, "drain_timeout": 15, "driver_processes": 2,
+            "upload": {"transfers": [[1000000, 5], [100000000, 2]]}},
 }
 SMOKE = {
     "fanout": {"sizes": [2], "time_limits": {2: 30}, "warm_total": 100},
@@ -63,6 +70,8 @@ SMOKE = {
             "driver_processes": 2, "caps": {"distinct": 20, "query_timeout": 5, "timeout": 60, "settle": 3, "control": True}},
     "micro": {"megabytes": 2, "repetitions": 1, "logins": 50,
               "storage": {"accounts": 20, "messages": 50, "contacts": 20, "domains": 100}},
+    "web": {"pairs": 2, "window": 4, "seconds": 2, "warmup": 1, "drain_timeout": 10, "driver_processes": 1,
+            "upload": {"transfers": [[1000000, 2]]}},
 }
 
 
@@ -141,6 +150,17 @@ def check(report, wanted):
                 missing.append(f"pep-fanout/{kind}")
         if not any(r["kind"] == "braid" and r.get("caps_bytes_per_entry") is not None for r in rows):
             missing.append("pep-caps/braid")
+    if "web" in wanted:
+        rows = s.get("web", {}).get("results", [])
+        for kind in KINDS:
+            r = next((r for r in rows if r["kind"] == kind), {})
+            for transport in ("tcp", "ws"):
+                t = r.get(transport) or {}
+                if not t.get("delivered_per_second") or t.get("error"):
+                    missing.append(f"web-{transport}/{kind}")
+            if not r.get("upload") or not all(u.get("verified") == u.get("repetitions") and u.get("get_mb_per_second")
+                                              for u in r["upload"]):
+                missing.append(f"web-upload/{kind}")
     if "micro" in wanted:
         m = s.get("micro", {})
         if not m.get("parse", {}).get("braid_mb_per_s"):
@@ -151,6 +171,34 @@ def check(report, wanted):
         if not storage.get("sqlite") or not storage.get("postgresql"):
             missing.append("micro/storage")
     return missing
+
+
+def scenario_of(figure):
+    """'web-tcp/braid', 'mam-on/x', 'micro/parse' -> the scenario's name."""
+    return figure.replace("/", "-").split("-")[0]
+
+
+def merge_into(json_path, report, wanted, missing):
+    """A run of some scenarios (--only) replaces those scenarios in the existing report of the
+    same mode and keeps the others; the run's machine facts go to separate_runs[name], which
+    the report prints beside the main run's."""
+    with open(json_path) as handle:
+        merged = json.load(handle)
+    if merged.get("mode") != report["mode"]:
+        log(f"{json_path} is a {merged.get('mode')} report, this a {report['mode']} run: replaced, not merged")
+        return report
+    v = report["machine"]["versions"]
+    for name in wanted:
+        merged["scenarios"][name] = report["scenarios"][name]
+        merged.setdefault("sizes", {})[name] = report["sizes"][name]
+        merged.setdefault("separate_runs", {})[name] = {
+            "machine": report["machine"], "run_seconds": report["run_seconds"],
+            "missing_figures": [m for m in missing if scenario_of(m) == name],
+            "braid": f"{report['build_config']} build (binary built {v.get('braid_binary_built')}, last Sources/ commit "
+                     f"before that {v.get('braid_sources_commit_at_build')}); HEAD {v.get('braid_commit')}"}
+    merged["missing_figures"] = [m for m in merged.get("missing_figures", []) if scenario_of(m) not in wanted] + missing
+    log(f"merged {', '.join(wanted)} into {json_path} (other scenarios kept)")
+    return merged
 
 
 def wait_quiet(flag, limit):
@@ -169,7 +217,7 @@ def wait_quiet(flag, limit):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--only", default="fanout,c2s,hosting,muc,mam,pep,micro")
+    parser.add_argument("--only", default=",".join(SCENARIOS))
     parser.add_argument("--braid", help="braid binary (default: build .build/release/braid)")
     parser.add_argument("--out", help="output directory (default docs/ for a full run, /tmp/braid-bench-smoke for --smoke)")
     parser.add_argument("--no-build", action="store_true", help="use the existing binaries in .build/CONFIG")
@@ -241,6 +289,9 @@ def main():
     if "pep" in wanted:
         import pep
         run_scenario("pep", lambda: pep.run(KINDS, braid, sizes["pep"]), report)
+    if "web" in wanted:
+        import web
+        run_scenario("web", lambda: web.run(KINDS, braid, sizes["web"]), report)
     if "micro" in wanted:
         m = sizes["micro"]
         run_scenario("micro", lambda: micro.run(m["megabytes"], m["repetitions"], m["logins"], bench_binary, m.get("storage")), report)
@@ -253,6 +304,8 @@ def main():
 
     import report as writer
     json_path = os.path.join(out, "benchmarks.json")
+    if set(wanted) != set(SCENARIOS) and os.path.exists(json_path):
+        report = merge_into(json_path, report, wanted, missing)
     with open(json_path, "w") as handle:
         json.dump(report, handle, indent=1, default=str)
     writer.write(report, out)

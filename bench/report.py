@@ -530,6 +530,77 @@ def pep_section(pe, report):
     return lines
 
 
+def web_section(we, report):
+    z = report["sizes"]["web"]
+    results = {r["kind"]: r for r in we.get("results", [])}
+    transfers = ", ".join(f"{size / 1e6:,.0f} MB ×{reps}" for size, reps in z["upload"]["transfers"])
+    lines = ["## Web: XMPP over WebSocket beside TCP, and HTTP file upload (XEP-0363)", "",
+             "Per server, one start in a loopback-only namespace (bench/web.py, bench/webdriver.py). **Messages**: "
+             f"{z['pairs']} pairs of accounts exchange chat messages, each side keeping {z['window']} in flight (every message "
+             f"read lets its sender send the next), over {z['driver_processes']} driver processes (asyncio); after a "
+             f"{z['warmup']} s warm-up, messages read in {z['seconds']} s, first over TCP (STARTTLS on 5222), then over "
+             "WebSocket (RFC 7395, wss on each server's HTTPS listener, the driver's own RFC 6455 client); both TLS, "
+             "SASL PLAIN, fresh sessions. Latency from the send stamp in the body to the read; server CPU seconds "
+             "(/proc) over the window; then sending stops and every message sent must arrive (lost must be 0, else "
+             "the figure is an error). **Upload**: one account asks upload.web.test for a slot, PUTs random bytes "
+             f"({transfers}; MB = 10^6 bytes) and GETs them back, compared byte for byte; MB/s is the median over the "
+             "repetitions, from the request line to the last byte of the answer; RSS is the server processes' VmRSS, "
+             "sampled every 20 ms, before the transfer and at its peak (growth = peak − before).", ""]
+    rows = []
+    for kind in KINDS:
+        r = results.get(kind)
+        if not r:
+            continue
+        tcp, ws = r.get("tcp") or {}, r.get("ws") or {}
+        notes = [f"{t.upper()}: {x['error'][:160]}" for t, x in (("tcp", tcp), ("ws", ws)) if x.get("error")]
+        if r.get("error"):
+            notes.append(r["error"][:200])
+        rows.append((NAMES[kind], fmt(tcp.get("delivered_per_second"), 0), fmt(ws.get("delivered_per_second"), 0),
+                     fmt(r.get("ws_over_tcp"), 2), fmt(tcp.get("messages_per_server_cpu_second"), 0),
+                     fmt(ws.get("messages_per_server_cpu_second"), 0), fmt(r.get("ws_over_tcp_per_cpu"), 2),
+                     f"{fmt(tcp.get('p50_ms'), 2)} / {fmt(ws.get('p50_ms'), 2)}",
+                     f"{fmt(tcp.get('p99_ms'), 2)} / {fmt(ws.get('p99_ms'), 2)}",
+                     f"{cpu(tcp.get('server_cpu_seconds'))} / {cpu(ws.get('server_cpu_seconds'))}",
+                     f"{cpu(tcp.get('driver_cpu_seconds'))} / {cpu(ws.get('driver_cpu_seconds'))}",
+                     f"{fmt(tcp.get('lost'))} / {fmt(ws.get('lost'))}", "; ".join(notes)))
+    lines += ["### Messages over WebSocket and over TCP", "",
+              table(["server", "TCP msg/s", "WS msg/s", "WS / TCP", "TCP msg per server CPU-s", "WS msg per server CPU-s",
+                     "WS / TCP per CPU-s", "p50 ms TCP / WS", "p99 ms TCP / WS", f"server CPU s in {z['seconds']} s TCP / WS",
+                     "driver CPU s TCP / WS", "lost TCP / WS", "note"], rows), ""]
+    rows = []
+    for kind in KINDS:
+        r = results.get(kind)
+        if not r:
+            continue
+        for u in r.get("upload") or []:
+            mib = lambda k: fmt(u[k] / 1024, 1) if u.get(k) is not None else "—"  # noqa: E731
+            rows.append((NAMES[kind], f"{u['bytes'] / 1e6:,.0f} MB", fmt(u.get("put_mb_per_second"), 1),
+                         fmt(u.get("get_mb_per_second"), 1), mib("rss_before_kib"),
+                         f"{mib('put_peak_rss_kib')} (+{mib('put_peak_growth_kib')})",
+                         f"{mib('get_peak_rss_kib')} (+{mib('get_peak_growth_kib')})",
+                         f"{u.get('verified')}/{u.get('repetitions')}", "; ".join(e[:160] for e in u.get("errors") or [])))
+        if not r.get("upload") and (r.get("upload_error") or r.get("error")):
+            rows.append((NAMES[kind], "—", "—", "—", "—", "—", "—", "—", (r.get("upload_error") or r.get("error"))[:200]))
+    lines += ["### HTTP file upload", "",
+              table(["server", "file", "PUT MB/s", "GET MB/s", "RSS before MiB", "peak RSS during PUT MiB (growth)",
+                     "peak RSS during GET MiB (growth)", "verified", "note"], rows), ""]
+    ratios = we.get("ratios") or {}
+    labels = [("tcp_messages_per_second", "TCP msg/s"), ("ws_messages_per_second", "WS msg/s"),
+              ("tcp_messages_per_server_cpu_second", "TCP msg per server CPU-s"),
+              ("ws_messages_per_server_cpu_second", "WS msg per server CPU-s"), ("ws_over_tcp", "WS / TCP")]
+    for size, _ in z["upload"]["transfers"]:
+        mb = size // 1_000_000
+        labels += [(f"upload_{mb}mb_put_mb_per_second", f"PUT MB/s, {mb:,} MB"), (f"upload_{mb}mb_get_mb_per_second", f"GET MB/s, {mb:,} MB"),
+                   (f"upload_{mb}mb_put_peak_growth_kib", f"RSS growth during PUT, {mb:,} MB (lower is better)"),
+                   (f"upload_{mb}mb_get_peak_growth_kib", f"RSS growth during GET, {mb:,} MB (lower is better)")]
+    rows = [(label, fmt((ratios.get("prosody") or {}).get(key), 2), fmt((ratios.get("ejabberd") or {}).get(key), 2))
+            for key, label in labels]
+    lines += ["### Ratios", "", "Braid's figure over the peer's (above 1: Braid higher).", "",
+              table(["figure", "Braid / Prosody", "Braid / ejabberd"], rows), ""]
+    lines += ["Tuning:", ""] + [f"- {NAMES.get(k, k)}: " + "; ".join(v) for k, v in (we.get("tuning") or {}).items()] + [""]
+    return lines
+
+
 def write(report, out):
     os.makedirs(out, exist_ok=True)
     images = plots(report, os.path.join(out, "benchmarks"))
@@ -669,6 +740,10 @@ def write(report, out):
     pe = s.get("pep", {})
     if pe.get("results"):
         lines += pep_section(pe, report)
+
+    we = s.get("web", {})
+    if we.get("results"):
+        lines += web_section(we, report)
 
     mi = s.get("micro", {})
     if mi:
