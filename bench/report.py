@@ -545,7 +545,8 @@ def web_section(we, report):
              "the figure is an error). **Upload**: one account asks upload.web.test for a slot, PUTs random bytes "
              f"({transfers}; MB = 10^6 bytes) and GETs them back, compared byte for byte; MB/s is the median over the "
              "repetitions, from the request line to the last byte of the answer; RSS is the server processes' VmRSS, "
-             "sampled every 20 ms, before the transfer and at its peak (growth = peak − before).", ""]
+             "sampled every 20 ms, before the transfer and at its peak (growth = peak − before); server CPU: the "
+             "server processes' CPU seconds over the transfer (median).", ""]
     rows = []
     for kind in KINDS:
         r = results.get(kind)
@@ -578,12 +579,13 @@ def web_section(we, report):
                          fmt(u.get("get_mb_per_second"), 1), mib("rss_before_kib"),
                          f"{mib('put_peak_rss_kib')} (+{mib('put_peak_growth_kib')})",
                          f"{mib('get_peak_rss_kib')} (+{mib('get_peak_growth_kib')})",
+                         f"{cpu(u.get('put_server_cpu_seconds'))} / {cpu(u.get('get_server_cpu_seconds'))}",
                          f"{u.get('verified')}/{u.get('repetitions')}", "; ".join(e[:160] for e in u.get("errors") or [])))
         if not r.get("upload") and (r.get("upload_error") or r.get("error")):
-            rows.append((NAMES[kind], "—", "—", "—", "—", "—", "—", "—", (r.get("upload_error") or r.get("error"))[:200]))
+            rows.append((NAMES[kind], "—", "—", "—", "—", "—", "—", "—", "—", (r.get("upload_error") or r.get("error"))[:200]))
     lines += ["### HTTP file upload", "",
               table(["server", "file", "PUT MB/s", "GET MB/s", "RSS before MiB", "peak RSS during PUT MiB (growth)",
-                     "peak RSS during GET MiB (growth)", "verified", "note"], rows), ""]
+                     "peak RSS during GET MiB (growth)", "server CPU s PUT / GET", "verified", "note"], rows), ""]
     ratios = we.get("ratios") or {}
     labels = [("tcp_messages_per_second", "TCP msg/s"), ("ws_messages_per_second", "WS msg/s"),
               ("tcp_messages_per_server_cpu_second", "TCP msg per server CPU-s"),

@@ -185,6 +185,8 @@ def summarize_upload(transfers):
             entry["get_peak_rss_kib"] = max(t["get_peak_rss_kib"] for t in good)
             entry["put_peak_growth_kib"] = max(t["put_peak_rss_kib"] - t["rss_before_kib"] for t in good)
             entry["get_peak_growth_kib"] = max(t["get_peak_rss_kib"] - t["rss_between_kib"] for t in good)
+            entry["put_server_cpu_seconds"] = round(statistics.median(t["put_server_cpu_seconds"] for t in good), 3)
+            entry["get_server_cpu_seconds"] = round(statistics.median(t["get_server_cpu_seconds"] for t in good), 3)
         out.append(entry)
     return out
 

@@ -30,7 +30,8 @@ upload    one session over TCP asks upload.DOMAIN for a slot (XEP-0363 <request/
           transfer, PUTs that many random bytes to the slot's PUT URL (its headers included)
           and GETs the GET URL; the seconds of each (from the request line to the last byte of
           the answer), MB/s (10^6 bytes), and the server's RSS (VmRSS of server_pids) sampled
-          every rss_interval seconds during each transfer (peak) and before it. The bytes
+          every rss_interval seconds during each transfer (peak) and before it, and the server's
+          CPU seconds over each (/proc). The bytes
           read back must equal the bytes sent (compared chunk by chunk); a mismatch, a short
           read or an HTTP error is an error of that transfer.
 """
@@ -675,20 +676,24 @@ async def upload(plan):
                 headers = dict(headers, **{"Content-Type": "application/octet-stream"})
                 entry["rss_before_kib"] = rss_kib(pids)
                 sampler = RssPeak(pids, u["rss_interval"])
+                cpu0 = cpu_seconds(pids)
                 sampler.start()
                 status, seconds, _, _, text = await asyncio.to_thread(
                     http_request, "PUT", put_url, headers, data, size, u["http_timeout"], context)
                 entry["put_peak_rss_kib"] = sampler.stop()
+                entry["put_server_cpu_seconds"] = round(cpu_seconds(pids) - cpu0, 3)
                 entry.update({"put_status": status, "put_seconds": round(seconds, 4),
                               "put_mb_per_second": round(size / seconds / 1e6, 2)})
                 if status not in (200, 201):
                     raise RuntimeError(f"PUT answered {status}: {text}")
                 entry["rss_between_kib"] = rss_kib(pids)
                 sampler = RssPeak(pids, u["rss_interval"])
+                cpu0 = cpu_seconds(pids)
                 sampler.start()
                 status, seconds, read, mismatch, text = await asyncio.to_thread(
                     http_request, "GET", get_url, {}, None, 0, u["http_timeout"], context, data)
                 entry["get_peak_rss_kib"] = sampler.stop()
+                entry["get_server_cpu_seconds"] = round(cpu_seconds(pids) - cpu0, 3)
                 entry.update({"get_status": status, "get_seconds": round(seconds, 4),
                               "get_mb_per_second": round(size / seconds / 1e6, 2), "get_bytes": read,
                               "rss_samples": sampler.samples})
