@@ -194,6 +194,11 @@ class BraidServer:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         wait_for_port(self.starttls_port, deadline, self.process)
         wait_for_port(self.direct_tls_port, deadline, self.process)
+        # The HTTPS listener (POSH, WebSocket, host-meta, upload) starts after the XMPP
+        # ones: a test using it must not race it.
+        https_port = self._env().get("BRAID_ADMIN_POSH_PORT", "")
+        if https_port.isdigit():
+            wait_for_port(int(https_port), deadline, self.process)
         if self.postgres is not None:
             # The suite must really run on PostgreSQL: no SQLite file, and the server said so.
             if os.path.exists(os.path.join(self.data_dir, "braid.sqlite")):

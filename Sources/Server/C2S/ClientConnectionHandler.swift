@@ -147,6 +147,11 @@ final class ClientConnectionHandler: ChannelInboundHandler {
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         if let streamError = error as? any StreamErrorConvertible {
             failStream(streamError.streamError, reason: "\(error)")
+        } else if let tlsError = error as? NIOSSLError, tlsError == .uncleanShutdown {
+            // The client dropped the connection without TLS's close_notify, as browsers do
+            // when a page closes its WebSocket: a disconnection, not a TLS failure.
+            logger.debug("connection closed without TLS close_notify")
+            context.close(promise: nil)
         } else if error is NIOSSLError || error is BoringSSLError {
             // RFC 6120 §5.4.3.2: a failed TLS negotiation ends the TCP connection, no stream error.
             logger.info("TLS failure", metadata: ["error": "\(error)"])
