@@ -335,7 +335,7 @@ extension AdminServerTests {
             let encoder = JSONEncoder()
             encoder.outputFormatting = .sortedKeys
             let text = String(decoding: try encoder.encode(configuration), as: UTF8.self)
-            #expect(text == #"{"admin_address":"127.0.0.1","admin_port":5280,"posh_address":"0.0.0.0","posh_expires_seconds":86400,"posh_host_name":null,"posh_port":443}"#)
+            #expect(text == #"{"admin_address":"127.0.0.1","admin_port":5280,"posh_address":"0.0.0.0","posh_expires_seconds":86400,"posh_host_name":null,"posh_port":443,"websocket_allowed_origins":[],"websocket_path":"\/xmpp-websocket","websocket_url":null}"#)
         }
 
         @Test("Decoding: missing keys keep defaults, null disables a listener")

@@ -169,7 +169,7 @@ struct ModuleSystemTests {
             let (alice, _) = try await server.loggedIn("alice@a.example")
             let items = try await alice.iq(.get, to: "a.example", payload: XMLElement(name: "query", namespace: DiscoModule.items))
             let listed = items.firstChild(name: "query", namespace: DiscoModule.items)?.children(name: "item", namespace: DiscoModule.items).compactMap { $0.attribute("jid") }
-            #expect(listed == ["conference.a.example", "echo.a.example"])
+            #expect(listed == ["conference.a.example", "echo.a.example", "upload.a.example"])
             let info = try await alice.iq(.get, to: "echo.a.example", payload: XMLElement(name: "query", namespace: DiscoModule.info))
             let query = try #require(info.firstChild(name: "query", namespace: DiscoModule.info))
             #expect(query.firstChild(name: "identity", namespace: DiscoModule.info)?.attribute("category") == "component")
