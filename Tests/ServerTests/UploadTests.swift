@@ -535,7 +535,11 @@ struct UploadTests {
             #expect(try await Self.eventually { try await Self.send(http, .GET, #require(gets["bob"])).status == .notFound })
             #expect(try await Self.eventually { stored() == 1 })
             #expect(try await Self.send(http, .GET, #require(gets["carol"])).status == .ok)
-            #expect(server.metrics.counterValue("braid_upload_files_removed_total", [("reason", "account")]) == 1)
+            // bob's file goes with his domain; a cleanup that read the domains just before the
+            // removal and asked about bob just after counts it under his account instead.
+            let byAccount = server.metrics.counterValue("braid_upload_files_removed_total", [("reason", "account")])
+            let byDomain = server.metrics.counterValue("braid_upload_files_removed_total", [("reason", "domain")])
+            #expect(byAccount >= 1 && byAccount + byDomain == 2, "account \(byAccount), domain \(byDomain)")
             await carol.close()
         }
     }
