@@ -554,6 +554,8 @@ def web_section(we, report):
             continue
         tcp, ws = r.get("tcp") or {}, r.get("ws") or {}
         notes = [f"{t.upper()}: {x['error'][:160]}" for t, x in (("tcp", tcp), ("ws", ws)) if x.get("error")]
+        notes += [f"{t.upper()}: other work on the machine used {fmt(x['other_cpu_seconds'], 1)} CPU s in the window"
+                  for t, x in (("tcp", tcp), ("ws", ws)) if (x.get("other_cpu_seconds") or 0) > 0.5]
         if r.get("error"):
             notes.append(r["error"][:200])
         rows.append((NAMES[kind], fmt(tcp.get("delivered_per_second"), 0), fmt(ws.get("delivered_per_second"), 0),
@@ -593,8 +595,8 @@ def web_section(we, report):
     for size, _ in z["upload"]["transfers"]:
         mb = size // 1_000_000
         labels += [(f"upload_{mb}mb_put_mb_per_second", f"PUT MB/s, {mb:,} MB"), (f"upload_{mb}mb_get_mb_per_second", f"GET MB/s, {mb:,} MB"),
-                   (f"upload_{mb}mb_put_peak_growth_kib", f"RSS growth during PUT, {mb:,} MB (lower is better)"),
-                   (f"upload_{mb}mb_get_peak_growth_kib", f"RSS growth during GET, {mb:,} MB (lower is better)")]
+                   (f"upload_{mb}mb_put_peak_rss_kib", f"peak RSS during PUT, {mb:,} MB (lower is better)"),
+                   (f"upload_{mb}mb_get_peak_rss_kib", f"peak RSS during GET, {mb:,} MB (lower is better)")]
     rows = [(label, fmt((ratios.get("prosody") or {}).get(key), 2), fmt((ratios.get("ejabberd") or {}).get(key), 2))
             for key, label in labels]
     lines += ["### Ratios", "", "Braid's figure over the peer's (above 1: Braid higher).", "",

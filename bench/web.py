@@ -249,8 +249,8 @@ def run_one(kind, braid_binary, sizes):
 
 
 def ratios(results):
-    """Braid / Prosody and Braid / ejabberd for each headline figure (higher is better for
-    rates; for RSS growth, lower is better and the ratio is Braid's over the peer's)."""
+    """Braid / Prosody and Braid / ejabberd for each headline figure (rates: higher is better;
+    peak RSS during a transfer: lower is better)."""
     by_kind = {r["kind"]: r for r in results}
     braid = by_kind.get("braid")
     if not braid:
@@ -266,7 +266,7 @@ def ratios(results):
         out["ws_over_tcp"] = r.get("ws_over_tcp")
         for entry in r.get("upload") or []:
             mb = entry["bytes"] // 1_000_000
-            for key in ("put_mb_per_second", "get_mb_per_second", "put_peak_growth_kib", "get_peak_growth_kib"):
+            for key in ("put_mb_per_second", "get_mb_per_second", "put_peak_rss_kib", "get_peak_rss_kib"):
                 out[f"upload_{mb}mb_{key}"] = entry.get(key)
         return out
 

@@ -23,7 +23,8 @@ messages  N pairs of accounts (user2i-1, user2i) split over P processes, one asy
           no extra round trip), as fast as the server delivers. After `warmup` seconds the
           window of T seconds counts the messages read (delivered/s), their latencies (send
           stamp in the body, CLOCK_MONOTONIC shared by the processes), the server's CPU
-          seconds (server_pids, /proc) and the driver's own. Then sending stops and the
+          seconds (server_pids, /proc) and the driver's own, and the whole machine's busy CPU
+          seconds (/proc/stat: what is neither is other work on the machine). Then sending stops and the
           driver waits (at most drain_timeout) until every message sent has arrived: sent −
           received = lost, reported, and error stanzas or closed streams are counted.
 upload    one session over TCP asks upload.DOMAIN for a slot (XEP-0363 <request/>) per
@@ -482,6 +483,13 @@ def worker_process(conn, plan, accounts, first_number):
             pass
 
 
+def machine_busy_seconds():
+    """CPU seconds all cores spent busy since boot (/proc/stat: everything but idle and iowait)."""
+    with open("/proc/stat") as handle:
+        fields = [int(x) for x in handle.readline().split()[1:8]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile_from_histogram(histogram, fraction):
     total = sum(histogram.values())
     if not total:
@@ -537,9 +545,11 @@ def messages(plan):
         parent.send(order)
     pids = plan["server_pids"]
     time.sleep(max(0.0, order["window_start"] - time.monotonic()))
-    cpu0 = cpu_seconds(pids)
+    cpu0, busy0 = cpu_seconds(pids), machine_busy_seconds()
     time.sleep(max(0.0, order["window_end"] - time.monotonic()))
-    cpu1 = cpu_seconds(pids)
+    cpu1, busy1 = cpu_seconds(pids), machine_busy_seconds()
+    with open("/proc/loadavg") as handle:
+        load = [float(x) for x in handle.read().split()[:3]]
     results = []
     limit = time.monotonic() + plan["drain_timeout"] + 30
     for process, parent in workers:
@@ -567,7 +577,10 @@ def messages(plan):
         "closed_count": sum(r.get("closed_count") or 0 for r in results),
         "server_cpu_seconds": round(cpu1 - cpu0, 3),
         "driver_cpu_seconds": round(sum(r.get("driver_cpu_seconds") or 0 for r in results), 3),
+        "machine_busy_seconds": round(busy1 - busy0, 2), "load_average_at_window_end": load,
     })
+    # What neither the server nor the driver used: someone else's work on the machine.
+    out["other_cpu_seconds"] = round(out["machine_busy_seconds"] - out["server_cpu_seconds"] - out["driver_cpu_seconds"], 2)
     if out["server_cpu_seconds"] > 0:
         out["messages_per_server_cpu_second"] = round(window_received / out["server_cpu_seconds"], 1)
     worker_errors = [r["error"] for r in results if r.get("error")]
