@@ -783,6 +783,29 @@ def websocket_text_that_is_not_xml(ctx):
             socket_.close()
 
 
+@test(timeout=30)
+def websocket_refusals(ctx):
+    """RFC 7395 §3.1: no `xmpp` subprotocol offered, no upgrade (400). A message larger than
+    the stanza limit ends the stream with <policy-violation/>, then <close/>."""
+    socket_ = RawWebSocket(websocket_port(ctx), protocol=None)
+    try:
+        assert socket_.status == 400, f"an upgrade without the xmpp subprotocol got HTTP {socket_.status} {socket_.headers}"
+    finally:
+        socket_.close()
+    socket_ = RawWebSocket(websocket_port(ctx))
+    try:
+        assert socket_.status == 101, f"handshake: HTTP {socket_.status} {socket_.headers}"
+        socket_.send_text(f"<open xmlns='{FRAMING}' to='{DOMAIN}' version='1.0'/>")
+        deadline = time.monotonic() + WAIT
+        assert parse(socket_.receive(deadline) or "<none/>").tag == f"{{{FRAMING}}}open"
+        assert parse(socket_.receive(deadline) or "<none/>").tag == f"{{{STREAMS}}}features"
+        # The default stanza limit is 256 KiB (c2s.max_stanza_bytes).
+        socket_.send_text("<message xmlns='jabber:client'><body>" + "x" * 400_000 + "</body></message>")
+        stream_error_then_close(socket_.messages_until_closed(), {"policy-violation"}, socket_)
+    finally:
+        socket_.close()
+
+
 @test(timeout=150)
 async def browser_logs_in_chats_and_shares_a_file(ctx):
     server = ctx.server
@@ -988,7 +1011,7 @@ def main():
         harness.BraidServer = ProsodyServer   # run_suite starts this one instead
         # Left out: Prosody serves no host-meta, and answers text that is not XML with a
         # WebSocket close 1007 instead of a stream error.
-        tests = [case for case in tests if case.name not in ("host_meta_documents", "websocket_text_that_is_not_xml")]
+        tests = [case for case in tests if case.name not in ("host_meta_documents", "websocket_text_that_is_not_xml", "websocket_refusals")]
         print("note: against Prosody (BROWSER_INTEROP_SERVER=prosody); host-meta comes from the test's own server; "
               "host_meta_documents and websocket_text_that_is_not_xml left out", flush=True)
     elif SERVER_KIND != "braid":
