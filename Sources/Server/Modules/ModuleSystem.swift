@@ -152,17 +152,21 @@ public struct ServiceRegistration: Sendable {
     public var displayName: String
     /// Features listed in the service's own `disco#info`.
     public var features: [String]
+    /// Extended information (XEP-0128 forms) in its `disco#info`, such as file upload's
+    /// `max-file-size` (XEP-0363 §3).
+    public var extendedInfo: [XMLElement]
     /// Every stanza addressed to the service domain or to an entity on it
     /// (`room@conference.customer.example/nick`).
     public var handle: @Sendable (ServiceStanza) async -> Void
 
     public init(label: String, category: String, type: String, displayName: String, features: [String],
-                handle: @escaping @Sendable (ServiceStanza) async -> Void) {
+                extendedInfo: [XMLElement] = [], handle: @escaping @Sendable (ServiceStanza) async -> Void) {
         self.label = label
         self.category = category
         self.type = type
         self.displayName = displayName
         self.features = features
+        self.extendedInfo = extendedInfo
         self.handle = handle
     }
 }

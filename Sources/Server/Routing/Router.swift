@@ -101,7 +101,8 @@ public final class Router: SessionOwner {
         // and features, as registered. Everything else is the module's.
         if target.localpart == nil, target.resourcepart == nil, let iq = IQ(stanza), iq.type == .get,
            let payload = iq.payload, payload.namespace == DiscoModule.info, payload.attribute("node") == nil {
-            let info = DiscoModule.info(identity: (service.category, service.type, service.displayName), features: [DiscoModule.info] + service.features)
+            var info = DiscoModule.info(identity: (service.category, service.type, service.displayName), features: [DiscoModule.info] + service.features)
+            for extended in service.extendedInfo { info = info.appending(extended) }
             await route(iq.result(payload: info).stanza)
             return
         }

@@ -14,31 +14,24 @@ struct UploadModule: BraidModule {
 
     let settings: BraidConfiguration.UploadSettings
     let service: UploadService
-    /// The label the operator gave the service (`services.upload.subdomain`), to recognise
-    /// its `disco#info` requests.
-    let serviceLabel: String
     private let cleanup = CleanupTask()
 
     init(configuration: BraidConfiguration, now: @escaping @Sendable () -> Date = { Date() }) {
         settings = configuration.upload
         let directory = configuration.upload.directory.isEmpty ? configuration.dataDirectory + "/uploads" : configuration.upload.directory
         service = UploadService(settings: configuration.upload, directory: directory, now: now)
-        serviceLabel = (configuration.services["upload"]?.subdomain ?? Self.label).lowercased()
     }
 
     var name: String { "upload" }
 
     func register(in builder: inout ModuleBuilder) {
         let module = self
+        // XEP-0363 §3: the size limit as a XEP-0128 form in the service's disco#info, which
+        // the router answers from the registration.
         builder.service(ServiceRegistration(label: Self.label, category: "store", type: "file", displayName: "HTTP file upload",
-                                            features: [Self.namespace]) { stanza in
+                                            features: [Self.namespace], extendedInfo: [sizeForm()]) { stanza in
             await module.handle(stanza)
         })
-        // The router answers a service's disco#info from its registration, which has no room
-        // for XEP-0128 forms; §3 wants `max-file-size` there, so this answers first.
-        builder.onRoute(priority: 100) { routed in
-            await module.answerInfo(routed)
-        }
         builder.onHTTP { router, server in
             UploadHTTP(service: module.service, server: server).install(on: router)
             module.startCleanup(server: server)
@@ -50,19 +43,8 @@ struct UploadModule: BraidModule {
 
     // MARK: XMPP
 
-    private func answerInfo(_ routed: RoutedStanza) async -> StanzaDisposition {
-        guard routed.to.localpart == nil, routed.to.resourcepart == nil, routed.stanza.kind == .iq,
-              routed.to.domainpart.hasPrefix(serviceLabel + "."),
-              case .service(let label, _) = routed.router.server.domains.served(routed.to.domainpart), label == serviceLabel,
-              let iq = IQ(routed.stanza), iq.type == .get, let payload = iq.payload,
-              payload.namespace == DiscoModule.info, payload.name == "query", payload.attribute("node") == nil else { return .pass }
-        await routed.router.route(iq.result(payload: info()).stanza)
-        return .handled
-    }
-
-    /// The service's `disco#info`: identity store/file, the feature, and the size limit as
-    /// a XEP-0128 form (§3).
-    func info() -> XMLElement {
+    /// The size limit as a XEP-0128 form (XEP-0363 §3), for the service's `disco#info`.
+    func sizeForm() -> XMLElement {
         let dataForms = "jabber:x:data"
         func field(_ name: String, _ value: String, hidden: Bool = false) -> XMLNode {
             .element(XMLElement(name: "field", namespace: dataForms, attributes: [XMLAttribute("var", name)] + (hidden ? [XMLAttribute("type", "hidden")] : []),
@@ -70,8 +52,7 @@ struct UploadModule: BraidModule {
         }
         var fields = [field("FORM_TYPE", Self.namespace, hidden: true)]
         if settings.maxFileSize > 0 { fields.append(field("max-file-size", String(settings.maxFileSize))) }
-        let form = XMLElement(name: "x", namespace: dataForms, attributes: [XMLAttribute("type", "result")], children: fields)
-        return DiscoModule.info(identity: ("store", "file", "HTTP file upload"), features: [DiscoModule.info, Self.namespace]).appending(form)
+        return XMLElement(name: "x", namespace: dataForms, attributes: [XMLAttribute("type", "result")], children: fields)
     }
 
     private func handle(_ service: ServiceStanza) async {
