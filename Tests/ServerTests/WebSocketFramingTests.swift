@@ -1,6 +1,7 @@
 import Logging
 import NIOCore
 import NIOEmbedded
+import NIOHTTP1
 import NIOWebSocket
 import Testing
 import XMPPCore
@@ -93,6 +94,28 @@ struct WebSocketFramingTests {
         channel.pipeline.fireErrorCaught(NIOWebSocketError.invalidFrameLength)
         let condition = (sink.errors.first as? any StreamErrorConvertible)?.streamError.condition
         #expect(condition == .policyViolation)
+    }
+
+    @Test("The upgrade needs the xmpp subprotocol, and an allowed origin when origins are listed")
+    func upgradeRules() async throws {
+        try await withServer(users: []) { server in
+            func head(_ headers: [(String, String)]) -> HTTPRequestHead {
+                HTTPRequestHead(version: .http1_1, method: .GET, uri: "/xmpp-websocket", headers: HTTPHeaders(headers))
+            }
+            let channel = EmbeddedChannel()
+            let open = ClientWebSocketEndpoint(server: server.context, path: "/xmpp-websocket", allowedOrigins: [], logger: Logger(label: "test"))
+            let accepted = open.acceptUpgrade(head([("Sec-WebSocket-Protocol", "chat, xmpp"), ("Origin", "https://anywhere.example")]), channel: channel)
+            #expect(accepted?.first(name: "Sec-WebSocket-Protocol") == "xmpp")
+            #expect(open.acceptUpgrade(head([("Sec-WebSocket-Protocol", "chat")]), channel: channel) == nil)
+            #expect(open.acceptUpgrade(head([]), channel: channel) == nil)
+            let listed = ClientWebSocketEndpoint(server: server.context, path: "/xmpp-websocket",
+                                                 allowedOrigins: ["https://chat.example"], logger: Logger(label: "test"))
+            #expect(listed.acceptUpgrade(head([("Sec-WebSocket-Protocol", "xmpp"), ("Origin", "https://chat.example")]), channel: channel) != nil)
+            #expect(listed.acceptUpgrade(head([("Sec-WebSocket-Protocol", "xmpp"), ("Origin", "https://evil.example")]), channel: channel) == nil)
+            #expect(listed.acceptUpgrade(head([("Sec-WebSocket-Protocol", "xmpp")]), channel: channel) == nil)
+            #expect(server.metrics.counterValue("braid_websocket_upgrades_refused_total") == 4)
+            _ = try? channel.finish()
+        }
     }
 
     @Test("What the client receives: <open/>, stanzas with their namespace declared (a server stanza re-scoped), <stream:features> with its prefix, an error then <close/> and a close frame")
