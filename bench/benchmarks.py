@@ -53,6 +53,7 @@ FULL = {
     "micro": {"megabytes": 50, "repetitions": 5, "logins": 2000,
               "storage": {"accounts": 2000, "messages": 10000, "contacts": 1000, "domains": 10000}},
     "web": {"pairs": 50, "window": 16, "seconds": 10, "warmup": 2, "drain_timeout": 15, "driver_processes": 2,
+            "max_other_cpu_seconds": 2.0,
             "upload": {"transfers": [[1000000, 5], [100000000, 2]]}},
 }
 SMOKE = {

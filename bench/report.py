@@ -542,7 +542,8 @@ def web_section(we, report):
              "WebSocket (RFC 7395, wss on each server's HTTPS listener, the driver's own RFC 6455 client); both TLS, "
              "SASL PLAIN, fresh sessions. Latency from the send stamp in the body to the read; server CPU seconds "
              "(/proc) over the window; then sending stops and every message sent must arrive (lost must be 0, else "
-             "the figure is an error). **Upload**: one account asks upload.web.test for a slot, PUTs random bytes "
+             "the figure is an error); a window in which other processes used more than 2 CPU s is measured once more "
+             "when the load average is below 1, and the note says what others used in the window kept. **Upload**: one account asks upload.web.test for a slot, PUTs random bytes "
              f"({transfers}; MB = 10^6 bytes) and GETs them back, compared byte for byte; MB/s is the median over the "
              "repetitions, from the request line to the last byte of the answer; RSS is the server processes' VmRSS, "
              "sampled every 20 ms, before the transfer and at its peak (growth = peak − before); server CPU: the "
@@ -554,7 +555,8 @@ def web_section(we, report):
             continue
         tcp, ws = r.get("tcp") or {}, r.get("ws") or {}
         notes = [f"{t.upper()}: {x['error'][:160]}" for t, x in (("tcp", tcp), ("ws", ws)) if x.get("error")]
-        notes += [f"{t.upper()}: other work on the machine used {fmt(x['other_cpu_seconds'], 1)} CPU s in the window"
+        notes += [f"{t.upper()}: other processes on the machine used {fmt(x['other_cpu_seconds'], 1)} CPU s in the window"
+                  + (f" (attempt {x['attempt']})" if x.get("attempt", 1) > 1 else "")
                   for t, x in (("tcp", tcp), ("ws", ws)) if (x.get("other_cpu_seconds") or 0) > 0.5]
         if r.get("error"):
             notes.append(r["error"][:200])

@@ -12,7 +12,9 @@ for everything below; bench/webdriver.py holds the clients:
             ejabberd ejabberd_http_ws at /ws); both TLS, SASL PLAIN (else SCRAM-SHA-1), the
             same driver, fresh sessions for each transport. Delivered messages/s, latency
             (p50/p99), the server's CPU seconds over the window (messages per CPU-second),
-            the driver's own CPU; after the window, sending stops and every message sent must
+            the driver's own CPU, and what other processes on the machine used (/proc/stat): if
+            that is above 2 CPU s, the measurement is repeated once when the load average is
+            below 1 (bounded wait). After the window, sending stops and every message sent must
             arrive (lost = sent − read, which fails the figure if not 0).
   upload    one account asks upload.web.test for a slot, PUTs a file of random bytes (1 MB
             and 100 MB; 10^6 bytes) to the slot's URL and GETs it back: MB/s of each, the
@@ -152,6 +154,17 @@ def start(kind, ns, directory, users, braid_binary):
     return server
 
 
+def wait_for_load(level, limit):
+    """Polls (bounded) until the 1-minute load average is below LEVEL; False if it was not."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        with open("/proc/loadavg") as handle:
+            if float(handle.read().split()[0]) < level:
+                return True
+        time.sleep(5)
+    return False
+
+
 def drive(ns, plan, workdir, name, limit):
     """Runs the driver in NS (its own session, stopped by PID if it overruns); returns its JSON."""
     plan_file = os.path.join(workdir, f"{name}.json")
@@ -215,8 +228,18 @@ def run_one(kind, braid_binary, sizes):
                                 seconds=sizes["seconds"], warmup=sizes["warmup"], drain_timeout=sizes["drain_timeout"],
                                 processes=sizes["driver_processes"])
                     limit = 60 + 30 + sizes["warmup"] + sizes["seconds"] + sizes["drain_timeout"] + 60
-                    figures[transport] = drive(ns, plan, workdir, f"messages-{transport}", limit)
-                    log(f"web {kind} {transport}: {json.dumps(figures[transport])}")
+                    for attempt in (1, 2):
+                        result = drive(ns, plan, workdir, f"messages-{transport}", limit)
+                        result["attempt"] = attempt
+                        figures[transport] = result
+                        log(f"web {kind} {transport}: {json.dumps(result)}")
+                        other = result.get("other_cpu_seconds") or 0
+                        threshold = sizes.get("max_other_cpu_seconds")   # None (smoke): never again
+                        if attempt == 2 or threshold is None or other <= threshold or not server.service.running():
+                            break
+                        # Someone else's work shared the cores: once more, when the load is down.
+                        log(f"web {kind} {transport}: other processes used {other} CPU s in the window; again")
+                        wait_for_load(1.0, 180)
                     if not server.service.running():
                         break
                 if server.service.running():

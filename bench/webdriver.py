@@ -23,8 +23,8 @@ messages  N pairs of accounts (user2i-1, user2i) split over P processes, one asy
           no extra round trip), as fast as the server delivers. After `warmup` seconds the
           window of T seconds counts the messages read (delivered/s), their latencies (send
           stamp in the body, CLOCK_MONOTONIC shared by the processes), the server's CPU
-          seconds (server_pids, /proc) and the driver's own, and the whole machine's busy CPU
-          seconds (/proc/stat: what is neither is other work on the machine). Then sending stops and the
+          seconds (server_pids, /proc) and the driver's own, and the CPU seconds all processes
+          used (/proc/stat: what is neither is other work on the machine). Then sending stops and the
           driver waits (at most drain_timeout) until every message sent has arrived: sent −
           received = lost, reported, and error stanzas or closed streams are counted.
 upload    one session over TCP asks upload.DOMAIN for a slot (XEP-0363 <request/>) per
@@ -484,10 +484,11 @@ def worker_process(conn, plan, accounts, first_number):
 
 
 def machine_busy_seconds():
-    """CPU seconds all cores spent busy since boot (/proc/stat: everything but idle and iowait)."""
+    """CPU seconds all cores spent running processes since boot (/proc/stat user + nice +
+    system; interrupt and softirq time, which loopback traffic causes, is not counted)."""
     with open("/proc/stat") as handle:
-        fields = [int(x) for x in handle.readline().split()[1:8]]
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+        fields = [int(x) for x in handle.readline().split()[1:4]]
+    return sum(fields) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile_from_histogram(histogram, fraction):
