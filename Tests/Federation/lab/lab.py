@@ -332,6 +332,12 @@ class Network:
     def create_dns_namespace(self):
         self._add_namespace(DNS_NS)
         run(["ip", "-n", DNS_NS, "link", "add", BRIDGE, "type", "bridge"])
+        # A bridge takes the lowest MAC address of its ports unless one is set. A namespace
+        # added mid-run (mux:malicious's evil peer) whose veth had a lower one changed it, and
+        # every provider's ARP entry for the resolver went stale: DNS and POSH fetches failed
+        # for tens of seconds (a POSH proof lapsed and reset a link; Prosody could not find a
+        # room's server), in one run of about ten. A set address never changes.
+        run(["ip", "-n", DNS_NS, "link", "set", BRIDGE, "address", "02:62:72:61:69:64"])
         run(["ip", "-n", DNS_NS, "addr", "add", f"{self.resolver_ip}/24", "dev", BRIDGE])
         run(["ip", "-n", DNS_NS, "addr", "add", f"{self.auth_dns_ip}/24", "dev", BRIDGE])
         run(["ip", "-n", DNS_NS, "link", "set", BRIDGE, "up"])
