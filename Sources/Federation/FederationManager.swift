@@ -609,6 +609,7 @@ public final class FederationManager: Sendable {
             var pairs: Set<DomainPair>
             var refusedAny: Bool
             var answersRequests: Bool
+            var handlesDialbackErrors: Bool
             var localCertificate: [UInt8]?
             var peerCertificateHash: Int?
             /// The server at the other end: its address and the certificate it presents. Two
@@ -621,10 +622,49 @@ public final class FederationManager: Sendable {
         let gathered = await FederationLink.onLoops(openLinks) { link -> Facts? in
             guard !link.isClosed, link.isBidirectional, let streamID = link.streamID else { return nil }
             return Facts(link: link, streamID: streamID, pairs: Set(link.authorizations.map(\.pair)), refusedAny: link.hasRefusedAny,
-                         answersRequests: link.peerAnswersRequestsOnItsLinks, localCertificate: link.localCertificate,
+                         answersRequests: link.peerAnswersRequestsOnItsLinks, handlesDialbackErrors: link.handlesDialbackErrors,
+                         localCertificate: link.localCertificate,
                          peerCertificateHash: link.peerCertificateHash)
         }
         let links = gathered.compactMap { $0 ?? nil }
+        // Moving pairs that would need a request is safe only while the peer has refused
+        // none of our domains: a peer that requires certificates per domain would refuse
+        // them on its link, and the pair's own connection would be retired again, over and
+        // over.
+        let refusingPeers = Set(links.filter(\.refusedAny).compactMap(\.link.peerIP))
+        /// Whether `ours` may close and its pairs come back on `kept`.
+        func pairsCanMove(from ours: Facts, to kept: Facts, answersRequests: Bool) -> Bool {
+            let peerRefused = ours.refusedAny || kept.refusedAny || [ours.link.peerIP, kept.link.peerIP].contains { $0.map(refusingPeers.contains) == true }
+            // Only pairs whose local domain the kept link already carries, or whose
+            // certificate that link presents: with a certificate per domain, anything else
+            // would be refused there and need a connection of its own again.
+            return ours.pairs.isSubset(of: kept.pairs)
+                || (answersRequests && mayRequestPairs(on: kept.link) && !peerRefused
+                    && ours.pairs.allSatisfy { ourPair in presentsCertificate(of: ourPair.local, presented: kept.localCertificate) || kept.pairs.contains { $0.local == ourPair.local } })
+        }
+        // Two links of our own to one server: two pairs for different domains of one
+        // provider connected at once, before either knew the domains shared a server (seen
+        // in the lab's cold start, mux:scale). The peer has nothing to retire (both are
+        // incoming there), so we close the one with fewer pairs when the other can take them.
+        var ownByServer: [String: [Facts]] = [:]
+        for ours in links where ours.link.origin == .outgoing {
+            if let server = ours.peerServer { ownByServer[server, default: []].append(ours) }
+        }
+        for (_, group) in ownByServer where group.count > 1 {
+            let ordered = group.sorted { ($0.pairs.count, $1.link.id) > ($1.pairs.count, $0.link.id) }
+            let kept = ordered[0]
+            // Only towards a peer that takes further target domains on one stream (dialback
+            // errors, XEP-0220 §2.6.2) and says it multiplexes (Braid's feature): a classic
+            // server's one connection per domain is what it wants.
+            guard kept.handlesDialbackErrors, kept.answersRequests else { continue }
+            for ours in ordered.dropFirst() where pairsCanMove(from: ours, to: kept, answersRequests: true) {
+                guard await ours.link.onLoop({ $0.beginRetiring() }) == true else { continue }
+                logger.info("closing a second link of ours to the same server", metadata: [
+                    "link": "\(ours.link.id.prefix(8))", "kept": "\(kept.link.id.prefix(8))", "peer": "\(ours.link.peerAddress)"])
+                metrics.resets("duplicate-own-link")
+                ours.link.closeStream()
+            }
+        }
         let incoming = links.filter { $0.link.origin == .incoming }
         guard !incoming.isEmpty else { return }
         // The peer's links indexed by remote domain: with a certificate per domain there are
@@ -639,24 +679,12 @@ public final class FederationManager: Sendable {
             for remote in Set(theirs.pairs.map(\.remote)) { byRemote[remote, default: []].append(theirs) }
             if let server = theirs.peerServer { byPeer[server, default: []].append(theirs) }
         }
-        // Moving pairs that would need a request is safe only while the peer has refused
-        // none of our domains: a peer that requires certificates per domain would refuse
-        // them on its link, and the pair's own connection would be retired again, over and
-        // over.
-        let refusingPeers = Set(links.filter(\.refusedAny).compactMap(\.link.peerIP))
         for ours in links where ours.link.origin == .outgoing {
             var seen = Set<String>()
             let sameServer = ours.peerServer.flatMap { byPeer[$0] } ?? []
             let candidates = (Set(ours.pairs.map(\.remote)).flatMap { byRemote[$0] ?? [] } + sameServer).filter { seen.insert($0.link.id).inserted }
             for theirs in candidates where ours.streamID > theirs.streamID {
-                let peerRefused = ours.refusedAny || theirs.refusedAny || [ours.link.peerIP, theirs.link.peerIP].contains { $0.map(refusingPeers.contains) == true }
-                // And only pairs whose local domain the peer's link already carries, or whose
-                // certificate that link presents: with a certificate per domain, anything
-                // else would be refused there and need a connection of its own again.
-                guard ours.pairs.isSubset(of: theirs.pairs)
-                        || (ours.answersRequests && mayRequestPairs(on: theirs.link) && !peerRefused
-                            && ours.pairs.allSatisfy { ourPair in presentsCertificate(of: ourPair.local, presented: theirs.localCertificate) || theirs.pairs.contains { $0.local == ourPair.local } })
-                else { continue }
+                guard pairsCanMove(from: ours, to: theirs, answersRequests: ours.answersRequests) else { continue }
                 // Retired in one step of its loop, once.
                 guard await ours.link.onLoop({ $0.beginRetiring() }) == true else { break }
                 logger.info("closing our link: the peer opened one to us at the same time", metadata: [

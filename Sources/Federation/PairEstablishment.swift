@@ -467,7 +467,7 @@ extension FederationManager {
     /// Connects to one target (its addresses in order, resolved by the validating resolver,
     /// never the system's) and negotiates the first pair; returns the link once the pair is
     /// authorised and its waiting stanzas flushed.
-    private func open(_ target: PeerTarget, pair: DomainPair) async throws -> FederationLink {
+    func open(_ target: PeerTarget, pair: DomainPair) async throws -> FederationLink {
         let resolved: ResolvedTarget
         do {
             resolved = try await resolveTarget(target)

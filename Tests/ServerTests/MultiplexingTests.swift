@@ -482,6 +482,37 @@ extension MultiplexingTests {
         }
     }
 
+    @Test("Two links of ours to one server, opened at once for two of its domains, end as one, and both pairs keep working (the lab's cold start left two)")
+    func ownDuplicateLinksToOneServer() async throws {
+        let bUsers = ["user@b1.example", "user@b2.example"]
+        try await withFederation(aDomains: ["a1.example"], aUsers: ["user@a1.example"], bDomains: ["b1.example", "b2.example"], bUsers: bUsers) { pair in
+            let a = try await clients(pair.a, ["user@a1.example"])
+            let b = try await clients(pair.b, bUsers)
+            try await a["user@a1.example"]!.sendMessage(to: "user@b1.example", body: "first")
+            #expect(try await receive(1, on: b["user@b1.example"]!) == ["first"])
+            // A second connection of ours, for b2.example, as a pair that connected at the
+            // same moment would have opened before either knew both domains were one server's.
+            let manager = try #require(pair.a.server.federation)
+            guard case .targets(let targets) = await manager.locate("b2.example"), let target = targets.first else {
+                Issue.record("b2.example did not resolve")
+                return
+            }
+            _ = try await manager.open(target, pair: DomainPair(local: "a1.example", remote: "b2.example"))
+            try await waitUntil(timeout: .seconds(15), "one link between the providers") {
+                let (a, b) = (await openLinks(pair.a).count, await openLinks(pair.b).count)
+                return a == 1 && b == 1
+            }
+            #expect(pair.a.metrics.counterValue("braid_s2s_link_resets_total", [("reason", "duplicate-own-link")]) == 1)
+            // Both pairs work, on the one link.
+            try await a["user@a1.example"]!.sendMessage(to: "user@b2.example", body: "second")
+            try await a["user@a1.example"]!.sendMessage(to: "user@b1.example", body: "third")
+            #expect(try await receive(1, on: b["user@b2.example"]!) == ["second"])
+            #expect(try await receive(1, on: b["user@b1.example"]!) == ["third"])
+            #expect(await openLinks(pair.a).count == 1)
+            for client in Array(a.values) + Array(b.values) { await client.close() }
+        }
+    }
+
     @Test("A message sent without an id leaves with one, so a copy re-sent after a link is retired or lost is recognised by the peer (one with an id keeps it)")
     func messagesLeaveWithAnID() async throws {
         try await withFederation { pair in
