@@ -236,36 +236,36 @@ public final class ClientSession: Sendable {
     }
 
     private func sendOnLoop(_ element: XMLElement) {
-        var current = state.value
-        if current.ended {
+        if state.value.ended {
             // Sent to a session that is gone: hand it back so it is stored or bounced.
-            let owner = current.owner
+            let owner = state.value.owner
             Task { await owner?.sessionEnded(self, undelivered: [element]) }
             return
         }
         let isStanza = Stanza(element) != nil
         var requestAck = false
-        if isStanza, current.streamManagement != nil {
-            current.streamManagement?.sentOutbound &+= 1
-            current.streamManagement?.unacked.append(element)
-            current.streamManagement?.sentSinceRequest += 1
-            if let sm = current.streamManagement, sm.unacked.count > settings.maxUnacked {
-                state.value = current
-                logger.warning("client does not acknowledge stanzas; closing", metadata: ["unacked": "\(sm.unacked.count)"])
+        let managed = state.value.streamManagement != nil
+        if isStanza, managed {
+            // In place (the box yields its value): a copy of the state would make the queue of
+            // unacknowledged stanzas shared, and the append would copy all of it.
+            state.value.streamManagement?.sentOutbound &+= 1
+            state.value.streamManagement?.unacked.append(element)
+            state.value.streamManagement?.sentSinceRequest += 1
+            if let unacknowledged = state.value.streamManagement?.unacked.count, unacknowledged > settings.maxUnacked {
+                logger.warning("client does not acknowledge stanzas; closing", metadata: ["unacked": "\(unacknowledged)"])
                 closeWithError(StreamError(.resourceConstraint, text: "too many unacknowledged stanzas"))
                 return
             }
-            requestAck = (current.streamManagement?.sentSinceRequest ?? 0) >= 5
+            requestAck = (state.value.streamManagement?.sentSinceRequest ?? 0) >= 5
         }
-        state.value = current
-        guard let channel = current.connection else { return }
+        guard let channel = state.value.connection else { return }
         channel.write(StreamOutput.element(element), promise: nil)
         if isStanza, let kind = StanzaKind(rawValue: element.name) {
             settings.metrics.stanzasOut[kind]?.increment()
         }
         if requestAck {
             sendAckRequest(on: channel)
-        } else if isStanza, current.streamManagement != nil {
+        } else if isStanza, managed {
             scheduleAckRequest()
         }
         channel.flush()
@@ -337,12 +337,13 @@ public final class ClientSession: Sendable {
 
     /// Drops the stanzas the client acknowledged. False if it acknowledged more than we sent.
     private func acknowledge(_ handled: UInt32) -> Bool {
-        guard var sm = state.value.streamManagement else { return true }
-        let newlyAcknowledged = handled &- sm.acknowledged
-        guard newlyAcknowledged <= UInt32(sm.unacked.count) else { return false }
-        sm.unacked.removeFirst(Int(newlyAcknowledged))
-        sm.acknowledged = handled
-        state.value.streamManagement = sm
+        guard let acknowledged = state.value.streamManagement?.acknowledged,
+              let unacknowledged = state.value.streamManagement?.unacked.count else { return true }
+        let newlyAcknowledged = handled &- acknowledged
+        guard newlyAcknowledged <= UInt32(unacknowledged) else { return false }
+        // In place, as when sending: a copy would duplicate the whole queue.
+        state.value.streamManagement?.unacked.removeFirst(Int(newlyAcknowledged))
+        state.value.streamManagement?.acknowledged = handled
         return true
     }
 
