@@ -525,3 +525,20 @@ def unique(prefix):
 
 
 unique.counter = 0
+
+
+async def close_client(client):
+    """Disconnects a slixmpp client, best effort and bounded: cancels a pending connection
+    attempt, waits up to 4 s for a clean close, else aborts, and stops its send loop. (The
+    older suites carry copies of this; new ones call it.)"""
+    import asyncio
+    client.cancel_connection_attempt()
+    if client.transport is not None:
+        try:
+            await asyncio.wait_for(client.disconnect(wait=2.0), 4.0)
+        except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - closing is best effort
+            client.abort()
+    sender = client._run_out_filters
+    if sender is not None and not sender.done():
+        sender.cancel()
+        await asyncio.wait({sender}, timeout=1.0)

@@ -541,16 +541,7 @@ async def peer_login(server, jid, mechanism):
 
 
 async def peer_close(peer):
-    peer.cancel_connection_attempt()
-    if peer.transport is not None:
-        try:
-            await asyncio.wait_for(peer.disconnect(wait=2.0), 4.0)
-        except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - closing is best effort
-            peer.abort()
-    sender = peer._run_out_filters
-    if sender is not None and not sender.done():
-        sender.cancel()
-        await asyncio.wait({sender}, timeout=1.0)
+    await harness.close_client(peer)
 
 
 # -- a minimal RFC 6455 client ----------------------------------------------------------
