@@ -176,6 +176,16 @@ public final class FederationLink: Sendable {
         state.setLocalCertificate(der)
     }
 
+    /// The peer sent a stream error: what closes the link next is a refusal of what waited.
+    func peerSentStreamError() {
+        state.peerSentStreamError()
+    }
+
+    /// The peer sent `</stream>` (after an error or not).
+    func peerEndedStream() {
+        state.peerEndedStream()
+    }
+
     /// The peer refused `local` on this link: an answer about the link, not the pair.
     func recordRefusal(of local: String) {
         state.recordRefusal(of: local)

@@ -137,6 +137,7 @@ final class IncomingLinkHandler: ChannelInboundHandler {
         case .element(let element):
             run(negotiation.elementReceived(element), context: context)
         case .streamEnd:
+            link.peerEndedStream()
             run(negotiation.streamEnded(), context: context)
         }
     }

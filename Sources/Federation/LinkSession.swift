@@ -51,6 +51,7 @@ final class LinkSession {
             let error = StreamError(element: element) ?? StreamError(.undefinedCondition)
             logger.info("the peer closed the link with a stream error", metadata: ["condition": "\(error.condition.rawValue)", "text": "\(error.text ?? "")"])
             manager.metrics.streamErrorReceived(error.condition.rawValue)
+            link.peerSentStreamError()
             link.closeStream()
         default:
             handleStanza(element)

@@ -80,6 +80,17 @@ struct LinkStateMachine: Sendable {
     /// link retires or closes before the answer.
     private(set) var trialKept: [Stanza] = []
     private var trialOpen = false
+    /// How the peer ended its stream, if it did before the link closed.
+    private(set) var peerEnding: PeerEnding?
+
+    enum PeerEnding: Sendable, Equatable {
+        /// `</stream>` with no stream error before it: a Braid peer retiring a duplicate
+        /// link, or an idle close.
+        case cleanly
+        /// A stream error (Prosody 0.12 answers a `db:result` on its own link with
+        /// `<invalid-id/>`), possibly followed by `</stream>`.
+        case withError
+    }
 
     /// Sent stanzas the peer has not acknowledged yet beyond which sending pauses.
     static let maximumUnacknowledged = 5000
@@ -110,6 +121,14 @@ struct LinkStateMachine: Sendable {
     }
 
     mutating func recordRefusal(of local: String) { refusedLocals.insert(local) }
+
+    /// The peer sent a stream error.
+    mutating func peerSentStreamError() { peerEnding = .withError }
+
+    /// The peer sent `</stream>`; after a stream error it stays an error.
+    mutating func peerEndedStream() {
+        if peerEnding == nil { peerEnding = .cleanly }
+    }
 
     mutating func recordProof(of domain: String, method: ProofMethod, expires: Date?) {
         provenDomains[domain] = (method, expires)
@@ -437,7 +456,13 @@ struct LinkStateMachine: Sendable {
         streamManagement?.unacked = []
         trialKept = []
         trialOpen = false
-        effects.refusedRequests = origin == .incoming && !assertionsAnswered && !pendingRequests.isEmpty
+        // A refusal is a stream error (or the connection dropped) while our first request
+        // waited. A clean `</stream>` is how a Braid peer retires its duplicate link after a
+        // simultaneous open, with our request crossing it: taken as a refusal, it kept us
+        // from asking on that server's links for an hour, so the duplicate could not be
+        // retired from our side and two links could stay (the likely cause of a CI failure
+        // of the simultaneous-open test).
+        effects.refusedRequests = origin == .incoming && !assertionsAnswered && !pendingRequests.isEmpty && peerEnding != .cleanly
         effects.waiters = pendingRequests.values.flatMap { $0 }
         pendingRequests = [:]
         pendingProofs = [:]

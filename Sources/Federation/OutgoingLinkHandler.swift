@@ -106,6 +106,7 @@ final class OutgoingLinkHandler: ChannelInboundHandler {
         case .element(let element):
             run(negotiation.elementReceived(element), context: context)
         case .streamEnd:
+            link.peerEndedStream()
             run(negotiation.streamEnded(), context: context)
         }
     }

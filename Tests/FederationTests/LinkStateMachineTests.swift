@@ -164,6 +164,35 @@ struct LinkStateMachineTests {
         #expect(machine.close().owed.isEmpty, "a second close hands back nothing")
     }
 
+    /// How the peer ended its stream while our first request waited, and whether that counts
+    /// as a refusal of requests on its links.
+    enum PeerEndingCase: String, CaseIterable, Sendable {
+        case dropped, streamError, streamErrorThenEnd, cleanEnd
+    }
+
+    @Test("A stream error (Prosody's <invalid-id/>) or a dropped connection during the trial is a refusal; a clean </stream> is a Braid peer retiring its duplicate link, and is not", arguments: PeerEndingCase.allCases)
+    func trialEndedBy(_ ending: PeerEndingCase) async {
+        var machine = machine(.incoming, in: .established, bidi: true)
+        machine.authorize(pair, .outbound, method: .pkix, expires: nil, at: Self.t0)
+        let outcome: FederationLink.PairRequestOutcome = await withCheckedContinuation { continuation in
+            _ = machine.awaitAnswer(for: other, method: .pkix, expires: nil, continuation: continuation)
+            machine.beginAssertionTrial()
+            _ = machine.enqueue(stanza("1"), for: pair, limit: 10)
+            _ = machine.nextToWrite(at: Self.t0)
+            switch ending {
+            case .dropped: break
+            case .streamError: machine.peerSentStreamError()
+            case .streamErrorThenEnd: machine.peerSentStreamError(); machine.peerEndedStream()
+            case .cleanEnd: machine.peerEndedStream()
+            }
+            let effects = machine.close()
+            #expect(effects.owed.map(\.id) == ["1"], "what the trial kept is sent again either way")
+            #expect(effects.refusedRequests == (ending != .cleanEnd))
+            for waiter in effects.waiters { waiter.resume(returning: .closed) }
+        }
+        #expect(outcome == .closed)
+    }
+
     @Test("Our own timeout is not an answer from the peer: the trial goes on")
     func timeoutIsNotAnAnswer() async {
         var machine = machine(.incoming, in: .established)

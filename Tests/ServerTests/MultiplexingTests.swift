@@ -28,6 +28,26 @@ struct MultiplexingTests {
         await server.openLinkSnapshots
     }
 
+    /// Waits until each side holds one open link; if not, the failure says which links each
+    /// holds (origin, pairs, traffic), since the CI shows nothing else of a run.
+    func waitForOneLink(_ pair: FederatedPair, timeout: Duration = .seconds(10), fileID: String = #fileID, line: Int = #line) async throws {
+        do {
+            try await waitUntil(timeout: timeout, "one link between the providers", fileID: fileID, line: line) {
+                let (a, b) = (await openLinks(pair.a).count, await openLinks(pair.b).count)
+                return a == 1 && b == 1
+            }
+        } catch {
+            func describe(_ links: [LinkSnapshot]) -> String {
+                links.map { link in
+                    let pairs = link.pairs.map { "\($0.direction.rawValue) \($0.pair.local)⇄\($0.pair.remote)" }.joined(separator: ", ")
+                    return "\(link.id.prefix(8)) \(link.origin) bidi=\(link.bidirectional) sent=\(link.stanzasSent) received=\(link.stanzasReceived) [\(pairs)]"
+                }.joined(separator: "; ")
+            }
+            Issue.record("links of a: \(describe(await openLinks(pair.a))) | links of b: \(describe(await openLinks(pair.b)))")
+            throw error
+        }
+    }
+
     /// Logs every user in with presence, so messages to their bare JIDs are delivered live.
     func clients(_ server: TestServer, _ users: [String]) async throws -> [String: TestClient] {
         try await server.clientsWithPresence(users)
@@ -121,10 +141,7 @@ struct MultiplexingTests {
             #expect(await pairs(pair.b).contains("inbound b1.example⇄a2.example dialback"))
             #expect(await pairs(pair.b).contains("inbound b1.example⇄a1.example pkix"))
             // The verification connection came and went; the link is the only one left.
-            try await waitUntil {
-                let (a, b) = (await openLinks(pair.a).count, await openLinks(pair.b).count)
-                return a == 1 && b == 1
-            }
+            try await waitForOneLink(pair)
             for client in Array(a.values) + Array(b.values) { await client.close() }
         }
     }
@@ -440,10 +457,7 @@ extension MultiplexingTests {
             try await everyoneWrites("cold")
             // Both may have connected; within a few seconds one link is left, the same one
             // seen from both sides.
-            try await waitUntil(timeout: .seconds(10)) {
-                let (a, b) = (await openLinks(pair.a).count, await openLinks(pair.b).count)
-                return a == 1 && b == 1
-            }
+            try await waitForOneLink(pair)
             let origins = (await openLinks(pair.a).first?.origin, await openLinks(pair.b).first?.origin)
             #expect(origins.0 != origins.1)
             try await everyoneWrites("warm")
@@ -468,10 +482,7 @@ extension MultiplexingTests {
             _ = try await (first, second)
             #expect(try await receive(1, on: b["user@b1.example"]!) == ["a1 to b1"])
             #expect(try await receive(1, on: a["user@a2.example"]!) == ["b2 to a2"])
-            try await waitUntil(timeout: .seconds(15), "one link between the providers") {
-                let (a, b) = (await openLinks(pair.a).count, await openLinks(pair.b).count)
-                return a == 1 && b == 1
-            }
+            try await waitForOneLink(pair, timeout: .seconds(15))
             // And both pairs still work, on it.
             try await a["user@a1.example"]!.sendMessage(to: "user@b1.example", body: "again")
             try await b["user@b2.example"]!.sendMessage(to: "user@a2.example", body: "again")
@@ -498,10 +509,7 @@ extension MultiplexingTests {
                 return
             }
             _ = try await manager.open(target, pair: DomainPair(local: "a1.example", remote: "b2.example"))
-            try await waitUntil(timeout: .seconds(15), "one link between the providers") {
-                let (a, b) = (await openLinks(pair.a).count, await openLinks(pair.b).count)
-                return a == 1 && b == 1
-            }
+            try await waitForOneLink(pair, timeout: .seconds(15))
             #expect(pair.a.metrics.counterValue("braid_s2s_link_resets_total", [("reason", "duplicate-own-link")]) == 1)
             // Both pairs work, on the one link.
             try await a["user@a1.example"]!.sendMessage(to: "user@b2.example", body: "second")

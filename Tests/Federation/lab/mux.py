@@ -558,7 +558,17 @@ def scenario_scale(lab, details, a, b):
         problems.append(f"{count_a} ({a.name}) / {count_b} ({b.name}) established s2s connections between them, "
                         f"expected exactly 1")
     if peak[0] > 1 or peak[1] > 1:
-        problems.append(f"up to {peak[0]}/{peak[1]} s2s connections at once during the rounds, expected 1")
+        # Both sides dialling at the same moment (the cold round sends both ways at once) is
+        # a simultaneous open: one TCP connection opened by each, and one of the two links
+        # retired as soon as both carry pairs. The sampler may see both for that moment.
+        # Anything more (a side dialling twice, or a third connection) is a failure.
+        crossing = peak[0] <= 2 and peak[1] <= 2 and all(value <= 1 for value in opened.values())
+        if crossing:
+            details.append(f"NOTE: {peak[0]}/{peak[1]} s2s connections seen at once: a simultaneous open "
+                           f"(each side opened one), retired to one")
+        else:
+            problems.append(f"up to {peak[0]}/{peak[1]} s2s connections at once during the rounds, expected 1 "
+                            f"(or 2 for a moment when both dial at once, one opened by each)")
     L.expect(not problems, "; ".join(problems))
 
 
