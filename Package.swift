@@ -146,6 +146,8 @@ let package = Package(
                 "DNS",
                 "Admin",
                 "CBoringSSLExporter",
+                // Certificate expiry for the metrics and `braid check`.
+                .product(name: "X509", package: "swift-certificates"),
                 // The HTTPS listener's routes that modules add (file upload, host-meta).
                 .product(name: "Hummingbird", package: "hummingbird"),
                 // XMPP over WebSocket (RFC 7395) on that listener.

@@ -159,6 +159,7 @@ public final class BraidServer: Service {
         if context.domains.isHosted(defaultDomain) {
             await context.certificates.prepareCertificate(for: defaultDomain)
         }
+        reportCertificates()
 
         let c2s = configuration.c2s
         if let port = c2s.starttlsPort {
@@ -248,11 +249,21 @@ public final class BraidServer: Service {
     @discardableResult
     public func reloadCertificates() -> CertificateManager.ReloadOutcome {
         let outcome = context.certificates.reload(configuration.tls.certificates)
+        reportCertificates()
         logger.notice("certificates reloaded", metadata: [
             "changed": "\(outcome.changed.joined(separator: ","))",
             "failed_files": "\(outcome.failures.joined(separator: ","))",
         ])
         return outcome
+    }
+
+    /// The certificate gauges, after certificates were loaded or reloaded.
+    func reportCertificates() {
+        let expiries = context.certificates.presentedExpiries()
+        context.metrics.certificatesPresented.set(expiries.count)
+        if let earliest = expiries.min() {
+            context.metrics.certificateEarliestExpiry.set(earliest.timeIntervalSince1970)
+        }
     }
 
     /// Stops listening, closes every stream with `<system-shutdown/>`, and waits (up to ten

@@ -3,6 +3,7 @@ import Logging
 import NIOSSL
 import Synchronization
 import Trust
+import X509
 import XMPPCore
 import XMPPStream
 
@@ -110,6 +111,19 @@ public final class CertificateManager: Sendable {
             return old != store.certificateDER(for: domain)
         }.sorted()
         return ReloadOutcome(changed: changed, failures: failures)
+    }
+
+    /// Every certificate presented, once (many names may share one), with its expiry:
+    /// what the certificate metrics report after a load or reload.
+    public func presentedExpiries() -> [Date] {
+        var seen = Set<[UInt8]>()
+        var expiries: [Date] = []
+        for domain in store.domains {
+            guard let der = store.certificateDER(for: domain), seen.insert(der).inserted,
+                  let certificate = try? Certificate(derEncoded: der) else { continue }
+            expiries.append(certificate.notValidAfter)
+        }
+        return expiries
     }
 
     /// True when some certificate covers `domain`.
