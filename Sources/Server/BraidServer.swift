@@ -175,6 +175,7 @@ public final class BraidServer: Service {
         }
         let adminPorts = try await admin.start()
         boundAdminPorts.withLock { $0 = adminPorts }
+        context.httpsListenerBound(port: adminPorts.posh)
         startDomainPolling()
         context.metrics.startupSeconds.set(Self.seconds(ContinuousClock.now - started) + (context.metrics.registry.gaugeValue("braid_startup_seconds") ?? 0))
         logger.info("Braid is serving", metadata: [

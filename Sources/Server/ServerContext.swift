@@ -24,6 +24,15 @@ public final class ServerContext: Sendable {
     public let secret: [UInt8]
     /// Set once the router exists; the router needs the context, so it is wired after.
     private let routerBox = Mutex<Router?>(nil)
+    /// The port the HTTPS listener (`admin.posh_port`) bound, once it has: the configured one,
+    /// or the one the system chose for port 0. URLs that name the listener use it.
+    private let httpsPortBox = Mutex<Int?>(nil)
+
+    public var boundHTTPSPort: Int? { httpsPortBox.withLock { $0 } }
+
+    func httpsListenerBound(port: Int?) {
+        httpsPortBox.withLock { $0 = port }
+    }
 
     /// Serializes, per account, the operations whose order matters: roster changes, and
     /// the choice between live delivery and offline storage against presence changes.

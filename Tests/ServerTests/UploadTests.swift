@@ -165,8 +165,45 @@ struct UploadTests {
         #expect(module.baseURL(service: "upload.a.example", admin: admin) == "https://upload.a.example:8443")
         admin.poshHostName = "xmpp.provider.example"
         #expect(module.baseURL(service: "upload.a.example", admin: admin) == "https://xmpp.provider.example:8443")
+        // Port 0: the port the listener was given, once it has one.
+        admin.poshPort = 0
+        #expect(module.baseURL(service: "upload.a.example", admin: admin, boundPort: 40123) == "https://xmpp.provider.example:40123")
+        #expect(module.baseURL(service: "upload.a.example", admin: admin, boundPort: nil) == nil)
         admin.poshPort = nil
         #expect(module.baseURL(service: "upload.a.example", admin: admin) == nil)
+        #expect(module.baseURL(service: "upload.a.example", admin: admin, boundPort: 40123) == nil, "no listener configured")
+    }
+
+    @Test("With posh_port 0 and no base_url, slots name the port the HTTPS listener was given, and the PUT and GET work there")
+    func ephemeralPortBaseURL() async throws {
+        try await withServer { server in
+            let port = try #require(server.server.adminPorts.posh)
+            #expect(port > 0)
+            let (client, _) = try await server.loggedIn("alice@a.example")
+            let slot = try await Self.slot(client, filename: "note.txt", size: 5, contentType: "text/plain")
+            let base = "https://upload.a.example:\(port)"
+            #expect(slot.put.hasPrefix(base + "/"), "\(slot.put)")
+            #expect(slot.get.hasPrefix(base + "/"), "\(slot.get)")
+            // upload.a.example is not in DNS here: the same URLs on loopback.
+            let loopback = { (url: String) in "https://127.0.0.1:\(port)" + url.dropFirst(base.count) }
+            var tls = TLSConfiguration.makeClientConfiguration()
+            // The test server's certificates are self-signed.
+            tls.certificateVerification = .none
+            let http = HTTPClient(eventLoopGroupProvider: .shared(server.group), configuration: .init(tlsConfiguration: tls))
+            do {
+                let bytes = Array("hello".utf8)
+                #expect(try await Self.put(http, loopback(slot.put), bytes, contentType: "text/plain").status == .created)
+                let fetched = try await Self.send(http, .GET, loopback(slot.get))
+                #expect(fetched.status == .ok)
+                #expect(fetched.body == bytes)
+            } catch {
+                try? await http.shutdown()
+                await client.close()
+                throw error
+            }
+            try await http.shutdown()
+            await client.close()
+        }
     }
 
     @Test("Refused slots: other domains' users not-allowed; bad input bad-request; too large with max-file-size")

@@ -108,7 +108,7 @@ struct UploadModule: BraidModule {
     /// A slot for a checked request: its URLs, or why not.
     private func grant(_ request: SlotRequest, account: String, service: ServiceStanza) async -> Result<XMLElement, SlotRefusal> {
         let server = service.router.server
-        guard let base = baseURL(service: service.to.domainpart, admin: server.configuration.admin) else {
+        guard let base = baseURL(service: service.to.domainpart, admin: server.configuration.admin, boundPort: server.boundHTTPSPort) else {
             server.logger.warning("upload slot refused: no HTTPS listener (admin.posh_port) and no upload.base_url")
             return .failure(.unavailable)
         }
@@ -130,11 +130,13 @@ struct UploadModule: BraidModule {
     }
 
     /// Where URLs point: `upload.base_url`, else `https://` + the provider host name (or the
-    /// service domain) + the HTTPS listener's port unless 443. Nil without a listener.
-    func baseURL(service domain: String, admin: AdminConfiguration) -> String? {
+    /// service domain) + the HTTPS listener's port unless 443. Nil without a listener. With
+    /// `posh_port: 0` the port is the one the listener was given (`boundPort`).
+    func baseURL(service domain: String, admin: AdminConfiguration, boundPort: Int? = nil) -> String? {
         let configured = settings.baseURL.trimmingCharacters(in: .whitespaces)
         if !configured.isEmpty { return configured.hasSuffix("/") ? String(configured.dropLast()) : configured }
-        guard let port = admin.poshPort, port > 0 else { return nil }
+        guard let configuredPort = admin.poshPort else { return nil }
+        guard let port = configuredPort > 0 ? configuredPort : boundPort, port > 0 else { return nil }
         let host = admin.poshHostName.flatMap { $0.isEmpty ? nil : $0 } ?? domain
         return "https://\(host)" + (port == 443 ? "" : ":\(port)")
     }
