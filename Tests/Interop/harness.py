@@ -529,8 +529,7 @@ unique.counter = 0
 
 async def close_client(client):
     """Disconnects a slixmpp client, best effort and bounded: cancels a pending connection
-    attempt, waits up to 4 s for a clean close, else aborts, and stops its send loop. (The
-    older suites carry copies of this; new ones call it.)"""
+    attempt, waits up to 4 s for a clean close, else aborts, and stops its send loop. Every slixmpp suite uses it."""
     import asyncio
     client.cancel_connection_attempt()
     if client.transport is not None:

@@ -113,17 +113,8 @@ async def sync(client):
     await iq.send(timeout=WAIT)
 
 
-async def close(client):
-    client.cancel_connection_attempt()
-    if client.transport is not None:
-        try:
-            await asyncio.wait_for(client.disconnect(wait=2.0), 4.0)
-        except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - closing is best effort
-            client.abort()
-    sender = client._run_out_filters
-    if sender is not None and not sender.done():
-        sender.cancel()
-        await asyncio.wait({sender}, timeout=1.0)
+# Bounded slixmpp disconnect, shared by the suites.
+close = harness.close_client
 
 
 class Clients:

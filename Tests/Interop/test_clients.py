@@ -206,19 +206,8 @@ async def become_available(client):
     await roster_items(client)
 
 
-async def close(client):
-    """Closes the stream (bounded wait for the server's answer), then the socket, then
-    slixmpp's background send task (left running, it outlives the test's event loop)."""
-    client.cancel_connection_attempt()
-    if client.transport is not None:
-        try:
-            await asyncio.wait_for(client.disconnect(wait=2.0), 4.0)
-        except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - closing is best effort
-            client.abort()
-    sender = client._run_out_filters
-    if sender is not None and not sender.done():
-        sender.cancel()
-        await asyncio.wait({sender}, timeout=1.0)
+# Bounded slixmpp disconnect, shared by the suites.
+close = harness.close_client
 
 
 class Clients:
