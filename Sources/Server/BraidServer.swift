@@ -99,6 +99,7 @@ public final class BraidServer: Service {
         let registry = metricsRegistry
         let federationManager = federation
         let serverContext = context
+        context.install(links: { await federationManager?.links ?? [] })
         let webSocket = configuration.admin.webSocketPath.map { path in
             ClientWebSocketEndpoint(server: serverContext, path: path,
                                     allowedOrigins: Set(configuration.admin.webSocketAllowedOrigins.map { $0.lowercased() }), logger: logger)

@@ -1,4 +1,5 @@
 import Crypto
+import Federation
 import Logging
 import NIOCore
 import Storage
@@ -29,6 +30,18 @@ public final class ServerContext: Sendable {
     private let httpsPortBox = Mutex<Int?>(nil)
 
     public var boundHTTPSPort: Int? { httpsPortBox.withLock { $0 } }
+
+    /// The federation links now (empty without federation), for the provisioning API.
+    private let linksBox = Mutex<(@Sendable () async -> [LinkSnapshot])?>(nil)
+
+    func federationLinks() async -> [LinkSnapshot] {
+        guard let links = linksBox.withLock({ $0 }) else { return [] }
+        return await links()
+    }
+
+    func install(links: @escaping @Sendable () async -> [LinkSnapshot]) {
+        linksBox.withLock { $0 = links }
+    }
 
     func httpsListenerBound(port: Int?) {
         httpsPortBox.withLock { $0 = port }

@@ -20,6 +20,7 @@ enum PostgresStatements {
         ("v3", SQLiteStatements.schemaV3.map(dialect)),
         ("v4", ArchiveSQL.schemaV4.map(dialect)),
         ("v5", ArchiveSQL.schemaV5.map(dialect)),
+        ("v6", ProvisioningSQL.schemaV6.map(dialect)),
     ]
 
     /// The SQLite schema in PostgreSQL's dialect: the two spots marked `PostgreSQL:` there.

@@ -472,6 +472,62 @@ public final class PostgresStorage: Storage {
         }
     }
 
+    // MARK: Provisioning API
+
+    public func apiTokens() async throws -> [StoredAPIToken] {
+        try await run("API tokens") { [self] in
+            var tokens: [StoredAPIToken] = []
+            for try await (id, hash, scope, label, createdAt) in try await client.query(
+                "SELECT id, token_hash, scope, label, created_at FROM api_tokens ORDER BY created_at, id", logger: logger)
+                .decode((String, String, String?, String, Int64).self) {
+                tokens.append(StoredAPIToken(id: id, hash: hash, domains: try scope.map { try ProvisioningScope.decode($0) }, label: label, createdAt: createdAt))
+            }
+            return tokens
+        }
+    }
+
+    public func addAPIToken(_ token: StoredAPIToken) async throws {
+        let scope = try token.domains.map(ProvisioningScope.encode)
+        let (id, hash, label, createdAt) = (token.id, token.hash, token.label, token.createdAt)
+        let inserted = try await run("add API token") { [self] in
+            try await Self.count(try await client.query("""
+                INSERT INTO api_tokens (id, token_hash, scope, label, created_at) VALUES (\(id), \(hash), \(scope), \(label), \(createdAt))
+                ON CONFLICT DO NOTHING RETURNING 1
+                """, logger: logger))
+        }
+        guard inserted > 0 else { throw StorageError.tokenExists }
+    }
+
+    @discardableResult
+    public func removeAPIToken(id: String) async throws -> Bool {
+        try await run("remove API token") { [self] in
+            try await Self.count(try await client.query("DELETE FROM api_tokens WHERE id = \(id) RETURNING id", logger: logger)) > 0
+        }
+    }
+
+    public func appendAuditEntry(_ entry: AuditEntry) async throws {
+        try await run("append audit entry") { [self] in
+            try await client.query("""
+                INSERT INTO audit_log (at, token_id, action, target, outcome, detail)
+                VALUES (\(entry.at), \(entry.tokenID), \(entry.action), \(entry.target), \(entry.outcome), \(entry.detail))
+                """, logger: logger)
+        }
+    }
+
+    public func auditEntries(limit: Int, domain: String?) async throws -> [AuditEntry] {
+        let (sql, arguments) = ProvisioningScope.auditQuery(limit: limit, domain: domain, placeholder: { "$\($0)" })
+        return try await run("audit entries") { [self] in
+            var bindings = PostgresBindings()
+            for argument in arguments { bindings.append(argument) }
+            var entries: [AuditEntry] = []
+            for try await (at, tokenID, action, target, outcome, detail) in try await client.query(PostgresQuery(unsafeSQL: sql, binds: bindings), logger: logger)
+                .decode((Int64, String?, String, String, String, String).self) {
+                entries.append(AuditEntry(at: at, tokenID: tokenID, action: action, target: target, outcome: outcome, detail: detail))
+            }
+            return entries
+        }
+    }
+
     // MARK: Account stores
 
     public func storeEntries(_ store: String, of user: JID) async throws -> [StoredEntry] {

@@ -141,6 +141,11 @@ public final class SQLiteStorage: Storage {
                 try db.execute(sql: statement)
             }
         }
+        migrator.registerMigration("v6") { db in
+            for statement in ProvisioningSQL.schemaV6 {
+                try db.execute(sql: statement)
+            }
+        }
         let before = try pool.read { db in try migrator.appliedIdentifiers(db) }
         // A file written by a newer Braid has migrations this one does not know; running
         // on it could corrupt data it does not understand.
@@ -466,6 +471,54 @@ public final class SQLiteStorage: Storage {
         try await pool.write { db in
             try db.execute(sql: "DELETE FROM muc_rooms WHERE jid = ?", arguments: [jid.bare.description])
             return db.changesCount > 0
+        }
+    }
+
+    // MARK: Provisioning API
+
+    public func apiTokens() async throws -> [StoredAPIToken] {
+        try await pool.read { db in
+            try Row.fetchAll(db, sql: "SELECT id, token_hash, scope, label, created_at FROM api_tokens ORDER BY created_at, id").map { row in
+                let scope: String? = row["scope"]
+                return StoredAPIToken(id: try Self.column(row, "id", in: "api_tokens"), hash: try Self.column(row, "token_hash", in: "api_tokens"),
+                                      domains: try scope.map { try ProvisioningScope.decode($0) }, label: try Self.column(row, "label", in: "api_tokens"),
+                                      createdAt: try Self.column(row, "created_at", in: "api_tokens"))
+            }
+        }
+    }
+
+    public func addAPIToken(_ token: StoredAPIToken) async throws {
+        let scope = try token.domains.map(ProvisioningScope.encode)
+        try await pool.write { db in
+            try db.execute(sql: "INSERT INTO api_tokens (id, token_hash, scope, label, created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                           arguments: [token.id, token.hash, scope, token.label, token.createdAt])
+            guard db.changesCount > 0 else { throw StorageError.tokenExists }
+        }
+    }
+
+    @discardableResult
+    public func removeAPIToken(id: String) async throws -> Bool {
+        try await pool.write { db in
+            try db.execute(sql: "DELETE FROM api_tokens WHERE id = ?", arguments: [id])
+            return db.changesCount > 0
+        }
+    }
+
+    public func appendAuditEntry(_ entry: AuditEntry) async throws {
+        try await pool.write { db in
+            try db.execute(sql: "INSERT INTO audit_log (at, token_id, action, target, outcome, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                           arguments: [entry.at, entry.tokenID, entry.action, entry.target, entry.outcome, entry.detail])
+        }
+    }
+
+    public func auditEntries(limit: Int, domain: String?) async throws -> [AuditEntry] {
+        let (sql, arguments) = ProvisioningScope.auditQuery(limit: limit, domain: domain, placeholder: { _ in "?" })
+        return try await pool.read { db in
+            try Row.fetchAll(db, sql: sql, arguments: StatementArguments(arguments.map { $0 as any DatabaseValueConvertible })).map { row in
+                AuditEntry(at: try Self.column(row, "at", in: "audit_log"), tokenID: row["token_id"], action: try Self.column(row, "action", in: "audit_log"),
+                           target: try Self.column(row, "target", in: "audit_log"), outcome: try Self.column(row, "outcome", in: "audit_log"),
+                           detail: try Self.column(row, "detail", in: "audit_log"))
+            }
         }
     }
 

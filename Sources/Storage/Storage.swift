@@ -138,6 +138,25 @@ public protocol Storage: Sendable {
     @discardableResult
     func removeStore(_ store: String, of user: JID) async throws -> Int
 
+    // MARK: Provisioning API (tokens and audit log)
+
+    /// Every API token (hashes only), by id.
+    func apiTokens() async throws -> [StoredAPIToken]
+
+    /// Inserts a token; throws ``StorageError/tokenExists`` when its id or hash exists.
+    func addAPIToken(_ token: StoredAPIToken) async throws
+
+    /// Removes a token; false if there was none.
+    @discardableResult
+    func removeAPIToken(id: String) async throws -> Bool
+
+    /// Appends an entry to the audit log.
+    func appendAuditEntry(_ entry: AuditEntry) async throws
+
+    /// The newest `limit` entries, newest first; with `domain`, only those whose target is
+    /// that domain or an account or setting of it.
+    func auditEntries(limit: Int, domain: String?) async throws -> [AuditEntry]
+
     // MARK: Message archive (XEP-0313)
 
     /// Appends a message to `user`'s archive. Throws ``StorageError/userNotFound`` if the
@@ -324,6 +343,55 @@ public struct StoredEntry: Sendable, Hashable {
     }
 }
 
+/// A provisioning API bearer token as stored: its SHA-256 (hex), never the token.
+public struct StoredAPIToken: Sendable, Hashable {
+    /// A short public id, for listing, removal and the audit log.
+    public var id: String
+    public var hash: String
+    /// The hosted domains the token may manage; nil: provider-wide.
+    public var domains: [String]?
+    public var label: String
+    /// Seconds since 1970.
+    public var createdAt: Int64
+
+    public init(id: String, hash: String, domains: [String]?, label: String, createdAt: Int64) {
+        self.id = id
+        self.hash = hash
+        self.domains = domains
+        self.label = label
+        self.createdAt = createdAt
+    }
+}
+
+/// One change (or refused attempt) made through the provisioning API.
+public struct AuditEntry: Sendable, Hashable {
+    /// Milliseconds since 1970.
+    public var at: Int64
+    /// The token used; nil when none was valid.
+    public var tokenID: String?
+    /// `domain.add`, `account.create`, `auth.refused`, …
+    public var action: String
+    /// The domain, account or path acted on.
+    public var target: String
+    /// `ok`, `refused`, `conflict`, `not-found`, …
+    public var outcome: String
+    public var detail: String
+
+    public init(at: Int64, tokenID: String?, action: String, target: String, outcome: String, detail: String = "") {
+        self.at = at
+        self.tokenID = tokenID
+        self.action = action
+        self.target = target
+        self.outcome = outcome
+        self.detail = detail
+    }
+
+    /// Whether the entry concerns `domain` (itself, an account or a service of it).
+    public func concerns(_ domain: String) -> Bool {
+        target == domain || target.hasSuffix("@\(domain)") || target.hasSuffix(".\(domain)")
+    }
+}
+
 /// A persistent group-chat room as stored.
 public struct StoredRoom: Sendable, Hashable {
     /// The bare room JID (`room@conference.customer.example`).
@@ -445,6 +513,8 @@ public enum StorageError: Error, Sendable, Hashable {
     case notAnAccount
     /// An id named in a query (an archive page's `after` or `before`) is not there.
     case itemNotFound
+    /// An API token with that id or hash exists already.
+    case tokenExists
 }
 
 /// How often an append checks the archive's quota (on appends whose row id is a multiple of

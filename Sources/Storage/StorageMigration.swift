@@ -53,6 +53,12 @@ public enum StorageMigration {
         Table(name: "account_store", columns: [
             ("user_jid", .text), ("store", .text), ("entry_key", .text), ("value", .text), ("seq", .integer), ("updated_at", .integer),
         ], key: ["user_jid", "store", "entry_key"]),
+        Table(name: "api_tokens", columns: [
+            ("id", .text), ("token_hash", .text), ("scope", .optionalText), ("label", .text), ("created_at", .integer),
+        ], key: ["id"]),
+        Table(name: "audit_log", columns: [
+            ("id", .integer), ("at", .integer), ("token_id", .optionalText), ("action", .text), ("target", .text), ("outcome", .text), ("detail", .text),
+        ], key: ["id"], overridingIdentity: true),
     ]
 
     public struct Count: Sendable, Equatable, CustomStringConvertible {

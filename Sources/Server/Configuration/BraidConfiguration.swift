@@ -46,6 +46,8 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
     public var registration = RegistrationSettings()
     /// HTTP file upload (XEP-0363) at `upload.DOMAIN`.
     public var upload = UploadSettings()
+    /// The provisioning API for control panels (docs/provisioning-api.md).
+    public var provisioning = ProvisioningSettings()
 
     public init() {}
 
@@ -60,6 +62,7 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
         case push
         case externalServices = "external_services"
         case blocking, registration, upload
+        case provisioning
     }
 
     /// HTTP file upload (`upload`, XEP-0363): slots at `upload.DOMAIN`, files served by the

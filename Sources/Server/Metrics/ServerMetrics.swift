@@ -63,6 +63,12 @@ public struct ServerMetrics: Sendable {
         pepRateLimited = Counter(label: "braid_pep_rate_limited_total", factory: registry)
     }
 
+    /// Provisioning API requests by action (`domain.add`, …) and outcome (`ok`,
+    /// `unauthenticated`, `forbidden`, `not-found`, `conflict`, `bad-request`, …).
+    func provisioning(action: String, outcome: String) {
+        Counter(label: "braid_provisioning_requests_total", dimensions: [("action", action), ("outcome", outcome)], factory: registry).increment()
+    }
+
     /// In-band registration attempts by outcome: created, conflict, refused, rate-limited, failed.
     func registrations(_ outcome: String) {
         Counter(label: "braid_registrations_total", dimensions: [("outcome", outcome)], factory: registry).increment()

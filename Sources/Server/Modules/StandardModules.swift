@@ -12,6 +12,7 @@ public enum StandardModules {
                 MAMModule(settings: configuration.mam), PushModule(settings: configuration.push),
                 ExternalServicesModule(settings: configuration.externalServices),
                 UploadModule(configuration: configuration),
+                ProvisioningModule(settings: configuration.provisioning),
                 pep]
     }
 }

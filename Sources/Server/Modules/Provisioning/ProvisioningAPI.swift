@@ -1,0 +1,397 @@
+import Foundation
+import HTTPTypes
+import Hummingbird
+import Logging
+import NIOCore
+import Storage
+import XMPPCore
+
+/// The provisioning API on the HTTPS listener (`/api/v1/…`, described in
+/// docs/provisioning-api.yaml): what a hosting provider's control panel calls to add
+/// customers' domains and accounts.
+///
+/// Every request carries `Authorization: Bearer braid_…`. A provider-wide token may do
+/// everything; a token scoped to domains may manage only those domains' accounts, and sees
+/// nothing else: another domain answers 404 exactly as a domain not hosted at all, so a
+/// customer cannot learn who else is hosted. Every change, and every refused attempt, is
+/// written to the audit log with the token's id.
+struct ProvisioningAPI: Sendable {
+    static let prefix = "/api/v1"
+
+    let server: ServerContext
+    let settings: BraidConfiguration.ProvisioningSettings
+
+    private var storage: any Storage { server.storage }
+    private var logger: Logger { server.logger }
+
+    /// Who is calling.
+    struct Caller: Sendable {
+        let tokenID: String
+        /// Nil: provider-wide.
+        let domains: Set<String>?
+
+        var isProvider: Bool { domains == nil }
+
+        func mayManage(_ domain: String) -> Bool {
+            domains?.contains(domain) ?? true
+        }
+    }
+
+    /// A refusal or failure, as the JSON body and status it gets.
+    struct Failure: Error {
+        let status: HTTPResponse.Status
+        let code: String
+        let message: String
+    }
+
+    func install(on router: Hummingbird.Router<BasicRequestContext>) {
+        let p = Self.prefix
+        router.get("\(p)/domains") { request, _ in await handle(request, "domain.list") { caller in try await listDomains(caller) } }
+        router.get("\(p)/domains/:domain") { request, context in
+            await handle(request, "domain.read", target: context.parameters.get("domain")) { caller in try await readDomain(caller, context.parameters.get("domain")) }
+        }
+        router.put("\(p)/domains/:domain") { request, context in
+            await handle(request, "domain.add", target: context.parameters.get("domain"), audited: true) { caller in try await addDomain(caller, context.parameters.get("domain")) }
+        }
+        router.delete("\(p)/domains/:domain") { request, context in
+            await handle(request, "domain.remove", target: context.parameters.get("domain"), audited: true) { caller in try await removeDomain(caller, context.parameters.get("domain")) }
+        }
+        router.get("\(p)/domains/:domain/accounts") { request, context in
+            await handle(request, "account.list", target: context.parameters.get("domain")) { caller in try await listAccounts(caller, context.parameters.get("domain")) }
+        }
+        router.post("\(p)/domains/:domain/accounts") { request, context in
+            await handle(request, "account.create", target: context.parameters.get("domain"), audited: true) { caller in
+                try await createAccount(caller, context.parameters.get("domain"), body: try await json(request, AccountCreation.self))
+            }
+        }
+        router.put("\(p)/domains/:domain/accounts/:user/password") { request, context in
+            let target = account(context.parameters.get("user"), context.parameters.get("domain"))
+            return await handle(request, "account.password", target: target, audited: true) { caller in
+                try await setPassword(caller, context.parameters.get("domain"), context.parameters.get("user"), body: try await json(request, PasswordChange.self))
+            }
+        }
+        router.delete("\(p)/domains/:domain/accounts/:user") { request, context in
+            let target = account(context.parameters.get("user"), context.parameters.get("domain"))
+            return await handle(request, "account.remove", target: target, audited: true) { caller in
+                try await removeAccount(caller, context.parameters.get("domain"), context.parameters.get("user"))
+            }
+        }
+        router.get("\(p)/links") { request, _ in await handle(request, "link.list") { caller in try await listLinks(caller) } }
+        router.get("\(p)/audit") { request, _ in
+            await handle(request, "audit.read") { caller in try await readAudit(caller, limit: request.uri.queryParameters.get("limit").flatMap { Int($0) } ?? 100) }
+        }
+    }
+
+    // MARK: Request handling
+
+    /// Authenticates, runs `body`, writes the audit entry, and turns the outcome into JSON.
+    private func handle(_ request: Request, _ action: String, target: String? = nil, audited: Bool = false,
+                        _ body: (Caller) async throws -> (HTTPResponse.Status, JSONValue?)) async -> Response {
+        let target = target ?? request.uri.path
+        let caller: Caller
+        do {
+            caller = try await authenticate(request)
+        } catch let failure as Failure {
+            server.metrics.provisioning(action: action, outcome: "unauthenticated")
+            logger.notice("provisioning API: refused", metadata: ["action": "\(action)", "target": "\(target)", "reason": "\(failure.message)"])
+            await audit(AuditEntry(at: Self.now(), tokenID: nil, action: action, target: target, outcome: "unauthenticated", detail: failure.message))
+            return Self.response(failure)
+        } catch {
+            return Self.response(Failure(status: .serviceUnavailable, code: "unavailable", message: "storage unavailable"))
+        }
+        do {
+            let (status, value) = try await body(caller)
+            server.metrics.provisioning(action: action, outcome: "ok")
+            if audited {
+                await audit(AuditEntry(at: Self.now(), tokenID: caller.tokenID, action: action, target: target, outcome: status == .ok ? "unchanged" : "ok"))
+            }
+            return Self.response(status, value)
+        } catch let failure as Failure {
+            server.metrics.provisioning(action: action, outcome: failure.code)
+            logger.info("provisioning API: \(action) refused", metadata: ["token": "\(caller.tokenID)", "target": "\(target)", "reason": "\(failure.message)"])
+            // Refusals of changes, and reads out of scope, are audited.
+            if audited || failure.status == .forbidden {
+                await audit(AuditEntry(at: Self.now(), tokenID: caller.tokenID, action: action, target: target, outcome: failure.code, detail: failure.message))
+            }
+            return Self.response(failure)
+        } catch {
+            server.metrics.provisioning(action: action, outcome: "failed")
+            logger.error("provisioning API: \(action) failed", metadata: ["token": "\(caller.tokenID)", "target": "\(target)", "error": "\(error)"])
+            if audited {
+                await audit(AuditEntry(at: Self.now(), tokenID: caller.tokenID, action: action, target: target, outcome: "failed", detail: "\(error)"))
+            }
+            return Self.response(Failure(status: .internalServerError, code: "failed", message: "the operation failed; see the server's log"))
+        }
+    }
+
+    private func authenticate(_ request: Request) async throws -> Caller {
+        guard let header = request.headers[.authorization], header.lowercased().hasPrefix("bearer ") else {
+            throw Failure(status: .unauthorized, code: "unauthenticated", message: "an Authorization: Bearer token is required")
+        }
+        let presented = String(header.dropFirst(7)).trimmingCharacters(in: .whitespaces)
+        guard let token = ProvisioningTokens.match(presented, in: try await storage.apiTokens()) else {
+            throw Failure(status: .unauthorized, code: "unauthenticated", message: "unknown or revoked token")
+        }
+        return Caller(tokenID: token.id, domains: token.domains.map(Set.init))
+    }
+
+    private func audit(_ entry: AuditEntry) async {
+        do {
+            try await storage.appendAuditEntry(entry)
+        } catch {
+            logger.error("provisioning API: the audit entry could not be written", metadata: ["action": "\(entry.action)", "target": "\(entry.target)", "error": "\(error)"])
+        }
+    }
+
+    private func json<Body: Decodable>(_ request: Request, _ type: Body.Type) async throws -> Body {
+        let limit = max(1, settings.maxBodyBytes)
+        if let length = request.headers[.contentLength].flatMap({ Int($0) }), length > limit {
+            throw Failure(status: .contentTooLarge, code: "too-large", message: "the body is larger than \(limit) bytes")
+        }
+        let buffer: ByteBuffer
+        do {
+            buffer = try await request.body.collect(upTo: limit)
+        } catch {
+            throw Failure(status: .contentTooLarge, code: "too-large", message: "the body is larger than \(limit) bytes")
+        }
+        do {
+            return try JSONDecoder().decode(Body.self, from: Data(buffer.readableBytesView))
+        } catch {
+            throw Failure(status: .badRequest, code: "bad-request", message: "the body is not the JSON expected")
+        }
+    }
+
+    // MARK: Domains
+
+    /// A canonical domain the caller may see; out of scope reads as not found.
+    private func visibleDomain(_ caller: Caller, _ raw: String?, mustBeHosted: Bool = true) throws -> String {
+        guard let raw, let domain = try? JID(domain: raw).domainpart else {
+            throw Failure(status: .badRequest, code: "bad-request", message: "not a domain name")
+        }
+        guard caller.mayManage(domain), !mustBeHosted || server.domains.isHosted(domain) else {
+            throw Failure(status: .notFound, code: "not-found", message: "no such domain")
+        }
+        return domain
+    }
+
+    private func describe(_ domain: String) -> JSONValue {
+        .object([
+            "name": .string(domain),
+            "services": .array(server.domains.serviceLabels.sorted().map { .string("\($0).\(domain)") }),
+        ])
+    }
+
+    private func listDomains(_ caller: Caller) async throws -> (HTTPResponse.Status, JSONValue?) {
+        let hosted = try await storage.domains().map(\.name).filter(caller.mayManage)
+        return (.ok, .object(["domains": .array(hosted.map(describe))]))
+    }
+
+    private func readDomain(_ caller: Caller, _ raw: String?) async throws -> (HTTPResponse.Status, JSONValue?) {
+        let domain = try visibleDomain(caller, raw)
+        guard case .object(var fields) = describe(domain) else { return (.ok, describe(domain)) }
+        fields["accounts"] = .number(Double(try await storage.users(in: domain).count))
+        return (.ok, .object(fields))
+    }
+
+    private func addDomain(_ caller: Caller, _ raw: String?) async throws -> (HTTPResponse.Status, JSONValue?) {
+        guard caller.isProvider else {
+            throw Failure(status: .forbidden, code: "forbidden", message: "only a provider-wide token adds domains")
+        }
+        let domain = try visibleDomain(caller, raw, mustBeHosted: false)
+        guard server.domains.served(domain).map({ if case .service = $0 { return false } else { return true } }) ?? true else {
+            throw Failure(status: .conflict, code: "conflict", message: "\(domain) is a service domain of a hosted domain")
+        }
+        let added = try await storage.addDomain(domain)
+        logger.notice("provisioning API: domain added", metadata: ["domain": "\(domain)", "token": "\(caller.tokenID)", "new": "\(added)"])
+        // Served within a second (the domain poller, or LISTEN/NOTIFY on PostgreSQL).
+        return (added ? .created : .ok, describe(domain))
+    }
+
+    private func removeDomain(_ caller: Caller, _ raw: String?) async throws -> (HTTPResponse.Status, JSONValue?) {
+        guard caller.isProvider else {
+            throw Failure(status: .forbidden, code: "forbidden", message: "only a provider-wide token removes domains")
+        }
+        let domain = try visibleDomain(caller, raw, mustBeHosted: false)
+        guard try await storage.removeDomain(domain) else {
+            throw Failure(status: .notFound, code: "not-found", message: "no such domain")
+        }
+        logger.notice("provisioning API: domain removed", metadata: ["domain": "\(domain)", "token": "\(caller.tokenID)"])
+        return (.noContent, nil)
+    }
+
+    // MARK: Accounts
+
+    struct AccountCreation: Decodable {
+        var username: String
+        var password: String
+    }
+
+    struct PasswordChange: Decodable {
+        var password: String
+    }
+
+    private func account(_ user: String?, _ domain: String?) -> String {
+        "\(user ?? "")@\(domain ?? "")"
+    }
+
+    private func accountJID(_ domain: String, _ user: String?) throws -> JID {
+        guard let user, let jid = try? JID(localpart: user, domainpart: domain, resourcepart: Optional<String>.none) else {
+            throw Failure(status: .badRequest, code: "bad-request", message: "not a valid user name")
+        }
+        return jid
+    }
+
+    private func credentials(_ password: String) throws -> StoredCredentials {
+        guard password.count >= settings.minimumPasswordLength else {
+            throw Failure(status: .badRequest, code: "bad-request", message: "the password needs at least \(settings.minimumPasswordLength) characters")
+        }
+        do {
+            return try PasswordChangeModule.credentials(password: password, iterations: server.configuration.auth.scramIterations)
+        } catch {
+            throw Failure(status: .badRequest, code: "bad-request", message: "the password cannot be used (\(error))")
+        }
+    }
+
+    private func listAccounts(_ caller: Caller, _ raw: String?) async throws -> (HTTPResponse.Status, JSONValue?) {
+        let domain = try visibleDomain(caller, raw)
+        let users = try await storage.users(in: domain).map(\.description).sorted()
+        return (.ok, .object(["accounts": .array(users.map(JSONValue.string))]))
+    }
+
+    private func createAccount(_ caller: Caller, _ raw: String?, body: AccountCreation) async throws -> (HTTPResponse.Status, JSONValue?) {
+        let domain = try visibleDomain(caller, raw)
+        let jid = try accountJID(domain, body.username)
+        do {
+            try await storage.createUser(jid, credentials: try credentials(body.password))
+        } catch StorageError.userExists {
+            throw Failure(status: .conflict, code: "conflict", message: "\(jid) exists")
+        } catch StorageError.unknownDomain {
+            throw Failure(status: .notFound, code: "not-found", message: "no such domain")
+        }
+        logger.notice("provisioning API: account created", metadata: ["account": "\(jid)", "token": "\(caller.tokenID)"])
+        return (.created, .object(["jid": .string(jid.description)]))
+    }
+
+    private func setPassword(_ caller: Caller, _ raw: String?, _ user: String?, body: PasswordChange) async throws -> (HTTPResponse.Status, JSONValue?) {
+        let domain = try visibleDomain(caller, raw)
+        let jid = try accountJID(domain, user)
+        do {
+            try await storage.setCredentials(jid, credentials: try credentials(body.password))
+        } catch StorageError.userNotFound {
+            throw Failure(status: .notFound, code: "not-found", message: "no such account")
+        }
+        return (.noContent, nil)
+    }
+
+    private func removeAccount(_ caller: Caller, _ raw: String?, _ user: String?) async throws -> (HTTPResponse.Status, JSONValue?) {
+        let domain = try visibleDomain(caller, raw)
+        let jid = try accountJID(domain, user)
+        guard try await storage.removeUser(jid) else {
+            throw Failure(status: .notFound, code: "not-found", message: "no such account")
+        }
+        logger.notice("provisioning API: account removed", metadata: ["account": "\(jid)", "token": "\(caller.tokenID)"])
+        return (.noContent, nil)
+    }
+
+    // MARK: Links and audit
+
+    private func listLinks(_ caller: Caller) async throws -> (HTTPResponse.Status, JSONValue?) {
+        guard caller.isProvider else {
+            throw Failure(status: .forbidden, code: "forbidden", message: "only a provider-wide token reads the federation links")
+        }
+        let links = await server.federationLinks()
+        return (.ok, .object(["links": .array(links.filter { !$0.closed }.map { link in
+            .object([
+                "id": .string(link.id), "origin": .string(link.origin.rawValue), "peer_address": .string(link.peerAddress),
+                "bidirectional": .bool(link.bidirectional), "stanzas_sent": .number(Double(link.stanzasSent)),
+                "stanzas_received": .number(Double(link.stanzasReceived)),
+                "pairs": .array(link.pairs.map { pair in
+                    .object(["local": .string(pair.pair.local), "remote": .string(pair.pair.remote),
+                             "direction": .string(pair.direction.rawValue), "method": .string(pair.method.rawValue)])
+                }),
+            ])
+        })]))
+    }
+
+    private func readAudit(_ caller: Caller, limit: Int) async throws -> (HTTPResponse.Status, JSONValue?) {
+        let bounded = max(1, min(limit, 1000))
+        var entries: [AuditEntry]
+        if let domains = caller.domains {
+            entries = []
+            for domain in domains.sorted() { entries += try await storage.auditEntries(limit: bounded, domain: domain) }
+            entries = Array(entries.sorted { $0.at > $1.at }.prefix(bounded))
+        } else {
+            entries = try await storage.auditEntries(limit: bounded, domain: nil)
+        }
+        return (.ok, .object(["entries": .array(entries.map { entry in
+            .object(["at": .number(Double(entry.at)), "token": entry.tokenID.map(JSONValue.string) ?? .null, "action": .string(entry.action),
+                     "target": .string(entry.target), "outcome": .string(entry.outcome), "detail": .string(entry.detail)])
+        })]))
+    }
+
+    // MARK: Responses
+
+    static func now() -> Int64 { Int64(Date().timeIntervalSince1970 * 1000) }
+
+    static func response(_ status: HTTPResponse.Status, _ value: JSONValue?) -> Response {
+        guard let value else {
+            return Response(status: status, headers: headers([("Content-Length", "0"), ("Cache-Control", "no-store")]))
+        }
+        let bytes = Array(value.serialized.utf8)
+        return Response(status: status, headers: headers([("Content-Type", "application/json"), ("Content-Length", "\(bytes.count)"), ("Cache-Control", "no-store")]),
+                        body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
+    }
+
+    static func response(_ failure: Failure) -> Response {
+        var response = response(failure.status, .object(["error": .string(failure.code), "message": .string(failure.message)]))
+        if failure.status == .unauthorized {
+            response.headers[.wwwAuthenticate] = "Bearer realm=\"braid\""
+        }
+        return response
+    }
+
+    static func headers(_ pairs: [(String, String)]) -> HTTPFields {
+        var fields = HTTPFields()
+        for (name, value) in pairs {
+            if let name = HTTPField.Name(name) { fields.append(HTTPField(name: name, value: value)) }
+        }
+        return fields
+    }
+}
+
+/// Enough JSON to answer with, written in a stable key order.
+enum JSONValue: Sendable, Equatable {
+    case string(String), number(Double), bool(Bool), null
+    case array([JSONValue])
+    case object([String: JSONValue])
+
+    var serialized: String {
+        switch self {
+        case .string(let text): return Self.quote(text)
+        case .number(let number): return number == number.rounded() && abs(number) < 1e15 ? String(Int64(number)) : String(number)
+        case .bool(let value): return value ? "true" : "false"
+        case .null: return "null"
+        case .array(let items): return "[" + items.map(\.serialized).joined(separator: ",") + "]"
+        case .object(let fields): return "{" + fields.sorted { $0.key < $1.key }.map { Self.quote($0.key) + ":" + $0.value.serialized }.joined(separator: ",") + "}"
+        }
+    }
+
+    private static func quote(_ text: String) -> String {
+        var out = "\""
+        for scalar in text.unicodeScalars {
+            switch scalar {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            case "<": out += "\\u003c"  // safe to embed in HTML
+            case ">": out += "\\u003e"
+            case "&": out += "\\u0026"
+            default:
+                if scalar.value < 0x20 { out += String(format: "\\u%04x", scalar.value) } else { out.unicodeScalars.append(scalar) }
+            }
+        }
+        return out + "\""
+    }
+}

@@ -1,0 +1,15 @@
+/// The provisioning API as a module: its routes on the HTTPS listener, nothing on the XMPP
+/// side. Its store (tokens, audit log) is the storage protocol's, as every backend keeps it.
+struct ProvisioningModule: BraidModule {
+    let settings: BraidConfiguration.ProvisioningSettings
+
+    var name: String { "provisioning" }
+
+    func register(in builder: inout ModuleBuilder) {
+        guard settings.enabled else { return }
+        let settings = self.settings
+        builder.onHTTP { router, server in
+            ProvisioningAPI(server: server, settings: settings).install(on: router)
+        }
+    }
+}

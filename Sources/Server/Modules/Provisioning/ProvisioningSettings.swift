@@ -1,0 +1,21 @@
+extension BraidConfiguration {
+    /// The provisioning API (`provisioning`) on the HTTPS listener: `/api/v1/…` for a
+    /// provider's control panel, with bearer tokens from `braid api token add`
+    /// (docs/provisioning-api.md). Without a token nothing is accessible, so it is on by
+    /// default.
+    public struct ProvisioningSettings: Codable, Sendable, Equatable {
+        public var enabled = true
+        /// The largest request body accepted (413 beyond).
+        public var maxBodyBytes = 64 * 1024
+        /// The shortest password an account created or changed through the API may have.
+        public var minimumPasswordLength = 8
+
+        public init() {}
+
+        enum CodingKeys: String, CodingKey {
+            case enabled
+            case maxBodyBytes = "max_body_bytes"
+            case minimumPasswordLength = "minimum_password_length"
+        }
+    }
+}

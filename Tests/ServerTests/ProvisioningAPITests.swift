@@ -1,0 +1,251 @@
+import AsyncHTTPClient
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOSSL
+import Storage
+import Testing
+import TestSupport
+import XMPPCore
+@testable import Server
+
+/// The provisioning API over the real HTTPS listener, with tokens made as `braid api token
+/// add` makes them.
+@Suite("Provisioning API")
+struct ProvisioningAPITests {
+    struct Answer {
+        var status: HTTPResponseStatus
+        var headers: HTTPHeaders
+        var json: [String: Any]
+        var body: String
+    }
+
+    /// One API client against a running server.
+    struct API {
+        let http: HTTPClient
+        let base: String
+
+        func call(_ method: HTTPMethod, _ path: String, token: String?, body: String? = nil, headers: [(String, String)] = []) async throws -> Answer {
+            var request = HTTPClientRequest(url: base + path)
+            request.method = method
+            if let token { request.headers.add(name: "Authorization", value: "Bearer \(token)") }
+            for (name, value) in headers { request.headers.add(name: name, value: value) }
+            if let body {
+                request.headers.add(name: "Content-Type", value: "application/json")
+                request.body = .bytes(ByteBuffer(string: body))
+            }
+            let response = try await http.execute(request, timeout: .seconds(30))
+            let bytes = try await response.body.collect(upTo: 1024 * 1024)
+            let text = String(buffer: bytes)
+            let json = (try? JSONSerialization.jsonObject(with: Data(text.utf8))) as? [String: Any] ?? [:]
+            return Answer(status: response.status, headers: response.headers, json: json, body: text)
+        }
+    }
+
+    func withAPI(_ body: (TestServer, API) async throws -> Void) async throws {
+        try await withServer(domains: ["a.example", "b.example"], users: ["alice@a.example", "bob@b.example"]) { server in
+            let port = try #require(server.server.adminPorts.posh)
+            var tls = TLSConfiguration.makeClientConfiguration()
+            // The test server's certificates are self-signed.
+            tls.certificateVerification = .none
+            let http = HTTPClient(eventLoopGroupProvider: .shared(server.group), configuration: .init(tlsConfiguration: tls))
+            do {
+                try await body(server, API(http: http, base: "https://127.0.0.1:\(port)/api/v1"))
+            } catch {
+                try? await http.shutdown()
+                throw error
+            }
+            try await http.shutdown()
+        }
+    }
+
+    /// A token stored the way the CLI stores it.
+    func token(_ server: TestServer, domains: [String]?, label: String = "test") async throws -> (token: String, id: String) {
+        let (token, stored) = ProvisioningTokens.mint(domains: domains, label: label)
+        try await server.context.storage.addAPIToken(stored)
+        return (token, stored.id)
+    }
+
+    @Test("Without a valid token every route answers 401 with WWW-Authenticate, and the attempt is audited")
+    func unauthenticated() async throws {
+        try await withAPI { server, api in
+            let (valid, _) = try await token(server, domains: nil)
+            // A well-formed token whose secret is wrong, one with an unknown id, garbage, none.
+            let wrongSecret = String(valid.dropLast()) + (valid.hasSuffix("A") ? "B" : "A")
+            let (unknown, _) = ProvisioningTokens.mint(domains: nil, label: "never stored")
+            for presented in [nil, "garbage", unknown, wrongSecret] {
+                let answer = try await api.call(.GET, "/domains", token: presented)
+                #expect(answer.status == .unauthorized, "\(presented ?? "none")")
+                #expect(answer.headers["WWW-Authenticate"].first?.hasPrefix("Bearer") == true)
+                #expect(answer.json["error"] as? String == "unauthenticated")
+            }
+            let put = try await api.call(.PUT, "/domains/evil.example", token: wrongSecret)
+            #expect(put.status == .unauthorized)
+            #expect(try await server.context.storage.domains().map(\.name) == ["a.example", "b.example"])
+            let audit = try await server.context.storage.auditEntries(limit: 10, domain: nil)
+            #expect(audit.count == 5)
+            #expect(audit.allSatisfy { $0.outcome == "unauthenticated" && $0.tokenID == nil })
+            #expect(audit.first?.action == "domain.add" && audit.first?.target == "evil.example")
+            #expect(server.metrics.counterValue("braid_provisioning_requests_total", [("action", "domain.list"), ("outcome", "unauthenticated")]) == 4)
+        }
+    }
+
+    @Test("A provider token adds a domain, which is served within seconds; accounts created, changed and removed through the API log in as the API says")
+    func providerLifecycle() async throws {
+        try await withAPI { server, api in
+            let (provider, providerID) = try await token(server, domains: nil)
+            let added = try await api.call(.PUT, "/domains/Customer.Example", token: provider)
+            #expect(added.status == .created)
+            #expect(added.json["name"] as? String == "customer.example")
+            #expect((added.json["services"] as? [String])?.contains("conference.customer.example") == true)
+            #expect(try await api.call(.PUT, "/domains/customer.example", token: provider).status == .ok, "adding again changes nothing")
+            try await waitUntil(timeout: .seconds(10), "the new domain served") { server.context.domains.isHosted("customer.example") }
+
+            let created = try await api.call(.POST, "/domains/customer.example/accounts", token: provider, body: #"{"username": "Juliet", "password": "balcony-1"}"#)
+            #expect(created.status == .created)
+            #expect(created.json["jid"] as? String == "juliet@customer.example")
+            #expect(try await api.call(.POST, "/domains/customer.example/accounts", token: provider, body: #"{"username": "juliet", "password": "balcony-2"}"#).status == .conflict)
+            #expect(try await api.call(.POST, "/domains/customer.example/accounts", token: provider, body: #"{"username": "romeo", "password": "short"}"#).status == .badRequest)
+            #expect(try await api.call(.POST, "/domains/customer.example/accounts", token: provider, body: #"{"username": "romeo"#).status == .badRequest)
+            #expect(try await api.call(.POST, "/domains/customer.example/accounts", token: provider, body: #"{"username": "a b@c", "password": "long enough"}"#).status == .badRequest)
+            let listed = try await api.call(.GET, "/domains/customer.example/accounts", token: provider)
+            #expect(listed.json["accounts"] as? [String] == ["juliet@customer.example"])
+            #expect(try await api.call(.GET, "/domains/customer.example", token: provider).json["accounts"] as? Int == 1)
+
+            // The account logs in with the password the API set, then with the changed one.
+            let client = try await server.client()
+            _ = try await client.login(domain: "customer.example", username: "juliet", password: "balcony-1")
+            await client.close()
+            #expect(try await api.call(.PUT, "/domains/customer.example/accounts/juliet/password", token: provider, body: #"{"password": "nightingale"}"#).status == .noContent)
+            #expect(try await api.call(.PUT, "/domains/customer.example/accounts/nobody/password", token: provider, body: #"{"password": "nightingale"}"#).status == .notFound)
+            let again = try await server.client()
+            _ = try await again.login(domain: "customer.example", username: "juliet", password: "nightingale")
+            await again.close()
+
+            #expect(try await api.call(.DELETE, "/domains/customer.example/accounts/juliet", token: provider).status == .noContent)
+            #expect(try await api.call(.DELETE, "/domains/customer.example/accounts/juliet", token: provider).status == .notFound)
+            #expect(try await api.call(.GET, "/links", token: provider).status == .ok)
+            #expect(try await api.call(.DELETE, "/domains/customer.example", token: provider).status == .noContent)
+            #expect(try await api.call(.DELETE, "/domains/customer.example", token: provider).status == .notFound)
+            try await waitUntil(timeout: .seconds(10), "the domain gone") { !server.context.domains.isHosted("customer.example") }
+
+            // Every change is in the audit log, newest first, with the token's id.
+            let audit = try await api.call(.GET, "/audit?limit=100", token: provider)
+            let entries = try #require(audit.json["entries"] as? [[String: Any]])
+            let actions = entries.compactMap { entry -> String? in
+                guard entry["token"] as? String == providerID else { return nil }
+                return "\(entry["action"] ?? "") \(entry["target"] ?? "") \(entry["outcome"] ?? "")"
+            }
+            #expect(actions.reversed() == [
+                "domain.add Customer.Example ok", "domain.add customer.example unchanged",
+                "account.create customer.example ok", "account.create customer.example conflict",
+                "account.create customer.example bad-request", "account.create customer.example bad-request",
+                "account.create customer.example bad-request",
+                "account.password juliet@customer.example ok", "account.password nobody@customer.example not-found",
+                "account.remove juliet@customer.example ok", "account.remove juliet@customer.example not-found",
+                "domain.remove customer.example ok", "domain.remove customer.example not-found",
+            ])
+        }
+    }
+
+    @Test("A token scoped to one domain manages its accounts only, cannot tell other domains from absent ones, and sees only its own audit entries")
+    func scopedToken() async throws {
+        try await withAPI { server, api in
+            let (customer, customerID) = try await token(server, domains: ["a.example"], label: "customer A")
+            let domains = try await api.call(.GET, "/domains", token: customer)
+            #expect((domains.json["domains"] as? [[String: Any]])?.compactMap { $0["name"] as? String } == ["a.example"])
+
+            // Another customer's domain answers exactly as a domain nobody hosts.
+            let other = try await api.call(.GET, "/domains/b.example/accounts", token: customer)
+            let absent = try await api.call(.GET, "/domains/nobody.example/accounts", token: customer)
+            #expect(other.status == .notFound)
+            #expect(other.body == absent.body)
+            let foreign = try await api.call(.POST, "/domains/b.example/accounts", token: customer, body: #"{"username": "mallory", "password": "long enough"}"#)
+            #expect(foreign.status == .notFound)
+            #expect(try await server.context.storage.userExists(try JID("mallory@b.example")) == false)
+
+            // Provider-wide operations are refused.
+            #expect(try await api.call(.PUT, "/domains/new.example", token: customer).status == .forbidden)
+            #expect(try await api.call(.DELETE, "/domains/a.example", token: customer).status == .forbidden)
+            #expect(try await api.call(.GET, "/links", token: customer).status == .forbidden)
+            #expect(try await server.context.storage.domains().map(\.name) == ["a.example", "b.example"])
+
+            // Its own domain works.
+            #expect(try await api.call(.POST, "/domains/a.example/accounts", token: customer, body: #"{"username": "dave", "password": "long enough"}"#).status == .created)
+            #expect(try await api.call(.GET, "/domains/a.example/accounts", token: customer).json["accounts"] as? [String] == ["alice@a.example", "dave@a.example"])
+
+            // A provider's change to b.example is not in the customer's audit view.
+            let (provider, _) = try await token(server, domains: nil)
+            #expect(try await api.call(.POST, "/domains/b.example/accounts", token: provider, body: #"{"username": "erin", "password": "long enough"}"#).status == .created)
+            let audit = try #require(try await api.call(.GET, "/audit", token: customer).json["entries"] as? [[String: Any]])
+            #expect(audit.allSatisfy { ($0["target"] as? String).map { $0 == "a.example" || $0.hasSuffix("@a.example") } == true }, "\(audit)")
+            #expect(audit.contains { $0["action"] as? String == "account.create" && $0["token"] as? String == customerID })
+            // The refused attempts on b.example were audited (for the provider to see).
+            let all = try await server.context.storage.auditEntries(limit: 100, domain: "b.example")
+            #expect(all.contains { $0.tokenID == customerID && $0.action == "account.create" && $0.outcome == "not-found" })
+            #expect(try await server.context.storage.auditEntries(limit: 100, domain: "new.example").contains { $0.tokenID == customerID && $0.outcome == "forbidden" })
+        }
+    }
+
+    @Test("Bodies beyond provisioning.max_body_bytes are refused with 413 before they are read whole")
+    func bodyLimit() async throws {
+        try await withAPI { server, api in
+            let (provider, _) = try await token(server, domains: nil)
+            let big = #"{"username": "x", "password": ""# + String(repeating: "p", count: 70_000) + #""}"#
+            let answer = try await api.call(.POST, "/domains/a.example/accounts", token: provider, body: big)
+            #expect(answer.status.code == 413)
+            #expect(try await server.context.storage.userExists(try JID("x@a.example")) == false)
+        }
+    }
+
+    /// The (method, path) of every operation docs/provisioning-api.yaml describes, read
+    /// from its `paths` section (two-space path keys, four-space method keys).
+    static func documentedOperations() throws -> [(method: String, path: String)] {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let text = try String(contentsOf: root.appendingPathComponent("docs/provisioning-api.yaml"), encoding: .utf8)
+        var operations: [(String, String)] = []
+        var inPaths = false
+        var path: String?
+        for line in text.split(separator: "\n", omittingEmptySubsequences: false) {
+            if line == "paths:" { inPaths = true; continue }
+            if inPaths, let first = line.first, first != " " { break }
+            guard inPaths else { continue }
+            if line.hasPrefix("  /"), line.hasSuffix(":"), !line.hasPrefix("   ") {
+                path = String(line.dropFirst(2).dropLast())
+            } else if let path, line.hasPrefix("    "), !line.hasPrefix("     "),
+                      let method = ["get", "put", "post", "delete"].first(where: { line == "    \($0):" }) {
+                operations.append((method.uppercased(), path))
+            }
+        }
+        return operations
+    }
+
+    @Test("Every operation docs/provisioning-api.yaml describes is served (401 without a token), and nothing else under /api/v1 is")
+    func documentMatchesRoutes() async throws {
+        let operations = try Self.documentedOperations()
+        #expect(operations.count == 10)
+        try await withAPI { _, api in
+            for (method, path) in operations {
+                let concrete = path.replacingOccurrences(of: "{domain}", with: "a.example").replacingOccurrences(of: "{user}", with: "alice")
+                let answer = try await api.call(HTTPMethod(rawValue: method), concrete, token: nil, body: method == "GET" || method == "DELETE" ? nil : "{}")
+                #expect(answer.status == .unauthorized, "\(method) \(path)")
+            }
+            #expect(try await api.call(.GET, "/nothing-here", token: nil).status == .notFound)
+            #expect(try await api.call(.PATCH, "/domains/a.example", token: nil).status != .unauthorized)
+        }
+    }
+
+    @Test("Tokens: the secret is not stored, only its SHA-256; a token matches only itself")
+    func tokens() {
+        let (token, stored) = ProvisioningTokens.mint(domains: ["a.example"], label: "l")
+        #expect(token.hasPrefix("braid_"))
+        #expect(!stored.hash.contains(String(token.split(separator: ".").last ?? "")))
+        #expect(stored.hash == ProvisioningTokens.hash(token))
+        #expect(ProvisioningTokens.id(of: token) == stored.id)
+        #expect(ProvisioningTokens.match(token, in: [stored]) == stored)
+        let (other, otherStored) = ProvisioningTokens.mint(domains: nil, label: "m")
+        #expect(ProvisioningTokens.match(other, in: [stored]) == nil)
+        #expect(ProvisioningTokens.match(token, in: [otherStored]) == nil)
+        #expect(ProvisioningTokens.id(of: "braid_short.secret") == nil)
+    }
+}
