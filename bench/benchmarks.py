@@ -8,11 +8,12 @@
     sudo bench/run --only web      some scenarios: they replace their sections in the existing
                                    report of the same mode (full or smoke) in --out, the others
                                    are kept; the run's machine facts are recorded per scenario
-    options: --only fanout,c2s,hosting,muc,mam,pep,web,micro   --braid PATH   --out DIR   --no-build
+    options: --only fanout,newpair,c2s,hosting,muc,mam,pep,web,micro   --braid PATH   --out DIR   --no-build
              --build-config debug   --wait-for FILE   --report-only (md and plots from the json)
 
 Scenarios (each module's docstring has the details): fanout.py (s2s fan-out over the
-federation lab), c2s.py (tsung), hosting.py (hosted domains), muc.py (group chat: one room
+federation lab), newpair.py (s2s: latency of a new domain pair's first stanza on a live
+link, and of the same pairs warm), c2s.py (tsung), hosting.py (hosted domains), muc.py (group chat: one room
 with N occupants, and the MUC service's cost per hosted domain), mam.py (message archive:
 query latency at 10^4..10^6 archived messages, messaging with the archive on and off),
 pep.py (personal eventing: one publish to 1,000 local and remote contacts, and the caps
@@ -35,10 +36,13 @@ import common  # noqa: E402
 from common import ROOT, log  # noqa: E402
 
 KINDS = ["braid", "prosody", "ejabberd"]
-SCENARIOS = ["fanout", "c2s", "hosting", "muc", "mam", "pep", "web", "micro"]
+SCENARIOS = ["fanout", "newpair", "c2s", "hosting", "muc", "mam", "pep", "web", "micro"]
 
 FULL = {
     "fanout": {"sizes": [10, 30, 100], "time_limits": {10: 60, 30: 120, 100: 180}, "warm_total": 20000},
+    "newpair": {"n": 10, "warm_repeats": 50, "timeout": 10, "warmup_timeout": 30, "give_up_after": 3,
+                "combos": [["braid", "braid"], ["braid", "prosody"], ["prosody", "braid"], ["prosody", "prosody"],
+                           ["ejabberd", "ejabberd"], ["braid", "ejabberd"], ["ejabberd", "braid"]]},
     "c2s": {"session_steps": [1000, 5000, 10000], "chat_users": 200, "rates": [200, 500, 1000, 2000, 4000, 8000],
             "chat_seconds": 15, "login_rate": 250, "first_rate": 500, "pause": 8,
             "keepalive": {"sessions": 2000, "interval": 15, "rounds": 8}},
@@ -58,6 +62,8 @@ FULL = {
 }
 SMOKE = {
     "fanout": {"sizes": [2], "time_limits": {2: 30}, "warm_total": 100},
+    "newpair": {"n": 2, "warm_repeats": 3, "timeout": 5, "warmup_timeout": 20, "give_up_after": 2,
+                "combos": [["braid", "braid"], ["braid", "prosody"], ["prosody", "braid"]]},
     "c2s": {"session_steps": [10, 20], "chat_users": 5, "rates": [10], "chat_seconds": 3,
             "login_rate": 20, "first_rate": 20, "pause": 3,
             "keepalive": {"sessions": 10, "interval": 2, "rounds": 2}},
@@ -106,6 +112,12 @@ def check(report, wanted):
             if not any(r["kind"] == kind and r.get("tcp_connections_peak") is not None
                        and (r.get("cold_seconds") is not None or r.get("note")) for r in rows):
                 missing.append(f"fanout/{kind}")
+    if "newpair" in wanted:
+        rows = s.get("newpair", {}).get("results", [])
+        for combo in report["sizes"]["newpair"]["combos"]:
+            name = "-".join(combo)
+            if not any(r.get("combo") == name and r.get("new_median_ms") is not None for r in rows):
+                missing.append(f"newpair/{name}")
     if "c2s" in wanted:
         rows = s.get("c2s", {}).get("results", {})
         for kind in KINDS:
@@ -271,6 +283,11 @@ def main():
         import fanout
         f = sizes["fanout"]
         run_scenario("fanout", lambda: fanout.run(KINDS, f["sizes"], braid, f["time_limits"], lambda n: f["warm_total"]), report)
+    if "newpair" in wanted:
+        import newpair
+        z = sizes["newpair"]
+        run_scenario("newpair", lambda: newpair.run(z["combos"], z["n"], braid, z["warm_repeats"], z["timeout"],
+                                                    z["warmup_timeout"], z["give_up_after"]), report)
     if "c2s" in wanted:
         import c2s
         c = sizes["c2s"]

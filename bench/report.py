@@ -64,6 +64,18 @@ def goals(report):
         else:
             add("s2s: Braid 100×100 cold delivery faster than Prosody⇄Prosody 30×30", label, "—", None if not b100.get("note") else False)
 
+    newpair = {r.get("combo"): r for r in s.get("newpair", {}).get("results", [])}
+    bb = newpair.get("braid-braid")
+    if bb:
+        judged = report.get("build_config") != "debug" and bb.get("n", 0) >= 10
+        median = bb.get("new_median_ms")
+        add("s2s: a new domain pair on a live link ≤ 5 ms median (Braid⇄Braid)",
+            f"Braid⇄Braid {bb['n']}×{bb['n']}: {fmt(bb.get('new_delivered'))} new pairs, median {fmt(median, 2)} ms, "
+            f"p99 {fmt(bb.get('new_p99_ms'), 2)} ms; warm {fmt(bb.get('warm_median_ms'), 2)} ms"
+            + ("" if judged else " (debug build or smoke size: not judged)"),
+            f"{median / 5:.2f}× the limit" if median is not None else "—",
+            (median <= 5) if judged and median is not None else None)
+
     c = s.get("c2s", {}).get("results", {})
     if c:
         def sustained(kind):
@@ -530,6 +542,83 @@ def pep_section(pe, report):
     return lines
 
 
+def newpair_section(np_, report):
+    z = report["sizes"]["newpair"]
+    n = z["n"]
+    lines = ["## s2s: a new domain pair on a live link", "",
+             f"Per combination (sender's server → receiver's server), the federation lab builds two providers, A and B, with "
+             f"{n} domains each and one user per domain (real DNSSEC; bench/newpair.py, bench/xmppdriver.py inside A's "
+             "namespace). One message at a time, each sent once the previous one has arrived: a warm-up a1 → b1 opens the "
+             f"s2s link; then one message on each of the {n * n - 1} other ordered pairs ai → bj, the first stanza of a "
+             f"pair the link has not carried (**new**); then {z['warm_repeats']} messages round-robin over those pairs, now "
+             "authorised (**warm**, the reference). Latency: the receiving client's read − the sending client's write. "
+             "Connections: established TCP connections between A's and B's s2s ports, after the warm-up and at the end. "
+             "CPU: both servers' CPU time (/proc) over the new-pair phase, per pair. A pair not delivered within "
+             f"{z['timeout']} s counts as lost; after {z['give_up_after']} in a row the combination stops. Same tuning as "
+             "the fan-out section (log level warning, Braid's archive off).", ""]
+    extra = (report.get("separate_runs") or {}).get("newpair")
+    if extra:
+        em = extra.get("machine", {})
+        lines += [f"Run {em.get('date', '?')}: Braid {extra.get('braid', '?')}; load average at start {em.get('load_average_at_start')}, "
+                  f"at end {em.get('load_average_at_end')}.", ""]
+    rows = []
+    for r in np_.get("results", []):
+        pair = f"{NAMES[r['sender']]} → {NAMES[r['receiver']]}"
+        if r.get("new_median_ms") is None:
+            rows.append((pair, f"{r['n']}×{r['n']}", "—", "—", "—", "—", "—", "—", "—", "—", "—",
+                         "—", "error: " + (r.get("error") or r.get("note") or "?")[:160]))
+            continue
+        lost = (r.get("new_lost") or 0) + (r.get("warm_lost") or 0)
+        bounced = (r.get("new_errors") or 0) + (r.get("warm_errors") or 0)
+        notes = [x for x in (r.get("note"), "gave up" if r.get("gave_up") else None, r.get("error")) if x]
+        rows.append((pair, f"{r['n']}×{r['n']}", f"{fmt(r.get('new_delivered'))}/{fmt(r.get('new_pairs'))}",
+                     f"{fmt(r.get('new_median_ms'), 2)} / {fmt(r.get('new_p90_ms'), 2)} / {fmt(r.get('new_p99_ms'), 2)} / "
+                     f"{fmt(r.get('new_max_ms'), 2)}",
+                     f"{fmt(r.get('warm_median_ms'), 2)} / {fmt(r.get('warm_p99_ms'), 2)}",
+                     fmt(r.get("new_over_warm"), 1), fmt(r.get("warmup_ms"), 1),
+                     f"{fmt(r.get('connections_after_warmup'))} → {fmt(r.get('connections_end'))}",
+                     f"{cpu(r.get('cpu_new_a_seconds'))} / {cpu(r.get('cpu_new_b_seconds'))}",
+                     fmt(r.get("cpu_ms_per_new_pair"), 1), f"{fmt(lost)} / {fmt(bounced)}",
+                     fmt(r.get("new_phase_seconds"), 2), "; ".join(notes)[:200]))
+    lines += [table(["sender → receiver", "N×N", "new pairs delivered", "new pair ms: median / p90 / p99 / max",
+                     "warm ms: median / p99", "new ÷ warm (median)", "warm-up (link opening) ms",
+                     "s2s connections: after warm-up → end", "CPU s over the new pairs (A / B)", "CPU ms per new pair (A + B)",
+                     "lost / bounced", "new-pair phase s", "note"], rows), ""]
+    # The new pairs by what the link knew: the list is a1→b2..bN, a2→b1..bN, ... (a1→b1 is the warm-up).
+    rows = []
+    for r in np_.get("results", []):
+        values, k = r.get("new_ms") or [], r["n"]
+        if len(values) != k * k - 1:
+            continue
+        order = [(i, j) for i in range(k) for j in range(k) if (i, j) != (0, 0)]
+        groups = {"target": [], "sender": [], "both": []}
+        for (i, j), value in zip(order, values):
+            groups["target" if i == 0 else ("sender" if j == 0 else "both")].append(value)
+
+        def cell(group):
+            ordered = sorted(group)
+            if not ordered:
+                return "—"
+            middle = len(ordered) // 2
+            median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+            return f"{fmt(median, 2)} / {fmt(ordered[-1], 2)} ({len(ordered)})"
+        rows.append((f"{NAMES[r['sender']]} → {NAMES[r['receiver']]}", cell(groups["target"]), cell(groups["sender"]),
+                     cell(groups["both"])))
+    if rows:
+        lines += ["New pairs by what the link already carried (ms, median / max, number of pairs in parentheses): "
+                  "a new remote domain (a1 → bj: the sender's domain already flows, the receiver's does not), a new "
+                  "local domain (ai → b1), and pairs whose two domains both flow already, in other pairs (ai → bj, "
+                  "i, j > 1; sent after a1 → bj and ai → b1).", "",
+                  table(["sender → receiver", "new remote domain", "new local domain", "both domains known"], rows), ""]
+    for r in np_.get("results", []):
+        if r.get("error_conditions"):
+            lines.append(f"- {NAMES[r['sender']]} → {NAMES[r['receiver']]}: bounce conditions {r['error_conditions']}")
+        for problem in (r.get("new_problems") or [])[:3]:
+            lines.append(f"- {NAMES[r['sender']]} → {NAMES[r['receiver']]}: pair {problem.get('pair')}: {problem.get('problem')}")
+    lines += [""]
+    return lines
+
+
 def web_section(we, report):
     z = report["sizes"]["web"]
     results = {r["kind"]: r for r in we.get("results", [])}
@@ -675,6 +764,10 @@ def write(report, out):
         if "fanout.png" in images:
             lines += ["", "![fan-out](benchmarks/fanout.png)"]
         lines += ["", "Tuning:", ""] + [f"- {NAMES[k]}: " + "; ".join(t) for k, t in fo.get("tuning", {}).items()] + [""]
+
+    npr = s.get("newpair", {})
+    if npr.get("results"):
+        lines += newpair_section(npr, report)
 
     # c2s
     cs = s.get("c2s", {})
