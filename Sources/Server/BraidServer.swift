@@ -34,6 +34,8 @@ public final class BraidServer: Service {
     /// The HTTP side: POSH documents for every hosted domain, metrics, the links API.
     public let admin: AdminServer
     private let boundAdminPorts = Mutex<(admin: Int?, posh: Int?)>((nil, nil))
+    /// Certificates from an ACME CA (`acme.enabled`), and its HTTP-01 listener.
+    public let acme: ACMERenewalService?
 
     /// How often the hosted-domain list is re-read; `braid domain add|remove` takes effect
     /// within this interval.
@@ -110,6 +112,10 @@ public final class BraidServer: Service {
         admin = AdminServer(configuration: configuration.admin, tls: context.certificates.store,
                             isHosted: { domains.isServed($0) }, metrics: { await registry.prometheusText() },
                             links: { await federationManager?.links ?? [] }, web: webRoutes, logger: logger)
+        acme = configuration.acme.enabled
+            ? ACMERenewalService(configuration: configuration, certificatesDirectory: certificates.directory, domains: domains,
+                                 clock: wallClock, registry: metricsRegistry, group: group, logger: logger)
+            : nil
         metrics.startupSeconds.set(Self.seconds(ContinuousClock.now - started))
     }
 
@@ -177,6 +183,7 @@ public final class BraidServer: Service {
         let adminPorts = try await admin.start()
         boundAdminPorts.withLock { $0 = adminPorts }
         context.httpsListenerBound(port: adminPorts.posh)
+        try await acme?.start { [weak self] in self?.reloadCertificates() }
         startDomainPolling()
         context.metrics.startupSeconds.set(Self.seconds(ContinuousClock.now - started) + (context.metrics.registry.gaugeValue("braid_startup_seconds") ?? 0))
         logger.info("Braid is serving", metadata: [
@@ -272,6 +279,7 @@ public final class BraidServer: Service {
     /// seconds) for every session to finish processing what it had received.
     public func shutdown() async {
         poller.withLock { $0?.cancel() }
+        await acme?.shutdown()
         let channels = listeners.withLock { listeners in
             defer { listeners = [:] }
             return Array(listeners.values)

@@ -36,12 +36,14 @@ public struct CheckedName: Sendable, Hashable {
         let labels = try ModuleBuilder.with(StandardModules.all(configuration), serviceSettings: configuration.services).freeze().serviceLabels.sorted()
         var names: [CheckedName] = []
         var seen = Set<String>()
+        // A set: the ACME service asks for every hosted domain at once (10,000 of them).
+        let hostedSet = Set(hosted)
         for domain in hosted where seen.insert(domain).inserted {
             names.append(CheckedName(domain: domain))
             for label in labels {
                 let service = "\(label).\(domain)"
                 // A service name that is itself hosted is checked as the hosted domain it is.
-                guard !hosted.contains(service), seen.insert(service).inserted else { continue }
+                guard !hostedSet.contains(service), seen.insert(service).inserted else { continue }
                 names.append(CheckedName(domain: service, kind: .service, parent: domain))
             }
         }

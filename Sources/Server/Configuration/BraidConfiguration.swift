@@ -48,6 +48,8 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
     public var upload = UploadSettings()
     /// The provisioning API for control panels (docs/provisioning-api.md).
     public var provisioning = ProvisioningSettings()
+    /// Certificates from an ACME CA for every hosted domain (docs/acme.md).
+    public var acme = ACMESettings()
 
     public init() {}
 
@@ -63,6 +65,7 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
         case externalServices = "external_services"
         case blocking, registration, upload
         case provisioning
+        case acme
     }
 
     /// HTTP file upload (`upload`, XEP-0363): slots at `upload.DOMAIN`, files served by the
