@@ -125,16 +125,8 @@ struct ACMETests {
         do {
             try FileManager.default.createDirectory(atPath: directory + "/certs", withIntermediateDirectories: true)
             try prepare(directory + "/certs")
-            let server = try await TestServer.start(domains: domains, users: [], wallClock: wallClock, directory: directory) { configuration in
-                configuration.acme.enabled = true
-                configuration.acme.directoryURL = pebble.directoryURL
-                configuration.acme.caCertificateFile = pebble.trustFile
-                configuration.acme.contact = "hostmaster@acme.test"
-                configuration.acme.httpAddress = "127.0.0.1"
-                configuration.acme.httpPort = httpPort
-                configuration.acme.excludeDomains = exclude
-                configuration.acme.renewCheckIntervalSeconds = interval
-            }
+            let server = try await Self.startServer(domains: domains, directory: directory, pebble: pebble, httpPort: httpPort,
+                                                    wallClock: wallClock, exclude: exclude, interval: interval)
             do {
                 try await body(server, pebble)
             } catch {
@@ -146,6 +138,67 @@ struct ACMETests {
         } catch {
             await pebble.stop()
             try? FileManager.default.removeItem(atPath: directory)
+            throw error
+        }
+        await pebble.stop()
+    }
+
+    static func startServer(domains: [String], directory: String, pebble: PebbleFixture, httpPort: Int, wallClock: WallClock = .system,
+                            exclude: [String] = [], interval: Double = 0.1) async throws -> TestServer {
+        try await TestServer.start(domains: domains, users: [], wallClock: wallClock, directory: directory) { configuration in
+            configuration.acme.enabled = true
+            configuration.acme.directoryURL = pebble.directoryURL
+            configuration.acme.caCertificateFile = pebble.trustFile
+            configuration.acme.contact = "hostmaster@acme.test"
+            configuration.acme.httpAddress = "127.0.0.1"
+            configuration.acme.httpPort = httpPort
+            configuration.acme.excludeDomains = exclude
+            configuration.acme.renewCheckIntervalSeconds = interval
+        }
+    }
+
+    @Test("After a restart the account key is reused (the CA finds the account) and a valid certificate is not ordered again")
+    func restartKeepsAccountAndCertificate() async throws {
+        let knot = try #require(KnotFixture.current)
+        let httpPort = try LoopbackPorts.freePort()
+        let pebble = try await PebbleFixture.start(httpPort: httpPort, dnsServer: "127.0.0.1:\(knot.port)")
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("braid-acme-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        do {
+            let first = try await Self.startServer(domains: ["a.acme.test"], directory: directory, pebble: pebble, httpPort: httpPort)
+            let issued: Certificate
+            let accountKey: String
+            do {
+                try await waitUntil(timeout: .seconds(60), "issued") { Self.isPebble(Self.certificateFile(first, "a.acme.test")) }
+                issued = try #require(Self.certificateFile(first, "a.acme.test"))
+                accountKey = try String(contentsOfFile: directory + "/acme/account.key", encoding: .utf8)
+            } catch {
+                await first.stopKeepingData()
+                throw error
+            }
+            await first.stopKeepingData()
+
+            // b.acme.test is new: its order goes through newAccount with the same key, which
+            // the CA answers with the existing account (RFC 8555 §7.3.1).
+            let second = try await Self.startServer(domains: ["a.acme.test", "b.acme.test"], directory: directory, pebble: pebble, httpPort: httpPort)
+            do {
+                let acme = try #require(second.server.acme)
+                try await waitUntil(timeout: .seconds(60), "b.acme.test issued") { Self.isPebble(Self.certificateFile(second, "b.acme.test")) }
+                let passes = acme.passesCompleted
+                try await waitUntil("three more checks") { acme.passesCompleted >= passes + 3 }
+                #expect(Self.orders(second, "success") == 1)
+                #expect(Self.orders(second, "failure") == 0)
+                #expect(Self.certificateFile(second, "a.acme.test") == issued)
+                #expect(try await Self.presented(second, "conference.a.acme.test") == issued)
+                #expect(try String(contentsOfFile: directory + "/acme/account.key", encoding: .utf8) == accountKey)
+            } catch {
+                Issue.record("pebble log:\n\(pebble.log.suffix(3000))")
+                await second.stop()
+                throw error
+            }
+            await second.stop()
+        } catch {
+            await pebble.stop()
             throw error
         }
         await pebble.stop()

@@ -246,6 +246,8 @@ public final class ACMERenewalService: Sendable {
             ])
             return .issued
         } catch {
+            // Shutting down mid-order is not the CA's failure: no back-off, no metric.
+            if Task.isCancelled { return .failed(error) }
             let failures = (state.withLock { $0.statuses[domain]?.failures } ?? 0) + 1
             let delay = Self.backoff(failures: failures, error: error)
             (error.isRateLimited ? metrics.rateLimited : metrics.failure).increment()
