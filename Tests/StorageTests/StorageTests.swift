@@ -122,7 +122,7 @@ struct SQLiteStorageOpeningTests {
                 let storage = try openStorage(path)
                 #expect(try await storage.executeRawSQLForTesting("INSERT INTO grdb_migrations (identifier) VALUES ('v99')") == 1)
             }
-            #expect(throws: SQLiteStorageError.schemaTooNew(applied: ["v1", "v2", "v3", "v4", "v5", "v99"])) {
+            #expect(throws: SQLiteStorageError.schemaTooNew(applied: ["v1", "v2", "v3", "v4", "v5", "v6", "v99"])) {
                 try openStorage(path)
             }
         }
@@ -1222,11 +1222,15 @@ struct StorageMigrationTests {
             try await source.archiveRoomMessage(ArchivedMessage(id: "r1", with: "tea@conference.example.com/al", stamp: 1000, stanza: "<message/>"),
                                                 room: try JID("tea@conference.example.com"), parentDomain: "example.com", expireBefore: nil)
             try await source.putStoreEntry("private", of: anna, key: "storage:bookmarks", value: "<storage xmlns='storage:bookmarks'/>", keepLast: nil)
+            let token = StoredAPIToken(id: "t1", hash: String(repeating: "f", count: 64), domains: ["example.com"], label: "panel", createdAt: 1000)
+            try await source.addAPIToken(token)
+            try await source.appendAuditEntry(AuditEntry(at: 1, tokenID: "t1", action: "account.create", target: "alice@example.com", outcome: "ok"))
+            try await source.appendAuditEntry(AuditEntry(at: 2, tokenID: nil, action: "domain.add", target: "x.example", outcome: "unauthenticated", detail: "no token"))
 
             try await StorageLocation.with(.postgresql) { postgresLocation in
                 let target = try #require(try await postgresLocation.open() as? PostgresStorage)
                 let counts = try await StorageMigration.copy(from: source, to: target, logger: StorageLocation.quietLogger())
-                #expect(counts.map(\.table) == ["domains", "users", "roster_items", "subscription_requests", "offline_messages", "muc_rooms", "archive", "room_archive", "account_store"])
+                #expect(counts.map(\.table) == ["domains", "users", "roster_items", "subscription_requests", "offline_messages", "muc_rooms", "archive", "room_archive", "account_store", "api_tokens", "audit_log"])
                 #expect(counts.allSatisfy { $0.source == $0.copied && $0.target == $0.source })
                 #expect(counts.first { $0.table == "offline_messages" }?.source == 3)
 
@@ -1240,6 +1244,8 @@ struct StorageMigrationTests {
                 #expect(try await target.storeEntry("pep", of: alice, key: "urn:xmpp:avatar:data")?.value == "{}")
                 #expect(try await target.archivedMessages(ArchiveQuery(limit: 10), for: alice).messages.map(\.id) == ["a1"])
                 #expect(try await target.archivedRoomMessages(ArchiveQuery(limit: 10), room: try JID("tea@conference.example.com")).messages.map(\.id) == ["r1"])
+                #expect(try await target.apiTokens() == [token])
+                #expect(try await target.auditEntries(limit: 10, domain: nil) == (try await source.auditEntries(limit: 10, domain: nil)))
 
                 // Again: nothing new, nothing doubled.
                 let again = try await StorageMigration.copy(from: source, to: target, logger: StorageLocation.quietLogger())
@@ -1251,6 +1257,8 @@ struct StorageMigrationTests {
                 #expect(taken.map(\.stanza) == ["<message>0</message>", "<message>1</message>", "<message>2</message>", "<message>new</message>"])
                 #expect(taken.prefix(3).allSatisfy { $0.storedAt >= storedAt.min() ?? 0 })
                 #expect(try await target.putRosterItem(RosterItem(jid: try JID("dave@example.org")), of: alice) == 4)
+                try await target.appendAuditEntry(AuditEntry(at: 3, tokenID: "t1", action: "account.remove", target: "alice@example.com", outcome: "ok"))
+                #expect(try await target.auditEntries(limit: 1, domain: nil).map(\.at) == [3])
             }
         }
     }
