@@ -223,7 +223,7 @@ struct ProvisioningAPITests {
     @Test("Every operation docs/provisioning-api.yaml describes is served (401 without a token), and nothing else under /api/v1 is")
     func documentMatchesRoutes() async throws {
         let operations = try Self.documentedOperations()
-        #expect(operations.count == 10)
+        #expect(operations.count == 12)
         try await withAPI { _, api in
             for (method, path) in operations {
                 let concrete = path.replacingOccurrences(of: "{domain}", with: "a.example").replacingOccurrences(of: "{user}", with: "alice")

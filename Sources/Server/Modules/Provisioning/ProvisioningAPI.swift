@@ -20,9 +20,17 @@ struct ProvisioningAPI: Sendable {
 
     let server: ServerContext
     let settings: BraidConfiguration.ProvisioningSettings
+    /// `braid check` results for `GET /domains/{domain}/check`.
+    let checks: DomainCheckCache
 
-    private var storage: any Storage { server.storage }
-    private var logger: Logger { server.logger }
+    init(server: ServerContext, settings: BraidConfiguration.ProvisioningSettings, checks: DomainCheckCache = DomainCheckCache()) {
+        self.server = server
+        self.settings = settings
+        self.checks = checks
+    }
+
+    var storage: any Storage { server.storage }
+    var logger: Logger { server.logger }
 
     /// Who is calling.
     struct Caller: Sendable {
@@ -76,7 +84,19 @@ struct ProvisioningAPI: Sendable {
                 try await removeAccount(caller, context.parameters.get("domain"), context.parameters.get("user"))
             }
         }
+        router.get("\(p)/domains/:domain/check") { request, context in
+            var age: Int?
+            var response = await handle(request, "domain.check", target: context.parameters.get("domain")) { caller in
+                let checked = try await checkDomain(caller, context.parameters.get("domain"))
+                age = checked.age
+                return (.ok, .raw(checked.report.json()))
+            }
+            // How old a cached result is (RFC 9111 §5.1), for the dashboard to say so.
+            if let age { response.headers[.age] = String(age) }
+            return response
+        }
         router.get("\(p)/links") { request, _ in await handle(request, "link.list") { caller in try await listLinks(caller) } }
+        router.get("\(p)/status") { request, _ in await handle(request, "status.read") { caller in try await status(caller) } }
         router.get("\(p)/audit") { request, _ in
             await handle(request, "audit.read") { caller in try await readAudit(caller, limit: request.uri.queryParameters.get("limit").flatMap { Int($0) } ?? 100) }
         }
@@ -164,7 +184,7 @@ struct ProvisioningAPI: Sendable {
     // MARK: Domains
 
     /// A canonical domain the caller may see; out of scope reads as not found.
-    private func visibleDomain(_ caller: Caller, _ raw: String?, mustBeHosted: Bool = true) throws -> String {
+    func visibleDomain(_ caller: Caller, _ raw: String?, mustBeHosted: Bool = true) throws -> String {
         guard let raw, let domain = try? JID(domain: raw).domainpart else {
             throw Failure(status: .badRequest, code: "bad-request", message: "not a domain name")
         }
@@ -323,10 +343,7 @@ struct ProvisioningAPI: Sendable {
         } else {
             entries = try await storage.auditEntries(limit: bounded, domain: nil)
         }
-        return (.ok, .object(["entries": .array(entries.map { entry in
-            .object(["at": .number(Double(entry.at)), "token": entry.tokenID.map(JSONValue.string) ?? .null, "action": .string(entry.action),
-                     "target": .string(entry.target), "outcome": .string(entry.outcome), "detail": .string(entry.detail)])
-        })]))
+        return (.ok, .object(["entries": .array(entries.map(Self.describe))]))
     }
 
     // MARK: Responses
@@ -338,7 +355,8 @@ struct ProvisioningAPI: Sendable {
             return Response(status: status, headers: headers([("Content-Length", "0"), ("Cache-Control", "no-store")]))
         }
         let bytes = Array(value.serialized.utf8)
-        return Response(status: status, headers: headers([("Content-Type", "application/json"), ("Content-Length", "\(bytes.count)"), ("Cache-Control", "no-store")]),
+        return Response(status: status, headers: headers([("Content-Type", "application/json"), ("Content-Length", "\(bytes.count)"), ("Cache-Control", "no-store"),
+                                                          ("X-Content-Type-Options", "nosniff")]),
                         body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
     }
 
@@ -364,6 +382,9 @@ enum JSONValue: Sendable, Equatable {
     case string(String), number(Double), bool(Bool), null
     case array([JSONValue])
     case object([String: JSONValue])
+    /// JSON serialised elsewhere (a `braid check` report by its own encoder), written as
+    /// is apart from `<`, `>` and `&`, escaped as everywhere else.
+    case raw(String)
 
     var serialized: String {
         switch self {
@@ -373,6 +394,11 @@ enum JSONValue: Sendable, Equatable {
         case .null: return "null"
         case .array(let items): return "[" + items.map(\.serialized).joined(separator: ",") + "]"
         case .object(let fields): return "{" + fields.sorted { $0.key < $1.key }.map { Self.quote($0.key) + ":" + $0.value.serialized }.joined(separator: ",") + "}"
+        case .raw(let json):
+            // Outside strings JSON has none of these characters, so escaping them everywhere
+            // only changes how strings are written, not what they say.
+            return json.replacingOccurrences(of: "<", with: "\\u003c").replacingOccurrences(of: ">", with: "\\u003e")
+                .replacingOccurrences(of: "&", with: "\\u0026")
         }
     }
 

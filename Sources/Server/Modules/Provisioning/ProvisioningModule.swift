@@ -1,5 +1,7 @@
 /// The provisioning API as a module: its routes on the HTTPS listener, nothing on the XMPP
 /// side. Its store (tokens, audit log) is the storage protocol's, as every backend keeps it.
+/// The operator dashboard (`/dashboard`) comes with it: it is a page over the same API and
+/// the same tokens, so it is there exactly when the API is.
 struct ProvisioningModule: BraidModule {
     let settings: BraidConfiguration.ProvisioningSettings
 
@@ -10,6 +12,7 @@ struct ProvisioningModule: BraidModule {
         let settings = self.settings
         builder.onHTTP { router, server in
             ProvisioningAPI(server: server, settings: settings).install(on: router)
+            Dashboard.install(on: router)
         }
     }
 }
