@@ -91,6 +91,44 @@ final class PebbleFixture: Sendable {
     }
 }
 
+/// Holds a loopback TCP port for a test while Braid's HTTP-01 listener is not (yet, or
+/// between a stop and a restart) bound to it: Pebble validates at one fixed port, and other
+/// suites' fixtures pick free ports meanwhile. Bound with SO_REUSEADDR and never listening,
+/// so Braid's listener (SO_REUSEADDR too) binds beside it on Linux, while another bind
+/// without the option (`LoopbackPorts.freePort`'s probe) finds the port taken.
+final class PortReservation: Sendable {
+    let port: Int
+    private let descriptor: Int32
+
+    init() throws {
+        for _ in 0 ..< 20 {
+            let port = try LoopbackPorts.freePort()
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            guard fd >= 0 else { continue }
+            var one: Int32 = 1
+            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_port = in_port_t(UInt16(port).bigEndian)
+            address.sin_addr.s_addr = inet_addr("127.0.0.1")
+            let bound = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            }
+            if bound == 0 {
+                self.port = port
+                descriptor = fd
+                return
+            }
+            close(fd)
+        }
+        throw PebbleFixture.Failure(description: "no loopback port to reserve")
+    }
+
+    deinit {
+        close(descriptor)
+    }
+}
+
 /// Names under `acme.test`: `a`, `b` and `skip` (and every label under them) at 127.0.0.1,
 /// where Braid's HTTP-01 listener is; `bad` at 127.0.0.2, where nothing listens.
 func acmeZone() -> KnotFixture.Zone {
@@ -119,7 +157,9 @@ struct ACMETests {
                         prepare: (String) throws -> Void = { _ in },
                         _ body: (TestServer, PebbleFixture) async throws -> Void) async throws {
         let knot = try #require(KnotFixture.current)
-        let httpPort = try LoopbackPorts.freePort()
+        let reservation = try PortReservation()
+        defer { withExtendedLifetime(reservation) {} }
+        let httpPort = reservation.port
         let pebble = try await PebbleFixture.start(httpPort: httpPort, dnsServer: "127.0.0.1:\(knot.port)")
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("braid-acme-\(UUID().uuidString)").path
         do {
@@ -160,7 +200,10 @@ struct ACMETests {
     @Test("After a restart the account key is reused (the CA finds the account) and a valid certificate is not ordered again")
     func restartKeepsAccountAndCertificate() async throws {
         let knot = try #require(KnotFixture.current)
-        let httpPort = try LoopbackPorts.freePort()
+        // Held across the restart, when no listener is bound.
+        let reservation = try PortReservation()
+        defer { withExtendedLifetime(reservation) {} }
+        let httpPort = reservation.port
         let pebble = try await PebbleFixture.start(httpPort: httpPort, dnsServer: "127.0.0.1:\(knot.port)")
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("braid-acme-\(UUID().uuidString)").path
         defer { try? FileManager.default.removeItem(atPath: directory) }

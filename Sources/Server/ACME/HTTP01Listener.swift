@@ -45,6 +45,10 @@ final class HTTP01Listener: Sendable {
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    // One request per connection, and a connection that says nothing is closed:
+                    // connections are not tracked, so none may outlive the listener for long
+                    // (a CA's kept-alive connection would otherwise hold the port).
+                    try channel.pipeline.syncOperations.addHandler(IdleStateHandler(readTimeout: .seconds(10)))
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
                     try channel.pipeline.syncOperations.addHandler(HTTP01Handler(tokens: tokens, logger: logger))
                 }
@@ -66,6 +70,7 @@ final class HTTP01Handler: ChannelInboundHandler, RemovableChannelHandler {
     private let tokens: ACMEChallengeTokens
     private let logger: Logger
     private var head: HTTPRequestHead?
+    private var answered = false
 
     init(tokens: ACMEChallengeTokens, logger: Logger) {
         self.tokens = tokens
@@ -79,8 +84,10 @@ final class HTTP01Handler: ChannelInboundHandler, RemovableChannelHandler {
         case .body:
             break
         case .end:
-            guard let request = head else { return }
+            // Anything after the first request is ignored; the connection closes after it.
+            guard let request = head, !answered else { return }
             head = nil
+            answered = true
             respond(to: request, context: context)
         }
     }
@@ -132,17 +139,22 @@ final class HTTP01Handler: ChannelInboundHandler, RemovableChannelHandler {
             status = .badRequest
         }
         headers.add(name: "Content-Length", value: String(body.utf8.count))
-        let keepAlive = request.isKeepAlive
-        if !keepAlive { headers.add(name: "Connection", value: "close") }
+        headers.add(name: "Connection", value: "close")
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: request.version, status: status, headers: headers))), promise: nil)
         if request.method != .HEAD, !body.isEmpty {
             context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil)
         }
         let done = context.eventLoop.makePromise(of: Void.self)
         context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: done)
-        if !keepAlive {
-            let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
-            done.futureResult.whenComplete { _ in loopBound.value.close(promise: nil) }
+        let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        done.futureResult.whenComplete { _ in loopBound.value.close(promise: nil) }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is IdleStateHandler.IdleStateEvent {
+            context.close(promise: nil)
+        } else {
+            context.fireUserInboundEventTriggered(event)
         }
     }
 }
