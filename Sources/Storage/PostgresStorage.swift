@@ -477,10 +477,11 @@ public final class PostgresStorage: Storage {
     public func apiTokens() async throws -> [StoredAPIToken] {
         try await run("API tokens") { [self] in
             var tokens: [StoredAPIToken] = []
-            for try await (id, hash, scope, label, createdAt) in try await client.query(
-                "SELECT id, token_hash, scope, label, created_at FROM api_tokens ORDER BY created_at, id", logger: logger)
-                .decode((String, String, String?, String, Int64).self) {
-                tokens.append(StoredAPIToken(id: id, hash: hash, domains: try scope.map { try ProvisioningScope.decode($0) }, label: label, createdAt: createdAt))
+            for try await (id, hash, scope, label, createdAt, expiresAt) in try await client.query(
+                "SELECT id, token_hash, scope, label, created_at, expires_at FROM api_tokens ORDER BY created_at, id", logger: logger)
+                .decode((String, String, String?, String, Int64, Int64?).self) {
+                tokens.append(StoredAPIToken(id: id, hash: hash, domains: try scope.map { try ProvisioningScope.decode($0) }, label: label,
+                                             createdAt: createdAt, expiresAt: expiresAt))
             }
             return tokens
         }
@@ -488,10 +489,11 @@ public final class PostgresStorage: Storage {
 
     public func addAPIToken(_ token: StoredAPIToken) async throws {
         let scope = try token.domains.map(ProvisioningScope.encode)
-        let (id, hash, label, createdAt) = (token.id, token.hash, token.label, token.createdAt)
+        let (id, hash, label, createdAt, expiresAt) = (token.id, token.hash, token.label, token.createdAt, token.expiresAt)
         let inserted = try await run("add API token") { [self] in
             try await Self.count(try await client.query("""
-                INSERT INTO api_tokens (id, token_hash, scope, label, created_at) VALUES (\(id), \(hash), \(scope), \(label), \(createdAt))
+                INSERT INTO api_tokens (id, token_hash, scope, label, created_at, expires_at)
+                VALUES (\(id), \(hash), \(scope), \(label), \(createdAt), \(expiresAt))
                 ON CONFLICT DO NOTHING RETURNING 1
                 """, logger: logger))
         }

@@ -9,7 +9,8 @@ enum ProvisioningSQL {
             token_hash TEXT NOT NULL UNIQUE,
             scope TEXT,
             label TEXT NOT NULL,
-            created_at BIGINT NOT NULL
+            created_at BIGINT NOT NULL,
+            expires_at BIGINT
         )
         """,
         """

@@ -478,11 +478,11 @@ public final class SQLiteStorage: Storage {
 
     public func apiTokens() async throws -> [StoredAPIToken] {
         try await pool.read { db in
-            try Row.fetchAll(db, sql: "SELECT id, token_hash, scope, label, created_at FROM api_tokens ORDER BY created_at, id").map { row in
+            try Row.fetchAll(db, sql: "SELECT id, token_hash, scope, label, created_at, expires_at FROM api_tokens ORDER BY created_at, id").map { row in
                 let scope: String? = row["scope"]
                 return StoredAPIToken(id: try Self.column(row, "id", in: "api_tokens"), hash: try Self.column(row, "token_hash", in: "api_tokens"),
                                       domains: try scope.map { try ProvisioningScope.decode($0) }, label: try Self.column(row, "label", in: "api_tokens"),
-                                      createdAt: try Self.column(row, "created_at", in: "api_tokens"))
+                                      createdAt: try Self.column(row, "created_at", in: "api_tokens"), expiresAt: row["expires_at"])
             }
         }
     }
@@ -490,8 +490,8 @@ public final class SQLiteStorage: Storage {
     public func addAPIToken(_ token: StoredAPIToken) async throws {
         let scope = try token.domains.map(ProvisioningScope.encode)
         try await pool.write { db in
-            try db.execute(sql: "INSERT INTO api_tokens (id, token_hash, scope, label, created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                           arguments: [token.id, token.hash, scope, token.label, token.createdAt])
+            try db.execute(sql: "INSERT INTO api_tokens (id, token_hash, scope, label, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                           arguments: [token.id, token.hash, scope, token.label, token.createdAt, token.expiresAt])
             guard db.changesCount > 0 else { throw StorageError.tokenExists }
         }
     }

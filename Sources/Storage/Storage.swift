@@ -353,13 +353,20 @@ public struct StoredAPIToken: Sendable, Hashable {
     public var label: String
     /// Seconds since 1970.
     public var createdAt: Int64
+    /// When it stops working (seconds since 1970); nil: until revoked.
+    public var expiresAt: Int64?
 
-    public init(id: String, hash: String, domains: [String]?, label: String, createdAt: Int64) {
+    public init(id: String, hash: String, domains: [String]?, label: String, createdAt: Int64, expiresAt: Int64? = nil) {
         self.id = id
         self.hash = hash
         self.domains = domains
         self.label = label
         self.createdAt = createdAt
+        self.expiresAt = expiresAt
+    }
+
+    public func isExpired(at time: Date) -> Bool {
+        expiresAt.map { Double($0) <= time.timeIntervalSince1970 } ?? false
     }
 }
 

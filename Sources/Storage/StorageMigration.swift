@@ -11,7 +11,7 @@ public enum StorageMigration {
     /// How a column is read from SQLite and bound for PostgreSQL (SQLite stores booleans as
     /// integers; PostgreSQL wants them typed).
     enum Kind {
-        case text, optionalText, integer, bytes, boolean
+        case text, optionalText, integer, optionalInteger, bytes, boolean
     }
 
     struct Table {
@@ -54,7 +54,7 @@ public enum StorageMigration {
             ("user_jid", .text), ("store", .text), ("entry_key", .text), ("value", .text), ("seq", .integer), ("updated_at", .integer),
         ], key: ["user_jid", "store", "entry_key"]),
         Table(name: "api_tokens", columns: [
-            ("id", .text), ("token_hash", .text), ("scope", .optionalText), ("label", .text), ("created_at", .integer),
+            ("id", .text), ("token_hash", .text), ("scope", .optionalText), ("label", .text), ("created_at", .integer), ("expires_at", .optionalInteger),
         ], key: ["id"]),
         Table(name: "audit_log", columns: [
             ("id", .integer), ("at", .integer), ("token_id", .optionalText), ("action", .text), ("target", .text), ("outcome", .text), ("detail", .text),
@@ -131,11 +131,11 @@ public enum StorageMigration {
 
     private static func bind(_ value: DatabaseValue, kind: Kind, column: String, into bindings: inout PostgresBindings) throws {
         switch (kind, value.storage) {
-        case (.optionalText, .null):
+        case (.optionalText, .null), (.optionalInteger, .null):
             bindings.appendNull()
         case (.text, .string(let text)), (.optionalText, .string(let text)):
             bindings.append(text)
-        case (.integer, .int64(let number)):
+        case (.integer, .int64(let number)), (.optionalInteger, .int64(let number)):
             bindings.append(number)
         case (.boolean, .int64(let number)):
             bindings.append(number != 0)

@@ -25,11 +25,13 @@ struct APICommand: AsyncParsableCommand {
             @OptionGroup var options: ConfigOptions
             @Option(name: .long, help: "A domain the token may manage (repeat for several); none: provider-wide.") var domain: [String] = []
             @Option(name: .long, help: "What the token is for (shown by 'braid api token list').") var label: String = ""
+            @Option(name: .long, help: "Days until the token stops working; none: until revoked.") var expiresDays: Int?
 
             func run() async throws {
                 let storage = try await options.openStorage(try options.load())
                 let domains = domain.isEmpty ? nil : try domain.map(canonicalDomain)
-                let (token, stored) = ProvisioningTokens.mint(domains: domains, label: label)
+                if let expiresDays, expiresDays < 1 { throw ValidationError("--expires-days must be at least 1") }
+                let (token, stored) = ProvisioningTokens.mint(domains: domains, label: label, lifetime: expiresDays.map { TimeInterval($0) * 86_400 })
                 try await storage.addAPIToken(stored)
                 print(token)
                 FileHandle.standardError.write(Data("token \(stored.id) made (\(domains.map { "domains: " + $0.joined(separator: ", ") } ?? "provider-wide")); it is not shown again\n".utf8))
@@ -44,7 +46,8 @@ struct APICommand: AsyncParsableCommand {
                 let storage = try await options.openStorage(try options.load())
                 for token in try await storage.apiTokens() {
                     let created = Date(timeIntervalSince1970: TimeInterval(token.createdAt)).ISO8601Format()
-                    print("\(token.id)  \(token.domains?.joined(separator: ",") ?? "*")  \(created)  \(token.label)")
+                    let expires = token.expiresAt.map { "expires " + Date(timeIntervalSince1970: TimeInterval($0)).ISO8601Format() } ?? "no expiry"
+                    print("\(token.id)  \(token.domains?.joined(separator: ",") ?? "*")  \(created)  \(expires)  \(token.label)")
                 }
             }
         }

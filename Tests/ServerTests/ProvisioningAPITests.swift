@@ -187,6 +187,24 @@ struct ProvisioningAPITests {
         }
     }
 
+    @Test("An expired token gets 401 like an unknown one, and the audit entry names it with the outcome expired")
+    func expiredToken() async throws {
+        try await withAPI { server, api in
+            let (token, stored) = ProvisioningTokens.mint(domains: nil, label: "old", now: Date() - 7200, lifetime: 3600)
+            try await server.context.storage.addAPIToken(stored)
+            let answer = try await api.call(.PUT, "/domains/late.example", token: token)
+            #expect(answer.status == .unauthorized)
+            #expect(answer.json["message"] as? String == "the token expired")
+            #expect(try await server.context.storage.domains().map(\.name).contains("late.example") == false)
+            let entry = try #require(try await server.context.storage.auditEntries(limit: 1, domain: nil).first)
+            #expect(entry.tokenID == stored.id && entry.outcome == "expired" && entry.target == "late.example")
+            // One still valid for an hour works.
+            let (fresh, freshStored) = ProvisioningTokens.mint(domains: nil, label: "new", lifetime: 3600)
+            try await server.context.storage.addAPIToken(freshStored)
+            #expect(try await api.call(.GET, "/domains", token: fresh).status == .ok)
+        }
+    }
+
     @Test("Bodies beyond provisioning.max_body_bytes are refused with 413 before they are read whole")
     func bodyLimit() async throws {
         try await withAPI { server, api in

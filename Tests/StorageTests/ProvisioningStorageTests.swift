@@ -11,7 +11,7 @@ struct ProvisioningStorageTests {
             #expect(try await storage.apiTokens().isEmpty)
             let provider = StoredAPIToken(id: "p1", hash: String(repeating: "a", count: 64), domains: nil, label: "control panel", createdAt: 100)
             // Domains are kept canonical and sorted.
-            let scoped = StoredAPIToken(id: "c1", hash: String(repeating: "b", count: 64), domains: ["Customer.Example", "b.example"], label: "customer", createdAt: 200)
+            let scoped = StoredAPIToken(id: "c1", hash: String(repeating: "b", count: 64), domains: ["Customer.Example", "b.example"], label: "customer", createdAt: 200, expiresAt: 86_600)
             try await storage.addAPIToken(provider)
             try await storage.addAPIToken(scoped)
             var expected = scoped

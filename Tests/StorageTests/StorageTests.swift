@@ -1222,7 +1222,7 @@ struct StorageMigrationTests {
             try await source.archiveRoomMessage(ArchivedMessage(id: "r1", with: "tea@conference.example.com/al", stamp: 1000, stanza: "<message/>"),
                                                 room: try JID("tea@conference.example.com"), parentDomain: "example.com", expireBefore: nil)
             try await source.putStoreEntry("private", of: anna, key: "storage:bookmarks", value: "<storage xmlns='storage:bookmarks'/>", keepLast: nil)
-            let token = StoredAPIToken(id: "t1", hash: String(repeating: "f", count: 64), domains: ["example.com"], label: "panel", createdAt: 1000)
+            let token = StoredAPIToken(id: "t1", hash: String(repeating: "f", count: 64), domains: ["example.com"], label: "panel", createdAt: 1000, expiresAt: 2000)
             try await source.addAPIToken(token)
             try await source.appendAuditEntry(AuditEntry(at: 1, tokenID: "t1", action: "account.create", target: "alice@example.com", outcome: "ok"))
             try await source.appendAuditEntry(AuditEntry(at: 2, tokenID: nil, action: "domain.add", target: "x.example", outcome: "unauthenticated", detail: "no token"))

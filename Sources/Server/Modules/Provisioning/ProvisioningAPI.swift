@@ -45,6 +45,11 @@ struct ProvisioningAPI: Sendable {
         }
     }
 
+    /// A known token past its `expires_at`.
+    struct ExpiredToken: Error {
+        let id: String
+    }
+
     /// A refusal or failure, as the JSON body and status it gets.
     struct Failure: Error {
         let status: HTTPResponse.Status
@@ -111,6 +116,14 @@ struct ProvisioningAPI: Sendable {
         let caller: Caller
         do {
             caller = try await authenticate(request)
+        } catch let expired as ExpiredToken {
+            // The token is known, so the entry names it: the owner of a control panel learns
+            // that its token ran out.
+            let failure = Failure(status: .unauthorized, code: "unauthenticated", message: "the token expired")
+            server.metrics.provisioning(action: action, outcome: "expired")
+            logger.notice("provisioning API: refused an expired token", metadata: ["action": "\(action)", "target": "\(target)", "token": "\(expired.id)"])
+            await audit(AuditEntry(at: Self.now(), tokenID: expired.id, action: action, target: target, outcome: "expired", detail: failure.message))
+            return Self.response(failure)
         } catch let failure as Failure {
             server.metrics.provisioning(action: action, outcome: "unauthenticated")
             logger.notice("provisioning API: refused", metadata: ["action": "\(action)", "target": "\(target)", "reason": "\(failure.message)"])
@@ -151,6 +164,9 @@ struct ProvisioningAPI: Sendable {
         let presented = String(header.dropFirst(7)).trimmingCharacters(in: .whitespaces)
         guard let token = ProvisioningTokens.match(presented, in: try await storage.apiTokens()) else {
             throw Failure(status: .unauthorized, code: "unauthenticated", message: "unknown or revoked token")
+        }
+        guard !token.isExpired(at: Date()) else {
+            throw ExpiredToken(id: token.id)
         }
         return Caller(tokenID: token.id, domains: token.domains.map(Set.init))
     }

@@ -9,10 +9,11 @@ import Storage
 public enum ProvisioningTokens {
     /// A new token for `domains` (nil: provider-wide): the token to hand over, and what to
     /// store.
-    public static func mint(domains: [String]?, label: String, now: Date = Date()) -> (token: String, stored: StoredAPIToken) {
+    public static func mint(domains: [String]?, label: String, now: Date = Date(), lifetime: TimeInterval? = nil) -> (token: String, stored: StoredAPIToken) {
         let id = base64URL(random(9))
         let token = "braid_\(id).\(base64URL(random(32)))"
-        return (token, StoredAPIToken(id: id, hash: hash(token), domains: domains, label: label, createdAt: Int64(now.timeIntervalSince1970)))
+        return (token, StoredAPIToken(id: id, hash: hash(token), domains: domains, label: label, createdAt: Int64(now.timeIntervalSince1970),
+                                      expiresAt: lifetime.map { Int64((now + $0).timeIntervalSince1970) }))
     }
 
     /// SHA-256 of the token, hex.
