@@ -292,89 +292,92 @@ struct MultiplexingTests {
 struct RevocationTests {
     @Test("A revoked peer certificate resets the link; the next link does not rest on it")
     func revokedCertificateResets() async throws {
-        let ocspPort = try LoopbackPorts.freePort()
-        try await withFederation(ocspPort: ocspPort, configureA: { $0.s2s.revalidationIntervalSeconds = 0.25 }) { pair in
-            try await OCSPResponderFixture.with(port: ocspPort, issuer: pair.ca, states: [(pair.bCertificate, .revoked(reason: "keyCompromise"))]) { _ in
-                let (alice, _) = try await pair.a.loggedIn("alice@a.example")
-                let (bob, _) = try await pair.b.loggedIn("bob@b.example")
-                try await bob.sendPresence()
-                try await alice.sendMessage(to: "bob@b.example", body: "one")
-                _ = try await bob.waitFor(timeout: .seconds(10)) { $0.name == "message" }
-                // Whichever came first, the PKIX proof or the OCSP answer, nothing rests on the
-                // revoked certificate for long: either the link that did was reset, or the
-                // certificate was never a proof (b.example rests on the DNS that led A there,
-                // labelled so, as with dialback).
-                func outbound() async -> [ProofMethod] {
-                    (await pair.a.server.federation?.links ?? []).filter { !$0.closed }.flatMap(\.pairs).filter { $0.direction == .outbound }.map(\.method)
+        // CI once saw openssl find the port taken ("Error starting accept"): another port then.
+        try await OCSPResponderFixture.withResponderPort { ocspPort in
+            try await withFederation(ocspPort: ocspPort, configureA: { $0.s2s.revalidationIntervalSeconds = 0.25 }) { pair in
+                try await OCSPResponderFixture.with(port: ocspPort, issuer: pair.ca, states: [(pair.bCertificate, .revoked(reason: "keyCompromise"))]) { _ in
+                    let (alice, _) = try await pair.a.loggedIn("alice@a.example")
+                    let (bob, _) = try await pair.b.loggedIn("bob@b.example")
+                    try await bob.sendPresence()
+                    try await alice.sendMessage(to: "bob@b.example", body: "one")
+                    _ = try await bob.waitFor(timeout: .seconds(10)) { $0.name == "message" }
+                    // Whichever came first, the PKIX proof or the OCSP answer, nothing rests on the
+                    // revoked certificate for long: either the link that did was reset, or the
+                    // certificate was never a proof (b.example rests on the DNS that led A there,
+                    // labelled so, as with dialback).
+                    func outbound() async -> [ProofMethod] {
+                        (await pair.a.server.federation?.links ?? []).filter { !$0.closed }.flatMap(\.pairs).filter { $0.direction == .outbound }.map(\.method)
+                    }
+                    do {
+                        try await waitUntil(timeout: .seconds(10)) {
+                            let methods = await outbound()
+                            return pair.a.metrics.counterValue("braid_s2s_link_resets_total", [("reason", "revoked")]) == 1 || methods == [.dns]
+                        }
+                    } catch {
+                        let links = await FederationLink.onLoops(pair.a.server.federation?.openLinks ?? []) {
+                            "\($0.origin) next check \($0.nextRevocationCheck) pairs \($0.authorizations.map { "\($0.direction) \($0.method)" })"
+                        }
+                        func totals(_ server: TestServer) -> String {
+                            ["braid_s2s_link_resets_total", "braid_stream_errors_sent_total", "braid_stream_errors_received_total", "braid_s2s_link_failures_total",
+                             "braid_s2s_connections_opened_total", "braid_s2s_connections_accepted_total", "braid_s2s_ocsp_requests_total"]
+                                .map { "\($0)=\(server.metrics.counterTotal($0))" }.joined(separator: " ")
+                        }
+                        Issue.record("outbound \(await outbound()), passes \(pair.a.metrics.counterValue("braid_s2s_revalidation_passes_total")), links \(links); A: \(totals(pair.a)); B: \(totals(pair.b))")
+                        throw error
+                    }
+                    try await waitUntil { await !outbound().contains(.pkix) }
+                    // Messages still flow.
+                    try await alice.sendMessage(to: "bob@b.example", body: "two")
+                    #expect(try await bob.waitFor(timeout: .seconds(10)) { $0.name == "message" }.body == "two")
+                    #expect(await outbound() == [.dns])
+                    // The link that does not rest on the certificate stays up through further
+                    // passes, which take the revoked answer from the cache: one request in all.
+                    let link = try #require(pair.a.server.federation?.openLinks.first { $0.origin == .outgoing })
+                    let passes = pair.a.metrics.counterValue("braid_s2s_revalidation_passes_total")
+                    try await waitUntil { pair.a.metrics.counterValue("braid_s2s_revalidation_passes_total") >= passes + 3 }
+                    #expect(pair.a.metrics.counterValue("braid_s2s_link_resets_total", [("reason", "revoked")]) <= 1)
+                    #expect(await link.onLoop { $0.isClosed } == false)
+                    #expect(pair.a.metrics.counterValue("braid_s2s_ocsp_requests_total") == 1)
+                    await alice.close()
+                    await bob.close()
                 }
-                do {
-                    try await waitUntil(timeout: .seconds(10)) {
-                        let methods = await outbound()
-                        return pair.a.metrics.counterValue("braid_s2s_link_resets_total", [("reason", "revoked")]) == 1 || methods == [.dns]
-                    }
-                } catch {
-                    let links = await FederationLink.onLoops(pair.a.server.federation?.openLinks ?? []) {
-                        "\($0.origin) next check \($0.nextRevocationCheck) pairs \($0.authorizations.map { "\($0.direction) \($0.method)" })"
-                    }
-                    func totals(_ server: TestServer) -> String {
-                        ["braid_s2s_link_resets_total", "braid_stream_errors_sent_total", "braid_stream_errors_received_total", "braid_s2s_link_failures_total",
-                         "braid_s2s_connections_opened_total", "braid_s2s_connections_accepted_total", "braid_s2s_ocsp_requests_total"]
-                            .map { "\($0)=\(server.metrics.counterTotal($0))" }.joined(separator: " ")
-                    }
-                    Issue.record("outbound \(await outbound()), passes \(pair.a.metrics.counterValue("braid_s2s_revalidation_passes_total")), links \(links); A: \(totals(pair.a)); B: \(totals(pair.b))")
-                    throw error
-                }
-                try await waitUntil { await !outbound().contains(.pkix) }
-                // Messages still flow.
-                try await alice.sendMessage(to: "bob@b.example", body: "two")
-                #expect(try await bob.waitFor(timeout: .seconds(10)) { $0.name == "message" }.body == "two")
-                #expect(await outbound() == [.dns])
-                // The link that does not rest on the certificate stays up through further
-                // passes, which take the revoked answer from the cache: one request in all.
-                let link = try #require(pair.a.server.federation?.openLinks.first { $0.origin == .outgoing })
-                let passes = pair.a.metrics.counterValue("braid_s2s_revalidation_passes_total")
-                try await waitUntil { pair.a.metrics.counterValue("braid_s2s_revalidation_passes_total") >= passes + 3 }
-                #expect(pair.a.metrics.counterValue("braid_s2s_link_resets_total", [("reason", "revoked")]) <= 1)
-                #expect(await link.onLoop { $0.isClosed } == false)
-                #expect(pair.a.metrics.counterValue("braid_s2s_ocsp_requests_total") == 1)
-                await alice.close()
-                await bob.close()
             }
         }
     }
 
     @Test("A good OCSP answer leaves the link alone, and is shared by the next link presenting the certificate")
     func goodCertificateStays() async throws {
-        let ocspPort = try LoopbackPorts.freePort()
-        try await withFederation(ocspPort: ocspPort, configureA: { $0.s2s.revalidationIntervalSeconds = 0.25 }) { pair in
-            try await OCSPResponderFixture.with(port: ocspPort, issuer: pair.ca, states: [(pair.bCertificate, .valid)]) { _ in
-                let (alice, _) = try await pair.a.loggedIn("alice@a.example")
-                let (bob, _) = try await pair.b.loggedIn("bob@b.example")
-                try await bob.sendPresence()
-                try await alice.sendMessage(to: "bob@b.example", body: "one")
-                _ = try await bob.waitFor(timeout: .seconds(10)) { $0.name == "message" }
-                let first = try #require(pair.a.server.federation?.openLinks.first)
-                // The check was answered "good": the next one is due at the answer's nextUpdate.
-                try await waitUntil { await first.onLoop { $0.nextRevocationCheck }.map { $0 > Date() + 60 } == true }
-                #expect(pair.a.metrics.counterValue("braid_s2s_ocsp_requests_total") == 1)
-                // Revalidation passes keep running (every 0.25 s) and leave the link alone.
-                let passes = pair.a.metrics.counterValue("braid_s2s_revalidation_passes_total")
-                try await waitUntil { pair.a.metrics.counterValue("braid_s2s_revalidation_passes_total") >= passes + 3 }
-                #expect(pair.a.metrics.counterValue("braid_s2s_link_resets_total", [("reason", "revoked")]) == 0)
-                #expect(pair.a.server.federation?.openLinks.first === first)
-                #expect(pair.a.metrics.counterValue("braid_s2s_ocsp_requests_total") == 1)
+        try await OCSPResponderFixture.withResponderPort { ocspPort in
+            try await withFederation(ocspPort: ocspPort, configureA: { $0.s2s.revalidationIntervalSeconds = 0.25 }) { pair in
+                try await OCSPResponderFixture.with(port: ocspPort, issuer: pair.ca, states: [(pair.bCertificate, .valid)]) { _ in
+                    let (alice, _) = try await pair.a.loggedIn("alice@a.example")
+                    let (bob, _) = try await pair.b.loggedIn("bob@b.example")
+                    try await bob.sendPresence()
+                    try await alice.sendMessage(to: "bob@b.example", body: "one")
+                    _ = try await bob.waitFor(timeout: .seconds(10)) { $0.name == "message" }
+                    let first = try #require(pair.a.server.federation?.openLinks.first)
+                    // The check was answered "good": the next one is due at the answer's nextUpdate.
+                    try await waitUntil { await first.onLoop { $0.nextRevocationCheck }.map { $0 > Date() + 60 } == true }
+                    #expect(pair.a.metrics.counterValue("braid_s2s_ocsp_requests_total") == 1)
+                    // Revalidation passes keep running (every 0.25 s) and leave the link alone.
+                    let passes = pair.a.metrics.counterValue("braid_s2s_revalidation_passes_total")
+                    try await waitUntil { pair.a.metrics.counterValue("braid_s2s_revalidation_passes_total") >= passes + 3 }
+                    #expect(pair.a.metrics.counterValue("braid_s2s_link_resets_total", [("reason", "revoked")]) == 0)
+                    #expect(pair.a.server.federation?.openLinks.first === first)
+                    #expect(pair.a.metrics.counterValue("braid_s2s_ocsp_requests_total") == 1)
 
-                // A new link presenting the same certificate takes the cached answer (RFC 6960
-                // §2.4: good until nextUpdate) instead of asking the responder again.
-                first.closeStream()
-                try await waitUntil { pair.a.server.federation?.openLinks.contains { $0 === first } == false }
-                try await alice.sendMessage(to: "bob@b.example", body: "two")
-                #expect(try await bob.waitFor(timeout: .seconds(10)) { $0.name == "message" }.body == "two")
-                let second = try #require(pair.a.server.federation?.openLinks.first { $0 !== first && $0.origin == .outgoing })
-                try await waitUntil { await second.onLoop { $0.nextRevocationCheck }.map { $0 > Date() + 60 } == true }
-                #expect(pair.a.metrics.counterValue("braid_s2s_ocsp_requests_total") == 1)
-                await alice.close()
-                await bob.close()
+                    // A new link presenting the same certificate takes the cached answer (RFC 6960
+                    // §2.4: good until nextUpdate) instead of asking the responder again.
+                    first.closeStream()
+                    try await waitUntil { pair.a.server.federation?.openLinks.contains { $0 === first } == false }
+                    try await alice.sendMessage(to: "bob@b.example", body: "two")
+                    #expect(try await bob.waitFor(timeout: .seconds(10)) { $0.name == "message" }.body == "two")
+                    let second = try #require(pair.a.server.federation?.openLinks.first { $0 !== first && $0.origin == .outgoing })
+                    try await waitUntil { await second.onLoop { $0.nextRevocationCheck }.map { $0 > Date() + 60 } == true }
+                    #expect(pair.a.metrics.counterValue("braid_s2s_ocsp_requests_total") == 1)
+                    await alice.close()
+                    await bob.close()
+                }
             }
         }
     }

@@ -107,6 +107,28 @@ public final class OCSPResponderFixture: Sendable {
         Self.removeDirectory(directory)
     }
 
+    /// The port was taken before the responder bound it.
+    public struct PortTaken: Error, CustomStringConvertible {
+        public let port: Int
+        public let output: String
+        public var description: String { "port \(port) was taken before openssl ocsp bound it: \(output)" }
+    }
+
+    /// Runs `body` with a port chosen for a responder; when the responder finds it taken
+    /// (``PortTaken``), runs `body` again with another, up to `attempts` times. For tests that
+    /// must name the port before starting the responder (certificates carry its URL).
+    public static func withResponderPort<T: Sendable>(attempts: Int = 3, _ body: (Int) async throws -> T) async throws -> T {
+        var attempt = 1
+        while true {
+            let port = try LoopbackPorts.freePort()
+            do {
+                return try await body(port)
+            } catch is PortTaken where attempt < attempts {
+                attempt += 1
+            }
+        }
+    }
+
     /// The responder prints its banner once its socket listens; connections queue from then
     /// on. (Do not probe with a connect-and-close: OpenSSL 3.0's single-threaded responder
     /// then blocks on the dead connection and never answers the next one.)
@@ -114,6 +136,11 @@ public final class OCSPResponderFixture: Sendable {
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
             guard process.isRunning else {
+                // openssl could not bind: something else took the port between our check and
+                // its bind (another suite's pick). Callers that can choose again retry.
+                if process.output.contains("Error starting accept") || process.output.contains("Address already in use") {
+                    throw PortTaken(port: port, output: process.output)
+                }
                 throw Failure(description: "openssl ocsp exited: \(process.output)")
             }
             if process.output.contains("waiting for OCSP client connections") {
