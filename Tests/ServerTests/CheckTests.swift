@@ -312,21 +312,23 @@ final class CheckLab: Sendable {
     let configuration: BraidConfiguration
     let starttlsPort: Int
     let directTLSPort: Int
-    /// A port nothing listens on.
+    /// A port nothing listens on, held bound (not listening) for the suite.
     let closedPort: Int
+    private let closed: LoopbackPorts.ClosedTCPPort
     private let knot: KnotFixture
     private let listeners: [any Channel]
     private let site: any Channel
 
     func name(_ label: String) -> String { "\(label).\(Self.zone)" }
 
-    private init(directory: String, configuration: BraidConfiguration, starttlsPort: Int, directTLSPort: Int, closedPort: Int,
+    private init(directory: String, configuration: BraidConfiguration, starttlsPort: Int, directTLSPort: Int, closed: LoopbackPorts.ClosedTCPPort,
                  knot: KnotFixture, listeners: [any Channel], site: any Channel) {
         self.directory = directory
         self.configuration = configuration
         self.starttlsPort = starttlsPort
         self.directTLSPort = directTLSPort
-        self.closedPort = closedPort
+        self.closedPort = closed.port
+        self.closed = closed
         self.knot = knot
         self.listeners = listeners
         self.site = site
@@ -357,7 +359,8 @@ final class CheckLab: Sendable {
         }
         let (starttls, starttlsPort) = try await listen()
         let (direct, directTLSPort) = try await listen()
-        let closedPort = try LoopbackPorts.freePort()
+        let closed = try LoopbackPorts.closedTCPPort()
+        let closedPort = closed.port
 
         // Certificates: one CA; per domain a file in tls.certificates.
         let ca = try TestCertificateAuthority(commonName: "Check Lab CA")
@@ -469,9 +472,10 @@ final class CheckLab: Sendable {
             // Nothing listens there: POSH cannot be fetched.
             configuration.s2s.poshConnectOverrides[name("nohttps")] = "127.0.0.1:\(closedPort)"
             return CheckLab(directory: directory, configuration: configuration, starttlsPort: starttlsPort, directTLSPort: directTLSPort,
-                            closedPort: closedPort, knot: knot, listeners: [starttls, direct], site: site)
+                            closed: closed, knot: knot, listeners: [starttls, direct], site: site)
         } catch {
             await knot.stop()
+            closed.release()
             throw error
         }
     }
@@ -479,6 +483,7 @@ final class CheckLab: Sendable {
     func stop() async {
         for channel in listeners + [site] { try? await channel.close() }
         await knot.stop()
+        closed.release()
         try? FileManager.default.removeItem(atPath: directory)
     }
 }

@@ -116,7 +116,9 @@ struct FederationTests {
 
     @Test("A peer that does not answer bounces with remote-server-timeout")
     func unreachablePeer() async throws {
-        let closedPort = try LoopbackPorts.freePort()
+        let closed = try LoopbackPorts.closedTCPPort()
+        defer { closed.release() }
+        let closedPort = closed.port
         try await withFederation(configureA: { $0.s2s.peers["down.example"] = .init(host: "127.0.0.1", port: closedPort) }) { pair in
             let (alice, _) = try await pair.a.loggedIn("alice@a.example")
             try await alice.sendMessage(to: "someone@down.example", body: "?", id: "d1")

@@ -1080,7 +1080,9 @@ struct SQLiteStorageCorruptRowTests {
 struct PostgresFaultTests {
     @Test("An unreachable server is a clear error at start, within the connect timeout")
     func unreachableAtStart() async throws {
-        let port = try LoopbackPorts.freePort()
+        let closed = try LoopbackPorts.closedTCPPort()
+        defer { closed.release() }
+        let port = closed.port
         var settings = try PostgresConnectionSettings(url: "postgresql://braid:secret@127.0.0.1:\(port)/braid?sslmode=disable")
         settings.connectTimeout = .seconds(2)
         let storage = try PostgresStorage(settings: settings, eventLoopGroup: MultiThreadedEventLoopGroup.singleton, logger: StorageLocation.quietLogger())

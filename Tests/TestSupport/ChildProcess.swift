@@ -157,6 +157,17 @@ public enum LoopbackPorts {
         throw ChildProcess.Failure(description: "no free loopback port found")
     }
 
+    /// A TCP port on 127.0.0.1 where nothing listens, held for as long as the test needs it:
+    /// a socket bound there without `listen()`, so connections are refused and no other test
+    /// can take the port. A port from ``freePort()`` used as "closed" could be taken by another
+    /// suite's child meanwhile (an `openssl ocsp` responder, which serves one connection at a
+    /// time and then waited on our stray connect until its own client timed out). Call
+    /// ``ClosedTCPPort/release()`` when done.
+    public static func closedTCPPort() throws -> ClosedTCPPort {
+        let (fd, port) = try boundSocket(type: stream, port: 0)
+        return ClosedTCPPort(fd: fd, port: port)
+    }
+
     /// A UDP socket bound to 127.0.0.1 that never answers: a black hole for timeout tests.
     /// Close the returned descriptor when done.
     public static func silentUDPSocket() throws -> (fd: Int32, port: Int) {
@@ -170,6 +181,16 @@ public enum LoopbackPorts {
     public static let datagram = SOCK_DGRAM
     public static let stream = SOCK_STREAM
     #endif
+
+    /// See ``closedTCPPort()``.
+    public struct ClosedTCPPort: Sendable {
+        fileprivate let fd: Int32
+        public let port: Int
+
+        public func release() {
+            close(fd)
+        }
+    }
 
     public static func boundSocket(type: Int32, port: Int) throws -> (fd: Int32, port: Int) {
         let fd = socket(AF_INET, type, 0)
