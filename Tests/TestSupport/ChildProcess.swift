@@ -133,6 +133,11 @@ public enum LoopbackPorts {
     /// responder's port before `openssl ocsp` bound it ("Address already in use", 1 suite run
     /// in 5). Below the range only another test's pick can collide, and that is checked.
     public static func freePort() throws -> Int {
+        // Every suite runs in this one process, and each checks only that its port is free
+        // when it asks, binding it later: two suites given the same port in that window made
+        // one of them fail to bind (an ACME listener, an OCSP responder) in clean-clone CI
+        // runs. A port is handed out once per process.
+        func claim(_ port: Int) -> Bool { handedOut.withLock { $0.insert(port).inserted } }
         let ephemeralLow = (try? String(contentsOfFile: "/proc/sys/net/ipv4/ip_local_port_range", encoding: .utf8))
             .flatMap { $0.split(whereSeparator: \.isWhitespace).first.flatMap { Int($0) } } ?? 32768
         if ephemeralLow > 12000 {
@@ -142,7 +147,7 @@ public enum LoopbackPorts {
                 defer { close(udp.fd) }
                 if let tcp = try? boundSocket(type: stream, port: port) {
                     close(tcp.fd)
-                    return port
+                    if claim(port) { return port }
                 }
             }
         }
@@ -151,11 +156,14 @@ public enum LoopbackPorts {
             defer { close(udp.fd) }
             if let tcp = try? boundSocket(type: stream, port: udp.port) {
                 close(tcp.fd)
-                return udp.port
+                if claim(udp.port) { return udp.port }
             }
         }
         throw ChildProcess.Failure(description: "no free loopback port found")
     }
+
+    /// The ports ``freePort()`` has handed out in this process.
+    private static let handedOut = Mutex<Set<Int>>([])
 
     /// A TCP port on 127.0.0.1 where nothing listens, held for as long as the test needs it:
     /// a socket bound there without `listen()`, so connections are refused and no other test
