@@ -35,6 +35,14 @@ let package = Package(
         // Already in the graph through Hummingbird: the HTTP/1 ⇄ HTTP types codec for the
         // HTTPS listener that also upgrades to WebSocket (RFC 7395).
         .package(url: "https://github.com/apple/swift-nio-extras.git", from: "1.35.2"),
+        // Cluster node links (issue 18): one gRPC bidirectional stream per node pair.
+        .package(url: "https://github.com/grpc/grpc-swift-2.git", from: "2.4.3"),
+        .package(url: "https://github.com/grpc/grpc-swift-nio-transport.git", from: "2.9.2"),
+        // The provisioning API's server side, generated once from docs/provisioning-api.yaml.
+        .package(url: "https://github.com/apple/swift-openapi-runtime.git", from: "1.13.4"),
+        .package(url: "https://github.com/hummingbird-project/swift-openapi-hummingbird.git", from: "2.1.0"),
+        // Latency histograms of the load generator (braid-load).
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", from: "0.2.0"),
     ],
     targets: [
         .systemLibrary(name: "CExpat", pkgConfig: "expat", providers: [.apt(["libexpat1-dev"])]),
