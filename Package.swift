@@ -14,6 +14,7 @@ let package = Package(
     products: [
         .executable(name: "braid", targets: ["braid"]),
         .executable(name: "braid-bench", targets: ["BraidBench"]),
+        .executable(name: "braid-load", targets: ["BraidLoad"]),
         .library(name: "XMPPCore", targets: ["XMPPCore"]),
         .library(name: "XMPPStream", targets: ["XMPPStream"]),
     ],
@@ -204,6 +205,20 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        // The c2s load generator (bench/c2s.py): kept off Server so that it builds quickly.
+        .executableTarget(
+            name: "BraidLoad",
+            dependencies: [
+                "XMPPCore",
+                "XMPPStream",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
             ],
             swiftSettings: strictSettings
         ),

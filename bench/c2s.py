@@ -21,6 +21,23 @@ Two tsung runs per server:
             from its fullstats log: p50/p99. The sustained rate is the highest step whose
             delivered rate is >= 95 % of the offered rate and whose p99 stays below 100 ms.
             CPU per message = server CPU seconds during the chat window / messages delivered.
+
+braid-load (Sources/BraidLoad, issue 16 item 1) is the second generator, beside tsung:
+  loadgen   for each offered rate, U sessions log in with real TLS (STARTTLS, the test
+            certificates accepted), SCRAM-SHA-256 where the server offers it (else what it
+            offers: recorded per step), bind and XEP-0198 stream management, then send chat
+            messages to random other sessions at a fixed total rate (open loop: scheduled by
+            time), each stamped with its scheduled send time; latency from that stamp to
+            arrival in an HdrHistogram. The generator's own CPU (getrusage) and its busiest
+            thread's share are recorded, so a saturated generator shows.
+  calibration  tsung and braid-load against the same server at one rate both reach:
+            braid-load configured as tsung drives (PLAIN, no stream management, initial
+            presence), then as it drives by default (SCRAM, stream management); the delivered
+            rates must agree within 10 %.
+Pinning: with two or more cores the server runs on the first half of them and the generator
+(tsung or braid-load) on the rest (`taskset`), in every step; recorded as "pinning".
+Stream management: Prosody loads mod_smacks and ejabberd mod_stream_mgmt in every c2s run
+(tsung does not enable it, so its runs are unaffected); Braid has it on by default.
 """
 
 import contextlib
@@ -35,7 +52,7 @@ import tempfile
 import threading
 import time
 
-from common import LoopbackNamespace, Sampler, cpu_seconds, log, rss_kib, server_pids, lab
+from common import ROOT, LoopbackNamespace, Sampler, cpu_seconds, log, rss_kib, server_pids, lab
 import servers
 
 DOMAIN = "c2s.test"
@@ -49,6 +66,11 @@ TUNING = {
                  "loglevel warning", "no shaper on c2s (none configured)", "auth_password_format scram, sha, 4096 iterations (default)"],
     "tsung": ["one controller VM that is also the load client (use_controller_vm)", "SASL PLAIN inside STARTTLS (tsung 1.7 has no SCRAM)",
               "stats every 1 s (ERL_ZFLAGS -tsung_controller dumpstats_interval 1000), fullstats backend for latency percentiles"],
+    "braid-load": ["one event-loop thread (--threads 1) on the generator's core", "STARTTLS, certificate not verified (self-signed test certificate), TCP_NODELAY",
+                   "SASL: SCRAM-SHA-256 if offered, else SCRAM-SHA-1, else PLAIN (the mechanism used is recorded per step)",
+                   "stream management enabled, one <r/> per session after the last send (the server's h is checked)",
+                   "64-byte bodies, each session sends to random other sessions; latency from the scheduled send time"],
+    "stream management": ["Prosody: mod_smacks loaded; ejabberd: mod_stream_mgmt loaded (defaults); Braid: on by default"],
 }
 
 BRAID_ENV = {"BRAID_C2S_STANZAS_PER_SECOND": "100000", "BRAID_C2S_STANZA_BURST": "100000"}
@@ -109,7 +131,7 @@ def run_tsung(ns, workdir, name, config_text, limit):
     logdir = os.path.join(workdir, f"log-{name}")
     os.makedirs(logdir, exist_ok=True)
     env = dict(os.environ, HOME=workdir, ERL_ZFLAGS="-tsung_controller dumpstats_interval 1000")
-    argv = ns.argv(["tsung", "-n", "-I", "127.0.0.1", "-l", logdir, "-f", config, "start"])
+    argv = ns.argv(generator_argv(["tsung", "-n", "-I", "127.0.0.1", "-l", logdir, "-f", config, "start"]))
     with open(os.path.join(workdir, f"{name}.out"), "w") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir,
                                    start_new_session=True)
@@ -179,11 +201,73 @@ def established(ns):
     return len([line for line in out.stdout.splitlines() if line.strip()])
 
 
+def pinning():
+    """Cores for the server and for the generator (tsung or braid-load), or None when the
+    machine has one core or no taskset: the server takes the first half, the generator the rest."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2 or not shutil.which("taskset"):
+        return None
+    half = len(cores) // 2
+    return {"server": ",".join(map(str, cores[:half])), "generator": ",".join(map(str, cores[half:]))}
+
+
+PIN = pinning()
+
+
+def pinning_record():
+    return dict(PIN, tool="taskset") if PIN else {"note": "not pinned (one core, or no taskset)"}
+
+
+def generator_argv(argv):
+    return ["taskset", "-c", PIN["generator"], *argv] if PIN else argv
+
+
+def pin_server(server):
+    """Every thread of every server process onto the server's cores (children started later
+    inherit it)."""
+    if not PIN:
+        return
+    for pid in server_pids(server.pid):
+        lab.run(["taskset", "-a", "-p", "-c", PIN["server"], str(pid)], check=False)
+
+
+class _ProsodyWithSM(servers.ProsodyServer):
+    """Prosody 0.12 with mod_smacks (XEP-0198) loaded; the rest as servers.py writes it."""
+
+    def write_config(self):
+        super().write_config()
+        with open(self.config) as handle:
+            text = handle.read()
+        text = text.replace('"admin_shell" }', '"admin_shell", "smacks" }', 1)
+        lab.write_file(self.config, text, 0o640)
+        lab.chown_tree(self.directory, "prosody")
+
+
+class _EjabberdWithSM(servers.EjabberdServer):
+    """ejabberd 23.01 with mod_stream_mgmt (XEP-0198) loaded; the rest as servers.py writes it."""
+
+    def write_config(self):
+        super().write_config()
+        with open(self.config) as handle:
+            text = handle.read()
+        text = text.replace("modules:\n", "modules:\n  mod_stream_mgmt: {}\n", 1)
+        lab.write_file(self.config, text, 0o640)
+        lab.chown_tree(self.directory, "ejabberd")
+
+
 def start_server(kind, ns, workdir, users, braid_binary):
     made = time.monotonic()
-    server = servers.start_with_users(kind, ns.ns, os.path.join(workdir, kind), [DOMAIN], users, braid_binary,
-                                      braid_env=BRAID_ENV)
-    log(f"c2s {kind}: {users} accounts, server up ({time.monotonic() - made:.1f}s)")
+    # servers.start_with_users with stream management on the peers (SERVERS swapped for the call).
+    saved = dict(servers.SERVERS)
+    servers.SERVERS.update({"prosody": _ProsodyWithSM, "ejabberd": _EjabberdWithSM})
+    try:
+        server = servers.start_with_users(kind, ns.ns, os.path.join(workdir, kind), [DOMAIN], users, braid_binary,
+                                          braid_env=BRAID_ENV)
+    finally:
+        servers.SERVERS.clear()
+        servers.SERVERS.update(saved)
+    pin_server(server)
+    log(f"c2s {kind}: {users} accounts, server up ({time.monotonic() - made:.1f}s), pinning {pinning_record()}")
     return server
 
 
@@ -327,69 +411,64 @@ def _errors(intervals):
     return errors
 
 
-def messages_run(kind, ns, workdir, users, rates, seconds, braid_binary):
-    """One tsung run per offered rate; latency percentiles and delivered rate per step."""
-    os.makedirs(workdir, exist_ok=True)
-    os.chmod(workdir, 0o755)
-    server = start_server(kind, ns, workdir, users, braid_binary)
-    steps = []
-    try:
-        baseline_p99 = None
-        for rate in rates:
-            think = users / rate
-            loops = max(1, int(seconds / think))
-            login_rate = 200
-            login_seconds = math.ceil(users / login_rate) + 2
-            settle = login_seconds + 3
-            body = (f'<thinktime value="{settle}" random="false"/>\n'
-                    f'<for from="1" to="{loops}" var="i">\n'
-                    f'  <request><jabber type="chat" ack="no_ack" size="64" destination="online" stamped="true"/></request>\n'
-                    f'  <thinktime value="{think:.4f}" random="false"/>\n'
-                    f'</for>\n<thinktime value="3" random="false"/>')
-            duration = login_seconds + settle + seconds + 30
-            config = tsung_config([(login_seconds, users, login_rate)], body, users, duration)
-            pids = server_pids(server.pid)
-            cpu_marks = {}
+def load_average():
+    with open("/proc/loadavg") as handle:
+        return [float(x) for x in handle.read().split()[:3]]
 
-            def probe():
-                return {"cpu": cpu_seconds(pids)}
 
-            sampler = Sampler(probe, 0.5)
-            sampler.start()
-            started = time.monotonic()
-            logdir = run_tsung(ns, workdir, f"{kind}-rate{rate}", config, duration + 120)
-            sampler.stop()
-            # CPU in the chat window: from the end of the settle time for `seconds`.
-            window_start = started + 1 + settle
-            window_end = window_start + loops * think
-            before = [v["cpu"] for t, v in sampler.samples if t <= window_start]
-            after = [v["cpu"] for t, v in sampler.samples if t <= window_end]
-            cpu_window = (after[-1] - before[-1]) if before and after else None
-            samples = latency_samples(logdir) if logdir else []
-            intervals = parse_stats(logdir) if logdir else []
-            sent = users * loops  # planned: tsung does not count chat requests by type
-            delivered = len(samples)
-            window = loops * think
-            step = {
-                "offered_per_second": rate, "users": users, "interval_seconds": round(think, 4),
-                "window_seconds": round(window, 2), "sent": int(sent) if sent is not None else None,
-                "delivered": delivered,
-                "delivered_per_second": round(delivered / window, 1) if window else None,
-                "p50_ms": percentile(samples, 50), "p99_ms": percentile(samples, 99),
-                "max_ms": max(samples) if samples else None,
-                "server_cpu_seconds": round(cpu_window, 2) if cpu_window is not None else None,
-                "cpu_us_per_message": round(cpu_window / delivered * 1e6, 1) if cpu_window and delivered else None,
-                "tsung_errors": _errors(intervals),
-            }
-            if baseline_p99 is None and step["p99_ms"] is not None:
-                baseline_p99 = step["p99_ms"]
-            steps.append(step)
-            log(f"c2s {kind} @ {rate}/s: {json.dumps(step)}")
-            if step["delivered_per_second"] is not None and step["delivered_per_second"] < 0.5 * rate:
-                log(f"c2s {kind}: delivered under half the offered rate; no higher step")
-                break
-    finally:
-        server.stop()
+def tsung_step(kind, ns, workdir, server, users, rate, seconds):
+    """One tsung run at RATE: U users log in, then chat for SECONDS; the step's figures."""
+    think = users / rate
+    loops = max(1, int(seconds / think))
+    login_rate = 200
+    login_seconds = math.ceil(users / login_rate) + 2
+    settle = login_seconds + 3
+    body = (f'<thinktime value="{settle}" random="false"/>\n'
+            f'<for from="1" to="{loops}" var="i">\n'
+            f'  <request><jabber type="chat" ack="no_ack" size="64" destination="online" stamped="true"/></request>\n'
+            f'  <thinktime value="{think:.4f}" random="false"/>\n'
+            f'</for>\n<thinktime value="3" random="false"/>')
+    duration = login_seconds + settle + seconds + 30
+    config = tsung_config([(login_seconds, users, login_rate)], body, users, duration)
+    pids = server_pids(server.pid)
+
+    def probe():
+        return {"cpu": cpu_seconds(pids)}
+
+    sampler = Sampler(probe, 0.5)
+    sampler.start()
+    started = time.monotonic()
+    logdir = run_tsung(ns, workdir, f"{kind}-rate{rate}", config, duration + 120)
+    sampler.stop()
+    # CPU in the chat window: from the end of the settle time for `seconds`.
+    window_start = started + 1 + settle
+    window_end = window_start + loops * think
+    before = [v["cpu"] for t, v in sampler.samples if t <= window_start]
+    after = [v["cpu"] for t, v in sampler.samples if t <= window_end]
+    cpu_window = (after[-1] - before[-1]) if before and after else None
+    samples = latency_samples(logdir) if logdir else []
+    intervals = parse_stats(logdir) if logdir else []
+    sent = users * loops  # planned: tsung does not count chat requests by type
+    delivered = len(samples)
+    window = loops * think
+    return {
+        "generator": "tsung",
+        "offered_per_second": rate, "users": users, "interval_seconds": round(think, 4),
+        "window_seconds": round(window, 2), "sent": int(sent) if sent is not None else None,
+        "delivered": delivered,
+        "delivered_per_second": round(delivered / window, 1) if window else None,
+        "p50_ms": percentile(samples, 50), "p90_ms": percentile(samples, 90), "p99_ms": percentile(samples, 99),
+        "max_ms": max(samples) if samples else None,
+        "server_cpu_seconds": round(cpu_window, 2) if cpu_window is not None else None,
+        "cpu_us_per_message": round(cpu_window / delivered * 1e6, 1) if cpu_window and delivered else None,
+        "tsung_errors": _errors(intervals),
+        "load_average_after": load_average(),
+    }
+
+
+def summarize(steps):
+    """The sustained step: the highest offered rate whose delivered rate is >= 95 % of it
+    and whose p99 stays below 100 ms."""
     sustained = None
     for step in steps:
         ok = (step["delivered_per_second"] or 0) >= 0.95 * step["offered_per_second"] and \
@@ -403,9 +482,209 @@ def messages_run(kind, ns, workdir, users, rates, seconds, braid_binary):
             "cpu_us_per_message_at_sustained": sustained["cpu_us_per_message"] if sustained else None}
 
 
+def messages_run(kind, ns, workdir, users, rates, seconds, braid_binary):
+    """One tsung run per offered rate; latency percentiles and delivered rate per step."""
+    os.makedirs(workdir, exist_ok=True)
+    os.chmod(workdir, 0o755)
+    server = start_server(kind, ns, workdir, users, braid_binary)
+    steps = []
+    try:
+        for rate in rates:
+            step = tsung_step(kind, ns, workdir, server, users, rate, seconds)
+            steps.append(step)
+            log(f"c2s {kind} @ {rate}/s: {json.dumps(step)}")
+            if step["delivered_per_second"] is not None and step["delivered_per_second"] < 0.5 * rate:
+                log(f"c2s {kind}: delivered under half the offered rate; no higher step")
+                break
+    finally:
+        server.stop()
+    return summarize(steps)
+
+
+# -- braid-load ------------------------------------------------------------------------------
+
+def load_binary():
+    """braid-load: $BRAID_LOAD_BINARY, else a release build (.build or .build-load), else a
+    debug one; copied privately so that a build elsewhere cannot swap it mid-run. None if absent."""
+    candidates = [os.environ.get("BRAID_LOAD_BINARY"),
+                  os.path.join(ROOT, ".build", "release", "braid-load"),
+                  os.path.join(ROOT, ".build-load", "release", "braid-load"),
+                  os.path.join(ROOT, ".build", "debug", "braid-load")]
+    for path in candidates:
+        if path and os.path.exists(path):
+            private = os.path.join(tempfile.mkdtemp(prefix="braidbench-load-"), "braid-load")
+            shutil.copy2(path, private)
+            os.chmod(os.path.dirname(private), 0o755)
+            built = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(os.path.getmtime(path)))
+            return private, {"path": path, "built": built,
+                             "config": "debug" if "/debug/" in path else "release"}
+    return None, None
+
+
+def loadgen_args(users, rate, seconds, login_rate, mechanism="auto", sm=True, presence=False, threads=1):
+    args = ["--host", servers.ADDRESS, "--port", str(servers.C2S_PORT), "--user", f"user%d@{DOMAIN}",
+            "--password", "pass%d", "--sessions", str(users), "--login-rate", str(login_rate),
+            "--rate", str(rate), "--duration", str(seconds), "--insecure", "--mechanism", mechanism,
+            "--threads", str(threads), "--body-bytes", "64", "--drain", "10"]
+    if not sm:
+        args.append("--no-stream-management")
+    if presence:
+        args.append("--presence")
+    return args
+
+
+def run_loadgen(ns, workdir, name, binary, args, limit):
+    """Runs braid-load (pinned) to completion; returns (report or None, phase marks as
+    monotonic times: messages, sent, drained)."""
+    out = os.path.join(workdir, f"{name}.json")
+    argv = ns.argv(generator_argv([binary, *args, "--output", out, "--verbose"]))
+    marks = {}
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+
+    def reader():
+        with open(os.path.join(workdir, f"{name}.err"), "w") as errlog:
+            for line in process.stderr:
+                errlog.write(line)
+                match = re.search(r"phase: (\w+)", line)
+                if match:
+                    marks[match.group(1)] = time.monotonic()
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        process.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        log(f"braid-load {name} exceeded {limit}s; stopping it")
+        lab.stop_pids([process.pid])
+        process.wait(timeout=20)
+    thread.join(timeout=5)
+    if not os.path.exists(out):
+        return None, marks
+    with open(out) as handle:
+        return json.load(handle), marks
+
+
+def loadgen_step(kind, ns, workdir, server, users, rate, seconds, binary, login_rate, **options):
+    """One braid-load run at RATE (fresh logins, then SECONDS of messages); the step's figures,
+    in the same shape as tsung_step's plus the generator's own."""
+    os.makedirs(workdir, exist_ok=True)
+    os.chmod(workdir, 0o755)
+    pids = server_pids(server.pid)
+
+    def probe():
+        return {"cpu": cpu_seconds(pids)}
+
+    sampler = Sampler(probe, 0.25)
+    sampler.start()
+    name = f"{kind}-load{rate}" + "".join(f"-{k}{v}" for k, v in sorted(options.items()))
+    limit = users / login_rate + seconds + 120
+    report, marks = run_loadgen(ns, workdir, name, binary, loadgen_args(users, rate, seconds, login_rate, **options), limit)
+    sampler.stop()
+    step = {"generator": "braid-load", "offered_per_second": rate, "users": users, "window_seconds": seconds,
+            "options": options, "load_average_after": load_average(), "report": os.path.join(workdir, f"{name}.json")}
+    if report is None:
+        step["error"] = "braid-load wrote no report (see the .err file beside it)"
+        step.update({"delivered_per_second": None, "p50_ms": None, "p99_ms": None, "cpu_us_per_message": None})
+        return step
+    m, lg, cpu, sm = report["messages"], report["logins"], report["generator_cpu"], report["stream_management"]
+    latency = m["latency_ms"]
+    cpu_window = None
+    if "messages" in marks and "sent" in marks:
+        # The sending window: braid-load starts sending 0.1 s after it prints the mark.
+        start, end = marks["messages"] + 0.1, marks["sent"]
+        before = [v["cpu"] for t, v in sampler.samples if t <= start]
+        after = [v["cpu"] for t, v in sampler.samples if t <= end]
+        cpu_window = (after[-1] - before[-1]) if before and after else None
+    step.update({
+        "sessions_logged_in": lg["succeeded"], "login_failures": lg["failed"], "login_errors": lg["errors"],
+        "mechanism": lg["mechanism"], "mechanisms": lg["mechanisms"],
+        "logins_per_second": lg["achieved_per_second"], "login_p50_ms": lg["latency_ms"].get("p50"),
+        "login_p99_ms": lg["latency_ms"].get("p99"), "generator_cpu_ms_per_login": lg["generator_cpu_ms_per_login"],
+        "sent": m["sent"], "sent_per_second": m["sent_per_second"], "delivered": m["received"], "lost": m["lost"],
+        "delivered_per_second": m["delivered_per_second"],
+        "p50_ms": latency.get("p50"), "p90_ms": latency.get("p90"), "p99_ms": latency.get("p99"),
+        "p99_9_ms": latency.get("p99_9"), "max_ms": latency.get("max"),
+        "send_lag_p99_ms": m["send_lag_ms"].get("p99"),
+        "server_cpu_seconds": round(cpu_window, 2) if cpu_window is not None else None,
+        "cpu_us_per_message": round(cpu_window / m["received"] * 1e6, 1) if cpu_window and m["received"] else None,
+        "generator_cores": cpu["message_phase_cores"], "generator_busiest_thread_share": cpu["busiest_thread_share"],
+        "generator_us_per_message": cpu["us_per_message_sent_and_received"],
+        "sm_sessions": sm["enabled_sessions"], "sm_final_acked": sm["final_acked_stanzas"],
+        "sm_final_expected": sm["final_expected_stanzas"], "disconnects": report["disconnects"], "errors": report["errors"],
+    })
+    return step
+
+
+def loadgen_messages_run(kind, ns, workdir, users, rates, seconds, braid_binary, binary, login_rate):
+    """braid-load at each offered rate against one server; summarized like messages_run."""
+    os.makedirs(workdir, exist_ok=True)
+    os.chmod(workdir, 0o755)
+    server = start_server(kind, ns, workdir, users, braid_binary)
+    steps = []
+    try:
+        for rate in rates:
+            step = loadgen_step(kind, ns, workdir, server, users, rate, seconds, binary, login_rate)
+            steps.append(step)
+            log(f"c2s {kind} braid-load @ {rate}/s: {json.dumps(step)}")
+            if step["delivered_per_second"] is None or step["delivered_per_second"] < 0.5 * rate:
+                log(f"c2s {kind}: braid-load delivered under half the offered rate; no higher step")
+                break
+    finally:
+        server.stop()
+    return summarize(steps)
+
+
+def calibration_run(kind, ns, workdir, users, rate, seconds, braid_binary, binary, login_rate):
+    """tsung and braid-load against the same server at RATE: braid-load first as tsung drives
+    (PLAIN, no stream management, initial presence), then as it drives by default. The
+    delivered rates should agree within 10 % (issue 16)."""
+    os.makedirs(workdir, exist_ok=True)
+    os.chmod(workdir, 0o755)
+    server = start_server(kind, ns, workdir, users, braid_binary)
+    try:
+        tsung = tsung_step(kind, ns, workdir, server, users, rate, seconds)
+        alike = loadgen_step(kind, ns, workdir, server, users, rate, seconds, binary, login_rate,
+                             mechanism="PLAIN", sm=False, presence=True)
+        default = loadgen_step(kind, ns, workdir, server, users, rate, seconds, binary, login_rate)
+    finally:
+        server.stop()
+
+    def ratio(a, b):
+        return round(a / b, 3) if a is not None and b else None
+
+    delivered = ratio(alike["delivered_per_second"], tsung["delivered_per_second"])
+    result = {"offered_per_second": rate, "users": users, "seconds": seconds, "tsung": tsung,
+              "braid_load_like_tsung": alike, "braid_load_default": default,
+              "delivered_ratio": delivered,
+              "delivered_ratio_default": ratio(default["delivered_per_second"], tsung["delivered_per_second"]),
+              "p50_ratio": ratio(alike["p50_ms"], tsung["p50_ms"]), "p99_ratio": ratio(alike["p99_ms"], tsung["p99_ms"]),
+              "cpu_per_message_ratio": ratio(alike["cpu_us_per_message"], tsung["cpu_us_per_message"]),
+              "agree_within_10_percent": delivered is not None and abs(delivered - 1) <= 0.10}
+    log(f"c2s {kind} calibration @ {rate}/s: tsung {tsung['delivered_per_second']}/s p50 {tsung['p50_ms']} p99 {tsung['p99_ms']}; "
+        f"braid-load {alike['delivered_per_second']}/s p50 {alike['p50_ms']} p99 {alike['p99_ms']}; ratio {delivered}")
+    return result
+
+
+def default_loadgen(chat_users, rates, chat_seconds, login_rate):
+    """braid-load's sizes from tsung's: the same users, rates and window, plus two rates
+    beyond tsung's ceiling here (twice and four times the highest) on a full run; the
+    calibration at the highest rate both reach on these 2 cores (2,000/s, or the smoke rate)."""
+    full = max(rates) >= 1000  # not a smoke run: the smoke run does one short braid-load step, no calibration
+    extra = [max(rates) * 2, max(rates) * 4] if full else []
+    reachable = [r for r in rates if r <= 2000]
+    calibration = {"rate": max(reachable) if reachable else min(rates), "users": chat_users, "seconds": chat_seconds}
+    return {"users": chat_users, "rates": list(rates) + extra, "seconds": chat_seconds, "login_rate": login_rate,
+            "calibration": calibration if full else None}
+
+
 def run(kinds, session_steps, chat_users, rates, chat_seconds, braid_binary, login_rate=200, pause=8, first_rate=500,
-        keepalive=None):
+        keepalive=None, loadgen=None):
     results = {}
+    loadgen = loadgen or default_loadgen(chat_users, rates, chat_seconds, login_rate)
+    binary, binary_facts = load_binary()
+    if binary is None:
+        log("c2s: braid-load is not built (swift build -c release --product braid-load); its steps are skipped")
     for kind in kinds:
         workdir = tempfile.mkdtemp(prefix=f"braidbench-c2s-{kind}-")
         os.chmod(workdir, 0o755)
@@ -431,7 +710,75 @@ def run(kinds, session_steps, chat_users, rates, chat_seconds, braid_binary, log
                 except Exception as error:  # noqa: BLE001
                     entry["messages_error"] = f"{type(error).__name__}: {str(error)[-500:]}"
                     log(f"c2s {kind} messages: {entry['messages_error']}")
+            if binary:
+                with LoopbackNamespace("c2s") as ns:
+                    try:
+                        entry["loadgen"] = loadgen_messages_run(kind, ns, os.path.join(workdir, "l"), loadgen["users"],
+                                                                loadgen["rates"], loadgen["seconds"], braid_binary, binary,
+                                                                loadgen["login_rate"])
+                    except Exception as error:  # noqa: BLE001
+                        entry["loadgen_error"] = f"{type(error).__name__}: {str(error)[-500:]}"
+                        log(f"c2s {kind} braid-load: {entry['loadgen_error']}")
+                calibration = loadgen.get("calibration")
+                if calibration:
+                    with LoopbackNamespace("c2s") as ns:
+                        try:
+                            entry["calibration"] = calibration_run(kind, ns, os.path.join(workdir, "c"), calibration["users"],
+                                                                   calibration["rate"], calibration["seconds"], braid_binary,
+                                                                   binary, loadgen["login_rate"])
+                        except Exception as error:  # noqa: BLE001
+                            entry["calibration_error"] = f"{type(error).__name__}: {str(error)[-500:]}"
+                            log(f"c2s {kind} calibration: {entry['calibration_error']}")
         finally:
             entry["workdir"] = workdir
         results[kind] = entry
-    return {"results": results, "tuning": TUNING}
+    if binary:
+        shutil.rmtree(os.path.dirname(binary), ignore_errors=True)
+    return {"results": results, "tuning": TUNING, "pinning": pinning_record(), "braid_load": binary_facts,
+            "loadgen_sizes": loadgen if binary else None}
+
+
+def main():
+    """Only the braid-load parts, for one server kind (needs root):
+    bench/c2s.py KIND [--users U] [--rates R,R] [--seconds S] [--calibrate RATE] [--braid PATH]"""
+    import argparse
+    import common
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("kind", choices=["braid", "prosody", "ejabberd"])
+    parser.add_argument("--users", type=int, default=200)
+    parser.add_argument("--rates", default="1000")
+    parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--login-rate", type=int, default=200)
+    parser.add_argument("--calibrate", type=int, help="run the tsung calibration at this rate instead")
+    parser.add_argument("--braid", default=os.path.join(ROOT, ".build", "release", "braid"))
+    parser.add_argument("--out", help="write the JSON here")
+    args = parser.parse_args()
+    common.raise_file_limit()
+    binary, facts = load_binary()
+    if binary is None:
+        raise SystemExit("braid-load is not built")
+    private = os.path.join(tempfile.mkdtemp(prefix="braidbench-bin-"), "braid")
+    shutil.copy2(args.braid, private)
+    os.chmod(os.path.dirname(private), 0o755)
+    workdir = tempfile.mkdtemp(prefix=f"braidbench-c2s-{args.kind}-")
+    os.chmod(workdir, 0o755)
+    result = {"kind": args.kind, "pinning": pinning_record(), "braid_load": facts, "load_average_at_start": load_average(),
+              "braid_binary": args.braid}
+    with LoopbackNamespace("c2s") as ns:
+        if args.calibrate:
+            result["calibration"] = calibration_run(args.kind, ns, workdir, args.users, args.calibrate, args.seconds,
+                                                    private, binary, args.login_rate)
+        else:
+            rates = [int(r) for r in args.rates.split(",")]
+            result["loadgen"] = loadgen_messages_run(args.kind, ns, workdir, args.users, rates, args.seconds, private,
+                                                     binary, args.login_rate)
+    result["load_average_at_end"] = load_average()
+    text = json.dumps(result, indent=1)
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
