@@ -606,6 +606,8 @@ def loadgen_step(kind, ns, workdir, server, users, rate, seconds, binary, login_
         "p50_ms": latency.get("p50"), "p90_ms": latency.get("p90"), "p99_ms": latency.get("p99"),
         "p99_9_ms": latency.get("p99_9"), "max_ms": latency.get("max"),
         "send_lag_p99_ms": m["send_lag_ms"].get("p99"),
+        "p50_from_schedule_ms": m.get("latency_from_schedule_ms", {}).get("p50"),
+        "p99_from_schedule_ms": m.get("latency_from_schedule_ms", {}).get("p99"),
         "server_cpu_seconds": round(cpu_window, 2) if cpu_window is not None else None,
         "cpu_us_per_message": round(cpu_window / m["received"] * 1e6, 1) if cpu_window and m["received"] else None,
         "generator_cores": cpu["message_phase_cores"], "generator_busiest_thread_share": cpu["busiest_thread_share"],
@@ -764,14 +766,18 @@ def main():
     os.chmod(workdir, 0o755)
     result = {"kind": args.kind, "pinning": pinning_record(), "braid_load": facts, "load_average_at_start": load_average(),
               "braid_binary": args.braid}
-    with LoopbackNamespace("c2s") as ns:
-        if args.calibrate:
-            result["calibration"] = calibration_run(args.kind, ns, workdir, args.users, args.calibrate, args.seconds,
-                                                    private, binary, args.login_rate)
-        else:
-            rates = [int(r) for r in args.rates.split(",")]
-            result["loadgen"] = loadgen_messages_run(args.kind, ns, workdir, args.users, rates, args.seconds, private,
-                                                     binary, args.login_rate)
+    try:
+        with LoopbackNamespace("c2s") as ns:
+            if args.calibrate:
+                result["calibration"] = calibration_run(args.kind, ns, workdir, args.users, args.calibrate, args.seconds,
+                                                        private, binary, args.login_rate)
+            else:
+                rates = [int(r) for r in args.rates.split(",")]
+                result["loadgen"] = loadgen_messages_run(args.kind, ns, workdir, args.users, rates, args.seconds, private,
+                                                         binary, args.login_rate)
+    finally:
+        shutil.rmtree(os.path.dirname(private), ignore_errors=True)
+        shutil.rmtree(os.path.dirname(binary), ignore_errors=True)
     result["load_average_at_end"] = load_average()
     text = json.dumps(result, indent=1)
     if args.out:

@@ -28,6 +28,48 @@ def table(header, rows):
     return "\n".join(lines)
 
 
+def c2s_loadgen_section(cs):
+    """braid-load's rate series and the tsung calibration (bench/c2s.py), when they ran."""
+    lines = []
+    pin = cs.get("pinning") or {}
+    if pin:
+        lines += [("Pinning: server on CPU " + pin["server"] + ", generator (tsung or braid-load) on CPU " + pin["generator"]
+                   + " (taskset), in every c2s step." if pin.get("server") else "Pinning: " + pin.get("note", "none") + "."), ""]
+    rows, calib = [], []
+    for kind in KINDS:
+        e = cs["results"].get(kind, {})
+        for x in e.get("loadgen", {}).get("steps", []):
+            rows.append((NAMES[kind], fmt(x["offered_per_second"]), fmt(x.get("sent_per_second")), fmt(x.get("delivered_per_second")),
+                         fmt(x.get("lost")), fmt(x.get("p50_ms"), 2), fmt(x.get("p99_ms"), 2), fmt(x.get("p99_9_ms"), 2),
+                         fmt(x.get("max_ms"), 1), fmt(x.get("cpu_us_per_message")), x.get("mechanism") or "—",
+                         fmt(x.get("logins_per_second")), fmt(x.get("login_p50_ms"), 1), fmt(x.get("generator_busiest_thread_share"), 2)))
+        c = e.get("calibration")
+        if c:
+            t, a, d = c["tsung"], c["braid_load_like_tsung"], c["braid_load_default"]
+            calib.append((NAMES[kind], fmt(c["offered_per_second"]), fmt(t.get("delivered_per_second")), fmt(a.get("delivered_per_second")),
+                          fmt(d.get("delivered_per_second")), f"{fmt(t.get('p50_ms'), 2)} / {fmt(t.get('p99_ms'), 2)}",
+                          f"{fmt(a.get('p50_ms'), 2)} / {fmt(a.get('p99_ms'), 2)}", f"{fmt(d.get('p50_ms'), 2)} / {fmt(d.get('p99_ms'), 2)}",
+                          fmt(c.get("delivered_ratio"), 3), "yes" if c.get("agree_within_10_percent") else "no"))
+    if rows:
+        facts = cs.get("braid_load") or {}
+        lines += ["### braid-load (SCRAM, stream management, open loop)", "",
+                  f"braid-load ({facts.get('config', '?')} build of {facts.get('built', '?')}): fresh logins per step "
+                  "(STARTTLS, the SASL mechanism in the table, bind, XEP-0198), then every session sends 64-byte chat "
+                  "messages to random other sessions on a fixed schedule (open loop); latency from the scheduled send "
+                  "time to arrival. Generator: the busiest thread's share of a core in the message phase (near 1.0: "
+                  "the generator, not the server, is the limit).", "",
+                  table(["server", "offered msg/s", "sent msg/s", "delivered msg/s", "lost", "p50 ms", "p99 ms", "p99.9 ms",
+                         "max ms", "server CPU µs/msg", "SASL", "logins/s", "login p50 ms", "generator thread"], rows), ""]
+    if calib:
+        lines += ["### Calibration: tsung and braid-load against the same server", "",
+                  "One server, one offered rate, three runs: tsung; braid-load as tsung drives (PLAIN, no stream "
+                  "management, initial presence); braid-load as it drives by default. Ratio: braid-load like tsung / "
+                  "tsung, delivered msg/s (issue 16 asks for agreement within 10 %).", "",
+                  table(["server", "offered msg/s", "tsung delivered", "braid-load like tsung", "braid-load default",
+                         "tsung p50/p99 ms", "like tsung p50/p99 ms", "default p50/p99 ms", "ratio", "within 10 %"], calib), ""]
+    return lines
+
+
 # -- goals ---------------------------------------------------------------------------------
 
 def goals(report):
@@ -776,8 +818,9 @@ def write(report, out):
                   "tsung 1.7's XMPP plugin has no SCRAM (it knows PLAIN, DIGEST-MD5, ANONYMOUS, EXTERNAL), so all "
                   "three servers are driven alike with **SASL PLAIN inside STARTTLS**; each verifies the password "
                   "against stored SCRAM keys (4096 PBKDF2 iterations everywhere). SCRAM-SHA-256 is measured in "
-                  "process under Micro. Server on 127.0.0.1 in a loopback-only namespace; tsung's controller VM is "
-                  "the load client, on the same 2 cores.", ""]
+                  "process under Micro, and over the network by braid-load below. Server on 127.0.0.1 in a loopback-only "
+                  "namespace; tsung's controller VM is the load client, on a core of its own when pinning is recorded "
+                  "below (runs before 2026-12-07 shared both cores unpinned).", ""]
         rows = []
         for kind in KINDS:
             e = cs["results"].get(kind, {})
@@ -804,9 +847,10 @@ def write(report, out):
                 srows.append((NAMES[kind], fmt(x["offered_per_second"]), fmt(x["delivered_per_second"]), fmt(x.get("p50_ms"), 2),
                               fmt(x.get("p99_ms"), 2), fmt(x.get("max_ms"), 1), fmt(x.get("cpu_us_per_message"))))
         lines += [table(["server", "offered msg/s", "delivered msg/s", "p50 ms", "p99 ms", "max ms", "CPU µs/msg"], srows), ""]
+        lines += c2s_loadgen_section(cs)
         for kind in KINDS:
             e = cs["results"].get(kind, {})
-            for key in ("sessions_error", "messages_error"):
+            for key in ("sessions_error", "messages_error", "loadgen_error", "calibration_error"):
                 if e.get(key):
                     lines.append(f"- {NAMES[kind]} {key.split('_')[0]}: {e[key][:300]}")
         if "c2s.png" in images:

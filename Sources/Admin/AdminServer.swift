@@ -116,9 +116,7 @@ public final class AdminServer: Sendable {
                     poshPort = try await launch(
                         name: "posh",
                         router: makePOSHRouter(),
-                        server: try .tls(HTTPServerBuilder { [web] responder in
-                            WebChannel(responder: responder, webSocket: web.webSocket, idleTimeout: .seconds(30))
-                        }, tlsConfiguration: tlsConfiguration),
+                        server: try httpsServer(tlsConfiguration: tlsConfiguration),
                         address: configuration.poshAddress,
                         port: port)
                     logger.info("POSH listener started", metadata: ["address": "\(configuration.poshAddress)", "port": "\(poshPort ?? port)"])
@@ -191,6 +189,23 @@ public final class AdminServer: Sendable {
             listeners.withLock { $0.removeAll { $0.name == name } }
             await task.value
             throw error
+        }
+    }
+
+    /// The HTTPS listener's child channels: TLS, then HTTP and the WebSocket upgrade. With
+    /// TLS-ALPN-01 challenges to answer, a ClientHello sniffer goes in front of TLS to pick
+    /// the validation certificate (``ClientHelloSniffer``).
+    private func httpsServer(tlsConfiguration: TLSConfiguration) throws -> HTTPServerBuilder {
+        let web = self.web
+        guard let challenges = web.tlsALPN else {
+            return try .tls(HTTPServerBuilder { responder in
+                WebChannel(responder: responder, webSocket: web.webSocket, idleTimeout: .seconds(30))
+            }, tlsConfiguration: tlsConfiguration)
+        }
+        let logger = self.logger
+        return HTTPServerBuilder { responder in
+            try SniffingTLSChannel(WebChannel(responder: responder, webSocket: web.webSocket, idleTimeout: .seconds(30)),
+                                   tlsConfiguration: tlsConfiguration, challenges: challenges, logger: logger)
         }
     }
 
@@ -335,10 +350,14 @@ public struct WebExtensions: Sendable {
     public var routes: @Sendable (Router<BasicRequestContext>) -> Void
     /// XMPP over WebSocket (RFC 7395), announced by the host-meta documents (XEP-0156).
     public var webSocket: (any WebSocketEndpoint)?
+    /// TLS-ALPN-01 validations (RFC 8737) to answer on this listener (ACME).
+    public var tlsALPN: TLSALPNChallenges?
 
-    public init(routes: @escaping @Sendable (Router<BasicRequestContext>) -> Void = { _ in }, webSocket: (any WebSocketEndpoint)? = nil) {
+    public init(routes: @escaping @Sendable (Router<BasicRequestContext>) -> Void = { _ in }, webSocket: (any WebSocketEndpoint)? = nil,
+                tlsALPN: TLSALPNChallenges? = nil) {
         self.routes = routes
         self.webSocket = webSocket
+        self.tlsALPN = tlsALPN
     }
 }
 

@@ -136,6 +136,7 @@ struct Report {
                 ("delivered_per_second", .number(window > 0 ? Double(s.received) / window : 0)),
                 ("drain_seconds", .number(drainSeconds)),
                 ("latency_ms", Self.percentiles(s.latency)),
+                ("latency_from_schedule_ms", Self.percentiles(s.latencyFromSchedule)),
                 ("send_lag_ms", Self.percentiles(s.sendLag)),
             ])),
             ("stream_management", .object([

@@ -217,8 +217,8 @@ final class Session: ChannelInboundHandler {
         context?.close(promise: nil)
     }
 
-    /// A chat message from another session: the body starts with the send time it was
-    /// scheduled for (monotonic nanoseconds, same process).
+    /// A chat message from another session: the body starts with the time it was sent and
+    /// the time it was scheduled for (monotonic nanoseconds, same process).
     private func receivedMessage(_ b: UnsafeRawBufferPointer) {
         let tagEnd = StreamScanner.tagEnd(b, from: 1) ?? b.count
         let startTag = UnsafeRawBufferPointer(rebasing: b[0..<tagEnd])
@@ -228,11 +228,12 @@ final class Session: ChannelInboundHandler {
         }
         guard let body = Bytes.index(of: Self.bodyOpen, in: b, from: tagEnd),
               let open = Bytes.index(of: StreamScanner.gt, in: b, from: body),
-              let (stamp, _) = Bytes.decimal(b, from: open + 1) else {
+              let (sent, after) = Bytes.decimal(b, from: open + 1) else {
             worker.stats.otherMessages += 1
             return
         }
-        worker.messageReceived(stamp: stamp)
+        let scheduled = after < b.count && b[after] == UInt8(ascii: " ") ? Bytes.decimal(b, from: after + 1)?.0 : nil
+        worker.messageReceived(sent: sent, scheduled: scheduled)
     }
 
     private func receivedIQ(_ b: UnsafeRawBufferPointer) {
@@ -436,9 +437,9 @@ final class Session: ChannelInboundHandler {
         }
     }
 
-    /// One chat message to `jid`, its body the scheduled send time and padding; built from
+    /// One chat message to `jid`, its body the send and scheduled times and padding; built from
     /// prepared byte runs into one buffer, without XML trees or strings.
-    func sendMessage(to jid: [UInt8], stamp: UInt64, sequence: UInt64) {
+    func sendMessage(to jid: [UInt8], sent: UInt64, scheduled: UInt64, sequence: UInt64) {
         guard phase == .ready, context != nil else { return }
         let parts = worker.messageParts
         var out = worker.newBuffer(capacity: parts.capacity + jid.count)
@@ -447,7 +448,9 @@ final class Session: ChannelInboundHandler {
         out.writeBytes(parts.idPart)
         out.writeDecimal(sequence)
         out.writeBytes(parts.bodyPart)
-        out.writeDecimal(stamp)
+        out.writeDecimal(sent)
+        out.writeInteger(UInt8(ascii: " "))
+        out.writeDecimal(scheduled)
         out.writeBytes(parts.suffix)
         messagesSent += 1
         if smEnabled {

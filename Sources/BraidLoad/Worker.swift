@@ -32,6 +32,8 @@ struct Stats: Sendable {
     /// Microseconds; up to an hour, three significant digits.
     var latency = Stats.histogram()
     var loginLatency = Stats.histogram()
+    /// From the scheduled send time (includes the generator's own lateness).
+    var latencyFromSchedule = Stats.histogram()
     /// How late the generator put each message on the wire against its schedule.
     var sendLag = Stats.histogram()
 
@@ -67,6 +69,7 @@ struct Stats: Sendable {
         latency.add(other.latency)
         loginLatency.add(other.loginLatency)
         sendLag.add(other.sendLag)
+        latencyFromSchedule.add(other.latencyFromSchedule)
     }
 }
 
@@ -94,10 +97,10 @@ struct MessageParts {
     let capacity: Int
 
     init(bodyBytes: Int) {
-        // The body: the stamp (up to 20 digits), a space, then padding to bodyBytes.
-        let padding = max(0, bodyBytes - 20)
+        // The body: two stamps (sent, scheduled; 15-16 digits each), spaces, then padding to bodyBytes.
+        let padding = max(0, bodyBytes - 34)
         suffix = [UInt8(ascii: " ")] + [UInt8](repeating: UInt8(ascii: "x"), count: padding) + Array("</body></message>".utf8)
-        capacity = prefix.count + idPart.count + 20 + bodyPart.count + 20 + suffix.count + 32
+        capacity = prefix.count + idPart.count + 20 + bodyPart.count + 41 + suffix.count + 32
     }
 }
 
@@ -265,11 +268,12 @@ final class Worker {
                 let own = UInt64(directoryOffset + local)
                 var destination = rng.next() % (count - 1)
                 if destination >= own { destination += 1 }
-                sender.sendMessage(to: directory.jids[Int(destination)], stamp: at, sequence: k)
+                let sendNs = NIODeadline.now().uptimeNanoseconds
+                sender.sendMessage(to: directory.jids[Int(destination)], sent: sendNs, scheduled: at, sequence: k)
                 stats.sent += 1
-                if stats.firstSendNs == 0 { stats.firstSendNs = now }
-                stats.lastSendNs = now
-                _ = stats.sendLag.record(max(1, (now &- at) / 1000))
+                if stats.firstSendNs == 0 { stats.firstSendNs = sendNs }
+                stats.lastSendNs = sendNs
+                _ = stats.sendLag.record(max(1, (sendNs &- at) / 1000))
             }
         }
         if stats.scheduled >= total {
@@ -282,16 +286,21 @@ final class Worker {
         }
     }
 
-    func messageReceived(stamp: UInt64) {
+    /// `sent`: when the message was written (what tsung measures from); `scheduled`: when
+    /// the open-loop schedule wanted it sent, so that a generator falling behind shows too.
+    func messageReceived(sent: UInt64, scheduled: UInt64?) {
         let now = NIODeadline.now().uptimeNanoseconds
         stats.received += 1
         stats.lastReceiveNs = now
         // A stamp from the future cannot be ours: count, do not record.
-        guard stamp > 0, stamp <= now else {
+        guard sent > 0, sent <= now else {
             countError("message with a bad stamp")
             return
         }
-        _ = stats.latency.record(max(1, (now - stamp) / 1000))
+        _ = stats.latency.record(max(1, (now - sent) / 1000))
+        if let scheduled, scheduled > 0, scheduled <= now {
+            _ = stats.latencyFromSchedule.record(max(1, (now - scheduled) / 1000))
+        }
     }
 
     func finalAck(acked: UInt64, expected: UInt64) {

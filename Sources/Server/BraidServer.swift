@@ -106,16 +106,18 @@ public final class BraidServer: Service {
             ClientWebSocketEndpoint(server: serverContext, path: path,
                                     allowedOrigins: Set(configuration.admin.webSocketAllowedOrigins.map { $0.lowercased() }), logger: logger)
         }
-        let webRoutes = WebExtensions(routes: { router in
-            for install in dispatcher.httpRoutes { install(router, serverContext) }
-        }, webSocket: webSocket)
-        admin = AdminServer(configuration: configuration.admin, tls: context.certificates.store,
-                            isHosted: { domains.isServed($0) }, metrics: { await registry.prometheusText() },
-                            links: { await federationManager?.links ?? [] }, web: webRoutes, logger: logger)
-        acme = configuration.acme.enabled
+        // Before the HTTPS listener: it answers ACME's TLS-ALPN-01 validations.
+        let acme = configuration.acme.enabled
             ? ACMERenewalService(configuration: configuration, certificatesDirectory: certificates.directory, domains: domains,
                                  clock: wallClock, registry: metricsRegistry, group: group, logger: logger)
             : nil
+        self.acme = acme
+        let webRoutes = WebExtensions(routes: { router in
+            for install in dispatcher.httpRoutes { install(router, serverContext) }
+        }, webSocket: webSocket, tlsALPN: acme?.listenerChallenges)
+        admin = AdminServer(configuration: configuration.admin, tls: context.certificates.store,
+                            isHosted: { domains.isServed($0) }, metrics: { await registry.prometheusText() },
+                            links: { await federationManager?.links ?? [] }, web: webRoutes, logger: logger)
         metrics.startupSeconds.set(Self.seconds(ContinuousClock.now - started))
     }
 
@@ -183,7 +185,7 @@ public final class BraidServer: Service {
         let adminPorts = try await admin.start()
         boundAdminPorts.withLock { $0 = adminPorts }
         context.httpsListenerBound(port: adminPorts.posh)
-        try await acme?.start { [weak self] in self?.reloadCertificates() }
+        try await acme?.start(httpsPort: adminPorts.posh) { [weak self] in self?.reloadCertificates() }
         startDomainPolling()
         context.metrics.startupSeconds.set(Self.seconds(ContinuousClock.now - started) + (context.metrics.registry.gaugeValue("braid_startup_seconds") ?? 0))
         logger.info("Braid is serving", metadata: [

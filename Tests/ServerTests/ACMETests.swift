@@ -4,10 +4,13 @@ import Glibc
 import Darwin
 #endif
 
+import Admin
 import AsyncHTTPClient
+import Crypto
 import Federation
 import Foundation
 import NIOCore
+import NIOEmbedded
 import NIOHTTP1
 import NIOPosix
 import NIOSSL
@@ -20,11 +23,13 @@ import XMPPCore
 @testable import Server
 
 /// Pebble, Let's Encrypt's test CA (`apt-get install pebble`), on loopback ports in a
-/// temporary directory, validating HTTP-01 on `httpPort` at the addresses knot gives.
-/// Stopped by PID.
+/// temporary directory, validating HTTP-01 on `httpPort` and TLS-ALPN-01 on `tlsPort` at the
+/// addresses knot gives. Stopped by PID.
 final class PebbleFixture: Sendable {
     let directory: String
     let port: Int
+    /// Pebble's management interface (`/roots/0`: the root its chains lead to).
+    let managementPort: Int
     /// The CA that signed Pebble's HTTPS certificate, for `acme.ca_certificate_file`.
     let trustFile: String
     private let process: ChildProcess
@@ -33,9 +38,10 @@ final class PebbleFixture: Sendable {
 
     static var isAvailable: Bool { ChildProcess.locate("pebble") != nil }
 
-    private init(directory: String, port: Int, trustFile: String, process: ChildProcess) {
+    private init(directory: String, port: Int, managementPort: Int, trustFile: String, process: ChildProcess) {
         self.directory = directory
         self.port = port
+        self.managementPort = managementPort
         self.trustFile = trustFile
         self.process = process
     }
@@ -44,7 +50,9 @@ final class PebbleFixture: Sendable {
         var description: String
     }
 
-    static func start(httpPort: Int, dnsServer: String) async throws -> PebbleFixture {
+    /// - Parameter tlsPort: where TLS-ALPN-01 is validated (Braid's HTTPS listener); nil: a
+    ///   free port where nothing listens.
+    static func start(httpPort: Int, tlsPort: Int? = nil, dnsServer: String) async throws -> PebbleFixture {
         guard let pebble = ChildProcess.locate("pebble"), let env = ChildProcess.locate("env") else {
             throw Failure(description: "pebble is not installed")
         }
@@ -58,10 +66,11 @@ final class PebbleFixture: Sendable {
         var lastError: any Error = Failure(description: "pebble did not start")
         for _ in 0 ..< 3 {
             let port = try LoopbackPorts.freePort()
+            let managementPort = try LoopbackPorts.freePort()
             let config = """
-                {"pebble": {"listenAddress": "127.0.0.1:\(port)", "managementListenAddress": "",
+                {"pebble": {"listenAddress": "127.0.0.1:\(port)", "managementListenAddress": "127.0.0.1:\(managementPort)",
                  "certificate": "\(directory)/cert.pem", "privateKey": "\(directory)/key.pem",
-                 "httpPort": \(httpPort), "tlsPort": \(try LoopbackPorts.freePort()), "ocspResponderURL": "",
+                 "httpPort": \(httpPort), "tlsPort": \(try tlsPort ?? LoopbackPorts.freePort()), "ocspResponderURL": "",
                  "externalAccountBindingRequired": false}}
                 """
             try config.write(toFile: directory + "/pebble.json", atomically: true, encoding: .utf8)
@@ -74,7 +83,7 @@ final class PebbleFixture: Sendable {
                 try await Task.sleep(for: .milliseconds(20))
             }
             if process.isRunning, process.output.contains("ACME directory available") {
-                return PebbleFixture(directory: directory, port: port, trustFile: trustFile, process: process)
+                return PebbleFixture(directory: directory, port: port, managementPort: managementPort, trustFile: trustFile, process: process)
             }
             lastError = Failure(description: "pebble did not start: \(process.output)")
             await process.terminate()
@@ -84,6 +93,23 @@ final class PebbleFixture: Sendable {
     }
 
     var log: String { process.output }
+
+    /// The root Pebble's chains lead to (made anew at each start), from its management
+    /// interface.
+    func rootCertificate(group: any EventLoopGroup) async throws -> Certificate {
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.trustRoots = .file(trustFile)
+        let http = HTTPClient(eventLoopGroup: group, configuration: .init(tlsConfiguration: tls))
+        do {
+            let response = try await http.execute(HTTPClientRequest(url: "https://localhost:\(managementPort)/roots/0"), timeout: .seconds(10))
+            let pem = String(buffer: try await response.body.collect(upTo: 1 << 20))
+            try await http.shutdown()
+            return try Certificate(pemEncoded: pem)
+        } catch {
+            try? await http.shutdown()
+            throw error
+        }
+    }
 
     func stop() async {
         await process.terminate()
@@ -153,20 +179,25 @@ struct ACMETests {
     }
 
     /// Pebble, then a server hosting `domains` with ACME on, talking to it; both stopped after `body`.
+    /// Pebble validates HTTP-01 at the HTTP-01 listener's port and TLS-ALPN-01 at the HTTPS
+    /// listener's, both reserved before either starts.
     func withACMEServer(domains: [String], wallClock: WallClock = .system, exclude: [String] = [], interval: Double = 0.1,
+                        challenges: [ACMEChallengeType] = BraidConfiguration.ACMESettings().challenges,
                         prepare: (String) throws -> Void = { _ in },
                         _ body: (TestServer, PebbleFixture) async throws -> Void) async throws {
         let knot = try #require(KnotFixture.current)
         let reservation = try PortReservation()
-        defer { withExtendedLifetime(reservation) {} }
+        let httpsReservation = try PortReservation()
+        defer { withExtendedLifetime((reservation, httpsReservation)) {} }
         let httpPort = reservation.port
-        let pebble = try await PebbleFixture.start(httpPort: httpPort, dnsServer: "127.0.0.1:\(knot.port)")
+        let pebble = try await PebbleFixture.start(httpPort: httpPort, tlsPort: httpsReservation.port, dnsServer: "127.0.0.1:\(knot.port)")
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("braid-acme-\(UUID().uuidString)").path
         do {
             try FileManager.default.createDirectory(atPath: directory + "/certs", withIntermediateDirectories: true)
             try prepare(directory + "/certs")
             let server = try await Self.startServer(domains: domains, directory: directory, pebble: pebble, httpPort: httpPort,
-                                                    wallClock: wallClock, exclude: exclude, interval: interval)
+                                                    httpsPort: httpsReservation.port, wallClock: wallClock, exclude: exclude,
+                                                    interval: interval, challenges: challenges)
             do {
                 try await body(server, pebble)
             } catch {
@@ -183,10 +214,13 @@ struct ACMETests {
         await pebble.stop()
     }
 
-    static func startServer(domains: [String], directory: String, pebble: PebbleFixture, httpPort: Int, wallClock: WallClock = .system,
-                            exclude: [String] = [], interval: Double = 0.1) async throws -> TestServer {
+    static func startServer(domains: [String], directory: String, pebble: PebbleFixture, httpPort: Int, httpsPort: Int = 0,
+                            wallClock: WallClock = .system, exclude: [String] = [], interval: Double = 0.1,
+                            challenges: [ACMEChallengeType] = BraidConfiguration.ACMESettings().challenges) async throws -> TestServer {
         try await TestServer.start(domains: domains, users: [], wallClock: wallClock, directory: directory) { configuration in
+            configuration.admin.poshPort = httpsPort
             configuration.acme.enabled = true
+            configuration.acme.challenges = challenges
             configuration.acme.directoryURL = pebble.directoryURL
             configuration.acme.caCertificateFile = pebble.trustFile
             configuration.acme.contact = "hostmaster@acme.test"
@@ -263,23 +297,13 @@ struct ACMETests {
     /// The leaf a new direct-TLS handshake with SNI `name` presents (taken during the
     /// handshake: service domains take no client stream, so nothing more is said).
     static func presented(_ server: TestServer, _ name: String) async throws -> Certificate {
-        var tls = TLSConfiguration.makeClientConfiguration()
-        tls.certificateVerification = .noHostnameVerification
-        tls.applicationProtocols = ["xmpp-client"]
-        let context = try NIOSSLContext(configuration: tls)
-        let leaf = server.group.next().makePromise(of: NIOSSLCertificate.self)
-        let channel = try await ClientBootstrap(group: server.group).channelInitializer { channel in
-            channel.eventLoop.makeCompletedFuture {
-                let handler = try NIOSSLClientHandler(context: context, serverHostname: name) { chain, verdict in
-                    if let first = chain.first { leaf.succeed(first) } else { leaf.fail(PebbleFixture.Failure(description: "no certificate")) }
-                    verdict.succeed(.certificateVerified)
-                }
-                try channel.pipeline.syncOperations.addHandler(handler)
-            }
-        }.connect(host: "127.0.0.1", port: server.directTLSPort).get()
-        defer { channel.close(promise: nil) }
-        let certificate = try await leaf.futureResult.get()
-        return try Certificate(derEncoded: try certificate.toDERBytes())
+        try await TLSHandshake.run(group: server.group, port: server.directTLSPort, serverName: name, protocols: ["xmpp-client"]).leaf
+    }
+
+    /// The leaf the HTTPS listener presents to a browser-like handshake for `name`.
+    static func presentedHTTPS(_ server: TestServer, _ name: String) async throws -> Certificate {
+        let port = try #require(server.server.adminPorts.posh)
+        return try await TLSHandshake.run(group: server.group, port: port, serverName: name, protocols: ["http/1.1"]).leaf
     }
 
     @Test("Two hosted domains get a certificate each, covering their service domains, and new handshakes present it")
@@ -431,6 +455,270 @@ struct ACMETests {
     }
 }
 
+extension ACMETests {
+    @Test("TLS-ALPN-01: Pebble validates at the HTTPS listener; port 80 is not bound; the certificate is presented there and on direct TLS")
+    func issuesWithTLSALPN() async throws {
+        try await withACMEServer(domains: ["a.acme.test"], challenges: [.tlsALPN01]) { server, _ in
+            let acme = try #require(server.server.acme)
+            #expect(acme.challenges == [.tlsALPN01])
+            #expect(acme.httpPort == nil, "no HTTP-01 listener without http-01")
+            try await waitUntil(timeout: .seconds(60), "issued over tls-alpn-01") { Self.isPebble(Self.certificateFile(server, "a.acme.test")) }
+            let file = try #require(Self.certificateFile(server, "a.acme.test"))
+            // Every name was validated at the HTTPS listener, and nothing stays on offer.
+            #expect(acme.tlsALPNCertificates.pendingNames.isEmpty)
+            for name in ["a.acme.test", "conference.a.acme.test", "upload.a.acme.test"] {
+                #expect(try await Self.presentedHTTPS(server, name) == file, "\(name)")
+                #expect(try await Self.presented(server, name) == file, "\(name)")
+            }
+            #expect(Self.orders(server, "success") == 1)
+            #expect(server.metrics.counterValue(ACMEMetrics.malformedClientHelloLabel, []) == 0)
+        }
+    }
+
+    @Test("A failed TLS-ALPN-01 challenge leaves the old certificate in place and presented, and withdraws the validation certificate")
+    func failedTLSALPNKeepsOldCertificate() async throws {
+        // Due for renewal; the CA then connects to bad.acme.test (127.0.0.2), where no
+        // HTTPS listener is.
+        let authority = try TestCertificateAuthority(commonName: "Old CA")
+        let names = ["bad.acme.test", "conference.bad.acme.test", "upload.bad.acme.test"]
+        let old = try authority.issueXMPPServerCertificate(domains: names, notValidBefore: Date() - 80 * 86_400, notValidAfter: Date() + 10 * 86_400)
+        let oldLeaf = try old.leafCertificate()
+        try await withACMEServer(domains: ["bad.acme.test"], challenges: [.tlsALPN01], prepare: { certs in
+            let paths = CertificateManager.paths(for: "bad.acme.test", in: certs)
+            try old.write(certificatePath: paths.certificate, keyPath: paths.key)
+        }) { server, _ in
+            let acme = try #require(server.server.acme)
+            try await waitUntil(timeout: .seconds(60), "the order failed") { Self.orders(server, "failure") == 1 }
+            let status = try #require(acme.status(for: "bad.acme.test"))
+            #expect(status.failures == 1)
+            #expect(status.lastError?.contains("challengeFailed") == true, "\(status.lastError ?? "")")
+            #expect(status.lastError?.contains("tls-alpn-01") == true, "\(status.lastError ?? "")")
+            #expect(acme.tlsALPNCertificates.pendingNames.isEmpty)
+            #expect(Self.certificateFile(server, "bad.acme.test") == oldLeaf)
+            for name in names {
+                #expect(try await Self.presentedHTTPS(server, name) == oldLeaf, "\(name)")
+            }
+            #expect(try await Self.presented(server, "bad.acme.test") == oldLeaf)
+            #expect(Self.orders(server, "success") == 0)
+        }
+    }
+}
+
+/// The HTTPS listener's side of TLS-ALPN-01 without a CA: a validation certificate
+/// published by hand, handshakes with and without `acme-tls/1`, and bad ClientHellos.
+@Suite("TLS-ALPN-01 on the HTTPS listener")
+struct TLSALPNListenerTests {
+    @Test("acme-tls/1 for a pending name gets the validation certificate and the protocol, then the server closes; anything else is unchanged; bad ClientHellos are closed and counted")
+    func listener() async throws {
+        // A CA that is never reached: the renewal pass fails to connect and places nothing.
+        let closed = try LoopbackPorts.closedTCPPort()
+        try await withServer(domains: ["a.acme.test"], users: []) { configuration in
+            configuration.acme.enabled = true
+            configuration.acme.directoryURL = "https://127.0.0.1:\(closed.port)/dir"
+            configuration.acme.challenges = [.tlsALPN01]
+            configuration.acme.renewCheckIntervalSeconds = 3600
+        } _: { server in
+            let acme = try #require(server.server.acme)
+            let port = try #require(server.server.adminPorts.posh)
+            let normal = try await TLSHandshake.run(group: server.group, port: port, serverName: "a.acme.test", protocols: ["http/1.1"])
+            #expect(normal.negotiatedProtocol == "http/1.1")
+            #expect(normal.leaf.extensions[oid: [1, 3, 6, 1, 5, 5, 7, 1, 31]] == nil)
+
+            let keyAuthorization = "tok-en.thumbprint"
+            try acme.tlsALPNCertificates.publish(name: "a.acme.test", keyAuthorization: keyAuthorization)
+            let validation = try await TLSHandshake.run(group: server.group, port: port, serverName: "a.acme.test",
+                                                        protocols: [TLSALPNChallenges.protocolName], keepOpen: true)
+            #expect(validation.negotiatedProtocol == "acme-tls/1")
+            let leaf = validation.leaf
+            #expect(leaf.issuer == leaf.subject, "self-signed")
+            let identifier = try #require(leaf.extensions[oid: [1, 3, 6, 1, 5, 5, 7, 1, 31]])
+            #expect(identifier.critical)
+            #expect(Array(identifier.value) == [0x04, 0x20] + Array(SHA256.hash(data: Data(keyAuthorization.utf8))))
+            let san = try #require(try leaf.extensions.subjectAlternativeNames)
+            #expect(Array(san) == [.dnsName("a.acme.test")])
+            // RFC 8737 §3: the server may close once the handshake is done; it does.
+            try await waitUntil("the validation connection closed by the server") { !validation.channel.isActive }
+
+            // The same name without acme-tls/1, and acme-tls/1 for a name with nothing
+            // pending: the listener's own certificate, as before.
+            #expect(try await TLSHandshake.run(group: server.group, port: port, serverName: "a.acme.test", protocols: ["http/1.1"]).leaf == normal.leaf)
+            let unpending = try await TLSHandshake.run(group: server.group, port: port, serverName: "upload.a.acme.test",
+                                                       protocols: [TLSALPNChallenges.protocolName, "http/1.1"])
+            #expect(unpending.negotiatedProtocol == "http/1.1")
+            #expect(unpending.leaf.extensions[oid: [1, 3, 6, 1, 5, 5, 7, 1, 31]] == nil)
+            acme.tlsALPNCertificates.withdraw(name: "a.acme.test")
+            let withdrawn = try await TLSHandshake.run(group: server.group, port: port, serverName: "a.acme.test", protocols: [TLSALPNChallenges.protocolName])
+            #expect(withdrawn.leaf == normal.leaf)
+            #expect(withdrawn.negotiatedProtocol == nil)
+
+            // HTTP through the sniffer still reaches the router.
+            var tls = TLSConfiguration.makeClientConfiguration()
+            tls.certificateVerification = .none
+            let http = HTTPClient(eventLoopGroupProvider: .shared(server.group), configuration: .init(tlsConfiguration: tls))
+            do {
+                let response = try await http.execute(HTTPClientRequest(url: "https://127.0.0.1:\(port)/api/v1/status"), timeout: .seconds(10))
+                #expect(response.status == .unauthorized)
+            } catch {
+                try? await http.shutdown()
+                throw error
+            }
+            try await http.shutdown()
+
+            // Plain HTTP on the HTTPS port, and a record claiming 64 KiB: closed and counted.
+            for bytes in [Array("GET / HTTP/1.1\r\nHost: a.acme.test\r\n\r\n".utf8), [0x16, 0x03, 0x01, 0xFF, 0xFF, 0x01]] {
+                let channel = try await ClientBootstrap(group: server.group).connect(host: "127.0.0.1", port: port).get()
+                try await channel.writeAndFlush(ByteBuffer(bytes: bytes))
+                try await waitUntil("closed by the server") { !channel.isActive }
+            }
+            #expect(server.metrics.counterValue(ACMEMetrics.malformedClientHelloLabel, []) == 2)
+            withExtendedLifetime(closed) {}
+        }
+    }
+}
+
+/// The ClientHello reader on made-up and real hellos, whole, cut short and corrupted.
+@Suite("ClientHello parser")
+struct ClientHelloParserTests {
+    /// A ClientHello record: TLS 1.2 header, one cipher suite, the given extensions (none at
+    /// all with `extensions: nil`).
+    static func record(extensions: [(UInt16, [UInt8])]?, recordLength: Int? = nil, messageLength: Int? = nil) -> ByteBuffer {
+        var body: [UInt8] = [0x03, 0x03] + [UInt8](repeating: 7, count: 32) + [0] + [0x00, 0x02, 0x13, 0x01] + [1, 0]
+        if let extensions {
+            var block: [UInt8] = []
+            for (type, data) in extensions {
+                block += [UInt8(type >> 8), UInt8(type & 0xFF), UInt8(data.count >> 8), UInt8(data.count & 0xFF)] + data
+            }
+            body += [UInt8(block.count >> 8), UInt8(block.count & 0xFF)] + block
+        }
+        let length = messageLength ?? body.count
+        let message: [UInt8] = [1, UInt8(length >> 16 & 0xFF), UInt8(length >> 8 & 0xFF), UInt8(length & 0xFF)] + body
+        let recordSize = recordLength ?? message.count
+        return ByteBuffer(bytes: [0x16, 0x03, 0x01, UInt8(recordSize >> 8 & 0xFF), UInt8(recordSize & 0xFF)] + message)
+    }
+
+    static func sni(_ name: String) -> (UInt16, [UInt8]) {
+        let bytes = Array(name.utf8)
+        let entry: [UInt8] = [0, UInt8(bytes.count >> 8), UInt8(bytes.count & 0xFF)] + bytes
+        return (0, [UInt8(entry.count >> 8), UInt8(entry.count & 0xFF)] + entry)
+    }
+
+    static func alpn(_ names: [String]) -> (UInt16, [UInt8]) {
+        let list = names.flatMap { [UInt8($0.utf8.count)] + Array($0.utf8) }
+        return (16, [UInt8(list.count >> 8), UInt8(list.count & 0xFF)] + list)
+    }
+
+    @Test("Made-up hellos: SNI and ALPN read; no extensions; every malformed length refused")
+    func madeUp() {
+        let good = Self.record(extensions: [(10, [0, 2, 0, 23]), Self.sni("A.Acme.Test"), Self.alpn(["acme-tls/1", "h2"])])
+        #expect(ClientHello.parse(good) == .hello(ClientHello(serverName: "a.acme.test", applicationProtocols: ["acme-tls/1", "h2"])))
+        #expect(ClientHello.parse(Self.record(extensions: nil)) == .hello(ClientHello()))
+        #expect(ClientHello.parse(Self.record(extensions: [])) == .hello(ClientHello()))
+        // Every prefix of a whole record is "need more", never a verdict.
+        for cut in 0 ..< good.readableBytes {
+            #expect(ClientHello.parse(good.getSlice(at: 0, length: cut) ?? ByteBuffer()) == .needMore, "cut at \(cut)")
+        }
+        // A hello longer than its record is left to the TLS library.
+        #expect(ClientHello.parse(Self.record(extensions: [Self.sni("a.acme.test")], messageLength: 60_000)) == .fragmented)
+
+        func isMalformed(_ buffer: ByteBuffer) -> Bool {
+            if case .malformed = ClientHello.parse(buffer) { return true }
+            return false
+        }
+        #expect(isMalformed(ByteBuffer(string: "GET / HTTP/1.1\r\n\r\n")))
+        #expect(isMalformed(ByteBuffer(bytes: [0x16, 0x03, 0x01, 0xFF, 0xFF])), "record longer than TLS allows")
+        #expect(isMalformed(ByteBuffer(bytes: [0x16, 0x02, 0x00, 0x00, 0x10])), "SSL 2 record version")
+        #expect(isMalformed(ByteBuffer(bytes: [0x16, 0x03, 0x01, 0x00, 0x00])), "empty record")
+        #expect(isMalformed(ByteBuffer(bytes: [0x16, 0x03, 0x01, 0x00, 0x04, 2, 0, 0, 0])), "server_hello first")
+        // The message claims less than its parts: each vector overruns it.
+        var shortMessage = Self.record(extensions: [Self.sni("a.acme.test")])
+        let claimed = shortMessage.readableBytes - 5 - 4 - 10
+        shortMessage.setBytes([UInt8(claimed >> 16), UInt8(claimed >> 8 & 0xFF), UInt8(claimed & 0xFF)], at: 6)
+        #expect(isMalformed(shortMessage))
+        #expect(isMalformed(Self.record(extensions: [(0, [0xFF, 0xFF, 0, 0, 1, 0x61])])), "server_name list longer than the extension")
+        #expect(isMalformed(Self.record(extensions: [(0, [0x00, 0x04, 0, 0xFF, 0xFF, 0x61])])), "host_name longer than the list")
+        #expect(isMalformed(Self.record(extensions: [Self.sni("bad name")])))
+        #expect(isMalformed(Self.record(extensions: [Self.sni("a.acme.test."), Self.alpn(["acme-tls/1"])])))
+        #expect(isMalformed(Self.record(extensions: [(16, [0x00, 0x02, 0x05, 0x61])])), "protocol name longer than the list")
+        #expect(isMalformed(Self.record(extensions: [(16, [0x00, 0x01, 0x00])])), "empty protocol name")
+        #expect(isMalformed(Self.record(extensions: [(16, [0x00, 0x00])])), "empty protocol list")
+        #expect(isMalformed(Self.record(extensions: [Self.alpn(["h2"]), Self.alpn(["acme-tls/1"])])), "ALPN twice")
+        #expect(isMalformed(Self.record(extensions: [(10, [0, 2])] + [(0xFF01, [])]).withExtraByte()), "bytes after the extensions")
+        var overlong = Self.record(extensions: [Self.sni("a.acme.test")])
+        // The extensions block claims 0xFFFF bytes.
+        let extensionsLength = overlong.readableBytes - 5 - 4 - (2 + 32 + 1 + 4 + 2) - 2
+        #expect(overlong.getInteger(at: 5 + 4 + 41, as: UInt16.self) == UInt16(extensionsLength))
+        overlong.setInteger(UInt16(0xFFFF), at: 5 + 4 + 41)
+        #expect(isMalformed(overlong))
+    }
+
+    @Test("A real ClientHello from swift-nio-ssl, then every byte of it corrupted: read or refused, never a crash")
+    func realAndCorrupted() throws {
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.applicationProtocols = ["acme-tls/1", "http/1.1"]
+        let context = try NIOSSLContext(configuration: tls)
+        let channel = EmbeddedChannel()
+        defer { _ = try? channel.finish() }
+        try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: context, serverHostname: "Conference.A.Acme.Test"))
+        try channel.connect(to: try SocketAddress(ipAddress: "127.0.0.1", port: 443)).wait()
+        var hello = ByteBuffer()
+        while var part = try channel.readOutbound(as: ByteBuffer.self) { hello.writeBuffer(&part) }
+        #expect(ClientHello.parse(hello) == .hello(ClientHello(serverName: "conference.a.acme.test", applicationProtocols: ["acme-tls/1", "http/1.1"])))
+
+        for cut in stride(from: 0, to: hello.readableBytes, by: 7) {
+            #expect(ClientHello.parse(hello.getSlice(at: 0, length: cut) ?? ByteBuffer()) == .needMore)
+        }
+        // Each byte set to 0x00 and 0xFF, and seeded random changes: any verdict but a trap.
+        var verdicts = 0
+        for index in 0 ..< hello.readableBytes {
+            for value: UInt8 in [0x00, 0xFF] {
+                var corrupted = hello
+                corrupted.setInteger(value, at: corrupted.readerIndex + index)
+                _ = ClientHello.parse(corrupted)
+                verdicts += 1
+            }
+        }
+        var generator = SeededGenerator(seed: 17)
+        for _ in 0 ..< 2000 {
+            var corrupted = hello
+            for _ in 0 ..< Int.random(in: 1 ... 8, using: &generator) {
+                corrupted.setInteger(UInt8.random(in: 0 ... 255, using: &generator), at: Int.random(in: 0 ..< hello.readableBytes, using: &generator))
+            }
+            _ = ClientHello.parse(corrupted)
+            verdicts += 1
+        }
+        #expect(verdicts == hello.readableBytes * 2 + 2000)
+    }
+
+    /// A small deterministic generator (SplitMix64), so a failure can be replayed.
+    struct SeededGenerator: RandomNumberGenerator {
+        var state: UInt64
+        init(seed: UInt64) { state = seed }
+        mutating func next() -> UInt64 {
+            state &+= 0x9E37_79B9_7F4A_7C15
+            var z = state
+            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+            return z ^ (z >> 31)
+        }
+    }
+}
+
+private extension ByteBuffer {
+    /// The record with one byte more in the message than its parts use (record and message
+    /// lengths adjusted).
+    func withExtraByte() -> ByteBuffer {
+        var bytes = Array(readableBytesView) + [0]
+        let record = Int(bytes[3]) << 8 | Int(bytes[4]) + 1
+        bytes[3] = UInt8(record >> 8)
+        bytes[4] = UInt8(record & 0xFF)
+        let message = Int(bytes[6]) << 16 | Int(bytes[7]) << 8 | Int(bytes[8]) + 1
+        bytes[6] = UInt8(message >> 16)
+        bytes[7] = UInt8(message >> 8 & 0xFF)
+        bytes[8] = UInt8(message & 0xFF)
+        return ByteBuffer(bytes: bytes)
+    }
+}
+
 @Suite("ACME pieces without a CA")
 struct ACMEUnitTests {
     @Test("An order is due when the certificate is missing, self-signed, lacks a name, or is past two thirds")
@@ -489,6 +777,18 @@ extension ACMEUnitTests {
         #expect(ACMERenewalService.backoff(failures: 1, error: told) == 7200)
         let shortRetry = ACMEError(.problem, "busy", retryAfter: .seconds(5))
         #expect(ACMERenewalService.backoff(failures: 2, error: shortRetry) == ACMERenewalService.backoffBase * 2)
+    }
+
+    @Test("Challenge types: the configured order first, then rotated by one per failed order")
+    func challengeOrder() throws {
+        let both: [ACMEChallengeType] = [.http01, .tlsALPN01]
+        #expect(ACMERenewalService.challengeOrder(both, failures: 0) == [.http01, .tlsALPN01])
+        #expect(ACMERenewalService.challengeOrder(both, failures: 1) == [.tlsALPN01, .http01])
+        #expect(ACMERenewalService.challengeOrder(both, failures: 2) == [.http01, .tlsALPN01])
+        #expect(ACMERenewalService.challengeOrder([.tlsALPN01], failures: 3) == [.tlsALPN01])
+        #expect(BraidConfiguration().acme.challenges == both)
+        #expect(try BraidConfiguration.parse(yaml: "acme:\n  challenges: [tls-alpn-01]\n").acme.challenges == [.tlsALPN01])
+        #expect(throws: ConfigurationError.self) { try BraidConfiguration.parse(yaml: "acme:\n  challenges: [dns-01]\n") }
     }
 
     @Test("Retry-After in seconds or as an HTTP date")

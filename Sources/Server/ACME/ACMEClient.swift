@@ -56,7 +56,8 @@ public struct ACMEError: Error, Sendable, CustomStringConvertible {
     }
 }
 
-/// An ACME client (RFC 8555) over AsyncHTTPClient: one account, HTTP-01 challenges.
+/// An ACME client (RFC 8555) over AsyncHTTPClient: one account, HTTP-01 (§8.3) and
+/// TLS-ALPN-01 (RFC 8737) challenges.
 ///
 /// Requests are serialised by the actor, so one nonce pool serves them all and `badNonce`
 /// retries take the nonce the error carried (§6.5).
@@ -175,10 +176,14 @@ public actor ACMEClient {
     ///
     /// - Parameters:
     ///   - certificateKey: the new certificate's key; its public half goes into the CSR.
-    ///   - publish: called with (token, key authorisation) before each HTTP-01 challenge is
-    ///     answered; `withdraw` after the authorisation is decided.
-    func issue(names: [String], certificateKey: P256.Signing.PrivateKey,
-               publish: @Sendable (String, String) -> Void, withdraw: @Sendable (String) -> Void) async throws(ACMEError) -> String {
+    ///   - challenges: the types to answer, preferred first; each authorisation takes the
+    ///     first of them it offers.
+    ///   - publish: called with the challenge's answer before the CA is told to validate it
+    ///     (it may fail: a validation certificate that cannot be made); `withdraw` after the
+    ///     authorisation is decided, so nothing is offered beyond the order.
+    func issue(names: [String], certificateKey: P256.Signing.PrivateKey, challenges: [ACMEChallengeType] = [.http01],
+               publish: @Sendable (ACMEChallengeAnswer) throws(ACMEError) -> Void,
+               withdraw: @Sendable (ACMEChallengeAnswer) -> Void) async throws(ACMEError) -> String {
         let account = try await ensureAccount()
         let directory = try await loadDirectory()
         let orderRequest = try Self.json(["identifiers": names.map { Identifier(value: $0) }])
@@ -190,7 +195,7 @@ public actor ACMEClient {
         logger.debug("ACME order created", metadata: ["order": "\(orderURL)", "names": "\(names.joined(separator: ","))"])
 
         for authorizationURL in order.authorizations {
-            try await authorize(authorizationURL, account: account, publish: publish, withdraw: withdraw)
+            try await authorize(authorizationURL, account: account, challenges: challenges, publish: publish, withdraw: withdraw)
         }
 
         order = try await pollOrder(orderURL, account: account, until: ["ready", "valid"])
@@ -212,10 +217,11 @@ public actor ACMEClient {
         return chain
     }
 
-    /// One authorisation (§7.5): done if already valid, else its HTTP-01 challenge answered
-    /// and the authorisation polled until the CA decides.
-    private func authorize(_ url: String, account: String, publish: @Sendable (String, String) -> Void,
-                           withdraw: @Sendable (String) -> Void) async throws(ACMEError) {
+    /// One authorisation (§7.5): done if already valid, else its challenge (the first of
+    /// `challenges` it offers) answered and the authorisation polled until the CA decides.
+    private func authorize(_ url: String, account: String, challenges: [ACMEChallengeType],
+                           publish: @Sendable (ACMEChallengeAnswer) throws(ACMEError) -> Void,
+                           withdraw: @Sendable (ACMEChallengeAnswer) -> Void) async throws(ACMEError) {
         let authorization: Authorization = try Self.decode(try await post(url, payload: nil, signer: .kid(account)).body)
         switch authorization.status {
         case "valid":
@@ -225,18 +231,28 @@ public actor ACMEClient {
         default:
             throw ACMEError(.challengeFailed, "authorization for \(authorization.identifier.value) is \(authorization.status)")
         }
-        guard let challenge = authorization.challenges.first(where: { $0.type == "http-01" }), let token = challenge.token,
-              Self.isToken(token) else {
-            throw ACMEError(.protocolViolation, "no usable http-01 challenge for \(authorization.identifier.value)")
+        let offered = challenges.lazy.compactMap { type in
+            authorization.challenges.first { $0.type == type.rawValue }.map { (type, $0) }
+        }.first
+        guard let (type, challenge) = offered, let token = challenge.token, Self.isToken(token) else {
+            throw ACMEError(.protocolViolation, "no usable \(challenges.map(\.rawValue).joined(separator: " or ")) challenge for \(authorization.identifier.value)")
         }
-        publish(token, key.keyAuthorization(token: token))
-        defer { withdraw(token) }
+        // The identifier names the validation certificate (tls-alpn-01), so it must be a
+        // plain DNS name, as the CSR's are.
+        let identifier = authorization.identifier.value.lowercased()
+        guard authorization.identifier.type == "dns", authorization.wildcard != true, Self.isDNSName(identifier) else {
+            throw ACMEError(.protocolViolation, "authorization for an identifier Braid did not order: \(authorization.identifier.value)")
+        }
+        let answer = ACMEChallengeAnswer(type: type, identifier: identifier, token: token, keyAuthorization: key.keyAuthorization(token: token))
+        try publish(answer)
+        defer { withdraw(answer) }
+        logger.debug("ACME challenge offered", metadata: ["domain": "\(identifier)", "challenge": "\(type.rawValue)"])
         // The challenge is answered with an empty object (§7.5.1).
         _ = try await post(challenge.url, payload: Data("{}".utf8), signer: .kid(account))
         let final = try await poll(url, account: account, decode: Authorization.self) { ["valid", "invalid", "deactivated", "expired", "revoked"].contains($0.status) }
         guard final.status == "valid" else {
-            let failed = final.challenges.first(where: { $0.type == "http-01" })?.error
-            throw ACMEError(.challengeFailed, "authorization for \(final.identifier.value) is \(final.status): \(failed?.detail ?? "no detail")",
+            let failed = final.challenges.first(where: { $0.type == type.rawValue })?.error
+            throw ACMEError(.challengeFailed, "authorization for \(final.identifier.value) is \(final.status) (\(type.rawValue)): \(failed?.detail ?? "no detail")",
                             problemType: failed?.type)
         }
         logger.debug("ACME authorization valid", metadata: ["domain": "\(final.identifier.value)"])
@@ -372,6 +388,15 @@ public actor ACMEClient {
         !token.isEmpty && token.utf8.count <= 256 && token.utf8.allSatisfy { byte in
             (UInt8(ascii: "A") ... UInt8(ascii: "Z")).contains(byte) || (UInt8(ascii: "a") ... UInt8(ascii: "z")).contains(byte)
                 || (UInt8(ascii: "0") ... UInt8(ascii: "9")).contains(byte) || byte == UInt8(ascii: "-") || byte == UInt8(ascii: "_")
+        }
+    }
+
+    /// A lower-case A-label DNS name (letters, digits, hyphens, dots; no empty label).
+    static func isDNSName(_ name: String) -> Bool {
+        !name.isEmpty && name.utf8.count <= 253 && name.split(separator: ".", omittingEmptySubsequences: false).allSatisfy { label in
+            !label.isEmpty && label.utf8.count <= 63 && label.utf8.allSatisfy { byte in
+                (UInt8(ascii: "a") ... UInt8(ascii: "z")).contains(byte) || (UInt8(ascii: "0") ... UInt8(ascii: "9")).contains(byte) || byte == UInt8(ascii: "-")
+            }
         }
     }
 

@@ -1,3 +1,4 @@
+import Admin
 import Crypto
 import Federation
 import Foundation
@@ -16,14 +17,20 @@ import XMPPStream
 struct ACMEMetrics: Sendable {
     static let ordersLabel = "braid_acme_orders_total"
 
+    /// `braid_https_malformed_client_hello_total`: HTTPS connections closed because their
+    /// ClientHello could not be parsed (read only when TLS-ALPN-01 is on).
+    static let malformedClientHelloLabel = "braid_https_malformed_client_hello_total"
+
     let success: Counter
     let failure: Counter
     let rateLimited: Counter
+    let malformedClientHello: Counter
 
     init(registry: MetricsRegistry) {
         success = Counter(label: Self.ordersLabel, dimensions: [("outcome", "success")], factory: registry)
         failure = Counter(label: Self.ordersLabel, dimensions: [("outcome", "failure")], factory: registry)
         rateLimited = Counter(label: Self.ordersLabel, dimensions: [("outcome", "rate_limited")], factory: registry)
+        malformedClientHello = Counter(label: Self.malformedClientHelloLabel, factory: registry)
     }
 }
 
@@ -71,11 +78,16 @@ public final class ACMERenewalService: Sendable {
     private let group: any EventLoopGroup
     private let logger: Logger
     private let excluded: Set<String>
+    /// HTTP-01 key authorisations on offer, by token.
     public let tokens = ACMEChallengeTokens()
+    /// TLS-ALPN-01 validation certificates on offer, by name.
+    public let tlsALPNCertificates = ACMETLSALPNCertificates()
 
     private struct Running: Sendable {
         var client: ACMEClient?
         var listener: HTTP01Listener?
+        /// `acme.challenges` less those with no listener to answer them.
+        var challenges: [ACMEChallengeType] = []
         var loop: Task<Void, Never>?
         var checking = false
         var passes = 0
@@ -98,6 +110,20 @@ public final class ACMERenewalService: Sendable {
         self.excluded = Set(configuration.acme.excludeDomains.map { (try? JID(domain: $0).domainpart) ?? $0.lowercased() })
     }
 
+    /// What the HTTPS listener needs to answer TLS-ALPN-01 validations; nil when
+    /// `tls-alpn-01` is not among `acme.challenges` (the listener then reads no ClientHello).
+    var listenerChallenges: TLSALPNChallenges? {
+        guard settings.challenges.contains(.tlsALPN01) else { return nil }
+        let certificates = tlsALPNCertificates
+        let counter = metrics.malformedClientHello
+        return TLSALPNChallenges(context: { certificates.context(forServerName: $0) }, malformed: { _ in counter.increment() })
+    }
+
+    /// The challenge types in use once started.
+    public var challenges: [ACMEChallengeType] {
+        state.withLock { $0.challenges }
+    }
+
     /// The HTTP-01 listener's port once started.
     public var httpPort: Int? {
         state.withLock { $0.listener?.port }
@@ -113,18 +139,32 @@ public final class ACMERenewalService: Sendable {
     }
 
     /// Loads (or creates) the account key, binds the HTTP-01 listener and starts the checks.
-    /// - Parameter installed: the server's reload path, called after certificates were written.
-    func start(installed: @escaping @Sendable () -> Void) async throws {
+    /// - Parameters:
+    ///   - httpsPort: the HTTPS listener's port, nil when it is not running (no TLS-ALPN-01).
+    ///   - installed: the server's reload path, called after certificates were written.
+    func start(httpsPort: Int?, installed: @escaping @Sendable () -> Void) async throws {
+        var challenges = settings.challenges.reduce(into: [ACMEChallengeType]()) { if !$0.contains($1) { $0.append($1) } }
+        if httpsPort == nil, challenges.contains(.tlsALPN01) {
+            challenges.removeAll { $0 == .tlsALPN01 }
+            logger.warning("ACME: tls-alpn-01 needs the HTTPS listener (admin.posh_port), which is not running; not answering it")
+        }
+        guard !challenges.isEmpty else {
+            throw ConfigurationError("acme.challenges: no challenge type can be answered (tls-alpn-01 needs admin.posh_port; the list is \(settings.challenges.map(\.rawValue)))")
+        }
         let key = try ACMEAccountKey.loadOrCreate(at: "\(dataDirectory)/acme/account.key")
         let client = try ACMEClient(directoryURL: settings.directoryURL, key: key, contact: settings.contact,
                                     trustRootsFile: settings.caCertificateFile.isEmpty ? nil : settings.caCertificateFile,
                                     eventLoopGroup: group, logger: logger)
-        let listener: HTTP01Listener
-        do {
-            listener = try await HTTP01Listener.bind(host: settings.httpAddress, port: settings.httpPort, tokens: tokens, group: group, logger: logger)
-        } catch {
-            await client.shutdown()
-            throw ListenerBindFailure(listener: "acme_http", host: settings.httpAddress, port: settings.httpPort, underlying: error)
+        // Port 80 is bound only for http-01: an operator who cannot bind it answers
+        // tls-alpn-01 alone.
+        var listener: HTTP01Listener?
+        if challenges.contains(.http01) {
+            do {
+                listener = try await HTTP01Listener.bind(host: settings.httpAddress, port: settings.httpPort, tokens: tokens, group: group, logger: logger)
+            } catch {
+                await client.shutdown()
+                throw ListenerBindFailure(listener: "acme_http", host: settings.httpAddress, port: settings.httpPort, underlying: error)
+            }
         }
         let interval = Duration.milliseconds(Int64(max(settings.renewCheckIntervalSeconds, 0.01) * 1000))
         // A domain added with `braid domain add` should not wait a whole interval for its
@@ -148,10 +188,12 @@ public final class ACMERenewalService: Sendable {
         state.withLock {
             $0.client = client
             $0.listener = listener
+            $0.challenges = challenges
             $0.loop = loop
         }
         logger.notice("ACME certificates enabled", metadata: [
-            "directory": "\(settings.directoryURL)", "http_port": "\(listener.port.map(String.init) ?? "?")",
+            "directory": "\(settings.directoryURL)", "challenges": "\(challenges.map(\.rawValue).joined(separator: ","))",
+            "http_port": "\(listener?.port.map(String.init) ?? "-")", "https_port": "\(httpsPort.map(String.init) ?? "-")",
             "excluded": "\(excluded.sorted().joined(separator: ","))",
         ])
     }
@@ -210,23 +252,40 @@ public final class ACMERenewalService: Sendable {
 
     private func check(domain: String, names: [String], client: ACMEClient, installed: @Sendable () -> Void) async -> Outcome {
         let now = clock.now()
-        if let notBefore = state.withLock({ $0.statuses[domain]?.notBefore }), now < notBefore { return .nothingToDo }
+        let (notBefore, failuresSoFar, challenges) = state.withLock { ($0.statuses[domain]?.notBefore, $0.statuses[domain]?.failures ?? 0, $0.challenges) }
+        if let notBefore, now < notBefore { return .nothingToDo }
         let paths = CertificateManager.paths(for: domain, in: certificatesDirectory)
         let existing = try? PEMCredentials.load(certificatePath: paths.certificate, keyPath: paths.key).leafCertificate()
         guard let reason = Self.reasonToOrder(existing: existing, names: names, now: now) else { return .nothingToDo }
 
         var logger = self.logger
         logger[metadataKey: "domain"] = "\(domain)"
-        logger.info("ordering a certificate", metadata: ["reason": "\(reason.rawValue)", "names": "\(names.joined(separator: ","))"])
+        let preference = Self.challengeOrder(challenges, failures: failuresSoFar)
+        logger.info("ordering a certificate", metadata: [
+            "reason": "\(reason.rawValue)", "names": "\(names.joined(separator: ","))",
+            "challenges": "\(preference.map(\.rawValue).joined(separator: ","))",
+        ])
         do throws(ACMEError) {
             let ascii = try names.map { name throws(ACMEError) -> String in
                 do { return try JID(domain: name).asciiDomain } catch { throw ACMEError(.configuration, "\(name) is not a domain name: \(error)") }
             }
             let key = P256.Signing.PrivateKey()
             let tokens = self.tokens
-            let chain = try await client.issue(names: ascii, certificateKey: key,
-                                               publish: { tokens.publish(token: $0, keyAuthorization: $1) },
-                                               withdraw: { tokens.withdraw(token: $0) })
+            let certificates = self.tlsALPNCertificates
+            let chain = try await client.issue(
+                names: ascii, certificateKey: key, challenges: preference,
+                publish: { answer throws(ACMEError) in
+                    switch answer.type {
+                    case .http01: tokens.publish(token: answer.token, keyAuthorization: answer.keyAuthorization)
+                    case .tlsALPN01: try certificates.publish(name: answer.identifier, keyAuthorization: answer.keyAuthorization)
+                    }
+                },
+                withdraw: { answer in
+                    switch answer.type {
+                    case .http01: tokens.withdraw(token: answer.token)
+                    case .tlsALPN01: certificates.withdraw(name: answer.identifier)
+                    }
+                })
             let credentials = PEMCredentials(certificateChainPEM: chain, privateKeyPEM: key.pemRepresentation)
             do {
                 try credentials.validate()
@@ -264,6 +323,15 @@ public final class ACMERenewalService: Sendable {
             ])
             return .failed(error)
         }
+    }
+
+    /// The challenge types in the order to offer them after `failures` failed orders in a
+    /// row: the configured order, rotated by one per failure, so that when one way cannot
+    /// work (port 80 blocked, a proxy in front of 443) the next attempt leads with another.
+    static func challengeOrder(_ configured: [ACMEChallengeType], failures: Int) -> [ACMEChallengeType] {
+        guard configured.count > 1 else { return configured }
+        let shift = max(failures, 0) % configured.count
+        return Array(configured[shift...] + configured[..<shift])
     }
 
     /// How long a domain is left alone after its `failures`-th failure in a row: doubling

@@ -11,8 +11,14 @@ extension BraidConfiguration {
         /// Where the CA writes about expiring certificates and account problems (an e-mail
         /// address, with or without `mailto:`); empty: no contact.
         public var contact = ""
-        /// The HTTP-01 listener's address and port. The CA connects to port 80 of each name;
-        /// every other request there is redirected to https.
+        /// The challenge types answered, preferred first: `http-01` (the listener below, port
+        /// 80) and `tls-alpn-01` (RFC 8737, on the HTTPS listener, `admin.posh_port`, which
+        /// the CA reaches at port 443). After a failed order the next attempt leads with the
+        /// next type, so one blocked port does not stop renewals.
+        public var challenges: [ACMEChallengeType] = [.http01, .tlsALPN01]
+        /// The HTTP-01 listener's address and port (bound only with `http-01` among the
+        /// challenges). The CA connects to port 80 of each name; every other request there is
+        /// redirected to https.
         public var httpAddress = "0.0.0.0"
         public var httpPort = 80
         /// Hosted domains (or single service domains) that bring their own certificate.
@@ -30,6 +36,7 @@ extension BraidConfiguration {
             case enabled
             case directoryURL = "directory_url"
             case contact
+            case challenges
             case httpAddress = "http_address"
             case httpPort = "http_port"
             case excludeDomains = "exclude_domains"
