@@ -25,6 +25,12 @@ public protocol WebSocketEndpoint: Sendable {
     func configure(_ channel: any Channel, head: HTTPRequestHead) throws
 }
 
+/// What the HTTPS listener knows about the request being answered, for route handlers.
+public enum WebRequest {
+    /// The connection's peer, set around every request the router answers.
+    @TaskLocal public static var remoteAddress: SocketAddress?
+}
+
 /// The HTTPS listener's child channel: HTTP/1.1 answered by the Hummingbird router, and,
 /// when an endpoint is configured, an upgrade to WebSocket on its path (RFC 6455 §4.2).
 ///
@@ -118,7 +124,12 @@ struct WebChannel: ServerChildChannel, HTTPChannelHandler {
         do {
             switch try await value.upgrade.get() {
             case .notUpgraded(let http):
-                await handleHTTP(asyncChannel: http, logger: logger)
+                // The route handlers see the client's address (the provisioning API limits
+                // failed logins per address) without the router's context type changing for
+                // every module: the connection's requests are answered in this task.
+                await WebRequest.$remoteAddress.withValue(value.channel.remoteAddress) {
+                    await handleHTTP(asyncChannel: http, logger: logger)
+                }
             case .refused(let http):
                 await Self.refuse(http)
             case .webSocket(let channel):

@@ -42,8 +42,9 @@ struct ProvisioningAPITests {
         }
     }
 
-    func withAPI(_ body: (TestServer, API) async throws -> Void) async throws {
-        try await withServer(domains: ["a.example", "b.example"], users: ["alice@a.example", "bob@b.example"]) { server in
+    func withAPI(sessionClock: SessionClock = .system, configure: (inout BraidConfiguration) -> Void = { _ in },
+                 _ body: (TestServer, API) async throws -> Void) async throws {
+        try await withServer(domains: ["a.example", "b.example"], users: ["alice@a.example", "bob@b.example"], sessionClock: sessionClock, configure: configure) { server in
             let port = try #require(server.server.adminPorts.posh)
             var tls = TLSConfiguration.makeClientConfiguration()
             // The test server's certificates are self-signed.
@@ -205,6 +206,70 @@ struct ProvisioningAPITests {
         }
     }
 
+    @Test("Failed authentications beyond provisioning.auth_failures_per_minute from one address get 429 with Retry-After, a valid token included, until the budget refills")
+    func rateLimitedFailures() async throws {
+        let time = ManualSessionClock()
+        try await withAPI(sessionClock: time.clock, configure: { $0.provisioning.authFailuresPerMinute = 3 }) { server, api in
+            let (valid, validID) = try await token(server, domains: nil)
+            let (expired, expiredStored) = ProvisioningTokens.mint(domains: nil, label: "old", now: Date() - 7200, lifetime: 3600)
+            try await server.context.storage.addAPIToken(expiredStored)
+            // The budget: three failures of any kind (none, wrong, expired) get 401.
+            for presented in [nil, "braid_wrong", expired] {
+                #expect(try await api.call(.GET, "/domains", token: presented).status == .unauthorized)
+            }
+            // Beyond it, 429 for a bad token and for the valid one alike; nothing is changed.
+            let limited = try await api.call(.PUT, "/domains/guess.example", token: "braid_wrong")
+            #expect(limited.status == .tooManyRequests)
+            #expect(limited.json["error"] as? String == "rate_limited")
+            // One failure per 20 s refills; the bucket is empty, so the next try is 20 s away.
+            #expect(limited.headers["Retry-After"].first == "20")
+            let refused = try await api.call(.PUT, "/domains/new.example", token: valid)
+            #expect(refused.status == .tooManyRequests)
+            #expect(try await server.context.storage.domains().map(\.name) == ["a.example", "b.example"])
+
+            let audit = try await server.context.storage.auditEntries(limit: 2, domain: nil)
+            #expect(audit.map(\.outcome) == ["rate_limited", "rate_limited"])
+            #expect(audit.map(\.target) == ["new.example", "guess.example"])
+            #expect(server.metrics.counterValue("braid_provisioning_requests_total", [("action", "domain.add"), ("outcome", "rate_limited")]) == 2)
+            #expect(server.metrics.counterValue("braid_provisioning_requests_total", [("action", "domain.list"), ("outcome", "unauthenticated")]) == 2)
+            #expect(server.metrics.counterValue("braid_provisioning_requests_total", [("action", "domain.list"), ("outcome", "expired")]) == 1)
+
+            // 19 s later still limited, with 1 s to go; at 20 s one more try is allowed.
+            await time.advance(by: .seconds(19))
+            let still = try await api.call(.GET, "/domains", token: valid)
+            #expect(still.status == .tooManyRequests)
+            #expect(still.headers["Retry-After"].first == "1")
+            await time.advance(by: .seconds(1))
+            #expect(try await api.call(.PUT, "/domains/new.example", token: valid).status == .created)
+            #expect(try await server.context.storage.auditEntries(limit: 1, domain: nil).first?.tokenID == validID)
+            // A success costs nothing, and the refilled token is spent by the next failure.
+            #expect(try await api.call(.GET, "/domains", token: valid).status == .ok)
+            #expect(try await api.call(.GET, "/domains", token: "braid_wrong").status == .unauthorized)
+            #expect(try await api.call(.GET, "/domains", token: valid).status == .tooManyRequests)
+            // A minute refills the whole budget.
+            await time.advance(by: .seconds(60))
+            for _ in 0..<3 { #expect(try await api.call(.GET, "/domains", token: nil).status == .unauthorized) }
+            #expect(try await api.call(.GET, "/domains", token: nil).status == .tooManyRequests)
+        }
+    }
+
+    @Test("The failure limiter tracks a bounded number of addresses, forgetting the oldest first")
+    func limiterBound() {
+        let limiter = AuthFailureLimiter(perMinute: 1, capacity: 3, now: { .uptimeNanoseconds(1_000_000_000) })
+        for address in ["10.0.0.1", "10.0.0.2", "10.0.0.3"] { limiter.recordFailure(address) }
+        #expect(limiter.retryAfter("10.0.0.1") == 60)
+        limiter.recordFailure("10.0.0.4")
+        #expect(limiter.trackedAddresses == 3)
+        #expect(limiter.retryAfter("10.0.0.1") == nil, "the oldest was forgotten")
+        #expect(limiter.retryAfter("10.0.0.2") == 60 && limiter.retryAfter("10.0.0.4") == 60)
+        for index in 0..<1000 { limiter.recordFailure("192.0.2.\(index)") }
+        #expect(limiter.trackedAddresses == 3)
+        #expect(limiter.retryAfter("192.0.2.999") == 60 && limiter.retryAfter("192.0.2.996") == nil)
+        let off = AuthFailureLimiter(perMinute: 0, now: { .now() })
+        for _ in 0..<5 { off.recordFailure("10.0.0.1") }
+        #expect(off.retryAfter("10.0.0.1") == nil)
+    }
+
     @Test("Bodies beyond provisioning.max_body_bytes are refused with 413 before they are read whole")
     func bodyLimit() async throws {
         try await withAPI { server, api in
@@ -242,7 +307,9 @@ struct ProvisioningAPITests {
     func documentMatchesRoutes() async throws {
         let operations = try Self.documentedOperations()
         #expect(operations.count == 12)
-        try await withAPI { _, api in
+        // One unauthenticated request per operation, more than the default budget of failed
+        // authentications from one address (tested in rateLimitedFailures).
+        try await withAPI(configure: { $0.provisioning.authFailuresPerMinute = 100 }) { _, api in
             for (method, path) in operations {
                 let concrete = path.replacingOccurrences(of: "{domain}", with: "a.example").replacingOccurrences(of: "{user}", with: "alice")
                 let answer = try await api.call(HTTPMethod(rawValue: method), concrete, token: nil, body: method == "GET" || method == "DELETE" ? nil : "{}")

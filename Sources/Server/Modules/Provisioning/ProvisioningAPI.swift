@@ -1,5 +1,6 @@
 import Foundation
 import HTTPTypes
+import Admin
 import Hummingbird
 import Logging
 import NIOCore
@@ -22,11 +23,15 @@ struct ProvisioningAPI: Sendable {
     let settings: BraidConfiguration.ProvisioningSettings
     /// `braid check` results for `GET /domains/{domain}/check`.
     let checks: DomainCheckCache
+    /// Failed authentications per client address, on the server's monotonic clock.
+    let failures: AuthFailureLimiter
 
     init(server: ServerContext, settings: BraidConfiguration.ProvisioningSettings, checks: DomainCheckCache = DomainCheckCache()) {
         self.server = server
         self.settings = settings
         self.checks = checks
+        let clock = server.sessionClock
+        failures = AuthFailureLimiter(perMinute: settings.authFailuresPerMinute, now: { clock.now() })
     }
 
     var storage: any Storage { server.storage }
@@ -113,10 +118,23 @@ struct ProvisioningAPI: Sendable {
     private func handle(_ request: Request, _ action: String, target: String? = nil, audited: Bool = false,
                         _ body: (Caller) async throws -> (HTTPResponse.Status, JSONValue?)) async -> Response {
         let target = target ?? request.uri.path
+        let address = AuthFailureLimiter.key(WebRequest.remoteAddress)
+        if let seconds = failures.retryAfter(address) {
+            // Checked before the token: see AuthFailureLimiter.
+            let failure = Failure(status: .tooManyRequests, code: "rate_limited",
+                                  message: "too many failed authentications from this address; retry in \(seconds) s")
+            server.metrics.provisioning(action: action, outcome: "rate_limited")
+            logger.notice("provisioning API: rate limited", metadata: ["action": "\(action)", "target": "\(target)", "address": "\(address)", "retry_after": "\(seconds)"])
+            await audit(AuditEntry(at: Self.now(), tokenID: nil, action: action, target: target, outcome: "rate_limited", detail: "from \(address)"))
+            var response = Self.response(failure)
+            response.headers[.retryAfter] = String(seconds)
+            return response
+        }
         let caller: Caller
         do {
             caller = try await authenticate(request)
         } catch let expired as ExpiredToken {
+            failures.recordFailure(address)
             // The token is known, so the entry names it: the owner of a control panel learns
             // that its token ran out.
             let failure = Failure(status: .unauthorized, code: "unauthenticated", message: "the token expired")
@@ -125,8 +143,9 @@ struct ProvisioningAPI: Sendable {
             await audit(AuditEntry(at: Self.now(), tokenID: expired.id, action: action, target: target, outcome: "expired", detail: failure.message))
             return Self.response(failure)
         } catch let failure as Failure {
+            failures.recordFailure(address)
             server.metrics.provisioning(action: action, outcome: "unauthenticated")
-            logger.notice("provisioning API: refused", metadata: ["action": "\(action)", "target": "\(target)", "reason": "\(failure.message)"])
+            logger.notice("provisioning API: refused", metadata: ["action": "\(action)", "target": "\(target)", "address": "\(address)", "reason": "\(failure.message)"])
             await audit(AuditEntry(at: Self.now(), tokenID: nil, action: action, target: target, outcome: "unauthenticated", detail: failure.message))
             return Self.response(failure)
         } catch {

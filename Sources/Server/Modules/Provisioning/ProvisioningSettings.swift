@@ -9,6 +9,10 @@ extension BraidConfiguration {
         public var maxBodyBytes = 64 * 1024
         /// The shortest password an account created or changed through the API may have.
         public var minimumPasswordLength = 8
+        /// Failed authentications (no, wrong or expired token) one client address may make
+        /// per minute, in a burst or spread out; beyond it every request from the address
+        /// gets 429 until its budget refills. 0 turns the limit off.
+        public var authFailuresPerMinute = 10
 
         public init() {}
 
@@ -16,6 +20,7 @@ extension BraidConfiguration {
             case enabled
             case maxBodyBytes = "max_body_bytes"
             case minimumPasswordLength = "minimum_password_length"
+            case authFailuresPerMinute = "auth_failures_per_minute"
         }
     }
 }
