@@ -147,8 +147,24 @@ let package = Package(
             swiftSettings: strictSettings
         ),
         .target(
+            // Several nodes serving one provider (issue 18): membership and the session
+            // directory in PostgreSQL, node links over gRPC with mutual TLS.
+            name: "Cluster",
+            dependencies: [
+                "Storage",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+                .product(name: "PostgresNIO", package: "postgres-nio"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        .target(
             name: "Server",
             dependencies: [
+                "Cluster",
                 "XMPPCore",
                 "XMPPStream",
                 "Trust",
@@ -182,6 +198,7 @@ let package = Package(
             dependencies: [
                 "XMPPCore",
                 "Server",
+                "Cluster",
                 "Admin",
                 "Storage",
                 "Trust",
@@ -317,6 +334,7 @@ let package = Package(
             name: "ServerTests",
             dependencies: [
                 "Server",
+                "Cluster",
                 "TestSupport",
                 "Storage",
                 "Trust",

@@ -1,4 +1,5 @@
 import Admin
+import Cluster
 import DNS
 import Federation
 import Foundation
@@ -36,6 +37,9 @@ public final class BraidServer: Service {
     private let boundAdminPorts = Mutex<(admin: Int?, posh: Int?)>((nil, nil))
     /// Certificates from an ACME CA (`acme.enabled`), and its HTTP-01 listener.
     public let acme: ACMERenewalService?
+    /// This node's part in a cluster (`cluster.enabled`), and what joins it to the sessions.
+    public let cluster: ClusterService?
+    private let clusterBridge: ClusterBridge?
 
     /// How often the hosted-domain list is re-read; `braid domain add|remove` takes effect
     /// within this interval.
@@ -82,6 +86,22 @@ public final class BraidServer: Service {
                                 sessionClock: sessionClock, logger: logger)
         let router = Router(server: context, remote: NoFederation(), modules: dispatcher)
         context.install(router: router)
+        if configuration.cluster.enabled {
+            if let problem = configuration.cluster.problems(storageIsPostgreSQL: configuration.storage.backend == .postgresql).first {
+                throw ConfigurationError(problem)
+            }
+            let settings = try PostgresConnectionSettings(url: configuration.storage.url ?? "")
+            let directory = try ClusterDirectory(settings: settings, eventLoopGroup: group, logger: logger)
+            let cluster = ClusterService(settings: configuration.cluster, directory: directory, logger: logger, metrics: metricsRegistry)
+            let bridge = ClusterBridge(cluster: cluster, context: context, group: group, logger: logger)
+            cluster.install(host: bridge)
+            context.sessions.install(observer: bridge)
+            self.cluster = cluster
+            clusterBridge = bridge
+        } else {
+            cluster = nil
+            clusterBridge = nil
+        }
         if configuration.s2s.enabled {
             let dns = configuration.dns
             let resolver = try UnboundResolver(configuration: .init(
@@ -169,6 +189,8 @@ public final class BraidServer: Service {
             await context.certificates.prepareCertificate(for: defaultDomain)
         }
         reportCertificates()
+        // Before the client listeners: every session bound here is told to the other nodes.
+        try await cluster?.start()
 
         let c2s = configuration.c2s
         if let port = c2s.starttlsPort {
@@ -303,6 +325,9 @@ public final class BraidServer: Service {
         while (context.sessions.count > 0 || context.activeProcessing.load(ordering: .relaxed) > 0) && ContinuousClock.now < deadline {
             try? await Task.sleep(for: .milliseconds(20))
         }
+        // After the sessions: their ends (and the presence they broadcast) went over the node
+        // links first.
+        await cluster?.shutdown()
         await resolver?.shutdown()
         await context.storage.close()
         if ownsGroup {

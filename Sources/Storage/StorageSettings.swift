@@ -123,7 +123,7 @@ public struct PostgresConnectionSettings: Sendable, Equatable {
         return "\(username)@\(where_)/\(database)"
     }
 
-    func clientConfiguration() throws -> PostgresClient.Configuration {
+    public func clientConfiguration() throws -> PostgresClient.Configuration {
         var configuration: PostgresClient.Configuration
         if let socketDirectory {
             configuration = .init(unixSocketPath: "\(socketDirectory)/.s.PGSQL.\(port)", username: username, password: password, database: database)

@@ -21,7 +21,7 @@ struct Braid: AsyncParsableCommand {
             listeners on ports 5222 (STARTTLS) and 5223 (direct TLS).
             """,
         version: BraidInfo.version,
-        subcommands: [Serve.self, DomainCommand.self, UserCommand.self, CertCommand.self, PoshCommand.self, LinksCommand.self, CheckCommand.self, APICommand.self, StorageCommand.self]
+        subcommands: [Serve.self, DomainCommand.self, UserCommand.self, CertCommand.self, PoshCommand.self, LinksCommand.self, CheckCommand.self, APICommand.self, StorageCommand.self, ClusterCommand.self]
     )
 }
 

@@ -1,4 +1,5 @@
 import Admin
+import Cluster
 import Federation
 import Foundation
 import Storage
@@ -50,6 +51,8 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
     public var provisioning = ProvisioningSettings()
     /// Certificates from an ACME CA for every hosted domain (docs/acme.md).
     public var acme = ACMESettings()
+    /// Several nodes serving one provider on one PostgreSQL database (docs/cluster.md).
+    public var cluster = ClusterSettings()
 
     public init() {}
 
@@ -66,6 +69,7 @@ public struct BraidConfiguration: Codable, Sendable, Equatable {
         case blocking, registration, upload
         case provisioning
         case acme
+        case cluster
     }
 
     /// HTTP file upload (`upload`, XEP-0363): slots at `upload.DOMAIN`, files served by the

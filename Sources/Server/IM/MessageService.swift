@@ -162,14 +162,20 @@ final class MessageService: Sendable {
     /// Messages go back through delivery (another resource, or offline storage); IQ
     /// requests get an error; presence is state and is not replayed.
     func handleUndelivered(_ element: XMLElement, to session: ClientSession, router: Router) async {
+        await handleUndelivered(element, to: session.jid, router: router)
+    }
+
+    /// The same for a stanza that was on its way to `resource` (a session on another node
+    /// of a cluster, or one that ended before a node link brought it).
+    func handleUndelivered(_ element: XMLElement, to resource: JID, router: Router) async {
         guard let stanza = Stanza(element) else { return }
         switch stanza.kind {
         case .message:
             guard let message = Message(stanza), message.type != .error, message.type != .groupchat, message.type != .headline else { return }
             // What the server itself sent this resource on the account's behalf (from its
             // bare JID: a carbon copy, say) is a copy; the original went elsewhere already.
-            if (try? stanza.from()) == session.jid.bare { return }
-            await deliverToBare(stanza, message: message, account: session.jid.bare, router: router)
+            if (try? stanza.from()) == resource.bare { return }
+            await deliverToBare(stanza, message: message, account: resource.bare, router: router)
         case .iq:
             if IQ(stanza)?.type?.isRequest == true {
                 await router.bounce(stanza, with: StanzaError(.recipientUnavailable))

@@ -29,6 +29,8 @@ public struct ServerMetrics: Sendable {
     let pepRateLimited: Counter
     /// WebSocket upgrades refused (no `xmpp` subprotocol, an origin not allowed).
     let webSocketUpgradesRefused: Counter
+    /// Frames from another cluster node that did not parse or named what is not ours.
+    let clusterBadFrames: Counter
     /// The certificates presented (each counted once, however many names it covers), and
     /// when the first of them expires (Unix seconds): one series each, not one per domain,
     /// so 10,000 customer certificates do not make 10,000 series. `braid check` names them.
@@ -38,6 +40,7 @@ public struct ServerMetrics: Sendable {
     public init(registry: MetricsRegistry) {
         self.registry = registry
         webSocketUpgradesRefused = Counter(label: "braid_websocket_upgrades_refused_total", factory: registry)
+        clusterBadFrames = Counter(label: "braid_cluster_bad_frames_total", factory: registry)
         certificatesPresented = Meter(label: "braid_certificates", factory: registry)
         certificateEarliestExpiry = Meter(label: "braid_certificate_earliest_expiry_timestamp_seconds", factory: registry)
         connectionsAccepted = Dictionary(uniqueKeysWithValues: ListenerKind.allCases.map {

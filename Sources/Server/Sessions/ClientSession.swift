@@ -15,6 +15,16 @@ public protocol SessionOwner: AnyObject, Sendable {
     func process(_ element: XMLElement, from session: ClientSession) async
 }
 
+/// Where a session bound on another node of a cluster is reached: what is delivered to its
+/// local stand-in goes over the node link.
+public protocol RemoteSessionLink: Sendable {
+    /// The node that holds the session.
+    var node: String { get }
+    func forward(_ element: XMLElement, to session: ClientSession)
+    /// Asks the node to close the session with `<conflict/>` (replaced by a bind here).
+    func replace(_ session: ClientSession)
+}
+
 /// One bound resource of an account: its outbound path, its XEP-0198 state, and the queue of
 /// stanzas it sent that are waiting to be processed in order (RFC 6120 §10.1).
 ///
@@ -37,6 +47,10 @@ public final class ClientSession: Sendable {
     private let waitingForResumption = Atomic<Bool>(false)
     public var isWaitingForResumption: Bool { waitingForResumption.load(ordering: .relaxed) }
     let settings: Settings
+    /// Set on the stand-in for a session bound on another node of a cluster (the session
+    /// directory's entry here): delivering forwards to that node; it has no connection, no
+    /// XEP-0198 state and never ends on its own.
+    public let remote: (any RemoteSessionLink)?
 
     struct Settings: Sendable {
         var resumeTimeout: TimeAmount
@@ -99,6 +113,24 @@ public final class ClientSession: Sendable {
         self.logger = logger
         state = NIOLoopBoundBox(State(connection: channel, owner: owner), eventLoop: channel.eventLoop)
         (inboundStream, inbound) = AsyncStream.makeStream(of: InboundStanza.self)
+        remote = nil
+    }
+
+    /// The stand-in for `jid`, bound on another node of a cluster.
+    init(remoteJID jid: JID, link: any RemoteSessionLink, loop: any EventLoop, settings: Settings, logger: Logger) {
+        id = "remote:\(link.node)"
+        self.jid = jid
+        self.loop = loop
+        self.settings = settings
+        var logger = logger
+        logger[metadataKey: "jid"] = "\(jid)"
+        logger[metadataKey: "node"] = "\(link.node)"
+        self.logger = logger
+        // Made off the loop (by the cluster's tasks), so the value is sent in.
+        state = NIOLoopBoundBox.makeBoxSendingValue(State(connection: nil, owner: nil), as: State.self, eventLoop: loop)
+        (inboundStream, inbound) = AsyncStream.makeStream(of: InboundStanza.self)
+        inbound.finish()
+        remote = link
     }
 
     /// A stanza from the client, and whether XEP-0198 counts it (it arrived after `<enable/>`).
@@ -171,6 +203,10 @@ public final class ClientSession: Sendable {
 
     /// Sends a stanza or other first-level element to the client.
     public func deliver(_ element: XMLElement) {
+        if let remote {
+            remote.forward(element, to: self)
+            return
+        }
         if loop.inEventLoop {
             deliverOnLoop(element)
         } else {
@@ -397,6 +433,11 @@ public final class ClientSession: Sendable {
 
     /// Closes the connection with a stream error and ends the session (no resumption).
     public func closeWithError(_ error: StreamError) {
+        if let remote {
+            // Only a replacing bind closes another node's session from here.
+            remote.replace(self)
+            return
+        }
         if !loop.inEventLoop {
             loop.execute { self.closeWithError(error) }
             return

@@ -1,3 +1,4 @@
+import Foundation
 import Synchronization
 import XMPPCore
 
@@ -18,17 +19,41 @@ public final class SessionRegistry: Sendable {
         /// Entities that got directed presence outside the roster (RFC 6121 §4.6), which must
         /// get unavailable presence when the resource goes offline.
         public var directedPresence: Set<JID>
+        /// When the resource was bound (milliseconds since 1970); in a cluster, of two binds
+        /// of one full JID on two nodes the later wins.
+        public var boundAt: Int64
 
-        init(session: ClientSession) {
+        init(session: ClientSession, boundAt: Int64 = Int64(Date().timeIntervalSince1970 * 1000)) {
             self.session = session
             presence = nil
             priority = 0
             interestedInRoster = false
             carbons = false
             directedPresence = []
+            self.boundAt = boundAt
         }
 
         public var isAvailable: Bool { presence != nil }
+
+        /// What other nodes of a cluster route by; a change to it is told to them.
+        var routingState: RoutingState {
+            RoutingState(presence: presence, priority: priority, interestedInRoster: interestedInRoster, carbons: carbons)
+        }
+    }
+
+    struct RoutingState: Equatable {
+        var presence: XMLElement?
+        var priority: Int
+        var interestedInRoster: Bool
+        var carbons: Bool
+    }
+
+    /// Told, under the registry's lock (so in the order the changes happened), about every
+    /// change to a session bound on this node. The cluster uses it to keep the other nodes'
+    /// routing tables current; it must not call back into the registry.
+    public protocol Observer: Sendable {
+        func localSessionChanged(_ entry: Entry, isNew: Bool)
+        func localSessionGone(_ entry: Entry)
     }
 
     public enum BindOutcome: Sendable {
@@ -39,19 +64,33 @@ public final class SessionRegistry: Sendable {
     }
 
     private let accounts = Mutex<[JID: [String: Entry]]>([:])
+    private let observerBox = Mutex<(any Observer)?>(nil)
+    /// Sessions held by other nodes of a cluster (their ``ClientSession/remote`` set).
+    private let remoteCount = Atomic<Int>(0)
 
     public init() {}
+
+    /// Set once, by the cluster, before anything is bound.
+    public func install(observer: any Observer) {
+        observerBox.withLock { $0 = observer }
+    }
+
+    private var observer: (any Observer)? { observerBox.withLock { $0 } }
 
     /// Registers `session` under its full JID.
     public func bind(_ session: ClientSession, replacing: Bool) -> BindOutcome {
         let account = session.jid.bare
         let resource = session.jid.resourcepart ?? ""
+        let observer = self.observer
         return accounts.withLock { accounts in
             var resources = accounts[account] ?? [:]
             let existing = resources[resource]
             if existing != nil && !replacing { return .conflict }
-            resources[resource] = Entry(session: session)
+            let entry = Entry(session: session)
+            resources[resource] = entry
             accounts[account] = resources
+            if existing?.session.remote != nil { remoteCount.subtract(1, ordering: .relaxed) }
+            observer?.localSessionChanged(entry, isNew: true)
             return .bound(replaced: existing?.session)
         }
     }
@@ -69,6 +108,7 @@ public final class SessionRegistry: Sendable {
             moved.interestedInRoster = entry.interestedInRoster
             moved.carbons = entry.carbons
             moved.directedPresence = entry.directedPresence
+            moved.boundAt = entry.boundAt
             resources[resource] = moved
             accounts[account] = resources
             return true
@@ -84,6 +124,11 @@ public final class SessionRegistry: Sendable {
             guard var resources = accounts[account], let entry = resources[resource], entry.session === session else { return nil }
             resources[resource] = nil
             accounts[account] = resources.isEmpty ? nil : resources
+            if session.remote == nil {
+                observer?.localSessionGone(entry)
+            } else {
+                remoteCount.subtract(1, ordering: .relaxed)
+            }
             return entry
         }
     }
@@ -95,8 +140,12 @@ public final class SessionRegistry: Sendable {
             let account = session.jid.bare
             let resource = session.jid.resourcepart ?? ""
             guard var entry = accounts[account]?[resource], entry.session === session else { return nil }
+            let before = entry.routingState
             let result = body(&entry)
             accounts[account]?[resource] = entry
+            if session.remote == nil, entry.routingState != before {
+                observer?.localSessionChanged(entry, isNew: false)
+            }
             return result
         }
     }
@@ -120,14 +169,105 @@ public final class SessionRegistry: Sendable {
         return accounts.withLock { $0[fullJID.bare]?[resource] }
     }
 
-    /// Every session, for shutdown and domain removal.
+    /// Every session bound on this node, for shutdown and domain removal (a session on
+    /// another node of a cluster is that node's to close).
     public func allSessions(inDomain domain: String? = nil) -> [ClientSession] {
         accounts.withLock { accounts in
             accounts.filter { domain == nil || $0.key.domainpart == domain }.flatMap { $0.value.values.map(\.session) }
+        }.filter { $0.remote == nil }
+    }
+
+    /// Sessions bound on this node.
+    public var count: Int {
+        accounts.withLock { $0.values.reduce(0) { $0 + $1.count } } - remoteCount.load(ordering: .relaxed)
+    }
+
+    /// Sessions bound on other nodes of a cluster, known here.
+    public var remoteSessionCount: Int { remoteCount.load(ordering: .relaxed) }
+
+    /// The entries of every session bound on this node.
+    public func localEntries() -> [Entry] {
+        accounts.withLock { accounts in accounts.values.flatMap { $0.values.filter { $0.session.remote == nil } } }
+    }
+
+    // MARK: Sessions on other nodes of a cluster
+
+    public enum RemoteOutcome {
+        /// Installed or updated.
+        case applied
+        /// A session bound here holds the full JID and was bound later: it stays, and the
+        /// other node closes its own when it hears of this one.
+        case localWins
+        /// A session bound here holds the full JID and was bound earlier: it must be closed
+        /// with `<conflict/>`; the remote one is installed in its place.
+        case localLoses(ClientSession)
+    }
+
+    /// Installs or updates the session `jid` bound on `node`; `makeProxy` builds the local
+    /// stand-in when there is none yet.
+    func applyRemote(jid: JID, node: String, localNode: String, boundAt: Int64, state: RoutingState, makeProxy: () -> ClientSession) -> RemoteOutcome {
+        let account = jid.bare
+        let resource = jid.resourcepart ?? ""
+        return accounts.withLock { accounts in
+            var resources = accounts[account] ?? [:]
+            var outcome = RemoteOutcome.applied
+            var entry: Entry
+            if let existing = resources[resource], let remote = existing.session.remote, remote.node == node {
+                entry = existing
+            } else {
+                if let existing = resources[resource] {
+                    if existing.session.remote == nil {
+                        // Later bind wins; on a tie the node named last (both sides agree).
+                        let remoteWins = boundAt != existing.boundAt ? boundAt > existing.boundAt : node > localNode
+                        guard remoteWins else { return .localWins }
+                        outcome = .localLoses(existing.session)
+                    } else {
+                        // Another node's older stand-in: that node loses; this one replaces it.
+                        remoteCount.subtract(1, ordering: .relaxed)
+                    }
+                }
+                entry = Entry(session: makeProxy(), boundAt: boundAt)
+                remoteCount.add(1, ordering: .relaxed)
+            }
+            entry.presence = state.presence
+            entry.priority = state.priority
+            entry.interestedInRoster = state.interestedInRoster
+            entry.carbons = state.carbons
+            entry.boundAt = boundAt
+            resources[resource] = entry
+            accounts[account] = resources
+            return outcome
         }
     }
 
-    public var count: Int {
-        accounts.withLock { $0.values.reduce(0) { $0 + $1.count } }
+    /// Removes the stand-in of `jid` if `node` holds it; returns its last entry.
+    func removeRemote(jid: JID, node: String) -> Entry? {
+        let account = jid.bare
+        let resource = jid.resourcepart ?? ""
+        return accounts.withLock { accounts in
+            guard var resources = accounts[account], let entry = resources[resource], entry.session.remote?.node == node else { return nil }
+            resources[resource] = nil
+            accounts[account] = resources.isEmpty ? nil : resources
+            remoteCount.subtract(1, ordering: .relaxed)
+            return entry
+        }
+    }
+
+    /// Removes every stand-in of `node`'s sessions (it died or left); returns their entries.
+    func removeRemote(node: String) -> [Entry] {
+        accounts.withLock { accounts in
+            var removed: [Entry] = []
+            for (account, var resources) in accounts {
+                let gone = resources.filter { $0.value.session.remote?.node == node }
+                guard !gone.isEmpty else { continue }
+                for (resource, entry) in gone {
+                    resources[resource] = nil
+                    removed.append(entry)
+                }
+                accounts[account] = resources.isEmpty ? nil : resources
+            }
+            remoteCount.subtract(removed.count, ordering: .relaxed)
+            return removed
+        }
     }
 }

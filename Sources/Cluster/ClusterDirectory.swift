@@ -1,0 +1,207 @@
+import Foundation
+import Logging
+import NIOCore
+import PostgresNIO
+import Storage
+
+/// A node as the database knows it.
+public struct ClusterMember: Sendable, Equatable {
+    public var name: String
+    /// Where its node-link listener is reached (`HOST:PORT`).
+    public var address: String
+    public var incarnation: UInt64
+    /// Seconds since its last heartbeat, by the database's clock (so the nodes' own clocks
+    /// need not agree).
+    public var heartbeatAge: Double
+    public var startedSecondsAgo: Double
+    /// Bound sessions, as of its last heartbeat.
+    public var sessions: Int
+    /// It said goodbye (graceful shutdown).
+    public var left: Bool
+
+    public func isAlive(deadAfter: Double) -> Bool { !left && heartbeatAge < deadAfter }
+}
+
+/// Membership, heartbeats and the session directory, in the PostgreSQL database the nodes
+/// share (issue 18): no consensus protocol of Braid's own; the database the operator already
+/// replicates and fails over is the one place that says who is in the cluster.
+public final class ClusterDirectory: Sendable {
+    private let client: PostgresClient
+    private let runner: Task<Void, Never>
+    private let logger: Logger
+    let operationTimeout: Duration
+
+    public init(settings: PostgresConnectionSettings, eventLoopGroup: any EventLoopGroup, logger: Logger) throws {
+        var configuration = try settings.clientConfiguration()
+        // Heartbeats and directory writes only: a few connections are plenty.
+        configuration.options.maximumConnections = 4
+        let client = PostgresClient(configuration: configuration, eventLoopGroup: eventLoopGroup, backgroundLogger: logger)
+        self.client = client
+        self.logger = logger
+        operationTimeout = settings.operationTimeout
+        runner = Task { await client.run() }
+    }
+
+    public func close() {
+        runner.cancel()
+    }
+
+    /// Creates the tables if missing. Several nodes may start at once, so the creation runs
+    /// under a transaction-scoped advisory lock.
+    public func prepare() async throws {
+        try await within {
+            try await self.client.withTransaction(logger: self.logger) { connection in
+                try await connection.query("SELECT pg_advisory_xact_lock(hashtext('braid_cluster_schema'))", logger: self.logger)
+                try await connection.query("""
+                    CREATE TABLE IF NOT EXISTS cluster_nodes (
+                        name text PRIMARY KEY,
+                        address text NOT NULL,
+                        incarnation bigint NOT NULL,
+                        started_at timestamptz NOT NULL DEFAULT now(),
+                        heartbeat_at timestamptz NOT NULL DEFAULT now(),
+                        sessions integer NOT NULL DEFAULT 0,
+                        left_at timestamptz
+                    )
+                    """, logger: self.logger)
+                try await connection.query("""
+                    CREATE TABLE IF NOT EXISTS cluster_sessions (
+                        jid text PRIMARY KEY,
+                        node text NOT NULL,
+                        bound_at timestamptz NOT NULL DEFAULT now()
+                    )
+                    """, logger: self.logger)
+                try await connection.query("CREATE INDEX IF NOT EXISTS cluster_sessions_node ON cluster_sessions (node)", logger: self.logger)
+            }
+        }
+    }
+
+    /// Registers this run of the node, and forgets sessions an earlier run left behind (it
+    /// crashed: they are gone with it).
+    public func register(node: String, address: String, incarnation: UInt64) async throws {
+        let incarnationValue = Int64(bitPattern: incarnation)
+        try await within {
+            try await self.client.withTransaction(logger: self.logger) { connection in
+                try await connection.query("""
+                    INSERT INTO cluster_nodes (name, address, incarnation, started_at, heartbeat_at, sessions, left_at)
+                    VALUES (\(node), \(address), \(incarnationValue), now(), now(), 0, NULL)
+                    ON CONFLICT (name) DO UPDATE SET address = EXCLUDED.address, incarnation = EXCLUDED.incarnation,
+                        started_at = now(), heartbeat_at = now(), sessions = 0, left_at = NULL
+                    """, logger: self.logger)
+                try await connection.query("DELETE FROM cluster_sessions WHERE node = \(node)", logger: self.logger)
+            }
+        }
+    }
+
+    /// Writes the heartbeat. False when the row now belongs to another run (two processes
+    /// configured with one node name).
+    public func heartbeat(node: String, incarnation: UInt64, sessions: Int) async throws -> Bool {
+        let incarnationValue = Int64(bitPattern: incarnation)
+        return try await within {
+            let rows = try await self.client.query("""
+                UPDATE cluster_nodes SET heartbeat_at = now(), sessions = \(sessions)
+                WHERE name = \(node) AND incarnation = \(incarnationValue) RETURNING name
+                """, logger: self.logger)
+            var count = 0
+            for try await _ in rows { count += 1 }
+            return count == 1
+        }
+    }
+
+    /// Every node that ever registered, with its heartbeat's age.
+    public func members() async throws -> [ClusterMember] {
+        try await within {
+            var members: [ClusterMember] = []
+            let rows = try await self.client.query("""
+                SELECT name, address, incarnation, sessions,
+                       extract(epoch FROM now() - heartbeat_at)::float8,
+                       extract(epoch FROM now() - started_at)::float8,
+                       left_at IS NOT NULL
+                FROM cluster_nodes ORDER BY name
+                """, logger: self.logger)
+            for try await (name, address, incarnation, sessions, age, started, left) in rows.decode((String, String, Int64, Int32, Double, Double, Bool).self) {
+                members.append(ClusterMember(name: name, address: address, incarnation: UInt64(bitPattern: incarnation), heartbeatAge: age,
+                                             startedSecondsAgo: started, sessions: Int(sessions), left: left))
+            }
+            return members
+        }
+    }
+
+    /// Graceful shutdown: the others need not wait for the heartbeat to age.
+    public func leave(node: String, incarnation: UInt64) async throws {
+        let incarnationValue = Int64(bitPattern: incarnation)
+        try await within {
+            try await self.client.withTransaction(logger: self.logger) { connection in
+                try await connection.query("UPDATE cluster_nodes SET left_at = now(), sessions = 0 WHERE name = \(node) AND incarnation = \(incarnationValue)", logger: self.logger)
+                try await connection.query("DELETE FROM cluster_sessions WHERE node = \(node)", logger: self.logger)
+            }
+        }
+    }
+
+    /// Removes the directory rows of a node that is dead (its heartbeat too old, or it left),
+    /// checked in the same statement so a node that came back meanwhile keeps its rows.
+    public func forgetSessions(ofDeadNode node: String, deadAfter: Double) async throws {
+        _ = try await within {
+            try await self.client.query("""
+                DELETE FROM cluster_sessions WHERE node = \(node) AND NOT EXISTS (
+                    SELECT 1 FROM cluster_nodes WHERE name = \(node) AND left_at IS NULL
+                    AND heartbeat_at > now() - make_interval(secs => \(deadAfter)))
+                """, logger: self.logger)
+        }
+    }
+
+    /// A change to the session directory.
+    public enum Change: Sendable {
+        case bound(jid: String, node: String)
+        case unbound(jid: String, node: String)
+    }
+
+    /// Applies directory changes in order, in one transaction.
+    public func apply(_ changes: [Change]) async throws {
+        guard !changes.isEmpty else { return }
+        try await within {
+            try await self.client.withTransaction(logger: self.logger) { connection in
+                for change in changes {
+                    switch change {
+                    case .bound(let jid, let node):
+                        try await connection.query("""
+                            INSERT INTO cluster_sessions (jid, node, bound_at) VALUES (\(jid), \(node), now())
+                            ON CONFLICT (jid) DO UPDATE SET node = EXCLUDED.node, bound_at = EXCLUDED.bound_at
+                            """, logger: self.logger)
+                    case .unbound(let jid, let node):
+                        try await connection.query("DELETE FROM cluster_sessions WHERE jid = \(jid) AND node = \(node)", logger: self.logger)
+                    }
+                }
+            }
+        }
+    }
+
+    /// The directory: every bound full JID and its node.
+    public func sessions(node: String? = nil) async throws -> [(jid: String, node: String)] {
+        try await within {
+            var result: [(jid: String, node: String)] = []
+            let rows = try await self.client.query("SELECT jid, node FROM cluster_sessions ORDER BY node, jid", logger: self.logger)
+            for try await (jid, owner) in rows.decode((String, String).self) where node == nil || node == owner {
+                result.append((jid, owner))
+            }
+            return result
+        }
+    }
+
+    struct TimedOut: Error {}
+
+    /// Runs `body`, failing after the storage's operation timeout: a database that is away
+    /// must not stall heartbeats forever.
+    private func within<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) async throws -> T {
+        let timeout = operationTimeout
+        return try await withThrowingTaskGroup(of: T.self) { group in
+            group.addTask { try await body() }
+            group.addTask {
+                try await Task.sleep(for: timeout)
+                throw TimedOut()
+            }
+            defer { group.cancelAll() }
+            guard let first = try await group.next() else { throw TimedOut() }
+            return first
+        }
+    }
+}

@@ -1,0 +1,534 @@
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import Logging
+import Metrics
+import NIOCore
+import Synchronization
+
+/// What the cluster needs from the server it is part of. Implemented by the server's bridge
+/// (Server's `ClusterBridge`), which owns sessions and routing.
+public protocol ClusterHost: Sendable {
+    /// A stanza another node routed to a session bound here.
+    func deliverFromNode(to jid: String, stanza: String, node: String) async
+    /// Another node's session was bound, or changed its presence or flags.
+    func remoteSessionChanged(_ record: SessionRecord, node: String)
+    /// Another node's session is gone.
+    func remoteSessionGone(jid: String, node: String)
+    /// Another node bound `jid` and replaces the session bound here (`<conflict/>`).
+    func kickLocalSession(jid: String, node: String)
+    /// A node died or left: its sessions are gone. `unacknowledged` are the stanzas sent to
+    /// it that it never acknowledged, oldest first, to be routed again as undelivered.
+    /// `announce`: this node is the one that tells the contacts of those sessions that they
+    /// went offline (exactly one live node is).
+    func nodeGone(_ node: String, unacknowledged: [(to: String, stanza: String)], announce: Bool) async
+    /// Every session bound here, for a node that has just linked up.
+    func localSessionRecords() -> [SessionRecord]
+}
+
+/// One node of a cluster: its membership (heartbeat in PostgreSQL), its node links (a gRPC
+/// bidirectional stream to every other live node, mutual TLS), and the directory of which
+/// node holds which session (issue 18).
+///
+/// Of two nodes, the one whose name sorts first dials; the stream then carries frames both
+/// ways. A link that breaks is dialed again while the other node's heartbeat is fresh;
+/// what was sent meanwhile waits (``NodeLink``). A node whose heartbeat is older than
+/// `dead_after_seconds`, or that left, is gone: its sessions are removed and what it never
+/// acknowledged is routed again here.
+public final class ClusterService: Sendable {
+    public let settings: ClusterSettings
+    public let nodeName: String
+    /// This run of the node: a restarted node is another incarnation, so the others reset
+    /// their numbering of its frames.
+    public let incarnation: UInt64
+    let directory: ClusterDirectory
+    private let logger: Logger
+    private let host: Mutex<(any ClusterHost)?> = Mutex(nil)
+    private let links = Mutex<[String: NodeLink]>([:])
+    private let state = Mutex(State())
+    private let boundPortBox = Mutex<Int?>(nil)
+    private let directoryWriter: AsyncStream<ClusterDirectory.Change>.Continuation
+    private let directoryChanges: AsyncStream<ClusterDirectory.Change>
+    private let metrics: ClusterMetrics
+
+    struct State {
+        var server: GRPCServer<HTTP2ServerTransport.Posix>?
+        var tasks: [Task<Void, Never>] = []
+        /// Dialing tasks, by the node dialed.
+        var dialers: [String: Task<Void, Never>] = [:]
+        /// Nodes alive at the last membership check, with their run and address.
+        var alive: [String: (incarnation: UInt64, address: String)] = [:]
+        var members: [ClusterMember] = []
+        var stopping = false
+    }
+
+    public init(settings: ClusterSettings, directory: ClusterDirectory, logger: Logger, metrics: any MetricsFactory = MetricsSystem.factory) {
+        self.settings = settings
+        nodeName = settings.effectiveNodeName
+        // Milliseconds since 1970: a later run has a larger number.
+        incarnation = UInt64(max(1, Date().timeIntervalSince1970 * 1000))
+        self.directory = directory
+        var logger = logger
+        logger[metadataKey: "node"] = "\(settings.effectiveNodeName)"
+        self.logger = logger
+        (directoryChanges, directoryWriter) = AsyncStream.makeStream(of: ClusterDirectory.Change.self)
+        self.metrics = ClusterMetrics(factory: metrics)
+    }
+
+    public func install(host: any ClusterHost) {
+        self.host.withLock { $0 = host }
+    }
+
+    private var currentHost: (any ClusterHost)? { host.withLock { $0 } }
+
+    /// The port the node-link listener bound.
+    public var boundPort: Int? { boundPortBox.withLock { $0 } }
+
+    /// The address other nodes are told to dial.
+    public var advertisedAddress: String {
+        if !settings.address.isEmpty { return settings.address }
+        var endpoint = ClusterSettings.Endpoint(parsing: settings.listen) ?? .init(host: "127.0.0.1", port: 0)
+        if let port = boundPort { endpoint.port = port }
+        if endpoint.host == "0.0.0.0" || endpoint.host == "::" { endpoint.host = ProcessInfo.processInfo.hostName }
+        return endpoint.description
+    }
+
+    // MARK: Lifecycle
+
+    /// Creates the tables, binds the node-link listener, registers, and starts the
+    /// heartbeat and membership loop. Throws when the database or the listener fails.
+    public func start() async throws {
+        guard let listen = ClusterSettings.Endpoint(parsing: settings.listen) else {
+            throw ClusterError.configuration("cluster.listen: '\(settings.listen)' is not HOST:PORT")
+        }
+        try await directory.prepare()
+        let transport = HTTP2ServerTransport.Posix(
+            address: .ipv4(host: listen.host, port: listen.port),
+            transportSecurity: .mTLS(
+                certificateChain: [.file(path: settings.tlsCertificateFile, format: .pem)],
+                privateKey: .file(path: settings.tlsKeyFile, format: .pem)
+            ) { tls in
+                tls.trustRoots = .certificates([.file(path: settings.tlsCAFile, format: .pem)])
+                tls.clientCertificateVerification = .noHostnameVerification
+            })
+        var router = RPCRouter<HTTP2ServerTransport.Posix>()
+        router.registerHandler(forMethod: NodeLinkRPC.method, deserializer: NodeLinkRPC.Deserializer(), serializer: NodeLinkRPC.Serializer()) { [weak self] request, _ in
+            guard let self else { return StreamingServerResponse(error: RPCError(code: .unavailable, message: "node stopping")) }
+            return self.accept(request)
+        }
+        let server = GRPCServer(transport: transport, router: router)
+        let serving = Task { [logger] in
+            do {
+                try await server.serve()
+            } catch {
+                logger.error("node-link listener stopped", metadata: ["error": "\(error)"])
+            }
+        }
+        guard let address = try await transport.listeningAddress.ipv4 else {
+            serving.cancel()
+            throw ClusterError.configuration("cluster.listen: could not bind \(listen)")
+        }
+        boundPortBox.withLock { $0 = address.port }
+        try await directory.register(node: nodeName, address: advertisedAddress, incarnation: incarnation)
+        let writer = Task { [weak self] in
+            guard let self else { return }
+            await self.writeDirectory()
+        }
+        let membership = Task { [weak self] in
+            guard let self else { return }
+            await self.runMembership()
+        }
+        state.withLock {
+            $0.server = server
+            $0.tasks = [serving, writer, membership]
+        }
+        logger.notice("cluster node started", metadata: ["address": "\(advertisedAddress)", "incarnation": "\(incarnation)"])
+    }
+
+    /// Leaves the cluster: the others drop this node's sessions at once rather than after
+    /// the heartbeat timeout. Call after the node's own sessions were closed.
+    public func shutdown() async {
+        let (server, tasks, dialers) = state.withLock { state in
+            state.stopping = true
+            defer { state.tasks = []; state.dialers = [:] }
+            return (state.server, state.tasks, Array(state.dialers.values))
+        }
+        directoryWriter.finish()
+        do {
+            try await directory.leave(node: nodeName, incarnation: incarnation)
+        } catch {
+            logger.warning("could not record leaving the cluster", metadata: ["error": "\(error)"])
+        }
+        for dialer in dialers { dialer.cancel() }
+        for link in links.withLock({ Array($0.values) }) { link.clearStream() }
+        server?.beginGracefulShutdown()
+        for task in tasks { task.cancel() }
+        directory.close()
+    }
+
+    // MARK: Sending
+
+    /// Sends a stanza to a session bound on `node`. False when it cannot be queued (the node
+    /// is gone or too much waits for it): the caller handles the stanza as undeliverable.
+    public func deliver(stanza: String, to jid: String, on node: String) -> Bool {
+        guard let link = link(to: node, create: false) else { return false }
+        let sent = link.send { .deliver(seq: $0, to: jid, stanza: stanza) } == .queued
+        if sent { metrics.stanzasForwarded.increment() } else { metrics.stanzasRefused.increment() }
+        return sent
+    }
+
+    /// Asks `node` to close its session for `jid` (this node bound it and replaces it).
+    public func kick(jid: String, on node: String) {
+        _ = link(to: node, create: false)?.send { .kick(seq: $0, jid: jid) }
+    }
+
+    /// A session bound here was bound or changed: every other node is told, and the
+    /// directory row written.
+    public func localSessionChanged(_ record: SessionRecord, isNew: Bool) {
+        for link in links.withLock({ Array($0.values) }) {
+            _ = link.send { .session(seq: $0, record) }
+        }
+        if isNew { directoryWriter.yield(.bound(jid: record.jid, node: nodeName)) }
+    }
+
+    /// A session bound here is gone.
+    public func localSessionGone(jid: String) {
+        for link in links.withLock({ Array($0.values) }) {
+            _ = link.send { .unbound(seq: $0, jid: jid) }
+        }
+        directoryWriter.yield(.unbound(jid: jid, node: nodeName))
+    }
+
+    // MARK: Status
+
+    public struct LinkStatus: Sendable {
+        public var peer: String
+        public var connected: Bool
+        public var unacknowledged: Int
+        public var framesSent: UInt64
+        public var framesReceived: UInt64
+    }
+
+    public var linkStatus: [LinkStatus] {
+        links.withLock { Array($0.values) }.map(\.snapshot).map {
+            LinkStatus(peer: $0.peer, connected: $0.connected, unacknowledged: $0.unacknowledged, framesSent: $0.framesSent, framesReceived: $0.framesReceived)
+        }.sorted { $0.peer < $1.peer }
+    }
+
+    /// The nodes alive at the last membership check, this one included.
+    public var aliveNodes: [String] {
+        state.withLock { Array($0.alive.keys) }.sorted()
+    }
+
+    // MARK: Links
+
+    private func link(to node: String, create: Bool) -> NodeLink? {
+        links.withLock { links in
+            if let link = links[node] { return link }
+            guard create else { return nil }
+            let link = NodeLink(peer: node, maximumQueued: settings.maxQueuedFrames)
+            links[node] = link
+            return link
+        }
+    }
+
+    /// An inbound stream from a node that dialed this one.
+    private func accept(_ request: StreamingServerRequest<NodeFrame>) -> StreamingServerResponse<NodeFrame> {
+        StreamingServerResponse { writer in
+            try await self.exchange(inbound: request.messages, write: { try await writer.write($0) }, dialed: nil)
+            return [:]
+        }
+    }
+
+    /// Runs one stream: sends hello, then this node's frames as they come; reads the other
+    /// node's frames and handles them, until either side ends it (or this node replaces the
+    /// stream, or stops).
+    private func exchange(inbound: RPCAsyncSequence<NodeFrame, any Error>, write: @escaping @Sendable (NodeFrame) async throws -> Void,
+                          dialed: String?) async throws {
+        let (frames, continuation) = AsyncStream.makeStream(of: NodeFrame.self)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask {
+                var iterator = inbound.makeAsyncIterator()
+                guard case .hello(let peer, let peerIncarnation)? = try await iterator.next() else {
+                    throw ClusterError.protocolViolation("node link did not start with hello")
+                }
+                if let dialed, dialed != peer {
+                    throw ClusterError.protocolViolation("dialed node \(dialed) answered as \(peer)")
+                }
+                guard peer != self.nodeName else { throw ClusterError.protocolViolation("a node link to this node itself") }
+                guard !self.state.withLock({ $0.stopping }) else { return }
+                let (link, token) = await self.linkUp(peer: peer, incarnation: peerIncarnation, writer: continuation, dialed: dialed != nil)
+                defer {
+                    link.detach(token: token)
+                    self.logger.info("node link down", metadata: ["peer": "\(peer)"])
+                }
+                // Frames are handled in order, one at a time: a session's stanzas keep their order.
+                while let frame = try await iterator.next() {
+                    await self.handle(frame, from: peer, link: link)
+                }
+            }
+            group.addTask {
+                // Ends when the link finishes the writer: replaced by a newer stream, the
+                // other node gone, or this node stopping.
+                for await frame in frames { try await write(frame) }
+            }
+            defer {
+                group.cancelAll()
+                continuation.finish()
+            }
+            // Either direction ending ends the stream.
+            _ = try await group.next()
+        }
+    }
+
+    /// A stream to `peer` is up: it becomes the link's stream, and what this node holds is
+    /// sent after anything unacknowledged (so the latest state is applied last).
+    private func linkUp(peer: String, incarnation peerIncarnation: UInt64, writer: AsyncStream<NodeFrame>.Continuation,
+                        dialed: Bool) async -> (NodeLink, UInt64) {
+        if let known = link(to: peer, create: false), known.peerIs(incarnation: peerIncarnation) {
+            // The other node restarted faster than its heartbeat aged: its earlier run is
+            // gone with everything it held.
+            await peerGone(peer, reason: "restarted")
+        }
+        // A link made now (or again, after the restart above).
+        let link = self.link(to: peer, create: true) ?? NodeLink(peer: peer, maximumQueued: settings.maxQueuedFrames)
+        _ = link.peerIs(incarnation: peerIncarnation)
+        let token = link.attach(writer: writer, first: .hello(node: nodeName, incarnation: incarnation))
+        metrics.linksConnected.increment()
+        logger.info("node link up", metadata: ["peer": "\(peer)", "dialed": "\(dialed)"])
+        for record in currentHost?.localSessionRecords() ?? [] {
+            _ = link.send { .session(seq: $0, record) }
+        }
+        return (link, token)
+    }
+
+    /// Stops as a crashed node would look to the others: no heartbeat, no goodbye, node
+    /// links cut. For tests of what the others do.
+    func stopAbruptly() {
+        let (server, tasks, dialers) = state.withLock { state in
+            state.stopping = true
+            defer { state.tasks = []; state.dialers = [:] }
+            return (state.server, state.tasks, Array(state.dialers.values))
+        }
+        for dialer in dialers { dialer.cancel() }
+        for task in tasks { task.cancel() }
+        server?.beginGracefulShutdown()
+        for link in links.withLock({ Array($0.values) }) { link.clearStream() }
+    }
+
+    private func handle(_ frame: NodeFrame, from peer: String, link: NodeLink) async {
+        if case .ack(let sequence) = frame {
+            link.acknowledged(sequence)
+            return
+        }
+        if case .hello = frame { return }
+        guard let sequence = frame.sequence else { return }
+        if link.receiving(sequence) == .duplicate {
+            link.sendUnsequenced(.ack(link.lastHandled))
+            return
+        }
+        let host = currentHost
+        switch frame {
+        case .deliver(_, let to, let stanza):
+            await host?.deliverFromNode(to: to, stanza: stanza, node: peer)
+        case .session(_, let record):
+            host?.remoteSessionChanged(record, node: peer)
+        case .unbound(_, let jid):
+            host?.remoteSessionGone(jid: jid, node: peer)
+        case .kick(_, let jid):
+            host?.kickLocalSession(jid: jid, node: peer)
+        case .hello, .ack:
+            break
+        }
+        link.handled(sequence)
+        link.sendUnsequenced(.ack(sequence))
+    }
+
+    /// Keeps a stream to `peer` up while it is alive: dials, and dials again after a break.
+    private func dial(_ peer: String, address: String) async {
+        var backoff: Duration = .milliseconds(100)
+        while !Task.isCancelled {
+            guard let endpoint = ClusterSettings.Endpoint(parsing: address) else {
+                logger.error("a node's address is not HOST:PORT", metadata: ["peer": "\(peer)", "address": "\(address)"])
+                return
+            }
+            do {
+                let transport = try HTTP2ClientTransport.Posix(
+                    target: .ipv4(address: endpoint.host, port: endpoint.port),
+                    transportSecurity: .mTLS(
+                        certificateChain: [.file(path: settings.tlsCertificateFile, format: .pem)],
+                        privateKey: .file(path: settings.tlsKeyFile, format: .pem)
+                    ) { tls in
+                        tls.trustRoots = .certificates([.file(path: settings.tlsCAFile, format: .pem)])
+                        tls.serverCertificateVerification = .noHostnameVerification
+                    })
+                try await withGRPCClient(transport: transport) { client in
+                    let (requests, requestWriter) = AsyncStream.makeStream(of: NodeFrame.self)
+                    let request = StreamingClientRequest<NodeFrame> { writer in
+                        for await frame in requests { try await writer.write(frame) }
+                    }
+                    try await client.bidirectionalStreaming(request: request, descriptor: NodeLinkRPC.method, serializer: NodeLinkRPC.Serializer(),
+                                                            deserializer: NodeLinkRPC.Deserializer(), options: .defaults) { response in
+                        // The dialing side's hello goes first, on the request stream.
+                        requestWriter.yield(.hello(node: self.nodeName, incarnation: self.incarnation))
+                        try await self.exchange(inbound: response.messages, write: { frame in
+                            if case .hello = frame { return }  // sent above already
+                            requestWriter.yield(frame)
+                        }, dialed: peer)
+                        requestWriter.finish()
+                    }
+                    client.beginGracefulShutdown()
+                }
+                backoff = .milliseconds(100)
+            } catch is CancellationError {
+                return
+            } catch {
+                if Task.isCancelled { return }
+                logger.debug("node link failed; dialing again", metadata: ["peer": "\(peer)", "error": "\(error)"])
+            }
+            try? await Task.sleep(for: backoff)
+            backoff = min(backoff * 2, .seconds(2))
+        }
+    }
+
+    // MARK: Membership
+
+    private func runMembership() async {
+        let interval = Duration.milliseconds(Int64(settings.heartbeatIntervalSeconds * 1000))
+        while !Task.isCancelled {
+            await checkMembership()
+            try? await Task.sleep(for: interval)
+        }
+    }
+
+    /// One heartbeat and one look at the others. Internal so tests can drive it.
+    func checkMembership() async {
+        let sessionCount = currentHost?.localSessionRecords().count ?? 0
+        do {
+            if try await !directory.heartbeat(node: nodeName, incarnation: incarnation, sessions: sessionCount) {
+                logger.critical("another process registered this node name; check cluster.node_name on every node")
+                try await directory.register(node: nodeName, address: advertisedAddress, incarnation: incarnation)
+            }
+            let members = try await directory.members()
+            await apply(members: members)
+        } catch {
+            // The database away: nodes keep serving what they have, and declare nobody dead
+            // on stale information (issue 18: PostgreSQL restarted).
+            metrics.membershipFailures.increment()
+            logger.warning("cluster membership check failed", metadata: ["error": "\(error)"])
+        }
+    }
+
+    private func apply(members: [ClusterMember]) async {
+        let deadAfter = settings.deadAfterSeconds
+        let nowAlive = Dictionary(uniqueKeysWithValues: members.filter { $0.isAlive(deadAfter: deadAfter) }.map { ($0.name, (incarnation: $0.incarnation, address: $0.address)) })
+        let (gone, toDial): ([String], [(String, String)]) = state.withLock { state in
+            guard !state.stopping else { return ([], []) }
+            state.members = members
+            var gone: [String] = []
+            for (name, before) in state.alive where name != nodeName {
+                if let now = nowAlive[name], now.incarnation == before.incarnation { continue }
+                gone.append(name)
+            }
+            state.alive = nowAlive
+            var toDial: [(String, String)] = []
+            for (name, member) in nowAlive where name > nodeName {
+                if gone.contains(name) { state.dialers[name]?.cancel(); state.dialers[name] = nil }
+                if state.dialers[name] == nil { toDial.append((name, member.address)) }
+            }
+            return (gone, toDial)
+        }
+        for name in gone.sorted() {
+            await peerGone(name, reason: "heartbeat older than \(deadAfter) s or left")
+        }
+        // A node whose link this side has but which is not in the alive set any more (never
+        // seen alive, e.g. it dialed and died between two checks).
+        let known = links.withLock { Array($0.keys) }
+        for name in known where nowAlive[name] == nil && !gone.contains(name) {
+            if let member = members.first(where: { $0.name == name }), !member.isAlive(deadAfter: deadAfter) {
+                await peerGone(name, reason: "not alive")
+            }
+        }
+        for (name, address) in toDial {
+            let task = Task { [weak self] in
+                guard let self else { return }
+                await self.dial(name, address: address)
+            }
+            state.withLock { $0.dialers[name] = task }
+        }
+        metrics.aliveNodes.record(nowAlive.count)
+        for member in members where !member.isAlive(deadAfter: deadAfter) && member.name != nodeName {
+            try? await directory.forgetSessions(ofDeadNode: member.name, deadAfter: deadAfter)
+        }
+    }
+
+    /// `peer` is gone: its link closes, its sessions leave the routing tables, and what it
+    /// never acknowledged is routed again.
+    private func peerGone(_ peer: String, reason: String) async {
+        let link = links.withLock { $0.removeValue(forKey: peer) }
+        state.withLock { state in
+            state.dialers[peer]?.cancel()
+            state.dialers[peer] = nil
+        }
+        let unacknowledged = link?.close() ?? []
+        var stanzas: [(to: String, stanza: String)] = []
+        for frame in unacknowledged {
+            if case .deliver(_, let to, let stanza) = frame { stanzas.append((to, stanza)) }
+        }
+        // Exactly one live node tells the gone node's contacts: the first by name.
+        let announce = state.withLock { state in
+            state.alive.keys.filter { $0 != peer }.min() ?? nodeName
+        } == nodeName
+        metrics.nodesGone.increment()
+        logger.notice("cluster node gone", metadata: ["peer": "\(peer)", "reason": "\(reason)", "rerouted": "\(stanzas.count)"])
+        await currentHost?.nodeGone(peer, unacknowledged: stanzas, announce: announce)
+    }
+
+    /// Writes directory changes in order. A write that fails (the database away) is kept
+    /// and tried again with the next change.
+    private func writeDirectory() async {
+        var pending: [ClusterDirectory.Change] = []
+        for await change in directoryChanges {
+            pending.append(change)
+            do {
+                try await directory.apply(pending)
+                pending = []
+            } catch {
+                metrics.membershipFailures.increment()
+                logger.warning("session directory write failed; kept for the next change", metadata: ["error": "\(error)", "pending": "\(pending.count)"])
+                if pending.count > 100_000 { pending.removeFirst(pending.count - 100_000) }
+            }
+        }
+    }
+}
+
+public enum ClusterError: Error, Sendable, CustomStringConvertible {
+    case configuration(String)
+    case protocolViolation(String)
+
+    public var description: String {
+        switch self {
+        case .configuration(let text): text
+        case .protocolViolation(let text): "node link: \(text)"
+        }
+    }
+}
+
+/// The cluster's counters (`braid_cluster_*`).
+struct ClusterMetrics: Sendable {
+    let stanzasForwarded: Counter
+    let stanzasRefused: Counter
+    let linksConnected: Counter
+    let nodesGone: Counter
+    let membershipFailures: Counter
+    let aliveNodes: Recorder
+
+    init(factory: any MetricsFactory) {
+        stanzasForwarded = Counter(label: "braid_cluster_stanzas_forwarded_total", factory: factory)
+        stanzasRefused = Counter(label: "braid_cluster_stanzas_refused_total", factory: factory)
+        linksConnected = Counter(label: "braid_cluster_node_links_connected_total", factory: factory)
+        nodesGone = Counter(label: "braid_cluster_nodes_gone_total", factory: factory)
+        membershipFailures = Counter(label: "braid_cluster_database_failures_total", factory: factory)
+        aliveNodes = Recorder(label: "braid_cluster_nodes_alive", aggregate: false, factory: factory)
+    }
+}

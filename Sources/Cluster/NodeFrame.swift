@@ -1,0 +1,200 @@
+import GRPCCore
+
+/// A bound resource as the node that holds it describes it to the others: what routing on
+/// another node needs (RFC 6121 §8.5: availability and priority; roster pushes; carbons).
+public struct SessionRecord: Sendable, Equatable {
+    /// The full JID, as text (parsed again by the receiver, which trusts nothing).
+    public var jid: String
+    /// When it was bound (milliseconds since 1970): of two nodes that bound the same full
+    /// JID at once, the later bind wins (see ``SessionRecord/wins(over:)``).
+    public var boundAt: Int64
+    /// The last available presence it broadcast, serialized; nil when unavailable.
+    public var presence: String?
+    public var priority: Int
+    public var interestedInRoster: Bool
+    public var carbons: Bool
+
+    public init(jid: String, boundAt: Int64, presence: String?, priority: Int, interestedInRoster: Bool, carbons: Bool) {
+        self.jid = jid
+        self.boundAt = boundAt
+        self.presence = presence
+        self.priority = priority
+        self.interestedInRoster = interestedInRoster
+        self.carbons = carbons
+    }
+}
+
+/// One message on a node link. The sequenced kinds carry the sender's number for them; the
+/// receiver acknowledges what it has handled, and the sender keeps everything unacknowledged
+/// to send again after a reconnect or to route again if the receiver dies.
+public enum NodeFrame: Sendable, Equatable {
+    /// First on every stream, from each side: who it is, and which run of it (a restarted
+    /// node numbers from 1 again).
+    case hello(node: String, incarnation: UInt64)
+    /// A stanza for a session bound on the receiver, serialized as stored stanzas are.
+    case deliver(seq: UInt64, to: String, stanza: String)
+    /// A session of the sender's was bound or changed.
+    case session(seq: UInt64, SessionRecord)
+    /// A session of the sender's is gone.
+    case unbound(seq: UInt64, jid: String)
+    /// The receiver must close its session for `jid` with `<conflict/>`: the sender bound the
+    /// same full JID and the resource policy replaces the older session (RFC 6120 §7.7.2.2).
+    case kick(seq: UInt64, jid: String)
+    /// Every sequenced frame up to and including this number was handled.
+    case ack(UInt64)
+
+    public var sequence: UInt64? {
+        switch self {
+        case .deliver(let seq, _, _), .session(let seq, _), .unbound(let seq, _), .kick(let seq, _): seq
+        case .hello, .ack: nil
+        }
+    }
+}
+
+/// What a malformed frame from another node is.
+public struct NodeFrameError: Error, Sendable, Equatable, CustomStringConvertible {
+    public var description: String
+}
+
+/// The wire form of a ``NodeFrame``: a kind byte, then its fields as LEB128 integers and
+/// length-prefixed UTF-8. Written by hand rather than generated from a .proto: six small
+/// kinds, and no code generator in the build.
+public enum NodeFrameCodec {
+    /// Refuses a frame claiming more than this (a stanza is capped far below it by the
+    /// sending node's own limits).
+    public static let maximumFrameBytes = 16 * 1024 * 1024
+
+    public static func encode(_ frame: NodeFrame) -> [UInt8] {
+        var out: [UInt8] = []
+        switch frame {
+        case .hello(let node, let incarnation):
+            out.append(1); putString(node, &out); putInteger(incarnation, &out)
+        case .deliver(let seq, let to, let stanza):
+            out.append(2); putInteger(seq, &out); putString(to, &out); putString(stanza, &out)
+        case .session(let seq, let record):
+            out.append(3); putInteger(seq, &out)
+            putString(record.jid, &out)
+            putInteger(UInt64(bitPattern: record.boundAt), &out)
+            if let presence = record.presence { out.append(1); putString(presence, &out) } else { out.append(0) }
+            putInteger(UInt64(bitPattern: Int64(record.priority)), &out)
+            out.append((record.interestedInRoster ? 1 : 0) | (record.carbons ? 2 : 0))
+        case .unbound(let seq, let jid):
+            out.append(4); putInteger(seq, &out); putString(jid, &out)
+        case .kick(let seq, let jid):
+            out.append(5); putInteger(seq, &out); putString(jid, &out)
+        case .ack(let seq):
+            out.append(6); putInteger(seq, &out)
+        }
+        return out
+    }
+
+    public static func decode(_ bytes: some Collection<UInt8>) throws(NodeFrameError) -> NodeFrame {
+        guard bytes.count <= maximumFrameBytes else { throw NodeFrameError(description: "frame of \(bytes.count) bytes") }
+        var reader = Reader(bytes: Array(bytes))
+        let kind = try reader.byte()
+        let frame: NodeFrame
+        switch kind {
+        case 1:
+            frame = .hello(node: try reader.string(), incarnation: try reader.integer())
+        case 2:
+            frame = .deliver(seq: try reader.integer(), to: try reader.string(), stanza: try reader.string())
+        case 3:
+            let seq = try reader.integer()
+            let jid = try reader.string()
+            let boundAt = Int64(bitPattern: try reader.integer())
+            let presence: String? = try reader.byte() == 1 ? try reader.string() : nil
+            let priority = Int64(bitPattern: try reader.integer())
+            guard (-128...127).contains(priority) else { throw NodeFrameError(description: "priority \(priority)") }
+            let flags = try reader.byte()
+            frame = .session(seq: seq, SessionRecord(jid: jid, boundAt: boundAt, presence: presence, priority: Int(priority),
+                                                     interestedInRoster: flags & 1 != 0, carbons: flags & 2 != 0))
+        case 4:
+            frame = .unbound(seq: try reader.integer(), jid: try reader.string())
+        case 5:
+            frame = .kick(seq: try reader.integer(), jid: try reader.string())
+        case 6:
+            frame = .ack(try reader.integer())
+        default:
+            throw NodeFrameError(description: "unknown frame kind \(kind)")
+        }
+        guard reader.atEnd else { throw NodeFrameError(description: "trailing bytes after frame kind \(kind)") }
+        return frame
+    }
+
+    private static func putInteger(_ value: UInt64, _ out: inout [UInt8]) {
+        var value = value
+        while value >= 0x80 {
+            out.append(UInt8(value & 0x7F) | 0x80)
+            value >>= 7
+        }
+        out.append(UInt8(value))
+    }
+
+    private static func putString(_ value: String, _ out: inout [UInt8]) {
+        let utf8 = Array(value.utf8)
+        putInteger(UInt64(utf8.count), &out)
+        out.append(contentsOf: utf8)
+    }
+
+    private struct Reader {
+        let bytes: [UInt8]
+        var offset = 0
+
+        var atEnd: Bool { offset == bytes.count }
+
+        mutating func byte() throws(NodeFrameError) -> UInt8 {
+            guard offset < bytes.count else { throw NodeFrameError(description: "truncated frame") }
+            defer { offset += 1 }
+            return bytes[offset]
+        }
+
+        mutating func integer() throws(NodeFrameError) -> UInt64 {
+            var result: UInt64 = 0
+            var shift: UInt64 = 0
+            while true {
+                let byte = try byte()
+                guard shift < 64, !(shift == 63 && byte > 1) else { throw NodeFrameError(description: "integer overflow") }
+                result |= UInt64(byte & 0x7F) << shift
+                if byte & 0x80 == 0 { return result }
+                shift += 7
+            }
+        }
+
+        mutating func string() throws(NodeFrameError) -> String {
+            let length = try integer()
+            guard length <= UInt64(bytes.count - offset) else { throw NodeFrameError(description: "string of \(length) bytes past the end") }
+            let end = offset + Int(length)
+            defer { offset = end }
+            guard let text = String(validating: bytes[offset..<end], as: UTF8.self) else { throw NodeFrameError(description: "string is not UTF-8") }
+            return text
+        }
+    }
+}
+
+extension SessionRecord {
+    /// Of two binds of one full JID on two nodes, which stays: the later, and on a tie the
+    /// node whose name sorts last. Both nodes apply the same rule, so exactly one session
+    /// survives whichever record each sees first.
+    public func wins(over other: SessionRecord, myNode: String, otherNode: String) -> Bool {
+        if boundAt != other.boundAt { return boundAt > other.boundAt }
+        return myNode > otherNode
+    }
+}
+
+/// The node-link RPC: one bidirectional stream of ``NodeFrame``s per node pair.
+enum NodeLinkRPC {
+    static let method = MethodDescriptor(fullyQualifiedService: "braid.cluster.NodeLink", method: "Exchange", type: .bidirectionalStreaming)
+
+    struct Serializer: MessageSerializer {
+        func serialize<Bytes: GRPCContiguousBytes>(_ message: NodeFrame) throws -> Bytes {
+            Bytes(NodeFrameCodec.encode(message))
+        }
+    }
+
+    struct Deserializer: MessageDeserializer {
+        func deserialize<Bytes: GRPCContiguousBytes>(_ serializedMessageBytes: Bytes) throws -> NodeFrame {
+            let bytes = serializedMessageBytes.withUnsafeBytes { Array($0) }
+            return try NodeFrameCodec.decode(bytes)
+        }
+    }
+}

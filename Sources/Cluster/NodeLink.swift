@@ -1,0 +1,174 @@
+import Synchronization
+
+/// The state of this node's link to one other node, whichever side dialed: the numbering of
+/// what this node sent, what the other has not acknowledged yet, what this node has handled
+/// of the other's frames, and the stream in use now (none while reconnecting).
+///
+/// Everything unacknowledged is sent again on the next stream (the receiver drops what it
+/// already handled, by number), and handed back to the router if the other node dies: a
+/// stanza given to a node link is delivered, routed again, or bounced, never lost silently.
+final class NodeLink: Sendable {
+    let peer: String
+
+    struct State {
+        var nextSequence: UInt64 = 1
+        var unacknowledged: [(sequence: UInt64, frame: NodeFrame)] = []
+        var writer: AsyncStream<NodeFrame>.Continuation?
+        /// The run of the other node whose frames `lastHandled` counts.
+        var peerIncarnation: UInt64?
+        var lastHandled: UInt64 = 0
+        var framesSent: UInt64 = 0
+        var framesReceived: UInt64 = 0
+        var closed = false
+        /// Counts streams attached, so a stream that ends detaches only itself.
+        var streamToken: UInt64 = 0
+    }
+
+    private let state = Mutex(State())
+    private let maximumQueued: Int
+
+    init(peer: String, maximumQueued: Int) {
+        self.peer = peer
+        self.maximumQueued = maximumQueued
+    }
+
+    enum SendOutcome: Equatable {
+        case queued
+        /// Too much is waiting for this node, or the link was closed for good.
+        case refused
+    }
+
+    /// Numbers `make`'s frame and sends it now, or when the link is back.
+    func send(_ make: (UInt64) -> NodeFrame) -> SendOutcome {
+        state.withLock { state in
+            guard !state.closed, state.unacknowledged.count < maximumQueued else { return .refused }
+            let sequence = state.nextSequence
+            state.nextSequence += 1
+            let frame = make(sequence)
+            state.unacknowledged.append((sequence, frame))
+            if let writer = state.writer {
+                writer.yield(frame)
+                state.framesSent += 1
+            }
+            return .queued
+        }
+    }
+
+    /// Sends a frame that is not numbered (an acknowledgement) if a stream is up.
+    func sendUnsequenced(_ frame: NodeFrame) {
+        state.withLock { state in
+            if let writer = state.writer {
+                writer.yield(frame)
+            }
+        }
+    }
+
+    /// A new stream to the other node: it replaces the old one, and everything
+    /// unacknowledged goes out on it again, after `first`. Returns the stream's token for
+    /// ``detach(token:)``.
+    func attach(writer: AsyncStream<NodeFrame>.Continuation, first: NodeFrame) -> UInt64 {
+        let (old, token): (AsyncStream<NodeFrame>.Continuation?, UInt64) = state.withLock { state in
+            let old = state.writer
+            state.writer = writer
+            state.streamToken += 1
+            writer.yield(first)
+            for (_, frame) in state.unacknowledged {
+                writer.yield(frame)
+                state.framesSent += 1
+            }
+            return (old, state.streamToken)
+        }
+        old?.finish()
+        return token
+    }
+
+    /// The stream `token` ended; frames wait for the next one. An older stream ending late
+    /// changes nothing.
+    func detach(token: UInt64) {
+        let writer: AsyncStream<NodeFrame>.Continuation? = state.withLock { state in
+            guard state.streamToken == token else { return nil }
+            defer { state.writer = nil }
+            return state.writer
+        }
+        writer?.finish()
+    }
+
+    /// Ends the stream in use (shutdown); frames stay queued.
+    func clearStream() {
+        let writer: AsyncStream<NodeFrame>.Continuation? = state.withLock { state in
+            defer { state.writer = nil }
+            return state.writer
+        }
+        writer?.finish()
+    }
+
+    var isConnected: Bool { state.withLock { $0.writer != nil } }
+
+    /// The other node acknowledged everything up to `sequence`.
+    func acknowledged(_ sequence: UInt64) {
+        state.withLock { state in
+            state.unacknowledged.removeAll { $0.sequence <= sequence }
+        }
+    }
+
+    enum Receipt: Equatable {
+        case handle
+        /// Sent again after a reconnect and handled already: acknowledge, do not handle.
+        case duplicate
+    }
+
+    /// The other node said which run it is; a new run starts its numbering afresh.
+    /// Returns true when this is a different run than the one seen before.
+    func peerIs(incarnation: UInt64) -> Bool {
+        state.withLock { state in
+            let changed = state.peerIncarnation != nil && state.peerIncarnation != incarnation
+            if state.peerIncarnation != incarnation {
+                state.peerIncarnation = incarnation
+                state.lastHandled = 0
+            }
+            return changed
+        }
+    }
+
+    func receiving(_ sequence: UInt64) -> Receipt {
+        state.withLock { state in
+            state.framesReceived += 1
+            return sequence <= state.lastHandled ? .duplicate : .handle
+        }
+    }
+
+    func handled(_ sequence: UInt64) {
+        state.withLock { state in
+            state.lastHandled = max(state.lastHandled, sequence)
+        }
+    }
+
+    var lastHandled: UInt64 { state.withLock { $0.lastHandled } }
+
+    /// Closes the link for good (the other node died or left) and returns what it never
+    /// acknowledged, oldest first.
+    func close() -> [NodeFrame] {
+        let (writer, frames) = state.withLock { state -> (AsyncStream<NodeFrame>.Continuation?, [NodeFrame]) in
+            state.closed = true
+            let frames = state.unacknowledged.map(\.frame)
+            state.unacknowledged = []
+            defer { state.writer = nil }
+            return (state.writer, frames)
+        }
+        writer?.finish()
+        return frames
+    }
+
+    struct Snapshot: Sendable {
+        var peer: String
+        var connected: Bool
+        var unacknowledged: Int
+        var framesSent: UInt64
+        var framesReceived: UInt64
+    }
+
+    var snapshot: Snapshot {
+        state.withLock { Snapshot(peer: peer, connected: $0.writer != nil, unacknowledged: $0.unacknowledged.count,
+                                  framesSent: $0.framesSent, framesReceived: $0.framesReceived) }
+    }
+}

@@ -1,0 +1,162 @@
+import Cluster
+import Logging
+import NIOCore
+import Synchronization
+import XMPPCore
+import XMPPStream
+
+/// Joins this node's sessions and router to the cluster (issue 18).
+///
+/// Every session bound on another node has a stand-in here, in the same ``SessionRegistry``
+/// (a ``ClientSession`` whose ``ClientSession/remote`` is set), with the presence, priority
+/// and flags its node reports. Routing therefore needs no cluster code of its own: a
+/// message to a bare JID picks among all of the account's resources wherever they are, a
+/// presence broadcast reaches every node, and what is delivered to a stand-in goes over the
+/// node link to the node that holds the session.
+final class ClusterBridge: ClusterHost, SessionRegistry.Observer {
+    let cluster: ClusterService
+    let context: ServerContext
+    private let group: any EventLoopGroup
+    private let logger: Logger
+    private let nodeLinks = Mutex<[String: NodeSessionLink]>([:])
+
+    init(cluster: ClusterService, context: ServerContext, group: any EventLoopGroup, logger: Logger) {
+        self.cluster = cluster
+        self.context = context
+        self.group = group
+        self.logger = logger
+    }
+
+    // MARK: This node's sessions, told to the others
+
+    func localSessionChanged(_ entry: SessionRegistry.Entry, isNew: Bool) {
+        cluster.localSessionChanged(Self.record(entry), isNew: isNew)
+    }
+
+    func localSessionGone(_ entry: SessionRegistry.Entry) {
+        cluster.localSessionGone(jid: entry.session.jid.description)
+    }
+
+    func localSessionRecords() -> [SessionRecord] {
+        context.sessions.localEntries().map(Self.record)
+    }
+
+    static func record(_ entry: SessionRegistry.Entry) -> SessionRecord {
+        SessionRecord(jid: entry.session.jid.description, boundAt: entry.boundAt, presence: entry.presence.map(XMLFragment.serialize),
+                      priority: entry.priority, interestedInRoster: entry.interestedInRoster, carbons: entry.carbons)
+    }
+
+    // MARK: The other nodes' sessions
+
+    func remoteSessionChanged(_ record: SessionRecord, node: String) {
+        guard let jid = try? JID(record.jid), jid.resourcepart != nil, context.domains.isHosted(jid.domainpart) else {
+            logger.warning("node sent a session that is not a full JID of a hosted domain", metadata: ["peer": "\(node)", "jid": "\(record.jid)"])
+            context.metrics.clusterBadFrames.increment()
+            return
+        }
+        var presence: XMLElement?
+        if let text = record.presence {
+            guard let parsed = try? XMLFragment.parse(text), parsed.name == "presence" else {
+                logger.warning("node sent a presence that does not parse", metadata: ["peer": "\(node)", "jid": "\(record.jid)"])
+                context.metrics.clusterBadFrames.increment()
+                return
+            }
+            presence = parsed
+        }
+        let link = sessionLink(for: node)
+        let outcome = context.sessions.applyRemote(
+            jid: jid, node: node, localNode: cluster.nodeName, boundAt: record.boundAt,
+            state: .init(presence: presence, priority: record.priority, interestedInRoster: record.interestedInRoster, carbons: record.carbons)
+        ) {
+            ClientSession(remoteJID: jid, link: link, loop: group.next(), settings: proxySettings, logger: logger)
+        }
+        if case .localLoses(let session) = outcome {
+            logger.info("resource bound on another node later; replacing the session here", metadata: ["jid": "\(jid)", "peer": "\(node)"])
+            session.closeWithError(StreamError(.conflict, text: "replaced by a new session"))
+        }
+    }
+
+    func remoteSessionGone(jid: String, node: String) {
+        guard let jid = try? JID(jid) else { return }
+        context.sessions.removeRemote(jid: jid, node: node)
+    }
+
+    func kickLocalSession(jid: String, node: String) {
+        guard let jid = try? JID(jid), let entry = context.sessions.entry(for: jid), entry.session.remote == nil else { return }
+        logger.info("resource bound on another node; replacing the session here", metadata: ["jid": "\(jid)", "peer": "\(node)"])
+        entry.session.closeWithError(StreamError(.conflict, text: "replaced by a new session"))
+    }
+
+    func deliverFromNode(to jid: String, stanza: String, node: String) async {
+        guard let target = try? JID(jid), let element = try? XMLFragment.parse(stanza) else {
+            logger.warning("node sent a stanza that does not parse", metadata: ["peer": "\(node)", "to": "\(jid)"])
+            context.metrics.clusterBadFrames.increment()
+            return
+        }
+        if let entry = context.sessions.entry(for: target), entry.session.remote == nil {
+            entry.session.deliver(element)
+        } else {
+            // The session ended while the stanza was on its way: as for any session that
+            // ends with stanzas undelivered (stored offline, or bounced).
+            await context.router.messages.handleUndelivered(element, to: target, router: context.router)
+        }
+    }
+
+    func nodeGone(_ node: String, unacknowledged: [(to: String, stanza: String)], announce: Bool) async {
+        let removed = context.sessions.removeRemote(node: node)
+        nodeLinks.withLock { $0[node] = nil }
+        let router = context.router
+        if announce {
+            // The node cannot say its users went offline; one live node says it for them.
+            for entry in removed where entry.isAvailable {
+                await router.presence.broadcastUnavailable(of: entry.session, entry: entry, router: router)
+            }
+        }
+        for (to, stanza) in unacknowledged {
+            guard let target = try? JID(to), let element = try? XMLFragment.parse(stanza) else { continue }
+            await router.messages.handleUndelivered(element, to: target, router: router)
+        }
+        logger.notice("sessions of a gone node removed", metadata: ["peer": "\(node)", "sessions": "\(removed.count)", "rerouted": "\(unacknowledged.count)"])
+    }
+
+    // MARK: Stand-ins
+
+    private var proxySettings: ClientSession.Settings {
+        ClientSession.Settings(resumeTimeout: .seconds(0), maxUnacked: 0, metrics: context.metrics, clock: context.sessionClock)
+    }
+
+    private func sessionLink(for node: String) -> NodeSessionLink {
+        nodeLinks.withLock { links in
+            if let link = links[node] { return link }
+            let link = NodeSessionLink(node: node, bridge: self)
+            links[node] = link
+            return link
+        }
+    }
+
+    /// What delivering to a stand-in does.
+    final class NodeSessionLink: RemoteSessionLink {
+        let node: String
+        /// Weak: the bridge holds its links.
+        weak let bridge: ClusterBridge?
+
+        init(node: String, bridge: ClusterBridge) {
+            self.node = node
+            self.bridge = bridge
+        }
+
+        func forward(_ element: XMLElement, to session: ClientSession) {
+            guard let bridge else { return }
+            guard !bridge.cluster.deliver(stanza: XMLFragment.serialize(element), to: session.jid.description, on: node) else { return }
+            // The node is gone or too much waits for it. Routing again could pick the same
+            // stand-in; the sender is told instead (RFC 6120 §8.3.3.18).
+            let router = bridge.context.router
+            guard let stanza = Stanza(element) else { return }
+            Task { await router.bounce(stanza, with: StanzaError(.resourceConstraint)) }
+        }
+
+        func replace(_ session: ClientSession) {
+            bridge?.cluster.kick(jid: session.jid.description, on: node)
+        }
+    }
+}

@@ -1,0 +1,226 @@
+@testable import Cluster
+import Foundation
+import Storage
+import Testing
+import TestSupport
+import Trust
+import XMPPCore
+import XMPPStream
+@testable import Server
+
+/// Several Braid nodes of one provider on one PostgreSQL database (issue 18): sessions on
+/// different nodes reach each other over the node links, a resource is bound once in the
+/// whole cluster, and a node that dies takes nothing with it that was handed to it.
+@Suite("Cluster: nodes on one database", .serialized, .postgresServer)
+struct ClusterTests {
+    /// Certificates for node links: one CA, one certificate per node.
+    struct NodeCertificates {
+        let directory: String
+        let caFile: String
+
+        init() throws {
+            directory = FileManager.default.temporaryDirectory.appendingPathComponent("braid-cluster-\(UUID().uuidString)").path
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            let ca = try TestCertificateAuthority(commonName: "Braid Cluster Test CA")
+            caFile = "\(directory)/ca.pem"
+            try ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
+            self.ca = ca
+        }
+
+        private let ca: TestCertificateAuthority
+
+        func files(for node: String) throws -> (certificate: String, key: String) {
+            let credentials = try ca.issue(commonName: node, dnsIDs: ["\(node).cluster.invalid"])
+            let files = (certificate: "\(directory)/\(node).crt", key: "\(directory)/\(node).key")
+            try credentials.write(certificatePath: files.certificate, keyPath: files.key)
+            return files
+        }
+    }
+
+    static let users = ["alice@a.example", "bob@b.example", "carol@a.example"]
+
+    /// Starts `count` nodes on one fresh database; node 1 creates the accounts.
+    func withCluster(nodes count: Int = 2, deadAfter: Double = 2, _ body: ([TestServer]) async throws -> Void) async throws {
+        let url = try await #require(PostgresTestServer.current).createDatabase()
+        let certificates = try NodeCertificates()
+        var nodes: [TestServer] = []
+        do {
+            for index in 1...count {
+                let name = "node-\(index)"
+                let files = try certificates.files(for: name)
+                let node = try await TestServer.start(users: index == 1 ? Self.users : []) {
+                    $0.storage.backend = .postgresql
+                    $0.storage.url = url
+                    $0.cluster.enabled = true
+                    $0.cluster.nodeName = name
+                    $0.cluster.listen = "127.0.0.1:0"
+                    $0.cluster.tlsCertificateFile = files.certificate
+                    $0.cluster.tlsKeyFile = files.key
+                    $0.cluster.tlsCAFile = certificates.caFile
+                    $0.cluster.heartbeatIntervalSeconds = 0.2
+                    $0.cluster.deadAfterSeconds = deadAfter
+                }
+                nodes.append(node)
+            }
+            // Every node sees every other as alive, with a node link up.
+            for node in nodes {
+                let cluster = try #require(node.server.cluster)
+                try await waitUntil(timeout: .seconds(10), "\(cluster.nodeName) linked to every other node") {
+                    cluster.aliveNodes.count == count && cluster.linkStatus.filter(\.connected).count == count - 1
+                }
+            }
+            try await body(nodes)
+        } catch {
+            for node in nodes { await node.stop() }
+            try? FileManager.default.removeItem(atPath: certificates.directory)
+            throw error
+        }
+        for node in nodes { await node.stop() }
+        try? FileManager.default.removeItem(atPath: certificates.directory)
+    }
+
+    @Test("Messages and presence reach sessions on another node, to the full and to the bare JID")
+    func acrossNodes() async throws {
+        try await withCluster { nodes in
+            let (alice, aliceJID) = try await nodes[0].loggedIn("alice@a.example", resource: "laptop")
+            let (bob, bobJID) = try await nodes[1].loggedIn("bob@b.example", resource: "phone")
+            try await bob.sendPresence(priority: 5)
+            // Node 1 learns of Bob's session and its presence through the node link.
+            try await waitUntil(timeout: .seconds(5), "bob's available session known on node 1") {
+                nodes[0].context.sessions.entry(for: bobJID)?.isAvailable == true
+            }
+            #expect(nodes[0].context.sessions.entry(for: bobJID)?.session.remote?.node == "node-2")
+            #expect(nodes[0].context.sessions.entry(for: bobJID)?.priority == 5)
+            #expect(nodes[0].context.sessions.count == 1, "a stand-in is not a session of this node")
+
+            try await alice.sendMessage(to: bobJID.description, body: "to your phone", id: "full")
+            let full = try await bob.waitFor { $0.attribute("id") == "full" }
+            #expect(full.attribute("from") == aliceJID.description)
+            try await alice.sendMessage(to: "bob@b.example", body: "to you", id: "bare")
+            let bare = try await bob.waitFor { $0.attribute("id") == "bare" }
+            #expect(bare.body == "to you")
+
+            // And back, with directed presence to the full JID.
+            try await bob.sendMessage(to: aliceJID.description, body: "got both", id: "reply")
+            let reply = try await alice.waitFor { $0.attribute("id") == "reply" }
+            #expect(reply.attribute("from") == bobJID.description)
+            try await bob.sendPresence(to: aliceJID.description)
+            let presence = try await alice.waitFor { $0.name == "presence" && $0.attribute("from") == bobJID.description }
+            #expect(presence.attribute("type") == nil)
+
+            // The session directory in the database says where each session is.
+            let directory = try #require(nodes[0].server.cluster).directory
+            let rows = try await directory.sessions()
+            #expect(rows.contains { $0.jid == aliceJID.description && $0.node == "node-1" })
+            #expect(rows.contains { $0.jid == bobJID.description && $0.node == "node-2" })
+
+            // Bob leaves: node 1 forgets him, and a message to him is stored for later.
+            await bob.close()
+            try await waitUntil(timeout: .seconds(5), "bob's session gone from node 1") {
+                nodes[0].context.sessions.entry(for: bobJID) == nil
+            }
+            try await alice.sendMessage(to: "bob@b.example", body: "while you were out", id: "offline")
+            try await waitUntil(timeout: .seconds(5)) { try await nodes[0].context.storage.offlineMessageCount(for: bobJID.bare) == 1 }
+            await alice.close()
+        }
+    }
+
+    @Test("A resource bound on a second node replaces the session on the first (conflict)")
+    func resourceConflictAcrossNodes() async throws {
+        try await withCluster { nodes in
+            let (first, jid) = try await nodes[0].loggedIn("carol@a.example", resource: "desk")
+            try await waitUntil(timeout: .seconds(5), "carol known on node 2") { nodes[1].context.sessions.entry(for: jid) != nil }
+            let (second, secondJID) = try await nodes[1].loggedIn("carol@a.example", resource: "desk")
+            #expect(secondJID == jid)
+            #expect(try await first.streamErrorCondition() == .conflict)
+            try await waitUntil(timeout: .seconds(5), "node 1 routes carol/desk to node 2") {
+                nodes[0].context.sessions.entry(for: jid)?.session.remote?.node == "node-2"
+            }
+            // The surviving session still gets what is sent to the full JID from node 1.
+            let (alice, _) = try await nodes[0].loggedIn("alice@a.example")
+            try await alice.sendMessage(to: jid.description, body: "still there?", id: "after")
+            _ = try await second.waitFor { $0.attribute("id") == "after" }
+            await alice.close()
+            await second.close()
+            await first.close()
+        }
+    }
+
+    @Test("A node that dies: the others drop its sessions and store what it never acknowledged")
+    func nodeDies() async throws {
+        try await withCluster(deadAfter: 1.5) { nodes in
+            let (alice, _) = try await nodes[0].loggedIn("alice@a.example")
+            let (bob, bobJID) = try await nodes[1].loggedIn("bob@b.example")
+            try await bob.sendPresence()
+            try await waitUntil(timeout: .seconds(5), "bob available on node 1") { nodes[0].context.sessions.entry(for: bobJID)?.isAvailable == true }
+            let started = ContinuousClock.now
+            // Node 2 stops as a crash would look: no heartbeat, no goodbye, links cut.
+            try #require(nodes[1].server.cluster).stopAbruptly()
+            try await waitUntil(timeout: .seconds(5), "node 1 sees the link down") {
+                try #require(nodes[0].server.cluster).linkStatus.allSatisfy { !$0.connected }
+            }
+            // Sent while node 2 is unreachable but not yet counted dead: queued for it.
+            try await alice.sendMessage(to: "bob@b.example", body: "are you there?", id: "in-flight")
+            try await waitUntil(timeout: .seconds(10), "node 2 counted dead by node 1") {
+                nodes[0].context.sessions.entry(for: bobJID) == nil
+            }
+            let detected = ContinuousClock.now - started
+            #expect(detected < .seconds(6), "dead within a few heartbeats of dead_after (took \(detected))")
+            // Never acknowledged by node 2, so stored offline here rather than lost.
+            try await waitUntil(timeout: .seconds(5), "the in-flight message stored offline") {
+                try await nodes[0].context.storage.offlineMessageCount(for: bobJID.bare) == 1
+            }
+            #expect(try #require(nodes[0].server.cluster).aliveNodes == ["node-1"])
+            await alice.close()
+            await bob.close()
+        }
+    }
+
+    @Test("Node frames: every kind round-trips, and malformed input is refused, not trapped on")
+    func frameCodec() throws {
+        let frames: [NodeFrame] = [
+            .hello(node: "node-ä", incarnation: 1_765_000_000_000),
+            .deliver(seq: 1, to: "bob@b.example/phone", stanza: "<message xmlns='jabber:client'><body>hi</body></message>"),
+            .session(seq: 2, SessionRecord(jid: "a@b/c", boundAt: -5, presence: "<presence/>", priority: -128, interestedInRoster: true, carbons: false)),
+            .session(seq: UInt64.max, SessionRecord(jid: "a@b/c", boundAt: Int64.max, presence: nil, priority: 127, interestedInRoster: false, carbons: true)),
+            .unbound(seq: 3, jid: "a@b/c"),
+            .kick(seq: 4, jid: "a@b/c"),
+            .ack(5),
+        ]
+        for frame in frames {
+            let bytes = NodeFrameCodec.encode(frame)
+            #expect(try NodeFrameCodec.decode(bytes) == frame)
+            // Every truncation is an error, never a crash or a different frame.
+            for length in 0..<bytes.count {
+                #expect(throws: NodeFrameError.self) { try NodeFrameCodec.decode(bytes[0..<length]) }
+            }
+            #expect(throws: NodeFrameError.self) { try NodeFrameCodec.decode(bytes + [0]) }
+        }
+        #expect(throws: NodeFrameError.self) { try NodeFrameCodec.decode([9]) }
+        // A length claiming more than there is, an overlong integer, and bytes that are not UTF-8.
+        #expect(throws: NodeFrameError.self) { try NodeFrameCodec.decode([4, 1, 0xFF, 0xFF, 0xFF, 0x0F]) }
+        #expect(throws: NodeFrameError.self) { try NodeFrameCodec.decode([6] + [UInt8](repeating: 0xFF, count: 11)) }
+        #expect(throws: NodeFrameError.self) { try NodeFrameCodec.decode([4, 1, 2, 0xC3, 0x28]) }
+        // A priority outside RFC 6121's range.
+        var bad = NodeFrameCodec.encode(.session(seq: 1, SessionRecord(jid: "a@b/c", boundAt: 0, presence: nil, priority: 0, interestedInRoster: false, carbons: false)))
+        bad[bad.count - 2] = 0xC8  // 200, as LEB128 0xC8 0x01
+        bad.insert(0x01, at: bad.count - 1)
+        #expect(throws: NodeFrameError.self) { try NodeFrameCodec.decode(bad) }
+    }
+
+    @Test("Cluster settings: what keeps a node from starting is said in words")
+    func settingsProblems() {
+        var settings = ClusterSettings()
+        #expect(settings.problems(storageIsPostgreSQL: false).isEmpty, "off: nothing to check")
+        settings.enabled = true
+        let problems = settings.problems(storageIsPostgreSQL: false)
+        #expect(problems.contains { $0.contains("storage.backend: postgresql") })
+        #expect(problems.contains { $0.contains("tls_certificate_file") })
+        settings.listen = "nowhere"
+        settings.deadAfterSeconds = 1
+        #expect(settings.problems(storageIsPostgreSQL: true).contains { $0.contains("cluster.listen") })
+        #expect(settings.problems(storageIsPostgreSQL: true).contains { $0.contains("dead_after_seconds") })
+        #expect(ClusterSettings.Endpoint(parsing: "[::1]:5270") == .init(host: "::1", port: 5270))
+        #expect(ClusterSettings.Endpoint(parsing: "10.0.0.1:99999") == nil)
+    }
+}
