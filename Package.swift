@@ -190,6 +190,18 @@ let package = Package(
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                // The provisioning API's generated server side, on the HTTPS listener's router.
+                "ProvisioningOpenAPI",
+                .product(name: "OpenAPIRuntime", package: "swift-openapi-runtime"),
+                .product(name: "OpenAPIHummingbird", package: "swift-openapi-hummingbird"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        // Generated from docs/provisioning-api.yaml by Scripts/generate-openapi; not edited.
+        .target(
+            name: "ProvisioningOpenAPI",
+            dependencies: [
+                .product(name: "OpenAPIRuntime", package: "swift-openapi-runtime"),
             ],
             swiftSettings: strictSettings
         ),

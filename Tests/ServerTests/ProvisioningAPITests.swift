@@ -320,6 +320,24 @@ struct ProvisioningAPITests {
         }
     }
 
+    @Test("The generated server in Sources/ProvisioningOpenAPI was generated from the current docs/provisioning-api.yaml (else run Scripts/generate-openapi)")
+    func generatedCodeIsCurrent() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let document = try Data(contentsOf: root.appendingPathComponent("docs/provisioning-api.yaml"))
+        // SHA-256 of the document's bytes, hex, as `sha256sum` gives it to the script
+        // (ProvisioningTokens.hash is SHA-256 of a string's UTF-8).
+        let expected = ProvisioningTokens.hash(try #require(String(data: document, encoding: .utf8)))
+        let directory = root.appendingPathComponent("Sources/ProvisioningOpenAPI")
+        let files = try FileManager.default.contentsOfDirectory(atPath: directory.path).filter { $0.hasSuffix(".swift") }.sorted()
+        #expect(files.contains("Server.swift") && files.contains("Types.swift"), "\(files)")
+        for file in files {
+            let text = try String(contentsOf: directory.appendingPathComponent(file), encoding: .utf8)
+            let header = text.split(separator: "\n").prefix(5).first { $0.hasPrefix("// openapi-sha256: ") }
+            let recorded = header?.dropFirst("// openapi-sha256: ".count).prefix(64)
+            #expect(recorded.map(String.init) == expected, "\(file) is stale: run Scripts/generate-openapi")
+        }
+    }
+
     @Test("Tokens: the secret is not stored, only its SHA-256; a token matches only itself")
     func tokens() {
         let (token, stored) = ProvisioningTokens.mint(domains: ["a.example"], label: "l")

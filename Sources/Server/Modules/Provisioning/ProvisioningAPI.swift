@@ -4,6 +4,7 @@ import Admin
 import Hummingbird
 import Logging
 import NIOCore
+import OpenAPIRuntime
 import Storage
 import XMPPCore
 
@@ -62,62 +63,14 @@ struct ProvisioningAPI: Sendable {
         let message: String
     }
 
-    func install(on router: Hummingbird.Router<BasicRequestContext>) {
-        let p = Self.prefix
-        router.get("\(p)/domains") { request, _ in await handle(request, "domain.list") { caller in try await listDomains(caller) } }
-        router.get("\(p)/domains/:domain") { request, context in
-            await handle(request, "domain.read", target: context.parameters.get("domain")) { caller in try await readDomain(caller, context.parameters.get("domain")) }
-        }
-        router.put("\(p)/domains/:domain") { request, context in
-            await handle(request, "domain.add", target: context.parameters.get("domain"), audited: true) { caller in try await addDomain(caller, context.parameters.get("domain")) }
-        }
-        router.delete("\(p)/domains/:domain") { request, context in
-            await handle(request, "domain.remove", target: context.parameters.get("domain"), audited: true) { caller in try await removeDomain(caller, context.parameters.get("domain")) }
-        }
-        router.get("\(p)/domains/:domain/accounts") { request, context in
-            await handle(request, "account.list", target: context.parameters.get("domain")) { caller in try await listAccounts(caller, context.parameters.get("domain")) }
-        }
-        router.post("\(p)/domains/:domain/accounts") { request, context in
-            await handle(request, "account.create", target: context.parameters.get("domain"), audited: true) { caller in
-                try await createAccount(caller, context.parameters.get("domain"), body: try await json(request, AccountCreation.self))
-            }
-        }
-        router.put("\(p)/domains/:domain/accounts/:user/password") { request, context in
-            let target = account(context.parameters.get("user"), context.parameters.get("domain"))
-            return await handle(request, "account.password", target: target, audited: true) { caller in
-                try await setPassword(caller, context.parameters.get("domain"), context.parameters.get("user"), body: try await json(request, PasswordChange.self))
-            }
-        }
-        router.delete("\(p)/domains/:domain/accounts/:user") { request, context in
-            let target = account(context.parameters.get("user"), context.parameters.get("domain"))
-            return await handle(request, "account.remove", target: target, audited: true) { caller in
-                try await removeAccount(caller, context.parameters.get("domain"), context.parameters.get("user"))
-            }
-        }
-        router.get("\(p)/domains/:domain/check") { request, context in
-            var age: Int?
-            var response = await handle(request, "domain.check", target: context.parameters.get("domain")) { caller in
-                let checked = try await checkDomain(caller, context.parameters.get("domain"))
-                age = checked.age
-                return (.ok, .raw(checked.report.json()))
-            }
-            // How old a cached result is (RFC 9111 §5.1), for the dashboard to say so.
-            if let age { response.headers[.age] = String(age) }
-            return response
-        }
-        router.get("\(p)/links") { request, _ in await handle(request, "link.list") { caller in try await listLinks(caller) } }
-        router.get("\(p)/status") { request, _ in await handle(request, "status.read") { caller in try await status(caller) } }
-        router.get("\(p)/audit") { request, _ in
-            await handle(request, "audit.read") { caller in try await readAudit(caller, limit: request.uri.queryParameters.get("limit").flatMap { Int($0) } ?? 100) }
-        }
-    }
-
     // MARK: Request handling
 
-    /// Authenticates, runs `body`, writes the audit entry, and turns the outcome into JSON.
-    private func handle(_ request: Request, _ action: String, target: String? = nil, audited: Bool = false,
-                        _ body: (Caller) async throws -> (HTTPResponse.Status, JSONValue?)) async -> Response {
-        let target = target ?? request.uri.path
+    /// What every operation goes through, around the generated server's decoding and the
+    /// operation itself (`next`): the failed-authentication limit, the bearer token, the body
+    /// limit, then the audit entry, the metric and the JSON answer. The caller is handed to
+    /// the operation in ``current``.
+    func handle(_ request: HTTPRequest, body: HTTPBody?, action: String, target: String, audited: Bool,
+                next: @Sendable (HTTPBody?) async throws -> (HTTPResponse, HTTPBody?)) async -> (HTTPResponse, HTTPBody?) {
         let address = AuthFailureLimiter.key(WebRequest.remoteAddress)
         if let seconds = failures.retryAfter(address) {
             // Checked before the token: see AuthFailureLimiter.
@@ -127,7 +80,7 @@ struct ProvisioningAPI: Sendable {
             logger.notice("provisioning API: rate limited", metadata: ["action": "\(action)", "target": "\(target)", "address": "\(address)", "retry_after": "\(seconds)"])
             await audit(AuditEntry(at: Self.now(), tokenID: nil, action: action, target: target, outcome: "rate_limited", detail: "from \(address)"))
             var response = Self.response(failure)
-            response.headers[.retryAfter] = String(seconds)
+            response.0.headerFields[.retryAfter] = String(seconds)
             return response
         }
         let caller: Caller
@@ -152,13 +105,26 @@ struct ProvisioningAPI: Sendable {
             return Self.response(Failure(status: .serviceUnavailable, code: "unavailable", message: "storage unavailable"))
         }
         do {
-            let (status, value) = try await body(caller)
+            let limited = try await limitedBody(request, body)
+            let (response, responseBody) = try await Self.$current.withValue(caller) { try await next(limited) }
             server.metrics.provisioning(action: action, outcome: "ok")
             if audited {
-                await audit(AuditEntry(at: Self.now(), tokenID: caller.tokenID, action: action, target: target, outcome: status == .ok ? "unchanged" : "ok"))
+                await audit(AuditEntry(at: Self.now(), tokenID: caller.tokenID, action: action, target: target, outcome: response.status == .ok ? "unchanged" : "ok"))
             }
-            return Self.response(status, value)
-        } catch let failure as Failure {
+            return try await Self.finish(response, responseBody)
+        } catch {
+            let failure: Failure
+            switch Self.classify(error, hadBody: body != nil) {
+            case .refused(let refusal):
+                failure = refusal
+            case .failed(let underlying):
+                server.metrics.provisioning(action: action, outcome: "failed")
+                logger.error("provisioning API: \(action) failed", metadata: ["token": "\(caller.tokenID)", "target": "\(target)", "error": "\(underlying)"])
+                if audited {
+                    await audit(AuditEntry(at: Self.now(), tokenID: caller.tokenID, action: action, target: target, outcome: "failed", detail: "\(underlying)"))
+                }
+                return Self.response(Failure(status: .internalServerError, code: "failed", message: "the operation failed; see the server's log"))
+            }
             server.metrics.provisioning(action: action, outcome: failure.code)
             logger.info("provisioning API: \(action) refused", metadata: ["token": "\(caller.tokenID)", "target": "\(target)", "reason": "\(failure.message)"])
             // Refusals of changes, and reads out of scope, are audited.
@@ -166,18 +132,39 @@ struct ProvisioningAPI: Sendable {
                 await audit(AuditEntry(at: Self.now(), tokenID: caller.tokenID, action: action, target: target, outcome: failure.code, detail: failure.message))
             }
             return Self.response(failure)
-        } catch {
-            server.metrics.provisioning(action: action, outcome: "failed")
-            logger.error("provisioning API: \(action) failed", metadata: ["token": "\(caller.tokenID)", "target": "\(target)", "error": "\(error)"])
-            if audited {
-                await audit(AuditEntry(at: Self.now(), tokenID: caller.tokenID, action: action, target: target, outcome: "failed", detail: "\(error)"))
-            }
-            return Self.response(Failure(status: .internalServerError, code: "failed", message: "the operation failed; see the server's log"))
         }
     }
 
-    private func authenticate(_ request: Request) async throws -> Caller {
-        guard let header = request.headers[.authorization], header.lowercased().hasPrefix("bearer ") else {
+    /// The caller of the operation running in this task, set by ``handle``.
+    @TaskLocal static var current: Caller?
+
+    /// The authenticated caller, inside an operation.
+    static func caller() throws -> Caller {
+        // Only reachable through `handle`, which sets it; a route registered without it
+        // must fail closed.
+        guard let current else { throw Failure(status: .unauthorized, code: "unauthenticated", message: "an Authorization: Bearer token is required") }
+        return current
+    }
+
+    private enum Outcome {
+        case refused(Failure)
+        case failed(any Error)
+    }
+
+    /// A refusal (ours, or a request the generated server could not decode) or a failure.
+    private static func classify(_ error: any Error, hadBody: Bool) -> Outcome {
+        if let failure = error as? Failure { return .refused(failure) }
+        guard let serverError = error as? ServerError else { return .failed(error) }
+        if let failure = serverError.underlyingError as? Failure { return .refused(failure) }
+        // No input: the request did not match the document (a body that is not the JSON
+        // expected, a query parameter that is not a number). With input, the operation threw.
+        guard serverError.operationInput == nil else { return .failed(serverError.underlyingError) }
+        return .refused(Failure(status: .badRequest, code: "bad-request",
+                                message: hadBody ? "the body is not the JSON expected" : "a parameter is not what the API expects"))
+    }
+
+    private func authenticate(_ request: HTTPRequest) async throws -> Caller {
+        guard let header = request.headerFields[.authorization], header.lowercased().hasPrefix("bearer ") else {
             throw Failure(status: .unauthorized, code: "unauthenticated", message: "an Authorization: Bearer token is required")
         }
         let presented = String(header.dropFirst(7)).trimmingCharacters(in: .whitespaces)
@@ -198,22 +185,22 @@ struct ProvisioningAPI: Sendable {
         }
     }
 
-    private func json<Body: Decodable>(_ request: Request, _ type: Body.Type) async throws -> Body {
+    /// The request body read whole, at most `max_body_bytes` (413 beyond, before more is
+    /// read), so the generated decoder never sees more.
+    private func limitedBody(_ request: HTTPRequest, _ body: HTTPBody?) async throws -> HTTPBody? {
+        guard let body else { return nil }
         let limit = max(1, settings.maxBodyBytes)
-        if let length = request.headers[.contentLength].flatMap({ Int($0) }), length > limit {
-            throw Failure(status: .contentTooLarge, code: "too-large", message: "the body is larger than \(limit) bytes")
+        let tooLarge = Failure(status: .contentTooLarge, code: "too-large", message: "the body is larger than \(limit) bytes")
+        if let length = request.headerFields[.contentLength].flatMap({ Int($0) }), length > limit {
+            throw tooLarge
         }
-        let buffer: ByteBuffer
+        let bytes: [UInt8]
         do {
-            buffer = try await request.body.collect(upTo: limit)
+            bytes = try await [UInt8](collecting: body, upTo: limit)
         } catch {
-            throw Failure(status: .contentTooLarge, code: "too-large", message: "the body is larger than \(limit) bytes")
+            throw tooLarge
         }
-        do {
-            return try JSONDecoder().decode(Body.self, from: Data(buffer.readableBytesView))
-        } catch {
-            throw Failure(status: .badRequest, code: "bad-request", message: "the body is not the JSON expected")
-        }
+        return HTTPBody(bytes)
     }
 
     // MARK: Domains
@@ -236,19 +223,19 @@ struct ProvisioningAPI: Sendable {
         ])
     }
 
-    private func listDomains(_ caller: Caller) async throws -> (HTTPResponse.Status, JSONValue?) {
+    func listDomains(_ caller: Caller) async throws -> (HTTPResponse.Status, JSONValue?) {
         let hosted = try await storage.domains().map(\.name).filter(caller.mayManage)
         return (.ok, .object(["domains": .array(hosted.map(describe))]))
     }
 
-    private func readDomain(_ caller: Caller, _ raw: String?) async throws -> (HTTPResponse.Status, JSONValue?) {
+    func readDomain(_ caller: Caller, _ raw: String?) async throws -> (HTTPResponse.Status, JSONValue?) {
         let domain = try visibleDomain(caller, raw)
         guard case .object(var fields) = describe(domain) else { return (.ok, describe(domain)) }
         fields["accounts"] = .number(Double(try await storage.users(in: domain).count))
         return (.ok, .object(fields))
     }
 
-    private func addDomain(_ caller: Caller, _ raw: String?) async throws -> (HTTPResponse.Status, JSONValue?) {
+    func addDomain(_ caller: Caller, _ raw: String?) async throws -> (HTTPResponse.Status, JSONValue?) {
         guard caller.isProvider else {
             throw Failure(status: .forbidden, code: "forbidden", message: "only a provider-wide token adds domains")
         }
@@ -262,7 +249,7 @@ struct ProvisioningAPI: Sendable {
         return (added ? .created : .ok, describe(domain))
     }
 
-    private func removeDomain(_ caller: Caller, _ raw: String?) async throws -> (HTTPResponse.Status, JSONValue?) {
+    func removeDomain(_ caller: Caller, _ raw: String?) async throws -> (HTTPResponse.Status, JSONValue?) {
         guard caller.isProvider else {
             throw Failure(status: .forbidden, code: "forbidden", message: "only a provider-wide token removes domains")
         }
@@ -275,19 +262,6 @@ struct ProvisioningAPI: Sendable {
     }
 
     // MARK: Accounts
-
-    struct AccountCreation: Decodable {
-        var username: String
-        var password: String
-    }
-
-    struct PasswordChange: Decodable {
-        var password: String
-    }
-
-    private func account(_ user: String?, _ domain: String?) -> String {
-        "\(user ?? "")@\(domain ?? "")"
-    }
 
     private func accountJID(_ domain: String, _ user: String?) throws -> JID {
         guard let user, let jid = try? JID(localpart: user, domainpart: domain, resourcepart: Optional<String>.none) else {
@@ -307,17 +281,17 @@ struct ProvisioningAPI: Sendable {
         }
     }
 
-    private func listAccounts(_ caller: Caller, _ raw: String?) async throws -> (HTTPResponse.Status, JSONValue?) {
+    func listAccounts(_ caller: Caller, _ raw: String?) async throws -> (HTTPResponse.Status, JSONValue?) {
         let domain = try visibleDomain(caller, raw)
         let users = try await storage.users(in: domain).map(\.description).sorted()
         return (.ok, .object(["accounts": .array(users.map(JSONValue.string))]))
     }
 
-    private func createAccount(_ caller: Caller, _ raw: String?, body: AccountCreation) async throws -> (HTTPResponse.Status, JSONValue?) {
+    func createAccount(_ caller: Caller, _ raw: String?, username: String, password: String) async throws -> (HTTPResponse.Status, JSONValue?) {
         let domain = try visibleDomain(caller, raw)
-        let jid = try accountJID(domain, body.username)
+        let jid = try accountJID(domain, username)
         do {
-            try await storage.createUser(jid, credentials: try credentials(body.password))
+            try await storage.createUser(jid, credentials: try credentials(password))
         } catch StorageError.userExists {
             throw Failure(status: .conflict, code: "conflict", message: "\(jid) exists")
         } catch StorageError.unknownDomain {
@@ -327,18 +301,18 @@ struct ProvisioningAPI: Sendable {
         return (.created, .object(["jid": .string(jid.description)]))
     }
 
-    private func setPassword(_ caller: Caller, _ raw: String?, _ user: String?, body: PasswordChange) async throws -> (HTTPResponse.Status, JSONValue?) {
+    func setPassword(_ caller: Caller, _ raw: String?, _ user: String?, password: String) async throws -> (HTTPResponse.Status, JSONValue?) {
         let domain = try visibleDomain(caller, raw)
         let jid = try accountJID(domain, user)
         do {
-            try await storage.setCredentials(jid, credentials: try credentials(body.password))
+            try await storage.setCredentials(jid, credentials: try credentials(password))
         } catch StorageError.userNotFound {
             throw Failure(status: .notFound, code: "not-found", message: "no such account")
         }
         return (.noContent, nil)
     }
 
-    private func removeAccount(_ caller: Caller, _ raw: String?, _ user: String?) async throws -> (HTTPResponse.Status, JSONValue?) {
+    func removeAccount(_ caller: Caller, _ raw: String?, _ user: String?) async throws -> (HTTPResponse.Status, JSONValue?) {
         let domain = try visibleDomain(caller, raw)
         let jid = try accountJID(domain, user)
         guard try await storage.removeUser(jid) else {
@@ -350,7 +324,7 @@ struct ProvisioningAPI: Sendable {
 
     // MARK: Links and audit
 
-    private func listLinks(_ caller: Caller) async throws -> (HTTPResponse.Status, JSONValue?) {
+    func listLinks(_ caller: Caller) async throws -> (HTTPResponse.Status, JSONValue?) {
         guard caller.isProvider else {
             throw Failure(status: .forbidden, code: "forbidden", message: "only a provider-wide token reads the federation links")
         }
@@ -368,7 +342,7 @@ struct ProvisioningAPI: Sendable {
         })]))
     }
 
-    private func readAudit(_ caller: Caller, limit: Int) async throws -> (HTTPResponse.Status, JSONValue?) {
+    func readAudit(_ caller: Caller, limit: Int) async throws -> (HTTPResponse.Status, JSONValue?) {
         let bounded = max(1, min(limit, 1000))
         var entries: [AuditEntry]
         if let domains = caller.domains {
@@ -385,22 +359,48 @@ struct ProvisioningAPI: Sendable {
 
     static func now() -> Int64 { Int64(Date().timeIntervalSince1970 * 1000) }
 
-    static func response(_ status: HTTPResponse.Status, _ value: JSONValue?) -> Response {
-        guard let value else {
-            return Response(status: status, headers: headers([("Content-Length", "0"), ("Cache-Control", "no-store")]))
-        }
-        let bytes = Array(value.serialized.utf8)
-        return Response(status: status, headers: headers([("Content-Type", "application/json"), ("Content-Length", "\(bytes.count)"), ("Cache-Control", "no-store"),
-                                                          ("X-Content-Type-Options", "nosniff")]),
-                        body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
+    /// The headers every answer carries; JSON ones also say what they are.
+    private static func apiHeaders(json length: Int?) -> HTTPFields {
+        guard let length else { return headers([("Content-Length", "0"), ("Cache-Control", "no-store")]) }
+        return headers([("Content-Type", "application/json"), ("Content-Length", "\(length)"), ("Cache-Control", "no-store"),
+                        ("X-Content-Type-Options", "nosniff")])
     }
 
-    static func response(_ failure: Failure) -> Response {
+    static func response(_ status: HTTPResponse.Status, _ value: JSONValue?) -> (HTTPResponse, HTTPBody?) {
+        guard let value else { return (HTTPResponse(status: status, headerFields: apiHeaders(json: nil)), nil) }
+        let bytes = Array(value.serialized.utf8)
+        return (HTTPResponse(status: status, headerFields: apiHeaders(json: bytes.count)), HTTPBody(bytes))
+    }
+
+    static func response(_ failure: Failure) -> (HTTPResponse, HTTPBody?) {
         var response = response(failure.status, .object(["error": .string(failure.code), "message": .string(failure.message)]))
         if failure.status == .unauthorized {
-            response.headers[.wwwAuthenticate] = "Bearer realm=\"braid\""
+            response.0.headerFields[.wwwAuthenticate] = "Bearer realm=\"braid\""
         }
         return response
+    }
+
+    /// The generated server's answer with the headers every answer of the API carries, and
+    /// `<`, `>` and `&` escaped in its JSON as in ``JSONValue`` (the dashboard's safety
+    /// net: no answer holds markup even when read as HTML).
+    static func finish(_ response: HTTPResponse, _ body: HTTPBody?) async throws -> (HTTPResponse, HTTPBody?) {
+        var response = response
+        let extra = response.headerFields.filter { ![.contentType, .contentLength].contains($0.name) }
+        guard let body else {
+            response.headerFields = apiHeaders(json: nil) + extra
+            return (response, nil)
+        }
+        // Our own answers: a few kilobytes, at most the audit log's 1000 entries.
+        let json = try await String(collecting: body, upTo: 16 * 1024 * 1024)
+        let bytes = Array(JSONValue.raw(json).serialized.utf8)
+        response.headerFields = apiHeaders(json: bytes.count) + extra
+        return (response, HTTPBody(bytes))
+    }
+
+    /// A value built as JSON, as the generated type the document gives for it: the document
+    /// and the answer cannot drift apart, as a mismatch fails here (500, logged) and in the tests.
+    static func typed<T: Decodable>(_ value: JSONValue?) throws -> T {
+        try JSONDecoder().decode(T.self, from: Data((value ?? .null).serialized.utf8))
     }
 
     static func headers(_ pairs: [(String, String)]) -> HTTPFields {

@@ -11,7 +11,12 @@ struct ProvisioningModule: BraidModule {
         guard settings.enabled else { return }
         let settings = self.settings
         builder.onHTTP { router, server in
-            ProvisioningAPI(server: server, settings: settings).install(on: router)
+            do {
+                try ProvisioningAPI(server: server, settings: settings).install(on: router)
+            } catch {
+                // Only a prefix the generated code cannot parse; the dashboard still loads.
+                server.logger.error("provisioning API: its routes could not be registered", metadata: ["error": "\(error)"])
+            }
             Dashboard.install(on: router)
         }
     }
