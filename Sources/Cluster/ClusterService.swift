@@ -17,6 +17,8 @@ public protocol ClusterHost: Sendable {
     func remoteSessionGone(jid: String, node: String)
     /// Another node bound `jid` and replaces the session bound here (`<conflict/>`).
     func kickLocalSession(jid: String, node: String)
+    /// A stanza for a service entity this node owns, routed by another node.
+    func routeFromNode(stanza: String, node: String) async
     /// A node died or left: its sessions are gone. `unacknowledged` are the stanzas sent to
     /// it that it never acknowledged, oldest first, to be routed again as undelivered.
     /// `announce`: this node is the one that tells the contacts of those sessions that they
@@ -175,6 +177,48 @@ public final class ClusterService: Sendable {
         let sent = link.send { .deliver(seq: $0, to: jid, stanza: stanza) } == .queued
         if sent { metrics.stanzasForwarded.increment() } else { metrics.stanzasRefused.increment() }
         return sent
+    }
+
+    /// Routes a stanza on `node`, the owner of the service entity it is for. False when it
+    /// cannot be queued: the caller handles it here.
+    public func route(stanza: String, on node: String) -> Bool {
+        guard let link = link(to: node, create: false) else { return false }
+        let sent = link.send { .route(seq: $0, stanza: stanza) } == .queued
+        if sent { metrics.stanzasForwarded.increment() } else { metrics.stanzasRefused.increment() }
+        return sent
+    }
+
+    /// The node that owns `key` (a group chat room's bare JID, a service domain): of the
+    /// nodes alive at the last membership check, the one with the highest rendezvous score,
+    /// so every node agrees without asking, and when a node dies only its keys move.
+    public func owner(of key: String) -> String {
+        let alive = state.withLock { Array($0.alive.keys) }
+        return Self.rendezvousOwner(of: key, among: alive.isEmpty ? [nodeName] : alive)
+    }
+
+    static func rendezvousOwner(of key: String, among nodes: [String]) -> String {
+        var best: (score: UInt64, node: String)?
+        for node in nodes {
+            let score = stableHash(node + "\u{0}" + key)
+            if best.map({ score > $0.score || (score == $0.score && node > $0.node) }) ?? true { best = (score, node) }
+        }
+        return best?.node ?? ""
+    }
+
+    /// FNV-1a over the UTF-8 bytes, then a SplitMix64 finish: the same on every node and
+    /// every run (Swift's `Hasher` is seeded per process, so it cannot be used here).
+    static func stableHash(_ text: String) -> UInt64 {
+        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
+        for byte in text.utf8 {
+            hash ^= UInt64(byte)
+            hash &*= 0x0000_0100_0000_01B3
+        }
+        hash ^= hash >> 30
+        hash &*= 0xBF58_476D_1CE4_E5B9
+        hash ^= hash >> 27
+        hash &*= 0x94D0_49BB_1331_11EB
+        hash ^= hash >> 31
+        return hash
     }
 
     /// Asks `node` to close its session for `jid` (this node bound it and replaces it).
@@ -337,6 +381,8 @@ public final class ClusterService: Sendable {
             host?.remoteSessionGone(jid: jid, node: peer)
         case .kick(_, let jid):
             host?.kickLocalSession(jid: jid, node: peer)
+        case .route(_, let stanza):
+            await host?.routeFromNode(stanza: stanza, node: peer)
         case .hello, .ack:
             break
         }

@@ -42,10 +42,13 @@ public enum NodeFrame: Sendable, Equatable {
     case kick(seq: UInt64, jid: String)
     /// Every sequenced frame up to and including this number was handled.
     case ack(UInt64)
+    /// A stanza for a service entity the receiver owns (a group chat room): routed there
+    /// as it was on the sender, its `from` already authenticated by the sender.
+    case route(seq: UInt64, stanza: String)
 
     public var sequence: UInt64? {
         switch self {
-        case .deliver(let seq, _, _), .session(let seq, _), .unbound(let seq, _), .kick(let seq, _): seq
+        case .deliver(let seq, _, _), .session(let seq, _), .unbound(let seq, _), .kick(let seq, _), .route(let seq, _): seq
         case .hello, .ack: nil
         }
     }
@@ -84,6 +87,8 @@ public enum NodeFrameCodec {
             out.append(5); putInteger(seq, &out); putString(jid, &out)
         case .ack(let seq):
             out.append(6); putInteger(seq, &out)
+        case .route(let seq, let stanza):
+            out.append(7); putInteger(seq, &out); putString(stanza, &out)
         }
         return out
     }
@@ -114,6 +119,8 @@ public enum NodeFrameCodec {
             frame = .kick(seq: try reader.integer(), jid: try reader.string())
         case 6:
             frame = .ack(try reader.integer())
+        case 7:
+            frame = .route(seq: try reader.integer(), stanza: try reader.string())
         default:
             throw NodeFrameError(description: "unknown frame kind \(kind)")
         }

@@ -96,6 +96,7 @@ public final class BraidServer: Service {
             let bridge = ClusterBridge(cluster: cluster, context: context, group: group, logger: logger)
             cluster.install(host: bridge)
             context.sessions.install(observer: bridge)
+            context.install(cluster: bridge)
             self.cluster = cluster
             clusterBridge = bridge
         } else {

@@ -31,6 +31,11 @@ public final class ServerContext: Sendable {
 
     public var boundHTTPSPort: Int? { httpsPortBox.withLock { $0 } }
 
+    /// This node's part in a cluster, when there is one (set once at start).
+    private let clusterBox = Mutex<ClusterBridge?>(nil)
+    var cluster: ClusterBridge? { clusterBox.withLock { $0 } }
+    func install(cluster: ClusterBridge) { clusterBox.withLock { $0 = cluster } }
+
     /// The federation links now (empty without federation), for the provisioning API.
     private let linksBox = Mutex<(@Sendable () async -> [LinkSnapshot])?>(nil)
 

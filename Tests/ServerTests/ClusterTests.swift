@@ -176,6 +176,62 @@ struct ClusterTests {
         }
     }
 
+    @Test("A group chat room lives on one node: occupants on both nodes see each other and the room's messages")
+    func roomAcrossNodes() async throws {
+        try await withCluster { nodes in
+            let muc = "http://jabber.org/protocol/muc"
+            // A room whose owner is node 2, entered from node 1 first, so the stanzas of
+            // node 1's client must be routed to node 2 to reach it.
+            let cluster1 = try #require(nodes[0].server.cluster)
+            let room = try #require((1...200).lazy.map { "room\($0)@conference.a.example" }.first { cluster1.owner(of: $0) == "node-2" })
+            let (alice, _) = try await nodes[0].loggedIn("alice@a.example")
+            let (bob, _) = try await nodes[1].loggedIn("bob@b.example")
+            func enter(_ client: TestClient, _ nick: String) async throws {
+                try await client.send(XMLElement(name: "presence", namespace: XMLNamespace.client, attributes: [XMLAttribute("to", "\(room)/\(nick)")], children: [
+                    .element(XMLElement(name: "x", namespace: muc)),
+                ]))
+            }
+            try await enter(alice, "alice")
+            _ = try await alice.waitFor { $0.name == "presence" && $0.attribute("from") == "\(room)/alice" }
+            let accepted = try await alice.iq(.set, to: room, payload: XMLElement(name: "query", namespace: "\(muc)#owner", children: [
+                .element(XMLElement(name: "x", namespace: "jabber:x:data", attributes: [XMLAttribute("type", "submit")])),
+            ]))
+            #expect(accepted.attribute("type") == "result")
+            try await enter(bob, "bob")
+            _ = try await bob.waitFor { $0.name == "presence" && $0.attribute("from") == "\(room)/alice" }
+            _ = try await alice.waitFor { $0.name == "presence" && $0.attribute("from") == "\(room)/bob" }
+            try await alice.send(XMLElement(name: "message", namespace: XMLNamespace.client, attributes: [
+                XMLAttribute("to", room), XMLAttribute("type", "groupchat"), XMLAttribute("id", "hello-room"),
+            ], children: [.element(XMLElement(name: "body", namespace: XMLNamespace.client, children: [.text("hello room")]))]))
+            let atBob = try await bob.waitFor { $0.name == "message" && $0.attribute("id") == "hello-room" }
+            #expect(atBob.attribute("from") == "\(room)/alice")
+            _ = try await alice.waitFor { $0.name == "message" && $0.attribute("id") == "hello-room" }
+            // One room, on its owner: node 1's group chat service never saw it.
+            #expect(nodes[0].metrics.counterValue("braid_cluster_stanzas_forwarded_total") > 0)
+            await alice.close()
+            await bob.close()
+        }
+    }
+
+    @Test("Owners of service entities: every node computes the same, and a node leaving moves only its own keys")
+    func rendezvousOwners() {
+        let keys = (0..<2_000).map { "room\($0)@conference.example" }
+        let three = ["node-1", "node-2", "node-3"]
+        let owners = keys.map { ClusterService.rendezvousOwner(of: $0, among: three) }
+        // Spread over all three, roughly evenly.
+        for node in three {
+            let share = owners.filter { $0 == node }.count
+            #expect(share > 500 && share < 830, "\(node) owns \(share) of 2,000")
+        }
+        // The same answer whatever order the nodes are listed in.
+        #expect(keys.map { ClusterService.rendezvousOwner(of: $0, among: three.reversed()) } == owners)
+        // node-3 gone: its keys move, no other key does.
+        let two = keys.map { ClusterService.rendezvousOwner(of: $0, among: ["node-1", "node-2"]) }
+        for (before, after) in zip(owners, two) where before != "node-3" {
+            #expect(before == after)
+        }
+    }
+
     @Test("Node frames: every kind round-trips, and malformed input is refused, not trapped on")
     func frameCodec() throws {
         let frames: [NodeFrame] = [
@@ -186,6 +242,7 @@ struct ClusterTests {
             .unbound(seq: 3, jid: "a@b/c"),
             .kick(seq: 4, jid: "a@b/c"),
             .ack(5),
+            .route(seq: 6, stanza: "<presence xmlns='jabber:client' to='room@conference.a.example/nick'/>"),
         ]
         for frame in frames {
             let bytes = NodeFrameCodec.encode(frame)

@@ -102,6 +102,25 @@ final class ClusterBridge: ClusterHost, SessionRegistry.Observer {
         }
     }
 
+    func routeFromNode(stanza: String, node: String) async {
+        guard let element = try? XMLFragment.parse(stanza), let parsed = Stanza(element) else {
+            logger.warning("node sent a stanza to route that does not parse", metadata: ["peer": "\(node)"])
+            context.metrics.clusterBadFrames.increment()
+            return
+        }
+        // Routed here as on the sending node, minus the owner check: were the two nodes to
+        // disagree on the owner for a moment, the stanza must not go back and forth.
+        await context.router.route(parsed, fromNode: true)
+    }
+
+    /// The node that owns a service entity (a group chat room, keyed by its bare JID), when
+    /// it is not this one: rooms keep their state in one node's memory, so all their
+    /// stanzas go there.
+    func serviceOwner(of target: JID) -> String? {
+        let owner = cluster.owner(of: target.bare.description)
+        return owner == cluster.nodeName ? nil : owner
+    }
+
     func nodeGone(_ node: String, unacknowledged: [(to: String, stanza: String)], announce: Bool) async {
         let removed = context.sessions.removeRemote(node: node)
         nodeLinks.withLock { $0[node] = nil }

@@ -67,6 +67,12 @@ public final class Router: SessionOwner {
 
     /// Routes a stanza whose `from` is already authenticated.
     public func route(_ stanza: Stanza) async {
+        await route(stanza, fromNode: false)
+    }
+
+    /// `fromNode`: another node of a cluster sent it here as the owner of its service
+    /// entity; it is not sent on again.
+    func route(_ stanza: Stanza, fromNode: Bool) async {
         let target: JID?
         do {
             target = try stanza.to()
@@ -84,6 +90,11 @@ public final class Router: SessionOwner {
         case .hosted:
             await deliverLocally(stanza, to: target)
         case .service(let label, let parent):
+            // In a cluster, each service entity (a room) lives on one node: its owner.
+            if !fromNode, let cluster = server.cluster, let owner = cluster.serviceOwner(of: target),
+               cluster.cluster.route(stanza: XMLFragment.serialize(stanza.element), on: owner) {
+                return
+            }
             await deliverToService(stanza, to: target, label: label, parent: parent)
         case nil:
             await remoteRoute.withLock { $0 }.send(stanza, router: self)
