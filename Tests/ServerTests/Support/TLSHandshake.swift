@@ -32,7 +32,7 @@ struct TLSHandshake: Sendable {
             tls.certificateVerification = .none
         }
         let context = try NIOSSLContext(configuration: tls)
-        let done = group.next().makePromise(of: String?.self)
+        let done = group.next().makePromise(of: Completed.self)
         let channel = try await ClientBootstrap(group: group).channelInitializer { channel in
             channel.eventLoop.makeCompletedFuture {
                 try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: context, serverHostname: serverName))
@@ -40,34 +40,43 @@ struct TLSHandshake: Sendable {
             }
         }.connect(host: "127.0.0.1", port: port).get()
         do {
-            let negotiated = try await done.futureResult.get()
-            guard let peer = try await channel.nioSSL_peerCertificate().get() else { throw Failed(description: "no certificate presented") }
+            let completed = try await done.futureResult.get()
+            guard let peer = completed.peer else { throw Failed(description: "no certificate presented") }
             let leaf = try Certificate(derEncoded: try peer.toDERBytes())
             if !keepOpen { channel.close(promise: nil) }
-            return TLSHandshake(leaf: leaf, negotiatedProtocol: negotiated, channel: channel)
+            return TLSHandshake(leaf: leaf, negotiatedProtocol: completed.negotiatedProtocol, channel: channel)
         } catch {
             channel.close(promise: nil)
             throw error
         }
     }
 
-    /// Fulfils `done` with the negotiated protocol once the handshake completes, or fails it.
+    private struct Completed: Sendable {
+        var negotiatedProtocol: String?
+        var peer: NIOSSLCertificate?
+    }
+
+    /// Fulfils `done` once the handshake completes (the peer's certificate read there, since
+    /// a server may close right after, taking the TLS handler away), or fails it.
     private final class HandshakeWatcher: ChannelInboundHandler {
         typealias InboundIn = ByteBuffer
-        let done: EventLoopPromise<String?>
+        let done: EventLoopPromise<Completed>
         /// A promise is completed once.
         var completed = false
 
-        init(done: EventLoopPromise<String?>) { self.done = done }
+        init(done: EventLoopPromise<Completed>) { self.done = done }
 
-        func complete(_ result: Result<String?, any Error>) {
+        func complete(_ result: Result<Completed, any Error>) {
             guard !completed else { return }
             completed = true
             done.completeWith(result)
         }
 
         func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-            if case .handshakeCompleted(let negotiated) = event as? TLSUserEvent { complete(.success(negotiated)) }
+            if case .handshakeCompleted(let negotiated) = event as? TLSUserEvent {
+                let peer = try? context.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self).peerCertificate
+                complete(.success(Completed(negotiatedProtocol: negotiated, peer: peer)))
+            }
             context.fireUserInboundEventTriggered(event)
         }
 
