@@ -71,6 +71,14 @@ public final class ClusterDirectory: Sendable {
                     )
                     """, logger: self.logger)
                 try await connection.query("CREATE INDEX IF NOT EXISTS cluster_sessions_node ON cluster_sessions (node)", logger: self.logger)
+                try await connection.query("""
+                    CREATE TABLE IF NOT EXISTS cluster_leases (
+                        name text PRIMARY KEY,
+                        node text NOT NULL,
+                        incarnation bigint NOT NULL,
+                        expires_at timestamptz NOT NULL
+                    )
+                    """, logger: self.logger)
             }
         }
     }
@@ -146,6 +154,36 @@ public final class ClusterDirectory: Sendable {
                     SELECT 1 FROM cluster_nodes WHERE name = \(node) AND left_at IS NULL
                     AND heartbeat_at > now() - make_interval(secs => \(deadAfter)))
                 """, logger: self.logger)
+        }
+    }
+
+    /// Takes the lease `name` if it is free or expired, or renews it if this run holds it,
+    /// for `seconds`; returns the node holding it afterwards (one statement, so two nodes
+    /// asking at once cannot both get it).
+    public func acquireLease(_ name: String, node: String, incarnation: UInt64, seconds: Double) async throws -> String? {
+        let incarnationValue = Int64(bitPattern: incarnation)
+        return try await within {
+            try await self.client.query("""
+                INSERT INTO cluster_leases (name, node, incarnation, expires_at)
+                VALUES (\(name), \(node), \(incarnationValue), now() + make_interval(secs => \(seconds)))
+                ON CONFLICT (name) DO UPDATE SET node = EXCLUDED.node, incarnation = EXCLUDED.incarnation, expires_at = EXCLUDED.expires_at
+                WHERE cluster_leases.expires_at < now()
+                   OR (cluster_leases.node = EXCLUDED.node AND cluster_leases.incarnation = EXCLUDED.incarnation)
+                """, logger: self.logger)
+            var holder: String?
+            for try await (owner, expired) in try await self.client.query(
+                "SELECT node, expires_at < now() FROM cluster_leases WHERE name = \(name)", logger: self.logger).decode((String, Bool).self) where !expired {
+                holder = owner
+            }
+            return holder
+        }
+    }
+
+    /// Gives the lease up (graceful shutdown), if this run holds it.
+    public func releaseLease(_ name: String, node: String, incarnation: UInt64) async throws {
+        let incarnationValue = Int64(bitPattern: incarnation)
+        _ = try await within {
+            try await self.client.query("DELETE FROM cluster_leases WHERE name = \(name) AND node = \(node) AND incarnation = \(incarnationValue)", logger: self.logger)
         }
     }
 

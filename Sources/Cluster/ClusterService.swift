@@ -23,9 +23,17 @@ public protocol ClusterHost: Sendable {
     /// it that it never acknowledged, oldest first, to be routed again as undelivered.
     /// `announce`: this node is the one that tells the contacts of those sessions that they
     /// went offline (exactly one live node is).
-    func nodeGone(_ node: String, unacknowledged: [(to: String, stanza: String)], announce: Bool) async
+    /// `rerouted` are stanzas this node had sent it to route (for its rooms, or as the holder
+    /// of the federation lease) that it never acknowledged: routed again from the start.
+    func nodeGone(_ node: String, unacknowledged: [(to: String, stanza: String)], rerouted: [String], announce: Bool) async
     /// Every session bound here, for a node that has just linked up.
     func localSessionRecords() -> [SessionRecord]
+    /// How many sessions are bound here (for the heartbeat row).
+    func localSessionCount() -> Int
+    /// Called at every membership check while the federation lease is wanted: whether this
+    /// node holds it now. The holder serves federation (listens for, and dials, peer
+    /// servers); the others send their stanzas for remote domains to it.
+    func federationLease(held: Bool) async
 }
 
 /// One node of a cluster: its membership (heartbeat in PostgreSQL), its node links (a gRPC
@@ -62,7 +70,18 @@ public final class ClusterService: Sendable {
         var alive: [String: (incarnation: UInt64, address: String)] = [:]
         var members: [ClusterMember] = []
         var stopping = false
+        /// Whether this node competes for the federation lease (federation is enabled).
+        var wantsFederationLease = false
+        /// The node holding the federation lease, as of the last check.
+        var federationHolder: String?
+        /// When this node last renewed the lease; past `dead_after_seconds` without a
+        /// renewal (the database away) it must assume another node took it.
+        var leaseRenewedAt: ContinuousClock.Instant?
     }
+
+    /// The lease that makes one node at a time the cluster's federation endpoint: one TCP
+    /// connection to each peer provider, whichever node a user is on (issue 18).
+    public static let federationLeaseName = "s2s"
 
     public init(settings: ClusterSettings, directory: ClusterDirectory, logger: Logger, metrics: any MetricsFactory = MetricsSystem.factory) {
         self.settings = settings
@@ -80,6 +99,16 @@ public final class ClusterService: Sendable {
     public func install(host: any ClusterHost) {
         self.host.withLock { $0 = host }
     }
+
+    /// Compete for the federation lease (call before ``start()`` when federation is on).
+    public func enableFederationLease() {
+        state.withLock { $0.wantsFederationLease = true }
+    }
+
+    /// The node holding the federation lease, if any.
+    public var federationOwner: String? { state.withLock { $0.federationHolder } }
+
+    public var holdsFederationLease: Bool { federationOwner == nodeName }
 
     private var currentHost: (any ClusterHost)? { host.withLock { $0 } }
 
@@ -132,6 +161,8 @@ public final class ClusterService: Sendable {
         }
         boundPortBox.withLock { $0 = address.port }
         try await directory.register(node: nodeName, address: advertisedAddress, incarnation: incarnation)
+        // One check before serving: who is alive, and whether this node holds the lease.
+        await checkMembership()
         let writer = Task { [weak self] in
             guard let self else { return }
             await self.writeDirectory()
@@ -157,6 +188,9 @@ public final class ClusterService: Sendable {
         }
         directoryWriter.finish()
         do {
+            if holdsFederationLease {
+                try await directory.releaseLease(Self.federationLeaseName, node: nodeName, incarnation: incarnation)
+            }
             try await directory.leave(node: nodeName, incarnation: incarnation)
         } catch {
             logger.warning("could not record leaving the cluster", metadata: ["error": "\(error)"])
@@ -449,12 +483,15 @@ public final class ClusterService: Sendable {
 
     /// One heartbeat and one look at the others. Internal so tests can drive it.
     func checkMembership() async {
-        let sessionCount = currentHost?.localSessionRecords().count ?? 0
+        let sessionCount = currentHost?.localSessionCount() ?? 0
         do {
             if try await !directory.heartbeat(node: nodeName, incarnation: incarnation, sessions: sessionCount) {
                 logger.critical("another process registered this node name; check cluster.node_name on every node")
                 try await directory.register(node: nodeName, address: advertisedAddress, incarnation: incarnation)
             }
+            // The lease before the dead: a dead holder's lease has expired by the time its
+            // heartbeat counts as dead, so stanzas routed again below find the new holder.
+            try await checkFederationLease()
             let members = try await directory.members()
             await apply(members: members)
         } catch {
@@ -462,6 +499,37 @@ public final class ClusterService: Sendable {
             // on stale information (issue 18: PostgreSQL restarted).
             metrics.membershipFailures.increment()
             logger.warning("cluster membership check failed", metadata: ["error": "\(error)"])
+            await federationLeaseUnconfirmed()
+        }
+    }
+
+    private func checkFederationLease() async throws {
+        guard state.withLock({ $0.wantsFederationLease && !$0.stopping }) else { return }
+        let holder = try await directory.acquireLease(Self.federationLeaseName, node: nodeName, incarnation: incarnation, seconds: settings.deadAfterSeconds)
+        let changed: Bool = state.withLock { state in
+            let changed = state.federationHolder != holder
+            state.federationHolder = holder
+            if holder == nodeName { state.leaseRenewedAt = .now }
+            return changed
+        }
+        if changed {
+            logger.notice("federation lease", metadata: ["holder": "\(holder ?? "none")"])
+        }
+        await currentHost?.federationLease(held: holder == nodeName)
+    }
+
+    /// The lease could not be renewed: past its lifetime, another node may hold it, so
+    /// this one stops serving federation rather than risk a second connection.
+    private func federationLeaseUnconfirmed() async {
+        let lost: Bool = state.withLock { state in
+            guard state.wantsFederationLease, state.federationHolder == nodeName, let renewed = state.leaseRenewedAt else { return false }
+            guard ContinuousClock.now - renewed > .milliseconds(Int64(settings.deadAfterSeconds * 1000)) else { return false }
+            state.federationHolder = nil
+            return true
+        }
+        if lost {
+            logger.warning("federation lease not renewed within its lifetime; no longer serving federation")
+            await currentHost?.federationLease(held: false)
         }
     }
 
@@ -518,16 +586,18 @@ public final class ClusterService: Sendable {
         }
         let unacknowledged = link?.close() ?? []
         var stanzas: [(to: String, stanza: String)] = []
+        var rerouted: [String] = []
         for frame in unacknowledged {
             if case .deliver(_, let to, let stanza) = frame { stanzas.append((to, stanza)) }
+            if case .route(_, let stanza) = frame { rerouted.append(stanza) }
         }
         // Exactly one live node tells the gone node's contacts: the first by name.
         let announce = state.withLock { state in
             state.alive.keys.filter { $0 != peer }.min() ?? nodeName
         } == nodeName
         metrics.nodesGone.increment()
-        logger.notice("cluster node gone", metadata: ["peer": "\(peer)", "reason": "\(reason)", "rerouted": "\(stanzas.count)"])
-        await currentHost?.nodeGone(peer, unacknowledged: stanzas, announce: announce)
+        logger.notice("cluster node gone", metadata: ["peer": "\(peer)", "reason": "\(reason)", "undelivered": "\(stanzas.count)", "rerouted": "\(rerouted.count)"])
+        await currentHost?.nodeGone(peer, unacknowledged: stanzas, rerouted: rerouted, announce: announce)
     }
 
     /// Writes directory changes in order. A write that fails (the database away) is kept

@@ -113,6 +113,8 @@ public final class FederationManager: Sendable {
     let resentStanzas: ResentStanzaFilter
     let state = Mutex(State())
     private let listeners = Mutex<[any Channel]>([])
+    /// The domain whose certificate direct TLS presents without SNI, kept for listening again.
+    private let defaultDomainBox = Mutex<String?>(nil)
     let clientContexts = Mutex<[String: NIOSSLContext]>([:])
     let inFlight = InFlightWork()
     private let maintenance = Mutex<Task<Void, Never>?>(nil)
@@ -801,18 +803,52 @@ public final class FederationManager: Sendable {
 
     // MARK: Listeners and lifecycle
 
-    /// Binds the s2s listeners and starts re-validating links. Returns the bound ports.
-    public func start(defaultDomain: String) async throws -> [String: Int] {
-        var ports: [String: Int] = [:]
-        if let port = configuration.starttlsPort {
-            ports["s2s_starttls"] = try await bind(port: port, directTLS: nil)
-        }
-        if let port = configuration.directTLSPort {
-            let tls = host.tls.makeServerConfiguration(defaultDomain: defaultDomain, alpn: ["xmpp-server"], requestClientCertificate: true)
-            ports["s2s_direct_tls"] = try await bind(port: port, directTLS: try NIOSSLContext(configuration: tls))
-        }
+    /// Binds the s2s listeners (unless `listen` is false: a cluster node without the
+    /// federation lease) and starts re-validating links. Returns the bound ports.
+    public func start(defaultDomain: String, listen: Bool = true) async throws -> [String: Int] {
+        defaultDomainBox.withLock { $0 = defaultDomain }
+        let ports = listen ? try await startListening() : [:]
         startMaintenance()
         return ports
+    }
+
+    /// Binds the s2s listeners if they are not bound. In a cluster, the node that takes the
+    /// federation lease calls it; the port may still be held by the node that had the lease
+    /// a moment ago, so a failure here is tried again by the caller.
+    @discardableResult
+    public func startListening() async throws -> [String: Int] {
+        guard listeners.withLock({ $0.isEmpty }), let defaultDomain = defaultDomainBox.withLock({ $0 }) else { return [:] }
+        var ports: [String: Int] = [:]
+        do {
+            if let port = configuration.starttlsPort {
+                ports["s2s_starttls"] = try await bind(port: port, directTLS: nil)
+            }
+            if let port = configuration.directTLSPort {
+                let tls = host.tls.makeServerConfiguration(defaultDomain: defaultDomain, alpn: ["xmpp-server"], requestClientCertificate: true)
+                ports["s2s_direct_tls"] = try await bind(port: port, directTLS: try NIOSSLContext(configuration: tls))
+            }
+        } catch {
+            // All or nothing: a half-bound node would take some peers and refuse others.
+            await stopListening(closingLinks: false)
+            throw error
+        }
+        return ports
+    }
+
+    public var isListening: Bool { !listeners.withLock { $0.isEmpty } }
+
+    /// Closes the s2s listeners and, with `closingLinks`, every link (`<system-shutdown/>`:
+    /// the peer connects again, to the node that now serves federation). In a cluster, the
+    /// node that loses the federation lease calls it.
+    public func stopListening(closingLinks: Bool) async {
+        let channels = listeners.withLock { listeners in
+            defer { listeners = [] }
+            return listeners
+        }
+        for channel in channels { try? await channel.close() }
+        guard closingLinks else { return }
+        let links = state.withLock { Array($0.links.values) }
+        for link in links { link.close(with: StreamError(.systemShutdown)) }
     }
 
     private func bind(port: Int, directTLS: NIOSSLContext?) async throws -> Int {

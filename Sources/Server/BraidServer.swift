@@ -190,6 +190,9 @@ public final class BraidServer: Service {
             await context.certificates.prepareCertificate(for: defaultDomain)
         }
         reportCertificates()
+        if let federation, let clusterBridge {
+            clusterBridge.serve(federation: federation) { [weak self] bound in self?.boundFederationPorts.withLock { $0 = bound } }
+        }
         // Before the client listeners: every session bound here is told to the other nodes.
         try await cluster?.start()
 
@@ -202,7 +205,8 @@ public final class BraidServer: Service {
             try await bind(.c2sDirectTLS, host: c2s.address, port: port, tls: tls)
         }
         if let federation {
-            let ports = try await federation.start(defaultDomain: tlsDefaultDomain(defaultDomain))
+            // In a cluster only the holder of the federation lease listens (docs/cluster.md).
+            let ports = try await federation.start(defaultDomain: tlsDefaultDomain(defaultDomain), listen: cluster.map(\.holdsFederationLease) ?? true)
             boundFederationPorts.withLock { $0 = ports }
         }
         let adminPorts = try await admin.start()

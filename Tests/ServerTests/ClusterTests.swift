@@ -1,4 +1,5 @@
 @testable import Cluster
+import Federation
 import Foundation
 import Storage
 import Testing
@@ -211,6 +212,128 @@ struct ClusterTests {
             await alice.close()
             await bob.close()
         }
+    }
+
+    @Test("Federation from a cluster: one connection to the peer provider, whichever node a user is on; the lease moves when its holder dies")
+    func federationThroughLeaseHolder() async throws {
+        let url = try await #require(PostgresTestServer.current).createDatabase()
+        let certificates = try NodeCertificates()
+        defer { try? FileManager.default.removeItem(atPath: certificates.directory) }
+        // Both providers' certificates from one test CA, naming every served name.
+        var builder = ModuleBuilder()
+        for module in StandardModules.all() { builder.add(module) }
+        let labels = try builder.freeze().serviceLabels.sorted()
+        func served(_ domain: String) -> [String] { [domain] + labels.map { "\($0).\(domain)" } }
+        let ca = try TestCertificateAuthority(commonName: "Braid Federation Test CA")
+        let caFile = "\(certificates.directory)/federation-ca.pem"
+        try ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
+        func certificateFiles(_ domain: String) throws -> BraidConfiguration.CertificateFiles {
+            let files = BraidConfiguration.CertificateFiles(certificate: "\(certificates.directory)/\(domain).crt", key: "\(certificates.directory)/\(domain).key", domains: served(domain))
+            try ca.issueXMPPServerCertificate(domains: served(domain)).write(certificatePath: files.certificate, keyPath: files.key)
+            return files
+        }
+        let aFiles = try certificateFiles("a.example")
+        let bFiles = try certificateFiles("b.example")
+        // Provider A's nodes share one s2s port on loopback: only the lease holder binds it,
+        // as only the holder answers at the SRV targets a provider publishes for its nodes.
+        let aPort = try LoopbackPorts.freePort()
+        let bPort = try LoopbackPorts.freePort()
+        func federate(_ configuration: inout BraidConfiguration, port: Int, files: BraidConfiguration.CertificateFiles, peer: String, peerPort: Int) {
+            configuration.tls.certificates = [files]
+            configuration.tls.selfSignMissing = false
+            configuration.s2s.enabled = true
+            configuration.s2s.address = "127.0.0.1"
+            configuration.s2s.starttlsPort = port
+            configuration.s2s.directTLSPort = nil
+            configuration.s2s.useSystemTrustStore = false
+            configuration.s2s.trustAnchorFiles = [caFile]
+            configuration.s2s.negotiationTimeoutSeconds = 10
+            configuration.dns.forwarders = ["127.0.0.1@9"]
+            configuration.dns.timeoutSeconds = 1
+            for name in served(peer) {
+                configuration.s2s.peers[name] = FederationConfiguration.PeerSettings(host: "127.0.0.1", port: peerPort)
+            }
+        }
+        var servers: [TestServer] = []
+        do {
+            for index in 1...2 {
+                let files = try certificates.files(for: "node-\(index)")
+                servers.append(try await TestServer.start(domains: ["a.example"], users: index == 1 ? ["alice@a.example", "carol@a.example"] : []) {
+                    federate(&$0, port: aPort, files: aFiles, peer: "b.example", peerPort: bPort)
+                    $0.storage.backend = .postgresql
+                    $0.storage.url = url
+                    $0.cluster.enabled = true
+                    $0.cluster.nodeName = "node-\(index)"
+                    $0.cluster.listen = "127.0.0.1:0"
+                    $0.cluster.tlsCertificateFile = files.certificate
+                    $0.cluster.tlsKeyFile = files.key
+                    $0.cluster.tlsCAFile = certificates.caFile
+                    $0.cluster.heartbeatIntervalSeconds = 0.2
+                    $0.cluster.deadAfterSeconds = 1.5
+                })
+            }
+            servers.append(try await TestServer.start(domains: ["b.example"], users: ["bob@b.example"]) {
+                federate(&$0, port: bPort, files: bFiles, peer: "a.example", peerPort: aPort)
+            })
+            let a = Array(servers[0...1])
+            let b = servers[2]
+            for node in a {
+                let cluster = try #require(node.server.cluster)
+                try await waitUntil(timeout: .seconds(10), "\(cluster.nodeName) linked") { cluster.linkStatus.filter(\.connected).count == 1 }
+            }
+            let holderIndex = try #require(a.firstIndex { $0.server.cluster?.holdsFederationLease == true })
+            let holder = a[holderIndex]
+            let other = a[1 - holderIndex]
+            #expect(other.server.cluster?.holdsFederationLease == false)
+            #expect(holder.server.federation?.isListening == true)
+            #expect(other.server.federation?.isListening == false, "only the lease holder listens")
+
+            // One user of A on each node, and Bob on B.
+            let (alice, aliceJID) = try await holder.loggedIn("alice@a.example")
+            let (carol, carolJID) = try await other.loggedIn("carol@a.example")
+            let (bob, bobJID) = try await b.loggedIn("bob@b.example")
+            try await waitUntil(timeout: .seconds(5), "carol known on the holder") { holder.context.sessions.entry(for: carolJID) != nil }
+            try await alice.sendMessage(to: bobJID.description, body: "from the holder", id: "a1")
+            try await carol.sendMessage(to: bobJID.description, body: "from the other node", id: "c1")
+            _ = try await bob.waitFor(timeout: .seconds(15)) { $0.attribute("id") == "a1" }
+            _ = try await bob.waitFor(timeout: .seconds(15)) { $0.attribute("id") == "c1" }
+            try await bob.sendMessage(to: aliceJID.description, body: "hi alice", id: "b1")
+            try await bob.sendMessage(to: carolJID.description, body: "hi carol", id: "b2")
+            _ = try await alice.waitFor(timeout: .seconds(10)) { $0.attribute("id") == "b1" }
+            _ = try await carol.waitFor(timeout: .seconds(10)) { $0.attribute("id") == "b2" }
+            // Exactly one connection between the providers, held by the lease holder.
+            let bFederation = try #require(b.server.federation)
+            try await waitUntil(timeout: .seconds(10), "one link between A and B") {
+                let links = await bFederation.links.count
+                let holderLinks = await holder.server.federation?.links.count ?? -1
+                let otherLinks = await other.server.federation?.links.count ?? -1
+                return links == 1 && holderLinks == 1 && otherLinks == 0
+            }
+
+            // The holder dies (no goodbye, its links and listener gone): within the lease's
+            // lifetime the other node holds it, listens, and Carol reaches Bob again.
+            try #require(holder.server.cluster).stopAbruptly()
+            await holder.server.federation?.shutdown()
+            try await waitUntil(timeout: .seconds(10), "the other node holds the lease and listens") {
+                other.server.cluster?.holdsFederationLease == true && other.server.federation?.isListening == true
+            }
+            try await carol.sendMessage(to: bobJID.description, body: "after the failover", id: "c2")
+            _ = try await bob.waitFor(timeout: .seconds(15)) { $0.attribute("id") == "c2" }
+            try await bob.sendMessage(to: carolJID.description, body: "still here", id: "b3")
+            _ = try await carol.waitFor(timeout: .seconds(10)) { $0.attribute("id") == "b3" }
+            try await waitUntil(timeout: .seconds(10), "one link between A and B after the failover") {
+                let links = await bFederation.links.count
+                let otherLinks = await other.server.federation?.links.count ?? -1
+                return links == 1 && otherLinks == 1
+            }
+            await alice.close()
+            await carol.close()
+            await bob.close()
+        } catch {
+            for server in servers { await server.stop() }
+            throw error
+        }
+        for server in servers { await server.stop() }
     }
 
     @Test("Owners of service entities: every node computes the same, and a node leaving moves only its own keys")

@@ -1,4 +1,5 @@
 import Cluster
+import Federation
 import Logging
 import NIOCore
 import Synchronization
@@ -19,6 +20,9 @@ final class ClusterBridge: ClusterHost, SessionRegistry.Observer {
     private let group: any EventLoopGroup
     private let logger: Logger
     private let nodeLinks = Mutex<[String: NodeSessionLink]>([:])
+    /// Federation on this node (when enabled), served only while this node holds the
+    /// federation lease; and where the ports it binds are reported.
+    private let federation = Mutex<(manager: FederationManager, portsBound: @Sendable ([String: Int]) -> Void)?>(nil)
 
     init(cluster: ClusterService, context: ServerContext, group: any EventLoopGroup, logger: Logger) {
         self.cluster = cluster
@@ -39,6 +43,10 @@ final class ClusterBridge: ClusterHost, SessionRegistry.Observer {
 
     func localSessionRecords() -> [SessionRecord] {
         context.sessions.localEntries().map(Self.record)
+    }
+
+    func localSessionCount() -> Int {
+        context.sessions.count
     }
 
     static func record(_ entry: SessionRegistry.Entry) -> SessionRecord {
@@ -121,7 +129,7 @@ final class ClusterBridge: ClusterHost, SessionRegistry.Observer {
         return owner == cluster.nodeName ? nil : owner
     }
 
-    func nodeGone(_ node: String, unacknowledged: [(to: String, stanza: String)], announce: Bool) async {
+    func nodeGone(_ node: String, unacknowledged: [(to: String, stanza: String)], rerouted: [String], announce: Bool) async {
         let removed = context.sessions.removeRemote(node: node)
         nodeLinks.withLock { $0[node] = nil }
         let router = context.router
@@ -135,7 +143,54 @@ final class ClusterBridge: ClusterHost, SessionRegistry.Observer {
             guard let target = try? JID(to), let element = try? XMLFragment.parse(stanza) else { continue }
             await router.messages.handleUndelivered(element, to: target, router: router)
         }
-        logger.notice("sessions of a gone node removed", metadata: ["peer": "\(node)", "sessions": "\(removed.count)", "rerouted": "\(unacknowledged.count)"])
+        // Sent to it to route (its rooms, or federation while it held the lease): routed
+        // again from the start, to whichever node owns them now.
+        for text in rerouted {
+            guard let element = try? XMLFragment.parse(text), let stanza = Stanza(element) else { continue }
+            await router.route(stanza)
+        }
+        logger.notice("sessions of a gone node removed", metadata: [
+            "peer": "\(node)", "sessions": "\(removed.count)", "undelivered": "\(unacknowledged.count)", "rerouted": "\(rerouted.count)",
+        ])
+    }
+
+    // MARK: Federation
+
+    /// Federation on this node; it competes for the lease from now on.
+    func serve(federation manager: FederationManager, portsBound: @escaping @Sendable ([String: Int]) -> Void) {
+        federation.withLock { $0 = (manager, portsBound) }
+        cluster.enableFederationLease()
+    }
+
+    /// The holder of the federation lease when it is another node: stanzas for remote
+    /// domains go there.
+    var federationOwnerElsewhere: String? {
+        guard federation.withLock({ $0 }) != nil, let owner = cluster.federationOwner, owner != cluster.nodeName else { return nil }
+        return owner
+    }
+
+    func federationLease(held: Bool) async {
+        guard let (manager, portsBound) = federation.withLock({ $0 }) else { return }
+        if held {
+            guard !manager.isListening else { return }
+            do {
+                let ports = try await manager.startListening()
+                portsBound(ports)
+                logger.notice("holding the federation lease: serving federation", metadata: ["ports": "\(ports.map { "\($0.key)=\($0.value)" }.sorted().joined(separator: ","))"])
+            } catch {
+                // The previous holder may not have let the port go yet: tried again at the
+                // next heartbeat.
+                logger.warning("holding the federation lease but cannot listen yet", metadata: ["error": "\(error)"])
+            }
+        } else if cluster.federationOwner != nil {
+            // Another node serves federation: this one keeps no listener and no link, so each
+            // peer provider has one connection to the whole cluster.
+            let hasLinks = !(await manager.links).isEmpty
+            guard manager.isListening || hasLinks else { return }
+            logger.notice("federation lease held by another node: no longer serving federation", metadata: ["holder": "\(cluster.federationOwner ?? "")"])
+            await manager.stopListening(closingLinks: true)
+            portsBound([:])
+        }
     }
 
     // MARK: Stand-ins

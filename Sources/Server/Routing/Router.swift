@@ -97,6 +97,12 @@ public final class Router: SessionOwner {
             }
             await deliverToService(stanza, to: target, label: label, parent: parent)
         case nil:
+            // In a cluster, one node serves federation (the lease holder): one connection per
+            // peer provider, whichever node the sender is on.
+            if !fromNode, let cluster = server.cluster, let owner = cluster.federationOwnerElsewhere,
+               cluster.cluster.route(stanza: XMLFragment.serialize(stanza.element), on: owner) {
+                return
+            }
             await remoteRoute.withLock { $0 }.send(stanza, router: self)
         }
     }
