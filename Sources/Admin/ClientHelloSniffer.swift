@@ -29,7 +29,8 @@ public struct TLSALPNChallenges: Sendable {
 /// The server name and ALPN protocols of a TLS ClientHello (RFC 8446 §4.1.2, RFC 6066 §3,
 /// RFC 7301 §3.1), read with every length checked against what is there.
 public struct ClientHello: Sendable, Equatable {
-    /// The `host_name` of server_name, lower-cased; nil when absent.
+    /// The `host_name` of server_name, lower-cased; nil when absent or not a plain DNS name
+    /// (such a hello is still well-formed: it goes to the normal TLS handler, which decides).
     public var serverName: String?
     /// The protocols offered, in the client's order; empty when absent.
     public var applicationProtocols: [String]
@@ -123,24 +124,24 @@ public struct ClientHello: Sendable, Equatable {
     }
 
     /// server_name (RFC 6066 §3): a list of (type, name); the first host_name (type 0) is
-    /// taken. A name that is not a plain DNS name is malformed (RFC 6066: no trailing dot,
-    /// ASCII only).
+    /// taken. Lengths that do not fit are malformed; a name that is not a plain DNS name
+    /// (RFC 6066: ASCII, no trailing dot) is none, since no validation is for it.
     private static func serverName(_ data: inout ByteBuffer) throws(Malformed) -> String? {
         // An empty extension is what a server sends back; from a client it names nothing.
         guard data.readableBytes > 0 else { return nil }
         var list = try vector(&data, lengthBytes: 2, "server_name_list")
         guard data.readableBytes == 0 else { throw Malformed("bytes after server_name_list") }
         var name: String?
+        var seenHostName = false
         while list.readableBytes > 0 {
             guard let type = list.readInteger(as: UInt8.self) else { throw Malformed("truncated server name type") }
             let entry = try vector(&list, lengthBytes: 2, "server name")
-            guard type == 0, name == nil else { continue }
+            guard type == 0, !seenHostName else { continue }
+            seenHostName = true
             let bytes = entry.readableBytesView
             guard !bytes.isEmpty, bytes.count <= 253,
                   bytes.allSatisfy({ $0 == UInt8(ascii: ".") || $0 == UInt8(ascii: "-") || ($0 >= 0x30 && $0 <= 0x39) || ($0 | 0x20 >= 0x61 && $0 | 0x20 <= 0x7A) }),
-                  bytes.first != UInt8(ascii: "."), bytes.last != UInt8(ascii: ".") else {
-                throw Malformed("server name is not a DNS name")
-            }
+                  bytes.first != UInt8(ascii: "."), bytes.last != UInt8(ascii: ".") else { continue }
             name = String(decoding: bytes, as: UTF8.self).lowercased()
         }
         return name
@@ -185,7 +186,8 @@ final class ClientHelloSniffer: ChannelInboundHandler, RemovableChannelHandler {
     private let challenges: TLSALPNChallenges
     private let logger: Logger
     private var buffered: ByteBuffer?
-    private var decided = false
+    /// Set once the hello was refused: what still arrives is dropped, not handed to HTTP.
+    private var closing = false
 
     init(normal: NIOSSLContext, challenges: TLSALPNChallenges, logger: Logger) {
         self.normal = normal
@@ -194,7 +196,7 @@ final class ClientHelloSniffer: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard !decided else { return context.fireChannelRead(data) }
+        guard !closing else { return }
         var incoming = unwrapInboundIn(data)
         if buffered == nil {
             buffered = incoming
@@ -216,7 +218,7 @@ final class ClientHelloSniffer: ChannelInboundHandler, RemovableChannelHandler {
                 install(NIOSSLServerHandler(context: normal), validation: false, context: context)
             }
         case .malformed(let reason):
-            decided = true
+            closing = true
             buffered = nil
             challenges.malformed(reason)
             logger.info("closing an HTTPS connection: bad ClientHello", metadata: [
@@ -226,8 +228,9 @@ final class ClientHelloSniffer: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
+    /// Puts `tls` after this handler, hands it the bytes read, and leaves (synchronously, so
+    /// nothing more is read here).
     private func install(_ tls: NIOSSLServerHandler, validation: Bool, context: ChannelHandlerContext) {
-        decided = true
         do {
             try context.pipeline.syncOperations.addHandler(tls, position: .after(self))
             if validation {
@@ -235,6 +238,8 @@ final class ClientHelloSniffer: ChannelInboundHandler, RemovableChannelHandler {
             }
         } catch {
             logger.error("cannot install TLS on an HTTPS connection", metadata: ["error": "\(error)"])
+            closing = true
+            buffered = nil
             context.close(promise: nil)
             return
         }
