@@ -41,6 +41,9 @@ struct LoadConfig: Sendable {
     var bodyBytes: Int
     var loginTimeout: Double
     var ackEvery: Int
+    var tcpNodelay: Bool
+    var toBare: Bool
+    var tickMs: Double
 
     /// Account `index` (0-based session number): `%d` in the patterns is firstIndex + index.
     func account(_ index: Int) -> (localpart: String, password: String) {
@@ -109,6 +112,11 @@ struct BraidLoad: ParsableCommand {
     @Option(help: "Seconds a login may take before it counts as failed.") var loginTimeout = 60.0
     @Option(help: "Ask for an ack (<r/>) after every N messages of a session; 0: only once at the end.") var ackEvery = 0
     @Option(help: "Event-loop threads.") var threads = 1
+    @Flag(inversion: .prefixedNo, help: "Set TCP_NODELAY on the client sockets.") var tcpNodelay = true
+    @Flag(help: "Address messages to bare JIDs (as tsung does; needs --presence for delivery) instead of the bound full JIDs.")
+    var toBare = false
+    @Flag(help: "Negotiate at most TLS 1.2.") var tls12 = false
+    @Option(help: "Milliseconds between send ticks: each tick sends every message due by then.") var tickMs = 1.0
     @Option(help: "Write the JSON report here instead of standard output.") var output: String?
     @Flag(help: "Progress on standard error.") var verbose = false
 
@@ -124,8 +132,9 @@ struct BraidLoad: ParsableCommand {
             host: host, port: port, domain: domain, userPattern: user, passwordPattern: password,
             firstIndex: firstIndex, sessions: sessions, loginRate: loginRate, rate: rate, duration: duration,
             drain: drain, tls: tls, mechanism: mechanism, streamManagement: streamManagement, presence: presence,
-            resource: resource, bodyBytes: bodyBytes, loginTimeout: loginTimeout, ackEvery: ackEvery)
-        let report = try LoadRun(config: config, threads: threads, insecure: insecure, caFile: caFile, verbose: verbose).run()
+            resource: resource, bodyBytes: bodyBytes, loginTimeout: loginTimeout, ackEvery: ackEvery,
+            tcpNodelay: tcpNodelay, toBare: toBare, tickMs: tickMs)
+        let report = try LoadRun(config: config, threads: threads, insecure: insecure, caFile: caFile, tls12: tls12, verbose: verbose).run()
         let text = report.rendered()
         if let output {
             guard let file = fopen(output, "w") else { throw ValidationError("cannot write \(output)") }
@@ -143,6 +152,7 @@ struct LoadRun {
     var threads: Int
     var insecure: Bool
     var caFile: String?
+    var tls12: Bool
     var verbose: Bool
 
     func log(_ text: String) {
@@ -160,6 +170,7 @@ struct LoadRun {
             tls.trustRoots = .file(caFile)
         }
         tls.applicationProtocols = alpn
+        if tls12 { tls.maximumTLSVersion = .tlsv12 }
         return try NIOSSLContext(configuration: tls)
     }
 
@@ -209,7 +220,9 @@ struct LoadRun {
 
         // The directory of bound JIDs: worker w's sessions hold a contiguous range.
         let perWorker = try each { $0.readyJIDs() }
-        let directory = Directory(jids: perWorker.flatMap { $0 })
+        let bound = perWorker.flatMap { $0 }
+        // Bare JIDs: the bound JID up to its '/'.
+        let directory = Directory(jids: config.toBare ? bound.map { Array($0.prefix { $0 != UInt8(ascii: "/") }) } : bound)
         let online = directory.jids.count
         log("\(online) of \(config.sessions) sessions logged in in \(Self.seconds(loginEnd - loginStart)) s")
 
@@ -257,7 +270,7 @@ struct LoadRun {
         _ = try each { $0.closeAll() }
         usleep(200_000)
 
-        return Report(config: config, threads: threads, insecure: insecure, stats: stats,
+        return Report(config: config, threads: threads, insecure: insecure, tls12: tls12, stats: stats,
                       loginSeconds: Self.seconds(loginEnd - loginStart),
                       sendSeconds: Self.seconds(sendEnd - sendStart),
                       drainSeconds: Self.seconds(drainEnd - sendEnd),

@@ -67,6 +67,7 @@ struct Report {
     var config: LoadConfig
     var threads: Int
     var insecure: Bool
+    var tls12: Bool
     var stats: Stats
     var loginSeconds: Double
     var sendSeconds: Double
@@ -112,7 +113,8 @@ struct Report {
                 ("mechanism_requested", .string(config.mechanism.rawValue)),
                 ("stream_management", .bool(config.streamManagement)), ("initial_presence", .bool(config.presence)),
                 ("body_bytes", .int(config.bodyBytes)), ("ack_every", .int(config.ackEvery)),
-                ("threads", .int(threads)), ("tcp_nodelay", .bool(true)),
+                ("threads", .int(threads)), ("tcp_nodelay", .bool(config.tcpNodelay)),
+                ("to_bare_jids", .bool(config.toBare)), ("tick_ms", .number(config.tickMs)), ("tls_at_most_1_2", .bool(tls12)),
             ])),
             ("logins", .object([
                 ("attempted", .int(s.loginsStarted)), ("succeeded", .int(s.loginsSucceeded)),

@@ -185,7 +185,7 @@ final class Worker {
         let ssl = direct ? directTLSContext : nil
         let hostname = config.domain
         ClientBootstrap(group: loop)
-            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
+            .channelOption(.tcpOption(.tcp_nodelay), value: config.tcpNodelay ? 1 : 0)
             .connectTimeout(.seconds(10))
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -244,7 +244,7 @@ final class Worker {
     }
 
     private func scheduleTick() {
-        loop.assumeIsolated().scheduleTask(in: .milliseconds(1)) { self.tick() }
+        loop.assumeIsolated().scheduleTask(in: .nanoseconds(Int64(config.tickMs * 1e6))) { self.tick() }
     }
 
     /// Sends every message due by now (open loop: the schedule is fixed in advance, and a
