@@ -19,6 +19,11 @@ public protocol ClusterHost: Sendable {
     func kickLocalSession(jid: String, node: String)
     /// A stanza for a service entity this node owns, routed by another node.
     func routeFromNode(stanza: String, node: String) async
+    /// A message for a remote domain from another node (this node holds the federation
+    /// lease): routed, and ``ClusterService/confirmDelivered(_:to:)`` called with `seq`
+    /// once the peer server has it or it bounced. `duplicate`: sent again after a reconnect,
+    /// already routed; confirm it if that already happened.
+    func routeRemoteFromNode(stanza: String, node: String, seq: UInt64, duplicate: Bool) async
     /// A node died or left: its sessions are gone. `unacknowledged` are the stanzas sent to
     /// it that it never acknowledged, oldest first, to be routed again as undelivered.
     /// `announce`: this node is the one that tells the contacts of those sessions that they
@@ -222,6 +227,20 @@ public final class ClusterService: Sendable {
         return sent
     }
 
+    /// Sends a message for a remote domain to `node`, the holder of the federation lease;
+    /// kept until that node confirms the peer server has it (``NodeFrame/routeRemote(seq:stanza:)``).
+    public func routeRemote(stanza: String, on node: String) -> Bool {
+        guard let link = link(to: node, create: false) else { return false }
+        let sent = link.send { .routeRemote(seq: $0, stanza: stanza) } == .queued
+        if sent { metrics.stanzasForwarded.increment() } else { metrics.stanzasRefused.increment() }
+        return sent
+    }
+
+    /// Tells `node` that its `routeRemote` frame `seq` is in the peer server's hands.
+    public func confirmDelivered(_ seq: UInt64, to node: String) {
+        link(to: node, create: false)?.sendUnsequenced(.delivered(seq))
+    }
+
     /// The node that owns `key` (a group chat room's bare JID, a service domain): of the
     /// nodes alive at the last membership check, the one with the highest rendezvous score,
     /// so every node agrees without asking, and when a node dies only its keys move.
@@ -400,8 +419,15 @@ public final class ClusterService: Sendable {
             return
         }
         if case .hello = frame { return }
+        if case .delivered(let sequence) = frame {
+            link.delivered(sequence)
+            return
+        }
         guard let sequence = frame.sequence else { return }
         if link.receiving(sequence) == .duplicate {
+            if case .routeRemote(let seq, let stanza) = frame {
+                await currentHost?.routeRemoteFromNode(stanza: stanza, node: peer, seq: seq, duplicate: true)
+            }
             link.sendUnsequenced(.ack(link.lastHandled))
             return
         }
@@ -417,7 +443,9 @@ public final class ClusterService: Sendable {
             host?.kickLocalSession(jid: jid, node: peer)
         case .route(_, let stanza):
             await host?.routeFromNode(stanza: stanza, node: peer)
-        case .hello, .ack:
+        case .routeRemote(let seq, let stanza):
+            await host?.routeRemoteFromNode(stanza: stanza, node: peer, seq: seq, duplicate: false)
+        case .hello, .ack, .delivered:
             break
         }
         link.handled(sequence)
@@ -590,6 +618,7 @@ public final class ClusterService: Sendable {
         for frame in unacknowledged {
             if case .deliver(_, let to, let stanza) = frame { stanzas.append((to, stanza)) }
             if case .route(_, let stanza) = frame { rerouted.append(stanza) }
+            if case .routeRemote(_, let stanza) = frame { rerouted.append(stanza) }
         }
         // Exactly one live node tells the gone node's contacts: the first by name.
         let announce = state.withLock { state in

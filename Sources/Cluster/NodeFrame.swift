@@ -45,11 +45,19 @@ public enum NodeFrame: Sendable, Equatable {
     /// A stanza for a service entity the receiver owns (a group chat room): routed there
     /// as it was on the sender, its `from` already authenticated by the sender.
     case route(seq: UInt64, stanza: String)
+    /// A message for a remote domain, for the node holding the federation lease. Unlike
+    /// other frames it is not released by a cumulative `ack`: the sender keeps it until
+    /// `delivered`, which the holder sends once the peer server has it (its XEP-0198
+    /// acknowledgement) or it bounced. A holder that dies therefore loses none: the
+    /// sender routes again whatever was not `delivered`.
+    case routeRemote(seq: UInt64, stanza: String)
+    /// The `routeRemote` frame with this number is in the peer server's hands, or bounced.
+    case delivered(UInt64)
 
     public var sequence: UInt64? {
         switch self {
-        case .deliver(let seq, _, _), .session(let seq, _), .unbound(let seq, _), .kick(let seq, _), .route(let seq, _): seq
-        case .hello, .ack: nil
+        case .deliver(let seq, _, _), .session(let seq, _), .unbound(let seq, _), .kick(let seq, _), .route(let seq, _), .routeRemote(let seq, _): seq
+        case .hello, .ack, .delivered: nil
         }
     }
 }
@@ -89,6 +97,10 @@ public enum NodeFrameCodec {
             out.append(6); putInteger(seq, &out)
         case .route(let seq, let stanza):
             out.append(7); putInteger(seq, &out); putString(stanza, &out)
+        case .routeRemote(let seq, let stanza):
+            out.append(8); putInteger(seq, &out); putString(stanza, &out)
+        case .delivered(let seq):
+            out.append(9); putInteger(seq, &out)
         }
         return out
     }
@@ -121,6 +133,10 @@ public enum NodeFrameCodec {
             frame = .ack(try reader.integer())
         case 7:
             frame = .route(seq: try reader.integer(), stanza: try reader.string())
+        case 8:
+            frame = .routeRemote(seq: try reader.integer(), stanza: try reader.string())
+        case 9:
+            frame = .delivered(try reader.integer())
         default:
             throw NodeFrameError(description: "unknown frame kind \(kind)")
         }

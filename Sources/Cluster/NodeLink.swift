@@ -104,10 +104,21 @@ final class NodeLink: Sendable {
 
     var isConnected: Bool { state.withLock { $0.writer != nil } }
 
-    /// The other node acknowledged everything up to `sequence`.
+    /// The other node acknowledged everything up to `sequence`: released, except the
+    /// frames that wait for `delivered` (``NodeFrame/routeRemote(seq:stanza:)``).
     func acknowledged(_ sequence: UInt64) {
         state.withLock { state in
-            state.unacknowledged.removeAll { $0.sequence <= sequence }
+            state.unacknowledged.removeAll { entry in
+                if case .routeRemote = entry.frame { return false }
+                return entry.sequence <= sequence
+            }
+        }
+    }
+
+    /// The other node says the peer server has the `routeRemote` frame `sequence`.
+    func delivered(_ sequence: UInt64) {
+        state.withLock { state in
+            state.unacknowledged.removeAll { $0.sequence == sequence }
         }
     }
 

@@ -52,7 +52,13 @@ public final class FederationLink: Sendable {
     /// Where this link reads the time of day (the manager's clock).
     let wallClock: WallClock
 
-    init(origin: Origin, peerAddress: String, peerTarget: ServerTarget? = nil, channel: any Channel, wallClock: WallClock = .system) {
+    /// Told of stanzas the peer now has (its acknowledgement, or written on a link without
+    /// stream management); a cluster node that sends for other nodes tells them.
+    let onHandedOver: (@Sendable ([Stanza]) -> Void)?
+
+    init(origin: Origin, peerAddress: String, peerTarget: ServerTarget? = nil, channel: any Channel, wallClock: WallClock = .system,
+         onHandedOver: (@Sendable ([Stanza]) -> Void)? = nil) {
+        self.onHandedOver = onHandedOver
         self.wallClock = wallClock
         self.id = UUID().uuidString
         self.origin = origin
@@ -334,6 +340,7 @@ public final class FederationLink: Sendable {
     func answer(_ pair: DomainPair, _ outcome: PairRequestOutcome, fromPeer: Bool = true) -> LinkStateMachine.AnswerEffects? {
         let now = wallClock.now()
         let effects = state.answer(pair, outcome, fromPeer: fromPeer, at: now)
+        reportHandedOver()
         if effects.resumeDrain { channel.eventLoop.execute { self.drain() } }
         return effects.waiters == nil ? nil : effects
     }
@@ -362,6 +369,12 @@ public final class FederationLink: Sendable {
 
     static let maximumUnacknowledged = LinkStateMachine.maximumUnacknowledged
 
+    private func reportHandedOver() {
+        guard let onHandedOver else { return }
+        let stanzas = state.takeHandedOver()
+        if !stanzas.isEmpty { onHandedOver(stanzas) }
+    }
+
     /// Writes queued stanzas round-robin while the channel is writable (NIO backpressure).
     /// Runs on the channel's event loop.
     func drain() {
@@ -373,6 +386,7 @@ public final class FederationLink: Sendable {
             channel.write(StreamOutput.element(next.element), promise: nil)
             wrote = true
         }
+        reportHandedOver()
         let (requestAcknowledgement, _) = state.drainPassEnded(wrote: wrote)
         if requestAcknowledgement {
             channel.write(StreamOutput.element(XMLElement(name: "r", namespace: XMLNamespace.streamManagement)), promise: nil)
@@ -419,6 +433,7 @@ public final class FederationLink: Sendable {
     func acknowledge(_ handled: UInt32) -> Bool {
         let now = wallClock.now()
         let (valid, resume) = state.acknowledge(handled, at: now)
+        reportHandedOver()
         if resume { drain() }
         return valid
     }

@@ -115,6 +115,17 @@ public final class FederationManager: Sendable {
     private let listeners = Mutex<[any Channel]>([])
     /// The domain whose certificate direct TLS presents without SNI, kept for listening again.
     private let defaultDomainBox = Mutex<String?>(nil)
+    private let handoverObserver = Mutex<(@Sendable ([Stanza]) -> Void)?>(nil)
+
+    /// Tells `body` of every stanza a peer now has (acknowledged under XEP-0198, or written
+    /// on a link without it). Set before ``start(defaultDomain:listen:)``: links made before
+    /// do not report. A cluster node serving federation for the others acknowledges their
+    /// stanzas to them only then, so a stanza lost with this node is sent again by theirs.
+    public func observeHandover(_ body: @escaping @Sendable ([Stanza]) -> Void) {
+        handoverObserver.withLock { $0 = body }
+    }
+
+    var handoverCallback: (@Sendable ([Stanza]) -> Void)? { handoverObserver.withLock { $0 } }
     let clientContexts = Mutex<[String: NIOSSLContext]>([:])
     let inFlight = InFlightWork()
     private let maintenance = Mutex<Task<Void, Never>?>(nil)
@@ -861,7 +872,8 @@ public final class FederationManager: Sendable {
             .childChannelOption(.writeBufferWaterMark, value: .init(low: 64 * 1024, high: 256 * 1024))
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    let link = FederationLink(origin: .incoming, peerAddress: channel.remoteAddress.map { "\($0)" } ?? "unknown", channel: channel, wallClock: manager.wallClock)
+                    let link = FederationLink(origin: .incoming, peerAddress: channel.remoteAddress.map { "\($0)" } ?? "unknown", channel: channel, wallClock: manager.wallClock,
+                                              onHandedOver: manager.handoverCallback)
                     let decoder = XMLStreamDecoder(contentNamespace: XMLNamespace.server, limits: limits)
                     let handler = IncomingLinkHandler(manager: manager, link: link, decoder: decoder, directTLS: directTLS != nil)
                     try StreamPipeline.install(on: channel, directTLS: directTLS.map { handler.makeTLSHandler(context: $0) }, decoder: decoder,

@@ -79,6 +79,16 @@ struct LinkStateMachine: Sendable {
     /// Stanzas written during the trial (see ``Phase/onTrial``), kept after it too when the
     /// link retires or closes before the answer.
     private(set) var trialKept: [Stanza] = []
+    /// Stanzas now in the peer's hands (acknowledged under XEP-0198, or written on a link
+    /// without it), not yet reported: ``takeHandedOver()`` empties it.
+    private(set) var handedOver: [Stanza] = []
+
+    /// What was handed over since the last call.
+    mutating func takeHandedOver() -> [Stanza] {
+        guard !handedOver.isEmpty else { return [] }
+        defer { handedOver = [] }
+        return handedOver
+    }
     private var trialOpen = false
     /// How the peer ended its stream, if it did before the link closed.
     private(set) var peerEnding: PeerEnding?
@@ -308,6 +318,7 @@ struct LinkStateMachine: Sendable {
             if trialOpen {
                 effects.resumeDrain = trialKept.count >= Self.maximumUnacknowledged && outbound.count > 0
                 trialOpen = false
+                handedOver.append(contentsOf: trialKept)
                 trialKept = []
                 if phase == .onTrial { phase = .established }
             }
@@ -350,6 +361,8 @@ struct LinkStateMachine: Sendable {
             return nil
         }
         if trialOpen && streamManagement == nil { trialKept.append(stanza) }
+        // Without stream management, writing is as far as we can know it went.
+        if streamManagement == nil && !trialOpen { handedOver.append(stanza) }
         stanzasSent += 1
         lastActivity = now
         if streamManagement != nil {
@@ -416,6 +429,7 @@ struct LinkStateMachine: Sendable {
         guard newly <= UInt32(unacknowledged) else { return (false, false) }
         let wasFull = unacknowledged >= Self.maximumUnacknowledged
         // In place, as in nextToWrite: a copy would duplicate the whole queue.
+        if newly > 0, let sm = streamManagement { handedOver.append(contentsOf: sm.unacked.prefix(Int(newly))) }
         streamManagement?.unacked.removeFirst(Int(newly))
         streamManagement?.acknowledged = handled
         if newly > 0 { lastAcknowledgement = now }

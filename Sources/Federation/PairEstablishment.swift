@@ -484,7 +484,8 @@ extension FederationManager {
         let manager = self
         do {
             return try await connectFirst(resolved.addresses, target: "\(target)", tuned: true, install: { channel, negotiated in
-                let link = FederationLink(origin: .outgoing, peerAddress: target.description, peerTarget: target.serverTarget, channel: channel, wallClock: manager.wallClock)
+                let link = FederationLink(origin: .outgoing, peerAddress: target.description, peerTarget: target.serverTarget, channel: channel, wallClock: manager.wallClock,
+                                          onHandedOver: manager.handoverCallback)
                 link.setLocalCertificate(localCertificate)
                 let decoder = XMLStreamDecoder(contentNamespace: XMLNamespace.server, limits: limits)
                 let handler = OutgoingLinkHandler(

@@ -264,6 +264,29 @@ struct LinkStateMachineTests {
         #expect(closed.owed.map(\.id) == ["16", "17", "18", "19", "20"])
     }
 
+    @Test("Handed over: what the peer acknowledged under XEP-0198, in order and once; without it, what was written")
+    func handedOver() {
+        var machine = machine(.outgoing, in: .established)
+        machine.authorize(pair, .outbound, method: .pkix, expires: nil, at: Self.t0)
+        machine.enableStreamManagement(requested: true)
+        for id in (1...5).map(String.init) { _ = machine.enqueue(stanza(id), for: pair, limit: 100) }
+        while machine.nextToWrite(at: Self.t0) != nil {}
+        #expect(machine.takeHandedOver().isEmpty, "written is not acknowledged")
+        _ = machine.acknowledge(3, at: Self.t0 + 1)
+        #expect(machine.takeHandedOver().map(\.id) == ["1", "2", "3"])
+        #expect(machine.takeHandedOver().isEmpty)
+        _ = machine.acknowledge(3, at: Self.t0 + 2)
+        #expect(machine.takeHandedOver().isEmpty, "the same h again hands over nothing")
+        _ = machine.acknowledge(5, at: Self.t0 + 2)
+        #expect(machine.takeHandedOver().map(\.id) == ["4", "5"])
+
+        var plain = self.machine(.outgoing, in: .established)
+        plain.authorize(pair, .outbound, method: .pkix, expires: nil, at: Self.t0)
+        _ = plain.enqueue(stanza("x"), for: pair, limit: 100)
+        #expect(plain.nextToWrite(at: Self.t0)?.id == "x")
+        #expect(plain.takeHandedOver().map(\.id) == ["x"])
+    }
+
     @Test("Inbound stanzas count toward h only once the peer confirmed our <enable/>")
     func inboundCounting() {
         var machine = machine(.outgoing, in: .established)

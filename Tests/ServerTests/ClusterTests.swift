@@ -301,6 +301,12 @@ struct ClusterTests {
             try await bob.sendMessage(to: carolJID.description, body: "hi carol", id: "b2")
             _ = try await alice.waitFor(timeout: .seconds(10)) { $0.attribute("id") == "b1" }
             _ = try await carol.waitFor(timeout: .seconds(10)) { $0.attribute("id") == "b2" }
+            // The other node kept Carol's message until the holder said B had it (B's
+            // XEP-0198 acknowledgement): nothing waits now.
+            let otherCluster = try #require(other.server.cluster)
+            try await waitUntil(timeout: .seconds(10), "the holder confirmed B has carol's message") {
+                otherCluster.linkStatus.allSatisfy { $0.unacknowledged == 0 }
+            }
             // Exactly one connection between the providers, held by the lease holder.
             let bFederation = try #require(b.server.federation)
             try await waitUntil(timeout: .seconds(10), "one link between A and B") {
@@ -366,6 +372,8 @@ struct ClusterTests {
             .kick(seq: 4, jid: "a@b/c"),
             .ack(5),
             .route(seq: 6, stanza: "<presence xmlns='jabber:client' to='room@conference.a.example/nick'/>"),
+            .routeRemote(seq: 7, stanza: "<message xmlns='jabber:client' id='m1' to='bob@b.example'/>"),
+            .delivered(7),
         ]
         for frame in frames {
             let bytes = NodeFrameCodec.encode(frame)

@@ -23,6 +23,9 @@ final class ClusterBridge: ClusterHost, SessionRegistry.Observer {
     /// Federation on this node (when enabled), served only while this node holds the
     /// federation lease; and where the ports it binds are reported.
     private let federation = Mutex<(manager: FederationManager, portsBound: @Sendable ([String: Int]) -> Void)?>(nil)
+    /// Messages other nodes sent here for remote domains that the peer server does not have
+    /// yet, by ``handoverKey(_:)``: their node and frame number, to confirm when it does.
+    private let awaitingHandover = Mutex<[String: (node: String, seq: UInt64)]>([:])
 
     init(cluster: ClusterService, context: ServerContext, group: any EventLoopGroup, logger: Logger) {
         self.cluster = cluster
@@ -121,6 +124,51 @@ final class ClusterBridge: ClusterHost, SessionRegistry.Observer {
         await context.router.route(parsed, fromNode: true)
     }
 
+    func routeRemoteFromNode(stanza: String, node: String, seq: UInt64, duplicate: Bool) async {
+        guard let element = try? XMLFragment.parse(stanza), let parsed = Stanza(element) else {
+            logger.warning("node sent a stanza to route that does not parse", metadata: ["peer": "\(node)"])
+            context.metrics.clusterBadFrames.increment()
+            // Nothing will ever become of it: released, so the sender does not keep it.
+            cluster.confirmDelivered(seq, to: node)
+            return
+        }
+        guard let key = Self.handoverKey(parsed) else {
+            await context.router.route(parsed, fromNode: true)
+            cluster.confirmDelivered(seq, to: node)
+            return
+        }
+        if duplicate {
+            // Routed before a reconnect; if its fate is known, its confirmation may have
+            // been lost with the old stream: confirm again.
+            if awaitingHandover.withLock({ $0[key] == nil }) { cluster.confirmDelivered(seq, to: node) }
+            return
+        }
+        awaitingHandover.withLock { $0[key] = (node, seq) }
+        await context.router.route(parsed, fromNode: true)
+    }
+
+    /// What identifies a message on its way to a peer server: its id (the sending node
+    /// gives every message one), sender and recipient.
+    static func handoverKey(_ stanza: Stanza) -> String? {
+        guard stanza.kind == .message, let id = stanza.id, !id.isEmpty else { return nil }
+        return id + "\u{0}" + (stanza.element.attribute("from") ?? "") + "\u{0}" + (stanza.element.attribute("to") ?? "")
+    }
+
+    /// The peer servers have these: the nodes that sent them are told.
+    private func handedOver(_ stanzas: [Stanza]) {
+        for stanza in stanzas {
+            guard let key = Self.handoverKey(stanza), let waiting = awaitingHandover.withLock({ $0.removeValue(forKey: key) }) else { continue }
+            cluster.confirmDelivered(waiting.seq, to: waiting.node)
+        }
+    }
+
+    /// A stanza bounced here (the peer server unreachable, say): its fate is known, and the
+    /// error went back to the sender, wherever it is.
+    func bounced(_ stanza: Stanza) {
+        guard let key = Self.handoverKey(stanza), let waiting = awaitingHandover.withLock({ $0.removeValue(forKey: key) }) else { return }
+        cluster.confirmDelivered(waiting.seq, to: waiting.node)
+    }
+
     /// The node that owns a service entity (a group chat room, keyed by its bare JID), when
     /// it is not this one: rooms keep their state in one node's memory, so all their
     /// stanzas go there.
@@ -159,6 +207,7 @@ final class ClusterBridge: ClusterHost, SessionRegistry.Observer {
     /// Federation on this node; it competes for the lease from now on.
     func serve(federation manager: FederationManager, portsBound: @escaping @Sendable ([String: Int]) -> Void) {
         federation.withLock { $0 = (manager, portsBound) }
+        manager.observeHandover { [weak self] stanzas in self?.handedOver(stanzas) }
         cluster.enableFederationLease()
     }
 

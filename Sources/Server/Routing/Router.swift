@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 import Synchronization
 import XMPPCore
@@ -99,9 +100,17 @@ public final class Router: SessionOwner {
         case nil:
             // In a cluster, one node serves federation (the lease holder): one connection per
             // peer provider, whichever node the sender is on.
-            if !fromNode, let cluster = server.cluster, let owner = cluster.federationOwnerElsewhere,
-               cluster.cluster.route(stanza: XMLFragment.serialize(stanza.element), on: owner) {
-                return
+            if !fromNode, let cluster = server.cluster, let owner = cluster.federationOwnerElsewhere {
+                if stanza.kind == .message {
+                    // Kept by this node until the peer server has it (docs/cluster.md): with
+                    // an id of its own, by which the holder knows it when the peer
+                    // acknowledges it.
+                    var message = stanza
+                    if (message.id ?? "").isEmpty { message = message.setting(attribute: "id", to: "braid-" + UUID().uuidString.lowercased()) }
+                    if cluster.cluster.routeRemote(stanza: XMLFragment.serialize(message.element), on: owner) { return }
+                } else if cluster.cluster.route(stanza: XMLFragment.serialize(stanza.element), on: owner) {
+                    return
+                }
             }
             await remoteRoute.withLock { $0 }.send(stanza, router: self)
         }
@@ -211,6 +220,7 @@ public final class Router: SessionOwner {
     /// Sends the error reply for `stanza` back to its sender (RFC 6120 §8.3). Error stanzas
     /// are never answered with errors.
     public func bounce(_ stanza: Stanza, with error: StanzaError, extra: XMLElement? = nil) async {
+        server.cluster?.bounced(stanza)
         guard var reply = stanza.errorReply(error) else { return }
         if let extra, let withExtra = Self.addingToError(reply, extra) { reply = withExtra }
         server.metrics.stanzaErrorSent(error.condition)
