@@ -174,7 +174,21 @@ struct LoadRun {
         return try NIOSSLContext(configuration: tls)
     }
 
+    /// One descriptor per session: the soft limit goes up to the hard one.
+    static func raiseFileLimit() {
+        var limit = rlimit()
+        #if os(Linux)
+        let resource = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
+        #else
+        let resource = RLIMIT_NOFILE
+        #endif
+        guard getrlimit(resource, &limit) == 0, limit.rlim_cur < limit.rlim_max else { return }
+        limit.rlim_cur = limit.rlim_max
+        _ = setrlimit(resource, &limit)
+    }
+
     func run() throws -> JSON {
+        Self.raiseFileLimit()
         let starttls = try tlsContext(alpn: [])
         let direct = config.tls == .direct ? try tlsContext(alpn: ["xmpp-client"]) : nil
         let group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
