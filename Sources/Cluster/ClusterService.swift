@@ -24,6 +24,13 @@ public protocol ClusterHost: Sendable {
     /// once the peer server has it or it bounced. `duplicate`: sent again after a reconnect,
     /// already routed; confirm it if that already happened.
     func routeRemoteFromNode(stanza: String, node: String, seq: UInt64, duplicate: Bool) async
+    /// A client on another node resumes session `previd` of `account` (XEP-0198): if it is
+    /// held here and may be resumed, it ends here without side effects and its state is
+    /// returned, to be handed over; else nil.
+    func handOverSession(previd: String, account: String, handled: UInt32) async -> SessionTransfer?
+    /// A session handed over that no node adopted (its requester gave up waiting): what it
+    /// owed the client is handled as undelivered here.
+    func orphanedTransfer(_ transfer: SessionTransfer) async
     /// A node died or left: its sessions are gone. `unacknowledged` are the stanzas sent to
     /// it that it never acknowledged, oldest first, to be routed again as undelivered.
     /// `announce`: this node is the one that tells the contacts of those sessions that they
@@ -65,6 +72,12 @@ public final class ClusterService: Sendable {
     private let directoryWriter: AsyncStream<ClusterDirectory.Change>.Continuation
     private let directoryChanges: AsyncStream<ClusterDirectory.Change>
     private let metrics: ClusterMetrics
+    private let resumeRequests = Mutex<ResumeRequests>(ResumeRequests())
+
+    struct ResumeRequests {
+        var next: UInt64 = 1
+        var waiting: [UInt64: (remaining: Set<String>, continuation: CheckedContinuation<(node: String, transfer: SessionTransfer)?, Never>)] = [:]
+    }
 
     struct State {
         var server: GRPCServer<HTTP2ServerTransport.Posix>?
@@ -234,6 +247,56 @@ public final class ClusterService: Sendable {
         let sent = link.send { .routeRemote(seq: $0, stanza: stanza) } == .queued
         if sent { metrics.stanzasForwarded.increment() } else { metrics.stanzasRefused.increment() }
         return sent
+    }
+
+    /// Finds the node holding session `previd` of `account` and takes it over (XEP-0198
+    /// resumption on another node than the one the client was on). Asks every linked node;
+    /// at most one holds the session. Nil when none does within `timeout`.
+    public func resume(previd: String, account: String, handled: UInt32, timeout: Duration = .seconds(5)) async -> (node: String, transfer: SessionTransfer)? {
+        let linked = links.withLock { Array($0.values) }.filter(\.isConnected)
+        guard !linked.isEmpty else { return nil }
+        let request = resumeRequests.withLock { requests -> UInt64 in
+            defer { requests.next += 1 }
+            return requests.next
+        }
+        let timer = Task { [weak self] in
+            try? await Task.sleep(for: timeout)
+            self?.finishResume(request, with: nil)
+        }
+        defer { timer.cancel() }
+        return await withCheckedContinuation { continuation in
+            resumeRequests.withLock { $0.waiting[request] = (Set(linked.map(\.peer)), continuation) }
+            var asked = 0
+            for link in linked where link.send({ .resumeRequest(seq: $0, request: request, previd: previd, account: account, handled: handled) }) == .queued {
+                asked += 1
+            }
+            if asked == 0 { finishResume(request, with: nil) }
+        }
+    }
+
+    private func finishResume(_ request: UInt64, with result: (node: String, transfer: SessionTransfer)?) {
+        let waiting = resumeRequests.withLock { $0.waiting.removeValue(forKey: request) }
+        waiting?.continuation.resume(returning: result)
+    }
+
+    private func resumeAnswered(_ request: UInt64, transfer: SessionTransfer?, from peer: String) async {
+        if let transfer {
+            let taken: Bool = resumeRequests.withLock { requests in
+                guard let waiting = requests.waiting.removeValue(forKey: request) else { return false }
+                waiting.continuation.resume(returning: (peer, transfer))
+                return true
+            }
+            // Too late: the client was told <failed/>; what the session owed is not lost.
+            if !taken { await currentHost?.orphanedTransfer(transfer) }
+            return
+        }
+        let done: Bool = resumeRequests.withLock { requests in
+            guard var waiting = requests.waiting[request] else { return false }
+            waiting.remaining.remove(peer)
+            requests.waiting[request] = waiting
+            return waiting.remaining.isEmpty
+        }
+        if done { finishResume(request, with: nil) }
     }
 
     /// Tells `node` that its `routeRemote` frame `seq` is in the peer server's hands.
@@ -445,6 +508,13 @@ public final class ClusterService: Sendable {
             await host?.routeFromNode(stanza: stanza, node: peer)
         case .routeRemote(let seq, let stanza):
             await host?.routeRemoteFromNode(stanza: stanza, node: peer, seq: seq, duplicate: false)
+        case .resumeRequest(_, let request, let previd, let account, let handled):
+            let transfer = await host?.handOverSession(previd: previd, account: account, handled: handled)
+            if link.send({ .resumeAnswer(seq: $0, request: request, transfer: transfer) }) == .refused, let transfer {
+                await host?.orphanedTransfer(transfer)
+            }
+        case .resumeAnswer(_, let request, let transfer):
+            await resumeAnswered(request, transfer: transfer, from: peer)
         case .hello, .ack, .delivered:
             break
         }

@@ -24,6 +24,27 @@ public struct SessionRecord: Sendable, Equatable {
     }
 }
 
+/// A session moving to another node by XEP-0198 resumption: what the node that held it
+/// hands over, so the client's `<resume/>` on the new node loses nothing.
+public struct SessionTransfer: Sendable, Equatable {
+    public var record: SessionRecord
+    /// XEP-0198 counters: stanzas received from the client, sent to it, and acknowledged.
+    public var receivedInbound: UInt32
+    public var sentOutbound: UInt32
+    public var acknowledged: UInt32
+    /// Sent to the client and not acknowledged, oldest first, serialized: re-sent after
+    /// `<resumed/>`.
+    public var unacknowledged: [String]
+
+    public init(record: SessionRecord, receivedInbound: UInt32, sentOutbound: UInt32, acknowledged: UInt32, unacknowledged: [String]) {
+        self.record = record
+        self.receivedInbound = receivedInbound
+        self.sentOutbound = sentOutbound
+        self.acknowledged = acknowledged
+        self.unacknowledged = unacknowledged
+    }
+}
+
 /// One message on a node link. The sequenced kinds carry the sender's number for them; the
 /// receiver acknowledges what it has handled, and the sender keeps everything unacknowledged
 /// to send again after a reconnect or to route again if the receiver dies.
@@ -53,10 +74,17 @@ public enum NodeFrame: Sendable, Equatable {
     case routeRemote(seq: UInt64, stanza: String)
     /// The `routeRemote` frame with this number is in the peer server's hands, or bounced.
     case delivered(UInt64)
+    /// A client asks the sender to resume session `previd` of `account` (it acknowledged
+    /// `handled` stanzas); whoever holds it hands it over in `resumeAnswer`.
+    case resumeRequest(seq: UInt64, request: UInt64, previd: String, account: String, handled: UInt32)
+    /// The answer to request `request`: the session, or nil when the receiver does not hold
+    /// it (or it cannot be resumed).
+    case resumeAnswer(seq: UInt64, request: UInt64, transfer: SessionTransfer?)
 
     public var sequence: UInt64? {
         switch self {
-        case .deliver(let seq, _, _), .session(let seq, _), .unbound(let seq, _), .kick(let seq, _), .route(let seq, _), .routeRemote(let seq, _): seq
+        case .deliver(let seq, _, _), .session(let seq, _), .unbound(let seq, _), .kick(let seq, _), .route(let seq, _), .routeRemote(let seq, _),
+             .resumeRequest(let seq, _, _, _, _), .resumeAnswer(let seq, _, _): seq
         case .hello, .ack, .delivered: nil
         }
     }
@@ -84,11 +112,7 @@ public enum NodeFrameCodec {
             out.append(2); putInteger(seq, &out); putString(to, &out); putString(stanza, &out)
         case .session(let seq, let record):
             out.append(3); putInteger(seq, &out)
-            putString(record.jid, &out)
-            putInteger(UInt64(bitPattern: record.boundAt), &out)
-            if let presence = record.presence { out.append(1); putString(presence, &out) } else { out.append(0) }
-            putInteger(UInt64(bitPattern: Int64(record.priority)), &out)
-            out.append((record.interestedInRoster ? 1 : 0) | (record.carbons ? 2 : 0))
+            putRecord(record, &out)
         case .unbound(let seq, let jid):
             out.append(4); putInteger(seq, &out); putString(jid, &out)
         case .kick(let seq, let jid):
@@ -101,6 +125,22 @@ public enum NodeFrameCodec {
             out.append(8); putInteger(seq, &out); putString(stanza, &out)
         case .delivered(let seq):
             out.append(9); putInteger(seq, &out)
+        case .resumeRequest(let seq, let request, let previd, let account, let handled):
+            out.append(10); putInteger(seq, &out); putInteger(request, &out); putString(previd, &out); putString(account, &out)
+            putInteger(UInt64(handled), &out)
+        case .resumeAnswer(let seq, let request, let transfer):
+            out.append(11); putInteger(seq, &out); putInteger(request, &out)
+            if let transfer {
+                out.append(1)
+                putRecord(transfer.record, &out)
+                putInteger(UInt64(transfer.receivedInbound), &out)
+                putInteger(UInt64(transfer.sentOutbound), &out)
+                putInteger(UInt64(transfer.acknowledged), &out)
+                putInteger(UInt64(transfer.unacknowledged.count), &out)
+                for stanza in transfer.unacknowledged { putString(stanza, &out) }
+            } else {
+                out.append(0)
+            }
         }
         return out
     }
@@ -117,14 +157,7 @@ public enum NodeFrameCodec {
             frame = .deliver(seq: try reader.integer(), to: try reader.string(), stanza: try reader.string())
         case 3:
             let seq = try reader.integer()
-            let jid = try reader.string()
-            let boundAt = Int64(bitPattern: try reader.integer())
-            let presence: String? = try reader.byte() == 1 ? try reader.string() : nil
-            let priority = Int64(bitPattern: try reader.integer())
-            guard (-128...127).contains(priority) else { throw NodeFrameError(description: "priority \(priority)") }
-            let flags = try reader.byte()
-            frame = .session(seq: seq, SessionRecord(jid: jid, boundAt: boundAt, presence: presence, priority: Int(priority),
-                                                     interestedInRoster: flags & 1 != 0, carbons: flags & 2 != 0))
+            frame = .session(seq: seq, try reader.record())
         case 4:
             frame = .unbound(seq: try reader.integer(), jid: try reader.string())
         case 5:
@@ -137,6 +170,26 @@ public enum NodeFrameCodec {
             frame = .routeRemote(seq: try reader.integer(), stanza: try reader.string())
         case 9:
             frame = .delivered(try reader.integer())
+        case 10:
+            frame = .resumeRequest(seq: try reader.integer(), request: try reader.integer(), previd: try reader.string(), account: try reader.string(),
+                                   handled: try reader.counter())
+        case 11:
+            let seq = try reader.integer()
+            let request = try reader.integer()
+            var transfer: SessionTransfer?
+            if try reader.byte() == 1 {
+                let record = try reader.record()
+                let received = try reader.counter()
+                let sent = try reader.counter()
+                let acknowledged = try reader.counter()
+                let count = try reader.integer()
+                // Each stanza takes at least one byte: a count beyond what is left is a lie.
+                guard count <= UInt64(reader.remaining) else { throw NodeFrameError(description: "\(count) stanzas in \(reader.remaining) bytes") }
+                var stanzas: [String] = []
+                for _ in 0..<count { stanzas.append(try reader.string()) }
+                transfer = SessionTransfer(record: record, receivedInbound: received, sentOutbound: sent, acknowledged: acknowledged, unacknowledged: stanzas)
+            }
+            frame = .resumeAnswer(seq: seq, request: request, transfer: transfer)
         default:
             throw NodeFrameError(description: "unknown frame kind \(kind)")
         }
@@ -153,6 +206,14 @@ public enum NodeFrameCodec {
         out.append(UInt8(value))
     }
 
+    private static func putRecord(_ record: SessionRecord, _ out: inout [UInt8]) {
+        putString(record.jid, &out)
+        putInteger(UInt64(bitPattern: record.boundAt), &out)
+        if let presence = record.presence { out.append(1); putString(presence, &out) } else { out.append(0) }
+        putInteger(UInt64(bitPattern: Int64(record.priority)), &out)
+        out.append((record.interestedInRoster ? 1 : 0) | (record.carbons ? 2 : 0))
+    }
+
     private static func putString(_ value: String, _ out: inout [UInt8]) {
         let utf8 = Array(value.utf8)
         putInteger(UInt64(utf8.count), &out)
@@ -164,6 +225,24 @@ public enum NodeFrameCodec {
         var offset = 0
 
         var atEnd: Bool { offset == bytes.count }
+        var remaining: Int { bytes.count - offset }
+
+        mutating func counter() throws(NodeFrameError) -> UInt32 {
+            let value = try integer()
+            guard value <= UInt64(UInt32.max) else { throw NodeFrameError(description: "counter \(value)") }
+            return UInt32(value)
+        }
+
+        mutating func record() throws(NodeFrameError) -> SessionRecord {
+            let jid = try string()
+            let boundAt = Int64(bitPattern: try integer())
+            let presence: String? = try byte() == 1 ? try string() : nil
+            let priority = Int64(bitPattern: try integer())
+            guard (-128...127).contains(priority) else { throw NodeFrameError(description: "priority \(priority)") }
+            let flags = try byte()
+            return SessionRecord(jid: jid, boundAt: boundAt, presence: presence, priority: Int(priority),
+                                 interestedInRoster: flags & 1 != 0, carbons: flags & 2 != 0)
+        }
 
         mutating func byte() throws(NodeFrameError) -> UInt8 {
             guard offset < bytes.count else { throw NodeFrameError(description: "truncated frame") }

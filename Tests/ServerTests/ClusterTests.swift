@@ -147,6 +147,76 @@ struct ClusterTests {
         }
     }
 
+    @Test("XEP-0198: a session dropped on node 1 is resumed on node 2, with what it had not acknowledged, and stays reachable")
+    func resumeOnAnotherNode() async throws {
+        try await withCluster { nodes in
+            let (alice, aliceJID) = try await nodes[0].loggedIn("alice@a.example", resource: "mobile")
+            try await alice.send(XMLElement(name: "enable", namespace: XMLNamespace.streamManagement, attributes: [XMLAttribute("resume", "true")]))
+            let id = try #require(try await alice.waitFor { $0.name == "enabled" }.attribute("id"))
+            try await alice.sendPresence(priority: 3)
+            try await alice.send(XMLElement(name: "r", namespace: XMLNamespace.streamManagement))
+            #expect(try await alice.waitFor { $0.name == "a" }.attribute("h") == "1")
+
+            // Bob is on node 2; what he sends before and after the drop waits in node 1's
+            // session, unacknowledged.
+            let (bob, _) = try await nodes[1].loggedIn("bob@b.example")
+            try await waitUntil(timeout: .seconds(5), "alice known on node 2") { nodes[1].context.sessions.entry(for: aliceJID)?.isAvailable == true }
+            try await bob.sendMessage(to: aliceJID.description, body: "before the drop")
+            _ = try await alice.waitFor { $0.name == "message" }
+            try await alice.channel.close()
+            try await waitUntil { nodes[0].metrics.counterValue("braid_sm_awaiting_resumption_total") == 1 }
+            for index in 1...2 {
+                try await bob.sendMessage(to: aliceJID.description, body: "while away \(index)")
+            }
+            try await bob.roundTrip()
+
+            // The client comes back through node 2.
+            let again = try await nodes[1].client()
+            try await again.sendHeader(to: "a.example")
+            _ = try await again.nextElement()
+            try await again.startTLS()
+            try await again.sendHeader(to: "a.example")
+            try await again.authenticate(features: try await again.nextElement(), username: "alice", password: TestServer.password, mechanism: "SCRAM-SHA-256")
+            try await again.sendHeader(to: "a.example")
+            _ = try await again.nextElement()
+            try await again.send(XMLElement(name: "resume", namespace: XMLNamespace.streamManagement, attributes: [XMLAttribute("previd", id), XMLAttribute("h", "0")]))
+            let resumed = try await again.waitFor { $0.name == "resumed" || $0.name == "failed" }
+            #expect(resumed.name == "resumed")
+            #expect(resumed.attribute("h") == "1")
+            var bodies: [String] = []
+            while bodies.count < 3 {
+                bodies.append(try await again.waitFor { $0.name == "message" }.body ?? "")
+            }
+            #expect(bodies == ["before the drop", "while away 1", "while away 2"])
+            #expect(nodes[1].metrics.counterValue("braid_sm_resumed_total") == 1)
+            // Now held by node 2, with its presence; node 1 routes to it there, and stored
+            // nothing offline on the way.
+            #expect(nodes[1].context.sessions.entry(for: aliceJID)?.session.remote == nil)
+            #expect(nodes[1].context.sessions.entry(for: aliceJID)?.priority == 3)
+            try await waitUntil(timeout: .seconds(5), "node 1 routes alice/mobile to node 2") {
+                nodes[0].context.sessions.entry(for: aliceJID)?.session.remote?.node == "node-2"
+            }
+            #expect(try await nodes[0].context.storage.offlineMessageCount(for: aliceJID.bare) == 0)
+            try await bob.sendMessage(to: "alice@a.example", body: "after", id: "after")
+            _ = try await again.waitFor { $0.attribute("id") == "after" }
+
+            // A session id no node holds gets <failed/> (item-not-found), as on one node.
+            let stranger = try await nodes[1].client()
+            try await stranger.sendHeader(to: "a.example")
+            _ = try await stranger.nextElement()
+            try await stranger.startTLS()
+            try await stranger.sendHeader(to: "a.example")
+            try await stranger.authenticate(features: try await stranger.nextElement(), username: "alice", password: TestServer.password, mechanism: "SCRAM-SHA-256")
+            try await stranger.sendHeader(to: "a.example")
+            _ = try await stranger.nextElement()
+            try await stranger.send(XMLElement(name: "resume", namespace: XMLNamespace.streamManagement, attributes: [XMLAttribute("previd", "no-such-session"), XMLAttribute("h", "0")]))
+            #expect(try await stranger.waitFor { $0.name == "resumed" || $0.name == "failed" }.name == "failed")
+            await stranger.close()
+            await again.close()
+            await bob.close()
+        }
+    }
+
     @Test("A node that dies: the others drop its sessions and store what it never acknowledged")
     func nodeDies() async throws {
         try await withCluster(deadAfter: 1.5) { nodes in
@@ -374,6 +444,11 @@ struct ClusterTests {
             .route(seq: 6, stanza: "<presence xmlns='jabber:client' to='room@conference.a.example/nick'/>"),
             .routeRemote(seq: 7, stanza: "<message xmlns='jabber:client' id='m1' to='bob@b.example'/>"),
             .delivered(7),
+            .resumeRequest(seq: 8, request: 1, previd: "abc", account: "alice@a.example", handled: UInt32.max),
+            .resumeAnswer(seq: 9, request: 1, transfer: nil),
+            .resumeAnswer(seq: 10, request: 2, transfer: SessionTransfer(
+                record: SessionRecord(jid: "a@b/c", boundAt: 1, presence: nil, priority: 0, interestedInRoster: true, carbons: true),
+                receivedInbound: 3, sentOutbound: 4, acknowledged: 2, unacknowledged: ["<message xmlns='jabber:client'/>", ""])),
         ]
         for frame in frames {
             let bytes = NodeFrameCodec.encode(frame)
@@ -384,7 +459,13 @@ struct ClusterTests {
             }
             #expect(throws: NodeFrameError.self) { try NodeFrameCodec.decode(bytes + [0]) }
         }
-        #expect(throws: NodeFrameError.self) { try NodeFrameCodec.decode([9]) }
+        #expect(throws: NodeFrameError.self) { try NodeFrameCodec.decode([99]) }
+        // A transfer claiming more stanzas than bytes left.
+        var lying = NodeFrameCodec.encode(.resumeAnswer(seq: 1, request: 1, transfer: SessionTransfer(
+            record: SessionRecord(jid: "a@b/c", boundAt: 0, presence: nil, priority: 0, interestedInRoster: false, carbons: false),
+            receivedInbound: 0, sentOutbound: 0, acknowledged: 0, unacknowledged: [])))
+        lying[lying.count - 1] = 0x7F
+        #expect(throws: NodeFrameError.self) { try NodeFrameCodec.decode(lying) }
         // A length claiming more than there is, an overlong integer, and bytes that are not UTF-8.
         #expect(throws: NodeFrameError.self) { try NodeFrameCodec.decode([4, 1, 0xFF, 0xFF, 0xFF, 0x0F]) }
         #expect(throws: NodeFrameError.self) { try NodeFrameCodec.decode([6] + [UInt8](repeating: 0xFF, count: 11)) }

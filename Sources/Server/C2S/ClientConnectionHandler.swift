@@ -1,3 +1,4 @@
+import Cluster
 import Logging
 import NIOCore
 import NIOSSL
@@ -401,6 +402,11 @@ final class ClientConnectionHandler: ChannelInboundHandler {
     }
 
     private func resume(previousID: String, handled: UInt32, context: ChannelHandlerContext) {
+        if let username = negotiation.username, let account = accountJID(username), server.resumption.session(id: previousID) == nil,
+           let cluster = server.cluster {
+            resumeFromAnotherNode(previousID: previousID, account: account, handled: handled, cluster: cluster, context: context)
+            return
+        }
         guard let username = negotiation.username, let account = accountJID(username),
               let previous = server.resumption.session(id: previousID), previous.jid.bare == account else {
             // XEP-0198 §5: unknown or foreign session ids get <item-not-found/>.
@@ -431,6 +437,53 @@ final class ClientConnectionHandler: ChannelInboundHandler {
                 context.flush()
                 resumed.retransmitUnacknowledged()
             }
+    }
+
+    /// XEP-0198 resumption of a session another node of the cluster holds (the client came
+    /// back through another SRV target): that node hands the session over with what it
+    /// had not had acknowledged, and it continues here.
+    private func resumeFromAnotherNode(previousID: String, account: JID, handled: UInt32, cluster: ClusterBridge, context: ChannelHandlerContext) {
+        let promise = context.eventLoop.makePromise(of: SessionTransfer?.self)
+        promise.completeWithTask { await cluster.resumeFromAnotherNode(previd: previousID, account: account, handled: handled) }
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        promise.futureResult.whenComplete { result in
+            let (handler, context) = loopBound.value
+            guard case .success(let transfer?) = result, let jid = try? JID(transfer.record.jid), jid.bare == account, jid.resourcepart != nil else {
+                handler.run(handler.negotiation.resumeFailed(), context: context)
+                return
+            }
+            let resumed = handler.makeSession(jid: jid, id: previousID, context: context)
+            // A stand-in of the session on the other node may still be here: replaced.
+            guard case .bound = handler.server.sessions.bind(resumed, replacing: true) else {
+                handler.run(handler.negotiation.resumeFailed(), context: context)
+                Task { await cluster.orphanedTransfer(transfer) }
+                return
+            }
+            var presence: XMLElement?
+            if let text = transfer.record.presence { presence = try? XMLFragment.parse(text) }
+            handler.server.sessions.update(resumed) { entry in
+                entry.presence = presence
+                entry.priority = transfer.record.priority
+                entry.interestedInRoster = transfer.record.interestedInRoster
+                entry.carbons = transfer.record.carbons
+                entry.boundAt = transfer.record.boundAt
+            }
+            handler.server.resumption.register(resumed)
+            handler.server.metrics.smResumed.increment()
+            handler.logger.info("session resumed from another node", metadata: ["jid": "\(resumed.jid)", "unacknowledged": "\(transfer.unacknowledged.count)"])
+            var state = ClientSession.StreamManagementState(resumable: true)
+            state.receivedInbound = transfer.receivedInbound
+            state.handledInbound = transfer.receivedInbound
+            state.sentOutbound = transfer.sentOutbound
+            state.acknowledged = transfer.acknowledged
+            state.unacked = transfer.unacknowledged.compactMap { try? XMLFragment.parse($0) }
+            let reply = resumed.adoptResumedState(state)
+            handler.establish(resumed, context: context)
+            handler.run(handler.negotiation.resumeSucceeded(resumed.jid), context: context)
+            handler.write(.element(reply), context: context)
+            context.flush()
+            resumed.retransmitUnacknowledged()
+        }
     }
 
     // MARK: Established stream

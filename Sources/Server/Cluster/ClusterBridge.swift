@@ -1,5 +1,6 @@
 import Cluster
 import Federation
+import Foundation
 import Logging
 import NIOCore
 import Synchronization
@@ -145,6 +146,40 @@ final class ClusterBridge: ClusterHost, SessionRegistry.Observer {
         }
         awaitingHandover.withLock { $0[key] = (node, seq) }
         await context.router.route(parsed, fromNode: true)
+    }
+
+    // MARK: XEP-0198 resumption on another node
+
+    func handOverSession(previd: String, account: String, handled: UInt32) async -> SessionTransfer? {
+        guard let previous = context.resumption.session(id: previd), previous.remote == nil, previous.jid.bare.description == account,
+              let state = try? await previous.loop.submit({ previous.takeOverForResumption(handled: handled) }).get() else {
+            return nil
+        }
+        // Ended here without side effects (no unavailable presence, nothing stored): the
+        // session lives on, on the other node.
+        context.resumption.remove(previous)
+        let entry = context.sessions.unbind(previous)
+        context.metrics.sessionsActive.set(Int64(context.sessions.count))
+        let record = entry.map(Self.record) ?? SessionRecord(jid: previous.jid.description, boundAt: Int64(Date().timeIntervalSince1970 * 1000),
+                                                              presence: nil, priority: 0, interestedInRoster: false, carbons: false)
+        logger.info("session handed over to another node for resumption", metadata: ["jid": "\(previous.jid)", "unacknowledged": "\(state.unacked.count)"])
+        return SessionTransfer(record: record, receivedInbound: state.receivedInbound, sentOutbound: state.sentOutbound,
+                               acknowledged: state.acknowledged, unacknowledged: state.unacked.map(XMLFragment.serialize))
+    }
+
+    func orphanedTransfer(_ transfer: SessionTransfer) async {
+        guard let jid = try? JID(transfer.record.jid) else { return }
+        let router = context.router
+        logger.warning("a session handed over for resumption was not adopted; what it owed is handled as undelivered", metadata: ["jid": "\(jid)"])
+        for text in transfer.unacknowledged {
+            guard let element = try? XMLFragment.parse(text) else { continue }
+            await router.messages.handleUndelivered(element, to: jid, router: router)
+        }
+    }
+
+    /// Takes over session `previd` from whichever node holds it; nil if none does.
+    func resumeFromAnotherNode(previd: String, account: JID, handled: UInt32) async -> SessionTransfer? {
+        await cluster.resume(previd: previd, account: account.bare.description, handled: handled)?.transfer
     }
 
     /// What identifies a message on its way to a peer server: its id (the sending node
