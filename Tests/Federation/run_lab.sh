@@ -10,7 +10,9 @@
 # (fallback:*, a third lab where every domain has a certificate of its own); see
 # lab/README.md. `--scenarios fallback:` runs only the latter, `--repeat K` K times in a row.
 # BRAID_LAB_STORAGE=postgresql gives every Braid provider a PostgreSQL of its own (needs the
-# postgresql package).
+# postgresql package), and adds the cluster scenarios (cluster:*, issue 18: provider A on
+# three Braid nodes sharing one PostgreSQL, kill -9 of nodes, a PostgreSQL restart) in a
+# fourth lab; `--scenarios cluster:` runs only those, with either storage setting.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 

@@ -687,6 +687,9 @@ class ProviderSpec:
     per_domain_shared_key: bool = False
     muc_domains: tuple = ()
     pep: bool = False
+    # A Provider subclass to build this provider with instead of the kind's own class
+    # (cluster.py's nodes of one clustered provider); None: PROVIDER_CLASSES[kind].
+    provider_class: object = None
 
 
 def default_specs(with_braid, domains=3, users=3):
@@ -1227,13 +1230,17 @@ class LabPostgres:
         os.makedirs(self.directory, exist_ok=True)
         os.chmod(self.directory, 0o777)
         data = os.path.join(self.directory, "data")
-        run(self._as_postgres([f"{self.bin}/initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]))
+        # Started again after a stop (cluster.py's PostgreSQL restart): the same data.
+        fresh = not os.path.exists(os.path.join(data, "PG_VERSION"))
+        if fresh:
+            run(self._as_postgres([f"{self.bin}/initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]))
         self.service = Service("postgres", self._as_postgres([f"{self.bin}/postgres", "-D", data, "-k", self.directory,
                                                               "-c", "listen_addresses=", "-c", "fsync=off"]),
                                os.path.join(self.directory, "postgres.log"))
         wait_until(lambda: subprocess.run([f"{self.bin}/pg_isready", "-h", self.directory, "-U", "postgres"],
                                           capture_output=True).returncode == 0, 30, "PostgreSQL to accept connections")
-        run(["psql", "-h", self.directory, "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-c", "CREATE DATABASE braid"])
+        if fresh:
+            run(["psql", "-h", self.directory, "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-c", "CREATE DATABASE braid"])
 
     @property
     def url(self):
@@ -1533,7 +1540,7 @@ class Lab:
         self.network.create_dns_namespace()
         for index, spec in enumerate(self.specs):
             address = self.network.ip(FIRST_PROVIDER_HOST + index)
-            provider = PROVIDER_CLASSES[spec.kind](self, spec, address)
+            provider = (spec.provider_class or PROVIDER_CLASSES[spec.kind])(self, spec, address)
             self.network.add_provider_namespace(provider.ns, spec.name, address)
             self.providers.append(provider)
         log(f"namespaces up: {', '.join(self.network.namespaces)}")
@@ -2099,6 +2106,7 @@ def main(argv=None):
     # mux.py (the multiplexing scenarios) imports this module as `lab`: run as a script,
     # this module is __main__, and a second copy would not see set_namespace_prefix().
     sys.modules.setdefault("lab", sys.modules[__name__])
+    import cluster
     import fallback
     import mux
     # Scenario names depend only on the providers' names and kinds: no lab needed.
@@ -2107,8 +2115,9 @@ def main(argv=None):
     classic_names = [name for name, _ in build_scenarios(stand_in, args.untrusting.split(","))]
     mux_names = list(mux.SCENARIO_NAMES) if args.with_braid else []
     fallback_names = list(fallback.SCENARIO_NAMES) if args.with_braid else []
+    cluster_names = list(cluster.SCENARIO_NAMES) if args.with_braid else []
     if args.list:
-        for name in classic_names + mux_names + fallback_names:
+        for name in classic_names + mux_names + fallback_names + cluster_names:
             print(name)
         return 0
     if args.repeat < 1:
@@ -2122,7 +2131,12 @@ def main(argv=None):
     wanted_classic = [name for name in classic_names if selected(name)]
     wanted_mux = [name for name in mux_names if selected(name)]
     wanted_fallback = [name for name in fallback_names if selected(name)]
-    if not wanted_classic and not wanted_mux and not wanted_fallback:
+    # The cluster lab always runs on a PostgreSQL of its own, whatever BRAID_LAB_STORAGE says:
+    # without --scenarios it is part of the PostgreSQL run only, so that CI (which runs the
+    # lab on SQLite, then on PostgreSQL) runs it once. Named in --scenarios, it always runs.
+    wanted_cluster = [name for name in cluster_names if selected(name)
+                      and (wanted or os.environ.get("BRAID_LAB_STORAGE", "sqlite") == "postgresql")]
+    if not wanted_classic and not wanted_mux and not wanted_fallback and not wanted_cluster:
         print(f"no scenario matches {args.scenarios!r}", file=sys.stderr)
         return 2
 
@@ -2143,13 +2157,13 @@ def main(argv=None):
                              if name in wanted_classic]
                 passed, failed = run_scenarios(lab, repeated(scenarios, args.repeat))
                 lab.failed = failed > 0
-                if args.hold and not wanted_mux and not wanted_fallback:
+                if args.hold and not wanted_mux and not wanted_fallback and not wanted_cluster:
                     log("lab is up; Ctrl-C (or SIGTERM) tears it down")
                     with contextlib.suppress(KeyboardInterrupt):
                         while True:
                             time.sleep(3600)
         if wanted_mux:
-            args.fallback_follows = bool(wanted_fallback)  # --hold waits for the last lab
+            args.fallback_follows = bool(wanted_fallback or wanted_cluster)  # --hold waits for the last lab
             # The multiplexing scenarios have a lab of their own (two Braid providers with
             # 50 domains each, ...), built once the classic one is gone.
             log(f"multiplexing lab: {', '.join(wanted_mux)}")
@@ -2170,6 +2184,17 @@ def main(argv=None):
                 print(f"FAIL fallback setup: {error}", flush=True)
                 fb_passed, fb_failed = 0, 1
             passed, failed = passed + fb_passed, failed + fb_failed
+        if wanted_cluster:
+            args.fallback_follows = False
+            # The cluster scenarios (issue 18): provider A on three Braid nodes sharing one
+            # PostgreSQL, in a lab of their own, built once the fallback one is gone.
+            log(f"cluster lab: {', '.join(wanted_cluster)}")
+            try:
+                cl_passed, cl_failed = cluster.build(args, wanted_cluster)
+            except LabError as error:
+                print(f"FAIL cluster setup: {error}", flush=True)
+                cl_passed, cl_failed = 0, 1
+            passed, failed = passed + cl_passed, failed + cl_failed
     except KeyboardInterrupt:
         log("interrupted; lab torn down")
         print(f"{passed} passed, {failed + 1} failed")
