@@ -78,7 +78,7 @@ public final class BraidServer: Service {
         }
         // Modules register once, and the tables freeze before anything runs.
         let dispatcher = try ModuleBuilder.with(StandardModules.all(configuration) + modules, serviceSettings: configuration.services).freeze()
-        let domains = DomainRegistry(serviceLabels: dispatcher.serviceLabels)
+        let domains = DomainRegistry(serviceLabels: dispatcher.serviceLabels, serviceModules: dispatcher.serviceModules)
         let certificates = CertificateManager(directory: "\(dataDirectory)/certs", selfSignMissing: configuration.tls.selfSignMissing, domains: domains, logger: logger)
         try certificates.loadConfigured(configuration.tls.certificates)
         try certificates.loadDirectory()

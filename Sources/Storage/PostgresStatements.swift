@@ -21,6 +21,7 @@ enum PostgresStatements {
         ("v4", ArchiveSQL.schemaV4.map(dialect)),
         ("v5", ArchiveSQL.schemaV5.map(dialect)),
         ("v6", ProvisioningSQL.schemaV6.map(dialect)),
+        ("v7", ProvisioningSQL.schemaV7.map(dialect)),
     ]
 
     /// The SQLite schema in PostgreSQL's dialect: the two spots marked `PostgreSQL:` there.

@@ -516,6 +516,41 @@ public final class PostgresStorage: Storage {
         }
     }
 
+    public func domainSettings() async throws -> [String: DomainSettings] {
+        try await run("domain settings") { [self] in
+            var settings: [String: DomainSettings] = [:]
+            for try await (domain, services, acme) in try await client.query("SELECT domain, services_json, acme FROM domain_settings", logger: logger)
+                .decode((String, String, Int64?).self) {
+                settings[domain] = DomainSettings(services: try ProvisioningSQL.decodeServices(services), acme: acme.map { $0 != 0 })
+            }
+            return settings
+        }
+    }
+
+    public func setDomainSettings(_ settings: DomainSettings, for domain: String) async throws {
+        guard let name = try? StorageKeys.domain(domain) else { throw StorageError.unknownDomain }
+        let services = try ProvisioningSQL.encodeServices(settings.services)
+        let acme = ProvisioningSQL.encodeACME(settings.acme)
+        let known = try await run("set domain settings") { [self] in
+            try await client.withTransaction(logger: logger) { connection -> Bool in
+                // Locks the domain's row: a concurrent removal waits, or has happened.
+                let rows = try await connection.query("SELECT name FROM domains WHERE name = \(name) FOR UPDATE", logger: logger)
+                guard try await Self.count(rows) > 0 else { return false }
+                if settings.isEmpty {
+                    try await connection.query("DELETE FROM domain_settings WHERE domain = \(name)", logger: logger)
+                } else {
+                    try await connection.query("""
+                        INSERT INTO domain_settings (domain, services_json, acme) VALUES (\(name), \(services), \(acme))
+                        ON CONFLICT (domain) DO UPDATE SET services_json = excluded.services_json, acme = excluded.acme
+                        """, logger: logger)
+                }
+                try await Self.domainsChanged(connection, logger: logger)
+                return true
+            }
+        }
+        guard known else { throw StorageError.unknownDomain }
+    }
+
     public func auditEntries(limit: Int, domain: String?) async throws -> [AuditEntry] {
         let (sql, arguments) = ProvisioningScope.auditQuery(limit: limit, domain: domain, placeholder: { "$\($0)" })
         return try await run("audit entries") { [self] in

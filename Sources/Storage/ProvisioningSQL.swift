@@ -1,3 +1,5 @@
+import Foundation
+
 /// Schema version "v6": the provisioning API's bearer tokens and its audit log (issue 17).
 /// The same in PostgreSQL (``PostgresStatements/dialect(_:)`` makes `id` an identity
 /// column). Tokens are kept only as SHA-256 hashes: a stolen database grants nothing.
@@ -26,6 +28,41 @@ enum ProvisioningSQL {
         """,
         "CREATE INDEX audit_log_by_time ON audit_log (at)",
     ]
+}
+
+/// Schema version "v7": per-domain settings the provisioning API changes (issue 17): which
+/// services (`services.NAME`) a hosted domain offers where it differs from the server's
+/// default, and whether ACME manages its certificate. A row exists only for a domain with an
+/// override, and goes with its domain.
+extension ProvisioningSQL {
+    static let schemaV7: [String] = [
+        """
+        CREATE TABLE domain_settings (
+            domain TEXT NOT NULL PRIMARY KEY REFERENCES domains (name) ON DELETE CASCADE,
+            services_json TEXT NOT NULL,
+            acme BIGINT
+        )
+        """,
+    ]
+
+    /// The services' overrides as stored: a JSON object of service name to true or false,
+    /// keys sorted so that equal settings are equal text.
+    static func encodeServices(_ services: [String: Bool]) throws -> String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        return String(decoding: try encoder.encode(services), as: UTF8.self)
+    }
+
+    static func decodeServices(_ text: String) throws -> [String: Bool] {
+        guard let services = try? JSONDecoder().decode([String: Bool].self, from: Data(text.utf8)) else {
+            throw StorageError.itemNotFound
+        }
+        return services
+    }
+
+    static func encodeACME(_ acme: Bool?) -> Int64? {
+        acme.map { $0 ? 1 : 0 }
+    }
 }
 
 /// What both backends share about tokens and the audit log: the scope's encoding and the

@@ -146,6 +146,11 @@ public final class SQLiteStorage: Storage {
                 try db.execute(sql: statement)
             }
         }
+        migrator.registerMigration("v7") { db in
+            for statement in ProvisioningSQL.schemaV7 {
+                try db.execute(sql: statement)
+            }
+        }
         let before = try pool.read { db in try migrator.appliedIdentifiers(db) }
         // A file written by a newer Braid has migrations this one does not know; running
         // on it could corrupt data it does not understand.
@@ -519,6 +524,37 @@ public final class SQLiteStorage: Storage {
                            target: try Self.column(row, "target", in: "audit_log"), outcome: try Self.column(row, "outcome", in: "audit_log"),
                            detail: try Self.column(row, "detail", in: "audit_log"))
             }
+        }
+    }
+
+    public func domainSettings() async throws -> [String: DomainSettings] {
+        try await pool.read { db in
+            var settings: [String: DomainSettings] = [:]
+            for row in try Row.fetchAll(db, sql: "SELECT domain, services_json, acme FROM domain_settings") {
+                let acme: Int64? = row["acme"]
+                settings[try Self.column(row, "domain", in: "domain_settings")] = DomainSettings(
+                    services: try ProvisioningSQL.decodeServices(try Self.column(row, "services_json", in: "domain_settings")), acme: acme.map { $0 != 0 })
+            }
+            return settings
+        }
+    }
+
+    public func setDomainSettings(_ settings: DomainSettings, for domain: String) async throws {
+        guard let name = try? JID(domain: domain).domainpart else { throw StorageError.unknownDomain }
+        let services = try ProvisioningSQL.encodeServices(settings.services)
+        try await pool.write { db in
+            guard try Row.fetchOne(db, sql: "SELECT 1 FROM domains WHERE name = ?", arguments: [name]) != nil else {
+                throw StorageError.unknownDomain
+            }
+            if settings.isEmpty {
+                try db.execute(sql: "DELETE FROM domain_settings WHERE domain = ?", arguments: [name])
+            } else {
+                try db.execute(sql: """
+                    INSERT INTO domain_settings (domain, services_json, acme) VALUES (?, ?, ?)
+                    ON CONFLICT (domain) DO UPDATE SET services_json = excluded.services_json, acme = excluded.acme
+                    """, arguments: [name, services, ProvisioningSQL.encodeACME(settings.acme)])
+            }
+            try db.execute(sql: SQL.incrementMeta, arguments: [SQL.domainsGenerationKey])
         }
     }
 

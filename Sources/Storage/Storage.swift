@@ -157,6 +157,16 @@ public protocol Storage: Sendable {
     /// that domain or an account or setting of it.
     func auditEntries(limit: Int, domain: String?) async throws -> [AuditEntry]
 
+    /// Every hosted domain's settings that differ from the server's defaults (schema v7),
+    /// by canonical domain name; a domain without overrides is absent.
+    func domainSettings() async throws -> [String: DomainSettings]
+
+    /// Replaces `domain`'s settings (empty ones remove its row), in one transaction that also
+    /// bumps ``domainsGeneration()`` (and tells, on PostgreSQL), so every server sharing the
+    /// storage re-reads them as it re-reads the domains. Throws
+    /// ``StorageError/unknownDomain`` when the domain is not hosted.
+    func setDomainSettings(_ settings: DomainSettings, for domain: String) async throws
+
     // MARK: Message archive (XEP-0313)
 
     /// Appends a message to `user`'s archive. Throws ``StorageError/userNotFound`` if the
@@ -341,6 +351,24 @@ public struct StoredEntry: Sendable, Hashable {
         self.seq = seq
         self.updatedAt = updatedAt
     }
+}
+
+/// A hosted domain's own settings, where it differs from the server's configuration.
+public struct DomainSettings: Sendable, Hashable {
+    /// Services (`services.NAME`, by module name: `muc`, `upload`, …) turned on (true) or off
+    /// (false) for this domain; a service not named follows the server's configuration.
+    public var services: [String: Bool]
+    /// Whether ACME manages the domain's certificate; false: the domain brings its own. Nil:
+    /// as the server is configured.
+    public var acme: Bool?
+
+    public init(services: [String: Bool] = [:], acme: Bool? = nil) {
+        self.services = services
+        self.acme = acme
+    }
+
+    /// No override at all: the server's defaults.
+    public var isEmpty: Bool { services.isEmpty && acme == nil }
 }
 
 /// A provisioning API bearer token as stored: its SHA-256 (hex), never the token.

@@ -59,6 +59,7 @@ public enum StorageMigration {
         Table(name: "audit_log", columns: [
             ("id", .integer), ("at", .integer), ("token_id", .optionalText), ("action", .text), ("target", .text), ("outcome", .text), ("detail", .text),
         ], key: ["id"], overridingIdentity: true),
+        Table(name: "domain_settings", columns: [("domain", .text), ("services_json", .text), ("acme", .optionalInteger)], key: ["domain"]),
     ]
 
     public struct Count: Sendable, Equatable, CustomStringConvertible {

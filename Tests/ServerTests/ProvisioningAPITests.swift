@@ -270,6 +270,95 @@ struct ProvisioningAPITests {
         #expect(off.retryAfter("10.0.0.1") == nil)
     }
 
+    /// The `jid`s a domain's `disco#items` lists, as `client` sees them.
+    func discoItems(_ client: TestClient, _ domain: String) async throws -> [String] {
+        let items = try await client.iq(.get, to: domain, payload: XMLElement(name: "query", namespace: DiscoModule.items))
+        return items.firstChild(name: "query", namespace: DiscoModule.items)?.children(name: "item", namespace: DiscoModule.items).compactMap { $0.attribute("jid") } ?? []
+    }
+
+    /// Whether `disco#info` of `domain` is answered with a result (an identity), for `client`.
+    func answers(_ client: TestClient, _ domain: String) async throws -> Bool {
+        let info = try await client.iq(.get, to: domain, payload: XMLElement(name: "query", namespace: DiscoModule.info))
+        return info.attribute("type") == "result" && info.firstChild(name: "query", namespace: DiscoModule.info)?.firstChild(name: "identity", namespace: DiscoModule.info) != nil
+    }
+
+    @Test("Domain settings: a scoped token turns its domain's group chat off, which stops at once for that domain only (disco#items, disco#info, routing) for a client already online, and on again; opts out of ACME; unknown keys and services are 400; other domains 404; every change audited")
+    func domainSettings() async throws {
+        try await withAPI { server, api in
+            let (customer, customerID) = try await token(server, domains: ["a.example"], label: "customer A")
+            let (alice, _) = try await server.loggedIn("alice@a.example")
+            #expect(try await discoItems(alice, "a.example").contains("conference.a.example"))
+            #expect(try await answers(alice, "conference.a.example"))
+
+            let initial = try await api.call(.GET, "/domains/a.example/settings", token: customer)
+            #expect(initial.status == .ok)
+            let services = try #require(initial.json["services"] as? [String: Bool])
+            #expect(services["muc"] == true && services["upload"] == true, "\(initial.body)")
+            #expect(initial.json["acme"] as? Bool == false, "ACME is off on the test server")
+            #expect((initial.json["overrides"] as? [String: Any])?["services"] as? [String: Bool] == [:])
+
+            // Refused: unknown keys, services the server does not offer, values of the wrong
+            // type, another customer's domain (as if absent). Nothing changes.
+            for body in [#"{"services": {"muc": false}, "colour": "red"}"#, #"{"services": {"teleport": false}}"#,
+                         #"{"services": {"muc": "no"}}"#, #"{"acme": 0}"#, "[]"] {
+                let refused = try await api.call(.PUT, "/domains/a.example/settings", token: customer, body: body)
+                #expect(refused.status == .badRequest, "\(body): \(refused.body)")
+                #expect(refused.json["error"] as? String == "bad-request")
+            }
+            let other = try await api.call(.PUT, "/domains/b.example/settings", token: customer, body: #"{"services": {"muc": false}}"#)
+            let absent = try await api.call(.PUT, "/domains/nobody.example/settings", token: customer, body: #"{"services": {"muc": false}}"#)
+            #expect(other.status == .notFound && other.body == absent.body)
+            #expect(try await api.call(.GET, "/domains/b.example/settings", token: customer).body == absent.body)
+            #expect(try await server.context.storage.domainSettings().isEmpty)
+            #expect(try await answers(alice, "conference.a.example"))
+
+            let changed = try await api.call(.PUT, "/domains/a.example/settings", token: customer, body: #"{"services": {"muc": false}, "acme": false}"#)
+            #expect(changed.status == .ok, "\(changed.body)")
+            #expect((changed.json["services"] as? [String: Bool])?["muc"] == false)
+            #expect((changed.json["services"] as? [String: Bool])?["upload"] == true)
+            #expect((changed.json["overrides"] as? [String: Any])?["acme"] as? Bool == false)
+            #expect(try await server.context.storage.domainSettings() == ["a.example": DomainSettings(services: ["muc": false], acme: false)])
+
+            // In effect when the answer arrives, for the client that was already online: the
+            // service is gone from a.example only.
+            #expect(try await discoItems(alice, "a.example") == ["upload.a.example"])
+            #expect(try await answers(alice, "conference.a.example") == false)
+            #expect(try await answers(alice, "conference.b.example"))
+            #expect(try await discoItems(alice, "b.example").contains("conference.b.example"))
+            #expect(server.context.domains.served("conference.a.example") == nil)
+            #expect(server.context.domains.served("conference.b.example") == .service(label: "conference", parent: "b.example"))
+            #expect(server.context.domains.acmeManages("a.example") == false && server.context.domains.acmeManages("b.example"))
+            let listed = try #require(try await api.call(.GET, "/domains", token: customer).json["domains"] as? [[String: Any]])
+            #expect(listed.first?["services"] as? [String] == ["upload.a.example"])
+
+            // The same again changes nothing; {} is the defaults again, and the room service
+            // answers again.
+            #expect(try await api.call(.PUT, "/domains/a.example/settings", token: customer, body: #"{"acme": false, "services": {"muc": false}}"#).status == .ok)
+            #expect(try await api.call(.PUT, "/domains/a.example/settings", token: customer, body: "{}").status == .ok)
+            #expect(try await server.context.storage.domainSettings().isEmpty)
+            #expect(try await answers(alice, "conference.a.example"))
+            #expect(try await discoItems(alice, "a.example").contains("conference.a.example"))
+            #expect(server.context.domains.acmeManages("a.example"))
+
+            let audit = try await server.context.storage.auditEntries(limit: 100, domain: "a.example").filter { $0.action == "domain.settings" }
+            #expect(audit.reversed().map { "\($0.outcome) \($0.detail)" }.suffix(3) == [
+                "ok services.muc=off acme=off", "unchanged services.muc=off acme=off", "ok defaults",
+            ])
+            #expect(audit.allSatisfy { $0.tokenID == customerID && $0.target == "a.example" })
+            #expect(audit.filter { $0.outcome == "bad-request" }.count == 5)
+            #expect(try await server.context.storage.auditEntries(limit: 100, domain: "b.example").contains { $0.action == "domain.settings" && $0.outcome == "not-found" })
+
+            // Settings another server stores (same database) are taken up with the domains.
+            try await server.context.storage.setDomainSettings(DomainSettings(services: ["upload": false]), for: "b.example")
+            try await waitUntil(timeout: .seconds(10), "b.example's settings read from storage") {
+                server.context.domains.served("upload.b.example") == nil
+            }
+            #expect(try await answers(alice, "upload.b.example") == false)
+            #expect(try await answers(alice, "upload.a.example"))
+            await alice.close()
+        }
+    }
+
     @Test("Bodies beyond provisioning.max_body_bytes are refused with 413 before they are read whole")
     func bodyLimit() async throws {
         try await withAPI { server, api in
@@ -306,7 +395,7 @@ struct ProvisioningAPITests {
     @Test("Every operation docs/provisioning-api.yaml describes is served (401 without a token), and nothing else under /api/v1 is")
     func documentMatchesRoutes() async throws {
         let operations = try Self.documentedOperations()
-        #expect(operations.count == 12)
+        #expect(operations.count == 14)
         // One unauthenticated request per operation, more than the default budget of failed
         // authentications from one address (tested in rateLimitedFailures).
         try await withAPI(configure: { $0.provisioning.authFailuresPerMinute = 100 }) { _, api in

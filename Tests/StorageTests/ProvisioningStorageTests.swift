@@ -4,7 +4,7 @@ import Testing
 import XMPPCore
 
 extension StorageBehaviourTests {
-@Suite("provisioning API tokens and audit log")
+@Suite("provisioning API tokens, audit log and domain settings")
 struct ProvisioningStorageTests {
     @Test(arguments: Backend.allCases) func tokensAddListRemove(_ backend: Backend) async throws {
         try await withEmptyStorage(backend) { (storage: any Storage) async throws in
@@ -48,6 +48,54 @@ struct ProvisioningStorageTests {
             #expect(try await storage.auditEntries(limit: 100, domain: "customer.example").map(\.at) == [6, 2, 1])
             // LIKE wildcards in a name match only themselves.
             #expect(try await storage.auditEntries(limit: 100, domain: "%").isEmpty)
+        }
+    }
+
+    @Test(arguments: Backend.allCases) func domainSettingsReplaceAndGoWithTheirDomain(_ backend: Backend) async throws {
+        try await withEmptyStorage(backend) { (storage: any Storage) async throws in
+            #expect(try await storage.addDomains(["customer.example", "other.example"]) == 2)
+            #expect(try await storage.domainSettings().isEmpty)
+            await #expect(throws: StorageError.unknownDomain) {
+                try await storage.setDomainSettings(DomainSettings(acme: false), for: "nobody.example")
+            }
+            // Every change moves the generation, so every server re-reads.
+            var generation = try await storage.domainsGeneration()
+            let settings = DomainSettings(services: ["muc": false, "upload": true], acme: false)
+            try await storage.setDomainSettings(settings, for: "Customer.Example")
+            #expect(try await storage.domainSettings() == ["customer.example": settings])
+            #expect(try await storage.domainsGeneration() > generation)
+
+            // Replaced whole, not merged.
+            generation = try await storage.domainsGeneration()
+            try await storage.setDomainSettings(DomainSettings(services: ["pubsub": false]), for: "customer.example")
+            try await storage.setDomainSettings(DomainSettings(acme: true), for: "other.example")
+            #expect(try await storage.domainSettings() == ["customer.example": DomainSettings(services: ["pubsub": false]), "other.example": DomainSettings(acme: true)])
+            #expect(try await storage.domainsGeneration() > generation)
+            // Empty settings are no row at all.
+            try await storage.setDomainSettings(DomainSettings(), for: "other.example")
+            #expect(try await storage.domainSettings().keys.sorted() == ["customer.example"])
+            // Removing the domain removes its settings.
+            #expect(try await storage.removeDomain("customer.example"))
+            #expect(try await storage.domainSettings().isEmpty)
+            #expect(try await storage.addDomain("customer.example"))
+            #expect(try await storage.domainSettings().isEmpty, "a domain added again starts from the defaults")
+        }
+    }
+
+    @Test func domainSettingsAreMigrated() async throws {
+        try await StorageLocation.with(.sqlite) { sqliteLocation in
+            let source = try #require(try await sqliteLocation.open() as? SQLiteStorage)
+            #expect(try await source.addDomains(["customer.example", "other.example"]) == 2)
+            try await source.setDomainSettings(DomainSettings(services: ["muc": false], acme: false), for: "customer.example")
+            try await source.setDomainSettings(DomainSettings(services: ["upload": true]), for: "other.example")
+            try await StorageLocation.with(.postgresql) { postgresLocation in
+                let target = try #require(try await postgresLocation.open() as? PostgresStorage)
+                let counts = try await StorageMigration.copy(from: source, to: target, logger: StorageLocation.quietLogger())
+                let copied = try #require(counts.first { $0.table == "domain_settings" })
+                #expect(copied.source == 2 && copied.copied == 2 && copied.target == 2, "\(copied)")
+                let copiedSettings = try await target.domainSettings()
+                #expect(copiedSettings == (try await source.domainSettings()))
+            }
         }
     }
 }

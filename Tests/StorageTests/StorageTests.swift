@@ -122,7 +122,7 @@ struct SQLiteStorageOpeningTests {
                 let storage = try openStorage(path)
                 #expect(try await storage.executeRawSQLForTesting("INSERT INTO grdb_migrations (identifier) VALUES ('v99')") == 1)
             }
-            #expect(throws: SQLiteStorageError.schemaTooNew(applied: ["v1", "v2", "v3", "v4", "v5", "v6", "v99"])) {
+            #expect(throws: SQLiteStorageError.schemaTooNew(applied: ["v1", "v2", "v3", "v4", "v5", "v6", "v7", "v99"])) {
                 try openStorage(path)
             }
         }
@@ -1232,7 +1232,7 @@ struct StorageMigrationTests {
             try await StorageLocation.with(.postgresql) { postgresLocation in
                 let target = try #require(try await postgresLocation.open() as? PostgresStorage)
                 let counts = try await StorageMigration.copy(from: source, to: target, logger: StorageLocation.quietLogger())
-                #expect(counts.map(\.table) == ["domains", "users", "roster_items", "subscription_requests", "offline_messages", "muc_rooms", "archive", "room_archive", "account_store", "api_tokens", "audit_log"])
+                #expect(counts.map(\.table) == ["domains", "users", "roster_items", "subscription_requests", "offline_messages", "muc_rooms", "archive", "room_archive", "account_store", "api_tokens", "audit_log", "domain_settings"])
                 #expect(counts.allSatisfy { $0.source == $0.copied && $0.target == $0.source })
                 #expect(counts.first { $0.table == "offline_messages" }?.source == 3)
 

@@ -232,7 +232,8 @@ public final class ACMERenewalService: Sendable {
         for name in served where name.kind == .service && !excluded.contains(name.domain) {
             if let parent = name.parent { services[parent, default: []].append(name.domain) }
         }
-        let orders = served.filter { $0.kind == .hosted && !excluded.contains($0.domain) }
+        // `domains.acmeManages`: a domain that opted out through the provisioning API.
+        let orders = served.filter { $0.kind == .hosted && !excluded.contains($0.domain) && domains.acmeManages($0.domain) }
             .map { (domain: $0.domain, names: [$0.domain] + (services[$0.domain] ?? [])) }
         for order in orders {
             guard !Task.isCancelled else { return }

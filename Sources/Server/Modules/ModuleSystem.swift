@@ -404,6 +404,8 @@ public final class ModuleDispatcher: Sendable {
     private let deliveredObservers: [@Sendable (DeliveredMessage) -> Void]
     /// Services by label.
     let services: [String: ServiceRegistration]
+    /// The module (`services.NAME`) serving each label, for per-domain service settings.
+    let serviceModules: [String: String]
     private let shutdownHandlers: [@Sendable (Router) async -> Void]
     private let clientStanzaHandlers: [ClientStanzaHandler]
     private let rosterObservers: [@Sendable (RosterChange) async -> Void]
@@ -427,6 +429,7 @@ public final class ModuleDispatcher: Sendable {
         sentObservers = builder.sentObservers.map(\.handler)
         deliveredObservers = builder.deliveredObservers.map(\.handler)
         services = builder.services.mapValues(\.handler)
+        serviceModules = builder.services.mapValues(\.module)
         shutdownHandlers = builder.shutdownHandlers.map(\.handler)
         clientStanzaHandlers = Self.byPriority(builder.clientStanzaHandlers)
         rosterObservers = builder.rosterObservers.map(\.handler)

@@ -100,7 +100,9 @@ struct DiscoModule: BraidModule {
         guard request.iq.type == .get else { return .error(StanzaError(.badRequest)) }
         if request.payload.attribute("node") != nil { return .error(StanzaError(.itemNotFound)) }
         let domain = request.target.domainpart
-        let items = request.router.modules.services.values.sorted { $0.label < $1.label }.map { service in
+        // Without the services a domain's own settings turn off (DomainRegistry.served).
+        let domains = request.router.server.domains
+        let items = request.router.modules.services.values.filter { domains.isServed("\($0.label).\(domain)") }.sorted { $0.label < $1.label }.map { service in
             XMLNode.element(XMLElement(name: "item", namespace: Self.items, attributes: [
                 XMLAttribute("jid", "\(service.label).\(domain)"), XMLAttribute("name", service.displayName),
             ]))

@@ -6,6 +6,7 @@ import Logging
 import NIOCore
 import OpenAPIRuntime
 import Storage
+import Synchronization
 import XMPPCore
 
 /// The provisioning API on the HTTPS listener (`/api/v1/…`, described in
@@ -106,10 +107,15 @@ struct ProvisioningAPI: Sendable {
         }
         do {
             let limited = try await limitedBody(request, body)
-            let (response, responseBody) = try await Self.$current.withValue(caller) { try await next(limited) }
+            let note = AuditNote()
+            let (response, responseBody) = try await Self.$current.withValue(caller) {
+                try await Self.$note.withValue(note) { try await next(limited) }
+            }
             server.metrics.provisioning(action: action, outcome: "ok")
             if audited {
-                await audit(AuditEntry(at: Self.now(), tokenID: caller.tokenID, action: action, target: target, outcome: response.status == .ok ? "unchanged" : "ok"))
+                let (detail, unchanged) = note.read()
+                await audit(AuditEntry(at: Self.now(), tokenID: caller.tokenID, action: action, target: target,
+                                       outcome: unchanged ?? (response.status == .ok) ? "unchanged" : "ok", detail: detail))
             }
             return try await Self.finish(response, responseBody)
         } catch {
@@ -137,6 +143,22 @@ struct ProvisioningAPI: Sendable {
 
     /// The caller of the operation running in this task, set by ``handle``.
     @TaskLocal static var current: Caller?
+    /// What the operation running in this task adds to its audit entry.
+    @TaskLocal static var note: AuditNote?
+
+    /// An operation's word for its audit entry: a detail, and whether it changed anything
+    /// where the status cannot tell (else 200 means unchanged, 201 and 204 changed).
+    final class AuditNote: Sendable {
+        private let state = Mutex<(detail: String, unchanged: Bool?)>(("", nil))
+
+        func record(detail: String, unchanged: Bool) {
+            state.withLock { $0 = (detail, unchanged) }
+        }
+
+        func read() -> (detail: String, unchanged: Bool?) {
+            state.withLock { $0 }
+        }
+    }
 
     /// The authenticated caller, inside an operation.
     static func caller() throws -> Caller {
@@ -219,8 +241,61 @@ struct ProvisioningAPI: Sendable {
     private func describe(_ domain: String) -> JSONValue {
         .object([
             "name": .string(domain),
-            "services": .array(server.domains.serviceLabels.sorted().map { .string("\($0).\(domain)") }),
+            "services": .array(offeredLabels(domain).map { .string("\($0).\(domain)") }),
         ])
+    }
+
+    /// The service labels `domain` offers: every service the server has, but those its own
+    /// settings turned off.
+    func offeredLabels(_ domain: String) -> [String] {
+        let own = server.domains.settings(of: domain).services
+        return server.domains.serviceLabels.sorted().filter { own[server.domains.serviceModules[$0] ?? $0] != false }
+    }
+
+    // MARK: Domain settings
+
+    /// The services the server offers, by module name (`services.NAME`).
+    private var serviceNames: Set<String> {
+        Set(server.domains.serviceLabels.map { server.domains.serviceModules[$0] ?? $0 })
+    }
+
+    private func describeSettings(_ domain: String) -> JSONValue {
+        let own = server.domains.settings(of: domain)
+        let acme = server.configuration.acme
+        let excluded = acme.excludeDomains.contains { ((try? JID(domain: $0).domainpart) ?? $0.lowercased()) == domain }
+        var overrides: [String: JSONValue] = ["services": .object(own.services.mapValues(JSONValue.bool))]
+        if let managed = own.acme { overrides["acme"] = .bool(managed) }
+        return .object([
+            "domain": .string(domain),
+            "services": .object(Dictionary(uniqueKeysWithValues: serviceNames.map { ($0, .bool(own.services[$0] != false)) })),
+            "acme": .bool(acme.enabled && !excluded && own.acme != false),
+            "overrides": .object(overrides),
+        ])
+    }
+
+    func readDomainSettings(_ caller: Caller, _ raw: String?) async throws -> (HTTPResponse.Status, JSONValue?) {
+        (.ok, describeSettings(try visibleDomain(caller, raw)))
+    }
+
+    func updateDomainSettings(_ caller: Caller, _ raw: String?, to settings: DomainSettings) async throws -> (HTTPResponse.Status, JSONValue?) {
+        let domain = try visibleDomain(caller, raw)
+        let offered = serviceNames
+        if let unknown = settings.services.keys.sorted().first(where: { !offered.contains($0) }) {
+            throw Failure(status: .badRequest, code: "bad-request", message: "this server offers no service '\(unknown)' (offered: \(offered.sorted().joined(separator: ", ")))")
+        }
+        let before = server.domains.settings(of: domain)
+        do {
+            try await storage.setDomainSettings(settings, for: domain)
+        } catch StorageError.unknownDomain {
+            throw Failure(status: .notFound, code: "not-found", message: "no such domain")
+        }
+        // In effect before the answer leaves; the other servers follow with the generation.
+        server.domains.apply(settings, for: domain)
+        let detail = (settings.services.sorted { $0.key < $1.key }.map { "services.\($0.key)=\($0.value ? "on" : "off")" }
+            + (settings.acme.map { ["acme=\($0 ? "on" : "off")"] } ?? [])).joined(separator: " ")
+        Self.note?.record(detail: detail.isEmpty ? "defaults" : detail, unchanged: before == settings)
+        logger.notice("provisioning API: domain settings changed", metadata: ["domain": "\(domain)", "token": "\(caller.tokenID)", "settings": "\(detail)"])
+        return (.ok, describeSettings(domain))
     }
 
     func listDomains(_ caller: Caller) async throws -> (HTTPResponse.Status, JSONValue?) {

@@ -4,6 +4,7 @@ import Hummingbird
 import OpenAPIHummingbird
 import OpenAPIRuntime
 import ProvisioningOpenAPI
+import Storage
 
 /// The provisioning API's operations as the server generated from
 /// docs/provisioning-api.yaml declares them (`APIProtocol`, Sources/ProvisioningOpenAPI):
@@ -63,6 +64,18 @@ extension ProvisioningAPI: APIProtocol {
         return .noContent(.init())
     }
 
+    func readDomainSettings(_ input: Operations.ReadDomainSettings.Input) async throws -> Operations.ReadDomainSettings.Output {
+        let (_, value) = try await readDomainSettings(try Self.caller(), input.path.domain)
+        return .ok(.init(body: .json(try Self.typed(value))))
+    }
+
+    func updateDomainSettings(_ input: Operations.UpdateDomainSettings.Input) async throws -> Operations.UpdateDomainSettings.Output {
+        guard case .json(let body) = input.body else { throw Self.badBody }
+        let settings = DomainSettings(services: body.services?.additionalProperties ?? [:], acme: body.acme)
+        let (_, value) = try await updateDomainSettings(try Self.caller(), input.path.domain, to: settings)
+        return .ok(.init(body: .json(try Self.typed(value))))
+    }
+
     func checkDomain(_ input: Operations.CheckDomain.Input) async throws -> Operations.CheckDomain.Output {
         let checked = try await checkDomain(try Self.caller(), input.path.domain)
         // `Age`: how old a cached result is (RFC 9111 §5.1), for the dashboard to say so.
@@ -105,6 +118,8 @@ struct ProvisioningGate: ServerMiddleware {
         "createAccount": ("account.create", true),
         "setPassword": ("account.password", true),
         "removeAccount": ("account.remove", true),
+        "readDomainSettings": ("domain.settings.read", false),
+        "updateDomainSettings": ("domain.settings", true),
         "checkDomain": ("domain.check", false),
         "readStatus": ("status.read", false),
         "listLinks": ("link.list", false),

@@ -176,7 +176,7 @@ extension ProvisioningAPI {
         let configuration = server.configuration
         // Service domains as the running server serves them (its frozen modules' labels).
         var names = [CheckedName(domain: domain)]
-        for label in server.domains.serviceLabels.sorted() where !server.domains.isHosted("\(label).\(domain)") {
+        for label in offeredLabels(domain) where !server.domains.isHosted("\(label).\(domain)") {
             names.append(CheckedName(domain: "\(label).\(domain)", kind: .service, parent: domain))
         }
         // The server's own DNS timeout, bounded: a request must not wait minutes.
