@@ -6,6 +6,15 @@ import Metrics
 import NIOCore
 import Synchronization
 
+/// A stanza sent to a session on a node that died before acknowledging it.
+public struct UndeliveredStanza: Sendable {
+    public var to: String
+    public var stanza: String
+    /// The other resources that got the same message (one sent to a bare JID): if any of
+    /// them is still there, the account has it, and it is not delivered again.
+    public var copies: [String]
+}
+
 /// What the cluster needs from the server it is part of. Implemented by the server's bridge
 /// (Server's `ClusterBridge`), which owns sessions and routing.
 public protocol ClusterHost: Sendable {
@@ -37,7 +46,7 @@ public protocol ClusterHost: Sendable {
     /// went offline (exactly one live node is).
     /// `rerouted` are stanzas this node had sent it to route (for its rooms, or as the holder
     /// of the federation lease) that it never acknowledged: routed again from the start.
-    func nodeGone(_ node: String, unacknowledged: [(to: String, stanza: String)], rerouted: [String], announce: Bool) async
+    func nodeGone(_ node: String, unacknowledged: [UndeliveredStanza], rerouted: [String], announce: Bool) async
     /// Every session bound here, for a node that has just linked up.
     func localSessionRecords() -> [SessionRecord]
     /// How many sessions are bound here (for the heartbeat row).
@@ -95,6 +104,10 @@ public final class ClusterService: Sendable {
         /// When this node last renewed the lease; past `dead_after_seconds` without a
         /// renewal (the database away) it must assume another node took it.
         var leaseRenewedAt: ContinuousClock.Instant?
+        /// After the database was away, nobody is counted dead before this: the other nodes
+        /// could not write heartbeats either, and need a full `dead_after_seconds` to show
+        /// they are alive.
+        var noDeathsBefore: ContinuousClock.Instant?
     }
 
     /// The lease that makes one node at a time the cluster's federation endpoint: one TCP
@@ -224,9 +237,10 @@ public final class ClusterService: Sendable {
 
     /// Sends a stanza to a session bound on `node`. False when it cannot be queued (the node
     /// is gone or too much waits for it): the caller handles the stanza as undeliverable.
-    public func deliver(stanza: String, to jid: String, on node: String) -> Bool {
+    /// `copies`: the other resources the same message went to, if it was sent to several.
+    public func deliver(stanza: String, to jid: String, on node: String, copies: [String] = []) -> Bool {
         guard let link = link(to: node, create: false) else { return false }
-        let sent = link.send { .deliver(seq: $0, to: jid, stanza: stanza) } == .queued
+        let sent = link.send(copies: copies) { .deliver(seq: $0, to: jid, stanza: stanza) } == .queued
         if sent { metrics.stanzasForwarded.increment() } else { metrics.stanzasRefused.increment() }
         return sent
     }
@@ -409,7 +423,7 @@ public final class ClusterService: Sendable {
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask {
                 var iterator = inbound.makeAsyncIterator()
-                guard case .hello(let peer, let peerIncarnation)? = try await iterator.next() else {
+                guard case .hello(let peer, let peerIncarnation, let peerNumbering)? = try await iterator.next() else {
                     throw ClusterError.protocolViolation("node link did not start with hello")
                 }
                 if let dialed, dialed != peer {
@@ -417,7 +431,7 @@ public final class ClusterService: Sendable {
                 }
                 guard peer != self.nodeName else { throw ClusterError.protocolViolation("a node link to this node itself") }
                 guard !self.state.withLock({ $0.stopping }) else { return }
-                let (link, token) = await self.linkUp(peer: peer, incarnation: peerIncarnation, writer: continuation, dialed: dialed != nil)
+                let (link, token) = await self.linkUp(peer: peer, incarnation: peerIncarnation, numbering: peerNumbering, writer: continuation, dialed: dialed != nil)
                 defer {
                     link.detach(token: token)
                     self.logger.info("node link down", metadata: ["peer": "\(peer)"])
@@ -443,17 +457,17 @@ public final class ClusterService: Sendable {
 
     /// A stream to `peer` is up: it becomes the link's stream, and what this node holds is
     /// sent after anything unacknowledged (so the latest state is applied last).
-    private func linkUp(peer: String, incarnation peerIncarnation: UInt64, writer: AsyncStream<NodeFrame>.Continuation,
+    private func linkUp(peer: String, incarnation peerIncarnation: UInt64, numbering peerNumbering: UInt64, writer: AsyncStream<NodeFrame>.Continuation,
                         dialed: Bool) async -> (NodeLink, UInt64) {
-        if let known = link(to: peer, create: false), known.peerIs(incarnation: peerIncarnation) {
+        if let known = link(to: peer, create: false), known.knowsPeer(incarnation: peerIncarnation) == false {
             // The other node restarted faster than its heartbeat aged: its earlier run is
             // gone with everything it held.
             await peerGone(peer, reason: "restarted")
         }
         // A link made now (or again, after the restart above).
         let link = self.link(to: peer, create: true) ?? NodeLink(peer: peer, maximumQueued: settings.maxQueuedFrames)
-        _ = link.peerIs(incarnation: peerIncarnation)
-        let token = link.attach(writer: writer, first: .hello(node: nodeName, incarnation: incarnation))
+        _ = link.peerIs(incarnation: peerIncarnation, numbering: peerNumbering)
+        let token = link.attach(writer: writer, first: .hello(node: nodeName, incarnation: incarnation, numbering: link.numbering))
         metrics.linksConnected.increment()
         logger.info("node link up", metadata: ["peer": "\(peer)", "dialed": "\(dialed)"])
         for record in currentHost?.localSessionRecords() ?? [] {
@@ -547,8 +561,10 @@ public final class ClusterService: Sendable {
                     }
                     try await client.bidirectionalStreaming(request: request, descriptor: NodeLinkRPC.method, serializer: NodeLinkRPC.Serializer(),
                                                             deserializer: NodeLinkRPC.Deserializer(), options: .defaults) { response in
-                        // The dialing side's hello goes first, on the request stream.
-                        requestWriter.yield(.hello(node: self.nodeName, incarnation: self.incarnation))
+                        // The dialing side's hello goes first, on the request stream, with the
+                        // numbering of the link its frames will go out on.
+                        let numbering = self.link(to: peer, create: true)?.numbering ?? 0
+                        requestWriter.yield(.hello(node: self.nodeName, incarnation: self.incarnation, numbering: numbering))
                         try await self.exchange(inbound: response.messages, write: { frame in
                             if case .hello = frame { return }  // sent above already
                             requestWriter.yield(frame)
@@ -592,11 +608,14 @@ public final class ClusterService: Sendable {
             try await checkFederationLease()
             let members = try await directory.members()
             await apply(members: members)
+            metrics.membershipChecks.increment()
         } catch {
             // The database away: nodes keep serving what they have, and declare nobody dead
             // on stale information (issue 18: PostgreSQL restarted).
             metrics.membershipFailures.increment()
             logger.warning("cluster membership check failed", metadata: ["error": "\(error)"])
+            let grace = ContinuousClock.now + .milliseconds(Int64((settings.deadAfterSeconds + settings.heartbeatIntervalSeconds) * 1000))
+            state.withLock { $0.noDeathsBefore = grace }
             await federationLeaseUnconfirmed()
         }
     }
@@ -633,7 +652,23 @@ public final class ClusterService: Sendable {
 
     private func apply(members: [ClusterMember]) async {
         let deadAfter = settings.deadAfterSeconds
-        let nowAlive = Dictionary(uniqueKeysWithValues: members.filter { $0.isAlive(deadAfter: deadAfter) }.map { ($0.name, (incarnation: $0.incarnation, address: $0.address)) })
+        var nowAlive = Dictionary(uniqueKeysWithValues: members.filter { $0.isAlive(deadAfter: deadAfter) }.map { ($0.name, (incarnation: $0.incarnation, address: $0.address)) })
+        let inGrace: Bool = state.withLock { state in
+            guard let until = state.noDeathsBefore else { return false }
+            if ContinuousClock.now < until { return true }
+            state.noDeathsBefore = nil
+            return false
+        }
+        if inGrace {
+            // Stale heartbeats right after the database came back prove nothing: whoever was
+            // alive stays alive (unless it left, or restarted as another run).
+            let before = state.withLock { $0.alive }
+            for (name, member) in before where nowAlive[name] == nil {
+                if let row = members.first(where: { $0.name == name }), !row.left, row.incarnation == member.incarnation {
+                    nowAlive[name] = member
+                }
+            }
+        }
         let (gone, toDial): ([String], [(String, String)]) = state.withLock { state in
             guard !state.stopping else { return ([], []) }
             state.members = members
@@ -669,7 +704,7 @@ public final class ClusterService: Sendable {
             state.withLock { $0.dialers[name] = task }
         }
         metrics.aliveNodes.record(nowAlive.count)
-        for member in members where !member.isAlive(deadAfter: deadAfter) && member.name != nodeName {
+        for member in members where nowAlive[member.name] == nil && member.name != nodeName {
             try? await directory.forgetSessions(ofDeadNode: member.name, deadAfter: deadAfter)
         }
     }
@@ -683,10 +718,10 @@ public final class ClusterService: Sendable {
             state.dialers[peer] = nil
         }
         let unacknowledged = link?.close() ?? []
-        var stanzas: [(to: String, stanza: String)] = []
+        var stanzas: [UndeliveredStanza] = []
         var rerouted: [String] = []
-        for frame in unacknowledged {
-            if case .deliver(_, let to, let stanza) = frame { stanzas.append((to, stanza)) }
+        for (frame, copies) in unacknowledged {
+            if case .deliver(_, let to, let stanza) = frame { stanzas.append(UndeliveredStanza(to: to, stanza: stanza, copies: copies)) }
             if case .route(_, let stanza) = frame { rerouted.append(stanza) }
             if case .routeRemote(_, let stanza) = frame { rerouted.append(stanza) }
         }
@@ -736,6 +771,7 @@ struct ClusterMetrics: Sendable {
     let linksConnected: Counter
     let nodesGone: Counter
     let membershipFailures: Counter
+    let membershipChecks: Counter
     let aliveNodes: Recorder
 
     init(factory: any MetricsFactory) {
@@ -744,6 +780,7 @@ struct ClusterMetrics: Sendable {
         linksConnected = Counter(label: "braid_cluster_node_links_connected_total", factory: factory)
         nodesGone = Counter(label: "braid_cluster_nodes_gone_total", factory: factory)
         membershipFailures = Counter(label: "braid_cluster_database_failures_total", factory: factory)
+        membershipChecks = Counter(label: "braid_cluster_membership_checks_total", factory: factory)
         aliveNodes = Recorder(label: "braid_cluster_nodes_alive", aggregate: false, factory: factory)
     }
 }

@@ -49,9 +49,11 @@ public struct SessionTransfer: Sendable, Equatable {
 /// receiver acknowledges what it has handled, and the sender keeps everything unacknowledged
 /// to send again after a reconnect or to route again if the receiver dies.
 public enum NodeFrame: Sendable, Equatable {
-    /// First on every stream, from each side: who it is, and which run of it (a restarted
-    /// node numbers from 1 again).
-    case hello(node: String, incarnation: UInt64)
+    /// First on every stream, from each side: who it is, which run of it (a restarted node
+    /// numbers from 1 again), and which numbering of its frames to the receiver: a node
+    /// that counted the receiver as gone and linked again starts a new numbering without
+    /// restarting, and the receiver must not take its new frames for ones it has handled.
+    case hello(node: String, incarnation: UInt64, numbering: UInt64)
     /// A stanza for a session bound on the receiver, serialized as stored stanzas are.
     case deliver(seq: UInt64, to: String, stanza: String)
     /// A session of the sender's was bound or changed.
@@ -106,8 +108,8 @@ public enum NodeFrameCodec {
     public static func encode(_ frame: NodeFrame) -> [UInt8] {
         var out: [UInt8] = []
         switch frame {
-        case .hello(let node, let incarnation):
-            out.append(1); putString(node, &out); putInteger(incarnation, &out)
+        case .hello(let node, let incarnation, let numbering):
+            out.append(1); putString(node, &out); putInteger(incarnation, &out); putInteger(numbering, &out)
         case .deliver(let seq, let to, let stanza):
             out.append(2); putInteger(seq, &out); putString(to, &out); putString(stanza, &out)
         case .session(let seq, let record):
@@ -152,7 +154,7 @@ public enum NodeFrameCodec {
         let frame: NodeFrame
         switch kind {
         case 1:
-            frame = .hello(node: try reader.string(), incarnation: try reader.integer())
+            frame = .hello(node: try reader.string(), incarnation: try reader.integer(), numbering: try reader.integer())
         case 2:
             frame = .deliver(seq: try reader.integer(), to: try reader.string(), stanza: try reader.string())
         case 3:

@@ -9,17 +9,25 @@ import Synchronization
 /// stanza given to a node link is delivered, routed again, or bounced, never lost silently.
 final class NodeLink: Sendable {
     let peer: String
+    /// This link's numbering of frames, told in hello: a new link to the same node (after
+    /// counting it gone) numbers from 1 again under a new value.
+    let numbering = UInt64.random(in: 1...UInt64.max)
 
     struct State {
         var nextSequence: UInt64 = 1
         var unacknowledged: [(sequence: UInt64, frame: NodeFrame)] = []
         var writer: AsyncStream<NodeFrame>.Continuation?
-        /// The run of the other node whose frames `lastHandled` counts.
+        /// The run of the other node, and its numbering, whose frames `lastHandled` counts.
         var peerIncarnation: UInt64?
+        var peerNumbering: UInt64?
         var lastHandled: UInt64 = 0
         var framesSent: UInt64 = 0
         var framesReceived: UInt64 = 0
         var closed = false
+        /// For `deliver` frames of a message sent to several resources at once: the other
+        /// resources that got it (kept here, never sent), so that a copy lost with this node
+        /// is not delivered to them a second time.
+        var copies: [UInt64: [String]] = [:]
         /// Counts streams attached, so a stream that ends detaches only itself.
         var streamToken: UInt64 = 0
     }
@@ -39,13 +47,14 @@ final class NodeLink: Sendable {
     }
 
     /// Numbers `make`'s frame and sends it now, or when the link is back.
-    func send(_ make: (UInt64) -> NodeFrame) -> SendOutcome {
+    func send(copies: [String] = [], _ make: (UInt64) -> NodeFrame) -> SendOutcome {
         state.withLock { state in
             guard !state.closed, state.unacknowledged.count < maximumQueued else { return .refused }
             let sequence = state.nextSequence
             state.nextSequence += 1
             let frame = make(sequence)
             state.unacknowledged.append((sequence, frame))
+            if !copies.isEmpty { state.copies[sequence] = copies }
             if let writer = state.writer {
                 writer.yield(frame)
                 state.framesSent += 1
@@ -112,6 +121,7 @@ final class NodeLink: Sendable {
                 if case .routeRemote = entry.frame { return false }
                 return entry.sequence <= sequence
             }
+            if !state.copies.isEmpty { state.copies = state.copies.filter { $0.key > sequence } }
         }
     }
 
@@ -128,17 +138,25 @@ final class NodeLink: Sendable {
         case duplicate
     }
 
-    /// The other node said which run it is; a new run starts its numbering afresh.
-    /// Returns true when this is a different run than the one seen before.
-    func peerIs(incarnation: UInt64) -> Bool {
+    /// The other node said which run it is and which numbering it uses; either changing
+    /// starts the count of handled frames afresh. Returns true when this is a different run
+    /// than the one seen before (the other node restarted).
+    func peerIs(incarnation: UInt64, numbering: UInt64) -> Bool {
         state.withLock { state in
-            let changed = state.peerIncarnation != nil && state.peerIncarnation != incarnation
-            if state.peerIncarnation != incarnation {
+            let restarted = state.peerIncarnation != nil && state.peerIncarnation != incarnation
+            if state.peerIncarnation != incarnation || state.peerNumbering != numbering {
                 state.peerIncarnation = incarnation
+                state.peerNumbering = numbering
                 state.lastHandled = 0
             }
-            return changed
+            return restarted
         }
+    }
+
+    /// Whether the other node is known to be this run (for the restart check before it is
+    /// recorded).
+    func knowsPeer(incarnation: UInt64) -> Bool? {
+        state.withLock { state in state.peerIncarnation.map { $0 == incarnation } }
     }
 
     func receiving(_ sequence: UInt64) -> Receipt {
@@ -158,11 +176,12 @@ final class NodeLink: Sendable {
 
     /// Closes the link for good (the other node died or left) and returns what it never
     /// acknowledged, oldest first.
-    func close() -> [NodeFrame] {
-        let (writer, frames) = state.withLock { state -> (AsyncStream<NodeFrame>.Continuation?, [NodeFrame]) in
+    func close() -> [(frame: NodeFrame, copies: [String])] {
+        let (writer, frames) = state.withLock { state -> (AsyncStream<NodeFrame>.Continuation?, [(frame: NodeFrame, copies: [String])]) in
             state.closed = true
-            let frames = state.unacknowledged.map(\.frame)
+            let frames = state.unacknowledged.map { (frame: $0.frame, copies: state.copies[$0.sequence] ?? []) }
             state.unacknowledged = []
+            state.copies = [:]
             defer { state.writer = nil }
             return (state.writer, frames)
         }

@@ -217,6 +217,96 @@ struct ClusterTests {
         }
     }
 
+    @Test("A message to a bare JID that went to resources on two nodes: the copy lost with one node is not delivered to the other resource again")
+    func copyLostWithNodeIsNotDuplicated() async throws {
+        try await withCluster(deadAfter: 1.5) { nodes in
+            let (mobile, mobileJID) = try await nodes[0].loggedIn("alice@a.example", resource: "mobile")
+            let (desk, deskJID) = try await nodes[1].loggedIn("alice@a.example", resource: "desk")
+            try await mobile.sendPresence()
+            try await desk.sendPresence()
+            try await waitUntil(timeout: .seconds(5), "both resources available on node 1") {
+                nodes[0].context.sessions.entry(for: deskJID)?.isAvailable == true && nodes[0].context.sessions.entry(for: mobileJID)?.isAvailable == true
+            }
+            let (bob, _) = try await nodes[0].loggedIn("bob@b.example")
+            // Node 2 stops answering; the copy for the desk waits in node 1's link to it.
+            try #require(nodes[1].server.cluster).stopAbruptly()
+            try await waitUntil(timeout: .seconds(5), "node 1 sees the link down") {
+                try #require(nodes[0].server.cluster).linkStatus.allSatisfy { !$0.connected }
+            }
+            try await bob.sendMessage(to: "alice@a.example", body: "to both", id: "both")
+            _ = try await mobile.waitFor { $0.attribute("id") == "both" }
+            try await waitUntil(timeout: .seconds(10), "node 2 counted dead, its copy not delivered again") {
+                nodes[0].metrics.counterValue("braid_cluster_copies_not_redelivered_total") == 1
+            }
+            // A marker after it: had the copy been routed again, it would have come first.
+            try await bob.sendMessage(to: "alice@a.example", body: "marker", id: "marker")
+            let next = try await mobile.waitFor { $0.name == "message" }
+            #expect(next.attribute("id") == "marker")
+            #expect(try await nodes[0].context.storage.offlineMessageCount(for: mobileJID.bare) == 0)
+            await bob.close()
+            await mobile.close()
+            await desk.close()
+        }
+    }
+
+    @Test("The database away for longer than dead_after: nobody is counted dead, and messages cross nodes afterwards")
+    func databaseRestart() async throws {
+        try await withCluster(deadAfter: 1.5) { nodes in
+            let database = try #require(PostgresTestServer.current)
+            let (alice, aliceJID) = try await nodes[0].loggedIn("alice@a.example")
+            let (bob, bobJID) = try await nodes[1].loggedIn("bob@b.example")
+            try await waitUntil(timeout: .seconds(5), "each known on the other node") {
+                nodes[0].context.sessions.entry(for: bobJID) != nil && nodes[1].context.sessions.entry(for: aliceJID) != nil
+            }
+            await database.stopServer()
+            // Longer than dead_after without a heartbeat: failed checks on each node (each
+            // fails at once, or after the storage's operation timeout).
+            do {
+                for node in nodes {
+                    try await waitUntil(timeout: .seconds(40), "membership checks failing") {
+                        node.metrics.counterValue("braid_cluster_database_failures_total") >= 2
+                    }
+                }
+            } catch {
+                try await database.restart()
+                throw error
+            }
+            let checksBefore = nodes.map { $0.metrics.counterValue("braid_cluster_membership_checks_total") }
+            try await database.restart()
+            // Well past one dead_after of successful checks after the database is back.
+            for (index, node) in nodes.enumerated() {
+                try await waitUntil(timeout: .seconds(30), "membership checks succeeding again") {
+                    node.metrics.counterValue("braid_cluster_membership_checks_total") >= checksBefore[index] + 12
+                }
+            }
+            for node in nodes {
+                #expect(node.metrics.counterValue("braid_cluster_nodes_gone_total") == 0, "nobody counted dead on stale heartbeats")
+            }
+            try await alice.sendMessage(to: bobJID.description, body: "after the restart", id: "after")
+            _ = try await bob.waitFor(timeout: .seconds(10)) { $0.attribute("id") == "after" }
+            try await bob.sendMessage(to: aliceJID.description, body: "got it", id: "back")
+            _ = try await alice.waitFor(timeout: .seconds(10)) { $0.attribute("id") == "back" }
+            await alice.close()
+            await bob.close()
+        }
+    }
+
+    @Test("A new numbering of frames from the same run of a node is not taken for frames already handled")
+    func newNumberingIsNotDuplicate() {
+        let link = NodeLink(peer: "node-2", maximumQueued: 10)
+        #expect(link.peerIs(incarnation: 7, numbering: 100) == false)
+        #expect(link.receiving(1) == .handle)
+        link.handled(1)
+        #expect(link.receiving(2) == .handle)
+        link.handled(2)
+        #expect(link.receiving(2) == .duplicate, "sent again after a reconnect")
+        // The other node counted this one gone and linked again: numbering from 1 anew.
+        #expect(link.peerIs(incarnation: 7, numbering: 101) == false)
+        #expect(link.receiving(1) == .handle)
+        // A restart is a new run.
+        #expect(link.peerIs(incarnation: 8, numbering: 102) == true)
+    }
+
     @Test("A node that dies: the others drop its sessions and store what it never acknowledged")
     func nodeDies() async throws {
         try await withCluster(deadAfter: 1.5) { nodes in
@@ -434,7 +524,7 @@ struct ClusterTests {
     @Test("Node frames: every kind round-trips, and malformed input is refused, not trapped on")
     func frameCodec() throws {
         let frames: [NodeFrame] = [
-            .hello(node: "node-ä", incarnation: 1_765_000_000_000),
+            .hello(node: "node-ä", incarnation: 1_765_000_000_000, numbering: UInt64.max),
             .deliver(seq: 1, to: "bob@b.example/phone", stanza: "<message xmlns='jabber:client'><body>hi</body></message>"),
             .session(seq: 2, SessionRecord(jid: "a@b/c", boundAt: -5, presence: "<presence/>", priority: -128, interestedInRoster: true, carbons: false)),
             .session(seq: UInt64.max, SessionRecord(jid: "a@b/c", boundAt: Int64.max, presence: nil, priority: 127, interestedInRoster: false, carbons: true)),

@@ -212,7 +212,11 @@ final class ClusterBridge: ClusterHost, SessionRegistry.Observer {
         return owner == cluster.nodeName ? nil : owner
     }
 
-    func nodeGone(_ node: String, unacknowledged: [(to: String, stanza: String)], rerouted: [String], announce: Bool) async {
+    /// While a message sent to a bare JID is delivered to several resources: those
+    /// resources, so that a copy forwarded to another node carries who else got it.
+    @TaskLocal static var deliveredTogether: [JID] = []
+
+    func nodeGone(_ node: String, unacknowledged: [UndeliveredStanza], rerouted: [String], announce: Bool) async {
         let removed = context.sessions.removeRemote(node: node)
         nodeLinks.withLock { $0[node] = nil }
         let router = context.router
@@ -222,9 +226,20 @@ final class ClusterBridge: ClusterHost, SessionRegistry.Observer {
                 await router.presence.broadcastUnavailable(of: entry.session, entry: entry, router: router)
             }
         }
-        for (to, stanza) in unacknowledged {
-            guard let target = try? JID(to), let element = try? XMLFragment.parse(stanza) else { continue }
+        var deliveredElsewhere = 0
+        for undelivered in unacknowledged {
+            guard let target = try? JID(undelivered.to), let element = try? XMLFragment.parse(undelivered.stanza) else { continue }
+            // One of several copies, and another resource that got one is still here: the
+            // account has the message (and its archive); a second copy would be a duplicate.
+            if undelivered.copies.contains(where: { (try? JID($0)).flatMap { context.sessions.entry(for: $0) } != nil }) {
+                deliveredElsewhere += 1
+                context.metrics.clusterCopiesNotRedelivered.increment()
+                continue
+            }
             await router.messages.handleUndelivered(element, to: target, router: router)
+        }
+        if deliveredElsewhere > 0 {
+            logger.info("copies lost with a node whose account got the message on another resource", metadata: ["peer": "\(node)", "copies": "\(deliveredElsewhere)"])
         }
         // Sent to it to route (its rooms, or federation while it held the lease): routed
         // again from the start, to whichever node owns them now.
@@ -305,7 +320,8 @@ final class ClusterBridge: ClusterHost, SessionRegistry.Observer {
 
         func forward(_ element: XMLElement, to session: ClientSession) {
             guard let bridge else { return }
-            guard !bridge.cluster.deliver(stanza: XMLFragment.serialize(element), to: session.jid.description, on: node) else { return }
+            let copies = ClusterBridge.deliveredTogether.filter { $0 != session.jid }.map(\.description)
+            guard !bridge.cluster.deliver(stanza: XMLFragment.serialize(element), to: session.jid.description, on: node, copies: copies) else { return }
             // The node is gone or too much waits for it. Routing again could pick the same
             // stand-in; the sender is told instead (RFC 6120 §8.3.3.18).
             let router = bridge.context.router

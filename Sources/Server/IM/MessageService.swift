@@ -81,7 +81,16 @@ final class MessageService: Sendable {
                     // §8.5.2.1.1: the most available resources: those with the highest priority.
                     let top = candidates.map(\.priority).max() ?? 0
                     let chosen = candidates.filter { $0.priority == top }
-                    for entry in chosen { entry.session.deliver(stanza.element) }
+                    // In a cluster, a copy sent to another node's session carries who else got
+                    // one (ClusterBridge.deliveredTogether): lost with that node, it is not
+                    // delivered to them again.
+                    if chosen.count > 1 {
+                        ClusterBridge.$deliveredTogether.withValue(chosen.map { $0.session.jid }) {
+                            for entry in chosen { entry.session.deliver(stanza.element) }
+                        }
+                    } else {
+                        for entry in chosen { entry.session.deliver(stanza.element) }
+                    }
                     router.modules.messageDelivered(message, account: account, resources: Set(chosen.map { $0.session.jid }), router: router)
                     return chosen.allSatisfy { $0.session.isWaitingForResumption } ? .waiting(.awaitingResumption) : .done
                 case .headline:

@@ -31,6 +31,9 @@ public struct ServerMetrics: Sendable {
     let webSocketUpgradesRefused: Counter
     /// Frames from another cluster node that did not parse or named what is not ours.
     let clusterBadFrames: Counter
+    /// Copies of a message lost with a dead node, not delivered again because another
+    /// resource of the account got the message.
+    let clusterCopiesNotRedelivered: Counter
     /// The certificates presented (each counted once, however many names it covers), and
     /// when the first of them expires (Unix seconds): one series each, not one per domain,
     /// so 10,000 customer certificates do not make 10,000 series. `braid check` names them.
@@ -41,6 +44,7 @@ public struct ServerMetrics: Sendable {
         self.registry = registry
         webSocketUpgradesRefused = Counter(label: "braid_websocket_upgrades_refused_total", factory: registry)
         clusterBadFrames = Counter(label: "braid_cluster_bad_frames_total", factory: registry)
+        clusterCopiesNotRedelivered = Counter(label: "braid_cluster_copies_not_redelivered_total", factory: registry)
         certificatesPresented = Meter(label: "braid_certificates", factory: registry)
         certificateEarliestExpiry = Meter(label: "braid_certificate_earliest_expiry_timestamp_seconds", factory: registry)
         connectionsAccepted = Dictionary(uniqueKeysWithValues: ListenerKind.allCases.map {
