@@ -108,6 +108,10 @@ public final class ClusterService: Sendable {
         /// could not write heartbeats either, and need a full `dead_after_seconds` to show
         /// they are alive.
         var noDeathsBefore: ContinuousClock.Instant?
+        /// When the last membership check ended well: a check that comes long after it (the
+        /// database answered slowly, or not at all until it came back) means the others'
+        /// heartbeats may be stale for the same reason.
+        var lastGoodCheck: ContinuousClock.Instant?
     }
 
     /// The lease that makes one node at a time the cluster's federation endpoint: one TCP
@@ -607,6 +611,17 @@ public final class ClusterService: Sendable {
             // heartbeat counts as dead, so stanzas routed again below find the new holder.
             try await checkFederationLease()
             let members = try await directory.members()
+            let now = ContinuousClock.now
+            let stalled = Duration.milliseconds(Int64((2 * settings.heartbeatIntervalSeconds + 1) * 1000))
+            state.withLock { state in
+                if let last = state.lastGoodCheck, now - last > stalled {
+                    // The database was slow or away for a while without a check failing
+                    // outright: the same grace as after a failure.
+                    state.noDeathsBefore = max(state.noDeathsBefore ?? now,
+                                               now + .milliseconds(Int64((settings.deadAfterSeconds + settings.heartbeatIntervalSeconds) * 1000)))
+                }
+                state.lastGoodCheck = now
+            }
             await apply(members: members)
             metrics.membershipChecks.increment()
         } catch {
