@@ -8,7 +8,7 @@
     sudo bench/run --only web      some scenarios: they replace their sections in the existing
                                    report of the same mode (full or smoke) in --out, the others
                                    are kept; the run's machine facts are recorded per scenario
-    options: --only fanout,newpair,c2s,hosting,muc,mam,pep,web,micro   --braid PATH   --out DIR   --no-build
+    options: --only fanout,newpair,c2s,hosting,muc,mam,pep,web,micro,cluster   --braid PATH   --out DIR   --no-build
              --build-config debug   --wait-for FILE   --report-only (md and plots from the json)
 
 Scenarios (each module's docstring has the details): fanout.py (s2s fan-out over the
@@ -18,7 +18,9 @@ with N occupants, and the MUC service's cost per hosted domain), mam.py (message
 query latency at 10^4..10^6 archived messages, messaging with the archive on and off),
 pep.py (personal eventing: one publish to 1,000 local and remote contacts, and the caps
 cache's memory at 10,000 distinct vers), web.py (XMPP over WebSocket beside TCP, HTTP file
-upload throughput and memory), micro.py (braid-bench).
+upload throughput and memory), micro.py (braid-bench), cluster.py (Braid only: two nodes on one
+PostgreSQL, CPU per message same-node and cross-node, federation takeover after kill -9 of the
+lease holder).
 --braid PATH runs that binary (nothing is built; with --build-config debug for a debug one).
 Needs root (network namespaces) and Debian's prosody, ejabberd, tsung, knot, unbound,
 python3-matplotlib (Scripts/setup bench); mam also lua-dbi-sqlite3 and erlang-p1-sqlite3.
@@ -36,7 +38,7 @@ import common  # noqa: E402
 from common import ROOT, log  # noqa: E402
 
 KINDS = ["braid", "prosody", "ejabberd"]
-SCENARIOS = ["fanout", "newpair", "c2s", "hosting", "muc", "mam", "pep", "web", "micro"]
+SCENARIOS = ["fanout", "newpair", "c2s", "hosting", "muc", "mam", "pep", "web", "micro", "cluster"]
 
 FULL = {
     "fanout": {"sizes": [10, 30, 100], "time_limits": {10: 60, 30: 120, 100: 180}, "warm_total": 20000},
@@ -59,6 +61,9 @@ FULL = {
     "web": {"pairs": 50, "window": 16, "seconds": 10, "warmup": 2, "drain_timeout": 15, "driver_processes": 2,
             "max_other_cpu_seconds": 2.0,
             "upload": {"transfers": [[1000000, 5], [100000000, 2]]}},
+    "cluster": {"senders": 50, "rate": 500, "seconds": 20, "drain": 20, "idle_seconds": 10,
+                "heartbeat_seconds": 0.5, "dead_after_seconds": 2.0,
+                "stream_interval": 0.02, "stream_warmup": 4, "stream_after": 10, "stream_drain": 20, "takeover_repeats": 5},
 }
 SMOKE = {
     "fanout": {"sizes": [2], "time_limits": {2: 30}, "warm_total": 100},
@@ -79,6 +84,9 @@ SMOKE = {
               "storage": {"accounts": 20, "messages": 50, "contacts": 20, "domains": 100}},
     "web": {"pairs": 2, "window": 4, "seconds": 2, "warmup": 1, "drain_timeout": 10, "driver_processes": 1,
             "upload": {"transfers": [[1000000, 2]]}},
+    "cluster": {"senders": 3, "rate": 30, "seconds": 2, "drain": 10, "idle_seconds": 2,
+                "heartbeat_seconds": 0.5, "dead_after_seconds": 2.0,
+                "stream_interval": 0.05, "stream_warmup": 2, "stream_after": 8, "stream_drain": 15, "takeover_repeats": 1},
 }
 
 
@@ -183,6 +191,13 @@ def check(report, wanted):
         storage = m.get("storage", {}).get("results", {})
         if not storage.get("sqlite") or not storage.get("postgresql"):
             missing.append("micro/storage")
+    if "cluster" in wanted:
+        cl = s.get("cluster", {})
+        for name in ("same", "cross"):
+            if not (cl.get("delivery", {}).get(name) or {}).get("cpu_us_per_message"):
+                missing.append(f"cluster-{name}/braid")
+        if not any(r.get("takeover_seconds") is not None for r in (cl.get("takeover") or {}).get("runs", [])):
+            missing.append("cluster-takeover/braid")
     return missing
 
 
@@ -310,6 +325,13 @@ def main():
     if "web" in wanted:
         import web
         run_scenario("web", lambda: web.run(KINDS, braid, sizes["web"]), report)
+    if "cluster" in wanted:
+        # By path: common puts the federation lab first on sys.path, and the lab has a cluster.py of its own.
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("bench_cluster", os.path.join(os.path.dirname(os.path.abspath(__file__)), "cluster.py"))
+        cluster = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cluster)
+        run_scenario("cluster", lambda: cluster.run(braid, sizes["cluster"]), report)
     if "micro" in wanted:
         m = sizes["micro"]
         run_scenario("micro", lambda: micro.run(m["megabytes"], m["repetitions"], m["logins"], bench_binary, m.get("storage")), report)

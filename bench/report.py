@@ -224,6 +224,28 @@ def goals(report):
                 f"{fmt(on.get('messages_per_cpu_second'), 0)} / {fmt(off.get('messages_per_cpu_second'), 0)}"
                 + ("" if judged else " (debug build: not judged)"),
                 f"on ÷ off = {ratio:.2f}×" if ratio else "—", (ratio >= 0.9) if judged and ratio else None)
+    tk = (s.get("cluster", {}) or {}).get("takeover") or {}
+    if tk.get("runs"):
+        # A debug build or a smoke size says nothing about the goal: measured, not judged.
+        judged = report.get("build_config") != "debug" and report.get("mode") == "full"
+        runs = tk["runs"]
+        good = [r for r in runs if r.get("takeover_seconds") is not None]
+        limit = tk.get("goal_seconds")
+        worst = tk.get("takeover_max_seconds")
+        add(f"cluster: federation flows again < 2 × dead_after ({fmt(limit, 1)} s) after kill -9 of the s2s lease holder",
+            f"{len(good)} of {len(runs)} kills: " + ", ".join(f"{fmt(r['takeover_seconds'], 2)} s" for r in good)
+            + f" (heartbeat {fmt(tk.get('heartbeat_seconds'), 1)} s, dead after {fmt(tk.get('dead_after_seconds'), 1)} s)"
+            + ("" if judged else " (debug build or smoke size: not judged)"),
+            f"worst {worst / limit:.2f}× the limit" if worst is not None and limit else "—",
+            (worst < limit and len(good) == len(runs)) if judged and worst is not None and limit else None)
+        finished = [r for r in runs if "error" not in r]
+        if finished:
+            lost, dup, bounced = tk.get("lost_total", 0), tk.get("duplicates_total", 0), tk.get("bounced_total", 0)
+            sent = sum(r.get("sent", 0) for r in finished)
+            add("cluster: 0 messages lost in the takeover (every message numbered, sent vs received at the peer)",
+                f"{fmt(lost)} lost, {fmt(bounced)} bounced, {fmt(dup)} duplicated of {fmt(sent)} sent over {len(finished)} kills",
+                f"{fmt(lost + bounced)} not delivered",
+                (lost == 0 and bounced == 0 and len(finished) == len(runs)) if judged else None)
     return rows
 
 
@@ -661,6 +683,94 @@ def newpair_section(np_, report):
     return lines
 
 
+def cluster_section(cl, report):
+    z = report["sizes"].get("cluster", {})
+    lines = ["## Cluster (Braid only): CPU per message across nodes, federation takeover", "",
+             "Two Braid nodes of provider A (a.example) on one PostgreSQL (initdb in the run's directory, Unix socket, "
+             "fsync off), node links over gRPC with mutual TLS from a throw-away cluster CA, and a third Braid as provider "
+             "B (b.example, SQLite), all on 127.0.0.1 in a loopback-only namespace (bench/cluster.py). A's nodes configure "
+             "the same s2s port; only the holder of the `s2s` lease binds it. A and B find each other by static "
+             "`s2s.peers` entries. Clients: one asyncio process of minimal XMPP clients (STARTTLS, SASL PLAIN, bind, "
+             "presence; no stream management). Prosody has no cluster; ejabberd's clustering needs Erlang distribution "
+             "between the nodes (cookie, epmd, mnesia), which this harness does not set up: Braid only.", ""]
+    extra = (report.get("separate_runs") or {}).get("cluster")
+    if extra:
+        em = extra.get("machine", {})
+        lines += [f"Run {em.get('date', '?')}: Braid {extra.get('braid', '?')}; load average at start {em.get('load_average_at_start')}, "
+                  f"at end {em.get('load_average_at_end')}.", ""]
+    if cl.get("braid_build"):
+        lines += [f"Binary: {cl['braid_build']}.", ""]
+    if cl.get("pinning"):
+        lines += [f"Pinning: {cl['pinning']}.", ""]
+    if cl.get("error"):
+        lines += [f"Error: {cl['error'][:500]}", ""]
+    d = cl.get("delivery") or {}
+    if d.get("error"):
+        lines += [f"Delivery: error: {d['error'][:500]}", ""]
+    elif d.get("same"):
+        n = d.get("senders")
+        lines += [f"### CPU per message, same-node and cross-node", "",
+                  f"{n} senders log in on node 1, {n} receivers on node 1 and {n} more on node 2. Each phase offers "
+                  f"{fmt(d.get('offered_per_second'))} messages/s for {fmt(d.get('seconds'))} s (open loop, round-robin over "
+                  f"{n} sender → receiver pairs, to the receivers' full JIDs): **same-node** to the receivers on node 1, "
+                  "**cross-node** to those on node 2 (node 1 hands each message over the node link). CPU: utime + stime "
+                  "of each Braid process (/proc), read when the phase's first message is written and when its last one "
+                  "has arrived; same-node counts node 1, cross-node both nodes. Idle: each node's CPU per second over the "
+                  "seconds just before the phase (heartbeats and lease renewals every "
+                  f"{fmt((cl.get('takeover') or {}).get('heartbeat_seconds') or z.get('heartbeat_seconds'), 1)} s); "
+                  "\"net\" subtracts it over the phase's window. Latency: the receiving client's read − the sending "
+                  "client's write (one process, one clock).", ""]
+        rows = []
+        for name, label in (("same", "same-node (node 1 → node 1)"), ("cross", "cross-node (node 1 → node 2)")):
+            r = d.get(name) or {}
+            cpu_s = r.get("cpu_seconds") or []
+            idle = r.get("idle_cpu_per_second") or []
+            rows.append((label, f"{fmt(r.get('delivered'))} / {fmt(r.get('sent'))}",
+                         f"{fmt(r.get('lost'))} / {fmt(r.get('bounced'))} / {fmt(r.get('duplicates'))}",
+                         fmt(r.get("delivered_per_second")),
+                         f"{fmt(r.get('p50_ms'), 2)} / {fmt(r.get('p99_ms'), 2)} / {fmt(r.get('max_ms'), 1)}",
+                         " / ".join(cpu(x) for x in cpu_s),
+                         " / ".join(f"{x * 100:.1f} %" for x in idle),
+                         f"**{fmt(r.get('cpu_us_per_message'))}**", fmt(r.get("cpu_us_per_message_net_of_idle")),
+                         fmt(r.get("cpu_us_per_message_all_nodes"))))
+        lines += [table(["path", "delivered / sent", "lost / bounced / duplicated", "delivered msg/s", "latency ms p50 / p99 / max",
+                         "CPU s node 1 / node 2", "idle CPU node 1 / node 2", "CPU µs/msg (counted nodes)",
+                         "net of idle", "both nodes"], rows), ""]
+        if d.get("cross_over_same"):
+            lines += [f"Cross-node ÷ same-node CPU per message: **{d['cross_over_same']:.2f}×**.", ""]
+    tk = cl.get("takeover") or {}
+    if tk.get("runs"):
+        lines += ["### Federation takeover after the lease holder dies", "",
+                  f"Heartbeat {fmt(tk.get('heartbeat_seconds'), 1)} s, dead after {fmt(tk.get('dead_after_seconds'), 1)} s "
+                  f"(goal: < 2 × dead_after = {fmt(tk.get('goal_seconds'), 1)} s, 0 lost). One user of A at the node that does "
+                  f"not hold the s2s lease sends a numbered message every {fmt((tk.get('interval_seconds') or 0) * 1000, 0)} ms "
+                  f"to a user of B; {fmt(z.get('stream_warmup'))} s in, the lease holder is killed with SIGKILL (its sockets "
+                  "reset by the kernel, no lease release); the stream goes on for "
+                  f"{fmt(z.get('stream_after'))} s, then up to {fmt(z.get('stream_drain'))} s for stragglers. **Takeover**: "
+                  "kill → first message arriving at B again. Lease / listening: kill → the survivor holds a valid lease in "
+                  "`cluster_leases` / something listens on A's s2s port (polled every ~50 ms). Lost: sent, neither received "
+                  "at B nor bounced to the sender; duplicated: received more than once. Held back: messages sent after the "
+                  "kill that arrived more than 0.5 s later (kept by the survivor until it held the lease). The killed node "
+                  "is started again between repetitions.", ""]
+        rows = []
+        for i, r in enumerate(tk["runs"], 1):
+            if r.get("error"):
+                rows.append((str(i), "—", "—", "—", "—", "—", "—", "—", "—", "—", "error: " + r["error"][:200]))
+                continue
+            rows.append((str(i), f"{r['killed']} → {r['survivor']}", f"{fmt(r.get('sent'))} ({fmt(r.get('sent_before_kill'))})",
+                         f"**{fmt(r.get('takeover_seconds'), 3)}**", fmt(r.get("lease_taken_seconds"), 3),
+                         fmt(r.get("s2s_listening_seconds"), 3), fmt(r.get("longest_gap_seconds"), 3),
+                         fmt(r.get("max_delay_seconds"), 3),
+                         f"{fmt(r.get('lost'))} / {fmt(r.get('bounced'))} / {fmt(r.get('duplicates'))}",
+                         fmt(r.get("held_back")), ", ".join(r.get("bounce_conditions") or [])))
+        lines += [table(["kill", "killed → survivor", "sent (before the kill)", "takeover s", "lease taken s",
+                         "s2s listening s", "longest gap between arrivals s", "max delay s", "lost / bounced / duplicated",
+                         "held back", "note"], rows), ""]
+    if cl.get("tuning"):
+        lines += ["Tuning: " + "; ".join(cl["tuning"]) + ".", ""]
+    return lines
+
+
 def web_section(we, report):
     z = report["sizes"]["web"]
     results = {r["kind"]: r for r in we.get("results", [])}
@@ -892,6 +1002,10 @@ def write(report, out):
     we = s.get("web", {})
     if we.get("results"):
         lines += web_section(we, report)
+
+    cl = s.get("cluster", {})
+    if cl.get("delivery") or cl.get("takeover") or cl.get("error"):
+        lines += cluster_section(cl, report)
 
     mi = s.get("micro", {})
     if mi:
