@@ -16,6 +16,9 @@ public struct ClusterMember: Sendable, Equatable {
     public var startedSecondsAgo: Double
     /// Bound sessions, as of its last heartbeat.
     public var sessions: Int
+    /// Its s2s links to peer servers, as of its last heartbeat (only the holder of the
+    /// federation lease has any).
+    public var links: Int
     /// It said goodbye (graceful shutdown).
     public var left: Bool
 
@@ -63,6 +66,7 @@ public final class ClusterDirectory: Sendable {
                         left_at timestamptz
                     )
                     """, logger: self.logger)
+                try await connection.query("ALTER TABLE cluster_nodes ADD COLUMN IF NOT EXISTS links integer NOT NULL DEFAULT 0", logger: self.logger)
                 try await connection.query("""
                     CREATE TABLE IF NOT EXISTS cluster_sessions (
                         jid text PRIMARY KEY,
@@ -71,6 +75,12 @@ public final class ClusterDirectory: Sendable {
                     )
                     """, logger: self.logger)
                 try await connection.query("CREATE INDEX IF NOT EXISTS cluster_sessions_node ON cluster_sessions (node)", logger: self.logger)
+                try await connection.query("""
+                    CREATE TABLE IF NOT EXISTS cluster_secrets (
+                        name text PRIMARY KEY,
+                        value text NOT NULL
+                    )
+                    """, logger: self.logger)
                 try await connection.query("""
                     CREATE TABLE IF NOT EXISTS cluster_leases (
                         name text PRIMARY KEY,
@@ -102,11 +112,11 @@ public final class ClusterDirectory: Sendable {
 
     /// Writes the heartbeat. False when the row now belongs to another run (two processes
     /// configured with one node name).
-    public func heartbeat(node: String, incarnation: UInt64, sessions: Int) async throws -> Bool {
+    public func heartbeat(node: String, incarnation: UInt64, sessions: Int, links: Int = 0) async throws -> Bool {
         let incarnationValue = Int64(bitPattern: incarnation)
         return try await within {
             let rows = try await self.client.query("""
-                UPDATE cluster_nodes SET heartbeat_at = now(), sessions = \(sessions)
+                UPDATE cluster_nodes SET heartbeat_at = now(), sessions = \(sessions), links = \(links)
                 WHERE name = \(node) AND incarnation = \(incarnationValue) RETURNING name
                 """, logger: self.logger)
             var count = 0
@@ -120,15 +130,15 @@ public final class ClusterDirectory: Sendable {
         try await within {
             var members: [ClusterMember] = []
             let rows = try await self.client.query("""
-                SELECT name, address, incarnation, sessions,
+                SELECT name, address, incarnation, sessions, links,
                        extract(epoch FROM now() - heartbeat_at)::float8,
                        extract(epoch FROM now() - started_at)::float8,
                        left_at IS NOT NULL
                 FROM cluster_nodes ORDER BY name
                 """, logger: self.logger)
-            for try await (name, address, incarnation, sessions, age, started, left) in rows.decode((String, String, Int64, Int32, Double, Double, Bool).self) {
+            for try await (name, address, incarnation, sessions, links, age, started, left) in rows.decode((String, String, Int64, Int32, Int32, Double, Double, Bool).self) {
                 members.append(ClusterMember(name: name, address: address, incarnation: UInt64(bitPattern: incarnation), heartbeatAge: age,
-                                             startedSecondsAgo: started, sessions: Int(sessions), left: left))
+                                             startedSecondsAgo: started, sessions: Int(sessions), links: Int(links), left: left))
             }
             return members
         }
@@ -176,6 +186,20 @@ public final class ClusterDirectory: Sendable {
                 holder = owner
             }
             return holder
+        }
+    }
+
+    /// The secret `name` every node shares: made by the first node that asks (random, 256
+    /// bits), read by the others.
+    public func sharedSecret(_ name: String) async throws -> String {
+        var generator = SystemRandomNumberGenerator()
+        let candidate = (0..<32).map { _ in String(format: "%02x", UInt8.random(in: 0...255, using: &generator)) }.joined()
+        return try await within {
+            try await self.client.query("INSERT INTO cluster_secrets (name, value) VALUES (\(name), \(candidate)) ON CONFLICT (name) DO NOTHING", logger: self.logger)
+            for try await value in try await self.client.query("SELECT value FROM cluster_secrets WHERE name = \(name)", logger: self.logger).decode(String.self) {
+                return value
+            }
+            throw ClusterError.configuration("the shared secret \(name) could not be read back")
         }
     }
 

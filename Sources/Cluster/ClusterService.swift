@@ -51,6 +51,8 @@ public protocol ClusterHost: Sendable {
     func localSessionRecords() -> [SessionRecord]
     /// How many sessions are bound here (for the heartbeat row).
     func localSessionCount() -> Int
+    /// How many s2s links this node holds (for the heartbeat row).
+    func federationLinkCount() async -> Int
     /// Called at every membership check while the federation lease is wanted: whether this
     /// node holds it now. The holder serves federation (listens for, and dials, peer
     /// servers); the others send their stanzas for remote domains to it.
@@ -133,6 +135,11 @@ public final class ClusterService: Sendable {
 
     public func install(host: any ClusterHost) {
         self.host.withLock { $0 = host }
+    }
+
+    /// A secret every node of the cluster shares (the dialback secret), from the database.
+    public func sharedSecret(named name: String) async throws -> String {
+        try await directory.sharedSecret(name)
     }
 
     /// Compete for the federation lease (call before ``start()`` when federation is on).
@@ -602,8 +609,9 @@ public final class ClusterService: Sendable {
     /// One heartbeat and one look at the others. Internal so tests can drive it.
     func checkMembership() async {
         let sessionCount = currentHost?.localSessionCount() ?? 0
+        let linkCount = await currentHost?.federationLinkCount() ?? 0
         do {
-            if try await !directory.heartbeat(node: nodeName, incarnation: incarnation, sessions: sessionCount) {
+            if try await !directory.heartbeat(node: nodeName, incarnation: incarnation, sessions: sessionCount, links: linkCount) {
                 logger.critical("another process registered this node name; check cluster.node_name on every node")
                 try await directory.register(node: nodeName, address: advertisedAddress, incarnation: incarnation)
             }

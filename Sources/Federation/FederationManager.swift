@@ -98,7 +98,10 @@ public final class FederationManager: Sendable {
     let locator: any PeerLocating
     let group: any EventLoopGroup
     let logger: Logger
-    let keys: DialbackKeyGenerator
+    /// Dialback keys (XEP-0185), from the configured secret, a random one, or (in a
+    /// cluster) the secret the nodes share through their database.
+    var keys: DialbackKeyGenerator { keysBox.withLock { $0 } }
+    private let keysBox: Mutex<DialbackKeyGenerator>
     let validator: PeerCertificateValidator
     /// Proofs tried for a peer domain, strongest first: PKIX, then whatever the server added
     /// (POSH, DANE). Dialback is the fallback outside this list.
@@ -116,6 +119,14 @@ public final class FederationManager: Sendable {
     /// The domain whose certificate direct TLS presents without SNI, kept for listening again.
     private let defaultDomainBox = Mutex<String?>(nil)
     private let handoverObserver = Mutex<(@Sendable ([Stanza]) -> Void)?>(nil)
+
+    /// Uses `secret` for dialback keys from now on. A cluster gives every node the same one
+    /// before federation starts, so a key one node issued verifies on any other (the node
+    /// that holds the federation lease changes).
+    public func useDialbackSecret(_ secret: String) {
+        guard !secret.isEmpty else { return }
+        keysBox.withLock { $0 = DialbackKeyGenerator(secret: secret) }
+    }
 
     /// Tells `body` of every stanza a peer now has (acknowledged under XEP-0198, or written
     /// on a link without it). Set before ``start(defaultDomain:listen:)``: links made before
@@ -252,7 +263,7 @@ public final class FederationManager: Sendable {
             var generator = SystemRandomNumberGenerator()
             secret = (0..<32).map { _ in String(format: "%02x", UInt8.random(in: 0...255, using: &generator)) }.joined()
         }
-        keys = DialbackKeyGenerator(secret: secret)
+        keysBox = Mutex(DialbackKeyGenerator(secret: secret))
         var defaultRoots = configuration.useSystemTrustStore ? PeerTrustAnchors.systemRoots() : []
         for file in configuration.trustAnchorFiles {
             defaultRoots += try PeerTrustAnchors.load(pemFile: file)

@@ -195,6 +195,11 @@ public final class BraidServer: Service {
         }
         // Before the client listeners: every session bound here is told to the other nodes.
         try await cluster?.start()
+        if let cluster, let federation, configuration.s2s.dialbackSecret.isEmpty {
+            // One dialback secret for the whole cluster, kept in its database: a key issued
+            // by the node that held the federation lease still verifies after another took it.
+            federation.useDialbackSecret(try await cluster.sharedSecret(named: "dialback"))
+        }
 
         let c2s = configuration.c2s
         if let port = c2s.starttlsPort {

@@ -17,7 +17,7 @@ struct ClusterCommand: AsyncParsableCommand {
 
     struct Status: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "List the nodes: alive or not, heartbeat age, address, sessions.",
+            abstract: "List the nodes: alive or not, heartbeat age, address, sessions, s2s links.",
             discussion: "Reads the database named by storage.url; needs no running node. Exit status 1 when any registered node is dead.")
 
         @OptionGroup var options: ConfigOptions
@@ -45,6 +45,7 @@ struct ClusterCommand: AsyncParsableCommand {
                 var heartbeatAgeSeconds: Double
                 var upSeconds: Double
                 var sessions: Int
+                var s2sLinks: Int
             }
             var rows: [Row] = []
             for member in members {
@@ -52,7 +53,7 @@ struct ClusterCommand: AsyncParsableCommand {
                 if !alive && !member.left { anyDead = true }
                 rows.append(Row(node: member.name, alive: alive, left: member.left, address: member.address,
                                 heartbeatAgeSeconds: (member.heartbeatAge * 10).rounded() / 10, upSeconds: member.startedSecondsAgo.rounded(),
-                                sessions: sessions.filter { $0.node == member.name }.count))
+                                sessions: sessions.filter { $0.node == member.name }.count, s2sLinks: member.links))
             }
             if json {
                 let encoder = JSONEncoder()
@@ -62,10 +63,10 @@ struct ClusterCommand: AsyncParsableCommand {
             } else if rows.isEmpty {
                 print("No node has registered in this database.")
             } else {
-                print("node                 state   heartbeat  sessions  address")
+                print("node                 state   heartbeat  sessions  s2s links  address")
                 for row in rows {
                     let state = row.alive ? "alive" : (row.left ? "left" : "DEAD")
-                    print("\(row.node.padding(toLength: 20, withPad: " ", startingAt: 0)) \(state.padding(toLength: 7, withPad: " ", startingAt: 0)) \(String(format: "%8.1fs", row.heartbeatAgeSeconds))  \(String(row.sessions).padding(toLength: 8, withPad: " ", startingAt: 0))  \(row.address)")
+                    print("\(row.node.padding(toLength: 20, withPad: " ", startingAt: 0)) \(state.padding(toLength: 7, withPad: " ", startingAt: 0)) \(String(format: "%8.1fs", row.heartbeatAgeSeconds))  \(String(row.sessions).padding(toLength: 8, withPad: " ", startingAt: 0))  \(String(row.s2sLinks).padding(toLength: 9, withPad: " ", startingAt: 0))  \(row.address)")
                 }
             }
             if anyDead { throw ExitCode(1) }

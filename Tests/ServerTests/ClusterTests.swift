@@ -1,5 +1,5 @@
 @testable import Cluster
-import Federation
+@testable import Federation
 import Foundation
 import Storage
 import Testing
@@ -447,6 +447,10 @@ struct ClusterTests {
             #expect(other.server.cluster?.holdsFederationLease == false)
             #expect(holder.server.federation?.isListening == true)
             #expect(other.server.federation?.isListening == false, "only the lease holder listens")
+            // One dialback secret for the cluster: a key either node issues verifies on both.
+            let keyOnHolder = try #require(holder.server.federation).keys.key(receiving: "b.example", originating: "a.example", streamID: "s1")
+            let keyOnOther = try #require(other.server.federation).keys.key(receiving: "b.example", originating: "a.example", streamID: "s1")
+            #expect(keyOnHolder == keyOnOther)
 
             // One user of A on each node, and Bob on B.
             let (alice, aliceJID) = try await holder.loggedIn("alice@a.example")
@@ -474,6 +478,13 @@ struct ClusterTests {
                 let holderLinks = await holder.server.federation?.links.count ?? -1
                 let otherLinks = await other.server.federation?.links.count ?? -1
                 return links == 1 && holderLinks == 1 && otherLinks == 0
+            }
+
+            // What `braid cluster status` reads: the holder's heartbeat row counts its link.
+            let holderCluster = try #require(holder.server.cluster)
+            try await waitUntil(timeout: .seconds(5), "the holder's row counts one s2s link") {
+                let members = try await holderCluster.directory.members()
+                return members.first { $0.name == holderCluster.nodeName }?.links == 1 && members.first { $0.name != holderCluster.nodeName }?.links == 0
             }
 
             // The holder dies (no goodbye, its links and listener gone): within the lease's

@@ -53,6 +53,11 @@ final class ClusterBridge: ClusterHost, SessionRegistry.Observer {
         context.sessions.count
     }
 
+    func federationLinkCount() async -> Int {
+        guard let manager = federation.withLock({ $0?.manager }) else { return 0 }
+        return await manager.links.count
+    }
+
     static func record(_ entry: SessionRegistry.Entry) -> SessionRecord {
         SessionRecord(jid: entry.session.jid.description, boundAt: entry.boundAt, presence: entry.presence.map(XMLFragment.serialize),
                       priority: entry.priority, interestedInRoster: entry.interestedInRoster, carbons: entry.carbons)
