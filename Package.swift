@@ -347,6 +347,8 @@ let package = Package(
             dependencies: [
                 "Server",
                 "Cluster",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 "TestSupport",
                 "Storage",
                 "Trust",

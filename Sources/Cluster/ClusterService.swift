@@ -420,7 +420,12 @@ public final class ClusterService: Sendable {
     /// An inbound stream from a node that dialed this one.
     private func accept(_ request: StreamingServerRequest<NodeFrame>) -> StreamingServerResponse<NodeFrame> {
         StreamingServerResponse { writer in
-            try await self.exchange(inbound: request.messages, write: { try await writer.write($0) }, dialed: nil)
+            do {
+                try await self.exchange(inbound: request.messages, write: { try await writer.write($0) }, dialed: nil)
+            } catch {
+                self.noteLinkError(error, peer: nil)
+                throw error
+            }
             return [:]
         }
     }
@@ -589,10 +594,26 @@ public final class ClusterService: Sendable {
                 return
             } catch {
                 if Task.isCancelled { return }
+                noteLinkError(error, peer: peer)
                 logger.debug("node link failed; dialing again", metadata: ["peer": "\(peer)", "error": "\(error)"])
             }
             try? await Task.sleep(for: backoff)
             backoff = min(backoff * 2, .seconds(2))
+        }
+    }
+
+    /// A node link that ended on what the other side sent (a malformed frame, a stream
+    /// without hello, a node answering under another name): logged and counted. Routine
+    /// ends (the other node away, this one stopping) are not.
+    private func noteLinkError(_ error: any Error, peer: String?) {
+        var cause: (any Error)? = error
+        while let current = cause {
+            if current is NodeFrameError || current is ClusterError {
+                metrics.linkErrors.increment()
+                logger.warning("node link ended on bad input from the other node", metadata: ["peer": "\(peer ?? "inbound")", "error": "\(current)"])
+                return
+            }
+            cause = (current as? RPCError)?.cause
         }
     }
 
@@ -795,6 +816,7 @@ struct ClusterMetrics: Sendable {
     let nodesGone: Counter
     let membershipFailures: Counter
     let membershipChecks: Counter
+    let linkErrors: Counter
     let aliveNodes: Recorder
 
     init(factory: any MetricsFactory) {
@@ -804,6 +826,7 @@ struct ClusterMetrics: Sendable {
         nodesGone = Counter(label: "braid_cluster_nodes_gone_total", factory: factory)
         membershipFailures = Counter(label: "braid_cluster_database_failures_total", factory: factory)
         membershipChecks = Counter(label: "braid_cluster_membership_checks_total", factory: factory)
+        linkErrors = Counter(label: "braid_cluster_node_link_errors_total", factory: factory)
         aliveNodes = Recorder(label: "braid_cluster_nodes_alive", aggregate: false, factory: factory)
     }
 }

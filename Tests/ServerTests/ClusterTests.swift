@@ -1,6 +1,8 @@
 @testable import Cluster
 @testable import Federation
 import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
 import Storage
 import Testing
 import TestSupport
@@ -41,9 +43,10 @@ struct ClusterTests {
     static let users = ["alice@a.example", "bob@b.example", "carol@a.example"]
 
     /// Starts `count` nodes on one fresh database; node 1 creates the accounts.
-    func withCluster(nodes count: Int = 2, deadAfter: Double = 2, _ body: ([TestServer]) async throws -> Void) async throws {
+    func withCluster(nodes count: Int = 2, deadAfter: Double = 2, certificates given: NodeCertificates? = nil,
+                     _ body: ([TestServer]) async throws -> Void) async throws {
         let url = try await #require(PostgresTestServer.current).createDatabase()
-        let certificates = try NodeCertificates()
+        let certificates = try given ?? NodeCertificates()
         var nodes: [TestServer] = []
         do {
             for index in 1...count {
@@ -171,14 +174,7 @@ struct ClusterTests {
             try await bob.roundTrip()
 
             // The client comes back through node 2.
-            let again = try await nodes[1].client()
-            try await again.sendHeader(to: "a.example")
-            _ = try await again.nextElement()
-            try await again.startTLS()
-            try await again.sendHeader(to: "a.example")
-            try await again.authenticate(features: try await again.nextElement(), username: "alice", password: TestServer.password, mechanism: "SCRAM-SHA-256")
-            try await again.sendHeader(to: "a.example")
-            _ = try await again.nextElement()
+            let again = try await nodes[1].authenticatedWithoutBind("alice@a.example")
             try await again.send(XMLElement(name: "resume", namespace: XMLNamespace.streamManagement, attributes: [XMLAttribute("previd", id), XMLAttribute("h", "0")]))
             let resumed = try await again.waitFor { $0.name == "resumed" || $0.name == "failed" }
             #expect(resumed.name == "resumed")
@@ -201,20 +197,56 @@ struct ClusterTests {
             _ = try await again.waitFor { $0.attribute("id") == "after" }
 
             // A session id no node holds gets <failed/> (item-not-found), as on one node.
-            let stranger = try await nodes[1].client()
-            try await stranger.sendHeader(to: "a.example")
-            _ = try await stranger.nextElement()
-            try await stranger.startTLS()
-            try await stranger.sendHeader(to: "a.example")
-            try await stranger.authenticate(features: try await stranger.nextElement(), username: "alice", password: TestServer.password, mechanism: "SCRAM-SHA-256")
-            try await stranger.sendHeader(to: "a.example")
-            _ = try await stranger.nextElement()
+            let stranger = try await nodes[1].authenticatedWithoutBind("alice@a.example")
             try await stranger.send(XMLElement(name: "resume", namespace: XMLNamespace.streamManagement, attributes: [XMLAttribute("previd", "no-such-session"), XMLAttribute("h", "0")]))
             #expect(try await stranger.waitFor { $0.name == "resumed" || $0.name == "failed" }.name == "failed")
             await stranger.close()
             await again.close()
             await bob.close()
         }
+    }
+
+    @Test("Bad input on a node link (a malformed frame, a stream without hello) ends that stream, is counted, and leaves the other nodes' traffic alone")
+    func badNodeLinkInput() async throws {
+        let certificates = try NodeCertificates()
+        try await withCluster(certificates: certificates) { nodes in
+            let (alice, _) = try await nodes[0].loggedIn("alice@a.example")
+            let (bob, bobJID) = try await nodes[1].loggedIn("bob@b.example")
+            try await waitUntil(timeout: .seconds(5), "bob known on node 1") { nodes[0].context.sessions.entry(for: bobJID) != nil }
+            let cluster1 = try #require(nodes[0].server.cluster)
+            let port = try #require(cluster1.boundPort)
+            // A holder of a certificate from the cluster's CA, as a broken node would be.
+            let rogue = try certificates.files(for: "rogue")
+            struct Raw: MessageSerializer {
+                func serialize<Bytes: GRPCContiguousBytes>(_ message: [UInt8]) throws -> Bytes { Bytes(message) }
+            }
+            for frame in [[UInt8]([99, 1, 2]), NodeFrameCodec.encode(.ack(1))] {
+                let transport = try HTTP2ClientTransport.Posix(
+                    target: .ipv4(address: "127.0.0.1", port: port),
+                    transportSecurity: .mTLS(certificateChain: [.file(path: rogue.certificate, format: .pem)], privateKey: .file(path: rogue.key, format: .pem)) {
+                        $0.trustRoots = .certificates([.file(path: nodes[0].server.configuration.cluster.tlsCAFile, format: .pem)])
+                        $0.serverCertificateVerification = .noHostnameVerification
+                    })
+                let before = nodes[0].metrics.counterValue("braid_cluster_node_link_errors_total")
+                try? await withGRPCClient(transport: transport) { client in
+                    let request = StreamingClientRequest<[UInt8]> { writer in try await writer.write(frame) }
+                    try await client.bidirectionalStreaming(request: request, descriptor: NodeLinkRPC.method, serializer: Raw(),
+                                                            deserializer: NodeLinkRPC.Deserializer(), options: .defaults) { response in
+                        for try await _ in response.messages {}
+                    }
+                }
+                try await waitUntil(timeout: .seconds(5), "the bad stream counted") {
+                    nodes[0].metrics.counterValue("braid_cluster_node_link_errors_total") == before + 1
+                }
+            }
+            // The real nodes' link and sessions are untouched.
+            #expect(cluster1.linkStatus.filter(\.connected).map(\.peer) == ["node-2"])
+            try await alice.sendMessage(to: bobJID.description, body: "still fine", id: "fine")
+            _ = try await bob.waitFor { $0.attribute("id") == "fine" }
+            await alice.close()
+            await bob.close()
+        }
+        try? FileManager.default.removeItem(atPath: certificates.directory)
     }
 
     @Test("A message to a bare JID that went to resources on two nodes: the copy lost with one node is not delivered to the other resource again")
@@ -399,20 +431,7 @@ struct ClusterTests {
         let aPort = try LoopbackPorts.freePort()
         let bPort = try LoopbackPorts.freePort()
         func federate(_ configuration: inout BraidConfiguration, port: Int, files: BraidConfiguration.CertificateFiles, peer: String, peerPort: Int) {
-            configuration.tls.certificates = [files]
-            configuration.tls.selfSignMissing = false
-            configuration.s2s.enabled = true
-            configuration.s2s.address = "127.0.0.1"
-            configuration.s2s.starttlsPort = port
-            configuration.s2s.directTLSPort = nil
-            configuration.s2s.useSystemTrustStore = false
-            configuration.s2s.trustAnchorFiles = [caFile]
-            configuration.s2s.negotiationTimeoutSeconds = 10
-            configuration.dns.forwarders = ["127.0.0.1@9"]
-            configuration.dns.timeoutSeconds = 1
-            for name in served(peer) {
-                configuration.s2s.peers[name] = FederationConfiguration.PeerSettings(host: "127.0.0.1", port: peerPort)
-            }
+            configuration.federateOnLoopback(port: port, certificates: [files], caFile: caFile, peers: served(peer), peerPort: peerPort)
         }
         var servers: [TestServer] = []
         do {

@@ -339,14 +339,7 @@ struct InstantMessagingTests {
             }
             try await bob.roundTrip()
 
-            let again = try await server.client()
-            try await again.sendHeader(to: "a.example")
-            _ = try await again.nextElement()
-            try await again.startTLS()
-            try await again.sendHeader(to: "a.example")
-            try await again.authenticate(features: try await again.nextElement(), username: "alice", password: TestServer.password, mechanism: "SCRAM-SHA-256")
-            try await again.sendHeader(to: "a.example")
-            _ = try await again.nextElement()
+            let again = try await server.authenticatedWithoutBind("alice@a.example")
             try await again.send(XMLElement(name: "resume", namespace: XMLNamespace.streamManagement, attributes: [XMLAttribute("previd", id), XMLAttribute("h", "0")]))
             let resumed = try await again.waitFor { $0.name == "resumed" || $0.name == "failed" }
             #expect(resumed.name == "resumed")

@@ -428,15 +428,22 @@ final class ClientConnectionHandler: ChannelInboundHandler {
                     return
                 }
                 handler.server.resumption.replace(resumed)
-                handler.server.metrics.smResumed.increment()
                 handler.logger.info("session resumed", metadata: ["jid": "\(resumed.jid)"])
-                let reply = resumed.adoptResumedState(taken)
-                handler.establish(resumed, context: context)
-                handler.run(handler.negotiation.resumeSucceeded(resumed.jid), context: context)
-                handler.write(.element(reply), context: context)
-                context.flush()
-                resumed.retransmitUnacknowledged()
+                handler.completeResumption(resumed, state: taken, context: context)
             }
+    }
+
+    /// The end of a resumption, local or from another node: the session takes over the
+    /// XEP-0198 state, the client gets `<resumed/>`, and what it had not acknowledged is
+    /// sent again (XEP-0198 §5).
+    private func completeResumption(_ resumed: ClientSession, state: ClientSession.StreamManagementState, context: ChannelHandlerContext) {
+        server.metrics.smResumed.increment()
+        let reply = resumed.adoptResumedState(state)
+        establish(resumed, context: context)
+        run(negotiation.resumeSucceeded(resumed.jid), context: context)
+        write(.element(reply), context: context)
+        context.flush()
+        resumed.retransmitUnacknowledged()
     }
 
     /// XEP-0198 resumption of a session another node of the cluster holds (the client came
@@ -469,7 +476,6 @@ final class ClientConnectionHandler: ChannelInboundHandler {
                 entry.boundAt = transfer.record.boundAt
             }
             handler.server.resumption.register(resumed)
-            handler.server.metrics.smResumed.increment()
             handler.logger.info("session resumed from another node", metadata: ["jid": "\(resumed.jid)", "unacknowledged": "\(transfer.unacknowledged.count)"])
             var state = ClientSession.StreamManagementState(resumable: true)
             state.receivedInbound = transfer.receivedInbound
@@ -477,12 +483,7 @@ final class ClientConnectionHandler: ChannelInboundHandler {
             state.sentOutbound = transfer.sentOutbound
             state.acknowledged = transfer.acknowledged
             state.unacked = transfer.unacknowledged.compactMap { try? XMLFragment.parse($0) }
-            let reply = resumed.adoptResumedState(state)
-            handler.establish(resumed, context: context)
-            handler.run(handler.negotiation.resumeSucceeded(resumed.jid), context: context)
-            handler.write(.element(reply), context: context)
-            context.flush()
-            resumed.retransmitUnacknowledged()
+            handler.completeResumption(resumed, state: state, context: context)
         }
     }
 

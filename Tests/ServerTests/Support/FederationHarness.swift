@@ -104,23 +104,9 @@ struct FederatedPair {
         let bFiles = try providerFiles(for: withServices(bDomains), certified: bCertified.map(withServices), notValidAfter: bNotValidAfter, name: "b")
 
         func federate(_ configuration: inout BraidConfiguration, port: Int, files: [BraidConfiguration.CertificateFiles], peers: [String], peerPort: Int) {
-            configuration.tls.certificates = files
-            configuration.tls.selfSignMissing = false
-            configuration.s2s.enabled = true
-            configuration.s2s.address = "127.0.0.1"
-            configuration.s2s.starttlsPort = port
-            configuration.s2s.directTLSPort = nil
-            configuration.s2s.useSystemTrustStore = false
-            configuration.s2s.trustAnchorFiles = [caFile]
-            configuration.s2s.negotiationTimeoutSeconds = 10
-            // No DNS: a resolver that answers nothing (a closed port on loopback), fast.
-            configuration.dns.forwarders = ["127.0.0.1@9"]
-            configuration.dns.timeoutSeconds = 1
             // The peer's service domains (`echo.b.example`) are at the same place, as the SRV
             // records a provider publishes for them would say.
-            for peer in withServices(peers) {
-                configuration.s2s.peers[peer] = FederationConfiguration.PeerSettings(host: "127.0.0.1", port: peerPort)
-            }
+            configuration.federateOnLoopback(port: port, certificates: files, caFile: caFile, peers: withServices(peers), peerPort: peerPort)
         }
         let a = try await TestServer.start(domains: aDomains, users: aUsers, wallClock: aClock, modules: modules) { configuration in
             federate(&configuration, port: aPort, files: aFiles, peers: bDomains, peerPort: bPort)
@@ -186,5 +172,28 @@ extension TestServer {
     /// The links of this server's federation that are still open.
     var openLinkSnapshots: [LinkSnapshot] {
         get async { (await server.federation?.links ?? []).filter { !$0.closed } }
+    }
+}
+
+extension BraidConfiguration {
+    /// Federation on loopback without DNS, for tests: s2s on `port` (STARTTLS only), the
+    /// provider's `certificates`, peers trusted through `caFile` only, and every name in
+    /// `peers` reached at `127.0.0.1:peerPort`.
+    mutating func federateOnLoopback(port: Int, certificates: [CertificateFiles], caFile: String, peers: [String], peerPort: Int) {
+        tls.certificates = certificates
+        tls.selfSignMissing = false
+        s2s.enabled = true
+        s2s.address = "127.0.0.1"
+        s2s.starttlsPort = port
+        s2s.directTLSPort = nil
+        s2s.useSystemTrustStore = false
+        s2s.trustAnchorFiles = [caFile]
+        s2s.negotiationTimeoutSeconds = 10
+        // No DNS: a resolver that answers nothing (a closed port on loopback), fast.
+        dns.forwarders = ["127.0.0.1@9"]
+        dns.timeoutSeconds = 1
+        for peer in peers {
+            s2s.peers[peer] = FederationConfiguration.PeerSettings(host: "127.0.0.1", port: peerPort)
+        }
     }
 }

@@ -111,6 +111,22 @@ final class TestServer: Sendable {
         return (client, bound)
     }
 
+    /// A client authenticated as `user` (SCRAM-SHA-256 over STARTTLS) whose stream was
+    /// restarted after SASL and whose features were read, with no resource bound: where an
+    /// XEP-0198 `<resume/>` goes.
+    func authenticatedWithoutBind(_ user: String) async throws -> TestClient {
+        let jid = try JID(user)
+        let client = try await client()
+        try await client.sendHeader(to: jid.domainpart)
+        _ = try await client.nextElement()
+        try await client.startTLS()
+        try await client.sendHeader(to: jid.domainpart)
+        try await client.authenticate(features: try await client.nextElement(), username: jid.localpart ?? "", password: Self.password, mechanism: "SCRAM-SHA-256")
+        try await client.sendHeader(to: jid.domainpart)
+        _ = try await client.nextElement()
+        return client
+    }
+
     func stop() async {
         await stopKeepingData()
         try? FileManager.default.removeItem(atPath: directory)
