@@ -55,6 +55,10 @@ struct ClusterTests {
                 let node = try await TestServer.start(users: index == 1 ? Self.users : []) {
                     $0.storage.backend = .postgresql
                     $0.storage.url = url
+                    // Opening storage migrates a fresh database; with every suite starting its
+                    // own PostgreSQL at once on 2 cores, 10 s was once not enough (Scripts/test,
+                    // run 5 of 5).
+                    $0.storage.connectTimeoutSeconds = 30
                     $0.cluster.enabled = true
                     $0.cluster.nodeName = name
                     $0.cluster.listen = "127.0.0.1:0"
@@ -441,6 +445,10 @@ struct ClusterTests {
                     federate(&$0, port: aPort, files: aFiles, peer: "b.example", peerPort: bPort)
                     $0.storage.backend = .postgresql
                     $0.storage.url = url
+                    // Opening storage migrates a fresh database; with every suite starting its
+                    // own PostgreSQL at once on 2 cores, 10 s was once not enough (Scripts/test,
+                    // run 5 of 5).
+                    $0.storage.connectTimeoutSeconds = 30
                     $0.cluster.enabled = true
                     $0.cluster.nodeName = "node-\(index)"
                     $0.cluster.listen = "127.0.0.1:0"
