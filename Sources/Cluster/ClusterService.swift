@@ -249,9 +249,13 @@ public final class ClusterService: Sendable {
     /// Sends a stanza to a session bound on `node`. False when it cannot be queued (the node
     /// is gone or too much waits for it): the caller handles the stanza as undeliverable.
     /// `copies`: the other resources the same message went to, if it was sent to several.
-    public func deliver(stanza: String, to jid: String, on node: String, copies: [String] = []) -> Bool {
+    /// `archived`: the recipient's archive holds the message (XEP-0313), so it is sent as
+    /// ``NodeFrame/deliverArchived(seq:to:stanza:)``: lost with a crash rather than doubled.
+    public func deliver(stanza: String, to jid: String, on node: String, copies: [String] = [], archived: Bool = false) -> Bool {
         guard let link = link(to: node, create: false) else { return false }
-        let sent = link.send(copies: copies) { .deliver(seq: $0, to: jid, stanza: stanza) } == .queued
+        let sent = link.send(copies: copies) { sequence in
+            archived ? .deliverArchived(seq: sequence, to: jid, stanza: stanza) : .deliver(seq: sequence, to: jid, stanza: stanza)
+        } == .queued
         if sent { metrics.stanzasForwarded.increment() } else { metrics.stanzasRefused.increment() }
         return sent
     }
@@ -453,9 +457,17 @@ public final class ClusterService: Sendable {
                     self.logger.info("node link down", metadata: ["peer": "\(peer)"])
                 }
                 // Frames are handled in order, one at a time: a session's stanzas keep their order.
-                while let frame = try await iterator.next() {
-                    await self.handle(frame, from: peer, link: link)
+                do {
+                    while let frame = try await iterator.next() {
+                        await self.handle(frame, from: peer, link: link)
+                    }
+                } catch {
+                    await self.deliverHeld(link.takeHeld(), from: peer)
+                    throw error
                 }
+                // Held messages whose `released` will not come on this stream: the other
+                // node let them go, or will send them again (dropped as already handled).
+                await self.deliverHeld(link.takeHeld(), from: peer)
             }
             group.addTask {
                 // Ends when the link finishes the writer: replaced by a newer stream, the
@@ -508,7 +520,14 @@ public final class ClusterService: Sendable {
 
     private func handle(_ frame: NodeFrame, from peer: String, link: NodeLink) async {
         if case .ack(let sequence) = frame {
-            link.acknowledged(sequence)
+            if link.acknowledged(sequence) {
+                // Let go: the other node can hand its held messages to their sessions.
+                link.sendUnsequenced(.released(sequence))
+            }
+            return
+        }
+        if case .released(let sequence) = frame {
+            await deliverHeld(link.takeHeld(upTo: sequence), from: peer)
             return
         }
         if case .hello = frame { return }
@@ -528,6 +547,16 @@ public final class ClusterService: Sendable {
         switch frame {
         case .deliver(_, let to, let stanza):
             await host?.deliverFromNode(to: to, stanza: stanza, node: peer)
+        case .deliverArchived(_, let to, let stanza):
+            // Held until the sender has let it go (`released`). Were this node to deliver
+            // first and crash before the sender heard the ack, the sender would deliver it
+            // again (to another resource, or offline storage): the client would have it
+            // twice. Held, a crash before `released` leaves it only in the recipient's
+            // archive, which the reconnecting client reads (XEP-0313). One round trip more.
+            link.handled(sequence)
+            link.hold(sequence, to: to, stanza: stanza)
+            link.sendUnsequenced(.ack(sequence))
+            return
         case .session(_, let record):
             host?.remoteSessionChanged(record, node: peer)
         case .unbound(_, let jid):
@@ -545,11 +574,17 @@ public final class ClusterService: Sendable {
             }
         case .resumeAnswer(_, let request, let transfer):
             await resumeAnswered(request, transfer: transfer, from: peer)
-        case .hello, .ack, .delivered:
+        case .hello, .ack, .delivered, .released:
             break
         }
         link.handled(sequence)
         link.sendUnsequenced(.ack(sequence))
+    }
+
+    private func deliverHeld(_ held: [(to: String, stanza: String)], from peer: String) async {
+        for (to, stanza) in held {
+            await currentHost?.deliverFromNode(to: to, stanza: stanza, node: peer)
+        }
     }
 
     /// Keeps a stream to `peer` up while it is alive: dials, and dials again after a break.
@@ -761,11 +796,14 @@ public final class ClusterService: Sendable {
             state.dialers[peer]?.cancel()
             state.dialers[peer] = nil
         }
+        // What it had let go but this node still held: nobody else will deliver it.
+        await deliverHeld(link?.takeHeld() ?? [], from: peer)
         let unacknowledged = link?.close() ?? []
         var stanzas: [UndeliveredStanza] = []
         var rerouted: [String] = []
         for (frame, copies) in unacknowledged {
             if case .deliver(_, let to, let stanza) = frame { stanzas.append(UndeliveredStanza(to: to, stanza: stanza, copies: copies)) }
+            if case .deliverArchived(_, let to, let stanza) = frame { stanzas.append(UndeliveredStanza(to: to, stanza: stanza, copies: copies)) }
             if case .route(_, let stanza) = frame { rerouted.append(stanza) }
             if case .routeRemote(_, let stanza) = frame { rerouted.append(stanza) }
         }

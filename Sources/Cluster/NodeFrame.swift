@@ -56,6 +56,15 @@ public enum NodeFrame: Sendable, Equatable {
     case hello(node: String, incarnation: UInt64, numbering: UInt64)
     /// A stanza for a session bound on the receiver, serialized as stored stanzas are.
     case deliver(seq: UInt64, to: String, stanza: String)
+    /// A message for a session bound on the receiver that the recipient's archive holds
+    /// (XEP-0313). The receiver acknowledges it at once but hands it to the session only
+    /// after `released`: once the sender has let it go, so no crash of the receiver can
+    /// leave it both with the client and due to be delivered again by the sender. A crash
+    /// in between leaves it in the archive, where the client fetches it.
+    case deliverArchived(seq: UInt64, to: String, stanza: String)
+    /// The sender of this frame has let go every `deliverArchived` up to this number (their
+    /// `ack` reached it): the receiver may hand them to their sessions.
+    case released(UInt64)
     /// A session of the sender's was bound or changed.
     case session(seq: UInt64, SessionRecord)
     /// A session of the sender's is gone.
@@ -85,9 +94,9 @@ public enum NodeFrame: Sendable, Equatable {
 
     public var sequence: UInt64? {
         switch self {
-        case .deliver(let seq, _, _), .session(let seq, _), .unbound(let seq, _), .kick(let seq, _), .route(let seq, _), .routeRemote(let seq, _),
+        case .deliver(let seq, _, _), .deliverArchived(let seq, _, _), .session(let seq, _), .unbound(let seq, _), .kick(let seq, _), .route(let seq, _), .routeRemote(let seq, _),
              .resumeRequest(let seq, _, _, _, _), .resumeAnswer(let seq, _, _): seq
-        case .hello, .ack, .delivered: nil
+        case .hello, .ack, .delivered, .released: nil
         }
     }
 }
@@ -98,7 +107,7 @@ public struct NodeFrameError: Error, Sendable, Equatable, CustomStringConvertibl
 }
 
 /// The wire form of a ``NodeFrame``: a kind byte, then its fields as LEB128 integers and
-/// length-prefixed UTF-8. Written by hand rather than generated from a .proto: six small
+/// length-prefixed UTF-8. Written by hand rather than generated from a .proto: a dozen small
 /// kinds, and no code generator in the build.
 public enum NodeFrameCodec {
     /// Refuses a frame claiming more than this (a stanza is capped far below it by the
@@ -127,6 +136,10 @@ public enum NodeFrameCodec {
             out.append(8); putInteger(seq, &out); putString(stanza, &out)
         case .delivered(let seq):
             out.append(9); putInteger(seq, &out)
+        case .deliverArchived(let seq, let to, let stanza):
+            out.append(12); putInteger(seq, &out); putString(to, &out); putString(stanza, &out)
+        case .released(let seq):
+            out.append(13); putInteger(seq, &out)
         case .resumeRequest(let seq, let request, let previd, let account, let handled):
             out.append(10); putInteger(seq, &out); putInteger(request, &out); putString(previd, &out); putString(account, &out)
             putInteger(UInt64(handled), &out)
@@ -172,6 +185,10 @@ public enum NodeFrameCodec {
             frame = .routeRemote(seq: try reader.integer(), stanza: try reader.string())
         case 9:
             frame = .delivered(try reader.integer())
+        case 12:
+            frame = .deliverArchived(seq: try reader.integer(), to: try reader.string(), stanza: try reader.string())
+        case 13:
+            frame = .released(try reader.integer())
         case 10:
             frame = .resumeRequest(seq: try reader.integer(), request: try reader.integer(), previd: try reader.string(), account: try reader.string(),
                                    handled: try reader.counter())

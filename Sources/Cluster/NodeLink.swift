@@ -30,6 +30,9 @@ final class NodeLink: Sendable {
         var copies: [UInt64: [String]] = [:]
         /// Counts streams attached, so a stream that ends detaches only itself.
         var streamToken: UInt64 = 0
+        /// The other node's `deliverArchived` frames, acknowledged and waiting for its
+        /// `released` (or the end of the stream) before they go to their sessions.
+        var held: [(sequence: UInt64, to: String, stanza: String)] = []
     }
 
     private let state = Mutex(State())
@@ -114,14 +117,34 @@ final class NodeLink: Sendable {
     var isConnected: Bool { state.withLock { $0.writer != nil } }
 
     /// The other node acknowledged everything up to `sequence`: released, except the
-    /// frames that wait for `delivered` (``NodeFrame/routeRemote(seq:stanza:)``).
-    func acknowledged(_ sequence: UInt64) {
+    /// frames that wait for `delivered` (``NodeFrame/routeRemote(seq:stanza:)``). Returns
+    /// whether a `deliverArchived` was among them (the other node waits for `released`).
+    func acknowledged(_ sequence: UInt64) -> Bool {
         state.withLock { state in
+            var archived = false
             state.unacknowledged.removeAll { entry in
                 if case .routeRemote = entry.frame { return false }
-                return entry.sequence <= sequence
+                guard entry.sequence <= sequence else { return false }
+                if case .deliverArchived = entry.frame { archived = true }
+                return true
             }
             if !state.copies.isEmpty { state.copies = state.copies.filter { $0.key > sequence } }
+            return archived
+        }
+    }
+
+    /// Keeps the other node's `deliverArchived` frame until ``takeHeld(upTo:)``.
+    func hold(_ sequence: UInt64, to: String, stanza: String) {
+        state.withLock { $0.held.append((sequence, to, stanza)) }
+    }
+
+    /// The held deliveries numbered up to `sequence`, oldest first; they are no longer held.
+    func takeHeld(upTo sequence: UInt64 = .max) -> [(to: String, stanza: String)] {
+        state.withLock { state in
+            guard !state.held.isEmpty else { return [] }
+            let due = state.held.prefix { $0.sequence <= sequence }
+            state.held.removeFirst(due.count)
+            return due.map { ($0.to, $0.stanza) }
         }
     }
 

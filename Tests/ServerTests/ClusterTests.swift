@@ -343,6 +343,37 @@ struct ClusterTests {
         #expect(link.peerIs(incarnation: 8, numbering: 102) == true)
     }
 
+    @Test("An archived message is held after its ack until the sender lets it go, in order, and only once")
+    func archivedDeliveriesWaitForRelease() {
+        let sender = NodeLink(peer: "node-2", maximumQueued: 10)
+        #expect(sender.send { .deliver(seq: $0, to: "a@b/c", stanza: "<presence/>") } == .queued)
+        #expect(sender.acknowledged(1) == false, "no archived message among them: nothing to release")
+        #expect(sender.send { .deliverArchived(seq: $0, to: "a@b/c", stanza: "<message id='2'/>") } == .queued)
+        #expect(sender.send { .deliverArchived(seq: $0, to: "a@b/c", stanza: "<message id='3'/>") } == .queued)
+        #expect(sender.acknowledged(2) == true)
+        #expect(sender.snapshot.unacknowledged == 1)
+
+        let receiver = NodeLink(peer: "node-1", maximumQueued: 10)
+        receiver.hold(2, to: "a@b/c", stanza: "<message id='2'/>")
+        receiver.hold(3, to: "a@b/c", stanza: "<message id='3'/>")
+        #expect(receiver.takeHeld(upTo: 1).isEmpty)
+        #expect(receiver.takeHeld(upTo: 2).map(\.stanza) == ["<message id='2'/>"])
+        #expect(receiver.takeHeld().map(\.stanza) == ["<message id='3'/>"], "the rest at the end of the stream")
+        #expect(receiver.takeHeld().isEmpty, "never twice")
+    }
+
+    @Test("Only a message stamped by the recipient's archive is sent to be held")
+    func archivedMeansStampedForTheRecipient() throws {
+        let bob = try JID("bob@b.example/phone")
+        func message(by: String) throws -> XMLElement {
+            try XMLFragment.parse("<message xmlns='jabber:client' to='bob@b.example'><body>hi</body><stanza-id xmlns='urn:xmpp:sid:0' id='x' by='\(by)'/></message>")
+        }
+        #expect(ClusterBridge.NodeSessionLink.isArchived(try message(by: "bob@b.example"), for: bob))
+        #expect(!ClusterBridge.NodeSessionLink.isArchived(try message(by: "room@conference.b.example"), for: bob))
+        #expect(!ClusterBridge.NodeSessionLink.isArchived(try XMLFragment.parse("<message xmlns='jabber:client'><body>hi</body></message>"), for: bob))
+        #expect(!ClusterBridge.NodeSessionLink.isArchived(try XMLFragment.parse("<presence xmlns='jabber:client'><stanza-id xmlns='urn:xmpp:sid:0' id='x' by='bob@b.example'/></presence>"), for: bob))
+    }
+
     @Test("A node that dies: the others drop its sessions and store what it never acknowledged")
     func nodeDies() async throws {
         try await withCluster(deadAfter: 1.5) { nodes in
@@ -572,6 +603,8 @@ struct ClusterTests {
             .route(seq: 6, stanza: "<presence xmlns='jabber:client' to='room@conference.a.example/nick'/>"),
             .routeRemote(seq: 7, stanza: "<message xmlns='jabber:client' id='m1' to='bob@b.example'/>"),
             .delivered(7),
+            .deliverArchived(seq: 11, to: "bob@b.example/phone", stanza: "<message xmlns='jabber:client'><body>kept</body></message>"),
+            .released(11),
             .resumeRequest(seq: 8, request: 1, previd: "abc", account: "alice@a.example", handled: UInt32.max),
             .resumeAnswer(seq: 9, request: 1, transfer: nil),
             .resumeAnswer(seq: 10, request: 2, transfer: SessionTransfer(

@@ -314,6 +314,17 @@ final class ClusterBridge: ClusterHost, SessionRegistry.Observer {
 
     /// What delivering to a stand-in does.
     final class NodeSessionLink: RemoteSessionLink {
+        /// A message the recipient's archive holds: stamped with a `stanza-id` by its
+        /// account (XEP-0359), which MAMModule adds only once the archive has stored it.
+        static func isArchived(_ element: XMLElement, for recipient: JID) -> Bool {
+            guard element.name == "message" else { return false }
+            let account = recipient.bare.description
+            return element.children.contains { node in
+                guard case .element(let child) = node else { return false }
+                return child.name == "stanza-id" && child.namespace == MAMModule.stanzaIDs && child.attribute("by") == account
+            }
+        }
+
         let node: String
         /// Weak: the bridge holds its links.
         weak let bridge: ClusterBridge?
@@ -326,7 +337,8 @@ final class ClusterBridge: ClusterHost, SessionRegistry.Observer {
         func forward(_ element: XMLElement, to session: ClientSession) {
             guard let bridge else { return }
             let copies = ClusterBridge.deliveredTogether.filter { $0 != session.jid }.map(\.description)
-            guard !bridge.cluster.deliver(stanza: XMLFragment.serialize(element), to: session.jid.description, on: node, copies: copies) else { return }
+            guard !bridge.cluster.deliver(stanza: XMLFragment.serialize(element), to: session.jid.description, on: node, copies: copies,
+                                          archived: Self.isArchived(element, for: session.jid)) else { return }
             // The node is gone or too much waits for it. Routing again could pick the same
             // stand-in; the sender is told instead (RFC 6120 §8.3.3.18).
             let router = bridge.context.router

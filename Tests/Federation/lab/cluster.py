@@ -52,6 +52,7 @@ CLIENTS_HOST = 60            # the clients' namespace address: SUBNET.60
 SCENARIO_TIME_LIMIT = 300
 DELIVERY_TIMEOUT = 60        # until every message is delivered or bounced
 DELIVERY_STALL = 25          # ... or this long without any news
+ARCHIVE_QUIET = 3.0          # without news this long, what is missing may be found in the archive
 BURST_MESSAGES = 40          # per sender in the kill scenarios
 BURST_INTERVAL = 0.05        # seconds between one sender's messages
 KILL_AFTER = 0.8             # seconds into a burst
@@ -478,17 +479,21 @@ def messages(pairs, label):
     return out
 
 
-def collect(pools, ids, timeout=DELIVERY_TIMEOUT, stall=DELIVERY_STALL, on_poll=None, ack_settle=5.0):
+def collect(pools, ids, timeout=DELIVERY_TIMEOUT, stall=DELIVERY_STALL, on_poll=None, ack_settle=5.0, in_archive=None):
     """Polls POOLS until every message id in IDS was received or bounced (an error back at
     its sender), bounded by TIMEOUT and by STALL seconds without news; returns the
     accumulated (received, errors, acked, sent, disconnections, seconds or None). Once all
     are accounted for, waits up to ACK_SETTLE more seconds for the servers' last acks of
-    what the SM clients sent (an ack can trail the delivery)."""
+    what the SM clients sent (an ack can trail the delivery). IN_ARCHIVE, given the ids not
+    accounted for, returns those that are in their recipient's archive: after ARCHIVE_QUIET
+    seconds without news, ids that are there count as accounted for (a client syncs them
+    from there; the caller reports them), instead of waiting out STALL."""
     received, errors, acked, sent, disconnections = [], [], [], [], []
     started = moved = time.monotonic()
     count = -1
     ids = set(ids)
     accounted_at = None
+    archive_checked = 0.0
     while True:
         for pool in pools:
             state = pool.state(clear=True)
@@ -515,6 +520,11 @@ def collect(pools, ids, timeout=DELIVERY_TIMEOUT, stall=DELIVERY_STALL, on_poll=
         if len(accounted & ids) != count:
             count, moved = len(accounted & ids), time.monotonic()
         now = time.monotonic()
+        if in_archive and now - moved > ARCHIVE_QUIET and now - archive_checked > 1.0:
+            archive_checked = now
+            outstanding = ids - accounted
+            if outstanding <= in_archive(outstanding):
+                return received, errors, acked, sent, disconnections, now - started
         if now - started > timeout or now - moved > stall:
             return received, errors, acked, sent, disconnections, None
         time.sleep(0.3)
@@ -860,7 +870,8 @@ def kill_session_round(lab, details, round_name, wait_for_dead):
                        + f"; logged in again at {survivors[0].name} {time.monotonic() - killed_at:.2f}s after it")
         L.wait_until(lambda: pool_s.call("pool_sm_state")["streaming"] == 0 and
                      pool_b.call("pool_sm_state")["streaming"] == 0, 60, "the burst to be sent")
-        received, errors, acked, _, _, seconds = collect([pool_r, pool_s, pool_b], [m[2] for m in sent])
+        received, errors, acked, _, _, seconds = collect([pool_r, pool_s, pool_b], [m[2] for m in sent],
+                                                         in_archive=lambda outstanding: archived_ids(lab, sent, outstanding))
     finally:
         for pool in (pool_r, pool_s, pool_b):
             pool.close()
