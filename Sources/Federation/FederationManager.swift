@@ -116,6 +116,9 @@ public final class FederationManager: Sendable {
     let resentStanzas: ResentStanzaFilter
     let state = Mutex(State())
     private let listeners = Mutex<[any Channel]>([])
+    /// The bind in progress, if any: start-up and the cluster's lease callback can both ask
+    /// for the listeners at once, and two binds of one port would fail one of them.
+    private let binding = Mutex<Task<[String: Int], any Error>?>(nil)
     /// The domain whose certificate direct TLS presents without SNI, kept for listening again.
     private let defaultDomainBox = Mutex<String?>(nil)
     private let handoverObserver = Mutex<(@Sendable ([Stanza]) -> Void)?>(nil)
@@ -839,7 +842,20 @@ public final class FederationManager: Sendable {
     /// a moment ago, so a failure here is tried again by the caller.
     @discardableResult
     public func startListening() async throws -> [String: Int] {
-        guard listeners.withLock({ $0.isEmpty }), let defaultDomain = defaultDomainBox.withLock({ $0 }) else { return [:] }
+        let task: Task<[String: Int], any Error>? = binding.withLock { binding in
+            // One bind at a time; a caller that comes while one runs waits for its ports.
+            if let binding { return binding }
+            guard listeners.withLock({ $0.isEmpty }), let defaultDomain = defaultDomainBox.withLock({ $0 }) else { return nil }
+            let started = Task { try await self.bindListeners(defaultDomain: defaultDomain) }
+            binding = started
+            return started
+        }
+        guard let task else { return [:] }
+        defer { binding.withLock { if $0 == task { $0 = nil } } }
+        return try await task.value
+    }
+
+    private func bindListeners(defaultDomain: String) async throws -> [String: Int] {
         var ports: [String: Int] = [:]
         do {
             if let port = configuration.starttlsPort {
