@@ -243,7 +243,8 @@ public final class BraidServer: Service {
             .childChannelOption(.writeBufferWaterMark, value: .init(low: outboundLimit / 2, high: outboundLimit))
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    let decoder = XMLStreamDecoder(contentNamespace: XMLNamespace.client, limits: limits)
+                    let decoder = XMLStreamDecoder(contentNamespace: XMLNamespace.client, limits: limits,
+                                                   names: server.nameCaches.cache(on: channel.eventLoop))
                     try StreamPipeline.install(on: channel, directTLS: tls.map { NIOSSLServerHandler(context: $0) }, decoder: decoder,
                                                contentNamespace: XMLNamespace.client,
                                                handler: ClientConnectionHandler(server: server, decoder: decoder, listener: kind, logger: logger))

@@ -52,6 +52,8 @@ public final class ServerContext: Sendable {
         httpsPortBox.withLock { $0 = port }
     }
 
+    /// The XML name cache of each event loop, shared by the client streams on it.
+    let nameCaches = XMLNameCaches()
     /// Serializes, per account, the operations whose order matters: roster changes, and
     /// the choice between live delivery and offline storage against presence changes.
     let accounts = AccountSerializer()

@@ -30,8 +30,10 @@ public final class XMLStreamDecoder: ChannelInboundHandler {
     private var delivering = false
     private var pendingRestart: Leftover?
 
-    public init(contentNamespace: String, limits: XMLStreamLimits) {
-        parser = XMLStreamParser(contentNamespace: contentNamespace, limits: limits)
+    /// `names`: the name cache of the event loop the channel runs on (``XMLNameCaches``), or
+    /// nil for one of its own.
+    public init(contentNamespace: String, limits: XMLStreamLimits, names: XMLNameCache? = nil) {
+        parser = XMLStreamParser(contentNamespace: contentNamespace, limits: limits, names: names)
     }
 
     /// The parser's limits.

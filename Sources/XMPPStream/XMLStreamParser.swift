@@ -62,7 +62,11 @@ public final class XMLStreamParser {
     private var skipsLeadingWhitespace = false
 
     /// Creates a parser for a stream whose content namespace is `contentNamespace`.
-    public init(contentNamespace: String, limits: XMLStreamLimits) {
+    ///
+    /// `names` is a name cache shared with the other parsers on the same thread (a server
+    /// passes its event loop's, ``XMLNameCaches``); without one the parser has its own, about
+    /// 18 KB that every idle session would hold.
+    public init(contentNamespace: String, limits: XMLStreamLimits, names: XMLNameCache? = nil) {
         self.contentNamespace = contentNamespace
         self.limits = limits
         // The separator cannot appear in a namespace name: expat ≥ 2.4.5 rejects URIs
@@ -74,7 +78,7 @@ public final class XMLStreamParser {
         self.parser = parser
         XML_SetReturnNSTriplet(parser, 1)
         core = .allocate(capacity: 1)
-        core.initialize(to: ParseCore(parser: parser, contentNamespace: contentNamespace, limits: limits))
+        core.initialize(to: ParseCore(parser: parser, contentNamespace: contentNamespace, limits: limits, names: names ?? XMLNameCache()))
         configure()
     }
 
@@ -389,10 +393,11 @@ struct ParseCore {
     /// Expat's byte index just after the last event or stream-level whitespace; the size
     /// limit counts from here.
     var boundary = 0
-    let names = NameCache()
+    let names: XMLNameCache
 
-    init(parser: XML_Parser, contentNamespace: String, limits: XMLStreamLimits) {
+    init(parser: XML_Parser, contentNamespace: String, limits: XMLStreamLimits, names: XMLNameCache) {
         self.parser = parser
+        self.names = names
         self.contentNamespace = contentNamespace
         self.limits = limits
         open.reserveCapacity(16)
@@ -665,9 +670,13 @@ struct QualifiedName {
 /// copies nothing but the returned name; a miss costs only the allocation the parser would
 /// have made anyway.
 ///
-/// Every stream has one, so its size is per-session memory: 128 slots (about 18 KB) hold the
-/// few dozen names a stream uses; 512 cost 74 KB per idle session for no measurable speed.
-final class NameCache {
+/// 128 slots (about 18 KB) hold the few dozen names a stream uses; 512 were no faster. A
+/// server shares one per event loop among all the streams on it (``XMLNameCaches``), so an
+/// idle session does not hold one: a cache per stream was about a quarter of an idle
+/// session's memory (issue 16's measurement, docs/benchmarks.md).
+///
+/// Not thread-safe: every parser using one must run on the same thread.
+public final class XMLNameCache {
     private static let slots = 128
     private static let slotBytes = 96
 
@@ -676,7 +685,7 @@ final class NameCache {
     private let lengths: UnsafeMutablePointer<Int>
     private let values: UnsafeMutablePointer<QualifiedName>
 
-    init() {
+    public init() {
         keys = .allocate(byteCount: Self.slots * Self.slotBytes, alignment: 8)
         lengths = .allocate(capacity: Self.slots)
         lengths.initialize(repeating: -1, count: Self.slots)

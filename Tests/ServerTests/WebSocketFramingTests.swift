@@ -30,7 +30,7 @@ struct WebSocketFramingTests {
     static func channel() throws -> (EmbeddedChannel, Sink) {
         let sink = Sink()
         let channel = EmbeddedChannel()
-        try channel.pipeline.syncOperations.addHandler(WebSocketXMPPFraming(limits: .client, logger: Logger(label: "test")))
+        try channel.pipeline.syncOperations.addHandler(WebSocketXMPPFraming(limits: .client, names: XMLNameCache(), logger: Logger(label: "test")))
         try channel.pipeline.syncOperations.addHandler(sink)
         return (channel, sink)
     }

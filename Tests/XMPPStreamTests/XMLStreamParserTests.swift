@@ -1,4 +1,5 @@
 import NIOCore
+import NIOEmbedded
 import Testing
 import XMPPCore
 @testable import XMPPStream
@@ -224,5 +225,45 @@ struct SplitMix64: RandomNumberGenerator {
         z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
         z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
         return z ^ (z >> 31)
+    }
+}
+
+@Suite("Stream parser: a name cache shared by the streams of one event loop")
+struct SharedNameCacheTests {
+    @Test("Streams sharing one cache, parsed interleaved a few bytes at a time, give the events each gives alone")
+    func interleavedStreamsShareOneCache() throws {
+        let inputs = [
+            (StreamTranscripts.clientLogin, XMLNamespace.client),
+            (StreamTranscripts.serverToClient, XMLNamespace.client),
+            (StreamTranscripts.serverToServer, XMLNamespace.server),
+        ]
+        let shared = XMLNameCache()
+        let parsers = inputs.map { XMLStreamParser(contentNamespace: $0.1, limits: .client, names: shared) }
+        var events = Array(repeating: [StreamEvent](), count: inputs.count)
+        let bytes = inputs.map { Array($0.0.utf8) }
+        var offsets = Array(repeating: 0, count: inputs.count)
+        // Seven bytes from each in turn: names of one stream evict those of another from the
+        // shared slots in the middle of elements.
+        while offsets.indices.contains(where: { offsets[$0] < bytes[$0].count }) {
+            for index in inputs.indices where offsets[index] < bytes[index].count {
+                let end = min(offsets[index] + 7, bytes[index].count)
+                parsers[index].feed(Array(bytes[index][offsets[index]..<end]))
+                offsets[index] = end
+                while let event = try parsers[index].nextEvent() { events[index].append(event) }
+            }
+        }
+        for index in inputs.indices {
+            #expect(events[index] == parse(inputs[index].0, contentNamespace: inputs[index].1).events)
+        }
+    }
+
+    @Test("Each event loop has its own cache, the same one every time")
+    func oneCachePerLoop() throws {
+        let caches = XMLNameCaches()
+        let loops = [EmbeddedEventLoop(), EmbeddedEventLoop()]
+        let first = loops.map { ObjectIdentifier(caches.cache(on: $0)) }
+        let again = loops.map { ObjectIdentifier(caches.cache(on: $0)) }
+        #expect(first == again)
+        #expect(first[0] != first[1])
     }
 }

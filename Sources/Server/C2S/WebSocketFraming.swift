@@ -49,7 +49,7 @@ struct ClientWebSocketEndpoint: WebSocketEndpoint {
         // message is one element).
         try operations.addHandler(NIOWebSocketFrameAggregator(
             minNonFinalFragmentSize: 0, maxAccumulatedFrameCount: 1024, maxAccumulatedFrameSize: maximumMessageBytes))
-        try operations.addHandler(WebSocketXMPPFraming(limits: limits, logger: logger))
+        try operations.addHandler(WebSocketXMPPFraming(limits: limits, names: server.nameCaches.cache(on: channel.eventLoop), logger: logger))
         let handler = ClientConnectionHandler(server: server, decoder: nil, listener: .c2sWebSocket, logger: logger)
         try operations.addHandler(handler)
         // The WebSocket pipeline is added to a channel that is already active: the handler
@@ -85,8 +85,8 @@ final class WebSocketXMPPFraming: ChannelDuplexHandler {
     private var failed = false
     private var closeFrameSent = false
 
-    init(limits: XMLStreamLimits, logger: Logger) {
-        parser = XMLStreamParser(contentNamespace: XMLNamespace.client, limits: limits)
+    init(limits: XMLStreamLimits, names: XMLNameCache, logger: Logger) {
+        parser = XMLStreamParser(contentNamespace: XMLNamespace.client, limits: limits, names: names)
         self.logger = logger
         parser.feed(Array("<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>".utf8))
         // The root's own event: not the client's, so not passed on.
