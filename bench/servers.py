@@ -2,12 +2,16 @@
 one or many hosted domains and many accounts, for the c2s and hosting benchmarks.
 
 Accounts are named as tsung names them: user1..userK with passwords pass1..passK. All
-three servers store SCRAM credentials with 4096 PBKDF2 iterations (Braid and Prosody
-default to 10000, ejabberd to 4096; the same count everywhere makes logins cost alike):
+three servers store SCRAM-SHA-256 credentials with 4096 PBKDF2 iterations (Braid and
+Prosody default to 10000, ejabberd to 4096; the same count and hash everywhere make logins
+cost alike, and a SCRAM client such as braid-load uses SCRAM-SHA-256 on all three):
   - Braid: rows written into its SQLite `users` table (SHA-1 and SHA-256 keys), since
     `braid user add` takes ~90 ms per call (one process each);
-  - Prosody: internal_hashed account files (what prosodyctl would write);
-  - ejabberd: ejabberd_auth:try_register over Erlang distribution, all in one call.
+  - Prosody: internal_hashed account files (what prosodyctl would write), with
+    `password_hash = "SHA-256"`, without which 0.12 keeps SHA-1 keys and offers only
+    SCRAM-SHA-1;
+  - ejabberd: ejabberd_auth:try_register over Erlang distribution, all in one call, with
+    `auth_scram_hash: sha256`.
 """
 
 import hashlib
@@ -48,7 +52,7 @@ def _braid_row(args):
 def _prosody_file(args):
     index, directory = args
     salt = os.urandom(12).hex()
-    stored, server = scram_keys(f"pass{index}", salt.encode(), "sha1")
+    stored, server = scram_keys(f"pass{index}", salt.encode(), "sha256")
     with open(os.path.join(directory, f"user{index}.dat"), "w") as handle:
         handle.write('return {\n\t["iteration_count"] = %d;\n\t["salt"] = "%s";\n\t["stored_key"] = "%s";\n'
                      '\t["server_key"] = "%s";\n};\n' % (ITERATIONS, salt, stored.hex(), server.hex()))
@@ -208,6 +212,7 @@ network_settings = {{ tcp_backlog = 1024{"".join(f"; {k} = {_lua(v)}" for k, v i
 ssl = {{ certificate = "{self.certs}/server.crt", key = "{self.certs}/server.key" }}
 c2s_require_encryption = true
 authentication = "internal_hashed"
+password_hash = "SHA-256"
 storage = "internal"
 allow_registration = false
 """
@@ -307,7 +312,7 @@ listen:
     max_stanza_size: 262144
 auth_method: internal
 auth_password_format: scram
-auth_scram_hash: sha
+auth_scram_hash: sha256
 acl:
   local:
     user_regexp: ""
