@@ -391,11 +391,11 @@ struct InstantMessagingTests {
             let storage = server.context.storage
             try await storage.addDomain("c.example")
             try await storage.createUser(try JID("dave@c.example"), credentials: try TestServer.credentials(password: TestServer.password))
-            try await waitUntil(timeout: .seconds(2)) { server.context.domains.isHosted("c.example") }
+            try await waitUntil(timeout: .seconds(10)) { server.context.domains.isHosted("c.example") }
             let (dave, jid) = try await server.loggedIn("dave@c.example")
             #expect(jid.description == "dave@c.example/test")
             try await storage.removeDomain("c.example")
-            #expect(try await dave.streamErrorCondition(timeout: .seconds(3)) == .hostGone)
+            #expect(try await dave.streamErrorCondition(timeout: .seconds(10)) == .hostGone)
             #expect(server.context.domains.isHosted("c.example") == false)
         }
     }
