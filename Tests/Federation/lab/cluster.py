@@ -30,6 +30,7 @@ lines): a message counts as acknowledged when the server's <a h=…/> covered it
 """
 
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -57,6 +58,9 @@ BURST_MESSAGES = 40          # per sender in the kill scenarios
 BURST_INTERVAL = 0.05        # seconds between one sender's messages
 KILL_AFTER = 0.8             # seconds into a burst
 RUN_TAG = f"{random.getrandbits(32):08x}"
+# Each batch of messages gets its own number, so a scenario repeated (--repeat) never meets
+# a late copy of an earlier run's message under the same id.
+BATCHES = itertools.count(1)
 
 
 # -- the SM client agent (runs inside a namespace; no lab import needed) -------------------
@@ -472,9 +476,9 @@ class SmPool(L.Agent):
 
 
 def messages(pairs, label):
-    out = []
+    out, batch = [], next(BATCHES)
     for sender, receiver in pairs:
-        message_id = f"{label}-{RUN_TAG}-{len(out)}"
+        message_id = f"{label}-{RUN_TAG}-{batch}-{len(out)}"
         out.append([sender, receiver, message_id, f"cluster {message_id} {sender} → {receiver}"])
     return out
 
@@ -712,12 +716,12 @@ def scenario_one_link(lab, details):
 def burst(senders, receivers, label):
     """Rounds of one message per (sender, receiver) pair, BURST_MESSAGES per sender; None marks
     the pause between rounds (SmPool.stream)."""
-    stream, out = [], []
+    stream, out, batch = [], [], next(BATCHES)
     pairs = [(sender, receivers[index % len(receivers)]) for index, sender in enumerate(senders)]
     for round_index in range(BURST_MESSAGES):
         for pair_index, (sender, _) in enumerate(pairs):
             receiver = receivers[(pair_index + round_index) % len(receivers)]
-            message_id = f"{label}-{RUN_TAG}-{len(out)}"
+            message_id = f"{label}-{RUN_TAG}-{batch}-{len(out)}"
             message = [sender, receiver, message_id, f"cluster burst {message_id} {sender} → {receiver}"]
             out.append(message)
             stream.append(message)
