@@ -3,6 +3,7 @@ import Logging
 import NIOCore
 import PostgresNIO
 import Storage
+import Synchronization
 
 /// A node as the database knows it.
 public struct ClusterMember: Sendable, Equatable {
@@ -29,8 +30,16 @@ public struct ClusterMember: Sendable, Equatable {
 /// share (issue 18): no consensus protocol of Braid's own; the database the operator already
 /// replicates and fails over is the one place that says who is in the cluster.
 public final class ClusterDirectory: Sendable {
-    private let client: PostgresClient
-    private let runner: Task<Void, Never>
+    /// The connection pool and the task running it. Replaced as a whole when a call goes
+    /// unanswered for the operation timeout (see ``within(_:)``).
+    private struct Pool: Sendable {
+        let client: PostgresClient
+        let runner: Task<Void, Never>
+    }
+
+    private let pool: Mutex<Pool>
+    private let configuration: PostgresClient.Configuration
+    private let eventLoopGroup: any EventLoopGroup
     private let logger: Logger
     let operationTimeout: Duration
 
@@ -38,22 +47,27 @@ public final class ClusterDirectory: Sendable {
         var configuration = try settings.clientConfiguration()
         // Heartbeats and directory writes only: a few connections are plenty.
         configuration.options.maximumConnections = 4
-        let client = PostgresClient(configuration: configuration, eventLoopGroup: eventLoopGroup, backgroundLogger: logger)
-        self.client = client
+        self.configuration = configuration
+        self.eventLoopGroup = eventLoopGroup
         self.logger = logger
         operationTimeout = settings.operationTimeout
-        runner = Task { await client.run() }
+        pool = Mutex(Self.makePool(configuration: configuration, eventLoopGroup: eventLoopGroup, logger: logger))
+    }
+
+    private static func makePool(configuration: PostgresClient.Configuration, eventLoopGroup: any EventLoopGroup, logger: Logger) -> Pool {
+        let client = PostgresClient(configuration: configuration, eventLoopGroup: eventLoopGroup, backgroundLogger: logger)
+        return Pool(client: client, runner: Task { await client.run() })
     }
 
     public func close() {
-        runner.cancel()
+        pool.withLock { $0.runner.cancel() }
     }
 
     /// Creates the tables if missing. Several nodes may start at once, so the creation runs
     /// under a transaction-scoped advisory lock.
     public func prepare() async throws {
-        try await within {
-            try await self.client.withTransaction(logger: self.logger) { connection in
+        try await within { client in
+            try await client.withTransaction(logger: self.logger) { connection in
                 try await connection.query("SELECT pg_advisory_xact_lock(hashtext('braid_cluster_schema'))", logger: self.logger)
                 try await connection.query("""
                     CREATE TABLE IF NOT EXISTS cluster_nodes (
@@ -97,8 +111,8 @@ public final class ClusterDirectory: Sendable {
     /// crashed: they are gone with it).
     public func register(node: String, address: String, incarnation: UInt64) async throws {
         let incarnationValue = Int64(bitPattern: incarnation)
-        try await within {
-            try await self.client.withTransaction(logger: self.logger) { connection in
+        try await within { client in
+            try await client.withTransaction(logger: self.logger) { connection in
                 try await connection.query("""
                     INSERT INTO cluster_nodes (name, address, incarnation, started_at, heartbeat_at, sessions, left_at)
                     VALUES (\(node), \(address), \(incarnationValue), now(), now(), 0, NULL)
@@ -114,8 +128,8 @@ public final class ClusterDirectory: Sendable {
     /// configured with one node name).
     public func heartbeat(node: String, incarnation: UInt64, sessions: Int, links: Int = 0) async throws -> Bool {
         let incarnationValue = Int64(bitPattern: incarnation)
-        return try await within {
-            let rows = try await self.client.query("""
+        return try await within { client in
+            let rows = try await client.query("""
                 UPDATE cluster_nodes SET heartbeat_at = now(), sessions = \(sessions), links = \(links)
                 WHERE name = \(node) AND incarnation = \(incarnationValue) RETURNING name
                 """, logger: self.logger)
@@ -127,9 +141,9 @@ public final class ClusterDirectory: Sendable {
 
     /// Every node that ever registered, with its heartbeat's age.
     public func members() async throws -> [ClusterMember] {
-        try await within {
+        try await within { client in
             var members: [ClusterMember] = []
-            let rows = try await self.client.query("""
+            let rows = try await client.query("""
                 SELECT name, address, incarnation, sessions, links,
                        extract(epoch FROM now() - heartbeat_at)::float8,
                        extract(epoch FROM now() - started_at)::float8,
@@ -147,8 +161,8 @@ public final class ClusterDirectory: Sendable {
     /// Graceful shutdown: the others need not wait for the heartbeat to age.
     public func leave(node: String, incarnation: UInt64) async throws {
         let incarnationValue = Int64(bitPattern: incarnation)
-        try await within {
-            try await self.client.withTransaction(logger: self.logger) { connection in
+        try await within { client in
+            try await client.withTransaction(logger: self.logger) { connection in
                 try await connection.query("UPDATE cluster_nodes SET left_at = now(), sessions = 0 WHERE name = \(node) AND incarnation = \(incarnationValue)", logger: self.logger)
                 try await connection.query("DELETE FROM cluster_sessions WHERE node = \(node)", logger: self.logger)
             }
@@ -158,8 +172,8 @@ public final class ClusterDirectory: Sendable {
     /// Removes the directory rows of a node that is dead (its heartbeat too old, or it left),
     /// checked in the same statement so a node that came back meanwhile keeps its rows.
     public func forgetSessions(ofDeadNode node: String, deadAfter: Double) async throws {
-        _ = try await within {
-            try await self.client.query("""
+        _ = try await within { client in
+            try await client.query("""
                 DELETE FROM cluster_sessions WHERE node = \(node) AND NOT EXISTS (
                     SELECT 1 FROM cluster_nodes WHERE name = \(node) AND left_at IS NULL
                     AND heartbeat_at > now() - make_interval(secs => \(deadAfter)))
@@ -172,8 +186,8 @@ public final class ClusterDirectory: Sendable {
     /// asking at once cannot both get it).
     public func acquireLease(_ name: String, node: String, incarnation: UInt64, seconds: Double) async throws -> String? {
         let incarnationValue = Int64(bitPattern: incarnation)
-        return try await within {
-            try await self.client.query("""
+        return try await within { client in
+            try await client.query("""
                 INSERT INTO cluster_leases (name, node, incarnation, expires_at)
                 VALUES (\(name), \(node), \(incarnationValue), now() + make_interval(secs => \(seconds)))
                 ON CONFLICT (name) DO UPDATE SET node = EXCLUDED.node, incarnation = EXCLUDED.incarnation, expires_at = EXCLUDED.expires_at
@@ -181,7 +195,7 @@ public final class ClusterDirectory: Sendable {
                    OR (cluster_leases.node = EXCLUDED.node AND cluster_leases.incarnation = EXCLUDED.incarnation)
                 """, logger: self.logger)
             var holder: String?
-            for try await (owner, expired) in try await self.client.query(
+            for try await (owner, expired) in try await client.query(
                 "SELECT node, expires_at < now() FROM cluster_leases WHERE name = \(name)", logger: self.logger).decode((String, Bool).self) where !expired {
                 holder = owner
             }
@@ -194,9 +208,9 @@ public final class ClusterDirectory: Sendable {
     public func sharedSecret(_ name: String) async throws -> String {
         var generator = SystemRandomNumberGenerator()
         let candidate = (0..<32).map { _ in String(format: "%02x", UInt8.random(in: 0...255, using: &generator)) }.joined()
-        return try await within {
-            try await self.client.query("INSERT INTO cluster_secrets (name, value) VALUES (\(name), \(candidate)) ON CONFLICT (name) DO NOTHING", logger: self.logger)
-            for try await value in try await self.client.query("SELECT value FROM cluster_secrets WHERE name = \(name)", logger: self.logger).decode(String.self) {
+        return try await within { client in
+            try await client.query("INSERT INTO cluster_secrets (name, value) VALUES (\(name), \(candidate)) ON CONFLICT (name) DO NOTHING", logger: self.logger)
+            for try await value in try await client.query("SELECT value FROM cluster_secrets WHERE name = \(name)", logger: self.logger).decode(String.self) {
                 return value
             }
             throw ClusterError.configuration("the shared secret \(name) could not be read back")
@@ -206,8 +220,8 @@ public final class ClusterDirectory: Sendable {
     /// Gives the lease up (graceful shutdown), if this run holds it.
     public func releaseLease(_ name: String, node: String, incarnation: UInt64) async throws {
         let incarnationValue = Int64(bitPattern: incarnation)
-        _ = try await within {
-            try await self.client.query("DELETE FROM cluster_leases WHERE name = \(name) AND node = \(node) AND incarnation = \(incarnationValue)", logger: self.logger)
+        _ = try await within { client in
+            try await client.query("DELETE FROM cluster_leases WHERE name = \(name) AND node = \(node) AND incarnation = \(incarnationValue)", logger: self.logger)
         }
     }
 
@@ -220,8 +234,8 @@ public final class ClusterDirectory: Sendable {
     /// Applies directory changes in order, in one transaction.
     public func apply(_ changes: [Change]) async throws {
         guard !changes.isEmpty else { return }
-        try await within {
-            try await self.client.withTransaction(logger: self.logger) { connection in
+        try await within { client in
+            try await client.withTransaction(logger: self.logger) { connection in
                 for change in changes {
                     switch change {
                     case .bound(let jid, let node):
@@ -239,9 +253,9 @@ public final class ClusterDirectory: Sendable {
 
     /// The directory: every bound full JID and its node.
     public func sessions(node: String? = nil) async throws -> [(jid: String, node: String)] {
-        try await within {
+        try await within { client in
             var result: [(jid: String, node: String)] = []
-            let rows = try await self.client.query("SELECT jid, node FROM cluster_sessions ORDER BY node, jid", logger: self.logger)
+            let rows = try await client.query("SELECT jid, node FROM cluster_sessions ORDER BY node, jid", logger: self.logger)
             for try await (jid, owner) in rows.decode((String, String).self) where node == nil || node == owner {
                 result.append((jid, owner))
             }
@@ -249,21 +263,32 @@ public final class ClusterDirectory: Sendable {
         }
     }
 
-    struct TimedOut: Error {}
-
-    /// Runs `body`, failing after the storage's operation timeout: a database that is away
-    /// must not stall heartbeats forever.
-    private func within<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) async throws -> T {
-        let timeout = operationTimeout
-        return try await withThrowingTaskGroup(of: T.self) { group in
-            group.addTask { try await body() }
-            group.addTask {
-                try await Task.sleep(for: timeout)
-                throw TimedOut()
+    /// Runs `body` on the current pool, failing after the storage's operation timeout
+    /// (``DeadlineExceeded``): a database that is away must not stall heartbeats.
+    ///
+    /// A call without an answer for that long may be stuck on a connection that stopped
+    /// answering without closing (the database host gone from the network, a failover that
+    /// moved its address): postgres-nio cannot cancel a query in flight, so the call would keep
+    /// its connection, and after four such calls every later one would wait for a connection in
+    /// vain. So the pool is replaced: closing the old one fails whatever is stuck on it, and the
+    /// next call connects afresh. With the database simply down, this only restarts the wait.
+    private func within<T: Sendable>(_ body: @escaping @Sendable (PostgresClient) async throws -> T) async throws -> T {
+        let client = pool.withLock { $0.client }
+        do {
+            return try await withDeadline(operationTimeout) { try await body(client) }
+        } catch let error as DeadlineExceeded {
+            let replaced: Task<Void, Never>? = pool.withLock { pool in
+                // Another call may have replaced it already.
+                guard pool.client === client else { return nil }
+                let old = pool.runner
+                pool = Self.makePool(configuration: configuration, eventLoopGroup: eventLoopGroup, logger: logger)
+                return old
             }
-            defer { group.cancelAll() }
-            guard let first = try await group.next() else { throw TimedOut() }
-            return first
+            if let replaced {
+                replaced.cancel()
+                logger.warning("cluster database call unanswered; connections replaced", metadata: ["timeout": "\(operationTimeout)"])
+            }
+            throw error
         }
     }
 }

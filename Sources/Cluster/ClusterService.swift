@@ -4,6 +4,7 @@ import GRPCNIOTransportHTTP2
 import Logging
 import Metrics
 import NIOCore
+import Storage
 import Synchronization
 
 /// A stanza sent to a session on a node that died before acknowledging it.
@@ -114,6 +115,8 @@ public final class ClusterService: Sendable {
         /// database answered slowly, or not at all until it came back) means the others'
         /// heartbeats may be stale for the same reason.
         var lastGoodCheck: ContinuousClock.Instant?
+        /// This node's s2s links at the last count that answered in time.
+        var lastLinkCount = 0
     }
 
     /// The lease that makes one node at a time the cluster's federation endpoint: one TCP
@@ -664,17 +667,38 @@ public final class ClusterService: Sendable {
 
     /// One heartbeat and one look at the others. Internal so tests can drive it.
     func checkMembership() async {
+        // Every step timed: a check that stalls stops the heartbeat, and the others then
+        // count this node dead while it serves on. The log line says which step it was.
+        var timing = StepTiming()
+        defer {
+            if timing.total > .seconds(max(2, 2 * settings.heartbeatIntervalSeconds)) {
+                metrics.slowMembershipChecks.increment()
+                logger.warning("cluster membership check slow", metadata: ["steps": "\(timing.description)"])
+            }
+        }
         let sessionCount = currentHost?.localSessionCount() ?? 0
-        let linkCount = await currentHost?.federationLinkCount() ?? 0
+        // For operators only (`braid cluster status`): never worth holding the heartbeat for.
+        let linkCount: Int
+        if let host = currentHost, let count = try? await withDeadline(.seconds(1), { await host.federationLinkCount() }) {
+            linkCount = count
+            state.withLock { $0.lastLinkCount = count }
+        } else {
+            linkCount = state.withLock { $0.lastLinkCount }
+        }
+        timing.step("link count")
         do {
-            if try await !directory.heartbeat(node: nodeName, incarnation: incarnation, sessions: sessionCount, links: linkCount) {
+            let registered = try await directory.heartbeat(node: nodeName, incarnation: incarnation, sessions: sessionCount, links: linkCount)
+            timing.step("heartbeat")
+            if !registered {
                 logger.critical("another process registered this node name; check cluster.node_name on every node")
                 try await directory.register(node: nodeName, address: advertisedAddress, incarnation: incarnation)
             }
             // The lease before the dead: a dead holder's lease has expired by the time its
             // heartbeat counts as dead, so stanzas routed again below find the new holder.
             try await checkFederationLease()
+            timing.step("lease")
             let members = try await directory.members()
+            timing.step("members")
             let now = ContinuousClock.now
             let stalled = Duration.milliseconds(Int64((2 * settings.heartbeatIntervalSeconds + 1) * 1000))
             state.withLock { state in
@@ -687,8 +711,10 @@ public final class ClusterService: Sendable {
                 state.lastGoodCheck = now
             }
             await apply(members: members)
+            timing.step("apply")
             metrics.membershipChecks.increment()
         } catch {
+            timing.step("failed")
             // The database away: nodes keep serving what they have, and declare nobody dead
             // on stale information (issue 18: PostgreSQL restarted).
             metrics.membershipFailures.increment()
@@ -846,6 +872,31 @@ public enum ClusterError: Error, Sendable, CustomStringConvertible {
     }
 }
 
+/// How long each step of one piece of work took, for a log line when it was slow.
+struct StepTiming: CustomStringConvertible {
+    private let clock = ContinuousClock()
+    private let started: ContinuousClock.Instant
+    private var last: ContinuousClock.Instant
+    private var steps: [(String, Duration)] = []
+
+    init() {
+        started = clock.now
+        last = started
+    }
+
+    mutating func step(_ name: String) {
+        let now = clock.now
+        steps.append((name, now - last))
+        last = now
+    }
+
+    var total: Duration { last - started }
+
+    var description: String {
+        steps.map { "\($0.0) \(Int($0.1 / .milliseconds(1))) ms" }.joined(separator: ", ")
+    }
+}
+
 /// The cluster's counters (`braid_cluster_*`).
 struct ClusterMetrics: Sendable {
     let stanzasForwarded: Counter
@@ -854,6 +905,7 @@ struct ClusterMetrics: Sendable {
     let nodesGone: Counter
     let membershipFailures: Counter
     let membershipChecks: Counter
+    let slowMembershipChecks: Counter
     let linkErrors: Counter
     let aliveNodes: Recorder
 
@@ -864,6 +916,7 @@ struct ClusterMetrics: Sendable {
         nodesGone = Counter(label: "braid_cluster_nodes_gone_total", factory: factory)
         membershipFailures = Counter(label: "braid_cluster_database_failures_total", factory: factory)
         membershipChecks = Counter(label: "braid_cluster_membership_checks_total", factory: factory)
+        slowMembershipChecks = Counter(label: "braid_cluster_membership_checks_slow_total", factory: factory)
         linkErrors = Counter(label: "braid_cluster_node_link_errors_total", factory: factory)
         aliveNodes = Recorder(label: "braid_cluster_nodes_alive", aggregate: false, factory: factory)
     }

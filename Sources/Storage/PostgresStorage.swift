@@ -46,10 +46,10 @@ public final class PostgresStorage: Storage {
         if prepared.load(ordering: .acquiring) { return }
         let timeout = settings.connectTimeout
         do {
-            try await Self.within(timeout) { [self] in try await migrate() }
+            try await withDeadline(timeout) { [self] in try await migrate() }
         } catch let error as PostgresStorageError {
             throw error
-        } catch is TimedOut {
+        } catch is DeadlineExceeded {
             throw PostgresStorageError.unreachable(settings.redactedDescription, "no connection within \(timeout)")
         } catch {
             throw PostgresStorageError.unreachable(settings.redactedDescription, Self.describe(error))
@@ -779,8 +779,8 @@ public final class PostgresStorage: Storage {
         do {
             // Bounded: with the database gone, a call fails (the client gets
             // internal-server-error) instead of holding the caller for minutes.
-            return try await Self.within(settings.operationTimeout, body)
-        } catch is TimedOut {
+            return try await withDeadline(settings.operationTimeout, body)
+        } catch is DeadlineExceeded {
             logger.error("database operation timed out", metadata: ["operation": "\(operation)", "timeout": "\(settings.operationTimeout)"])
             throw PostgresStorageError.failed(operation, "no answer within \(settings.operationTimeout)")
         } catch let error as StorageError {
@@ -809,23 +809,6 @@ public final class PostgresStorage: Storage {
         if let state = error.serverInfo?[.sqlState] { parts.append("SQLSTATE \(state)") }
         if let underlying = error.underlying { parts.append("\(underlying)") }
         return parts.joined(separator: ": ")
-    }
-
-    struct TimedOut: Error {}
-
-    /// Runs `body`, cancelled after `timeout` (``TimedOut``). Waiting for a connection is
-    /// cancellable; a query in flight on a dead connection fails by itself.
-    private static func within<Result: Sendable>(_ timeout: Duration, _ body: @escaping @Sendable () async throws -> Result) async throws -> Result {
-        try await withThrowingTaskGroup(of: Result?.self) { group in
-            group.addTask { try await body() }
-            group.addTask {
-                try await Task.sleep(for: timeout)
-                return nil
-            }
-            defer { group.cancelAll() }
-            guard let first = try await group.next(), let result = first else { throw TimedOut() }
-            return result
-        }
     }
 
     private static func count(_ rows: PostgresRowSequence) async throws -> Int {

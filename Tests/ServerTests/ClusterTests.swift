@@ -3,6 +3,8 @@
 import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
+import Logging
+import NIOPosix
 import Storage
 import Testing
 import TestSupport
@@ -325,6 +327,48 @@ struct ClusterTests {
             await alice.close()
             await bob.close()
         }
+    }
+
+    @Test("A database connection that stops answering without closing: the call fails at its deadline, and the next one connects afresh")
+    func unansweringDatabaseConnection() async throws {
+        let database = try #require(PostgresTestServer.current)
+        let url = try await database.createDatabase()
+        var settings = try PostgresConnectionSettings(url: url)
+        settings.operationTimeout = .seconds(1)
+        let directory = try ClusterDirectory(settings: settings, eventLoopGroup: MultiThreadedEventLoopGroup.singleton, logger: Logger(label: "test.cluster"))
+        defer { directory.close() }
+        try await directory.prepare()
+        try await directory.register(node: "node-1", address: "127.0.0.1:1", incarnation: 1)
+        #expect(try await directory.heartbeat(node: "node-1", incarnation: 1, sessions: 0))
+        // Every server process of this database's connections stopped (SIGSTOP): the TCP
+        // connections stay open and nothing answers, as when the database host drops off the
+        // network. postgres-nio cannot cancel a query in flight on such a connection.
+        let name = try #require(url.split(separator: "/").last?.split(separator: "?").first.map(String.init))
+        let query = try await ChildProcess.run("/usr/bin/psql", ["-h", "127.0.0.1", "-p", "\(database.port)", "-U", "postgres", "-At", "-c",
+                                                                 "SELECT pid FROM pg_stat_activity WHERE datname = '\(name)' AND backend_type = 'client backend'"],
+                                               outputPath: "\(database.directory)/psql-stuck-\(name).log", timeout: .seconds(30))
+        let stopped = query.output.split(whereSeparator: \.isNewline).compactMap { Int32($0.trimmingCharacters(in: .whitespaces)) }
+        try #require(query.exitCode == 0 && !stopped.isEmpty, "the directory's server processes: \(query.output)")
+        for pid in stopped { kill(pid, SIGSTOP) }
+        defer { for pid in stopped { kill(pid, SIGCONT) } }
+        // Each call bounded by the operation timeout, though the query never ends; a call
+        // that meets a stuck connection has the pool replaced, so within a few calls one
+        // reaches a fresh server process.
+        let clock = ContinuousClock()
+        var failures = 0
+        var answered = false
+        for _ in 0..<6 where !answered {
+            let started = clock.now
+            do {
+                answered = try await directory.heartbeat(node: "node-1", incarnation: 1, sessions: 0)
+            } catch {
+                #expect(error is DeadlineExceeded, "\(error)")
+                failures += 1
+            }
+            #expect(clock.now - started < .seconds(10), "a call ends at its deadline, not with the stuck query")
+        }
+        #expect(failures >= 1, "the stuck connection was met")
+        #expect(answered, "the directory answers again on new connections while the old ones stay stuck")
     }
 
     @Test("A new numbering of frames from the same run of a node is not taken for frames already handled")

@@ -785,8 +785,10 @@ def scenario_kill_lease_holder(lab, details):
     counts = tally(sent, received, errors, [message_id for _, message_id in acked])
     details.append(("all accounted for " + f"{seconds:.1f}s after the burst" if seconds is not None
                     else "NOT all delivered or bounced"))
+    by_peer = {}
     for label, subset in (("A→B", [m for m in sent if m[1] in users_b]), ("A→C", [m for m in sent if m[1] in users_c])):
-        details.append("  " + tally_text(label, tally(subset, received, errors, [i for _, i in acked])))
+        by_peer[label] = tally(subset, received, errors, [i for _, i in acked])
+        details.append("  " + tally_text(label, by_peer[label]))
     details.append(tally_text("total", counts))
     if disconnections:
         details.append(f"  senders disconnected: {disconnections}")
@@ -799,8 +801,15 @@ def scenario_kill_lease_holder(lab, details):
         problems.append("no node took over the s2s lease and port")
     if counts["acked_lost"]:
         problems.append(f"{len(counts['acked_lost'])} acknowledged messages lost, e.g. {counts['acked_lost'][:5]}")
-    if counts["duplicated"]:
-        problems.append(f"{len(counts['duplicated'])} duplicated, e.g. {counts['duplicated'][:5]}")
+    if by_peer["A→B"]["duplicated"]:
+        problems.append(f"{len(by_peer['A→B']['duplicated'])} duplicated to B, e.g. {by_peer['A→B']['duplicated'][:5]}")
+    if by_peer["A→C"]["duplicated"]:
+        # Prosody's s2s has no stream management here, so the holder confirms a stanza once
+        # written; killed after writing it but before the confirmation left, the originating
+        # node sends it again on the new link. A Braid peer drops that copy by its id
+        # (docs/cluster.md); Prosody cannot know it is one. Reported, not a failure.
+        details.append(f"  {len(by_peer['A→C']['duplicated'])} duplicated to C (Prosody), written by the killed holder "
+                       f"just before the kill and sent again by their origin: {by_peer['A→C']['duplicated'][:5]}")
     if counts["lost"] and not counts["acked_lost"]:
         details.append(f"  ({len(counts['lost'])} lost were never acknowledged by the server: not a broken promise)")
     L.expect(not problems, "; ".join(problems))
