@@ -42,7 +42,8 @@ def c2s_loadgen_section(cs):
             rows.append((NAMES[kind], fmt(x["offered_per_second"]), fmt(x.get("sent_per_second")), fmt(x.get("delivered_per_second")),
                          fmt(x.get("lost")), fmt(x.get("p50_ms"), 2), fmt(x.get("p99_ms"), 2), fmt(x.get("p99_9_ms"), 2),
                          fmt(x.get("max_ms"), 1), fmt(x.get("cpu_us_per_message")), x.get("mechanism") or "—",
-                         fmt(x.get("logins_per_second")), fmt(x.get("login_p50_ms"), 1), fmt(x.get("generator_busiest_thread_share"), 2)))
+                         fmt(x.get("logins_per_second")), fmt(x.get("login_p50_ms"), 1), fmt(x.get("server_cpu_ms_per_login"), 2),
+                         fmt(x.get("generator_busiest_thread_share"), 2)))
         c = e.get("calibration")
         if c:
             t, a, d = c["tsung"], c["braid_load_like_tsung"], c["braid_load_default"]
@@ -59,7 +60,8 @@ def c2s_loadgen_section(cs):
                   "time to arrival. Generator: the busiest thread's share of a core in the message phase (near 1.0: "
                   "the generator, not the server, is the limit).", "",
                   table(["server", "offered msg/s", "sent msg/s", "delivered msg/s", "lost", "p50 ms", "p99 ms", "p99.9 ms",
-                         "max ms", "server CPU µs/msg", "SASL", "logins/s", "login p50 ms", "generator thread"], rows), ""]
+                         "max ms", "server CPU µs/msg", "SASL", "logins/s", "login p50 ms", "server CPU ms/login",
+                         "generator thread"], rows), ""]
     if calib:
         lines += ["### Calibration: tsung and braid-load against the same server", "",
                   "One server, one offered rate, three runs: tsung; braid-load as tsung drives (PLAIN, no stream "
@@ -71,6 +73,96 @@ def c2s_loadgen_section(cs):
 
 
 # -- goals ---------------------------------------------------------------------------------
+
+def _median(values):
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def issue16_goals(report, add):
+    """The performance issue's rows (issue 16): each measured here, beside the peers from the
+    same run; a debug build's CPU and memory figures are shown, not judged."""
+    s = report["scenarios"]
+    release = report.get("build_config") != "debug"
+    c = s.get("c2s", {}).get("results", {})
+
+    def peers_text(values, unit, digits=1):
+        return "; ".join(f"{NAMES[k]} {fmt(v, digits)} {unit}" for k, v in values if v is not None)
+
+    # Memory per idle session under whitespace keepalives.
+    keep = {k: c.get(k, {}).get("keepalive") or {} for k in KINDS}
+    kb = keep["braid"].get("growth_per_session_per_keepalive_kib")
+    if keep["braid"]:
+        b = keep["braid"]
+        add("c2s: memory per idle TLS session flat under whitespace keepalives (≤ 0.05 KiB per session per keepalive)",
+            f"Braid {fmt(b.get('rss_per_session_after_login_kib'), 1)} KiB after login, "
+            f"{fmt(b.get('rss_per_session_after_keepalives_kib'), 1)} KiB after {fmt(b.get('rounds'))} keepalives "
+            f"({fmt(kb, 3)} KiB per keepalive); "
+            + peers_text([(k, keep[k].get("growth_per_session_per_keepalive_kib")) for k in ("prosody", "ejabberd")], "KiB per keepalive", 3),
+            f"{fmt(kb, 3)} KiB per keepalive" if kb is not None else "—",
+            (kb <= 0.05) if kb is not None and release else None)
+
+    # Idle RSS with one hosted domain.
+    hosting = s.get("hosting", {}).get("results", {})
+    one = {k: next((r.get("idle_rss_kib") for r in hosting.get(k, []) if r.get("domains") == 1 and r.get("idle_rss_kib")), None)
+           for k in KINDS}
+    if one["braid"]:
+        mib = one["braid"] / 1024
+        add("idle RSS with one domain ≤ 20 MiB", f"Braid {fmt(mib, 1)} MiB; "
+            + peers_text([(k, one[k] / 1024 if one[k] else None) for k in ("prosody", "ejabberd")], "MiB"),
+            f"{mib / 20:.2f}× the limit", (mib <= 20) if release else None)
+
+    # Stream parsing against raw expat.
+    parse = s.get("micro", {}).get("parse", {})
+    share = parse.get("ratio_to_raw")
+    if share is not None:
+        add("stream parsing ≥ 80 % of raw expat (braid-bench parse)",
+            f"Braid {fmt(parse.get('braid_mb_per_s'))} MB/s; raw expat {fmt(parse.get('raw_expat_mb_per_s'))} MB/s",
+            f"{share * 100:.0f} %", share >= 0.8)
+
+    # braid-load: CPU per message, per login, login latency, sustained rate.
+    steps = {k: c.get(k, {}).get("loadgen", {}).get("steps", []) for k in KINDS}
+    braid_steps = [x for x in steps["braid"] if x.get("cpu_us_per_message")]
+    if braid_steps:
+        parts, worst = [], None
+        for x in braid_steps:
+            rate = x["offered_per_second"]
+            same = [(k, next((y.get("cpu_us_per_message") for y in steps[k] if y["offered_per_second"] == rate), None))
+                    for k in ("prosody", "ejabberd")]
+            parts.append(f"@{fmt(rate)}/s: Braid {fmt(x['cpu_us_per_message'])} µs" + (f" ({peers_text(same, 'µs')})" if any(v for _, v in same) else ""))
+            worst = max(worst or 0, x["cpu_us_per_message"])
+        add("c2s: CPU per client message ≤ 40 µs at every offered rate (braid-load, SCRAM, XEP-0198)", "; ".join(parts),
+            f"worst {worst / 40:.2f}× the limit", (worst <= 40) if release else None)
+    logins = {k: _median([x.get("server_cpu_ms_per_login") for x in steps[k]]) for k in KINDS}
+    if logins["braid"] is not None:
+        add("c2s: server CPU per login ≤ 2 ms (STARTTLS, SCRAM-SHA-256, bind, XEP-0198; median over steps)",
+            f"Braid {fmt(logins['braid'], 2)} ms; " + peers_text([(k, logins[k]) for k in ("prosody", "ejabberd")], "ms", 2),
+            f"{logins['braid'] / 2:.2f}× the limit", (logins["braid"] <= 2) if release else None)
+    latency = {k: _median([x.get("login_p50_ms") for x in steps[k]]) for k in KINDS}
+    tsung_login = c.get("braid", {}).get("sessions", {}).get("login_mean_ms")
+    if latency["braid"] is not None:
+        add("c2s: login latency p50 < 10 ms with any client",
+            f"braid-load p50 Braid {fmt(latency['braid'], 1)} ms; " + peers_text([(k, latency[k]) for k in ("prosody", "ejabberd")], "ms")
+            + (f"; tsung (Nagle on) mean Braid {fmt(tsung_login, 1)} ms" if tsung_login is not None else ""),
+            f"{latency['braid'] / 10:.2f}× the limit",
+            (latency["braid"] < 10 and (tsung_login is None or tsung_login < 10)) if release else None)
+    if braid_steps:
+        kept = [x for x in braid_steps if x.get("delivered_per_second") and x["delivered_per_second"] >= 0.95 * x["offered_per_second"]
+                and (x.get("p99_ms") or 0) < 100]
+        top = max(kept, key=lambda x: x["offered_per_second"]) if kept else None
+        highest = max(braid_steps, key=lambda x: x["offered_per_second"])
+        share = highest.get("generator_busiest_thread_share")
+        text = (f"Braid sustained {fmt(top['delivered_per_second'])} msg/s (offered {fmt(top['offered_per_second'])}, p99 "
+                f"{fmt(top.get('p99_ms'), 1)} ms)" if top else "Braid sustained no offered rate")
+        text += (f"; at the highest offered rate ({fmt(highest['offered_per_second'])}/s) braid-load's busiest thread "
+                 f"used {fmt(share, 2)} of a core")
+        add("c2s: a sustained message rate limited by the server, not the generator", text,
+            f"generator {fmt(share, 2)} of a core" if share is not None else "—",
+            (share is not None and share < 0.9) if release else None)
+
 
 def goals(report):
     s = report["scenarios"]
@@ -157,6 +249,8 @@ def goals(report):
                 add("c2s: no more memory per session than the peers",
                     f"Braid {fmt(kb, 1)} KB; " + "; ".join(f"{NAMES[k]} {fmt(v, 1)} KB" for k, v in peers),
                     f"{kb / least[1]:.2f}× {NAMES[least[0]]}", kb <= least[1])
+
+    issue16_goals(report, add)
 
     h = s.get("hosting", {}).get("results", {}).get("braid", [])
     big = max((r for r in h if r.get("start_seconds") is not None), key=lambda r: r["domains"], default=None)

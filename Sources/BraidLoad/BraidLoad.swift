@@ -210,7 +210,9 @@ struct LoadRun {
         let cpuStart = CPUTime.now()
         let wallStart = NIODeadline.now()
 
-        // Logins, paced: session i starts at i / loginRate, on worker i mod threads.
+        // Logins, paced: session i starts at i / loginRate, on worker i mod threads. The phase
+        // marks let a benchmark measure the server's CPU per login between them.
+        log("phase: logins")
         let loginStart = NIODeadline.now() + .milliseconds(20)
         for (number, bound) in workers.enumerated() {
             let indices = Array(stride(from: number, to: config.sessions, by: workers.count))
@@ -240,6 +242,9 @@ struct LoadRun {
         let online = directory.jids.count
         log("\(online) of \(config.sessions) sessions logged in in \(Self.seconds(loginEnd - loginStart)) s")
 
+        // A quiet gap after the logins, so a server CPU sample taken in it holds the logins'
+        // work and none of the messages'.
+        usleep(300_000)
         // Messages: each worker offers the total rate times its share of the sessions.
         let sendStart = NIODeadline.now() + .milliseconds(100)
         log("phase: messages")
