@@ -8,12 +8,13 @@
     sudo bench/run --only web      some scenarios: they replace their sections in the existing
                                    report of the same mode (full or smoke) in --out, the others
                                    are kept; the run's machine facts are recorded per scenario
-    options: --only fanout,newpair,c2s,hosting,muc,mam,pep,web,micro,cluster   --braid PATH   --out DIR   --no-build
+    options: --only fanout,newpair,c2s,logins,hosting,muc,mam,pep,web,micro,cluster   --braid PATH   --out DIR   --no-build
              --build-config debug   --wait-for FILE   --report-only (md and plots from the json)
 
 Scenarios (each module's docstring has the details): fanout.py (s2s fan-out over the
 federation lab), newpair.py (s2s: latency of a new domain pair's first stanza on a live
-link, and of the same pairs warm), c2s.py (tsung), hosting.py (hosted domains), muc.py (group chat: one room
+link, and of the same pairs warm), c2s.py (tsung and braid-load), logins.py (server CPU per
+login and login latency, braid-load), hosting.py (hosted domains), muc.py (group chat: one room
 with N occupants, and the MUC service's cost per hosted domain), mam.py (message archive:
 query latency at 10^4..10^6 archived messages, messaging with the archive on and off),
 pep.py (personal eventing: one publish to 1,000 local and remote contacts, and the caps
@@ -38,7 +39,7 @@ import common  # noqa: E402
 from common import ROOT, log  # noqa: E402
 
 KINDS = ["braid", "prosody", "ejabberd"]
-SCENARIOS = ["fanout", "newpair", "c2s", "hosting", "muc", "mam", "pep", "web", "micro", "cluster"]
+SCENARIOS = ["fanout", "newpair", "c2s", "logins", "hosting", "muc", "mam", "pep", "web", "micro", "cluster"]
 
 FULL = {
     "fanout": {"sizes": [10, 30, 100], "time_limits": {10: 60, 30: 120, 100: 180}, "warm_total": 20000},
@@ -48,6 +49,7 @@ FULL = {
     "c2s": {"session_steps": [1000, 5000, 10000], "chat_users": 200, "rates": [200, 500, 1000, 2000, 4000, 8000],
             "chat_seconds": 15, "login_rate": 250, "first_rate": 500, "pause": 8,
             "keepalive": {"sessions": 2000, "interval": 15, "rounds": 8}},
+    "logins": {"users": 2000, "login_rates": [100, 400]},
     "hosting": {"counts": [1000, 10000], "limit": 240},
     "muc": {"occupants": [100, 1000], "probes": 20, "offered_deliveries_per_second": 20000,
             "sustain": {"senders": 10, "seconds": 20, "drain_timeout": 30}, "driver_processes": 2,
@@ -72,6 +74,7 @@ SMOKE = {
     "c2s": {"session_steps": [10, 20], "chat_users": 5, "rates": [10], "chat_seconds": 3,
             "login_rate": 20, "first_rate": 20, "pause": 3,
             "keepalive": {"sessions": 10, "interval": 2, "rounds": 2}},
+    "logins": {"users": 10, "login_rates": [20]},
     "hosting": {"counts": [10, 100], "limit": 60},
     "muc": {"occupants": [10], "probes": 5, "offered_deliveries_per_second": 1000,
             "sustain": {"senders": 3, "seconds": 3, "drain_timeout": 15}, "driver_processes": 2,
@@ -91,11 +94,14 @@ SMOKE = {
 
 
 def build_braid(config):
-    log(f"building braid ({config})")
-    result = subprocess.run(["swift", "build", "-c", config, "--product", "braid"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=3600)
-    if result.returncode != 0:
-        raise SystemExit(f"swift build -c {config} --product braid failed:\n" + (result.stdout + result.stderr)[-2000:])
+    # braid-load too: c2s and logins drive every server with it, and a stale one measures
+    # with yesterday's generator (it once lacked the phase marks the login figures need).
+    for product in ("braid", "braid-load"):
+        log(f"building {product} ({config})")
+        result = subprocess.run(["swift", "build", "-c", config, "--product", product], cwd=ROOT,
+                                capture_output=True, text=True, timeout=3600)
+        if result.returncode != 0:
+            raise SystemExit(f"swift build -c {config} --product {product} failed:\n" + (result.stdout + result.stderr)[-2000:])
     return os.path.join(ROOT, ".build", config, "braid")
 
 
@@ -120,6 +126,12 @@ def check(report, wanted):
             if not any(r["kind"] == kind and r.get("tcp_connections_peak") is not None
                        and (r.get("cold_seconds") is not None or r.get("note")) for r in rows):
                 missing.append(f"fanout/{kind}")
+    if "logins" in wanted:
+        rows = s.get("logins", {}).get("results", {})
+        for kind in KINDS:
+            if not any(step.get("server_cpu_ms_per_login") is not None and step.get("login_p50_ms") is not None
+                       for step in rows.get(kind, {}).get("steps", [])):
+                missing.append(f"logins/{kind}")
     if "newpair" in wanted:
         rows = s.get("newpair", {}).get("results", [])
         for combo in report["sizes"]["newpair"]["combos"]:
@@ -309,6 +321,10 @@ def main():
         run_scenario("c2s", lambda: c2s.run(KINDS, c["session_steps"], c["chat_users"], c["rates"], c["chat_seconds"],
                                             braid, login_rate=c["login_rate"], pause=c["pause"], first_rate=c["first_rate"],
                                             keepalive=c.get("keepalive")), report)
+    if "logins" in wanted:
+        import logins
+        g = sizes["logins"]
+        run_scenario("logins", lambda: logins.run(KINDS, g["users"], g["login_rates"], braid), report)
     if "hosting" in wanted:
         import hosting
         h = sizes["hosting"]

@@ -29,7 +29,7 @@ import subprocess
 import tempfile
 import time
 
-from common import HERE, PYTHON, LoopbackNamespace, lab, log, rss_kib, server_pids, session_members
+from common import HERE, PYTHON, LoopbackNamespace, lab, log, median, rss_kib, server_pids, session_members
 import hosting
 import servers
 
@@ -163,14 +163,6 @@ def room_run(kind, n, braid_binary, sizes):
     return figures
 
 
-def _median(values):
-    values = sorted(v for v in values if v is not None)
-    if not values:
-        return None
-    middle = len(values) // 2
-    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
-
-
 def service_cost(braid_binary, domains, repeats, limit):
     """Braid with DOMAINS hosted domains, the group-chat service on and off (hosting_scale.py)."""
     directory = tempfile.mkdtemp(prefix="braidbench-mucsvc-")
@@ -198,8 +190,8 @@ def service_cost(braid_binary, domains, repeats, limit):
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     for mode in ("on", "off"):
-        figures[mode] = {"start_seconds": _median([r.get("start_seconds") for r in samples[mode]]),
-                         "idle_rss_kib": _median([r.get("idle_rss_kib") for r in samples[mode]]),
+        figures[mode] = {"start_seconds": median([r.get("start_seconds") for r in samples[mode]]),
+                         "idle_rss_kib": median([r.get("idle_rss_kib") for r in samples[mode]]),
                          "samples": samples[mode]}
     on, off = figures["on"], figures["off"]
     if on["idle_rss_kib"] is not None and off["idle_rss_kib"] is not None:
