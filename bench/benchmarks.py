@@ -49,7 +49,7 @@ FULL = {
     "c2s": {"session_steps": [1000, 5000, 10000], "chat_users": 200, "rates": [200, 500, 1000, 2000, 4000, 8000],
             "chat_seconds": 15, "login_rate": 250, "first_rate": 500, "pause": 8,
             "keepalive": {"sessions": 2000, "interval": 15, "rounds": 8}},
-    "logins": {"users": 2000, "login_rates": [100, 400]},
+    "logins": {"users": 2000, "login_rates": [100, 400], "tsung_users": 200, "tsung_rate": 20},
     "hosting": {"counts": [1000, 10000], "limit": 240},
     "muc": {"occupants": [100, 1000], "probes": 20, "offered_deliveries_per_second": 20000,
             "sustain": {"senders": 10, "seconds": 20, "drain_timeout": 30}, "driver_processes": 2,
@@ -74,7 +74,7 @@ SMOKE = {
     "c2s": {"session_steps": [10, 20], "chat_users": 5, "rates": [10], "chat_seconds": 3,
             "login_rate": 20, "first_rate": 20, "pause": 3,
             "keepalive": {"sessions": 10, "interval": 2, "rounds": 2}},
-    "logins": {"users": 10, "login_rates": [20]},
+    "logins": {"users": 10, "login_rates": [20], "tsung_users": 10, "tsung_rate": 10},
     "hosting": {"counts": [10, 100], "limit": 60},
     "muc": {"occupants": [10], "probes": 5, "offered_deliveries_per_second": 1000,
             "sustain": {"senders": 3, "seconds": 3, "drain_timeout": 15}, "driver_processes": 2,
@@ -132,6 +132,8 @@ def check(report, wanted):
             if not any(step.get("server_cpu_ms_per_login") is not None and step.get("login_p50_ms") is not None
                        for step in rows.get(kind, {}).get("steps", [])):
                 missing.append(f"logins/{kind}")
+            if (rows.get(kind, {}).get("tsung") or {}).get("login_mean_ms") is None:
+                missing.append(f"logins-tsung/{kind}")
     if "newpair" in wanted:
         rows = s.get("newpair", {}).get("results", [])
         for combo in report["sizes"]["newpair"]["combos"]:
@@ -324,7 +326,7 @@ def main():
     if "logins" in wanted:
         import logins
         g = sizes["logins"]
-        run_scenario("logins", lambda: logins.run(KINDS, g["users"], g["login_rates"], braid), report)
+        run_scenario("logins", lambda: logins.run(KINDS, g["users"], g["login_rates"], braid, g["tsung_users"], g["tsung_rate"]), report)
     if "hosting" in wanted:
         import hosting
         h = sizes["hosting"]

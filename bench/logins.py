@@ -9,6 +9,12 @@ server's CPU from just before the first login to the quiet gap braid-load leaves
 last, over the sessions logged in; latency is from connect to the bound, SM-enabled session,
 as braid-load measures it (TCP_NODELAY on its side).
 
+Then tsung (a client that leaves Nagle on, SASL PLAIN inside STARTTLS, as in c2s.py) logs
+TSUNG_USERS sessions in at TSUNG_RATE per second, a rate one core serves without queueing:
+the mean of its `authenticate` transaction (SASL, stream restart, bind, session). The c2s
+session steps measure tsung's logins too, but arriving faster than the server logs them in,
+so their mean is mostly queueing.
+
 The same server and accounts serve every login rate in turn, so the later steps log the same
 accounts in again (each step's sessions are closed at its end).
 """
@@ -21,17 +27,17 @@ import c2s
 from common import LoopbackNamespace, log
 
 
-def run(kinds, users, login_rates, braid_binary):
+def run(kinds, users, login_rates, braid_binary, tsung_users=200, tsung_rate=20):
     binary, facts = c2s.load_binary()
     if binary is None:
         return {"error": "braid-load is not built (swift build -c release --product braid-load)"}
     try:
-        return _run(kinds, users, login_rates, braid_binary, binary, facts)
+        return _run(kinds, users, login_rates, braid_binary, binary, facts, tsung_users, tsung_rate)
     finally:
         shutil.rmtree(os.path.dirname(binary), ignore_errors=True)
 
 
-def _run(kinds, users, login_rates, braid_binary, binary, facts):
+def _run(kinds, users, login_rates, braid_binary, binary, facts, tsung_users, tsung_rate):
     results = {}
     for kind in kinds:
         workdir = tempfile.mkdtemp(prefix=f"braidbench-logins-{kind}-")
@@ -56,5 +62,17 @@ def _run(kinds, users, login_rates, braid_binary, binary, facts):
             results[kind] = {"steps": steps, "error": f"{type(error).__name__}: {str(error)[-400:]}"}
             log(f"logins {kind}: {results[kind]['error']}")
             continue
-        results[kind] = {"steps": steps, "workdir": workdir}
+        entry = {"steps": steps, "workdir": workdir}
+        try:
+            with LoopbackNamespace("logins") as ns:
+                figures = c2s.sessions_run(kind, ns, os.path.join(workdir, "tsung"), [tsung_users], braid_binary,
+                                           tsung_rate, 3, tsung_rate)
+            entry["tsung"] = {"users": tsung_users, "login_rate": tsung_rate, "login_mean_ms": figures.get("login_mean_ms"),
+                              "logins_per_second": figures.get("login_rate_per_second"),
+                              "authenticated": figures.get("authenticated_total")}
+            log(f"logins {kind} tsung @ {tsung_rate}/s: {entry['tsung']}")
+        except Exception as error:  # noqa: BLE001
+            entry["tsung_error"] = f"{type(error).__name__}: {str(error)[-400:]}"
+            log(f"logins {kind} tsung: {entry['tsung_error']}")
+        results[kind] = entry
     return {"results": results, "pinning": c2s.pinning_record(), "braid_load": facts}

@@ -83,6 +83,10 @@ def logins_section(lg):
             rows.append((NAMES[kind], fmt(x.get("login_rate")), fmt(x.get("sessions_logged_in")), fmt(x.get("logins_per_second")),
                          fmt(x.get("login_p50_ms"), 1), fmt(x.get("login_p99_ms"), 1), fmt(x.get("server_cpu_ms_per_login"), 2),
                          fmt(x.get("generator_cpu_ms_per_login"), 2), x.get("mechanism") or "—"))
+        t = e.get("tsung") or {}
+        if t.get("login_mean_ms") is not None:
+            rows.append((NAMES[kind] + " (tsung, Nagle on)", fmt(t.get("login_rate")), fmt(t.get("authenticated")),
+                         fmt(t.get("logins_per_second")), f"mean {fmt(t.get('login_mean_ms'), 1)}", "—", "—", "—", "PLAIN"))
         if e.get("error"):
             rows.append((NAMES[kind], "—", "—", "—", "—", "—", "—", "—", e["error"][-120:]))
     if not rows:
@@ -91,7 +95,8 @@ def logins_section(lg):
     return ["## Logins (braid-load)", "",
             "braid-load logs fresh sessions in at a fixed rate against one server at a time: TCP, STARTTLS, SASL "
             "SCRAM-SHA-256 against stored keys (4096 iterations everywhere), bind, XEP-0198 enable; TCP_NODELAY on the "
-            "client. Latency: from connect to the ready session. Server CPU per login: the server's CPU from just "
+            "client. Latency: from connect to the ready session. The tsung rows: a client that leaves Nagle on (SASL PLAIN inside "
+            "STARTTLS), at a rate one core serves; the mean of its `authenticate` transaction (SASL, restart, bind, session). Server CPU per login: the server's CPU from just "
             "before the first login to a 300 ms quiet gap after the last, over the sessions logged in. "
             + (f"Server on CPU {pin['server']}, braid-load on CPU {pin['generator']} (taskset)." if pin.get("server") else ""), "",
             table(["server", "offered logins/s", "logged in", "achieved logins/s", "p50 ms", "p99 ms", "server CPU ms/login",
@@ -167,13 +172,16 @@ def issue16_goals(report, add):
             f"Braid {fmt(logins['braid'], 2)} ms; " + peers_text([(k, logins[k]) for k in ("prosody", "ejabberd")], "ms", 2),
             f"{logins['braid'] / 2:.2f}× the limit", (logins["braid"] <= 2) if release else None)
     latency = {k: median([x.get("login_p50_ms") for x in login_steps[k]]) for k in KINDS}
-    tsung_login = c.get("braid", {}).get("sessions", {}).get("login_mean_ms")
+    # A client that leaves Nagle on: tsung at a login rate one core serves (the logins
+    # scenario); the c2s session steps' tsung mean is mostly queueing and is not judged.
+    tsung = {k: (s.get("logins", {}).get("results", {}).get(k, {}).get("tsung") or {}).get("login_mean_ms") for k in KINDS}
     if latency["braid"] is not None:
-        add("c2s: login latency p50 < 10 ms with any client",
+        add("c2s: login latency p50 < 10 ms with any client (braid-load p50, TCP_NODELAY; tsung mean, Nagle on)",
             f"braid-load p50 Braid {fmt(latency['braid'], 1)} ms; " + peers_text([(k, latency[k]) for k in ("prosody", "ejabberd")], "ms")
-            + (f"; tsung (Nagle on) mean Braid {fmt(tsung_login, 1)} ms" if tsung_login is not None else ""),
-            f"{latency['braid'] / 10:.2f}× the limit",
-            (latency["braid"] < 10 and (tsung_login is None or tsung_login < 10)) if release else None)
+            + (f" — tsung mean Braid {fmt(tsung['braid'], 1)} ms; " + peers_text([(k, tsung[k]) for k in ("prosody", "ejabberd")], "ms")
+               if tsung["braid"] is not None else " — tsung: not measured"),
+            f"{max(latency['braid'], tsung['braid'] or 0) / 10:.2f}× the limit",
+            (latency["braid"] < 10 and tsung["braid"] is not None and tsung["braid"] < 10) if release else None)
     if braid_steps:
         kept = [x for x in braid_steps if x.get("delivered_per_second") and x["delivered_per_second"] >= 0.95 * x["offered_per_second"]
                 and (x.get("p99_ms") or 0) < 100]
